@@ -1,0 +1,205 @@
+"""The `peftchat` command. Parses arguments, loads the recipe, hands off to one module per command.
+
+Heavy imports (torch, transformers) happen inside each command so that `--help` and recipe errors
+answer at once. A UserError becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Sequence
+
+from peftchat import __version__
+from peftchat.errors import UserError
+
+
+def _split_overrides(extras: list[str], where: str) -> list[str]:
+    """Arguments argparse did not know: `key=value` overrides are fine anywhere, the rest is an error."""
+    bad = [e for e in extras if "=" not in e or e.startswith("-")]
+    if bad:
+        raise UserError(f"{where}: unrecognized argument(s): {' '.join(bad)}")
+    return extras
+
+
+def _recipe(args: argparse.Namespace):
+    from peftchat.config import load_recipe
+
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from peftchat.config import recipe_to_yaml
+
+    sys.stdout.write(recipe_to_yaml(_recipe(args)))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peftchat.train.loop import train
+
+    train(_recipe(args))
+    return 0
+
+
+def cmd_data_dump(args: argparse.Namespace) -> int:
+    from peftchat.data.inspect import dump_samples
+
+    dump_samples(_recipe(args), args.out, limit=args.limit)
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from peftchat.data.inspect import inspect_samples
+
+    inspect_samples(_recipe(args), index=args.index, count=args.count)
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from peftchat.model.merge import merge_adapter
+
+    merge_adapter(
+        args.adapter,
+        args.out,
+        base=args.base,
+        dtype=args.dtype,
+        verify=args.verify,
+        force=args.force,
+        onto_original=args.onto_original,
+    )
+    return 0
+
+
+def _decoding_flags(args: argparse.Namespace) -> list[str]:
+    """Sampling flags as recipe overrides, so flags and `decoding.*=` mean the same thing."""
+    names = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"]
+    return [f"decoding.{n}={getattr(args, n)}" for n in names if getattr(args, n) is not None]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from peftchat.infer.chat import run_chat
+
+    return run_chat(args.source, args.overrides + _decoding_flags(args), message=args.message,
+                    stream=not args.no_stream)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from peftchat.infer.generate import run_generate
+
+    run_generate(args.source, args.inp, args.out, args.overrides + _decoding_flags(args),
+                 batch_size=args.batch_size)
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from peftchat.demo_assets import build_tiny_model
+
+    path = build_tiny_model(args.out, arch=args.arch, seed=args.seed)
+    print(f"tiny {args.arch} model written to {path}")
+    return 0
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-k", dest="top_k", type=int)
+    p.add_argument("--top-p", dest="top_p", type=float)
+    p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
+    )
+    parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter from a recipe")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the fully resolved recipe as YAML")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("data", help="look at the training samples a recipe makes")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("dump", help="write one JSON object per training sample")
+    _add_recipe_args(d)
+    d.add_argument("--out", required=True, help="output .jsonl file")
+    d.add_argument("--limit", type=int, default=None, help="at most N samples")
+    d.set_defaults(func=cmd_data_dump)
+    d = data_sub.add_parser("inspect", help="show decoded samples with loss-bearing tokens marked")
+    _add_recipe_args(d)
+    d.add_argument("--index", type=int, default=None, help="show this sample only")
+    d.add_argument("--count", type=int, default=3, help="samples to show when --index is not given")
+    d.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base model for export")
+    p.add_argument("--adapter", required=True, help="adapter dir (a training output dir or checkpoint)")
+    p.add_argument("--out", required=True, help="output model dir")
+    p.add_argument("--base", default=None, help="base model dir or hub id (default: from the adapter's recipe)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--verify", dest="verify", action="store_true", default=None,
+                   help="compare merged and adapter logits (default: on for small models)")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
+    p.add_argument("--onto-original", action="store_true",
+                   help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("chat", help="multi-turn chat with a trained or merged model")
+    p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--message", default=None, help="send one message, print the reply, exit")
+    p.add_argument("--no-stream", action="store_true", help="print replies whole")
+    _add_decoding_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="batched generation over a JSONL file of prompts")
+    p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--in", dest="inp", required=True, help="input .jsonl")
+    p.add_argument("--out", required=True, help="output .jsonl")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    _add_decoding_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tiny-model", help="build a random-init tiny model (Llama or Qwen2) for demos and tests")
+    p.add_argument("out", help="output dir")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    try:
+        if extras:
+            if not hasattr(args, "overrides"):
+                raise UserError(f"unrecognized argument(s): {' '.join(extras)}")
+            args.overrides = list(args.overrides) + _split_overrides(extras, f"peftchat {args.command}")
+        func: Callable[[argparse.Namespace], int] = args.func
+        return func(args)
+    except UserError as e:
+        print(f"peftchat: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftchat: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `peftchat data dump ... | head` closed stdout
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

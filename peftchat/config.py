@@ -1,0 +1,337 @@
+"""Recipes: typed OmegaConf YAML with `extends`, `key=value` overrides and interpolation.
+
+A recipe is layered, lowest first: the schema defaults below, the chain of parent recipes named by
+`extends` (each resolved relative to the file that names it), the recipe file itself, then the
+command-line overrides. Every layer is checked for unknown keys and wrong types on its own, so an
+error names the file (or the override) it came from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, List, Optional
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from peftchat.errors import ConfigError
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # local dir or hub id
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: str = "bf16"  # weights of the non-quantized parts: bf16 | fp16 | fp32
+    quantization: str = "none"  # none | 8bit | 4bit
+    quant_type: str = "nf4"  # 4bit only: nf4 | fp4
+    double_quant: bool = True  # 4bit only: quantize the quantization constants too
+    compute_dtype: str = "bf16"  # dtype of matmuls on quantized weights: bf16 | fp16 | fp32
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Any = "all-linear"  # "all-linear" or a list of module names
+    use_dora: bool = False
+    use_rslora: bool = False
+    modules_to_save: Optional[List[str]] = None
+    bias: str = "none"  # none | all | lora_only
+
+
+@dataclass
+class DataConfig:
+    train: Any = MISSING  # a file, a list of files, a dataset dir or a hub dataset name
+    eval: Any = None  # same forms as `train`; when unset, `eval_split` carves one out of train
+    eval_split: float = 0.0  # share (0..1) or, when >= 1, a number of sessions held out
+    format: str = "auto"  # auto | moss | chatglm | messages | sharegpt
+    collator: str = "chat_template"  # chatglm | moss | chat_template
+    max_length: int = 2048  # moss, chat_template
+    max_source_length: int = 1024  # chatglm: S
+    max_target_length: int = 128  # chatglm: T
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    history_column: Optional[str] = "history"  # null = bare query prompt, no [Round] text
+    source_prefix: str = ""  # chatglm: text put in front of every prompt
+    chatglm_style: str = "chatglm"  # chatglm (ChatGLM-6B) | chatglm2
+    separator_tokens: Optional[List[str]] = None  # chatglm: tokens between prompt and answer
+    truncation: str = "seed"  # seed | drop_oldest
+    loss_on: str = "all_assistant"  # chat_template: all_assistant | last_assistant
+    meta_instruction: Optional[str] = None  # moss: used when a record has none (and by chat)
+    on_error: str = "stop"  # stop | skip: what a bad record does
+    packing: bool = False  # padding-free rows of several samples
+    group_by_length: bool = False  # batch samples of similar length (when packing is off)
+    shuffle: bool = True
+    num_proc: int = 1  # processes for tokenization (datasets.map)
+    cache_dir: Optional[str] = None  # where datasets caches the tokenized data
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/run"
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | paged_adamw_8bit | adamw_8bit
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_steps: int = 100  # 0 = only at the end
+    save_total_limit: int = 2  # checkpoints kept; 0 = all
+    eval_steps: int = 100  # 0 = only at the end (when there is an eval set)
+    log_steps: int = 10
+    resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    tensorboard: bool = True  # when tensorboard is installed
+
+
+@dataclass
+class DecodingConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 = greedy
+    top_k: int = 40
+    top_p: float = 0.8
+    repetition_penalty: float = 1.02
+    max_context: Optional[int] = None  # history budget in tokens; defaults to data.max_length
+
+
+@dataclass
+class Recipe:
+    name: str = "peftchat"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+
+# Keys whose value must be one of a fixed set. Plain strings rather than Enums because YAML users
+# write `4bit` and `none`, which are not valid Enum member names.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("bf16", "fp16", "fp32"),
+    "model.quantization": ("none", "8bit", "4bit"),
+    "model.quant_type": ("nf4", "fp4"),
+    "model.compute_dtype": ("bf16", "fp16", "fp32"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
+    "adapter.bias": ("none", "all", "lora_only"),
+    "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt"),
+    "data.collator": ("chatglm", "moss", "chat_template"),
+    "data.chatglm_style": ("chatglm", "chatglm2"),
+    "data.truncation": ("seed", "drop_oldest"),
+    "data.loss_on": ("all_assistant", "last_assistant"),
+    "data.on_error": ("stop", "skip"),
+    "training.lr_scheduler": ("cosine", "linear", "constant"),
+    "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),
+}
+
+EXTENDS_KEY = "extends"
+
+
+def _asset_resolver(name: str) -> str:
+    return str(ASSETS_DIR / name)
+
+
+# `${asset:demo/moss_demo.jsonl}` points into the installed package, so shipped recipes work
+# from any working directory.
+if not OmegaConf.has_resolver("asset"):
+    with warnings.catch_warnings():  # omegaconf 2.4 renamed register_new_resolver; 2.3 lacks the new one
+        warnings.simplefilter("ignore", UserWarning)
+        OmegaConf.register_new_resolver("asset", _asset_resolver)
+
+
+def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Map every dotted key of the schema to its field type (dataclass fields recurse)."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = f.default_factory
+        if ftype is not dataclasses.MISSING and is_dataclass(ftype):
+            out[key] = ftype
+            out.update(_schema_keys(ftype, key + "."))
+        else:
+            out[key] = f.type
+    return out
+
+
+SCHEMA_KEYS = _schema_keys(Recipe)
+
+
+def _suggest(key: str) -> str:
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    siblings = [k for k in SCHEMA_KEYS if k.startswith(parent) and "." not in k[len(parent):]]
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    if not close:  # a key put under the wrong section: look everywhere by its last part
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in SCHEMA_KEYS if k.rsplit(".", 1)[-1] == leaf]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(node: Any, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `node` that the schema does not have."""
+    if not isinstance(node, dict):
+        return
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if key not in SCHEMA_KEYS:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(key)}")
+        if is_dataclass(SCHEMA_KEYS[key]):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{key}' must be a mapping of keys, got {v!r}")
+            _check_keys(v, source, key + ".")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """Return (source, raw dict) layers for `path` and its `extends` ancestors, parents first."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"circular 'extends': {cycle}")
+    data = _read_yaml(path)
+    parents = data.pop(EXTENDS_KEY, None)
+    layers: list[tuple[str, dict]] = []
+    if parents is not None:
+        for parent in [parents] if isinstance(parents, str) else list(parents):
+            if not isinstance(parent, str):
+                raise ConfigError(f"{path}: 'extends' must be a path or a list of paths")
+            parent_path = (path.parent / os.path.expanduser(parent))
+            if not parent_path.exists():
+                raise ConfigError(f"{path}: extends '{parent}', which is not found at {parent_path}")
+            layers.extend(_load_layers(parent_path, (*chain, path)))
+    layers.append((str(path), data))
+    return layers
+
+
+def _parse_overrides(overrides: Iterable[str]) -> dict:
+    items = list(overrides)
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad override: {e}") from None
+
+
+def _merge_layer(base: DictConfig, raw: dict, source: str) -> DictConfig:
+    _check_keys(raw, source)
+    try:
+        return OmegaConf.merge(base, raw)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: wrong value for '{key}': {msg}") from None
+
+
+def _validate(recipe: Recipe) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"'{key}' is {value!r}; expected one of {', '.join(allowed)}{hint}")
+    tm = recipe.adapter.target_modules
+    if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise ConfigError(f"'adapter.target_modules' must be 'all-linear' or a list of names, got {tm!r}")
+    train = recipe.data.train
+    if not (isinstance(train, str) or (isinstance(train, list) and train and all(isinstance(t, str) for t in train))):
+        raise ConfigError(f"'data.train' must be a path, a dataset name or a list of paths, got {train!r}")
+    if not isinstance(recipe.training.resume, (bool, str)):
+        raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {recipe.training.resume!r}")
+    positive = {
+        "adapter.r": recipe.adapter.r,
+        "data.max_length": recipe.data.max_length,
+        "training.batch_size": recipe.training.batch_size,
+        "training.gradient_accumulation_steps": recipe.training.gradient_accumulation_steps,
+        "training.log_steps": recipe.training.log_steps,
+        "decoding.max_new_tokens": recipe.decoding.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"'{key}' must be > 0, got {value}")
+    if not 0.0 <= recipe.adapter.dropout < 1.0:
+        raise ConfigError(f"'adapter.dropout' must be in [0, 1), got {recipe.adapter.dropout}")
+    if recipe.training.lr <= 0:
+        raise ConfigError(f"'training.lr' must be > 0, got {recipe.training.lr}")
+
+
+def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
+    """Load a recipe file, its `extends` chain and `key=value` overrides into a validated Recipe."""
+    cfg: DictConfig = OmegaConf.structured(Recipe)
+    for source, raw in _load_layers(Path(path)):
+        cfg = _merge_layer(cfg, raw, source)
+    cfg = _merge_layer(cfg, _parse_overrides(overrides), "command-line override")
+    try:
+        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{path}: required key '{e.full_key}' is not set") from None
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{path}: cannot resolve '{key}': {str(e).splitlines()[0]}") from None
+    _validate(recipe)
+    return recipe
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build a validated Recipe from a plain dict (as tests and saved runs do)."""
+    cfg = _merge_layer(OmegaConf.structured(Recipe), data, "recipe")
+    try:
+        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"recipe: required key '{e.full_key}' is not set") from None
+    _validate(recipe)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
+    Path(path).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+
+
+def tokenizer_source(recipe: Recipe) -> str:
+    return recipe.model.tokenizer or recipe.model.path
