@@ -37,23 +37,26 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)  # recipe errors answer before the heavy imports
     from peftchat.train.loop import train
 
-    train(_recipe(args))
+    train(recipe)
     return 0
 
 
 def cmd_data_dump(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
     from peftchat.data.inspect import dump_samples
 
-    dump_samples(_recipe(args), args.out, limit=args.limit)
+    dump_samples(recipe, args.out, limit=args.limit)
     return 0
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
     from peftchat.data.inspect import inspect_samples
 
-    inspect_samples(_recipe(args), index=args.index, count=args.count)
+    inspect_samples(recipe, index=args.index, count=args.count)
     return 0
 
 
