@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peftchat.demo_assets import SPECIAL_TOKENS, asset_path, build_tiny_model, demo_tokenizer_dir
+from peftchat.demo_assets import (
+    SPECIAL_TOKENS,
+    asset_path,
+    build_demo_tokenizer,
+    build_tiny_model,
+    demo_tokenizer_dir,
+)
 
 ROUND_TRIP = [
     "[Round 0]\n问：你好\n答：",
@@ -124,6 +130,17 @@ def test_chat_template_generation_markers(tok):
     out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     kept = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(kept) == "Sure! Hello.<|im_end|>好的，再见！<|im_end|>"
+
+
+def test_build_demo_tokenizer(tmp_path, tok):
+    build_demo_tokenizer(tmp_path / "tok")
+    fresh = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert fresh.is_fast and 3000 <= len(fresh) <= 4000
+    assert [fresh.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
+    assert fresh.chat_template == tok.chat_template
+    for text in ROUND_TRIP:
+        assert fresh.decode(fresh.encode(text)) == text
 
 
 # ---------------------------------------------------------------- tiny models
