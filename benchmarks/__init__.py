@@ -1,0 +1,1 @@
+"""Side-by-side training benchmark of peftchat against hand-written transformers+peft+bitsandbytes."""

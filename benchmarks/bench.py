@@ -1,0 +1,329 @@
+"""Side-by-side LoRA/QLoRA training benchmark: peftchat vs hand-written transformers+peft+bitsandbytes.
+
+Each job (model build, matmul ceiling, one training variant, one long-sequence trial) runs in its
+own process (``benchmarks.worker``); this orchestrator plans the jobs, enforces a time budget,
+and writes ``results.json`` and ``results.md`` to --out after every job, so a run cut short still
+leaves what it measured.
+
+    python -m benchmarks.bench --shapes 1b,8b --modes nf4,int8,bf16 --out benchmarks/results
+    python -m benchmarks.bench --smoke          # CPU, tiny shapes, every path, no speed asserts
+
+Variants are named KIND:NAME: ``peer:tutorial|tuned|tuned_liger|tuned_liger_nockpt`` (plain
+libraries, benchmarks/peer_variants.py), ``probe:OPTIONS`` (tuned peer + single peftchat
+optimisations, benchmarks/probe_variants.py), ``peftchat:fast|lean`` (peftchat's recipe path,
+benchmarks/peftchat_variants.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.shapes import flops_per_token, shape_dict  # noqa: E402
+from benchmarks.worker import RESULT_TAG  # noqa: E402
+
+DEFAULT_VARIANTS = {
+    "nf4": ["peer:tutorial", "peer:tuned", "peer:tuned_liger", "peftchat:fast", "peftchat:lean"],
+    "int8": ["peer:tutorial", "peer:tuned", "peftchat:fast", "peftchat:lean"],
+    "bf16": ["peer:tutorial", "peer:tuned", "peftchat:fast", "peftchat:lean"],
+}
+REFERENCE = "peer:tuned"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "liger_kernel", "triton", "accelerate"):
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+class Runner:
+    """Runs jobs (isolated or in-process) under a wall-clock budget and records every result."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.deadline = time.monotonic() + args.budget_s
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.out / "bench_log.txt", "a", encoding="utf-8")
+        self.doc: dict[str, Any] = {
+            "meta": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench", *sys.argv[1:]]),
+                     "versions": versions(), "batch": args.batch, "seq": args.seq,
+                     "warmup": args.warmup, "steps": args.steps, "device": args.device},
+            "builds": {}, "rows": [], "seqlen": []}
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def job(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        timeout = min(timeout, self.left() - 5)
+        if timeout < 15:
+            return {"skipped": "time budget spent"}
+        t0 = time.monotonic()
+        if not self.args.isolate:
+            from benchmarks import worker
+
+            import contextlib
+            import io
+
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                worker.main([json.dumps(spec)])
+            text = buf.getvalue()
+        else:
+            try:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=REPO,
+                                      capture_output=True, text=True, timeout=timeout)
+                text = proc.stdout + "\n" + proc.stderr
+            except subprocess.TimeoutExpired as e:
+                text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+                text += f"\n[timed out after {timeout:.0f} s]"
+        self.log.write(f"\n===== {json.dumps(spec)} ({time.monotonic() - t0:.1f} s)\n{text[-20000:]}\n")
+        self.log.flush()
+        for line in reversed(text.splitlines()):
+            if line.startswith(RESULT_TAG):
+                res = json.loads(line[len(RESULT_TAG):])
+                break
+        else:
+            tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
+            res = {"error": "no result: " + tail[0][:300]}
+        res["wall_s"] = round(time.monotonic() - t0, 1)
+        return res
+
+    def save(self) -> None:
+        (self.out / "results.json").write_text(json.dumps(self.doc, indent=1), encoding="utf-8")
+        (self.out / "results.md").write_text(markdown(self.doc), encoding="utf-8")
+
+
+def model_dir(args: argparse.Namespace, shape: str) -> str:
+    return str(Path(args.models_dir) / shape)
+
+
+def enrich(row: dict[str, Any], doc: dict[str, Any]) -> None:
+    """Add tokens/s, model TFLOP/s and the share of the measured matmul ceiling to a row."""
+    if row.get("step_s_median"):
+        tokens = row["batch"] * row["seq"]
+        row["tokens_per_s"] = tokens / row["step_s_median"]
+        cfg = shape_dict(row["shape"], row.get("vocab_size"))
+        row["model_tflops"] = flops_per_token(cfg, row["seq"]) * row["tokens_per_s"] / 1e12
+        ceiling = doc["meta"].get("ceiling_tflops")
+        if ceiling:
+            row["pct_ceiling"] = 100 * row["model_tflops"] / ceiling
+
+
+def ratios(doc: dict[str, Any]) -> None:
+    for row in doc["rows"]:
+        ref = next((r for r in doc["rows"] if r["variant"] == REFERENCE and r["shape"] == row["shape"]
+                    and r["mode"] == row["mode"] and r["seq"] == row["seq"] and r["batch"] == row["batch"]), None)
+        if ref and ref.get("tokens_per_s") and row.get("tokens_per_s"):
+            row["speed_vs_tuned"] = row["tokens_per_s"] / ref["tokens_per_s"]
+            if ref.get("peak_alloc_gib") and row.get("peak_alloc_gib"):
+                row["peak_vs_tuned"] = row["peak_alloc_gib"] / ref["peak_alloc_gib"]
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    meta = doc["meta"]
+    lines = [f"Date: {meta['date']}  ", f"Command: `{meta['command']}`  ",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+             f"GPU: {meta.get('gpu', '-')}; bf16 8192^3 matmul ceiling: {_fmt(meta.get('ceiling_tflops'))} TFLOP/s  ",
+             f"Batch {meta['batch']} x seq {meta['seq']}, {meta['warmup']} warm-up + {meta['steps']} timed steps "
+             "(median step time).", "",
+             "| shape | mode | variant | tok/s | step s | peak alloc GiB | peak reserved GiB | model TFLOP/s "
+             "| % ceiling | speed vs tuned | peak vs tuned | notes |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in doc["rows"]:
+        note = r.get("error") or r.get("skipped") or ", ".join(r.get("applied") or [])
+        lines.append("| " + " | ".join([
+            r["shape"], r["mode"], r["variant"], _fmt(r.get("tokens_per_s"), 0), _fmt(r.get("step_s_median"), 3),
+            _fmt(r.get("peak_alloc_gib")), _fmt(r.get("peak_reserved_gib")), _fmt(r.get("model_tflops"), 0),
+            _fmt(r.get("pct_ceiling")), _fmt(r.get("speed_vs_tuned"), 2), _fmt(r.get("peak_vs_tuned"), 2),
+            str(note).replace("|", "/")]) + " |")
+    if doc["seqlen"]:
+        lines += ["", "Longest sequence (batch 1) per variant: each length in its own process.", "",
+                  "| shape | mode | variant | seq | fits | peak alloc GiB | step s | note |", "|---|---|---|---:|---|---:|---:|---|"]
+        for r in doc["seqlen"]:
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['variant']} | {r['seq']} | {'yes' if r.get('fits') else 'no'} "
+                         f"| {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('step_s_median'), 2)} "
+                         f"| {(r.get('error') or r.get('skipped') or '')[:80]} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+    if args.plan:
+        return [tuple(item.split("/", 2)) for item in args.plan.split(",") if item]  # type: ignore[misc]
+    plan = []
+    for shape in args.shapes.split(","):
+        for mode in args.modes.split(","):
+            variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[mode]
+            plan += [(shape, mode, v) for v in variants]
+    return plan
+
+
+def train_spec(args: argparse.Namespace, shape: str, mode: str, variant: str, batch: int, seq: int,
+               warmup: int, steps: int) -> dict[str, Any]:
+    return {"job": "train", "shape": shape, "mode": mode, "variant": variant, "batch": batch, "seq": seq,
+            "warmup": warmup, "steps": steps, "device": args.device, "model_dir": model_dir(args, shape),
+            "vocab_size": shape_dict(shape, args.vocab_size).get("vocab_size"),
+            "work_dir": str(Path(args.work_dir) / f"{shape}_{mode}_{variant.replace(':', '_').replace('+', '_')}_{seq}")}
+
+
+def ensure_model(runner: Runner, shape: str) -> bool:
+    args = runner.args
+    if shape in runner.doc["builds"]:
+        return "error" not in runner.doc["builds"][shape]
+    res = runner.job({"job": "build", "shape": shape, "model_dir": model_dir(args, shape), "device": args.device,
+                      "vocab_size": args.vocab_size}, args.build_timeout)
+    runner.doc["builds"][shape] = res
+    runner.save()
+    return "error" not in res and "skipped" not in res
+
+
+def run_seqlen(runner: Runner) -> None:
+    """Ascending ladder of lengths per variant, then one bisection point between the last fit and first miss."""
+    args = runner.args
+    shape, mode = args.seqlen_shape, args.seqlen_mode
+    if not ensure_model(runner, shape):
+        return
+    ladder = [int(x) for x in args.seqlen_ladder.split(",")]
+    for variant in args.seqlen_variants.split(","):
+        fit, miss = 0, None
+        tried = []
+        for seq in ladder:
+            tried.append(seq)
+            ok = _seqlen_trial(runner, shape, mode, variant, seq)
+            if ok is None:
+                break
+            if not ok:
+                miss = seq
+                break
+            fit = seq
+        if fit and miss:  # one bisection step between the last fit and the first miss
+            mid = (fit + miss) // 2 // 1024 * 1024
+            if fit < mid < miss:
+                ok = _seqlen_trial(runner, shape, mode, variant, mid)
+                fit = mid if ok else fit
+
+
+def _seqlen_trial(runner: Runner, shape: str, mode: str, variant: str, seq: int) -> bool | None:
+    args = runner.args
+    spec = train_spec(args, shape, mode, variant, 1, seq, 1, 1)
+    res = runner.job(spec, args.seqlen_timeout)
+    row = {"shape": shape, "mode": mode, "variant": variant, "seq": seq, **res,
+           "fits": bool(res.get("step_s_median"))}
+    runner.doc["seqlen"].append(row)
+    runner.save()
+    if res.get("skipped"):
+        return None
+    return row["fits"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, every variant path, 2 steps")
+    p.add_argument("--shapes", default="1b,8b")
+    p.add_argument("--modes", default="nf4,int8,bf16")
+    p.add_argument("--variants", default="", help="comma list of KIND:NAME applied to every mode")
+    p.add_argument("--plan", default="", help="explicit comma list of shape/mode/variant (overrides the above)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--vocab-size", type=int, default=None, help="override the shapes' vocabulary")
+    p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"))
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_work"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--budget-s", type=float, default=3600.0, help="wall-clock budget for the whole run")
+    p.add_argument("--job-timeout", type=float, default=300.0)
+    p.add_argument("--build-timeout", type=float, default=300.0)
+    p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="one process per job (default: on, off for --smoke)")
+    p.add_argument("--seqlen", action="store_true", help="also find the longest batch-1 sequence that fits")
+    p.add_argument("--seqlen-shape", default="8b")
+    p.add_argument("--seqlen-mode", default="nf4")
+    p.add_argument("--seqlen-variants", default="peer:tuned,peftchat:lean")
+    p.add_argument("--seqlen-ladder", default="16384,32768,49152,65536")
+    p.add_argument("--seqlen-timeout", type=float, default=150.0)
+    p.add_argument("--seqlen-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        smoke_defaults(args)
+    if args.isolate is None:
+        args.isolate = True
+    runner = Runner(args)
+    if args.device.startswith("cuda") and not args.no_ceiling:
+        res = runner.job({"job": "ceiling", "device": args.device}, 120)
+        runner.doc["meta"].update({k: v for k, v in res.items() if k != "wall_s"})
+        runner.save()
+    if not args.seqlen_only:
+        for shape, mode, variant in parse_plan(args):
+            if not ensure_model(runner, shape):
+                continue
+            spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps)
+            res = runner.job(spec, args.job_timeout)
+            row = {k: spec[k] for k in ("shape", "mode", "variant", "batch", "seq")}
+            row.update(res)
+            if args.vocab_size:
+                row["vocab_size"] = args.vocab_size
+            enrich(row, runner.doc)
+            runner.doc["rows"].append(row)
+            ratios(runner.doc)
+            runner.save()
+            print(f"{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
+                "tokens_per_s", "peak_alloc_gib", "peak_reserved_gib", "error", "skipped", "wall_s")}), flush=True)
+    if args.seqlen:
+        run_seqlen(runner)
+    runner.save()
+    print(markdown(runner.doc))
+    return 0
+
+
+def smoke_defaults(args: argparse.Namespace) -> None:
+    """Tiny CPU run of every variant path: shapes hidden 64 / 2 layers, seq 64, 2 steps."""
+    from peftchat.demo_assets import demo_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    args.device = "cpu"
+    args.shapes = "tiny"
+    args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 1
+    args.no_ceiling = True
+    if args.vocab_size is None:  # the shipped tokenizer's ids must fit the model for peftchat's data path
+        args.vocab_size = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
+    if not args.variants and not args.plan:
+        args.variants = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast,peftchat:lean"
+    if args.isolate is None:
+        args.isolate = False
+    if args.out == str(REPO / "benchmarks" / "results"):
+        args.out = os.path.join(tempfile.mkdtemp(prefix="peftchat_bench_smoke_"), "out")
+    args.models_dir = os.path.join(args.out, "models")
+    args.work_dir = os.path.join(args.out, "work")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

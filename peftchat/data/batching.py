@@ -1,0 +1,161 @@
+"""Batch plans and batch tensors for the training loop.
+
+`plan_batches` decides which samples go together; it is a pure function of its arguments, so a
+resumed run rebuilds the same plan and skips to batch k. `collate` turns one planned batch into
+tensors.
+
+Packing (padding-free rows): several samples share a row; ``position_ids`` restart at 0 for each
+sample and no ``attention_mask`` is returned. transformers (>= 4.5x; checked with 5.x) then finds
+the sample boundaries from the position ids (`masking_utils.find_packed_sequence_indices`) and
+builds a block-diagonal causal mask for eager and sdpa attention (flash attention uses the same
+position ids for its varlen kernels), so attention never crosses samples. It does so only when the
+forward pass has no KV cache: call the model with ``use_cache=False`` (a training forward with
+gradient checkpointing does so by itself; without it, Llama-style models build a cache from
+``config.use_cache`` and silently drop the packed mask). tests/data/test_packing_equivalence.py
+checks both facts on a tiny Llama.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from peftchat.data.samples import IGNORE_INDEX
+
+MEGABATCH_FACTOR = 50  # length grouping sorts within windows of this many batches
+PACKING_WINDOW_FACTOR = 64  # packing fills rows from windows of this many batches' worth of samples
+
+
+def _order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def _pack(order: list[int], lengths: Sequence[int], max_length: int, window: int) -> list[list[int]]:
+    """First-fit-decreasing within consecutive windows of `order`: few, full rows, deterministic.
+
+    A sample longer than max_length gets a row of its own (the collators already cap lengths; the
+    loop's max_length may be smaller than theirs)."""
+    rows: list[list[int]] = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w : w + window], key=lambda i: -lengths[i])  # stable: ties keep order
+        open_rows: list[list[int]] = []
+        room: list[int] = []
+        for i in chunk:
+            n = lengths[i]
+            for r, free in enumerate(room):
+                if n <= free:
+                    open_rows[r].append(i)
+                    room[r] -= n
+                    break
+            else:
+                open_rows.append([i])
+                room.append(max_length - n)
+        rows += open_rows
+    return rows
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    *,
+    batch_size: int,
+    max_length: int,
+    packing: bool,
+    group_by_length: bool,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+) -> list[list[list[int]]]:
+    """Batches of rows of sample indices; same arguments, same plan.
+
+    Without packing each row is one sample and a batch holds `batch_size` rows; with
+    `group_by_length` the (shuffled) order is cut into mega-batches of 50 × batch_size samples,
+    each sorted by length (longest first) before being cut into batches, so a batch pads little.
+    With packing a row holds several samples of total length <= max_length (first-fit-decreasing
+    in windows of 64 × batch_size samples) and a batch holds `batch_size` rows. The last batch
+    may be smaller.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = _order(len(lengths), shuffle, seed, epoch)
+    if packing:
+        rows = _pack(order, lengths, max_length, PACKING_WINDOW_FACTOR * batch_size)
+    else:
+        if group_by_length:
+            mega = MEGABATCH_FACTOR * batch_size
+            order = [i for m in range(0, len(order), mega)
+                     for i in sorted(order[m : m + mega], key=lambda i: -lengths[i])]
+        rows = [[i] for i in order]
+    return [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
+
+
+def collate(samples: list[list[dict[str, Any]]], pad_id: int, packing: bool) -> dict[str, Any]:
+    """Tensors for one batch; `samples[r]` is row r's list of samples (dicts with `input_ids`
+    and `labels`).
+
+    Without packing (one sample a row): right padding with `pad_id`, labels -100 and
+    ``attention_mask`` 0 on padding. With packing: each row is its samples concatenated, with
+    ``position_ids`` restarting at 0 for every sample and no attention mask (see the module
+    docstring); the label at the first position of every sample after the first is set to -100,
+    because labels are unshifted: the model scores position t against labels[t + 1], so that label
+    would make the last token of the previous sample predict the first token of the next one. (A
+    sample's own first label is never a target, so nothing of the sample is lost.) Rows are
+    right-padded to the longest; padding forms its own position run, labels -100.
+    """
+    import torch
+
+    if not samples:
+        raise ValueError("collate needs at least one row")
+    rows_ids: list[list[int]] = []
+    rows_labels: list[list[int]] = []
+    rows_pos: list[list[int]] = []
+    for row in samples:
+        if not row:
+            raise ValueError("collate got an empty row")
+        if not packing and len(row) != 1:
+            raise ValueError(f"without packing each row holds one sample, got {len(row)}")
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for k, sample in enumerate(row):
+            s_ids, s_labels = list(sample["input_ids"]), list(sample["labels"])
+            if len(s_ids) != len(s_labels):
+                raise ValueError(f"input_ids and labels differ in length ({len(s_ids)} vs {len(s_labels)})")
+            if k > 0 and s_labels:
+                s_labels[0] = IGNORE_INDEX
+            ids += s_ids
+            labels += s_labels
+            pos += list(range(len(s_ids)))
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+        rows_pos.append(pos)
+    width = max(len(r) for r in rows_ids)
+    input_ids = torch.full((len(rows_ids), width), pad_id, dtype=torch.long)
+    label_t = torch.full((len(rows_ids), width), IGNORE_INDEX, dtype=torch.long)
+    if packing:
+        # Padding counts up from 0 like one more sample, so it never extends a real sample's run.
+        position_ids = torch.arange(width, dtype=torch.long).repeat(len(rows_ids), 1)
+    else:
+        attention_mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    for r, (ids, labels, pos) in enumerate(zip(rows_ids, rows_labels, rows_pos)):
+        n = len(ids)
+        input_ids[r, :n] = torch.tensor(ids, dtype=torch.long)
+        label_t[r, :n] = torch.tensor(labels, dtype=torch.long)
+        if packing:
+            position_ids[r, :n] = torch.tensor(pos, dtype=torch.long)
+            position_ids[r, n:] = torch.arange(width - n, dtype=torch.long)
+        else:
+            attention_mask[r, :n] = 1
+    if packing:
+        return {"input_ids": input_ids, "labels": label_t, "position_ids": position_ids}
+    return {"input_ids": input_ids, "labels": label_t, "attention_mask": attention_mask}
+
+
+def sample_lengths(dataset) -> list[int]:
+    """Length of every sample of a tokenized dataset (from Arrow, without reading the ids)."""
+    import pyarrow.compute as pc
+
+    column = dataset.with_format("arrow")["input_ids"]
+    return pc.list_value_length(column).to_pylist()

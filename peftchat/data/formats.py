@@ -1,0 +1,298 @@
+"""Record formats: turn one raw record (a dict from `datasets`) into a `Conversation`.
+
+Formats (`data.format`):
+
+* ``moss``: ``meta_instruction``, ``num_turns``, ``chat.turn_1 … turn_N``, each turn holding
+  ``Human``, ``Inner Thoughts``, ``Commands``, ``Tool Responses``, ``MOSS`` (the last three
+  optional). Field values are kept verbatim: they carry their own markup (``<|Human|>: …<eoh>\\n``).
+* ``chatglm``: one row = query, answer and an optional history ``[[q, a], ...]`` under the column
+  names ``data.prompt_column`` / ``response_column`` / ``history_column``. The history rounds are
+  context only: the row trains its last answer, as in ChatGLM-6B.
+* ``messages``: OpenAI style ``{"messages": [{"role": system|user|assistant|tool, "content"}]}``.
+* ``sharegpt``: ``{"conversations": [{"from": human|gpt|system|…, "value"}], "system"?: str}``.
+* ``auto``: picked from the keys of the first record (`detect_format`).
+
+A record that cannot be a conversation raises `DataError("<origin>: <problem>")`, where the origin
+is ``file:line`` for JSON Lines (1-based) or ``source[index]`` otherwise. A chatglm row with an empty
+query or answer is well-formed but yields nothing: it comes back with `dropped` set, as ChatGLM-6B
+skips such rows, and the data report counts it.
+
+This module also re-exports `load_records` (see `peftchat.data.sources`) so the loader and the
+formats read as one entry point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peftchat.config import DataConfig
+from peftchat.errors import DataError
+
+FORMATS = ("moss", "chatglm", "messages", "sharegpt")
+
+# MOSS turn fields in the order MOSS writes them, with the marker each value must start with.
+MOSS_FIELDS: dict[str, str] = {
+    "Human": "<|Human|>:",
+    "Inner Thoughts": "<|Inner Thoughts|>:",
+    "Commands": "<|Commands|>:",
+    "Tool Responses": "<|Results|>:",
+    "MOSS": "<|MOSS|>:",
+}
+MOSS_REQUIRED = ("Human", "MOSS")
+MOSS_ENDS = {"Human": "<eoh>", "MOSS": "<eom>"}
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES: dict[str, str] = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "function": "tool",
+}
+
+
+@dataclass
+class Conversation:
+    """One session, normalized.
+
+    `messages` is the conversation in OpenAI form (system first when there is one); every
+    collator can render it. `moss_turns` keeps the raw MOSS field values, in order, for the moss
+    collator; it is None for the other formats. `context_rounds` leading user/assistant rounds are
+    history given as context only (chatglm rows): no collator puts loss on them.
+    """
+
+    messages: list[dict[str, Any]]
+    origin: str = ""
+    context_rounds: int = 0
+    moss_turns: list[list[tuple[str, str]]] | None = None
+    dropped: str | None = None
+
+    @property
+    def system(self) -> str | None:
+        if self.messages and self.messages[0]["role"] == "system":
+            return self.messages[0]["content"]
+        return None
+
+    def rounds(self) -> list[tuple[str, str]]:
+        """(user, assistant) pairs, for the collators that only know question/answer rounds.
+
+        The system message is left out. Raises DataError unless the rest strictly alternates
+        user, assistant (tool messages are for the chat_template collator only).
+        """
+        start = 1 if self.system is not None else 0
+        expect = "user"
+        for i in range(start, len(self.messages)):
+            role = self.messages[i]["role"]
+            if role != expect:
+                raise DataError(
+                    f"{self.origin}: the chatglm and moss collators need alternating user/assistant "
+                    f"messages, found {role!r} at messages[{i}] (use data.collator=chat_template)"
+                )
+            expect = "assistant" if expect == "user" else "user"
+        body = self.messages[start:]
+        out = [(body[k]["content"] or "", body[k + 1]["content"] or "") for k in range(0, len(body) - 1, 2)]
+        return out
+
+
+def detect_format(record: dict[str, Any], cfg: DataConfig, origin: str) -> str:
+    """The format of `record`, judged from its keys (the `auto` format)."""
+    keys = {k for k, v in record.items() if v is not None}
+    if "chat" in keys and ("num_turns" in keys or "meta_instruction" in keys):
+        return "moss"
+    if "messages" in keys:
+        return "messages"
+    if "conversations" in keys:
+        return "sharegpt"
+    if cfg.prompt_column in keys and cfg.response_column in keys:
+        return "chatglm"
+    raise DataError(
+        f"{origin}: cannot tell the data format from the keys {sorted(keys)}; expected 'chat' + "
+        f"'num_turns' (moss), 'messages', 'conversations' (sharegpt) or '{cfg.prompt_column}' + "
+        f"'{cfg.response_column}' (chatglm); set data.format"
+    )
+
+
+def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) -> Conversation:
+    """Turn one raw record of format `fmt` into a Conversation (DataError when it is bad)."""
+    if fmt == "moss":
+        return _from_moss(record, cfg, origin)
+    if fmt == "chatglm":
+        return _from_chatglm(record, cfg, origin)
+    if fmt == "messages":
+        return _from_messages(record, origin)
+    if fmt == "sharegpt":
+        return _from_sharegpt(record, origin)
+    raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _bad(origin: str, problem: str) -> DataError:
+    return DataError(f"{origin}: {problem}")
+
+
+def _strip_markup(value: str, marker: str, end: str) -> str:
+    """The text inside a MOSS field: after `marker` (and one space), before `end` (and newline)."""
+    text = value[len(marker) :]
+    if text.startswith(" "):
+        text = text[1:]
+    text = text.rstrip("\n")
+    if text.endswith(end):
+        text = text[: -len(end)]
+    return text
+
+
+def _from_moss(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:
+    chat = record.get("chat")
+    if not isinstance(chat, dict):
+        raise _bad(origin, "missing field 'chat' (an object of turn_1 … turn_N)")
+    num_turns = record.get("num_turns")
+    present = sorted(
+        (k for k, v in chat.items() if v is not None), key=lambda k: (len(k), k)
+    )  # turn_2 before turn_10
+    if num_turns is None:
+        raise _bad(origin, "missing field 'num_turns'")
+    try:
+        n = int(num_turns)
+    except (TypeError, ValueError):
+        raise _bad(origin, f"'num_turns' must be a number, got {num_turns!r}") from None
+    expected = [f"turn_{k}" for k in range(1, n + 1)]
+    if n < 1 or present != expected:
+        raise _bad(origin, f"num_turns is {num_turns} but 'chat' holds {present or 'no turns'}")
+    meta = record.get("meta_instruction")
+    if meta is None:
+        meta = cfg.meta_instruction
+    if meta is not None and not isinstance(meta, str):
+        raise _bad(origin, f"'meta_instruction' must be a string, got {type(meta).__name__}")
+
+    turns: list[list[tuple[str, str]]] = []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": meta}] if meta else []
+    for name in expected:
+        turn = chat[name]
+        if not isinstance(turn, dict):
+            raise _bad(origin, f"chat.{name} must be an object of fields, got {type(turn).__name__}")
+        unknown = [k for k, v in turn.items() if v is not None and k not in MOSS_FIELDS]
+        if unknown:
+            raise _bad(origin, f"chat.{name} has unknown field {unknown[0]!r}; expected {', '.join(MOSS_FIELDS)}")
+        fields: list[tuple[str, str]] = []
+        for key, marker in MOSS_FIELDS.items():
+            value = turn.get(key)
+            if value is None:
+                if key in MOSS_REQUIRED:
+                    raise _bad(origin, f"chat.{name} is missing field {key!r}")
+                continue
+            if not isinstance(value, str):
+                raise _bad(origin, f"chat.{name}.{key} must be a string, got {type(value).__name__}")
+            if not value.startswith(marker):
+                raise _bad(origin, f"chat.{name}.{key} must start with {marker!r}, got {value[:30]!r}")
+            if key == "Tool Responses" and "<eor>" not in value:
+                raise _bad(origin, f"chat.{name}.{key} must end with '<eor>'")
+            fields.append((key, value))
+        user = _strip_markup(dict(fields)["Human"], MOSS_FIELDS["Human"], MOSS_ENDS["Human"])
+        answer = _strip_markup(dict(fields)["MOSS"], MOSS_FIELDS["MOSS"], MOSS_ENDS["MOSS"])
+        if not answer.strip():
+            raise _bad(origin, f"chat.{name}.MOSS: empty answer")
+        turns.append(fields)
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    return Conversation(messages=messages, origin=origin, moss_turns=turns)
+
+
+def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:
+    cols = {"query": cfg.prompt_column, "answer": cfg.response_column}
+    values: dict[str, str] = {}
+    for what, col in cols.items():
+        value = record.get(col)
+        if value is None:
+            raise _bad(origin, f"missing field {col!r} (data.{'prompt' if what == 'query' else 'response'}_column)")
+        if not isinstance(value, str):
+            raise _bad(origin, f"field {col!r} must be a string, got {type(value).__name__}")
+        values[what] = value
+    history = record.get(cfg.history_column) if cfg.history_column else None
+    pairs: list[tuple[str, str]] = []
+    if history is not None:
+        if not isinstance(history, list):
+            raise _bad(origin, f"field {cfg.history_column!r} must be a list of [query, answer] pairs")
+        for k, pair in enumerate(history):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+                raise _bad(origin, f"{cfg.history_column}[{k}] must be a [query, answer] pair of strings, got {pair!r}")
+            pairs.append((pair[0], pair[1]))
+    messages: list[dict[str, Any]] = []
+    for q, a in [*pairs, (values["query"], values["answer"])]:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    # ChatGLM-6B: `if examples[prompt_column][i] and examples[response_column][i]` — others skipped.
+    dropped = None if values["query"] and values["answer"] else "empty query or answer"
+    return Conversation(messages=messages, origin=origin, context_rounds=len(pairs), dropped=dropped)
+
+
+def _check_messages(
+    messages: list[dict[str, Any]], origin: str, name: str, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Validate OpenAI-style messages; returns copies without None-valued keys.
+
+    `offset` is subtracted from indices in messages (a sharegpt `system` key is prepended)."""
+    if not messages:
+        raise _bad(origin, f"'{name}' is empty")
+    out: list[dict[str, Any]] = []
+    for j, m in enumerate(messages):
+        i = j - offset
+        role = m.get("role")
+        if role not in ROLES:
+            raise _bad(origin, f"{name}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        content = m.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _bad(origin, f"{name}[{i}].content must be a string, got {type(content).__name__}")
+        if role == "system" and j != 0:
+            raise _bad(origin, f"{name}[{i}]: a system message may only come first")
+        if role == "assistant" and not (content or "").strip() and not m.get("tool_calls"):
+            raise _bad(origin, f"{name}[{i}]: empty answer")
+        if content is None and role != "assistant":
+            raise _bad(origin, f"{name}[{i}] is missing 'content'")
+        out.append({k: v for k, v in m.items() if v is not None})
+    body = out[1:] if out[0]["role"] == "system" else out
+    if not body or body[0]["role"] != "user":
+        raise _bad(origin, f"{name}: the first message after the system message must be the user's")
+    if out[-1]["role"] != "assistant":
+        raise _bad(origin, f"{name}: the last message is {out[-1]['role']!r}; it must be the assistant's answer")
+    return out
+
+
+def _from_messages(record: dict[str, Any], origin: str) -> Conversation:
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise _bad(origin, "missing field 'messages' (a list of {role, content} objects)")
+    return Conversation(messages=_check_messages(messages, origin, "messages"), origin=origin)
+
+
+def _from_sharegpt(record: dict[str, Any], origin: str) -> Conversation:
+    convs = record.get("conversations")
+    if not isinstance(convs, list) or not all(isinstance(m, dict) for m in convs):
+        raise _bad(origin, "missing field 'conversations' (a list of {from, value} objects)")
+    messages: list[dict[str, Any]] = []
+    system = record.get("system")
+    if isinstance(system, str) and system:
+        messages.append({"role": "system", "content": system})
+    for i, turn in enumerate(convs):
+        who = turn.get("from")
+        role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
+        if role is None:
+            raise _bad(origin, f"conversations[{i}].from is {who!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
+        if "value" not in turn or turn["value"] is None:
+            raise _bad(origin, f"conversations[{i}] is missing 'value'")
+        messages.append({"role": role, "content": turn["value"]})
+    offset = 1 if messages and messages[0]["role"] == "system" and convs and convs[0].get("from") != "system" else 0
+    return Conversation(messages=_check_messages(messages, origin, "conversations", offset), origin=origin)
+
+
+def __getattr__(name: str):  # lazy re-export, so `formats` does not import `datasets` at load
+    if name in ("load_records", "RecordSource"):
+        from peftchat.data import sources
+
+        return getattr(sources, name)
+    raise AttributeError(name)

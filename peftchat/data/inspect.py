@@ -1,0 +1,93 @@
+"""`peftchat data dump` and `peftchat data inspect`: look at the samples a recipe makes.
+
+Both show the training samples of *all* of ``data.train``, in data-set order, before any eval
+hold-out (``data.eval_split``) and with no shuffling or packing, so sample i is the i-th sample the
+collator made from the files. Only the tokenizer is loaded: when ``model.path`` is not built yet
+(the demo recipes), point ``model.tokenizer`` at one, e.g.
+``peftchat data inspect recipes/demo.yaml model.tokenizer=peftchat/assets/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from peftchat.config import Recipe
+from peftchat.data.pipeline import DataBundle, build_datasets
+from peftchat.data.samples import IGNORE_INDEX
+from peftchat.errors import UserError
+
+LOSS_ON_TTY = ("\033[1;32m", "\033[0m")  # bold green
+LOSS_PLAIN = ("⟦", "⟧")
+
+
+def _build(recipe: Recipe) -> tuple[DataBundle, object]:
+    from peftchat.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe)
+    return build_datasets(recipe, tokenizer, split_eval=False), tokenizer
+
+
+def dump_samples(recipe: Recipe, out: str | Path, limit: int | None = None) -> int:
+    """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per training sample,
+    data-set order; print the data report to stderr; return the number of samples written."""
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit must be >= 0, got {limit}")
+    bundle, _ = _build(recipe)
+    n = len(bundle.train) if limit is None else min(limit, len(bundle.train))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for row in bundle.train.select(range(n)):
+            ids = row["input_ids"]
+            fh.write(json.dumps({"input_ids": ids, "labels": row["labels"], "attention_mask": [1] * len(ids)}) + "\n")
+    print(bundle.report.summary(), file=sys.stderr)
+    print(f"wrote {n} samples to {out}", file=sys.stderr)
+    return n
+
+
+def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: bool) -> str:
+    """Decoded text with the loss-bearing runs of tokens wrapped in markers."""
+    open_, close = LOSS_ON_TTY if color else LOSS_PLAIN
+    parts: list[str] = []
+    k = 0
+    while k < len(input_ids):
+        loss = labels[k] != IGNORE_INDEX
+        j = k
+        while j < len(input_ids) and (labels[j] != IGNORE_INDEX) == loss:
+            j += 1
+        text = tokenizer.decode(input_ids[k:j], skip_special_tokens=False)
+        parts.append(f"{open_}{text}{close}" if loss else text)
+        k = j
+    return "".join(parts)
+
+
+def inspect_samples(recipe: Recipe, index: int | None = None, count: int = 3, stream: TextIO | None = None) -> None:
+    """Print decoded samples (sample `index`, or the first `count`) with loss-bearing tokens
+    highlighted — ANSI colour on a terminal, ⟦…⟧ otherwise — and the data report's counts."""
+    stream = stream or sys.stdout
+    bundle, tokenizer = _build(recipe)
+    train = bundle.train
+    if index is not None:
+        if not -len(train) <= index < len(train):
+            raise UserError(f"--index {index} is out of range: there are {len(train)} samples")
+        chosen = [index % len(train)]
+    else:
+        chosen = list(range(min(max(count, 0), len(train))))
+    color = stream.isatty() and not os.environ.get("NO_COLOR")
+    marker = "highlighted" if color else "inside ⟦…⟧"
+    for i in chosen:
+        row = train[i]
+        ids, labels = row["input_ids"], row["labels"]
+        with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
+        stream.write(f"── sample {i}: {len(ids)} tokens, {with_loss} with loss ({marker}) ──\n")
+        stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
+    r = bundle.report
+    stream.write(
+        f"samples: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "
+        f"truncated: {r.truncated}  dropped: {r.dropped_total}  skipped bad records: {r.skipped}\n"
+    )
+    stream.write(r.summary() + "\n")

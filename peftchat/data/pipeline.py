@@ -1,0 +1,258 @@
+"""`build_datasets`: recipe + tokenizer -> tokenized train/eval `datasets.Dataset`s and a report.
+
+Steps: load the raw records (`sources.load_records`), resolve ``data.format: auto`` from the first
+record, hold out eval sessions (``data.eval`` files, or ``data.eval_split`` of the train records,
+chosen by session with ``training.seed``), then one batched `Dataset.map` per split normalizes each
+record (`formats.normalize`) and encodes it with the recipe's collator. The map writes one row per
+sample — ``input_ids``, ``labels`` (unpadded, unshifted, -100 = no loss) — plus one row per
+dropped would-be sample or skipped bad record carrying the reason, so the report can count them;
+those rows are then left out. Output columns are exactly ``input_ids`` and ``labels``, in data-set
+order (a chatglm session's rounds in round order).
+
+Caching: the map gets an explicit fingerprint made of the raw dataset's fingerprint (datasets
+derives it from the data files and their modification times, and from the held-out selection),
+the tokenization-relevant ``data.*`` keys, a hash of the tokenizer and a hash of this package's
+data code. `datasets` stores the result next to the raw data's cache (or under ``data.cache_dir``)
+and a re-run with the same inputs loads it instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from peftchat.config import DataConfig, Recipe
+from peftchat.data.formats import FORMATS, detect_format, normalize
+from peftchat.data.report import DROP, SKIP, DataReport
+from peftchat.data.samples import IGNORE_INDEX, make_collator
+from peftchat.data.sources import Origins, RecordSource, load_records, quiet_datasets
+from peftchat.errors import DataError, UserError
+
+# data.* keys that change the tokenized samples (the others — packing, shuffle, num_proc, … — don't).
+TOKENIZATION_KEYS = (
+    "collator", "max_length", "max_source_length", "max_target_length", "prompt_column", "response_column",
+    "history_column", "source_prefix", "chatglm_style", "separator_tokens", "truncation", "loss_on",
+    "meta_instruction", "on_error",
+)
+SHOW_PROGRESS_ABOVE = 50_000  # records; smaller maps finish before a progress bar is worth it
+
+
+@dataclass
+class DataBundle:
+    train: Any  # datasets.Dataset with columns input_ids, labels
+    eval: Any  # datasets.Dataset or None
+    report: DataReport  # train counts; report.eval holds the eval counts
+
+
+def sample_limit(recipe: Recipe) -> int:
+    """The most tokens one sample of this recipe can have (packing rows use it as their length)."""
+    d = recipe.data
+    if d.collator == "chatglm":
+        return d.max_source_length + d.max_target_length + (1 if d.chatglm_style == "chatglm2" else 0)
+    return d.max_length
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about the tokenizer that can change the ids the collators make."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    extra = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
+             tokenizer.pad_token, sorted(map(str, tokenizer.all_special_tokens))]
+    h.update(json.dumps(extra, default=str, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def _code_fingerprint() -> str:
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_key(raw, fmt: str, cfg: DataConfig, tokenizer, split: str) -> str:
+    parts = {
+        "raw": raw._fingerprint,
+        "format": fmt,
+        "data": {k: getattr(cfg, k) for k in TOKENIZATION_KEYS},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "code": _code_fingerprint(),
+        "split": split,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def resolve_format(source: RecordSource, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    if len(source.dataset) == 0:
+        raise DataError(f"{source.name}: no records")
+    return detect_format(source.dataset[0], cfg, source.origins(0))
+
+
+class _Encoder:
+    """The map function: raw records -> sample rows (+ note rows for drops and skipped records).
+
+    A class rather than a closure so `datasets` can pickle it to worker processes (num_proc > 1)."""
+
+    def __init__(self, fmt: str, cfg: DataConfig, tokenizer, origins: Origins, rows: list[int] | None) -> None:
+        self.fmt, self.cfg, self.origins, self.rows = fmt, cfg, origins, rows
+        self.collator = make_collator(cfg, tokenizer)
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "session": [], "truncated": [], "note": []}
+
+        def row(session: int, ids: list[int], labels: list[int], truncated: bool, note: str) -> None:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["session"].append(session)
+            out["truncated"].append(truncated)
+            out["note"].append(note)
+
+        columns = list(batch)
+        for j, index in enumerate(indices):
+            session = self.rows[index] if self.rows is not None else index
+            record = {c: batch[c][j] for c in columns}
+            origin = self.origins(session)
+            try:
+                encoded = self.collator.encode(normalize(record, self.fmt, self.cfg, origin))
+            except DataError as e:
+                if self.cfg.on_error == "stop":
+                    raise
+                row(session, [], [], False, SKIP + str(e))
+                continue
+            for sample in encoded.samples:
+                row(session, sample.input_ids, sample.labels, sample.truncated, "")
+            for reason in encoded.dropped:
+                row(session, [], [], False, DROP + reason)
+        return out
+
+
+def _features():
+    import datasets
+
+    return datasets.Features({
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "session": datasets.Value("int64"),
+        "truncated": datasets.Value("bool"),
+        "note": datasets.Value("string"),
+    })
+
+
+def _encode_split(raw, rows: list[int] | None, source: RecordSource, fmt: str, cfg: DataConfig, tokenizer,
+                  split: str) -> tuple[Any, DataReport]:
+    """Tokenize one split (`raw`, whose row i is source row rows[i]); returns (dataset, report)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    key = _cache_key(raw, fmt, cfg, tokenizer, split)
+    cache_file = None
+    if cfg.cache_dir:
+        cache_root = Path(cfg.cache_dir).expanduser() / "peftchat-tokenized"
+        cache_root.mkdir(parents=True, exist_ok=True)
+        cache_file = str(cache_root / f"{split}-{key}.arrow")
+    encoder = _Encoder(fmt, cfg, tokenizer, source.origins, rows)
+    num_proc = cfg.num_proc if cfg.num_proc and cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None
+    with quiet_datasets(show_progress=len(raw) > SHOW_PROGRESS_ABOVE):
+        mapped = raw.map(
+            encoder,
+            with_indices=True,
+            batched=True,
+            batch_size=256,
+            remove_columns=raw.column_names,
+            features=_features(),
+            num_proc=num_proc,
+            new_fingerprint=key,
+            cache_file_name=cache_file,
+            load_from_cache_file=True,
+            desc=f"tokenizing {split}",
+        )
+    table = mapped.data.table if hasattr(mapped.data, "table") else mapped.data
+    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(table.column("labels"))
+    loss_tokens = int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
+    notes = table.column("note").to_pylist()
+    report = DataReport.from_columns(split, table.column("session").to_pylist(), notes,
+                                     table.column("truncated").to_pylist(), lengths.tolist(), loss_tokens)
+    keep = np.flatnonzero(np.array([n == "" for n in notes], dtype=bool)) if notes else np.array([], dtype=int)
+    result = mapped.select_columns(["input_ids", "labels"])
+    if len(keep) != len(mapped):
+        result = result.select(keep, new_fingerprint=f"{key}-samples")
+    return result, report
+
+
+def _session_keys(raw, fmt: str, cfg: DataConfig) -> list[Any]:
+    """A key per record; records with one key form one session for the eval hold-out.
+
+    Records are sessions, except chatglm rows: the rows of one conversation (each holding the
+    earlier rounds as history) share their first question, so they are held out together."""
+    n = len(raw)
+    if fmt != "chatglm" or cfg.prompt_column not in raw.column_names:
+        return list(range(n))
+    prompts = raw[cfg.prompt_column]
+    histories = raw[cfg.history_column] if cfg.history_column and cfg.history_column in raw.column_names else [None] * n
+    keys: list[Any] = []
+    for i, (prompt, history) in enumerate(zip(prompts, histories)):
+        first = history[0][0] if isinstance(history, list) and history and isinstance(history[0], (list, tuple)) \
+            and history[0] else prompt
+        keys.append(("q", first) if isinstance(first, str) and first else ("row", i))
+    return keys
+
+
+def _hold_out(raw, fmt: str, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+    """(train rows, eval rows), both in data-set order; eval = data.eval_split of the sessions."""
+    import numpy as np
+
+    keys = _session_keys(raw, fmt, cfg)
+    groups: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    sessions = list(groups.values())
+    n = len(sessions)
+    share = cfg.eval_split
+    n_eval = int(share) if share >= 1 else max(1, round(share * n))
+    if n_eval >= n:
+        raise DataError(f"'data.eval_split' ({share}) would hold out all {n} sessions of data.train, leaving none to train on")
+    chosen = np.random.default_rng(seed).permutation(n)[:n_eval]
+    eval_rows = sorted(i for s in chosen for i in sessions[s])
+    held = set(eval_rows)
+    return [i for i in range(len(raw)) if i not in held], eval_rows
+
+
+def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> DataBundle:
+    """Tokenized train (and eval) data for `recipe`. `split_eval=False` ignores data.eval and
+    data.eval_split: every record of data.train, in order (what `peftchat data dump` shows)."""
+    cfg = recipe.data
+    if cfg.format not in ("auto", *FORMATS):
+        raise UserError(f"'data.format' is {cfg.format!r}; expected auto or one of {', '.join(FORMATS)}")
+    train_src = load_records(cfg.train, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.train")
+    fmt = resolve_format(train_src, cfg)
+    raw_train, train_rows, eval_src, raw_eval, eval_rows = train_src.dataset, None, None, None, None
+    if split_eval and cfg.eval is not None:
+        eval_src = load_records(cfg.eval, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.eval")
+        raw_eval = eval_src.dataset
+    elif split_eval and cfg.eval_split > 0:
+        train_rows, eval_rows = _hold_out(raw_train, fmt, cfg, recipe.training.seed)
+        eval_src = train_src
+        raw_eval = raw_train.select(eval_rows)
+        raw_train = raw_train.select(train_rows)
+    train, report = _encode_split(raw_train, train_rows, train_src, fmt, cfg, tokenizer, "train")
+    report.add_skipped(train_src.bad)
+    evaluation = None
+    if raw_eval is not None and eval_src is not None:
+        evaluation, report.eval = _encode_split(raw_eval, eval_rows, eval_src, fmt, cfg, tokenizer, "eval")
+        if eval_src is not train_src:
+            report.eval.add_skipped(eval_src.bad)
+    if len(train) == 0:
+        raise DataError(f"{train_src.name}: no training samples were made ({'; '.join(report.summary().splitlines())})")
+    return DataBundle(train=train, eval=evaluation, report=report)

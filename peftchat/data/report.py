@@ -1,0 +1,83 @@
+"""`DataReport`: what the data pipeline made of the records, and what it had to cut or leave out."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+# Notes the tokenizing map writes next to each output row (see pipeline._encode_batch).
+DROP = "drop:"
+SKIP = "skip:"
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class DataReport:
+    split: str = "train"
+    sessions: int = 0  # records that were well-formed conversations (or chatglm rows)
+    samples: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    truncated: int = 0  # samples that lost tokens, turns or history rounds to the length limits
+    longest: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> would-be samples left out
+    skipped: int = 0  # bad records left out with data.on_error=skip
+    skipped_examples: list[str] = field(default_factory=list)
+    eval: "DataReport | None" = None
+
+    @property
+    def loss_share(self) -> float:
+        return self.loss_tokens / self.tokens if self.tokens else 0.0
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+    def add_skipped(self, messages: list[str]) -> None:
+        self.skipped += len(messages)
+        room = MAX_EXAMPLES - len(self.skipped_examples)
+        self.skipped_examples += messages[: max(room, 0)]
+
+    @classmethod
+    def from_columns(cls, split: str, sessions: list[int], notes: list[str], truncated: list[bool],
+                     lengths: list[int], loss_tokens: int) -> "DataReport":
+        """Count the output rows of the tokenizing map: samples have an empty note, the rest a
+        DROP or SKIP note with their reason."""
+        report = cls(split=split)
+        drops: Counter[str] = Counter()
+        skips: list[str] = []
+        kept_sessions: set[int] = set()
+        for session, note, cut, n in zip(sessions, notes, truncated, lengths):
+            if note.startswith(SKIP):
+                skips.append(note[len(SKIP):])
+                continue
+            kept_sessions.add(session)
+            if note.startswith(DROP):
+                drops[note[len(DROP):]] += 1
+            else:
+                report.samples += 1
+                report.tokens += n
+                report.truncated += bool(cut)
+                report.longest = max(report.longest, n)
+        report.sessions = len(kept_sessions)
+        report.loss_tokens = loss_tokens
+        report.dropped = dict(sorted(drops.items()))
+        report.add_skipped(skips)
+        return report
+
+    def summary(self) -> str:
+        """A few human-readable lines (train first, then eval when there is one)."""
+        lines = [
+            f"{self.split}: {self.sessions} sessions -> {self.samples} samples, {self.tokens} tokens "
+            f"({self.loss_tokens} with loss, {self.loss_share:.1%}), longest {self.longest}, "
+            f"{self.truncated} truncated, {self.dropped_total} dropped, {self.skipped} bad records skipped"
+        ]
+        for reason, n in self.dropped.items():
+            lines.append(f"  dropped {n}: {reason}")
+        for message in self.skipped_examples:
+            lines.append(f"  skipped: {message}")
+        if self.skipped > len(self.skipped_examples):
+            lines.append(f"  … and {self.skipped - len(self.skipped_examples)} more bad records")
+        if self.eval is not None:
+            lines.append(self.eval.summary())
+        return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""`peftchat generate`: batched generation over a JSONL file of prompts.
+
+Input rows, one JSON object a line, in any of these forms:
+
+* `{"prompt": "...", "history": [[q, a], ...]}` (ChatGLM rows; `history` optional, also as
+  `[{"user": q, "assistant": a}, ...]`), or `{"query": ..., "history": ...}`;
+* `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` ending with a user
+  message; a leading system message replaces the recipe's `data.meta_instruction`.
+
+Each prompt is built by the training prompt code, as in chat. Prompts are batched longest first
+(less padding) and LEFT-padded, so every row's new tokens start at the same position; output rows
+`{"prompt": ..., "reply": ...}` (plus the input's `id`, when it has one) are written in input order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from peftchat.errors import DataError, UserError
+from peftchat.infer.decoding import fit_prompt, generation_config
+from peftchat.infer.loading import load_chat_model, say
+
+
+@dataclass
+class Request:
+    line: int
+    query: str
+    history: list[dict]
+    system: Optional[str] = None
+    id: Any = None
+
+
+def _history(value: Any, where: str) -> list[dict]:
+    rounds = []
+    for i, item in enumerate(value or []):
+        if isinstance(item, dict) and isinstance(item.get("user"), str) and isinstance(item.get("assistant"), str):
+            rounds.append(dict(item))
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            rounds.append({"user": item[0], "assistant": item[1]})
+        else:
+            raise DataError(f"{where}: history[{i}] must be [query, answer] or {{\"user\", \"assistant\"}}")
+    return rounds
+
+
+def _from_messages(messages: Any, where: str) -> tuple[list[dict], str, Optional[str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: 'messages' must be a non-empty list")
+    history, pending, system = [], None, None
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] must be an object with a string 'content'")
+        role = m.get("role")
+        if role == "system" and i == 0:
+            system = m["content"]
+        elif role == "user" and pending is None:
+            pending = m["content"]
+        elif role == "assistant" and pending is not None:
+            history.append({"user": pending, "assistant": m["content"]})
+            pending = None
+        else:
+            raise DataError(
+                f"{where}: messages[{i}] has role {role!r}; expected user and assistant turns in "
+                f"alternation after an optional first system message"
+            )
+    if pending is None:
+        raise DataError(f"{where}: the last message must be a user message")
+    return history, pending, system
+
+
+def read_requests(path: str | os.PathLike) -> list[Request]:
+    """Parse the input JSONL; a bad line raises DataError naming file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--in {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    requests = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        system = None
+        if "messages" in row:
+            history, query, system = _from_messages(row["messages"], where)
+        else:
+            query = row.get("prompt", row.get("query"))
+            if not isinstance(query, str):
+                raise DataError(f"{where}: needs a string 'prompt' (or 'query'), or 'messages'")
+            history = _history(row.get("history"), where)
+        requests.append(Request(lineno, query, history, system, row.get("id")))
+    return requests
+
+
+def _pad_left(batch: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_size: int = 8,
+                     progress: Optional[Any] = None) -> list[str]:
+    """Replies to `prompts` (token ids), in their order, generated in left-padded batches."""
+    import torch
+
+    from peftchat.data.prompting import extract_reply, stop_token_ids
+
+    config = generation_config(recipe, tokenizer, stop_token_ids(recipe, tokenizer))
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    replies: list[Optional[str]] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        input_ids, attention = _pad_left([prompts[i] for i in rows], config.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 generation_config=config)
+        for row, i in enumerate(rows):
+            replies[i] = extract_reply(recipe, tokenizer, out[row, input_ids.shape[1]:].tolist())
+        if progress is not None:
+            progress.update(len(rows))
+    return replies  # type: ignore[return-value]
+
+
+def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_size: int = 8) -> int:
+    """Generate a reply for every row of `inp` with the model of `source` (recipe, adapter dir or
+    merged model dir) and write `{"prompt", "reply"}` rows to `out` in input order."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    requests = read_requests(inp)  # bad input fails before the model is loaded
+    model, tokenizer, recipe = load_chat_model(source, overrides)
+    torch.manual_seed(recipe.training.seed)
+    prompts = []
+    for r in requests:
+        try:
+            ids, dropped = fit_prompt(recipe, tokenizer, r.history, r.query, system=r.system)
+        except UserError as e:
+            raise type(e)(f"{inp}:{r.line}: {e}") from None
+        if dropped:
+            say(f"{inp}:{r.line}: dropped the {dropped} oldest history round(s) to fit the context budget")
+        prompts.append(ids)
+    with tqdm(total=len(prompts), unit="prompt", desc="generating") as bar:
+        replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("w", encoding="utf-8") as f:
+        for r, reply in zip(requests, replies):
+            row = ({"id": r.id} if r.id is not None else {}) | {"prompt": r.query, "reply": reply}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    say(f"{len(replies)} replies written to {out_path}")
+    return 0

@@ -1,0 +1,57 @@
+"""LoRA (and DoRA / rsLoRA) adapters through peft, from the recipe's `adapter` section."""
+
+from __future__ import annotations
+
+import warnings
+
+from peftchat.config import Recipe
+from peftchat.errors import UserError
+
+
+def lora_config(recipe: Recipe):
+    """peft LoraConfig for a causal LM from `adapter.*`."""
+    from peft import LoraConfig
+
+    a = recipe.adapter
+    return LoraConfig(
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules=a.target_modules if isinstance(a.target_modules, str) else list(a.target_modules),
+        use_dora=a.use_dora,
+        use_rslora=a.use_rslora,
+        modules_to_save=list(a.modules_to_save) if a.modules_to_save else None,
+        bias=a.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights are counted as their unpacked size."""
+    trainable, total = 0, 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # packed two per byte
+            n *= 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def apply_lora(model, recipe: Recipe, verbose: bool = True):
+    """Wrap `model` in a peft LoRA PeftModel (base weights frozen, adapter weights float32)."""
+    from peft import get_peft_model
+
+    config = lora_config(recipe)
+    try:
+        with warnings.catch_warnings():
+            # peft probes the deprecated `is_gradient_checkpointing` of transformers 5.2x
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except ValueError as e:  # unknown target_modules / modules_to_save names and the like
+        raise UserError(f"adapter settings do not fit model {recipe.model.path}: {str(e).splitlines()[0]}") from None
+    if verbose:
+        trainable, total = count_parameters(peft_model)
+        print(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.4f}%)", flush=True)
+    return peft_model

@@ -1,0 +1,150 @@
+"""Loading the base model: local dir or hub id, dtype, bitsandbytes 8-bit/4-bit, attention kernel.
+
+For training, a k-bit model is set up by hand rather than with peft's
+`prepare_model_for_kbit_training`: that helper casts every non-quantized weight (norms, embeddings,
+lm_head) to float32, which drags the hidden states to float32 and sends attention to the slow fp32
+math kernel (half the speed measured on an H200). Here the non-quantized parts stay in
+`model.dtype`; only the LoRA weights are float32 (peft does that itself).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from peftchat.config import Recipe
+from peftchat.errors import UserError
+from peftchat.model.tokenizer import looks_local
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """`bf16` | `fp16` | `fp32` as a torch dtype."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}") from None
+
+
+def resolve_device(recipe: Recipe) -> torch.device:
+    """`training.device`: `auto` (CUDA when there is one, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    name = recipe.training.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"'training.device' is '{name}'; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"'training.device' is '{name}' but CUDA is not available here (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"'training.device' is '{name}' but only {torch.cuda.device_count()} GPU(s) are visible")
+    elif device.type != "cpu":
+        raise UserError(f"'training.device' is '{name}'; expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _check_attention(name: str, device: torch.device) -> None:
+    if not name.startswith("flash_attention"):
+        return
+    from transformers.utils import import_utils
+
+    check = getattr(import_utils, f"is_{name.replace('attention', 'attn')}_available", None)
+    if device.type != "cuda":
+        raise UserError(f"model.attn_implementation={name} needs a CUDA device; use sdpa on {device.type}")
+    if check is None or not check():
+        package = "flash-attn" if name == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
+        raise UserError(f"model.attn_implementation={name} but {package} is not installed; use sdpa or install it")
+
+
+def _quantization_config(recipe: Recipe):
+    """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
+    m = recipe.model
+    if m.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if m.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=m.quant_type,
+        bnb_4bit_use_double_quant=m.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(m.compute_dtype),
+        # Keep the frozen 4-bit weights as their own storage dtype (uint8): nothing trains them.
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on every decoder layer.
+
+    Non-reentrant works with frozen inputs and kwargs; `enable_input_require_grads` is kept anyway
+    so a model whose remote code still uses the reentrant variant gets gradients through it.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def check_model_source(recipe: Recipe) -> str:
+    """`model.path` as from_pretrained wants it; a UserError when a local path is missing."""
+    source = recipe.model.path
+    if not looks_local(source):
+        return source  # a hub id: from_pretrained says whether it exists
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"model not found: {source} (model.path); build a demo one with `peftchat tiny-model {source}`"
+                        " or point model.path to a model dir or hub id")
+    if not (path / "config.json").is_file():
+        raise UserError(f"model.path {source} is not a transformers model dir (no config.json)")
+    return str(path)
+
+
+def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True):
+    """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`).
+
+    For training the weights are frozen, the KV cache is off, checkpointing is on when
+    `training.gradient_checkpointing` says so, and the model is in train mode (from_pretrained
+    returns eval mode, in which transformers silently skips checkpointing).
+    """
+    from transformers import AutoModelForCausalLM
+
+    m = recipe.model
+    device = torch.device(device) if device is not None else resolve_device(recipe)
+    source = check_model_source(recipe)
+    _check_attention(m.attn_implementation, device)
+    quant = _quantization_config(recipe)
+    if quant is not None and device.type not in ("cuda", "cpu"):
+        raise UserError(f"model.quantization={m.quantization} needs a CUDA or CPU device, got {device}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype(m.dtype),
+            quantization_config=quant,
+            attn_implementation=m.attn_implementation,
+            device_map={"": device},
+            trust_remote_code=m.trust_remote_code,
+            revision=m.revision,
+        )
+    except OSError as e:  # a hub id that does not resolve, a dir without weights, no network
+        raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
+    except ImportError as e:  # e.g. bitsandbytes or an attention package missing
+        raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
+
+    if not for_training:
+        model.eval()
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False  # the cache is useless in training and costs memory
+    if recipe.training.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    return model
