@@ -9,3 +9,64 @@ def tiny_llama_dir(tmp_path_factory):
     from peftchat.demo_assets import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
+
+
+# ---- merge / chat / generate (tests/model/test_merge*.py, tests/infer): saved adapters on the tiny Llama
+_DEMO_DATA = {"moss": ("moss_demo.jsonl", "moss"), "chatglm": ("chatglm_demo.jsonl", "chatglm"),
+              "chat_template": ("messages_demo.jsonl", "messages")}
+
+
+def _infer_recipe_dict(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, **data):
+    """Recipe (as a dict) of a tiny fp32 CPU run: greedy decoding of a few tokens, the demo data of `collator`."""
+    from peftchat.demo_assets import asset_path
+
+    train, fmt = _DEMO_DATA[collator]
+    return {"model": {"path": str(base_dir), "dtype": "fp32", "compute_dtype": "fp32", "quantization": quantization},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": use_dora},
+            "data": {"train": str(asset_path(f"demo/{train}")), "format": fmt, "collator": collator,
+                     "max_length": 256, "max_source_length": 128, "max_target_length": 64, **data},
+            "training": {"device": "cpu", "output_dir": str(output_dir), "gradient_checkpointing": False},
+            "decoding": {"max_new_tokens": 6, "temperature": 0}}
+
+
+@_pytest_train.fixture(scope="session")
+def infer_recipe_dict():
+    """`f(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, **data) -> dict`."""
+    return _infer_recipe_dict
+
+
+@_pytest_train.fixture(scope="session")
+def make_adapter(tmp_path_factory, tiny_llama_dir):
+    """Factory: an adapter dir as training leaves it (adapter, tokenizer, recipe.yaml) for the tiny
+    Llama, built with the training code (`load_base_model` + `apply_lora`) and random non-zero
+    LoRA B (and perturbed DoRA magnitudes) so that merging it changes the model. Cached per args."""
+    cache = {}
+
+    def make(collator="moss", quantization="none", use_dora=False, **data):
+        key = (collator, quantization, use_dora, tuple(sorted(data.items())))
+        if key in cache:
+            return cache[key]
+        import torch
+        from transformers import AutoTokenizer
+
+        from peftchat.config import recipe_from_dict, save_recipe
+        from peftchat.model.adapters import apply_lora
+        from peftchat.model.load import load_base_model
+
+        out = tmp_path_factory.mktemp(f"adapter-{collator}-{quantization}{'-dora' if use_dora else ''}")
+        recipe = recipe_from_dict(_infer_recipe_dict(tiny_llama_dir, out, collator, quantization, use_dora, **data))
+        model = apply_lora(load_base_model(recipe), recipe, verbose=False)
+        gen = torch.Generator().manual_seed(len(cache) + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(tiny_llama_dir)).save_pretrained(str(out))
+        save_recipe(recipe, out / "recipe.yaml")
+        cache[key] = out
+        return out
+
+    return make

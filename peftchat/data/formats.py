@@ -23,7 +23,7 @@ formats read as one entry point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from peftchat.config import DataConfig

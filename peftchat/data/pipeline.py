@@ -18,7 +18,6 @@ and a re-run with the same inputs loads it instead of tokenizing again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass

@@ -189,9 +189,20 @@ def load_chat_model(source: str | os.PathLike, overrides: Iterable[str] = (), de
     say(f"loading model {what} ...")
     model = load_base_model(recipe, device=device, for_training=False)
     if chat_source.adapter_dir is not None:
-        from peft import PeftModel
-
         say(f"loading adapter {chat_source.adapter_dir} ...")
-        model = PeftModel.from_pretrained(model, str(chat_source.adapter_dir))
-        model.eval()
+        model = load_adapter(model, chat_source.adapter_dir)
     return model, tokenizer, recipe
+
+
+def load_adapter(base_model, adapter_dir: str | os.PathLike):
+    """`PeftModel.from_pretrained(base_model, adapter_dir)` in eval mode (adapter left unmerged)."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():
+        # peft probes the deprecated `is_gradient_checkpointing` of transformers 5.2x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+    model.eval()
+    return model

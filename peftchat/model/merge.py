@@ -29,6 +29,7 @@ from peftchat.errors import UserError
 from peftchat.infer.loading import (
     ChatSource,
     has_tokenizer,
+    load_adapter,
     load_tokenizer_for,
     read_adapter_config,
     recipe_for_adapter,
@@ -46,8 +47,9 @@ MAX_SHARD_SIZE = "5GB"
 # the export dtype, and the activations of both models, costs a few units of roundoff per layer;
 # ~20x the unit roundoff covers a deep stack (tiny models measure ~1/4 of that, see tests).
 PRECISION_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-# LLM.int8 quantizes the *activations* of every 8-bit matmul to int8 (steps of 1/127 of a row's
-# max) in fp16; the trained 8-bit model carries that noise, a merged plain model cannot.
+# On CUDA, LLM.int8 quantizes the *activations* of every 8-bit matmul to int8 (steps of 1/127 of a
+# row's max) in fp16, in training too; the trained model carries that noise, a merged plain model
+# cannot. (On CPU, bitsandbytes trains 8-bit layers with dequantize + matmul: no such noise.)
 INT8_TOLERANCE = 5e-2
 
 PROBE_TEXTS = (
@@ -63,7 +65,6 @@ class _Plan:
     out_dir: Path
     recipe: Recipe  # as trained (base path possibly replaced by --base)
     dtype: torch.dtype
-    kbit: bool  # merge onto dequantized k-bit weights
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -114,12 +115,30 @@ def _expected_shape(module: torch.nn.Module, kind: str, r: int) -> Optional[tupl
     return None
 
 
+def _trained_on_class(adapter_config: dict) -> Optional[str]:
+    """Model class the adapter was trained on: peft's `auto_mapping` when it wrote one, else the
+    architecture in the config of `base_model_name_or_path` when that is still a local model dir."""
+    import json
+
+    recorded = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
+    if recorded:
+        return recorded
+    trained_base = adapter_config.get("base_model_name_or_path")
+    config = Path(os.path.expanduser(trained_base)) / "config.json" if trained_base else None
+    if config is not None and config.is_file():
+        try:
+            return (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
+        except (OSError, json.JSONDecodeError):
+            return None
+    return None
+
+
 def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> None:
     """UserError unless every tensor of the adapter has a module of the right shape in the base."""
     from safetensors import safe_open
 
     base_class = type(skeleton).__name__
-    trained_on = (adapter_config.get("auto_mapping") or {}).get("base_model_class")
+    trained_on = _trained_on_class(adapter_config)
     if trained_on and trained_on != base_class:
         raise UserError(f"{adapter_dir} was trained on a {trained_on}, but the base model is a {base_class}")
     weights = adapter_dir / "adapter_model.safetensors"
@@ -158,15 +177,19 @@ def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> Non
 # ------------------------------------------------------------------------------------ models
 
 
-def _disable_cpu_repacking(model) -> None:
-    # bitsandbytes >= 0.49 on CPUs with AVX512-BF16 repacks a Linear4bit's weight in place at its
-    # first eval-mode forward (bf16 absmax, another kernel): that is neither what training computed
-    # nor a layout dequantize_4bit reads. Training runs in train mode, which never repacks.
-    import bitsandbytes as bnb
-
+def bnb_layers_as_in_training(model) -> None:
+    """Put the bitsandbytes layers (only) in train mode, so a forward takes their training path
+    while dropout stays off. bitsandbytes computes differently per mode: on CPU an 8-bit layer
+    trains with dequantize + matmul (MatMul8bitFp) but infers with LLM.int8 (int8 activations), and
+    a 4-bit layer on an AVX512-BF16 CPU repacks its weight at its first eval forward (bf16 absmax,
+    another kernel). On CUDA both modes compute alike. Call it after the last `model.eval()`."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # then nothing is quantized either
+        return
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            module.train()
 
 
 def dequantized_copy(qmodel, base_path: str, dtype: torch.dtype, recipe: Recipe):
@@ -240,7 +263,7 @@ def _trained_compute_dtype(recipe: Recipe) -> torch.dtype:
     if recipe.model.quantization == "4bit":
         return torch_dtype(recipe.model.compute_dtype)
     if recipe.model.quantization == "8bit":
-        return torch.float16  # bitsandbytes casts 8-bit matmul inputs to fp16
+        return torch.float16  # LLM.int8 casts matmul inputs to fp16 (CUDA)
     return torch_dtype(recipe.model.dtype)
 
 
@@ -300,8 +323,6 @@ def merge_adapter(
     (paths, a base the adapter does not fit, a non-empty `out_dir` without `force`) fails before
     anything is loaded or written. Returns `out_dir`.
     """
-    from peft import PeftModel
-
     adapter_path = Path(adapter_dir).expanduser()
     out = Path(out_dir).expanduser()
     if not adapter_path.is_dir():
@@ -331,31 +352,30 @@ def merge_adapter(
         )
     elif onto_original:
         say("note: --onto-original has no effect: the adapter was trained on a non-quantized base")
-    plan = _Plan(adapter_path, out, recipe, export_dtype, kbit)
+    plan = _Plan(adapter_path, out, recipe, export_dtype)
     tokenizer = load_tokenizer_for(ChatSource("adapter", recipe, adapter_path, adapter_path if has_tokenizer(adapter_path) else None))
     probes = _probes(recipe, tokenizer) if verify else []
 
+    # The trained model (the base as in training + the unmerged adapter), for verification.
     trained_logits = None
-    trained_label = f"{quant} base + adapter (as trained)" if quant != "none" else f"{recipe.model.dtype} base + adapter (as trained)"
-    same_as_plain = quant == "none" and torch_dtype(recipe.model.dtype) == export_dtype
+    trained_label = f"{quant if quant != 'none' else recipe.model.dtype} base + adapter (as trained)"
     if kbit:
         say(f"loading base {recipe.model.path} in {quant} as in training ...")
+        # Dequantize before any forward: an eval forward may repack 4-bit weights (see above).
         qmodel = load_base_model(recipe, for_training=False)
-        _disable_cpu_repacking(qmodel)
         plain = dequantized_copy(qmodel, str(base_path) if base_path.exists() else recipe.model.path, export_dtype, recipe)
         if verify:
             trained_logits = _adapter_logits(qmodel, adapter_path, probes)
         del qmodel
     else:
-        if verify and not same_as_plain:
-            say(f"loading base {recipe.model.path} as in training for verification ...")
+        if verify and not (quant == "none" and torch_dtype(recipe.model.dtype) == export_dtype):
+            say(f"loading base {recipe.model.path} as in training, for verification ...")
             trained_logits = _adapter_logits(load_base_model(recipe, for_training=False), adapter_path, probes)
         say(f"loading base {recipe.model.path} in {dtype} ...")
         plain = load_base_model(_plain_recipe(recipe, dtype), device="cpu", for_training=False)
 
     say(f"merging adapter {adapter_path} ...")
-    peft_model = PeftModel.from_pretrained(plain, str(adapter_path))
-    peft_model.eval()
+    peft_model = load_adapter(plain, adapter_path)
     unmerged_logits = probe_logits(peft_model, probes) if verify else None
     merged = peft_model.merge_and_unload(safe_merge=True)
     merged.eval()
@@ -365,22 +385,20 @@ def merge_adapter(
         merged_logits = probe_logits(merged, probes)
         diff, scale = max_difference(merged_logits, unmerged_logits)
         tol = _tolerance([export_dtype], int8=False) * scale
-        say(f"verify: max |logit diff| merged vs {dtype} base + unmerged adapter = {diff:.3g} (tolerance {tol:.3g})")
+        plain_label = f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter"
+        say(f"verify: max |logit diff| merged vs {plain_label} = {diff:.3g} (tolerance {tol:.3g})")
         if not diff <= tol:
             raise UserError(f"merge verification failed: merged logits differ by {diff:.3g} > {tol:.3g}; nothing written")
         if trained_logits is not None:
             diff, scale = max_difference(merged_logits, trained_logits)
-            tol = _tolerance([export_dtype, _trained_compute_dtype(recipe)], int8=quant == "8bit") * scale
-            if not kbit:
-                say(f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (drift of --onto-original)"
-                    if onto_original else
-                    f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (tolerance {tol:.3g})")
+            if onto_original:
+                say(f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (the drift of --onto-original)")
             else:
+                tol = _tolerance([export_dtype, _trained_compute_dtype(recipe)], int8=quant == "8bit") * scale
                 say(f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (tolerance {tol:.3g})")
-            if not onto_original and not diff <= tol:
-                raise UserError(
-                    f"merge verification failed: merged logits differ from the trained model by {diff:.3g} > {tol:.3g}; nothing written"
-                )
+                if not diff <= tol:
+                    raise UserError(f"merge verification failed: merged logits differ from the trained model by "
+                                    f"{diff:.3g} > {tol:.3g}; nothing written")
 
     say(f"writing {dtype} model to {out} ...")
     _write(merged, tokenizer, plan, dtype)
@@ -390,10 +408,8 @@ def merge_adapter(
 
 def _adapter_logits(base_model, adapter_dir: Path, probes: list[list[int]]) -> list[torch.Tensor]:
     """Probe logits of `adapter_dir` on `base_model` (left unmerged, as in training)."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base_model, str(adapter_dir))
-    model.eval()
+    model = load_adapter(base_model, adapter_dir)
+    bnb_layers_as_in_training(model)
     logits = probe_logits(model, probes)
     model.unload()  # take the LoRA layers out again, so base_model is the bare base once more
     return logits

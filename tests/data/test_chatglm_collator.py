@@ -128,3 +128,10 @@ def test_case10_lengths_and_labelled_text():
         (s,) = c.encode(conv(r, "chatglm")).samples
         assert len(s.input_ids) == len(s.labels) <= 16 + 8
         assert tok().decode(labelled(s)) == "<sop>" + tok().decode(E(r["response"])[:6]) + "</s>"
+
+
+def test_chatglm2_style_keeps_round_template_without_history_column():
+    # ChatGLM2's main.py calls tokenizer.build_prompt(query, None), which still writes [Round 1]
+    c = collator(chatglm_style="chatglm2", history_column=None)
+    (s,) = c.encode(conv(row("q", "a", [["old", "x"]]), "chatglm", history_column=None)).samples
+    assert s.input_ids == [GMASK, SOP] + E("[Round 1]\n\n问：q\n\n答：") + E("a") + [EOS]

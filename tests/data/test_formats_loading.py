@@ -135,3 +135,19 @@ def test_missing_file_and_all_bad(tmp_path):
     path.write_text("{oops\n", encoding="utf-8")
     with pytest.raises(DataError, match="no usable records"):
         build(tmp_path, path, format="chatglm", collator="chatglm", on_error="skip")
+
+
+def test_skipped_malformed_lines_keep_later_line_numbers(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(GOOD_ROW), "{broken", json.dumps(GOOD_ROW), json.dumps({"prompt": "q"}), json.dumps(GOOD_ROW)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    bundle = build(tmp_path, path, format="chatglm", collator="chatglm", on_error="skip")
+    assert bundle.report.skipped == 2 and bundle.report.samples == 3
+    assert sorted(m.split(": ")[0] for m in bundle.report.skipped_examples) == [f"{path}:2", f"{path}:4"]
+
+
+def test_moss_meta_instruction_falls_back_to_the_recipe():
+    record = moss_record([moss_turn("q", "a")])
+    del record["meta_instruction"]
+    c = normalize(record, "moss", recipe(meta_instruction="From the recipe.").data, "x")
+    assert c.system == "From the recipe."

@@ -9,8 +9,8 @@ from peftchat.data.pipeline import build_datasets, sample_limit
 from peftchat.errors import DataError
 
 
-def build(tmp_path, path, seed=42, **data):
-    r = recipe(train=str(path), cache_dir=str(tmp_path / "cache"), **data)
+def build(tmp_path, path, seed=42, cache="cache", **data):
+    r = recipe(train=str(path), cache_dir=str(tmp_path / cache), **data)
     r.training.seed = seed
     return build_datasets(r, tok())
 
@@ -31,7 +31,7 @@ def test_columns_order_and_report(tmp_path):
     records = [messages_record([("q1", "a1"), ("q2", "a2")]), messages_record([("q3", "a3")]),
                messages_record([("q4", "a4")])]
     path = write_jsonl(tmp_path / "m.jsonl", records)
-    bundle = build(tmp_path, path, format="messages", collator="chatglm", max_target_length=3)
+    bundle = build(tmp_path, path, format="messages", collator="chatglm", max_target_length=8)
     train = bundle.train
     assert train.column_names == ["input_ids", "labels"] and bundle.eval is None
     answers = [tok().decode([t for t in row["labels"] if t != -100][1:-1]) for row in train]
@@ -116,6 +116,6 @@ def test_sample_limit():
 def test_num_proc_gives_the_same_samples(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [messages_record([(f"q{k}", f"a{k}")]) for k in range(8)])
     one = build(tmp_path, path, format="messages", collator="chat_template")
-    two = build(tmp_path, path, format="messages", collator="chat_template", num_proc=2)
+    two = build(tmp_path, path, cache="other", format="messages", collator="chat_template", num_proc=2)
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
     assert E("a7")[0] in two.train[7]["input_ids"]
