@@ -13,6 +13,7 @@ Options (joined with '+', e.g. ``probe:liger+fce+ac+skip6+mb2``):
            each LoRA input to the fp32 adapter dtype)
   skipN    N last decoder layers not checkpointed
   nockpt   no checkpointing at all
+  offload  checkpointed layer inputs parked in pinned host memory (kernels.offloaded_checkpoint)
   mbN      micro-batches of N rows, gradients accumulated to the same batch
   compile  torch.compile on each decoder layer
 """
@@ -29,7 +30,7 @@ import torch
 
 def parse_options(spec: str) -> dict[str, Any]:
     opts: dict[str, Any] = dict(liger=False, fce=False, chunk=False, ac=False, skip=0, nockpt=False, mb=0,
-                                compile=False)
+                                compile=False, offload=False)
     for tok in filter(None, spec.split("+")):
         m = re.fullmatch(r"(skip|mb)(\d+)", tok)
         if m:
@@ -69,10 +70,10 @@ def build_probe(spec: str, mode: str, model_dir: str, device: str):
     model.config.use_cache = False
     recipe = SimpleNamespace(training=SimpleNamespace(
         fused_kernels=True if opts["liger"] else False, gradient_checkpointing=not opts["nockpt"],
-        checkpoint_skip_layers=opts["skip"]))
+        checkpoint_skip_layers=opts["skip"], checkpoint_offload=opts["offload"]))
     applied = kernels.apply_fused_kernels(model, recipe) if opts["liger"] else []
     n_ckpt = kernels.apply_checkpoint_policy(model, recipe)
-    applied.append(f"checkpointed_layers={n_ckpt}")
+    applied.append(f"checkpointed_layers={n_ckpt}" + (" offloaded" if opts["offload"] else ""))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peer_variants.LORA))
     model.train()
     causal_lm = model.get_base_model()

@@ -115,6 +115,11 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         static_gib = None
     batches = random_batches(spec["vocab_size"], spec["batch"], spec["seq"], device)
     res = time_steps(step, batches, spec["warmup"], spec["steps"], device)
+    if "compile" in name.split("+"):
+        from torch._dynamo.utils import counters
+
+        applied.append("dynamo:" + json.dumps({k: dict(v) for k, v in counters.items()
+                                              if k in ("stats", "graph_break", "recompiles")})[:300])
     res.update(load_s=load_s, static_gib=static_gib, applied=applied)
     return res
 

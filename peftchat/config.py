@@ -96,6 +96,10 @@ class TrainingConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     gradient_checkpointing: bool = True
+    checkpoint_skip_layers: int = 0  # last N decoder layers not checkpointed: faster, costs their activations
+    checkpoint_offload: bool = False  # CUDA: checkpointed layer inputs wait in pinned host memory
+    fused_kernels: Any = "auto"  # auto | true | false: liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
+    autocast: bool = True  # bf16/fp16 compute dtype: run the step under autocast (LoRA stays in that dtype)
     seed: int = 42
     save_steps: int = 100  # 0 = only at the end
     save_total_limit: int = 2  # checkpoints kept; 0 = all

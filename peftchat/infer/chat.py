@@ -17,6 +17,8 @@ import sys
 from typing import Callable, Iterable, Optional, TextIO
 
 from peftchat.config import Recipe
+from peftchat.data.formats import MOSS_FIELDS
+from peftchat.data.prompting import extract_reply, history_round, stop_token_ids
 from peftchat.errors import UserError
 from peftchat.infer.decoding import fit_prompt, generation_config
 from peftchat.infer.loading import load_chat_model, say
@@ -69,8 +71,6 @@ class ChatSession:
     def __init__(self, model, tokenizer, recipe: Recipe):
         import torch
 
-        from peftchat.data.prompting import stop_token_ids
-
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
@@ -90,21 +90,14 @@ class ChatSession:
             say(f"(left out the {dropped} oldest round(s) of the history to stay within the context budget)")
         return ids
 
-    def extract(self, ids: list[int]) -> str:
-        from peftchat.data.prompting import extract_reply
-
-        return extract_reply(self.recipe, self.tokenizer, ids)
-
     def partial_reply(self, ids: list[int]) -> str:
         """The reply so far, for streaming. A MOSS model may first write its inner thoughts,
         commands and tool results; its reply starts at the `<|MOSS|>:` field, so nothing shows
         before that marker (extract_reply would show the other fields until then)."""
-        if self.recipe.data.collator == "moss":
-            from peftchat.data.formats import MOSS_FIELDS
-
-            if MOSS_FIELDS["MOSS"] not in self.tokenizer.decode(ids, skip_special_tokens=False):
-                return ""
-        return self.extract(ids)
+        if self.recipe.data.collator == "moss" and \
+                MOSS_FIELDS["MOSS"] not in self.tokenizer.decode(ids, skip_special_tokens=False):
+            return ""
+        return extract_reply(self.recipe, self.tokenizer, ids)
 
     def reply(self, query: str, write: Optional[Callable[[str], None]] = None) -> str:
         """Generate the answer to `query`, add the round to the history and return the reply.
@@ -121,8 +114,6 @@ class ChatSession:
                 generation_config=self.generation_config,
                 streamer=streamer,
             )
-        from peftchat.data.prompting import history_round
-
         # The round keeps what a MOSS model generated around its answer (inner thoughts, commands),
         # so the next prompt shows the model its own turn as training rendered such turns.
         round_ = history_round(self.recipe, self.tokenizer, query, out[0, len(prompt):].tolist())

@@ -1,10 +1,11 @@
-"""How to decode: the recipe's `decoding.*` as a transformers GenerationConfig, and the context budget."""
+"""How to decode: the recipe's `decoding.*` as a transformers GenerationConfig; prompts that fit the context budget."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 from peftchat.config import Recipe
+from peftchat.data.prompting import chat_prompt_ids
 
 
 def generation_config(recipe: Recipe, tokenizer, stop_ids: list[int]):
@@ -42,8 +43,6 @@ def fit_prompt(recipe: Recipe, tokenizer, history: list[dict], query: str, syste
     `s` for which `history[s:]` renders the same prompt (a round always renders to some tokens,
     so keeping one more round than fits changes nothing, keeping one fewer changes the prompt).
     """
-    from peftchat.data.prompting import chat_prompt_ids
-
     ids = chat_prompt_ids(recipe, tokenizer, history, query, system=system)
     history_used = not (recipe.data.collator == "chatglm" and recipe.data.history_column is None)
     dropped = 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from peftchat.data.prompting import extract_reply, stop_token_ids
 from peftchat.errors import DataError, UserError
 from peftchat.infer.decoding import fit_prompt, generation_config
 from peftchat.infer.loading import load_chat_model, say
@@ -119,8 +120,6 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
                      progress: Optional[Any] = None) -> list[str]:
     """Replies to `prompts` (token ids), in their order, generated in left-padded batches."""
     import torch
-
-    from peftchat.data.prompting import extract_reply, stop_token_ids
 
     config = generation_config(recipe, tokenizer, stop_token_ids(recipe, tokenizer))
     device = next(model.parameters()).device

@@ -185,6 +185,11 @@ def load_chat_model(source: str | os.PathLike, overrides: Iterable[str] = (), de
     chat_source = resolve_source(source, overrides)
     recipe = chat_source.recipe
     tokenizer = load_tokenizer_for(chat_source)
+    if recipe.data.collator == "chat_template" and not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            f"{source}: the conversation format is the tokenizer's chat template, but the tokenizer has none; "
+            f"chat with the training recipe or adapter dir instead (or pass data.collator=...)"
+        )
     what = f"{recipe.model.path}" + (f" ({recipe.model.quantization})" if recipe.model.quantization != "none" else "")
     say(f"loading model {what} ...")
     model = load_base_model(recipe, device=device, for_training=False)

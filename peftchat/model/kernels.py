@@ -117,6 +117,32 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss[0] if isinstance(loss, tuple) else loss
 
 
+def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor,
+                       targets: torch.Tensor) -> torch.Tensor | None:
+    """Summed CE of `head(hidden)` vs `targets` through liger's fused kernel, or None when the
+    fused path does not apply (not enabled for `model`, no grad, a head with a bias, or a
+    config that transforms logits after the head: softcapping, logit scaling)."""
+    if not (torch.is_grad_enabled() and fused_ce_available(model) and hidden.is_cuda):
+        return None
+    if getattr(head, "bias", None) is not None:
+        return None
+    config = getattr(_unwrap(model), "config", None)
+    if any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
+
+
+def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
+    """Everything this module does to a model about to train: fused kernels, then the
+    checkpoint policy. Returns what was applied, for the log."""
+    applied = apply_fused_kernels(model, recipe)
+    n = apply_checkpoint_policy(model, recipe)
+    if recipe.training.gradient_checkpointing:
+        offload = " (inputs offloaded)" if getattr(recipe.training, "checkpoint_offload", False) else ""
+        applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+    return applied
+
+
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks transformers can checkpoint, in forward order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -140,7 +166,11 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
     skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
     if skip < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {skip}")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)

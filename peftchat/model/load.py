@@ -9,6 +9,7 @@ math kernel (half the speed measured on an H200). Here the non-quantized parts s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -60,6 +61,10 @@ def _check_attention(name: str, device: torch.device) -> None:
         raise UserError(f"model.attn_implementation={name} but {package} is not installed; use sdpa or install it")
 
 
+def _quiet_int8_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 def _quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
     m = recipe.model
@@ -68,14 +73,14 @@ def _quantization_config(recipe: Recipe):
     from transformers import BitsAndBytesConfig
 
     if m.quantization == "8bit":
+        # bitsandbytes logs on every int8 matmul that bf16 inputs go through fp16 (by design)
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast)
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=m.quant_type,
         bnb_4bit_use_double_quant=m.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(m.compute_dtype),
-        # Keep the frozen 4-bit weights as their own storage dtype (uint8): nothing trains them.
-        bnb_4bit_quant_storage=torch.uint8,
     )
 
 
@@ -90,7 +95,8 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
+    if not (getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)):
+        model.enable_input_require_grads()  # newer transformers did it already in the call above
 
 
 def check_model_source(recipe: Recipe) -> str:

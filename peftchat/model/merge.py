@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -45,7 +44,7 @@ MAX_SHARD_SIZE = "5GB"
 # than W·x + s·B(A·x); that is ~1e-7 relative per matmul, and 1e-4 leaves room for depth.
 # fp16 (10-bit mantissa, unit roundoff 4.9e-4) and bf16 (7-bit, 3.9e-3): rounding W + s·BA to
 # the export dtype, and the activations of both models, costs a few units of roundoff per layer;
-# ~20x the unit roundoff covers a deep stack (tiny models measure ~1/4 of that, see tests).
+# ~20x the unit roundoff covers a deep stack (the tiny test models measure ~1/6 of it).
 PRECISION_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 # On CUDA, LLM.int8 quantizes the *activations* of every 8-bit matmul to int8 (steps of 1/127 of a
 # row's max) in fp16, in training too; the trained model carries that noise, a merged plain model
@@ -57,14 +56,6 @@ PROBE_TEXTS = (
     "Explain in one sentence why the sky is blue.",
     "写一首关于春天的短诗。",
 )
-
-
-@dataclass
-class _Plan:
-    adapter_dir: Path
-    out_dir: Path
-    recipe: Recipe  # as trained (base path possibly replaced by --base)
-    dtype: torch.dtype
 
 
 # ------------------------------------------------------------------------------------ checks
@@ -242,6 +233,20 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float,
     return diff, scale
 
 
+def _check_close(label: str, merged: list[torch.Tensor], reference: list[torch.Tensor], tolerance: Optional[float]) -> None:
+    """Print the max logit difference of the merged model from `reference`; UserError beyond
+    `tolerance` (a fraction of the logit scale). None: report only (the drift of --onto-original)."""
+    diff, scale = max_difference(merged, reference)
+    if tolerance is None:
+        say(f"verify: max |logit diff| merged vs {label} = {diff:.3g} (the drift of --onto-original)")
+        return
+    tol = tolerance * scale
+    say(f"verify: max |logit diff| merged vs {label} = {diff:.3g} (tolerance {tol:.3g})")
+    if not diff <= tol:  # also catches NaN
+        raise UserError(f"merge verification failed: merged logits differ from the {label} by {diff:.3g} "
+                        f"> {tol:.3g}; nothing written")
+
+
 def _probes(recipe: Recipe, tokenizer) -> list[list[int]]:
     """Probe prompts in the model's conversation format (one with a finished round), plus raw text."""
     from peftchat.data.prompting import chat_prompt_ids
@@ -277,22 +282,21 @@ def _generation_config(recipe: Recipe, tokenizer):
     return generation_config(recipe, tokenizer, stop_token_ids(recipe, tokenizer))
 
 
-def _write(merged, tokenizer, plan: _Plan, dtype_name: str) -> None:
+def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> None:
     """Write everything into a hidden sibling dir, then move it into place: a failed or interrupted
     merge never leaves a half-written model where a loader would take it for a whole one."""
-    out = plan.out_dir
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        merged.generation_config = _generation_config(plan.recipe, tokenizer)
-        merged.config.dtype = plan.dtype
+        merged.generation_config = _generation_config(recipe, tokenizer)
+        merged.config.dtype = torch_dtype(dtype_name)
         merged.save_pretrained(str(tmp), max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(str(tmp))
-        recipe = _plain_recipe(plan.recipe, dtype_name)
-        recipe.model.path = str(out.resolve())
-        recipe.model.tokenizer = None
-        save_recipe(recipe, tmp / "recipe.yaml")
+        exported = _plain_recipe(recipe, dtype_name)
+        exported.model.path = str(out.resolve())
+        exported.model.tokenizer = None
+        save_recipe(exported, tmp / "recipe.yaml")
         if not list(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors into {tmp}")
         if out.exists():
@@ -352,7 +356,6 @@ def merge_adapter(
         )
     elif onto_original:
         say("note: --onto-original has no effect: the adapter was trained on a non-quantized base")
-    plan = _Plan(adapter_path, out, recipe, export_dtype)
     tokenizer = load_tokenizer_for(ChatSource("adapter", recipe, adapter_path, adapter_path if has_tokenizer(adapter_path) else None))
     probes = _probes(recipe, tokenizer) if verify else []
 
@@ -383,25 +386,14 @@ def merge_adapter(
     if verify:
         say(f"verifying on {len(probes)} probe prompts ...")
         merged_logits = probe_logits(merged, probes)
-        diff, scale = max_difference(merged_logits, unmerged_logits)
-        tol = _tolerance([export_dtype], int8=False) * scale
-        plain_label = f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter"
-        say(f"verify: max |logit diff| merged vs {plain_label} = {diff:.3g} (tolerance {tol:.3g})")
-        if not diff <= tol:
-            raise UserError(f"merge verification failed: merged logits differ by {diff:.3g} > {tol:.3g}; nothing written")
+        _check_close(f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter", merged_logits,
+                     unmerged_logits, _tolerance([export_dtype], int8=False))
         if trained_logits is not None:
-            diff, scale = max_difference(merged_logits, trained_logits)
-            if onto_original:
-                say(f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (the drift of --onto-original)")
-            else:
-                tol = _tolerance([export_dtype, _trained_compute_dtype(recipe)], int8=quant == "8bit") * scale
-                say(f"verify: max |logit diff| merged vs {trained_label} = {diff:.3g} (tolerance {tol:.3g})")
-                if not diff <= tol:
-                    raise UserError(f"merge verification failed: merged logits differ from the trained model by "
-                                    f"{diff:.3g} > {tol:.3g}; nothing written")
+            tol = None if onto_original else _tolerance([export_dtype, _trained_compute_dtype(recipe)], int8=quant == "8bit")
+            _check_close(trained_label, merged_logits, trained_logits, tol)
 
     say(f"writing {dtype} model to {out} ...")
-    _write(merged, tokenizer, plan, dtype)
+    _write(merged, tokenizer, recipe, out, dtype)
     print(f"merged model written to {out}", flush=True)
     return out
 

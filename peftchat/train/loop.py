@@ -38,7 +38,6 @@ from peftchat.config import Recipe, save_recipe
 from peftchat.errors import DataError, UserError
 from peftchat.train.checkpoint import (
     TrainState,
-    capture_rng,
     find_latest_checkpoint,
     is_complete,
     list_checkpoints,
@@ -170,6 +169,23 @@ def backward_window(model, batches: list[dict[str, torch.Tensor]], device: torch
     return total, label_tokens
 
 
+def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_grad_norm: float,
+                   scaler=None) -> torch.Tensor | None:
+    """Clip (when `max_grad_norm` > 0), step, advance the schedule, clear the gradients; returns
+    the gradient norm before clipping (a device scalar) or None when clipping is off."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm > 0 else None
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 # ------------------------------------------------------------------------------ eval
 
 
@@ -265,6 +281,8 @@ def train(recipe: Recipe) -> Path:
     print(f"training {total_steps} steps ({steps_per_epoch} per epoch; batch {cfg.batch_size} x accumulation {accum}) "
           f"on {device}", flush=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the summary's peak is this run's
     metrics = MetricsLogger(out, tensorboard=cfg.tensorboard)
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
@@ -272,7 +290,7 @@ def train(recipe: Recipe) -> Path:
     start_step = state.step
     # since the last log row; time counts training steps only, not eval or saving
     interval = {"time": 0.0, "tokens": 0, "steps": 0, "loss": torch.zeros((), device=device, dtype=torch.float64)}
-    last = {"loss": None, "first_loss": None, "eval_loss": None, "eval_step": None, "saved_step": None}
+    last = {"loss": None, "eval_loss": None, "eval_step": None, "saved_step": None}
     if resume_from is not None:
         last["saved_step"] = state.step
 
@@ -297,78 +315,76 @@ def train(recipe: Recipe) -> Path:
     model.train()
     plan, plan_epoch = None, None
     with GracefulInterrupt() as interrupt:
-        while state.step < total_steps:
-            if plan_epoch != state.epoch:
-                plan, plan_epoch = epoch_plan(state.epoch), state.epoch
-            step_start = time.perf_counter()
-            window = plan[state.batch_index:state.batch_index + accum]
-            batches = [collate(fetch_rows(train_set, rows), pad_id, packing) for rows in window]
-            lr = optimizer.param_groups[0]["lr"]
-            window_loss, label_tokens = backward_window(model, batches, device, autocast, scaler)
-            interval["loss"] += window_loss
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if cfg.max_grad_norm > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        try:
+            while state.step < total_steps:
+                if plan_epoch != state.epoch:
+                    plan, plan_epoch = epoch_plan(state.epoch), state.epoch
+                step_start = time.perf_counter()
+                window = plan[state.batch_index:state.batch_index + accum]
+                if not window:  # a resumed position past this epoch's end (the data changed): next epoch
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                    continue
+                batches = [collate(fetch_rows(train_set, rows), pad_id, packing) for rows in window]
+                lr = optimizer.param_groups[0]["lr"]
+                window_loss, label_tokens = backward_window(model, batches, device, autocast, scaler)
+                interval["loss"] += window_loss
+                grad_norm = optimizer_step(optimizer, scheduler, trainable, cfg.max_grad_norm, scaler)
 
-            step_tokens = sum(lengths[i] for rows in window for row in rows for i in row)
-            state.step += 1
-            state.batch_index += len(window)
-            state.tokens += step_tokens
-            state.label_tokens += label_tokens
-            if state.batch_index >= len(plan):
-                state.epoch, state.batch_index = state.epoch + 1, 0
-            bar.update(1)
-            log_now = state.step % cfg.log_steps == 0 or state.step == start_step + 1 or state.step == total_steps
-            if log_now:
-                interval["loss"].item()  # wait for the device, so the step time below is real
-            step_time = time.perf_counter() - step_start
-            state.train_time_s += step_time
-            interval["time"] += step_time
-            interval["tokens"] += step_tokens
-            interval["steps"] += 1
+                step_tokens = sum(lengths[i] for rows in window for row in rows for i in row)
+                state.step += 1
+                state.batch_index += len(window)
+                state.tokens += step_tokens
+                state.label_tokens += label_tokens
+                if state.batch_index >= len(plan):
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                bar.update(1)
+                log_now = state.step % cfg.log_steps == 0 or state.step == start_step + 1 or state.step == total_steps
+                if log_now:
+                    interval["loss"].item()  # wait for the device, so the step time below is real
+                step_time = time.perf_counter() - step_start
+                state.train_time_s += step_time
+                interval["time"] += step_time
+                interval["tokens"] += step_tokens
+                interval["steps"] += 1
 
-            if log_now:
-                loss_value = interval["loss"].item() / interval["steps"]
-                tokens_per_s = interval["tokens"] / max(interval["time"], 1e-9)
-                memory, _ = peak_memory_gb(device)
-                row = {"step": state.step, "epoch": round(state.epoch + state.batch_index / len(plan), 4),
-                       "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 2), "tokens": state.tokens,
-                       "memory_gb": round(memory, 3)}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                metrics.log(row)
-                last["loss"] = loss_value
-                if last["first_loss"] is None:
-                    last["first_loss"] = loss_value
-                text = format_postfix(loss_value, lr, tokens_per_s, memory)
-                if interactive:
-                    bar.set_postfix_str(text)
-                else:
-                    print(f"step {state.step}/{total_steps}: {text}", flush=True)
-                interval.update(time=0.0, tokens=0, steps=0)
-                interval["loss"].zero_()
+                if log_now:
+                    loss_value = interval["loss"].item() / interval["steps"]
+                    tokens_per_s = interval["tokens"] / max(interval["time"], 1e-9)
+                    memory, _ = peak_memory_gb(device)
+                    row = {"step": state.step, "epoch": round(state.epoch + state.batch_index / len(plan), 4),
+                           "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 2), "tokens": state.tokens,
+                           "memory_gb": round(memory, 3)}
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    metrics.log(row)
+                    last["loss"] = loss_value
+                    text = format_postfix(loss_value, lr, tokens_per_s, memory)
+                    if interactive:
+                        bar.set_postfix_str(text)
+                    else:
+                        print(f"step {state.step}/{total_steps}: {text}", flush=True)
+                    interval.update(time=0.0, tokens=0, steps=0)
+                    interval["loss"].zero_()
 
-            if cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0 and state.step < total_steps:
-                run_eval()
-            if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                checkpoint_now()
-            if interrupt.requested:
-                if last["saved_step"] != state.step:
+                if cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0 and state.step < total_steps:
+                    run_eval()
+                if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
                     checkpoint_now()
-                bar.close()
-                metrics.close()
-                print(f"saved {out / f'checkpoint-{state.step}'}; continue with training.resume=true",
-                      file=sys.stderr, flush=True)
-                raise KeyboardInterrupt
+                if interrupt.requested:
+                    if last["saved_step"] != state.step:
+                        checkpoint_now()
+                    bar.close()
+                    metrics.close()
+                    print(f"saved {out / f'checkpoint-{state.step}'}; continue with training.resume=true",
+                          file=sys.stderr, flush=True)
+                    raise KeyboardInterrupt
+
+        except torch.cuda.OutOfMemoryError as e:
+            raise UserError(
+                f"out of GPU memory in step {state.step + 1} ({str(e).splitlines()[0][:120]}); lower "
+                "training.batch_size or data.max_length (raise gradient_accumulation_steps to keep the batch), "
+                "or set training.gradient_checkpointing=true or model.quantization=4bit"
+            ) from None
 
     bar.close()
     if last["eval_step"] != state.step:
@@ -388,7 +404,7 @@ def train(recipe: Recipe) -> Path:
         "label_tokens": state.label_tokens,
         "train_time_s": round(state.train_time_s, 3),  # all sessions of a resumed run; eval and saving excluded
         "tokens_per_s": round(state.tokens / state.train_time_s, 2) if state.train_time_s > 0 else None,
-        "first_loss": last["first_loss"],
+        "first_loss": first_logged_loss(out),
         "final_loss": last["loss"],
         "eval_loss": last["eval_loss"],
         "eval_ppl": perplexity(last["eval_loss"]) if last["eval_loss"] is not None else None,
@@ -401,9 +417,19 @@ def train(recipe: Recipe) -> Path:
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     metrics.close()
-    print(f"done: {state.step} steps, loss {_fmt(last['first_loss'])} -> {_fmt(last['loss'])}, "
+    print(f"done: {state.step} steps, loss {_fmt(summary['first_loss'])} -> {_fmt(last['loss'])}, "
           f"eval loss {_fmt(last['eval_loss'])}; adapter in {out}", flush=True)
     return out
+
+
+def first_logged_loss(output_dir: Path) -> float | None:
+    """The loss of the first training row in metrics.jsonl (the run's, across resumes)."""
+    path = output_dir / METRICS_FILE
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        if "loss" in row:
+            return row["loss"]
+    return None
 
 
 def _fmt(x: float | None) -> str:

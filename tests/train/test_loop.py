@@ -182,3 +182,16 @@ def test_qlora_4bit_nf4_on_cpu_with_8bit_adam(tiny_llama_dir, tmp_path):
     weights = _adapter(out)
     assert weights and any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # it trained
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(out))
+
+
+def test_epochs_decide_the_length_when_max_steps_is_unset(tiny_llama_dir, tmp_path):
+    out = tmp_path / "run"
+    # 22 demo samples (2 of 24 sessions held out), batch 8: 3 micro-batches an epoch; accumulation 2:
+    # windows of 2 and 1, so 2 steps an epoch and 3 for 1.5 epochs
+    train(_recipe(tiny_llama_dir, out, "training.max_steps=-1", "training.epochs=1.5", "training.batch_size=8",
+                  "training.gradient_accumulation_steps=2", "training.save_steps=0", "training.eval_steps=0"))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["steps"] == 3 and summary["epochs"] == pytest.approx(1 + 2 / 3, abs=1e-3)
+    assert summary["data"]["samples"] == 22 and summary["data"]["eval"]["samples"] == 2
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # save_steps 0: at the end only
+    assert [x["step"] for x in _rows(out) if "eval_loss" in x] == [3]  # eval_steps 0: at the end only

@@ -1,0 +1,180 @@
+"""peftchat through its normal recipe path: a Recipe from `recipe_from_dict`, driven by
+`peftchat.train.loop.train` with `max_steps`, on chat data tokenized by peftchat's own pipeline.
+
+Data: one-turn conversations (a short user line, a long assistant answer) written as messages
+JSONL; `data.max_length` cuts each to exactly `seq` tokens, so every row is full, unpadded, and
+nearly every position carries loss: the same work per step as the peer's random tokens with loss
+on all positions. Timing: `log_steps = steps`, `max_steps = 2 * steps`; the loop's last metrics
+row covers steps `steps+1 .. 2*steps` (the first `steps` are warm-up), its own clock and its own
+tokens/s. Peak memory: torch's allocator peaks, reset right after the base model is loaded (as
+for the peer).
+
+Settings (recipe overrides on top of the recipe defaults; SETTINGS below):
+  fast  fastest setting whose peak stays within the tuned peer's
+  lean  smallest memory at no less than the tuned peer's speed
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+GIB = 1024 ** 3
+QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
+
+# Per (shape, mode) overrides; "*" applies to every shape. checkpoint_skip_layers is sized so the
+# un-checkpointed layers' activations fit under the tuned peer's peak (benchmarks/RESULTS.md).
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "fast": {
+        "*": {"training.checkpoint_skip_layers": 0},
+        "8b/nf4": {"training.checkpoint_skip_layers": 9},
+        "8b/int8": {"training.checkpoint_skip_layers": 6},
+        "8b/bf16": {"training.checkpoint_skip_layers": 6},
+        "1b/nf4": {"training.checkpoint_skip_layers": 8},
+        "1b/int8": {"training.checkpoint_skip_layers": 8},
+        "1b/bf16": {"training.checkpoint_skip_layers": 8},
+    },
+    "lean": {
+        "*": {"training.checkpoint_offload": True},
+    },
+}
+
+
+def setting_overrides(setting: str, shape: str, mode: str) -> dict[str, Any]:
+    table = SETTINGS[setting]
+    return {**table.get("*", {}), **table.get(f"{shape}/{mode}", {})}
+
+
+def write_chat_data(path: Path, tokenizer, seq: int, n_records: int) -> Path:
+    """`n_records` one-turn conversations whose assistant answer alone is longer than `seq` tokens."""
+    from peftchat.demo_assets import asset_path
+
+    corpus = asset_path("demo/corpus.txt").read_text(encoding="utf-8")
+    per_copy = max(1, len(tokenizer(corpus, add_special_tokens=False)["input_ids"]))
+    copies = seq // per_copy + 2
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n_records):
+            answer = f"Answer {i}. " + corpus * copies
+            rec = {"messages": [{"role": "user", "content": f"Question {i}: tell me everything."},
+                                {"role": "assistant", "content": answer}]}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: Path):
+    from peftchat.config import recipe_from_dict
+    from peftchat.demo_assets import demo_tokenizer_dir
+
+    batch, micro = spec["batch"], spec.get("micro_batch") or spec["batch"]
+    d: dict[str, Any] = {
+        "name": f"bench-{spec['shape']}-{spec['mode']}-{setting}",
+        "model": {"path": spec["model_dir"], "tokenizer": str(demo_tokenizer_dir()), "dtype": "bf16",
+                  "quantization": QUANT[spec["mode"]], "quant_type": "nf4", "double_quant": True,
+                  "compute_dtype": "bf16", "attn_implementation": "sdpa"},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "data": {"train": str(data_file), "format": "messages", "collator": "chat_template",
+                 "max_length": spec["seq"], "packing": False, "shuffle": False,
+                 "cache_dir": str(out_dir.parent / "hf_cache")},
+        "training": {"output_dir": str(out_dir), "batch_size": micro, "gradient_accumulation_steps": batch // micro,
+                     "max_steps": 2 * spec["steps"], "log_steps": spec["steps"], "save_steps": 0, "eval_steps": 0,
+                     "lr": 2e-4, "warmup_steps": 0, "device": spec["device"], "tensorboard": False,
+                     "gradient_checkpointing": True},
+    }
+    for key, value in {**setting_overrides(setting, spec["shape"], spec["mode"]),
+                       **spec.get("overrides", {})}.items():
+        _set(d, key, value)
+    return recipe_from_dict(d)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the spec's setting through peftchat.train.loop.train; return the bench row."""
+    import peftchat.model.load as load_mod
+    from peftchat.model import kernels
+    from peftchat.model.tokenizer import load_tokenizer
+    from peftchat.train import loop
+
+    _, _, name = spec["variant"].partition(":")
+    setting, _, extra = name.partition("+")
+    if extra:  # e.g. peftchat:lean+mb2 → micro-batches of 2 rows
+        for tok in extra.split("+"):
+            if tok.startswith("mb"):
+                spec = {**spec, "micro_batch": int(tok[2:])}
+            else:
+                raise ValueError(f"unknown peftchat option {tok!r}")
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown peftchat setting {setting!r}; expected one of {', '.join(SETTINGS)}")
+    work = Path(spec["work_dir"])
+    out_dir = work / "run"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    data_file = work / "chat.jsonl"
+    cuda = torch.device(spec["device"]).type == "cuda"
+
+    recipe = build_recipe(spec, setting, data_file, out_dir)
+    tokenizer = load_tokenizer(recipe)
+    n_records = spec["batch"] * 2 * spec["steps"] + spec["batch"]
+    write_chat_data(data_file, tokenizer, spec["seq"], n_records)
+
+    # Instrumentation only: reset the allocator peaks once the base model is in memory (as the
+    # peer does after loading) and record what speed-ups the engine applied.
+    applied: list[str] = []
+    real_load = load_mod.load_base_model
+
+    def load_and_reset(*a, **kw):
+        model = real_load(*a, **kw)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return model
+
+    load_mod.load_base_model = load_and_reset
+    real_speedups = getattr(kernels, "apply_training_speedups", None)
+    if real_speedups is not None:
+        def record(model, recipe_):
+            got = real_speedups(model, recipe_)
+            applied.extend(got)
+            return got
+        kernels.apply_training_speedups = record
+    t0 = time.perf_counter()
+    try:
+        loop.train(recipe)
+    finally:
+        load_mod.load_base_model = real_load
+        if real_speedups is not None:
+            kernels.apply_training_speedups = real_speedups
+    wall = time.perf_counter() - t0
+
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "tokens_per_s" in r]
+    last = rows[-1]
+    steps_in_row = last["step"] - (rows[-2]["step"] if len(rows) > 1 else 0)
+    tokens_per_s = last["tokens_per_s"]
+    summary = json.loads((out_dir / "training_summary.json").read_text())
+    res: dict[str, Any] = {
+        "step_s_median": spec["batch"] * spec["seq"] / tokens_per_s,  # the loop reports interval means
+        "timed_steps": steps_in_row,
+        "loop_tokens_per_s": tokens_per_s,
+        "losses": [round(r["loss"], 4) for r in rows],
+        "applied": applied or ["(engine applied no kernels.apply_training_speedups)"],
+        "overrides": {**setting_overrides(setting, spec["shape"], spec["mode"]), **spec.get("overrides", {})},
+        "micro_batch": spec.get("micro_batch") or spec["batch"],
+        "summary_peak_memory_gb": summary.get("peak_memory_gb"),
+        "summary_tokens_per_s": summary.get("tokens_per_s"),
+        "run_wall_s": wall,
+    }
+    if cuda:
+        res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
+        res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return res
