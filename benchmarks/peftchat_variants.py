@@ -32,16 +32,26 @@ QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "*": {"training.checkpoint_skip_layers": 0},
-        "8b/nf4": {"training.checkpoint_skip_layers": 9},
+        "8b/nf4": {"training.checkpoint_skip_layers": 8},
         "8b/int8": {"training.checkpoint_skip_layers": 6},
-        "8b/bf16": {"training.checkpoint_skip_layers": 6},
-        "1b/nf4": {"training.checkpoint_skip_layers": 8},
+        "8b/bf16": {"training.checkpoint_skip_layers": 7},
+        "1b/nf4": {"training.checkpoint_skip_layers": 10},
         "1b/int8": {"training.checkpoint_skip_layers": 8},
-        "1b/bf16": {"training.checkpoint_skip_layers": 8},
+        "1b/bf16": {"training.checkpoint_skip_layers": 10},
     },
     "lean": {
         "*": {"training.checkpoint_offload": True},
     },
+}
+
+
+# Name suffixes of a variant (peftchat:SETTING+OPT+...) and the recipe override each one means.
+OPTION_KEYS: dict[str, tuple[str, Any]] = {
+    "compile": ("training.compile", True),
+    "offload": ("training.checkpoint_offload", True),
+    "nofused": ("training.fused_kernels", False),
+    "noautocast": ("training.autocast", False),
+    "packing": ("data.packing", True),
 }
 
 
@@ -107,12 +117,18 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     _, _, name = spec["variant"].partition(":")
     setting, _, extra = name.partition("+")
-    if extra:  # e.g. peftchat:lean+mb2 → micro-batches of 2 rows
-        for tok in extra.split("+"):
-            if tok.startswith("mb"):
-                spec = {**spec, "micro_batch": int(tok[2:])}
-            else:
-                raise ValueError(f"unknown peftchat option {tok!r}")
+    overrides = dict(spec.get("overrides", {}))
+    for tok in filter(None, extra.split("+")):  # e.g. peftchat:fast+compile+skip6, peftchat:lean+mb2
+        if tok.startswith("mb"):
+            spec = {**spec, "micro_batch": int(tok[2:])}
+        elif tok.startswith("skip"):
+            overrides["training.checkpoint_skip_layers"] = int(tok[4:])
+        elif tok in OPTION_KEYS:
+            key, value = OPTION_KEYS[tok]
+            overrides[key] = value
+        else:
+            raise ValueError(f"unknown peftchat option {tok!r}")
+    spec = {**spec, "overrides": overrides}
     if setting not in SETTINGS:
         raise ValueError(f"unknown peftchat setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     work = Path(spec["work_dir"])

@@ -99,7 +99,8 @@ class TrainingConfig:
     checkpoint_skip_layers: int = 0  # last N decoder layers not checkpointed: faster, costs their activations
     checkpoint_offload: bool = False  # CUDA: checkpointed layer inputs wait in pinned host memory
     fused_kernels: Any = "auto"  # auto | true | false: liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
-    autocast: bool = True  # bf16/fp16 compute dtype: run the step under autocast (LoRA stays in that dtype)
+    autocast: bool = True  # CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)
+    compile: bool = False  # torch.compile each decoder layer (pays on long runs; first steps compile)
     seed: int = 42
     save_steps: int = 100  # 0 = only at the end
     save_total_limit: int = 2  # checkpoints kept; 0 = all

@@ -16,12 +16,13 @@ _DEMO_DATA = {"moss": ("moss_demo.jsonl", "moss"), "chatglm": ("chatglm_demo.jso
               "chat_template": ("messages_demo.jsonl", "messages")}
 
 
-def _infer_recipe_dict(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, **data):
-    """Recipe (as a dict) of a tiny fp32 CPU run: greedy decoding of a few tokens, the demo data of `collator`."""
+def _infer_recipe_dict(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, dtype="fp32", **data):
+    """Recipe (as a dict) of a tiny CPU run (fp32 unless `dtype`): greedy decoding of a few tokens,
+    the demo data of `collator`."""
     from peftchat.demo_assets import asset_path
 
     train, fmt = _DEMO_DATA[collator]
-    return {"model": {"path": str(base_dir), "dtype": "fp32", "compute_dtype": "fp32", "quantization": quantization},
+    return {"model": {"path": str(base_dir), "dtype": dtype, "compute_dtype": "fp32", "quantization": quantization},
             "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": use_dora},
             "data": {"train": str(asset_path(f"demo/{train}")), "format": fmt, "collator": collator,
                      "max_length": 256, "max_source_length": 128, "max_target_length": 64, **data},
@@ -31,7 +32,7 @@ def _infer_recipe_dict(base_dir, output_dir, collator="moss", quantization="none
 
 @_pytest_train.fixture(scope="session")
 def infer_recipe_dict():
-    """`f(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, **data) -> dict`."""
+    """`f(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, dtype="fp32", **data) -> dict`."""
     return _infer_recipe_dict
 
 
@@ -42,8 +43,8 @@ def make_adapter(tmp_path_factory, tiny_llama_dir):
     LoRA B (and perturbed DoRA magnitudes) so that merging it changes the model. Cached per args."""
     cache = {}
 
-    def make(collator="moss", quantization="none", use_dora=False, **data):
-        key = (collator, quantization, use_dora, tuple(sorted(data.items())))
+    def make(collator="moss", quantization="none", use_dora=False, dtype="fp32", **data):
+        key = (collator, quantization, use_dora, dtype, tuple(sorted(data.items())))
         if key in cache:
             return cache[key]
         import torch
@@ -53,8 +54,8 @@ def make_adapter(tmp_path_factory, tiny_llama_dir):
         from peftchat.model.adapters import apply_lora
         from peftchat.model.load import load_base_model
 
-        out = tmp_path_factory.mktemp(f"adapter-{collator}-{quantization}{'-dora' if use_dora else ''}")
-        recipe = recipe_from_dict(_infer_recipe_dict(tiny_llama_dir, out, collator, quantization, use_dora, **data))
+        out = tmp_path_factory.mktemp(f"adapter-{collator}-{quantization}-{dtype}{'-dora' if use_dora else ''}")
+        recipe = recipe_from_dict(_infer_recipe_dict(tiny_llama_dir, out, collator, quantization, use_dora, dtype, **data))
         model = apply_lora(load_base_model(recipe), recipe, verbose=False)
         gen = torch.Generator().manual_seed(len(cache) + 1)
         with torch.no_grad():

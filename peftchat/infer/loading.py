@@ -145,6 +145,14 @@ def _trained_adapter(recipe: Recipe) -> Optional[Path]:
     return None
 
 
+def adapter_source(adapter_dir: Path, overrides: Iterable[str] = (), base: Optional[str] = None) -> ChatSource:
+    """An adapter dir as a source: its recipe, and the tokenizer saved with it (in the dir, or in
+    the output dir holding a `checkpoint-STEP`)."""
+    recipe = recipe_for_adapter(adapter_dir, overrides, base=base)
+    tok_dir = next((d for d in (adapter_dir, adapter_dir.parent) if has_tokenizer(d)), None)
+    return ChatSource("adapter", recipe, adapter_dir, tok_dir)
+
+
 def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> ChatSource:
     """Tell a recipe file, an adapter dir and a merged model dir apart, and read its recipe."""
     path = Path(source).expanduser()
@@ -157,9 +165,7 @@ def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> 
             say(f"note: no trained adapter in {recipe.training.output_dir}; talking to the base model {recipe.model.path}")
         return ChatSource("recipe", recipe, adapter, adapter if adapter is not None and has_tokenizer(adapter) else None)
     if is_adapter_dir(path):
-        recipe = recipe_for_adapter(path, overrides)
-        tok_dir = next((d for d in (path, path.parent) if has_tokenizer(d)), None)
-        return ChatSource("adapter", recipe, path, tok_dir)
+        return adapter_source(path, overrides)
     if is_model_dir(path):
         return ChatSource("model", _merged_dir_recipe(path, overrides), None, path if has_tokenizer(path) else None)
     raise UserError(f"{source} is neither an adapter dir ({ADAPTER_CONFIG}) nor a model dir (config.json)")

@@ -9,7 +9,11 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
   because peftchat computes its loss itself over label positions only.
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
-  forward recompute.
+  forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
+  pinned host memory (``offloaded_checkpoint``).
+* ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
+* ``apply_training_speedups`` does all of the above in the right order; the training loop calls it
+  once after LoRA is applied.
 """
 
 from __future__ import annotations
@@ -133,13 +137,33 @@ def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: to
 
 
 def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
-    """Everything this module does to a model about to train: fused kernels, then the
-    checkpoint policy. Returns what was applied, for the log."""
-    applied = apply_fused_kernels(model, recipe)
+    """Everything this module does to a model about to train; returns what was applied, for the log.
+
+    Order: liger kernels (or, with `training.compile`, torch.compile of each decoder layer, whose
+    own fusions replace liger's per-layer kernels; the fused CE is kept either way), then the
+    checkpoint policy.
+    """
+    compile_layers = bool(getattr(recipe.training, "compile", False))
+    if compile_layers and getattr(recipe.training, "checkpoint_offload", False):
+        # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
+        raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
+    applied: list[str] = []
+    if compile_layers:
+        if fused_kernels_enabled(model, recipe):
+            _unwrap(model)._peftchat_fused_ce = True
+            applied.append("liger:fused_linear_cross_entropy")
+    else:
+        applied += apply_fused_kernels(model, recipe)
     n = apply_checkpoint_policy(model, recipe)
     if recipe.training.gradient_checkpointing:
         offload = " (inputs offloaded)" if getattr(recipe.training, "checkpoint_offload", False) else ""
         applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+    if compile_layers:
+        # Regional compilation: the decoder layers share one compiled graph (same code, weights
+        # as inputs), so compile time does not grow with depth.
+        for layer in decoder_layers(model):
+            layer.compile()
+        applied.append("torch.compile:decoder_layers")
     return applied
 
 

@@ -110,10 +110,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 def mixed_precision(recipe: Recipe, device: torch.device):
     """(autocast context factory, GradScaler or None). On CUDA a float32 base runs under bf16
     autocast (fp16 + loss scaling where bf16 is missing) and an fp16 base under fp16 autocast with
-    loss scaling; a bf16 base and every CPU run compute in the weights' own dtype."""
-    if device.type != "cuda" or recipe.model.dtype == "bf16":
+    loss scaling; a bf16 base runs under bf16 autocast too unless `training.autocast` is false
+    (without it peft casts every LoRA input to the fp32 adapter dtype: 28 % fewer tokens/s on an
+    8B QLoRA, benchmarks/RESULTS.md); every CPU run computes in the weights' own dtype."""
+    if device.type != "cuda" or (recipe.model.dtype == "bf16" and not recipe.training.autocast):
         return nullcontext, None
-    if recipe.model.dtype == "fp32" and torch.cuda.is_bf16_supported():
+    if recipe.model.dtype in ("fp32", "bf16") and torch.cuda.is_bf16_supported():
         return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
@@ -227,6 +229,7 @@ def train(recipe: Recipe) -> Path:
     from peftchat.data.pipeline import build_datasets, sample_limit
     from peftchat.model.adapters import apply_lora, count_parameters
     from peftchat.model.load import load_base_model, resolve_device
+    from peftchat.model.kernels import apply_training_speedups
     from peftchat.model.tokenizer import load_tokenizer
 
     device = resolve_device(recipe)
@@ -260,6 +263,7 @@ def train(recipe: Recipe) -> Path:
 
     # ---- model, optimizer
     model = apply_lora(load_base_model(recipe, device), recipe)
+    print("speed-ups: " + (", ".join(apply_training_speedups(model, recipe)) or "none"), flush=True)
     trainable_params, total_params = count_parameters(model)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg, total_steps)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from peftchat.model.kernels import fused_causal_lm_ce
+
 IGNORE_INDEX = -100
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27
@@ -98,6 +100,9 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     if n == 0:  # no loss-bearing token: a zero that still backpropagates
         return hidden.sum() * 0.0
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    fused = fused_causal_lm_ce(model, head, selected, targets)  # liger's kernel on CUDA when enabled, else None
+    if fused is not None:
+        return fused / normalizer
     transform = _logits_transform(base.config)
     vocab = base.config.get_text_config().vocab_size
     step = chunk_tokens or max(1, LOGITS_PER_CHUNK // vocab)

@@ -70,6 +70,16 @@ def test_kbit_adapter_merges_onto_dequantized_base(make_adapter, tmp_path, capsy
     assert "drift" in capsys.readouterr().err
 
 
+def test_qlora_with_bf16_hidden_states_verifies_in_fp32(make_adapter, tmp_path, capsys):
+    """A 4-bit model whose non-quantized parts are bf16 computes its hidden states in bf16, whatever
+    its compute dtype: the check against the trained model allows for bf16, the merge check stays fp32."""
+    adapter = make_adapter(quantization="4bit", dtype="bf16")
+    merge_adapter(adapter, tmp_path / "merged", dtype="fp32", verify=True)
+    err = capsys.readouterr().err
+    assert "dequantized fp32 base + unmerged adapter" in err and "(tolerance 0.0001)" in err
+    assert "4bit base + adapter (as trained)" in err and "(tolerance 0.05)" in err
+
+
 def test_bf16_export_verifies_and_writes_a_plain_model_dir(make_adapter, tmp_path):
     adapter = make_adapter()
     out = merge_adapter(adapter, tmp_path / "merged")  # defaults: bf16, verification on (tiny model)
@@ -147,3 +157,13 @@ def test_failed_verification_writes_nothing(make_adapter, tmp_path, monkeypatch)
     with pytest.raises(UserError, match="verification failed"):
         merge_adapter(make_adapter(), out, dtype="fp32", verify=True)
     assert not out.exists()
+
+
+def test_big_models_are_written_in_shards(make_adapter, tmp_path, monkeypatch):
+    import peftchat.model.merge as merge
+
+    monkeypatch.setattr(merge, "MAX_SHARD_SIZE", "400KB")  # the tiny fp32 model is ~2.4 MB
+    adapter = make_adapter()
+    out = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", verify=False)
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert (_merged_logits(out) - _trained_logits(adapter)).abs().max() < 1e-5

@@ -1,0 +1,95 @@
+"""peftchat.model.kernels on CPU: recipe key parsing, the checkpoint policy, and the offloaded
+checkpoint's recompute path (same loss and LoRA gradients as no checkpointing, dropout included)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from peftchat.config import recipe_from_dict
+from peftchat.errors import ConfigError
+from peftchat.model import kernels
+
+
+def _training(**kw):
+    base = dict(gradient_checkpointing=True, checkpoint_skip_layers=0, checkpoint_offload=False, fused_kernels="auto")
+    return SimpleNamespace(training=SimpleNamespace(**{**base, **kw}))
+
+
+def _lora_model(tiny_llama_dir, recipe, dropout=0.2):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    kernels.apply_checkpoint_policy(model, recipe)
+    torch.manual_seed(0)  # LoRA A is initialised from the global RNG
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # LoRA B starts at zero; non-zero B makes every LoRA gradient non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model
+
+
+def _loss_and_grads(model):
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)  # same dropout masks for every model
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), ("false", False), ("True", True)])
+def test_fused_kernels_mode_accepts_yaml_booleans_and_strings(value, expected):
+    assert kernels.fused_kernels_mode(_training(fused_kernels=value)) == expected
+
+
+def test_fused_kernels_mode_rejects_other_values():
+    with pytest.raises(ConfigError, match="training.fused_kernels"):
+        kernels.fused_kernels_mode(_training(fused_kernels="fast"))
+
+
+def test_recipe_keys_exist_with_defaults():
+    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}})
+    assert (r.training.fused_kernels, r.training.checkpoint_skip_layers, r.training.checkpoint_offload) == ("auto", 0, False)
+    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"},
+                          "training": {"fused_kernels": True, "checkpoint_skip_layers": 3, "checkpoint_offload": True}})
+    assert kernels.fused_kernels_mode(r) is True
+
+
+def test_fused_kernels_off_on_cpu(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    assert kernels.apply_fused_kernels(model, _training(fused_kernels="auto")) == []
+    assert kernels.apply_fused_kernels(model, _training(fused_kernels=False)) == []
+    with pytest.raises(ConfigError, match="training.fused_kernels"):
+        kernels.apply_fused_kernels(model, _training(fused_kernels=True))
+    assert not kernels.fused_ce_available(model)
+
+
+def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
+    model = _lora_model(tiny_llama_dir, _training(checkpoint_skip_layers=1))
+    flags = [layer.gradient_checkpointing for layer in kernels.decoder_layers(model)]
+    assert flags == [True, False]
+    assert kernels.apply_checkpoint_policy(model, _training(checkpoint_skip_layers=5)) == 0
+    assert kernels.apply_checkpoint_policy(model, _training(gradient_checkpointing=False)) == 0
+    with pytest.raises(ConfigError, match="checkpoint_skip_layers"):
+        kernels.apply_checkpoint_policy(model, _training(checkpoint_skip_layers=-1))
+
+
+@pytest.mark.parametrize("policy", [dict(checkpoint_offload=True), dict(checkpoint_offload=True, checkpoint_skip_layers=1),
+                                    dict()])
+def test_checkpointed_gradients_equal_uncheckpointed(tiny_llama_dir, policy):
+    ref_loss, ref = _loss_and_grads(_lora_model(tiny_llama_dir, _training(gradient_checkpointing=False)))
+    model = _lora_model(tiny_llama_dir, _training(**policy))
+    if policy.get("checkpoint_offload"):
+        assert all(layer._gradient_checkpointing_func is kernels.offloaded_checkpoint
+                   for layer in kernels.decoder_layers(model))
+    loss, got = _loss_and_grads(model)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert set(got) == set(ref) and len(ref) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,41 @@
+"""The benchmark's CPU smoke mode runs every variant path (peer, probe, peftchat's recipe loop) on a
+tiny model; speed is not asserted, only that each path trains and the report is written."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_runs_every_variant_path(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["rows"]
+    assert {r["mode"] for r in rows} == {"nf4", "int8", "bf16"}
+    kinds = {r["variant"].split(":")[0] for r in rows}
+    assert kinds == {"peer", "probe", "peftchat"}
+    for r in rows:
+        assert "error" not in r, (r["mode"], r["variant"], r["error"])
+        assert r["tokens_per_s"] > 0 and r["step_s_median"] > 0
+        assert r["losses"] and all(math.isfinite(x) and 0 < x < 20 for x in r["losses"])
+    # every peftchat row went through the real loop (its metrics), the peer rows through the peer
+    assert all(r.get("timed_steps") == 1 for r in rows if r["variant"].startswith("peftchat:"))
+    table = (out / "results.md").read_text()
+    assert "| tiny | nf4 | peer:tuned |" in table and "| tiny | bf16 | peftchat:lean |" in table
+
+
+def test_flops_per_token_formula_for_the_8b_shape():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.shapes import flops_per_token, linear_params, shape_dict
+
+    cfg = shape_dict("8b")
+    per_layer = 4096 * 4096 * 2 + 2 * 4096 * 1024 + 3 * 4096 * 14336
+    assert linear_params(cfg) == 32 * per_layer + 128256 * 4096
+    assert flops_per_token(cfg, 2048) == 4 * linear_params(cfg) + 12 * 32 * 2048 * 4096
+    assert 33.2e9 < flops_per_token(cfg, 2048) < 33.3e9
