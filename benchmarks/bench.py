@@ -209,8 +209,8 @@ def run_seqlen(runner: Runner) -> None:
     shape, mode = args.seqlen_shape, args.seqlen_mode
     if not ensure_model(runner, shape):
         return
-    ladder = [int(x) for x in args.seqlen_ladder.split(",")]
-    for variant in args.seqlen_variants.split(","):
+    ladders = seqlen_ladders(args.seqlen_ladder, args.seqlen_variants.split(","))
+    for variant, ladder in ladders.items():
         fit, miss = 0, None
         tried = []
         for seq in ladder:
@@ -229,9 +229,20 @@ def run_seqlen(runner: Runner) -> None:
                 fit = mid if ok else fit
 
 
+def seqlen_ladders(spec: str, variants: list[str]) -> dict[str, list[int]]:
+    """`16384,32768` (one ladder for every variant) or `VARIANT=a,b;VARIANT=c,d` (one each)."""
+    if "=" not in spec:
+        return {v: [int(x) for x in spec.split(",")] for v in variants}
+    out = {}
+    for part in filter(None, spec.split(";")):
+        variant, _, lengths = part.partition("=")
+        out[variant.strip()] = [int(x) for x in lengths.split(",")]
+    return out
+
+
 def _seqlen_trial(runner: Runner, shape: str, mode: str, variant: str, seq: int) -> bool | None:
     args = runner.args
-    spec = train_spec(args, shape, mode, variant, 1, seq, 1, 1)
+    spec = {**train_spec(args, shape, mode, variant, 1, seq, 0, 1), "fit_only": True}
     res = runner.job(spec, args.seqlen_timeout)
     row = {"shape": shape, "mode": mode, "variant": variant, "seq": seq, **res,
            "fits": bool(res.get("step_s_median"))}
@@ -268,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen-shape", default="8b")
     p.add_argument("--seqlen-mode", default="nf4")
     p.add_argument("--seqlen-variants", default="peer:tuned,peftchat:lean")
-    p.add_argument("--seqlen-ladder", default="16384,32768,49152,65536")
+    p.add_argument("--seqlen-ladder", default="peer:tuned=32768,49152,65536;peftchat:lean=65536,131072",
+                   help="lengths tried in order, one list for all variants or VARIANT=a,b;VARIANT=c,d")
     p.add_argument("--seqlen-timeout", type=float, default=150.0)
     p.add_argument("--seqlen-only", action="store_true")
     args = p.parse_args(argv)
@@ -316,7 +328,7 @@ def smoke_defaults(args: argparse.Namespace) -> None:
     if args.vocab_size is None:  # the shipped tokenizer's ids must fit the model for peftchat's data path
         args.vocab_size = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
     if not args.variants and not args.plan:
-        args.variants = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast,peftchat:lean"
+        args.variants = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast+nocompile,peftchat:lean"
     if args.isolate is None:
         args.isolate = False
     if args.out == str(REPO / "benchmarks" / "results"):

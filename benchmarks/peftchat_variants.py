@@ -9,6 +9,8 @@ row covers steps `steps+1 .. 2*steps` (the first `steps` are warm-up), its own c
 tokens/s. Peak memory: torch's allocator peaks, reset right after the base model is loaded (as
 for the peer).
 
+`fit_only` specs (the longest-sequence search) run one step and report whether it fit.
+
 Settings (recipe overrides on top of the recipe defaults; SETTINGS below):
   fast  fastest setting whose peak stays within the tuned peer's
   lean  smallest memory at no less than the tuned peer's speed
@@ -31,13 +33,13 @@ QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
 # un-checkpointed layers' activations fit under the tuned peer's peak (benchmarks/RESULTS.md).
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
-        "*": {"training.checkpoint_skip_layers": 0},
+        "*": {"training.compile": True, "training.checkpoint_skip_layers": 0},
         "8b/nf4": {"training.checkpoint_skip_layers": 8},
         "8b/int8": {"training.checkpoint_skip_layers": 6},
-        "8b/bf16": {"training.checkpoint_skip_layers": 7},
-        "1b/nf4": {"training.checkpoint_skip_layers": 10},
-        "1b/int8": {"training.checkpoint_skip_layers": 8},
-        "1b/bf16": {"training.checkpoint_skip_layers": 10},
+        "8b/bf16": {"training.checkpoint_skip_layers": 8},
+        "1b/nf4": {"training.checkpoint_skip_layers": 14},
+        "1b/int8": {"training.checkpoint_skip_layers": 10},
+        "1b/bf16": {"training.checkpoint_skip_layers": 14},
     },
     "lean": {
         "*": {"training.checkpoint_offload": True},
@@ -48,6 +50,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
 # Name suffixes of a variant (peftchat:SETTING+OPT+...) and the recipe override each one means.
 OPTION_KEYS: dict[str, tuple[str, Any]] = {
     "compile": ("training.compile", True),
+    "nocompile": ("training.compile", False),
     "offload": ("training.checkpoint_offload", True),
     "nofused": ("training.fused_kernels", False),
     "noautocast": ("training.autocast", False),
@@ -98,7 +101,8 @@ def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: P
                  "max_length": spec["seq"], "packing": False, "shuffle": False,
                  "cache_dir": str(out_dir.parent / "hf_cache")},
         "training": {"output_dir": str(out_dir), "batch_size": micro, "gradient_accumulation_steps": batch // micro,
-                     "max_steps": 2 * spec["steps"], "log_steps": spec["steps"], "save_steps": 0, "eval_steps": 0,
+                     "max_steps": 1 if spec.get("fit_only") else 2 * spec["steps"],
+                     "log_steps": 1 if spec.get("fit_only") else spec["steps"], "save_steps": 0, "eval_steps": 0,
                      "lr": 2e-4, "warmup_steps": 0, "device": spec["device"], "tensorboard": False,
                      "gradient_checkpointing": True},
     }
@@ -140,7 +144,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
 
     recipe = build_recipe(spec, setting, data_file, out_dir)
     tokenizer = load_tokenizer(recipe)
-    n_records = spec["batch"] * 2 * spec["steps"] + spec["batch"]
+    n_records = spec["batch"] * (1 if spec.get("fit_only") else 2 * spec["steps"]) + spec["batch"]
     write_chat_data(data_file, tokenizer, spec["seq"], n_records)
 
     # Instrumentation only: reset the allocator peaks once the base model is in memory (as the

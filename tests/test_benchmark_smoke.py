@@ -27,7 +27,7 @@ def test_bench_smoke_runs_every_variant_path(tmp_path):
     # every peftchat row went through the real loop (its metrics), the peer rows through the peer
     assert all(r.get("timed_steps") == 1 for r in rows if r["variant"].startswith("peftchat:"))
     table = (out / "results.md").read_text()
-    assert "| tiny | nf4 | peer:tuned |" in table and "| tiny | bf16 | peftchat:lean |" in table
+    assert "| tiny | nf4 | peer:tuned |" in table and "| tiny | bf16 | peftchat:lean |" in table and "peftchat:fast+nocompile" in table
 
 
 def test_flops_per_token_formula_for_the_8b_shape():
