@@ -1,4 +1,4 @@
-"""Training-speed knobs applied to a loaded model: Liger fused kernels and the checkpoint policy.
+"""Training-speed knobs applied to a loaded model: fused kernels, checkpoint policy, compilation.
 
 Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each one buys).
 
@@ -128,7 +128,7 @@ def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: to
     config that transforms logits after the head: softcapping, logit scaling)."""
     if not (torch.is_grad_enabled() and fused_ce_available(model) and hidden.is_cuda):
         return None
-    if getattr(head, "bias", None) is not None:
+    if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. peft's modules_to_save wrapper
         return None
     config = getattr(_unwrap(model), "config", None)
     if any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
