@@ -297,6 +297,11 @@ def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> Non
         save_recipe(exported, tmp / "recipe.yaml")
         if not list(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors into {tmp}")
+        # save_pretrained's atomic writes leave weight files 0600; an export is meant to be shared.
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -2,6 +2,7 @@
 dequantized base, the written dir, and the checks that fail before anything is written."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -84,6 +85,10 @@ def test_bf16_export_verifies_and_writes_a_plain_model_dir(make_adapter, tmp_pat
     adapter = make_adapter()
     out = merge_adapter(adapter, tmp_path / "merged")  # defaults: bf16, verification on (tiny model)
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors")  # safetensors weights
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        p.name: oct(0o666 & ~umask) for p in out.iterdir()}  # shareable, as the umask allows
     gen = json.loads((out / "generation_config.json").read_text())
     eom = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
     eom_id = next(t["id"] for t in eom if t["content"] == "<eom>")
