@@ -8,6 +8,12 @@ from peftchat.config import Recipe
 from peftchat.errors import UserError
 
 
+def unwrap_peft(model):
+    """The transformers model under a peft wrapper (its LoRA layers stay injected), else `model`."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def lora_config(recipe: Recipe):
     """peft LoraConfig for a causal LM from `adapter.*`."""
     from peft import LoraConfig

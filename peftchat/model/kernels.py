@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from peftchat.errors import ConfigError
+from peftchat.model.adapters import unwrap_peft
 
 _MODES = {"auto": "auto", "true": True, "false": False}
 
@@ -45,12 +46,6 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a peft wrapper (liger patches the transformers modules)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
@@ -84,7 +79,7 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
         return []
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None:
@@ -103,7 +98,7 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
 
 def fused_ce_available(model: torch.nn.Module) -> bool:
     """True once apply_fused_kernels enabled liger for `model` (the loss may then use the fused CE)."""
-    return bool(getattr(_unwrap(model), "_peftchat_fused_ce", False))
+    return bool(getattr(unwrap_peft(model), "_peftchat_fused_ce", False))
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -130,7 +125,7 @@ def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: to
         return None
     if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. peft's modules_to_save wrapper
         return None
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_peft(model), "config", None)
     if any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
         return None
     return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
@@ -150,7 +145,7 @@ def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
     applied: list[str] = []
     if compile_layers:
         if fused_kernels_enabled(model, recipe):
-            _unwrap(model)._peftchat_fused_ce = True
+            unwrap_peft(model)._peftchat_fused_ce = True
             applied.append("liger:fused_linear_cross_entropy")
     else:
         applied += apply_fused_kernels(model, recipe)
@@ -171,7 +166,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks transformers can checkpoint, in forward order."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [m for m in _unwrap(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+    return [m for m in unwrap_peft(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
@@ -182,7 +177,7 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
     only activations checkpointing keeps, go to pinned host memory too. Returns the number of
     checkpointed layers (0 when `training.gradient_checkpointing` is off).
     """
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     if not recipe.training.gradient_checkpointing:
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from peftchat.model.adapters import unwrap_peft
 from peftchat.model.kernels import fused_causal_lm_ce
 
 IGNORE_INDEX = -100
@@ -45,11 +46,6 @@ def with_loss_targets(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """The batch plus `loss_positions` / `loss_targets` (see `loss_targets`)."""
     positions, targets = loss_targets(batch["labels"])
     return {**batch, "loss_positions": positions, "loss_targets": targets}
-
-
-def _unwrap(model):
-    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _logits_transform(config):
@@ -85,7 +81,7 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     caller computed them on CPU. A gradient-accumulation loop passes the label-token count of the
     whole window as `normalizer`, so the window's loss is a per-token mean.
     """
-    base = _unwrap(model)
+    base = unwrap_peft(model)
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
