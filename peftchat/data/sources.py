@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from peftchat.errors import DataError
+from peftchat.paths import looks_local
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
@@ -72,8 +73,7 @@ def quiet_datasets(show_progress: bool = False) -> Iterator[None]:
 
 
 def _looks_local(spec: str) -> bool:
-    return Path(spec).expanduser().exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or \
-        spec.endswith(JSON_SUFFIXES) or any(c in spec for c in "*?[")
+    return looks_local(spec) or spec.endswith(JSON_SUFFIXES) or any(c in spec for c in "*?[")
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from peftchat.config import Recipe
 from peftchat.errors import UserError
-from peftchat.model.tokenizer import looks_local
+from peftchat.paths import looks_local
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

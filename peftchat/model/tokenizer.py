@@ -6,11 +6,7 @@ from pathlib import Path
 
 from peftchat.config import Recipe, tokenizer_source
 from peftchat.errors import UserError
-
-
-def looks_local(source: str) -> bool:
-    """A path the user meant as local (absolute, ./relative, or existing) rather than a hub id."""
-    return Path(source).exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+from peftchat.paths import looks_local
 
 
 def load_tokenizer(recipe: Recipe, source: str | None = None):

@@ -159,10 +159,11 @@ def backward_window(model, batches: list[dict[str, torch.Tensor]], device: torch
     one big batch. Returns (the window's mean loss per label token as a detached device scalar,
     the window's label-token count).
     """
-    label_tokens = sum(count_label_tokens(b["labels"]) for b in batches)
+    counts = [count_label_tokens(b["labels"]) for b in batches]
+    label_tokens = sum(counts)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        if count_label_tokens(batch["labels"]) == 0:
+    for batch, count in zip(batches, counts):
+        if count == 0:
             continue
         with autocast():
             loss = causal_lm_loss(model, to_device(with_loss_targets(batch), device), normalizer=label_tokens)

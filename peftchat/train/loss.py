@@ -43,9 +43,11 @@ def loss_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def with_loss_targets(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch plus `loss_positions` / `loss_targets` (see `loss_targets`)."""
+    """The batch with `loss_positions` / `loss_targets` (see `loss_targets`) in place of `labels`,
+    which the loss then no longer needs: one tensor fewer to copy to the device each micro-batch."""
     positions, targets = loss_targets(batch["labels"])
-    return {**batch, "loss_positions": positions, "loss_targets": targets}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return {**inputs, "loss_positions": positions, "loss_targets": targets}
 
 
 def _logits_transform(config):
@@ -76,9 +78,9 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     """Summed next-token cross-entropy of `batch`, divided by `normalizer` (default: this batch's
     label-token count, i.e. the mean).
 
-    `batch` holds `input_ids`, `labels` and `attention_mask` or `position_ids` (packed rows), all
-    on the model's device; `loss_positions` / `loss_targets` from `with_loss_targets` when the
-    caller computed them on CPU. A gradient-accumulation loop passes the label-token count of the
+    `batch` holds `input_ids`, `attention_mask` or `position_ids` (packed rows), and either
+    `labels` or, from `with_loss_targets` on the CPU, `loss_positions` / `loss_targets`; all on the
+    model's device. A gradient-accumulation loop passes the label-token count of the
     whole window as `normalizer`, so the window's loss is a per-token mean.
     """
     base = unwrap_peft(model)
