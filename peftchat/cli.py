@@ -25,8 +25,11 @@ def _split_overrides(extras: list[str], where: str) -> list[str]:
 
 def _recipe(args: argparse.Namespace):
     from peftchat.config import load_recipe
+    from peftchat.formats.registry import format_class
 
-    return load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides)
+    format_class(recipe.data.collator)  # an unknown data.collator answers before anything loads
+    return recipe
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -48,7 +51,7 @@ def cmd_data_dump(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from peftchat.data.inspect import dump_samples
 
-    dump_samples(recipe, args.out, limit=args.limit)
+    dump_samples(recipe, args.out, limit=args.limit, split=args.split)
     return 0
 
 
@@ -56,7 +59,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from peftchat.data.inspect import inspect_samples
 
-    inspect_samples(recipe, index=args.index, count=args.count)
+    inspect_samples(recipe, index=args.index, count=args.count, split=args.split)
     return 0
 
 
@@ -85,7 +88,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftchat.infer.chat import run_chat
 
     return run_chat(args.source, args.overrides + _decoding_flags(args), message=args.message,
-                    stream=not args.no_stream)
+                    stream=not args.no_stream, system=args.system)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -107,6 +110,11 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+
+
+def _add_split_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="train", choices=["train", "eval"],
+                   help="train: every record of data.train (default); eval: what evaluation uses")
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -138,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(d)
     d.add_argument("--out", required=True, help="output .jsonl file")
     d.add_argument("--limit", type=int, default=None, help="at most N samples")
+    _add_split_arg(d)
     d.set_defaults(func=cmd_data_dump)
     d = data_sub.add_parser("inspect", help="show decoded samples with loss-bearing tokens marked")
     _add_recipe_args(d)
     d.add_argument("--index", type=int, default=None, help="show this sample only")
     d.add_argument("--count", type=int, default=3, help="samples to show when --index is not given")
+    _add_split_arg(d)
     d.set_defaults(func=cmd_data_inspect)
 
     p = sub.add_parser("merge", help="fold an adapter into its base model for export")
@@ -163,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--message", default=None, help="send one message, print the reply, exit")
     p.add_argument("--no-stream", action="store_true", help="print replies whole")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="system message for the session (default: data.meta_instruction, as in training)")
     _add_decoding_args(p)
     p.set_defaults(func=cmd_chat)
 

@@ -57,7 +57,7 @@ class DataConfig:
     eval: Any = None  # same forms as `train`; when unset, `eval_split` carves one out of train
     eval_split: float = 0.0  # share (0..1) or, when >= 1, a number of sessions held out
     format: str = "auto"  # auto | moss | chatglm | messages | sharegpt
-    collator: str = "chat_template"  # chatglm | moss | chat_template
+    collator: str = "chat_template"  # the conversation format; peftchat.formats.registry lists them
     max_length: int = 2048  # moss, chat_template
     max_source_length: int = 1024  # chatglm: S
     max_target_length: int = 128  # chatglm: T
@@ -69,7 +69,7 @@ class DataConfig:
     separator_tokens: Optional[List[str]] = None  # chatglm: tokens between prompt and answer
     truncation: str = "seed"  # seed | drop_oldest
     loss_on: str = "all_assistant"  # chat_template: all_assistant | last_assistant
-    meta_instruction: Optional[str] = None  # moss: used when a record has none (and by chat)
+    meta_instruction: Optional[str] = None  # system message when a record has none (training and chat)
     on_error: str = "stop"  # stop | skip: what a bad record does
     packing: bool = False  # padding-free rows of several samples
     group_by_length: bool = False  # batch samples of similar length (when packing is off)
@@ -142,7 +142,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
     "adapter.bias": ("none", "all", "lora_only"),
     "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt"),
-    "data.collator": ("chatglm", "moss", "chat_template"),
     "data.chatglm_style": ("chatglm", "chatglm2"),
     "data.truncation": ("seed", "drop_oldest"),
     "data.loss_on": ("all_assistant", "last_assistant"),

@@ -3,11 +3,10 @@
 * `sources.load_records`    JSON/JSONL files, saved dataset dirs or hub names through `datasets`,
                              malformed lines named by file:line
 * `formats.normalize`       moss / chatglm / messages / sharegpt records -> `Conversation`
-* `chatglm`, `moss`, `chat_template`   the collators (`samples.make_collator` picks by recipe)
+* `peftchat.formats`        the conversation formats (`data.collator`): `Conversation` -> samples
+                             (and, for inference, chat prompts)
 * `pipeline.build_datasets` recipe + tokenizer -> `DataBundle(train, eval, report)`, cached
 * `batching.plan_batches`, `batching.collate`   deterministic batch plans and batch tensors
-* `prompting.chat_prompt_ids`, `stop_token_ids`, `extract_reply`, `history_round`   chat prompts
-  made by the training collators' own code
 * `inspect.dump_samples`, `inspect.inspect_samples`   `peftchat data dump|inspect`
 
 Submodules are imported on use; importing this package loads nothing heavy.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from peftchat.data.samples import IGNORE_INDEX
+from peftchat.formats.samples import IGNORE_INDEX
 
 MEGABATCH_FACTOR = 50  # length grouping sorts within windows of this many batches
 PACKING_WINDOW_FACTOR = 64  # packing fills rows from windows of this many batches' worth of samples

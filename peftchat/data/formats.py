@@ -23,24 +23,18 @@ formats read as one entry point.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from peftchat.config import DataConfig
 from peftchat.errors import DataError
+# Conversation and the MOSS markup live with the conversation formats; re-exported here for the readers.
+from peftchat.formats.conversation import Conversation  # noqa: F401
+from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
+from peftchat.formats.moss import strip_markup as _strip_markup
 
 FORMATS = ("moss", "chatglm", "messages", "sharegpt")
 
-# MOSS turn fields in the order MOSS writes them, with the marker each value must start with.
-MOSS_FIELDS: dict[str, str] = {
-    "Human": "<|Human|>:",
-    "Inner Thoughts": "<|Inner Thoughts|>:",
-    "Commands": "<|Commands|>:",
-    "Tool Responses": "<|Results|>:",
-    "MOSS": "<|MOSS|>:",
-}
 MOSS_REQUIRED = ("Human", "MOSS")
-MOSS_ENDS = {"Human": "<eoh>", "MOSS": "<eom>"}
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES: dict[str, str] = {
@@ -58,49 +52,6 @@ SHAREGPT_ROLES: dict[str, str] = {
     "tool": "tool",
     "function": "tool",
 }
-
-
-@dataclass
-class Conversation:
-    """One session, normalized.
-
-    `messages` is the conversation in OpenAI form (system first when there is one); every
-    collator can render it. `moss_turns` keeps the raw MOSS field values, in order, for the moss
-    collator; it is None for the other formats. `context_rounds` leading user/assistant rounds are
-    history given as context only (chatglm rows): no collator puts loss on them.
-    """
-
-    messages: list[dict[str, Any]]
-    origin: str = ""
-    context_rounds: int = 0
-    moss_turns: list[list[tuple[str, str]]] | None = None
-    dropped: str | None = None
-
-    @property
-    def system(self) -> str | None:
-        if self.messages and self.messages[0]["role"] == "system":
-            return self.messages[0]["content"]
-        return None
-
-    def rounds(self) -> list[tuple[str, str]]:
-        """(user, assistant) pairs, for the collators that only know question/answer rounds.
-
-        The system message is left out. Raises DataError unless the rest strictly alternates
-        user, assistant (tool messages are for the chat_template collator only).
-        """
-        start = 1 if self.system is not None else 0
-        expect = "user"
-        for i in range(start, len(self.messages)):
-            role = self.messages[i]["role"]
-            if role != expect:
-                raise DataError(
-                    f"{self.origin}: the chatglm and moss collators need alternating user/assistant "
-                    f"messages, found {role!r} at messages[{i}] (use data.collator=chat_template)"
-                )
-            expect = "assistant" if expect == "user" else "user"
-        body = self.messages[start:]
-        out = [(body[k]["content"] or "", body[k + 1]["content"] or "") for k in range(0, len(body) - 1, 2)]
-        return out
 
 
 def detect_format(record: dict[str, Any], cfg: DataConfig, origin: str) -> str:
@@ -136,17 +87,6 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) ->
 
 def _bad(origin: str, problem: str) -> DataError:
     return DataError(f"{origin}: {problem}")
-
-
-def _strip_markup(value: str, marker: str, end: str) -> str:
-    """The text inside a MOSS field: after `marker` (and one space), before `end` (and newline)."""
-    text = value[len(marker) :]
-    if text.startswith(" "):
-        text = text[1:]
-    text = text.rstrip("\n")
-    if text.endswith(end):
-        text = text[: -len(end)]
-    return text
 
 
 def _from_moss(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:

@@ -1,8 +1,9 @@
 """`peftchat data dump` and `peftchat data inspect`: look at the samples a recipe makes.
 
-Both show the training samples of *all* of ``data.train``, in data-set order, before any eval
-hold-out (``data.eval_split``) and with no shuffling or packing, so sample i is the i-th sample the
-collator made from the files. Only the tokenizer is loaded: when ``model.path`` is not built yet
+``--split train`` (the default) shows the samples of *all* of ``data.train``, in data-set order,
+before any eval hold-out (``data.eval_split``) and with no shuffling or packing, so sample i is the
+i-th sample the format made from the files. ``--split eval`` shows the samples evaluation uses: the
+``data.eval`` files, or the sessions ``data.eval_split`` holds out of ``data.train``. Only the tokenizer is loaded: when ``model.path`` is not built yet
 (the demo recipes), point ``model.tokenizer`` at one, e.g.
 ``peftchat data inspect recipes/demo.yaml model.tokenizer=peftchat/assets/tokenizer``.
 """
@@ -13,38 +14,51 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from peftchat.config import Recipe
-from peftchat.data.pipeline import DataBundle, build_datasets
-from peftchat.data.samples import IGNORE_INDEX
+from peftchat.data.pipeline import build_datasets
+from peftchat.data.report import DataReport
 from peftchat.errors import UserError
+from peftchat.formats.samples import IGNORE_INDEX
+
+SPLITS = ("train", "eval")
 
 LOSS_ON_TTY = ("\033[1;32m", "\033[0m")  # bold green
 LOSS_PLAIN = ("⟦", "⟧")
 
 
-def _build(recipe: Recipe) -> tuple[DataBundle, object]:
+def _build(recipe: Recipe, split: str) -> tuple[Any, DataReport, object]:
+    """(samples, report, tokenizer) of `split`."""
     from peftchat.model.tokenizer import load_tokenizer
 
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     tokenizer = load_tokenizer(recipe)
-    return build_datasets(recipe, tokenizer, split_eval=False), tokenizer
+    if split == "train":
+        bundle = build_datasets(recipe, tokenizer, split_eval=False)
+        return bundle.train, bundle.report, tokenizer
+    if recipe.data.eval is None and not recipe.data.eval_split:
+        raise UserError("--split eval: the recipe has no eval data (set data.eval or data.eval_split)")
+    bundle = build_datasets(recipe, tokenizer)
+    assert bundle.eval is not None and bundle.report.eval is not None
+    return bundle.eval, bundle.report.eval, tokenizer
 
 
-def dump_samples(recipe: Recipe, out: str | Path, limit: int | None = None) -> int:
-    """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per training sample,
+def dump_samples(recipe: Recipe, out: str | Path, limit: int | None = None, split: str = "train") -> int:
+    """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per sample of `split`,
     data-set order; print the data report to stderr; return the number of samples written."""
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be >= 0, got {limit}")
-    bundle, _ = _build(recipe)
-    n = len(bundle.train) if limit is None else min(limit, len(bundle.train))
+    samples, report, _ = _build(recipe, split)
+    n = len(samples) if limit is None else min(limit, len(samples))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
-        for row in bundle.train.select(range(n)):
+        for row in samples.select(range(n)):
             ids = row["input_ids"]
             fh.write(json.dumps({"input_ids": ids, "labels": row["labels"], "attention_mask": [1] * len(ids)}) + "\n")
-    print(bundle.report.summary(), file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
     print(f"wrote {n} samples to {out}", file=sys.stderr)
     return n
 
@@ -65,12 +79,12 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: boo
     return "".join(parts)
 
 
-def inspect_samples(recipe: Recipe, index: int | None = None, count: int = 3, stream: TextIO | None = None) -> None:
+def inspect_samples(recipe: Recipe, index: int | None = None, count: int = 3, stream: TextIO | None = None,
+                    split: str = "train") -> None:
     """Print decoded samples (sample `index`, or the first `count`) with loss-bearing tokens
     highlighted — ANSI colour on a terminal, ⟦…⟧ otherwise — and the data report's counts."""
     stream = stream or sys.stdout
-    bundle, tokenizer = _build(recipe)
-    train = bundle.train
+    train, r, tokenizer = _build(recipe, split)
     if index is not None:
         if not -len(train) <= index < len(train):
             raise UserError(f"--index {index} is out of range: there are {len(train)} samples")
@@ -85,7 +99,6 @@ def inspect_samples(recipe: Recipe, index: int | None = None, count: int = 3, st
         with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
         stream.write(f"── sample {i}: {len(ids)} tokens, {with_loss} with loss ({marker}) ──\n")
         stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
-    r = bundle.report
     stream.write(
         f"samples: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "
         f"truncated: {r.truncated}  dropped: {r.dropped_total}  skipped bad records: {r.skipped}\n"

@@ -3,16 +3,17 @@
 Steps: load the raw records (`sources.load_records`), resolve ``data.format: auto`` from the first
 record, hold out eval sessions (``data.eval`` files, or ``data.eval_split`` of the train records,
 chosen by session with ``training.seed``), then one batched `Dataset.map` per split normalizes each
-record (`formats.normalize`) and encodes it with the recipe's collator. The map writes one row per
+record (`formats.normalize`) and encodes it with the recipe's conversation format
+(`peftchat.formats`). The map writes one row per
 sample — ``input_ids``, ``labels`` (unpadded, unshifted, -100 = no loss) — plus one row per
-dropped would-be sample or skipped bad record carrying the reason, so the report can count them;
+dropped would-be sample, left-out part or skipped bad record carrying the reason, so the report can count them;
 those rows are then left out. Output columns are exactly ``input_ids`` and ``labels``, in data-set
 order (a chatglm session's rounds in round order).
 
 Caching: the map gets an explicit fingerprint made of the raw dataset's fingerprint (datasets
 derives it from the data files and their modification times, and from the held-out selection),
-the tokenization-relevant ``data.*`` keys, a hash of the tokenizer and a hash of this package's
-data code. `datasets` stores the result next to the raw data's cache (or under ``data.cache_dir``)
+the tokenization-relevant ``data.*`` keys, a hash of the tokenizer and a hash of the data and
+format code. `datasets` stores the result next to the raw data's cache (or under ``data.cache_dir``)
 and a re-run with the same inputs loads it instead of tokenizing again.
 """
 
@@ -27,10 +28,11 @@ from typing import Any
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data.formats import FORMATS, detect_format, normalize
-from peftchat.data.report import DROP, SKIP, DataReport
-from peftchat.data.samples import IGNORE_INDEX, make_collator
+from peftchat.data.report import DROP, LEFT_OUT, SKIP, DataReport
 from peftchat.data.sources import Origins, RecordSource, load_records, quiet_datasets
 from peftchat.errors import DataError, UserError
+from peftchat.formats import registry
+from peftchat.formats.samples import IGNORE_INDEX
 
 # data.* keys that change the tokenized samples (the others — packing, shuffle, num_proc, … — don't).
 TOKENIZATION_KEYS = (
@@ -50,10 +52,7 @@ class DataBundle:
 
 def sample_limit(recipe: Recipe) -> int:
     """The most tokens one sample of this recipe can have (packing rows use it as their length)."""
-    d = recipe.data
-    if d.collator == "chatglm":
-        return d.max_source_length + d.max_target_length + (1 if d.chatglm_style == "chatglm2" else 0)
-    return d.max_length
+    return registry.sample_limit(recipe.data)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -73,8 +72,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
 @lru_cache(maxsize=1)
 def _code_fingerprint() -> str:
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        h.update(path.name.encode() + path.read_bytes())
+    package = Path(__file__).resolve().parents[1]
+    for path in sorted([*package.joinpath("data").glob("*.py"), *package.joinpath("formats").glob("*.py")]):
+        h.update(path.parent.name.encode() + path.name.encode() + path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -105,7 +105,7 @@ class _Encoder:
 
     def __init__(self, fmt: str, cfg: DataConfig, tokenizer, origins: Origins, rows: list[int] | None) -> None:
         self.fmt, self.cfg, self.origins, self.rows = fmt, cfg, origins, rows
-        self.collator = make_collator(cfg, tokenizer)
+        self.collator = registry.make_format(cfg, tokenizer)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         out: dict[str, list] = {"input_ids": [], "labels": [], "session": [], "truncated": [], "note": []}
@@ -133,6 +133,8 @@ class _Encoder:
                 row(session, sample.input_ids, sample.labels, sample.truncated, "")
             for reason in encoded.dropped:
                 row(session, [], [], False, DROP + reason)
+            for reason in encoded.left_out:
+                row(session, [], [], False, LEFT_OUT + reason)
         return out
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 # Notes the tokenizing map writes next to each output row (see pipeline._encode_batch).
 DROP = "drop:"
+LEFT_OUT = "left-out:"  # a part of a conversation its format has no place for (samples still made)
 SKIP = "skip:"
 MAX_EXAMPLES = 5
 
@@ -21,6 +22,7 @@ class DataReport:
     truncated: int = 0  # samples that lost tokens, turns or history rounds to the length limits
     longest: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> would-be samples left out
+    left_out: dict[str, int] = field(default_factory=dict)  # reason -> conversation parts not used
     skipped: int = 0  # bad records left out with data.on_error=skip
     skipped_examples: list[str] = field(default_factory=list)
     eval: "DataReport | None" = None
@@ -42,9 +44,10 @@ class DataReport:
     def from_columns(cls, split: str, sessions: list[int], notes: list[str], truncated: list[bool],
                      lengths: list[int], loss_tokens: int) -> "DataReport":
         """Count the output rows of the tokenizing map: samples have an empty note, the rest a
-        DROP or SKIP note with their reason."""
+        DROP, LEFT_OUT or SKIP note with their reason."""
         report = cls(split=split)
         drops: Counter[str] = Counter()
+        left: Counter[str] = Counter()
         skips: list[str] = []
         kept_sessions: set[int] = set()
         for session, note, cut, n in zip(sessions, notes, truncated, lengths):
@@ -54,6 +57,8 @@ class DataReport:
             kept_sessions.add(session)
             if note.startswith(DROP):
                 drops[note[len(DROP):]] += 1
+            elif note.startswith(LEFT_OUT):
+                left[note[len(LEFT_OUT):]] += 1
             else:
                 report.samples += 1
                 report.tokens += n
@@ -62,6 +67,7 @@ class DataReport:
         report.sessions = len(kept_sessions)
         report.loss_tokens = loss_tokens
         report.dropped = dict(sorted(drops.items()))
+        report.left_out = dict(sorted(left.items()))
         report.add_skipped(skips)
         return report
 
@@ -74,6 +80,8 @@ class DataReport:
         ]
         for reason, n in self.dropped.items():
             lines.append(f"  dropped {n}: {reason}")
+        for reason, n in self.left_out.items():
+            lines.append(f"  left out {n}: {reason}")
         for message in self.skipped_examples:
             lines.append(f"  skipped: {message}")
         if self.skipped > len(self.skipped_examples):

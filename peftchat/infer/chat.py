@@ -1,10 +1,10 @@
 """`peftchat chat`: multi-turn chat in the terminal, after MOSS's `moss_cli_demo.py`.
 
-Each prompt is built by the training prompt code (`chat_prompt_ids`), so the model sees at chat
-time exactly the token layout its collator trained it on. Replies stream as they are generated
-and stop at the format's stop tokens. `clear` resets the history (the meta instruction stays: it
-is part of every prompt), `stop` ends the session. The history is kept within the context budget
-by dropping the oldest rounds.
+Each prompt is built by the recipe's conversation format (`peftchat.formats`), the code that made
+the training samples, so the model sees at chat time exactly the token layout it was trained on.
+Replies stream as they are generated and stop at the format's stop tokens. `clear` resets the
+history (the system message / meta instruction stays: it is part of every prompt), `stop` ends the
+session. The history is kept within the context budget by dropping the oldest rounds.
 
 On a terminal there is a banner and a `User:` prompt; otherwise every stdin line is one user turn
 and stdout carries only the replies, one after another, so sessions can be scripted.
@@ -17,87 +17,82 @@ import sys
 from typing import Callable, Iterable, Optional, TextIO
 
 from peftchat.config import Recipe
-from peftchat.data.formats import MOSS_FIELDS
-from peftchat.data.prompting import extract_reply, history_round, stop_token_ids
 from peftchat.errors import UserError
-from peftchat.infer.decoding import fit_prompt, generation_config
+from peftchat.formats.base import ConversationFormat, ReplyStream
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.registry import make_format
+from peftchat.infer.decoding import context_budget, generation_config
 from peftchat.infer.loading import load_chat_model, say
 
 CLEAR, STOP = "clear", "stop"
 
 
 class ReplyStreamer:
-    """A transformers generation streamer that writes the reply as it grows.
+    """A transformers generation streamer that writes the reply as it grows, through the
+    format's incremental `ReplyStream` (a MOSS answer sits behind `<|Inner Thoughts|>`/`<|Commands|>`
+    lines, a chat template's behind nothing): each token costs a small decode, never a re-render."""
 
-    transformers' TextStreamer decodes the raw tokens; a reply is what the format's
-    `extract_reply` makes of them (a MOSS answer sits behind `<|Inner Thoughts|>`/`<|Commands|>`
-    lines), so each step re-extracts the reply from all tokens so far and writes what was added.
-    Text ending in U+FFFD (a character split across tokens) waits for the next token.
-    """
-
-    def __init__(self, extract: Callable[[list[int]], str], write: Callable[[str], None]):
-        self.extract = extract
+    def __init__(self, stream: ReplyStream, write: Callable[[str], None]):
+        self.stream = stream
         self.write = write
-        self.ids: list[int] = []
-        self.shown = ""
         self._prompt_seen = False
 
     def put(self, value) -> None:
         if not self._prompt_seen:  # generate() first hands over the prompt
             self._prompt_seen = True
             return
-        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.extract(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
-            return
-        if len(text) > len(self.shown):
-            self.write(text[len(self.shown):])
-            self.shown = text
+        piece = self.stream.push(int(t) for t in value.reshape(-1).tolist())
+        if piece:
+            self.write(piece)
 
     def end(self) -> None:
         pass
 
     def finish(self, reply: str) -> None:
         """Write whatever the final reply adds to what was streamed."""
-        if reply.startswith(self.shown):
-            self.write(reply[len(self.shown):])
-        else:  # extraction changed its mind about earlier text: show the final reply whole
-            self.write("\n" + reply)
+        rest = self.stream.finish(reply)
+        if rest:
+            self.write(rest)
 
 
 class ChatSession:
-    """A conversation with one model: history of finished rounds, prompt building, generation."""
+    """A conversation with one model: the history (a `Conversation` of finished rounds), prompt
+    building by the recipe's conversation format, generation."""
 
-    def __init__(self, model, tokenizer, recipe: Recipe):
+    def __init__(self, model, tokenizer, recipe: Recipe, system: Optional[str] = None,
+                 fmt: Optional[ConversationFormat] = None):
         import torch
 
         self.model = model
         self.tokenizer = tokenizer
         self.recipe = recipe
-        self.stop_ids = stop_token_ids(recipe, tokenizer)
+        self.format = fmt if fmt is not None else make_format(recipe.data, tokenizer)
+        if system is not None and not self.format.has_system:
+            raise UserError(f"--system: the {self.format.name} format has no system message "
+                            "(training never showed one; data.source_prefix is its counterpart)")
+        self.system = system
+        self.stop_ids = self.format.stop_ids
         self.generation_config = generation_config(recipe, tokenizer, self.stop_ids)
-        self.history: list[dict] = []
+        self.budget = context_budget(recipe)
+        self.history = self._empty()
         self.device = next(model.parameters()).device
         torch.manual_seed(recipe.training.seed)  # sampled replies repeat for the same inputs
 
+    def _empty(self) -> Conversation:
+        """A history with no rounds: the --system message only (else the format adds its default)."""
+        return Conversation.from_rounds([], system=self.system, origin="chat")
+
     def clear(self) -> None:
-        self.history = []
+        self.history = self._empty()
 
     def build_prompt(self, query: str) -> list[int]:
-        """The training prompt for `query` after the history that fits the context budget."""
-        ids, dropped = fit_prompt(self.recipe, self.tokenizer, self.history, query)
-        if dropped:
-            say(f"(left out the {dropped} oldest round(s) of the history to stay within the context budget)")
-        return ids
-
-    def partial_reply(self, ids: list[int]) -> str:
-        """The reply so far, for streaming. A MOSS model may first write its inner thoughts,
-        commands and tool results; its reply starts at the `<|MOSS|>:` field, so nothing shows
-        before that marker (extract_reply would show the other fields until then)."""
-        if self.recipe.data.collator == "moss" and \
-                MOSS_FIELDS["MOSS"] not in self.tokenizer.decode(ids, skip_special_tokens=False):
-            return ""
-        return extract_reply(self.recipe, self.tokenizer, ids)
+        """The training prompt for `query` after the history that fits the context budget; the
+        rounds left out are gone for good, so later turns do not bring them back."""
+        prompt = self.format.prompt(self.history, query, self.budget)
+        if prompt.dropped_rounds:
+            self.history = self.history.without_oldest_rounds(prompt.dropped_rounds)
+            say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history to stay within the context budget)")
+        return prompt.ids
 
     def reply(self, query: str, write: Optional[Callable[[str], None]] = None) -> str:
         """Generate the answer to `query`, add the round to the history and return the reply.
@@ -105,7 +100,7 @@ class ChatSession:
         import torch
 
         prompt = self.build_prompt(query)
-        streamer = ReplyStreamer(self.partial_reply, write) if write is not None else None
+        streamer = ReplyStreamer(self.format.reply_stream(), write) if write is not None else None
         input_ids = torch.tensor([prompt], device=self.device)
         with torch.no_grad():
             out = self.model.generate(
@@ -114,13 +109,13 @@ class ChatSession:
                 generation_config=self.generation_config,
                 streamer=streamer,
             )
-        # The round keeps what a MOSS model generated around its answer (inner thoughts, commands),
+        # A MOSS reply keeps what the model generated around its answer (inner thoughts, commands),
         # so the next prompt shows the model its own turn as training rendered such turns.
-        round_ = history_round(self.recipe, self.tokenizer, query, out[0, len(prompt):].tolist())
+        reply = self.format.parse_reply(out[0, len(prompt):].tolist())
         if streamer is not None:
-            streamer.finish(round_["assistant"])
-        self.history.append(round_)
-        return round_["assistant"]
+            streamer.finish(reply.text)
+        self.history = self.format.add_round(self.history, query, reply)
+        return reply.text
 
 
 def _user_turns(stdin: TextIO, interactive: bool, stdout: TextIO) -> Iterable[str]:
@@ -170,12 +165,14 @@ def chat_loop(session: ChatSession, turns: Iterable[str], stdout: TextIO, stream
             say(f"error: {e}")
 
 
-def run_chat(source: str, overrides: list[str], message: Optional[str] = None, stream: bool = True) -> int:
+def run_chat(source: str, overrides: list[str], message: Optional[str] = None, stream: bool = True,
+             system: Optional[str] = None) -> int:
     """Chat with the model of `source` (recipe, adapter dir or merged model dir). `overrides`
     are `key=value` recipe overrides (sampling flags arrive as `decoding.*=`). `message`: answer
-    this one message and return. Returns the exit code."""
+    this one message and return. `system`: the session's system message (default: the format's,
+    i.e. `data.meta_instruction`, as in training). Returns the exit code."""
     model, tokenizer, recipe = load_chat_model(source, overrides)
-    session = ChatSession(model, tokenizer, recipe)
+    session = ChatSession(model, tokenizer, recipe, system=system)
     interactive = message is None and sys.stdin.isatty()
     if message is not None:
         turns: Iterable[str] = [message]

@@ -1,11 +1,8 @@
-"""How to decode: the recipe's `decoding.*` as a transformers GenerationConfig; prompts that fit the context budget."""
+"""How to decode: the recipe's `decoding.*` as a transformers GenerationConfig, and the prompt's token budget."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from peftchat.config import Recipe
-from peftchat.data.prompting import chat_prompt_ids
 
 
 def generation_config(recipe: Recipe, tokenizer, stop_ids: list[int]):
@@ -34,20 +31,7 @@ def generation_config(recipe: Recipe, tokenizer, stop_ids: list[int]):
     return GenerationConfig(**kwargs)
 
 
-def fit_prompt(recipe: Recipe, tokenizer, history: list[dict], query: str, system: Optional[str] = None) -> tuple[list[int], int]:
-    """Prompt ids for `query` after `history`, built by the training prompt code, and the number of
-    oldest rounds left out to fit the context budget; those are deleted from `history` too, so
-    later turns do not bring them back.
-
-    `chat_prompt_ids` leaves the rounds out itself but does not say how many: that is the largest
-    `s` for which `history[s:]` renders the same prompt (a round always renders to some tokens,
-    so keeping one more round than fits changes nothing, keeping one fewer changes the prompt).
-    """
-    ids = chat_prompt_ids(recipe, tokenizer, history, query, system=system)
-    history_used = not (recipe.data.collator == "chatglm" and recipe.data.history_column is None)
-    dropped = 0
-    while history_used and dropped < len(history) and \
-            chat_prompt_ids(recipe, tokenizer, history[dropped + 1:], query, system=system) == ids:
-        dropped += 1
-    del history[:dropped]
-    return ids, dropped
+def context_budget(recipe: Recipe) -> int:
+    """Prompt tokens a chat turn may use: `decoding.max_context` (default `data.max_length`) less
+    room for `decoding.max_new_tokens` (the chatglm format keeps to its own S instead)."""
+    return (recipe.decoding.max_context or recipe.data.max_length) - recipe.decoding.max_new_tokens

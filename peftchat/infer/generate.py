@@ -5,9 +5,10 @@ Input rows, one JSON object a line, in any of these forms:
 * `{"prompt": "...", "history": [[q, a], ...]}` (ChatGLM rows; `history` optional, also as
   `[{"user": q, "assistant": a}, ...]`), or `{"query": ..., "history": ...}`;
 * `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}` ending with a user
-  message; a leading system message replaces the recipe's `data.meta_instruction`.
+  message; a leading system message replaces the recipe's `data.meta_instruction` (a format
+  without system messages leaves it out, as in training, and says so).
 
-Each prompt is built by the training prompt code, as in chat. Prompts are batched longest first
+Each prompt is built by the recipe's conversation format, as in chat. Prompts are batched longest first
 (less padding) and LEFT-padded, so every row's new tokens start at the same position; output rows
 `{"prompt": ..., "reply": ...}` (plus the input's `id`, when it has one) are written in input order.
 """
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from peftchat.data.prompting import extract_reply, stop_token_ids
 from peftchat.errors import DataError, UserError
-from peftchat.infer.decoding import fit_prompt, generation_config
+from peftchat.formats.base import ConversationFormat
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.registry import make_format
+from peftchat.infer.decoding import context_budget, generation_config
 from peftchat.infer.loading import load_chat_model, say
 
 
@@ -30,27 +33,27 @@ from peftchat.infer.loading import load_chat_model, say
 class Request:
     line: int
     query: str
-    history: list[dict]
-    system: Optional[str] = None
+    history: Conversation  # finished rounds, with the row's system message when it has one
     id: Any = None
 
 
-def _history(value: Any, where: str) -> list[dict]:
+def _history(value: Any, where: str) -> Conversation:
     rounds = []
     for i, item in enumerate(value or []):
         if isinstance(item, dict) and isinstance(item.get("user"), str) and isinstance(item.get("assistant"), str):
-            rounds.append(dict(item))
+            rounds.append((item["user"], item["assistant"]))
         elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            rounds.append({"user": item[0], "assistant": item[1]})
+            rounds.append((item[0], item[1]))
         else:
             raise DataError(f"{where}: history[{i}] must be [query, answer] or {{\"user\", \"assistant\"}}")
-    return rounds
+    return Conversation.from_rounds(rounds, origin=where)
 
 
-def _from_messages(messages: Any, where: str) -> tuple[list[dict], str, Optional[str]]:
+def _from_messages(messages: Any, where: str) -> tuple[Conversation, str]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list")
-    history, pending, system = [], None, None
+    history: list[tuple[str, str]] = []
+    pending, system = None, None
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: messages[{i}] must be an object with a string 'content'")
@@ -60,7 +63,7 @@ def _from_messages(messages: Any, where: str) -> tuple[list[dict], str, Optional
         elif role == "user" and pending is None:
             pending = m["content"]
         elif role == "assistant" and pending is not None:
-            history.append({"user": pending, "assistant": m["content"]})
+            history.append((pending, m["content"]))
             pending = None
         else:
             raise DataError(
@@ -69,7 +72,7 @@ def _from_messages(messages: Any, where: str) -> tuple[list[dict], str, Optional
             )
     if pending is None:
         raise DataError(f"{where}: the last message must be a user message")
-    return history, pending, system
+    return Conversation.from_rounds(history, system=system, origin=where), pending
 
 
 def read_requests(path: str | os.PathLike) -> list[Request]:
@@ -92,15 +95,14 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
             raise DataError(f"{where}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        system = None
         if "messages" in row:
-            history, query, system = _from_messages(row["messages"], where)
+            history, query = _from_messages(row["messages"], where)
         else:
             query = row.get("prompt", row.get("query"))
             if not isinstance(query, str):
                 raise DataError(f"{where}: needs a string 'prompt' (or 'query'), or 'messages'")
             history = _history(row.get("history"), where)
-        requests.append(Request(lineno, query, history, system, row.get("id")))
+        requests.append(Request(lineno, query, history, row.get("id")))
     return requests
 
 
@@ -117,11 +119,12 @@ def _pad_left(batch: list[list[int]], pad_id: int):
 
 
 def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_size: int = 8,
-                     progress: Optional[Any] = None) -> list[str]:
+                     progress: Optional[Any] = None, fmt: Optional[ConversationFormat] = None) -> list[str]:
     """Replies to `prompts` (token ids), in their order, generated in left-padded batches."""
     import torch
 
-    config = generation_config(recipe, tokenizer, stop_token_ids(recipe, tokenizer))
+    fmt = fmt if fmt is not None else make_format(recipe.data, tokenizer)
+    config = generation_config(recipe, tokenizer, fmt.stop_ids)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[Optional[str]] = [None] * len(prompts)
@@ -132,7 +135,7 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  generation_config=config)
         for row, i in enumerate(rows):
-            replies[i] = extract_reply(recipe, tokenizer, out[row, input_ids.shape[1]:].tolist())
+            replies[i] = fmt.parse_reply(out[row, input_ids.shape[1]:].tolist()).text
         if progress is not None:
             progress.update(len(rows))
     return replies  # type: ignore[return-value]
@@ -149,17 +152,20 @@ def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_si
     requests = read_requests(inp)  # bad input fails before the model is loaded
     model, tokenizer, recipe = load_chat_model(source, overrides)
     torch.manual_seed(recipe.training.seed)
+    fmt = make_format(recipe.data, tokenizer)
     prompts = []
     for r in requests:
+        if r.history.system is not None and not fmt.has_system:
+            say(f"{inp}:{r.line}: the {fmt.name} format has no system message; left it out, as training does")
         try:
-            ids, dropped = fit_prompt(recipe, tokenizer, r.history, r.query, system=r.system)
+            prompt = fmt.prompt(r.history, r.query, context_budget(recipe))
         except UserError as e:
             raise type(e)(f"{inp}:{r.line}: {e}") from None
-        if dropped:
-            say(f"{inp}:{r.line}: dropped the {dropped} oldest history round(s) to fit the context budget")
-        prompts.append(ids)
+        if prompt.dropped_rounds:
+            say(f"{inp}:{r.line}: dropped the {prompt.dropped_rounds} oldest history round(s) to fit the context budget")
+        prompts.append(prompt.ids)
     with tqdm(total=len(prompts), unit="prompt", desc="generating") as bar:
-        replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar)
+        replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar, fmt=fmt)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w", encoding="utf-8") as f:

@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 from peftchat.config import Recipe, load_recipe, recipe_from_dict
 from peftchat.errors import UserError
+from peftchat.formats.registry import make_format
 
 ADAPTER_CONFIG = "adapter_config.json"
 RECIPE_FILE = "recipe.yaml"
@@ -91,7 +92,7 @@ def recipe_for_adapter(adapter_dir: str | os.PathLike, overrides: Iterable[str] 
             )
         say(f"note: {adapter_dir} has no {RECIPE_FILE}; base {fallback}, conversation format = the tokenizer's chat template")
         recipe = _apply_overrides(
-            {"model": {"path": str(fallback)}, "data": {"train": "", "collator": "chat_template"}},
+            {"model": {"path": str(fallback)}, "data": {"train": ""}},
             overrides,
             str(adapter_dir / ADAPTER_CONFIG),
         )
@@ -110,7 +111,7 @@ def _merged_dir_recipe(model_dir: Path, overrides: Iterable[str]) -> Recipe:
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
         recipe = _apply_overrides(
-            {"model": {"path": str(model_dir), "dtype": dtype}, "data": {"train": "", "collator": "chat_template"}},
+            {"model": {"path": str(model_dir), "dtype": dtype}, "data": {"train": ""}},
             overrides,
             str(model_dir),
         )
@@ -191,11 +192,11 @@ def load_chat_model(source: str | os.PathLike, overrides: Iterable[str] = (), de
     chat_source = resolve_source(source, overrides)
     recipe = chat_source.recipe
     tokenizer = load_tokenizer_for(chat_source)
-    if recipe.data.collator == "chat_template" and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"{source}: the conversation format is the tokenizer's chat template, but the tokenizer has none; "
-            f"chat with the training recipe or adapter dir instead (or pass data.collator=...)"
-        )
+    try:  # a format the tokenizer cannot serve fails before the model loads
+        make_format(recipe.data, tokenizer)
+    except UserError as e:
+        raise UserError(f"{source}: {e}; chat with the training recipe or adapter dir instead "
+                        f"(or pass data.collator=...)") from None
     what = f"{recipe.model.path}" + (f" ({recipe.model.quantization})" if recipe.model.quantization != "none" else "")
     say(f"loading model {what} ...")
     model = load_base_model(recipe, device=device, for_training=False)

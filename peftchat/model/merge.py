@@ -244,11 +244,13 @@ def _check_close(label: str, merged: list[torch.Tensor], reference: list[torch.T
 
 def _probes(recipe: Recipe, tokenizer) -> list[list[int]]:
     """Probe prompts in the model's conversation format (one with a finished round), plus raw text."""
-    from peftchat.data.prompting import chat_prompt_ids
+    from peftchat.formats.conversation import Conversation
+    from peftchat.formats.registry import make_format
 
+    fmt = make_format(recipe.data, tokenizer)
     probes = [
-        chat_prompt_ids(recipe, tokenizer, [], PROBE_TEXTS[0]),
-        chat_prompt_ids(recipe, tokenizer, [{"user": PROBE_TEXTS[0], "assistant": "I am a helpful assistant."}], PROBE_TEXTS[1]),
+        fmt.prompt(Conversation([]), PROBE_TEXTS[0]).ids,
+        fmt.prompt(Conversation.from_rounds([(PROBE_TEXTS[0], "I am a helpful assistant.")]), PROBE_TEXTS[1]).ids,
         tokenizer.encode(PROBE_TEXTS[2], add_special_tokens=False),
     ]
     return [p for p in probes if p]
@@ -274,10 +276,10 @@ def _trained_precisions(recipe: Recipe) -> list[torch.dtype]:
 
 
 def _generation_config(recipe: Recipe, tokenizer):
-    from peftchat.data.prompting import stop_token_ids
+    from peftchat.formats.registry import make_format
     from peftchat.infer.decoding import generation_config
 
-    return generation_config(recipe, tokenizer, stop_token_ids(recipe, tokenizer))
+    return generation_config(recipe, tokenizer, make_format(recipe.data, tokenizer).stop_ids)
 
 
 def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> None:

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from data_helpers import E, conv, labelled, messages_record, recipe, tid, tok
-from peftchat.data.chat_template import ChatTemplateCollator, end_of_turn_ids
+from peftchat.formats.chat_template import ChatTemplateFormat as ChatTemplateCollator, end_of_turn_ids
 from peftchat.errors import ConfigError
 
 IM_END = "<|im_end|>"

@@ -3,7 +3,7 @@
 import pytest
 
 from data_helpers import E, conv, labelled, messages_record, moss_record, moss_turn, recipe, tid, tok
-from peftchat.data.chatglm import ChatGLMCollator, prompt_text
+from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator, prompt_text
 from peftchat.errors import ConfigError
 
 GMASK, SOP, EOS, BOS = 4, 5, 2, 1

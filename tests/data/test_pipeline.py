@@ -3,8 +3,7 @@
 import pytest
 
 from data_helpers import E, messages_record, moss_record, moss_turn, recipe, tok, write_jsonl
-from peftchat.data import chatglm as chatglm_module
-from peftchat.data.chatglm import ChatGLMCollator
+from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator
 from peftchat.data.pipeline import build_datasets, sample_limit
 from peftchat.errors import DataError
 
@@ -95,7 +94,7 @@ def test_second_build_reuses_the_cache(tmp_path, monkeypatch):
         calls.append(conv.origin)
         return original(self, conv)
 
-    monkeypatch.setattr(chatglm_module.ChatGLMCollator, "encode", counting)
+    monkeypatch.setattr(ChatGLMCollator, "encode", counting)
     first = build(tmp_path, path, format="chatglm", collator="chatglm", eval_split=1)
     assert len(calls) == 6
     calls.clear()

@@ -102,5 +102,5 @@ def test_model_dir_without_recipe_uses_the_chat_template(tiny_llama_dir, tmp_pat
     cfg_path.write_text(json.dumps(cfg))
     for p in plain.glob("chat_template.*"):
         p.unlink()
-    with pytest.raises(UserError, match="has none"):
+    with pytest.raises(UserError, match="no chat template"):
         load_chat_model(plain)

@@ -1,12 +1,16 @@
-"""The `chat_template` collator: the tokenizer's own `apply_chat_template` (spec §3).
+"""The `chat_template` format: the tokenizer's own `apply_chat_template` (spec §3).
 
 The whole conversation is rendered once; loss goes on the tokens of assistant messages only —
 their content and the end-of-turn token that closes each one (``<|im_end|>`` for ChatML), so the
 model learns to stop. Whitespace the template writes *after* the end-of-turn token (ChatML's
 ``\\n``) gets no loss: generation stops at the end-of-turn token and never produces it, and the
 shipped template's ``{% generation %}`` markers draw the line at the same place. System, user and
-tool messages get no loss. ``data.loss_on: last_assistant`` trains the last assistant message only;
-the history rounds of a chatglm row are never trained.
+tool messages get no loss, nor does an assistant message marked ``"train": false``.
+``data.loss_on: last_assistant`` trains the last assistant message only; the history rounds of a
+chatglm row are never trained.
+
+System message: the conversation's own, else `data.meta_instruction` (when set), in training and
+in chat alike — so a chat prompt holds exactly the system message training showed.
 
 Assistant spans are found by rendering prefixes, not by searching strings: for assistant message
 i, ``P = render(messages[:i], add_generation_prompt=True)`` and ``Q = render(messages[:i + 1])``;
@@ -21,19 +25,23 @@ that does not. Labels are set by position, never by comparing ids, so pad == eos
 
 Truncation (`data.max_length`): ``seed`` cuts the tail; ``drop_oldest`` drops whole oldest rounds
 (a round starts at a user message), always keeping the system message and the last round, then
-cuts the tail if still too long. A sample left with no loss tokens is dropped and counted.
+cuts the tail if still too long. A sample left with no loss tokens is dropped and counted. How
+many rounds to drop is found by galloping/bisecting over full renders (`fewest_to_drop`): one
+render when the conversation fits, O(log n) otherwise. Chat prompts drop oldest rounds the same way.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from peftchat.config import DataConfig
-from peftchat.data.formats import Conversation
-from peftchat.data.samples import IGNORE_INDEX, Encoded, Sample, encode_text
 from peftchat.errors import ConfigError, DataError
+from peftchat.formats.base import ChatPrompt, ConversationFormat, fewest_to_drop, too_long
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text
 
 Span = tuple[int, int]
+Messages = list[dict[str, Any]]
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -44,7 +52,7 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return k
 
 
-def render_ids(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
+def render_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False) -> list[int]:
     """Token ids of the chat template's rendering of `messages` (no special tokens added)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return encode_text(tokenizer, text)
@@ -61,31 +69,42 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         return []
     special = set(tokenizer.all_special_ids)
     found: list[int] = []
-    for t in full[common_prefix_length(prompt, full) :]:
+    for t in full[common_prefix_length(prompt, full):]:
         if t in special and t not in found:
             found.append(t)
     return found
 
 
-class ChatTemplateCollator:
+class ChatTemplateFormat(ConversationFormat):
+    name = "chat_template"
+
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "data.collator is 'chat_template' but the tokenizer has no chat template "
                 "(use data.collator=chatglm or moss, or a tokenizer that has one)"
             )
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.eot = set(end_of_turn_ids(tokenizer))
+        self.eot_ids = end_of_turn_ids(tokenizer)
+        self.eot = set(self.eot_ids)
+        super().__init__(cfg, tokenizer)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, origin: str = "") -> list[int]:
+    def _stop_ids(self) -> list[int]:
+        return self.eot_ids + self._eos()
+
+    def with_system(self, conv: Conversation) -> Messages:
+        """The messages to render: `data.meta_instruction` goes first when there is no system message."""
+        if conv.system is None and self.cfg.meta_instruction:
+            return [{"role": "system", "content": self.cfg.meta_instruction}, *conv.messages]
+        return conv.messages
+
+    def render(self, messages: Messages, add_generation_prompt: bool = False, origin: str = "") -> list[int]:
         try:
             return render_ids(self.tokenizer, messages, add_generation_prompt)
         except Exception as e:  # jinja raises for conversations the template refuses
             where = f"{origin}: " if origin else ""
             raise DataError(f"{where}the chat template rejects this conversation: {e}") from None
 
-    def assistant_span(self, messages: list[dict[str, Any]], i: int, full: list[int], origin: str) -> Span:
+    def assistant_span(self, messages: Messages, i: int, full: list[int], origin: str) -> Span:
         prompt = self.render(messages[:i], add_generation_prompt=True, origin=origin)
         upto = self.render(messages[: i + 1], origin=origin)
         if full[: len(upto)] == upto:
@@ -101,16 +120,17 @@ class ChatTemplateCollator:
             )
         return (start, closing[0] + 1)
 
-    def trained_indices(self, messages: list[dict[str, Any]], context_rounds: int) -> list[int]:
+    def trained_indices(self, messages: Messages, context_rounds: int) -> list[int]:
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        trained = assistants[context_rounds:]
+        trained = [i for i in assistants[context_rounds:] if messages[i].get("train", True) is not False]
         if self.cfg.loss_on == "last_assistant":
             trained = trained[-1:]
         return trained
 
-    def encode_messages(self, messages: list[dict[str, Any]], trained: list[int], origin: str = "") -> Sample:
+    def encode_messages(self, messages: Messages, trained: list[int], origin: str = "",
+                        ids: Optional[list[int]] = None) -> Sample:
         """The whole rendering of `messages`, loss on the assistant messages listed in `trained`."""
-        ids = self.render(messages, origin=origin)
+        ids = self.render(messages, origin=origin) if ids is None else ids
         labels = [IGNORE_INDEX] * len(ids)
         for i in trained:
             lo, hi = self.assistant_span(messages, i, ids, origin)
@@ -120,28 +140,52 @@ class ChatTemplateCollator:
     def encode(self, conv: Conversation) -> Encoded:
         if conv.dropped:
             return Encoded(dropped=[conv.dropped])
-        messages = conv.messages
+        messages = self.with_system(conv)
         trained = set(self.trained_indices(messages, conv.context_rounds))
         limit = self.cfg.max_length
-        sample = self.encode_messages(messages, sorted(trained), conv.origin)
-        dropped_rounds = False
-        if len(sample.input_ids) > limit and self.cfg.truncation == "drop_oldest":
-            head = 1 if conv.system is not None else 0
-            starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
-            for cut in starts[1:]:  # drop the rounds before `cut`, keeping the system message
-                kept = list(range(head)) + list(range(cut, len(messages)))
-                kept_msgs = [messages[i] for i in kept]
-                kept_trained = [j for j, i in enumerate(kept) if i in trained]
-                dropped_rounds = True
-                sample = self.encode_messages(kept_msgs, kept_trained, conv.origin)
-                if len(sample.input_ids) <= limit:
-                    break
-        truncated = dropped_rounds or len(sample.input_ids) > limit
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+        rendered: dict[int, list[int]] = {}
+
+        def kept_from(s: int) -> list[int]:  # message indices left after dropping s oldest rounds
+            return list(range(head)) + list(range(starts[s] if s else head, len(messages)))
+
+        def ids_from(s: int) -> list[int]:
+            if s not in rendered:
+                rendered[s] = self.render([messages[i] for i in kept_from(s)], origin=conv.origin)
+            return rendered[s]
+
+        dropped = 0
+        if len(ids_from(0)) > limit and self.cfg.truncation == "drop_oldest" and len(starts) > 1:
+            # drop 1..len(starts)-1 rounds, always keeping the last one
+            found = fewest_to_drop(len(starts) - 2, lambda s: len(ids_from(s + 1)) <= limit)
+            dropped = len(starts) - 1 if found is None else found + 1
+        kept = kept_from(dropped)
+        sample = self.encode_messages([messages[i] for i in kept], [j for j, i in enumerate(kept) if i in trained],
+                                      conv.origin, ids_from(dropped))
+        truncated = dropped > 0 or len(sample.input_ids) > limit
         ids, labels = sample.input_ids[:limit], sample.labels[:limit]
         if all(x == IGNORE_INDEX for x in labels):
             return Encoded(dropped=["no loss tokens left after truncation"])
         return Encoded(samples=[Sample(ids, labels, truncated)])
 
-    def prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The rendering of `messages` followed by the template's assistant generation prompt."""
-        return self.render(messages, add_generation_prompt=True)
+    def prompt(self, history: Conversation, query: str, budget: Optional[int] = None) -> ChatPrompt:
+        """The rendering of the history (oldest rounds left out to fit) and `query`, followed by
+        the template's assistant generation prompt."""
+        budget = self.cfg.max_length if budget is None else budget
+        messages = self.with_system(history)
+        head = 1 if messages and messages[0]["role"] == "system" else 0
+        starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
+        asked = [{"role": "user", "content": query}]
+        rendered: dict[int, list[int]] = {}
+
+        def ids_from(s: int) -> list[int]:
+            if s not in rendered:
+                rest = messages[starts[s]:] if s < len(starts) else []
+                rendered[s] = self.render(messages[:head] + rest + asked, add_generation_prompt=True)
+            return rendered[s]
+
+        dropped = fewest_to_drop(len(starts), lambda s: len(ids_from(s)) <= budget)
+        if dropped is None:
+            raise too_long(len(ids_from(len(starts))), budget)
+        return ChatPrompt(ids_from(dropped), dropped)

@@ -1,10 +1,15 @@
-"""The `chatglm` collator: ChatGLM-6B / ChatGLM2-6B round splitting (spec §1).
+"""The `chatglm` format: ChatGLM-6B / ChatGLM2-6B round splitting (spec §1).
 
 One sample per trained round. A chatglm row (query, answer, history) is one sample whose history
 is context; a multi-turn session of another format (moss, messages, sharegpt) is split into one
 sample per round, round k holding rounds 0..k-1 as history — the rows ChatGLM-6B's README asks
-users to write by hand. The system message / meta instruction of such sessions is not used (the
-`[Round]` prompt has no place for it; `data.source_prefix` is ChatGLM's counterpart).
+users to write by hand. An assistant message marked ``"train": false`` makes no sample (its round
+stays history for the later ones).
+
+System message: ChatGLM's ``[Round]`` prompt has no place for one (ChatGLM-6B's ptuning scripts
+put instructions in ``source_prefix``, and `data.source_prefix` is that key here). A session's
+system message / meta instruction is therefore not used, and the data report counts it under
+"left out"; `peftchat chat --system` is refused for this format.
 
 ChatGLM-6B style (default), S = max_source_length, T = max_target_length, seps = separator tokens
 (default ``[gMASK] <sop>``)::
@@ -26,15 +31,22 @@ AdvertiseGen setup); the ChatGLM2 style still writes ``[Round 1]`` as ChatGLM2's
 
 Truncation: ``seed`` cuts as above (keeps the head of the prompt, so a long history can push the
 question out); ``drop_oldest`` first drops whole oldest history rounds until the prompt fits, so the
-current question survives, then cuts what is still too long as ``seed`` does.
+current question survives, then cuts what is still too long as ``seed`` does. Chat prompts always
+use ``drop_oldest`` (cutting the prompt's tail at inference would cut the question); the model
+then generates the answer and eos.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 from peftchat.config import DataConfig
-from peftchat.data.formats import Conversation
-from peftchat.data.samples import IGNORE_INDEX, Encoded, Sample, encode_text, token_id
 from peftchat.errors import ConfigError
+from peftchat.formats.base import ChatPrompt, ConversationFormat, fewest_to_drop
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text, token_id
+
+SYSTEM_LEFT_OUT = "system message (the chatglm prompt has no place for one; see data.source_prefix)"
 
 
 def default_separators(tokenizer) -> list[str]:
@@ -61,12 +73,14 @@ def prompt_text(cfg: DataConfig, history: list[tuple[str, str]], query: str) -> 
     return cfg.source_prefix + body
 
 
-class ChatGLMCollator:
+class ChatGLMFormat(ConversationFormat):
+    name = "chatglm"
+    has_system = False
+
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
-        self.cfg = cfg
-        self.tokenizer = tokenizer
         if tokenizer.eos_token_id is None:
             raise ConfigError("the chatglm collator needs a tokenizer with an eos token")
+        super().__init__(cfg, tokenizer)
         self.eos = int(tokenizer.eos_token_id)
         names = cfg.separator_tokens if cfg.separator_tokens is not None else default_separators(tokenizer)
         self.seps = [token_id(tokenizer, t, "data.separator_tokens") for t in names]
@@ -83,25 +97,42 @@ class ChatGLMCollator:
                 f"next to {m} separator token(s) and eos"
             )
 
-    def prompt_ids(self, history: list[tuple[str, str]], query: str) -> tuple[list[int], bool]:
+    @classmethod
+    def sample_limit(cls, cfg: DataConfig) -> int:
+        return cfg.max_source_length + cfg.max_target_length + (1 if cfg.chatglm_style == "chatglm2" else 0)
+
+    def _stop_ids(self) -> list[int]:
+        return self._eos()
+
+    def context_ids(self, history: list[tuple[str, str]], query: str,
+                    drop_oldest: Optional[bool] = None) -> tuple[list[int], bool, int]:
         """Ids of the context in front of the answer — for the 6B style `a + seps`, for ChatGLM2
-        `seps + a` — and whether history rounds or prompt tokens were cut to fit."""
-        truncated = False
+        `seps + a` —, whether history rounds or prompt tokens were cut to fit, and how many oldest
+        history rounds were left out. `drop_oldest` defaults to `data.truncation == drop_oldest`."""
         if self.cfg.history_column is None:  # no history in the prompt at all
             history = []
-        if self.cfg.truncation == "drop_oldest":
-            while history and len(encode_text(self.tokenizer, prompt_text(self.cfg, history, query))) > self.source_budget:
-                history = history[1:]
-                truncated = True
-        a = encode_text(self.tokenizer, prompt_text(self.cfg, history, query))
+        if drop_oldest is None:
+            drop_oldest = self.cfg.truncation == "drop_oldest"
+        texts: dict[int, list[int]] = {}
+
+        def ids_from(s: int) -> list[int]:
+            if s not in texts:
+                texts[s] = encode_text(self.tokenizer, prompt_text(self.cfg, history[s:], query))
+            return texts[s]
+
+        start = 0
+        if drop_oldest:
+            found = fewest_to_drop(len(history), lambda s: len(ids_from(s)) <= self.source_budget)
+            start = len(history) if found is None else found
+        a = ids_from(start)
+        truncated = start > 0
         if len(a) > self.source_budget:
             a, truncated = a[: self.source_budget], True
-        if self.cfg.chatglm_style == "chatglm2":
-            return self.seps + a, truncated
-        return a + self.seps, truncated
+        context = self.seps + a if self.cfg.chatglm_style == "chatglm2" else a + self.seps
+        return context, truncated, start
 
     def encode_round(self, history: list[tuple[str, str]], query: str, answer: str) -> Sample:
-        context, truncated = self.prompt_ids(history, query)
+        context, truncated, _ = self.context_ids(history, query)
         b = encode_text(self.tokenizer, answer)
         if len(b) > self.target_budget:
             b, truncated = b[: self.target_budget], True
@@ -117,11 +148,19 @@ class ChatGLMCollator:
         if conv.dropped:
             return Encoded(dropped=[conv.dropped])
         rounds = conv.rounds()
-        out = Encoded()
+        assistants = [m for m in conv.messages if m["role"] == "assistant"]
+        out = Encoded(left_out=[SYSTEM_LEFT_OUT] if conv.system else [])
         for k in range(conv.context_rounds, len(rounds)):
             query, answer = rounds[k]
             if not query or not answer:
                 out.dropped.append("empty query or answer")
                 continue
+            if assistants[k].get("train", True) is False:
+                continue
             out.samples.append(self.encode_round(rounds[:k], query, answer))
         return out
+
+    def prompt(self, history: Conversation, query: str, budget: Optional[int] = None) -> ChatPrompt:
+        """The training context of `query`'s round; the prompt's own budget is S (`budget` unused)."""
+        ids, _, dropped = self.context_ids(history.rounds(), query, drop_oldest=True)
+        return ChatPrompt(ids, dropped)
