@@ -11,11 +11,13 @@ from transformers import AutoTokenizer
 
 from peftchat.cli import main
 from peftchat.config import recipe_from_dict
-from peftchat.data.formats import MOSS_FIELDS, normalize
-from peftchat.data.prompting import chat_prompt_ids, conversation_from_history, stop_token_ids
-from peftchat.data.samples import make_collator
+from peftchat.data.formats import normalize
 from peftchat.demo_assets import demo_tokenizer_dir
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.moss import MOSS_FIELDS
+from peftchat.formats.registry import make_format
 from peftchat.infer.chat import ChatSession, ReplyStreamer
+from peftchat.infer.decoding import context_budget
 from peftchat.infer.loading import load_chat_model
 
 META = "You are a careful assistant. 你是一个认真的助手。\n"
@@ -76,15 +78,14 @@ def _moss_record():
 @pytest.mark.parametrize("collator", ["chatglm", "moss", "chat_template"])
 def test_session_prompts_are_the_training_prompts(collator, tok, tiny_llama_dir, infer_recipe_dict, tmp_path, capsys):
     recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, collator, meta_instruction=META))
-    collator_ = make_collator(recipe.data, tok)
+    fmt = make_format(recipe.data, tok)
     if collator == "moss":  # a real MOSS record, inner thoughts and tool fields included
         conv = normalize(_moss_record(), "moss", recipe.data, "test")
-    else:
-        conv = conversation_from_history([{"user": q, "assistant": a} for q, a in ROUNDS[:-1]], *ROUNDS[-1],
-                                         system=META if collator == "chat_template" else None)
-    samples = collator_.encode(conv).samples
+    else:  # no system message: chat_template takes data.meta_instruction, in training as in chat
+        conv = Conversation.from_rounds(ROUNDS)
+    samples = fmt.encode(conv).samples
     assert len(samples) == (3 if collator == "chatglm" else 1)
-    model = TeacherForcedModel([s.input_ids for s in samples], stop_token_ids(recipe, tok))
+    model = TeacherForcedModel([s.input_ids for s in samples], fmt.stop_ids)
 
     session = ChatSession(model, tok, recipe)
     for k, (query, answer) in enumerate(ROUNDS):
@@ -101,9 +102,9 @@ def test_session_prompts_are_the_training_prompts(collator, tok, tiny_llama_dir,
         else:  # Human turns carry loss in MOSS: the next token opens the model's first field
             nxt = tok.decode(sample.input_ids[len(prompt):len(prompt) + 8], skip_special_tokens=False)
             assert nxt.startswith(MOSS_FIELDS["Inner Thoughts"])
-    assert len(session.history) == 3
+    assert len(session.history.rounds()) == 3
     if collator == "moss":  # the generated inner thoughts are kept for the next prompts
-        assert "thinking about round 1" in session.history[0]["raw"]["Inner Thoughts"]
+        assert "thinking about round 1" in dict(session.history.moss_turns[0])["Inner Thoughts"]
     assert "left out" not in capsys.readouterr().err
 
 
@@ -130,11 +131,13 @@ def test_history_is_trimmed_to_the_context_budget(tok, tiny_llama_dir, infer_rec
         session.reply(f"question number {k}")
     room = 80 - recipe.decoding.max_new_tokens
     assert all(len(p) <= room for p in model.prompts)
-    assert len(session.history) < 4  # older rounds were dropped for good
-    assert session.history[-1]["user"] == "question number 3"
+    rounds = session.history.rounds()
+    assert len(rounds) < 4  # older rounds were dropped for good
+    assert rounds[-1][0] == "question number 3"
     assert "left out the 1 oldest round(s)" in capsys.readouterr().err
     # the last prompt is the training prompt of the rounds that were kept
-    assert model.prompts[-1] == chat_prompt_ids(recipe, tok, session.history[:-1], "question number 3")
+    kept = Conversation.from_rounds(rounds[:-1])
+    assert model.prompts[-1] == make_format(recipe.data, tok).prompt(kept, "question number 3", room).ids
 
 
 def test_streamer_holds_back_split_characters(tok):
@@ -142,7 +145,8 @@ def test_streamer_holds_back_split_characters(tok):
     ids = tok.encode(text, add_special_tokens=False)
     assert any("\ufffd" in tok.decode(ids[:k]) for k in range(1, len(ids)))  # characters span tokens
     written = []
-    streamer = ReplyStreamer(lambda seen: tok.decode(seen), written.append)
+    recipe = recipe_from_dict({"model": {"path": "unused"}, "data": {"train": "x", "collator": "chat_template"}})
+    streamer = ReplyStreamer(make_format(recipe.data, tok).reply_stream(), written.append)
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt: not shown
     for t in ids:
         streamer.put(torch.tensor([t]))
@@ -163,7 +167,7 @@ def test_scripted_session_through_cli(make_adapter, monkeypatch, capsys):
 
     def spy_build(self, query):
         ids = build(self, query)
-        seen.append((self, [dict(r) for r in self.history], query, ids))
+        seen.append((self, self.history, query, ids))
         return ids
 
     def spy_reply(self, query, write=None):
@@ -176,10 +180,10 @@ def test_scripted_session_through_cli(make_adapter, monkeypatch, capsys):
     assert main(["chat", str(adapter)]) == 0
     out = capsys.readouterr().out
     assert [s[2] for s in seen] == ["Hello there", "How are you?", "What is 2+2?"]
-    assert [len(s[1]) for s in seen] == [0, 1, 0]  # history grows, `clear` empties it
+    assert [len(s[1].rounds()) for s in seen] == [0, 1, 0]  # history grows, `clear` empties it
     session = seen[0][0]
     for _, history, query, ids in seen:
-        assert ids == chat_prompt_ids(session.recipe, session.tokenizer, history, query)
+        assert ids == session.format.prompt(history, query, context_budget(session.recipe)).ids
     assert out == "".join(r + "\n" for r in replies)  # streamed replies, nothing else
     assert "User:" not in out
 

@@ -7,7 +7,8 @@ import re
 import pytest
 
 from peftchat.cli import main
-from peftchat.data.prompting import chat_prompt_ids
+from peftchat.formats.registry import make_format
+from peftchat.infer.decoding import context_budget
 from peftchat.errors import DataError
 from peftchat.infer.generate import generate_replies, read_requests
 from peftchat.infer.loading import load_chat_model
@@ -39,7 +40,7 @@ def test_rows_in_order_and_batching_changes_nothing(make_adapter, tmp_path):
     model, tok, recipe = load_chat_model(adapter)
     singles = []
     for r in read_requests(inp):
-        prompt = chat_prompt_ids(recipe, tok, r.history, r.query, system=r.system)
+        prompt = make_format(recipe.data, tok).prompt(r.history, r.query, context_budget(recipe)).ids
         singles.append(generate_replies(model, tok, recipe, [prompt], batch_size=1)[0])
     assert [r["reply"] for r in rows] == singles
     assert len(set(singles)) > 1  # replies depend on the prompt: rows were not mixed up unnoticed
