@@ -50,16 +50,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data_dump(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from peftchat.data.inspect import dump_samples
+    from peftchat.model.tokenizer import load_tokenizer
 
-    dump_samples(recipe, args.out, limit=args.limit, split=args.split)
+    dump_samples(recipe, load_tokenizer(recipe), args.out, limit=args.limit, split=args.split)
     return 0
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from peftchat.data.inspect import inspect_samples
+    from peftchat.model.tokenizer import load_tokenizer
 
-    inspect_samples(recipe, index=args.index, count=args.count, split=args.split)
+    inspect_samples(recipe, load_tokenizer(recipe), index=args.index, count=args.count, split=args.split)
     return 0
 
 

@@ -3,8 +3,9 @@
 ``--split train`` (the default) shows the samples of *all* of ``data.train``, in data-set order,
 before any eval hold-out (``data.eval_split``) and with no shuffling or packing, so sample i is the
 i-th sample the format made from the files. ``--split eval`` shows the samples evaluation uses: the
-``data.eval`` files, or the sessions ``data.eval_split`` holds out of ``data.train``. Only the tokenizer is loaded: when ``model.path`` is not built yet
-(the demo recipes), point ``model.tokenizer`` at one, e.g.
+``data.eval`` files, or the sessions ``data.eval_split`` holds out of ``data.train``. The caller
+passes the tokenizer (the CLI loads only that): when ``model.path`` is not built yet (the demo
+recipes), point ``model.tokenizer`` at one, e.g.
 ``peftchat data inspect recipes/demo.yaml model.tokenizer=peftchat/assets/tokenizer``.
 """
 
@@ -28,29 +29,26 @@ LOSS_ON_TTY = ("\033[1;32m", "\033[0m")  # bold green
 LOSS_PLAIN = ("⟦", "⟧")
 
 
-def _build(recipe: Recipe, split: str) -> tuple[Any, DataReport, object]:
-    """(samples, report, tokenizer) of `split`."""
-    from peftchat.model.tokenizer import load_tokenizer
-
+def _build(recipe: Recipe, tokenizer, split: str) -> tuple[Any, DataReport]:
+    """(samples, report) of `split`."""
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    tokenizer = load_tokenizer(recipe)
     if split == "train":
         bundle = build_datasets(recipe, tokenizer, split_eval=False)
-        return bundle.train, bundle.report, tokenizer
+        return bundle.train, bundle.report
     if recipe.data.eval is None and not recipe.data.eval_split:
         raise UserError("--split eval: the recipe has no eval data (set data.eval or data.eval_split)")
     bundle = build_datasets(recipe, tokenizer)
     assert bundle.eval is not None and bundle.report.eval is not None
-    return bundle.eval, bundle.report.eval, tokenizer
+    return bundle.eval, bundle.report.eval
 
 
-def dump_samples(recipe: Recipe, out: str | Path, limit: int | None = None, split: str = "train") -> int:
+def dump_samples(recipe: Recipe, tokenizer, out: str | Path, limit: int | None = None, split: str = "train") -> int:
     """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per sample of `split`,
     data-set order; print the data report to stderr; return the number of samples written."""
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be >= 0, got {limit}")
-    samples, report, _ = _build(recipe, split)
+    samples, report = _build(recipe, tokenizer, split)
     n = len(samples) if limit is None else min(limit, len(samples))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,12 +77,12 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: boo
     return "".join(parts)
 
 
-def inspect_samples(recipe: Recipe, index: int | None = None, count: int = 3, stream: TextIO | None = None,
-                    split: str = "train") -> None:
+def inspect_samples(recipe: Recipe, tokenizer, index: int | None = None, count: int = 3,
+                    stream: TextIO | None = None, split: str = "train") -> None:
     """Print decoded samples (sample `index`, or the first `count`) with loss-bearing tokens
     highlighted — ANSI colour on a terminal, ⟦…⟧ otherwise — and the data report's counts."""
     stream = stream or sys.stdout
-    train, r, tokenizer = _build(recipe, split)
+    train, r = _build(recipe, tokenizer, split)
     if index is not None:
         if not -len(train) <= index < len(train):
             raise UserError(f"--index {index} is out of range: there are {len(train)} samples")
