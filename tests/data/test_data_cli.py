@@ -56,3 +56,18 @@ def test_bad_data_file_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith(f"peftchat: error: {data}:2: invalid JSON") and err.count("\n") == 1
     assert main(["data", "inspect", *args(tmp_path, "demo_chatglm.yaml"), "--index", "99"]) == 2
     assert "--index 99 is out of range: there are 30 samples" in capsys.readouterr().err
+
+
+def test_split_eval_dumps_the_held_out_sessions(tmp_path, capsys):
+    train_out, eval_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    assert main(["data", "dump", *args(tmp_path, "demo.yaml"), "--out", str(train_out)]) == 0
+    assert main(["data", "dump", *args(tmp_path, "demo.yaml"), "--out", str(eval_out), "--split", "eval"]) == 0
+    train = [json.loads(x) for x in train_out.read_text(encoding="utf-8").splitlines()]
+    held = [json.loads(x) for x in eval_out.read_text(encoding="utf-8").splitlines()]
+    assert len(held) == 2  # data.eval_split 0.1 of 24 sessions
+    assert all(h in train for h in held)  # --split train shows every record of data.train
+    assert "eval: 2 sessions -> 2 samples" in capsys.readouterr().err
+    assert main(["data", "inspect", *args(tmp_path, "demo.yaml"), "--split", "eval", "--index", "1"]) == 0
+    assert "samples: 2" in capsys.readouterr().out
+    assert main(["data", "inspect", *args(tmp_path, "demo.yaml"), "data.eval_split=0", "--split", "eval"]) == 2
+    assert "the recipe has no eval data" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from peftchat.cli import main
 from peftchat.config import recipe_from_dict
 from peftchat.data.formats import normalize
+from peftchat.errors import UserError
 from peftchat.demo_assets import demo_tokenizer_dir
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.moss import MOSS_FIELDS
@@ -213,3 +214,24 @@ def test_bad_source_is_a_user_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["chat", str(tmp_path / "empty"), "--message", "hi"]) == 2
     assert "neither an adapter dir" in capsys.readouterr().err
+
+
+def test_system_flag_sets_the_sessions_system_message(make_adapter, monkeypatch, capsys, tok, tiny_llama_dir,
+                                                      infer_recipe_dict, tmp_path):
+    adapter = make_adapter(collator="chat_template")
+    systems = []
+    build = ChatSession.build_prompt
+
+    def spy_build(self, query):
+        ids = build(self, query)
+        systems.append((self.history.system, tok.decode(ids)))
+        return ids
+
+    monkeypatch.setattr(ChatSession, "build_prompt", spy_build)
+    assert main(["chat", str(adapter), "--system", "Talk like a pirate.", "--message", "hi", "--no-stream"]) == 0
+    ((system, prompt),) = systems
+    assert system == "Talk like a pirate." and prompt.startswith("<|im_start|>system\nTalk like a pirate.<|im_end|>")
+    # a format without system messages refuses the flag rather than dropping it silently
+    recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, "chatglm"))
+    with pytest.raises(UserError, match="has no system message"):
+        ChatSession(TeacherForcedModel([], []), tok, recipe, system="Talk like a pirate.")
