@@ -39,6 +39,7 @@ to fit the budget.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 from peftchat.config import DataConfig
@@ -212,9 +213,8 @@ class MossFormat(ConversationFormat):
         """The history plus this turn; the fields the model wrote around its answer are kept."""
         turn = [("Human", human_field(query)), *((n, reply.fields[n]) for n in RAW_FIELDS if n in reply.fields),
                 ("MOSS", moss_field(reply.text))]
-        if history.moss_turns is None and reply.fields:
-            history = Conversation(history.messages, history.origin, history.context_rounds,
-                                   self.turn_fields(history))
+        if history.moss_turns is None and reply.fields:  # from now on the turns are kept verbatim
+            history = dataclasses.replace(history, moss_turns=self.turn_fields(history))
         return history.with_round(query, reply.text, turn)
 
     def reply_stream(self) -> ReplyStream:
@@ -230,15 +230,21 @@ class MossReplyStream(ReplyStream):
     def __init__(self, fmt: ConversationFormat) -> None:
         super().__init__(fmt)
         self._start: Optional[int] = None
-        self._searched = 0
+        self._end: Optional[int] = None
+        self._searched = 0  # `text` before this index holds neither marker (searches resume here)
+
+    def _find(self, what: str) -> int:
+        at = self.text.find(what, max(self._searched - len(what), 0))
+        self._searched = len(self.text)
+        return at
 
     def window(self) -> tuple[Optional[int], Optional[int]]:
-        marker = MOSS_FIELDS["MOSS"]
         if self._start is None:
-            at = self.text.find(marker, max(self._searched - len(marker), 0))
-            self._searched = len(self.text)
+            at = self._find(MOSS_FIELDS["MOSS"])
             if at < 0:
                 return None, None
-            self._start = at + len(marker)
-        end = self.text.find(MOSS_STOP, self._start)
-        return self._start, (end if end >= 0 else None)
+            self._start = self._searched = at + len(MOSS_FIELDS["MOSS"])
+        if self._end is None:
+            at = self._find(MOSS_STOP)
+            self._end = at if at >= 0 else None
+        return self._start, self._end
