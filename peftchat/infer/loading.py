@@ -195,8 +195,7 @@ def load_chat_model(source: str | os.PathLike, overrides: Iterable[str] = (), de
     try:  # a format the tokenizer cannot serve fails before the model loads
         make_format(recipe.data, tokenizer)
     except UserError as e:
-        raise UserError(f"{source}: {e}; chat with the training recipe or adapter dir instead "
-                        f"(or pass data.collator=...)") from None
+        raise UserError(f"{source}: {e}") from None
     what = f"{recipe.model.path}" + (f" ({recipe.model.quantization})" if recipe.model.quantization != "none" else "")
     say(f"loading model {what} ...")
     model = load_base_model(recipe, device=device, for_training=False)

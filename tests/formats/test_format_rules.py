@@ -10,7 +10,8 @@ from peftchat.data.pipeline import build_datasets
 from peftchat.formats.base import fewest_to_drop
 from peftchat.formats.chatglm import SYSTEM_LEFT_OUT
 from peftchat.formats.conversation import Conversation
-from peftchat.formats.registry import FORMATS, make_format
+from peftchat.errors import ConfigError
+from peftchat.formats.registry import FORMATS, format_class, make_format
 
 PAIRS = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
 
@@ -131,3 +132,8 @@ def test_history_conversation_helpers():
     assert less.system == "S" and less.rounds() == [("q3", "a3")]
     assert c.with_round("q4", "a4").rounds()[-1] == ("q4", "a4") and len(c.rounds()) == 3
     assert tid("<|im_end|>") in fmt(collator="chat_template").stop_ids
+
+
+def test_unknown_format_names_the_key_and_the_known_ones():
+    with pytest.raises(ConfigError, match="'data.collator' is 'mos'; expected one of chatglm, moss, chat_template"):
+        format_class("mos")
