@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from peftchat.config import DataConfig
 from peftchat.formats.base import ChatPrompt, ConversationFormat, Reply, ReplyStream, too_long
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text, has_loss, token_id

@@ -91,7 +91,8 @@ class ChatSession:
         prompt = self.format.prompt(self.history, query, self.budget)
         if prompt.dropped_rounds:
             self.history = self.history.without_oldest_rounds(prompt.dropped_rounds)
-            say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history to stay within the context budget)")
+            say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history "
+                "to stay within the context budget)")
         return prompt.ids
 
     def reply(self, query: str, write: Optional[Callable[[str], None]] = None) -> str:

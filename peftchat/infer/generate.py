@@ -162,7 +162,8 @@ def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_si
         except UserError as e:
             raise type(e)(f"{inp}:{r.line}: {e}") from None
         if prompt.dropped_rounds:
-            say(f"{inp}:{r.line}: dropped the {prompt.dropped_rounds} oldest history round(s) to fit the context budget")
+            say(f"{inp}:{r.line}: dropped the {prompt.dropped_rounds} oldest history round(s) "
+                "to fit the context budget")
         prompts.append(prompt.ids)
     with tqdm(total=len(prompts), unit="prompt", desc="generating") as bar:
         replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar, fmt=fmt)

@@ -53,7 +53,8 @@ def test_chat_prompt_of_each_training_prefix_is_the_training_prefix(name, data):
             assert prompt.dropped_rounds == 0
             if recipe.data.collator == "chatglm":  # one sample per round: prompt + answer + eos
                 sample = encoded.samples[k - conv.context_rounds]
-                assert sample.input_ids == prompt.ids + tok().encode(rounds[k][1], add_special_tokens=False) + [tok().eos_token_id]
+                answer = tok().encode(rounds[k][1], add_special_tokens=False)
+                assert sample.input_ids == prompt.ids + answer + [tok().eos_token_id]
             elif recipe.data.collator == "chat_template":  # the prompt ends where answer k's loss starts
                 (sample,) = encoded.samples
                 assert prompt.ids == sample.input_ids[: loss_runs(sample.labels)[k]]
