@@ -113,6 +113,21 @@ def check_model_source(recipe: Recipe) -> str:
     return str(path)
 
 
+def damaged_safetensors(directory: Path) -> str | None:
+    """'FILE is truncated or damaged (why)' for the first .safetensors file in `directory` whose
+    header does not describe the file (safetensors checks that the tensors cover it exactly),
+    else None. Reads headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path} is truncated or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True):
     """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`).
 
@@ -143,6 +158,12 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
     except ImportError as e:  # e.g. bitsandbytes or an attention package missing
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        damaged = damaged_safetensors(Path(source)) if looks_local(source) else None
+        if damaged is None:
+            raise
+        raise UserError(f"cannot load model from '{m.path}': {damaged}; replace the file (download or "
+                        f"export the model again)") from None
 
     if not for_training:
         model.eval()
