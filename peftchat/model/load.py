@@ -113,6 +113,24 @@ def check_model_source(recipe: Recipe) -> str:
     return str(path)
 
 
+def keep_4bit_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On an AVX512-BF16 CPU, a `Linear4bit`'s first forward in eval mode without grad rewrites its
+    weight into another layout (`packing_format_for_cpu`) and leaves it so; later training
+    forwards then run `gemv_4bit`, which has no backward, and the adapter silently learns from
+    wrong gradients after the first periodic evaluation. The layer decides by its own flag
+    `support_avx512bf16_for_cpu` (set once from the CPU's features in `__init__`), so clearing it
+    keeps the training layout for good; evaluation then computes exactly as training does."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # then nothing is quantized either
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def damaged_safetensors(directory: Path) -> str | None:
     """'FILE is truncated or damaged (why)' for the first .safetensors file in `directory` whose
     header does not describe the file (safetensors checks that the tensors cover it exactly),
@@ -168,6 +186,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
     if not for_training:
         model.eval()
         return model
+    keep_4bit_training_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the cache is useless in training and costs memory
