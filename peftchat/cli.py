@@ -52,6 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_dump(args: argparse.Namespace) -> int:
     _check_count("--limit", args.limit, 0)
+    _check_out_file(args.out)
     recipe = _recipe(args)
     from peftchat.data.inspect import dump_samples
 
@@ -109,9 +110,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     stream=not args.no_stream)
 
 
+def _check_out_file(path: str) -> None:
+    """An output file's dir must be writable before any slow work is done."""
+    from pathlib import Path
+
+    from peftchat.paths import check_writable_dir
+
+    if Path(path).is_dir():
+        raise UserError(f"--out {path} is a directory; expected a file path")
+    check_writable_dir(Path(path).expanduser().parent, f"--out {path}: its directory")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    _check_count("--batch-size", args.batch_size, 1)
     overrides = args.overrides + _decoding_flags(args)
+    _check_out_file(args.out)
     from peftchat.infer.generate import run_generate
 
     run_generate(args.source, args.inp, args.out, overrides,

@@ -27,7 +27,7 @@ from peftchat.config import Recipe, save_recipe
 from peftchat.errors import UserError
 from peftchat.infer.loading import adapter_source, load_adapter, load_tokenizer_for, read_adapter_config, say
 from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
-from peftchat.paths import check_writable_dir
+from peftchat.paths import check_writable_dir, looks_local
 
 VERIFY_MAX_PARAMS = 3_000_000_000  # verification is on by default below this size
 MAX_SHARD_SIZE = "5GB"
@@ -339,6 +339,8 @@ def merge_adapter(
     if not adapter_path.is_dir():
         raise UserError(f"--adapter {adapter_dir}: no such directory")
     adapter_config = read_adapter_config(adapter_path)
+    if base is not None and looks_local(base) and not Path(base).expanduser().exists():
+        raise UserError(f"--base {base}: no such model dir")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_path} holds a {adapter_config.get('peft_type')} adapter; merge handles LoRA/DoRA")
     source = adapter_source(adapter_path, base=base)
