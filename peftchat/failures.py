@@ -76,7 +76,7 @@ def explain(exc: BaseException, command: Optional[str] = None) -> Optional[str]:
         if _full_disk(e):
             then = ("; complete checkpoints are kept: free space, then continue with training.resume=true"
                     if command == "train" else "; free space and run it again")
-            return f"no space left on the device{_where(e)}: nothing half-written was kept{then}"
+            return f"no space left on the device{_where(e)}{then}"
         if isinstance(e, OSError) and e.errno in READ_ONLY:
             name = getattr(e, "filename", None) or "a file"
             return f"{os.strerror(e.errno).lower()}: {name}; fix its permissions or choose another location"

@@ -370,3 +370,75 @@ def test_bad_input(world, make_adapter, capsys, row_id, argv, code, message, pre
 
 def test_catalogue_has_100_classes():
     assert len({r[0] for r in ROWS}) == len(ROWS) >= 100
+
+
+# ------------------------------------------------------------------------------ failures of the machine, and bugs
+
+
+def _raiser(exc):
+    def fail(*args, **kwargs):
+        raise exc
+    return fail
+
+
+def _oom():
+    import torch
+
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def _safetensors_full():
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+
+# (id, module attribute to replace, exception factory, argv, exit code, message parts)
+MACHINE_ROWS = [
+    ("gpu-out-of-memory", "peftchat.train.loop.train", _oom, ["train", "{R}"], 2,
+     ["out of GPU memory", "training.batch_size", "data.max_length", "training.gradient_checkpointing=true",
+      "training.checkpoint_offload=true", "model.quantization=4bit", "training.max_memory_gib"]),
+    ("host-out-of-memory", "peftchat.train.loop.train", MemoryError, ["train", "{R}"], 2,
+     ["out of host memory", "training.batch_size"]),
+    ("disk-full-oserror", "peftchat.data.inspect.dump_samples",
+     lambda: OSError(errno.ENOSPC, "No space left on device", "/data/d.jsonl"),
+     ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["no space left on the device writing /data/d.jsonl"]),
+    ("disk-full-safetensors", "peftchat.train.loop.train", _safetensors_full, ["train", "{R}"], 2,
+     ["no space left on the device", "training.resume=true"]),
+    ("permission-denied", "peftchat.data.inspect.dump_samples",
+     lambda: PermissionError(errno.EACCES, "Permission denied", "/data/x.jsonl"),
+     ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["permission denied: /data/x.jsonl"]),
+    ("read-only-filesystem", "peftchat.data.inspect.dump_samples",
+     lambda: OSError(errno.EROFS, "Read-only file system", "/data/x.jsonl"),
+     ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["read-only file system: /data/x.jsonl"]),
+    ("internal-error", "peftchat.config.recipe_to_yaml", lambda: RuntimeError("boom\nsecond line"),
+     ["config", "{R}"], 1, ["internal error (RuntimeError: boom); traceback in ", "please report it"]),
+    ("internal-recursion-error", "peftchat.config.recipe_to_yaml", lambda: RecursionError("maximum recursion depth"),
+     ["config", "{R}"], 1, ["internal error (RecursionError: maximum recursion depth); traceback in "]),
+]
+
+
+@pytest.mark.parametrize("row_id, target, exc, argv, code, parts", MACHINE_ROWS, ids=[r[0] for r in MACHINE_ROWS])
+def test_machine_failure_or_bug_is_one_line(world, tmp_path_factory, monkeypatch, capsys, row_id, target, exc,
+                                            argv, code, parts):
+    import importlib
+
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    module, name = target.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, _raiser(exc()))
+    before = snapshot(world)
+    rc = main([_fill(a, world) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert "Traceback" not in err and len(err.strip("\n").splitlines()) == 1, err
+    for part in parts:
+        assert part in err, (part, err)
+    assert snapshot(world) == before
+    logs = list(state.rglob("crash-*.log"))
+    if code == 1:  # a bug: the traceback is in the log the line names
+        assert len(logs) == 1 and str(logs[0]) in err
+        text = logs[0].read_text(encoding="utf-8")
+        assert "Traceback (most recent call last)" in text and type(exc()).__name__ in text and "config" in text
+    else:
+        assert logs == []
