@@ -211,6 +211,8 @@ ROWS = (
          _p_files({"b.yaml": "model:\n  path: a\n  path: b\ndata: {train: x}\n"})),
         ("recipe:duplicate-section", ["config", "{T}/b.yaml"], 2, "b.yaml:3: duplicate key 'model'",
          _p_files({"b.yaml": "model: {path: a}\ndata: {train: x}\nmodel: {path: b}\n"})),
+        ("recipe:nested-deep", ["config", "{T}/b.yaml"], 2, "b.yaml: YAML nested too deeply",
+         _p_files({"b.yaml": "model: " + DEEP + "\n"})),
         ("recipe:a-list", ["config", "{T}/b.yaml"], 2, "a recipe must be a mapping",
          _p_files({"b.yaml": "- model\n- data\n"})),
         ("recipe:section-scalar", ["config", "{T}/b.yaml"], 2, "'model' must be a mapping",
@@ -326,6 +328,8 @@ ROWS = (
          "p.jsonl:1: needs a string 'prompt'", _p_files({"p.jsonl": '{"text": "hi"}\n'})),
         ("generate:in-not-utf8", ["generate", "{R}", "--in", "{T}/p.jsonl", "--out", "{T}/g.jsonl"], 2,
          "not UTF-8 text", _p_files({"p.jsonl": b'{"prompt": "\xff"}\n'})),
+        ("generate:in-nested-deep", ["generate", "{R}", "--in", "{T}/p.jsonl", "--out", "{T}/g.jsonl"], 2,
+         "p.jsonl:1: JSON nested too deeply", _p_files({"p.jsonl": '{"prompt": ' + DEEP + "}\n"})),
         ("generate:out-read-only", ["generate", "{R}", "--in", "{T}/data.jsonl", "--out", "/sys/peftchat-test/g.jsonl"], 2,
          "is not writable", None),
     ]
@@ -339,7 +343,7 @@ def _fill(arg: str, t: Path) -> str:
     return arg.replace("{R}", str(t / "r.yaml")).replace("{T}", str(t))
 
 
-def _check_one_line(err: str, code: int, message: str, notes_ok: bool) -> None:
+def _check_one_line(err: str, message: str, notes_ok: bool) -> None:
     assert "Traceback" not in err, err
     lines = err.strip("\n").splitlines()
     assert lines, "nothing on stderr"
@@ -361,9 +365,9 @@ def test_bad_input(world, make_adapter, capsys, row_id, argv, code, message, pre
         rc = main([_fill(a, world) for a in argv])
     except SystemExit as e:  # argparse's usage errors
         rc = e.code
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert rc == code, err
-    _check_one_line(err, code, message, row_id in NOTES_OK)
+    _check_one_line(err, message, row_id in NOTES_OK)
     assert snapshot(world) == before, "a failed command changed files"
     assert not os.path.exists("/sys/peftchat-test")
 
