@@ -9,7 +9,6 @@ import errno
 import os
 
 import peft.peft_model
-import pytest
 import torch
 from safetensors.torch import load_file
 
