@@ -59,6 +59,16 @@ def _full_disk(exc: BaseException) -> bool:
     return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
+def _torch_write_failed(exc: BaseException) -> bool:
+    """torch.save reports a failed write (a full disk among others) in its C++ writer's words
+    only: "unexpected pos N vs M" raised during "basic_ios::clear: iostream error" (measured on
+    a full tmpfs, torch 2.13), or "PytorchStreamWriter failed writing file ...: file write failed"."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "file write failed" in text or "iostream error" in text
+        or ("inline_container.cc" in text and "unexpected pos" in text))
+
+
 def _where(exc: BaseException) -> str:
     name = getattr(exc, "filename", None)
     return f" writing {name}" if name else ""
@@ -77,6 +87,9 @@ def explain(exc: BaseException, command: Optional[str] = None) -> Optional[str]:
             then = ("; complete checkpoints are kept: free space, then continue with training.resume=true"
                     if command == "train" else "; free space and run it again")
             return f"no space left on the device{_where(e)}{then}"
+        if _torch_write_failed(e):
+            return (f"writing a file failed ({(str(e).splitlines() or [''])[-1].strip()[:120]}); is the disk full? "
+                    "free space and run it again" + (" with training.resume=true" if command == "train" else ""))
         if isinstance(e, OSError) and e.errno in READ_ONLY:
             name = getattr(e, "filename", None) or "a file"
             return f"{os.strerror(e.errno).lower()}: {name}; fix its permissions or choose another location"

@@ -69,14 +69,16 @@ def _quiet_optional_cpu_kernel(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
+# On an AVX512-BF16 CPU, importing bitsandbytes (peft does, for any model) warns that an optional
+# kernel package is not installed; bitsandbytes then uses its own kernel, so it is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_optional_cpu_kernel)
+
+
 def _quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
     m = recipe.model
     if m.quantization == "none":
         return None
-    # On an AVX512-BF16 CPU, importing bitsandbytes warns that an optional kernel package is not
-    # installed; bitsandbytes then uses its own kernel, so the warning is noise on every command.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_optional_cpu_kernel)
     from transformers import BitsAndBytesConfig
 
     if m.quantization == "8bit":
