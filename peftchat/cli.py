@@ -1,7 +1,10 @@
 """The `peftchat` command. Parses arguments, loads the recipe, hands off to one module per command.
 
 Heavy imports (torch, transformers) happen inside each command so that `--help` and recipe errors
-answer at once. A UserError becomes one line on stderr and exit code 2.
+answer at once. A UserError becomes one line on stderr and exit code 2; so does a failure the user
+fixes by a setting or by freeing space (out of memory, disk full, a read-only path: see
+`peftchat.failures`). Anything else is a bug: one line naming a log file that holds the
+traceback, exit code 1.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)  # recipe errors answer before the heavy imports
+    from peftchat.paths import check_writable_dir
+
+    check_writable_dir(recipe.training.output_dir, "training.output_dir")
     from peftchat.train.loop import train
 
     train(recipe)
@@ -48,6 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_data_dump(args: argparse.Namespace) -> int:
+    _check_count("--limit", args.limit, 0)
+    _check_out_file(args.out)
     recipe = _recipe(args)
     from peftchat.data.inspect import dump_samples
     from peftchat.model.tokenizer import load_tokenizer
@@ -57,6 +65,7 @@ def cmd_data_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
+    _check_count("--count", args.count, 1)
     recipe = _recipe(args)
     from peftchat.data.inspect import inspect_samples
     from peftchat.model.tokenizer import load_tokenizer
@@ -82,21 +91,47 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def _decoding_flags(args: argparse.Namespace) -> list[str]:
     """Sampling flags as recipe overrides, so flags and `decoding.*=` mean the same thing."""
+    from peftchat.config import range_error
+
     names = ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty"]
-    return [f"decoding.{n}={getattr(args, n)}" for n in names if getattr(args, n) is not None]
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    for name, value in given.items():  # checked here too, so the error names the flag
+        problem = range_error(f"decoding.{name}", value)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {problem}")
+    return [f"decoding.{n}={v}" for n, v in given.items()]
+
+
+def _check_count(flag: str, value: int | None, least: int) -> None:
+    if value is not None and value < least:
+        raise UserError(f"{flag} must be >= {least}, got {value}")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    overrides = args.overrides + _decoding_flags(args)
     from peftchat.infer.chat import run_chat
 
-    return run_chat(args.source, args.overrides + _decoding_flags(args), message=args.message,
+    return run_chat(args.source, overrides, message=args.message,
                     stream=not args.no_stream, system=args.system)
 
 
+def _check_out_file(path: str) -> None:
+    """An output file's dir must be writable before any slow work is done."""
+    from pathlib import Path
+
+    from peftchat.paths import check_writable_dir
+
+    if Path(path).is_dir():
+        raise UserError(f"--out {path} is a directory; expected a file path")
+    check_writable_dir(Path(path).expanduser().parent, f"--out {path}: its directory")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    overrides = args.overrides + _decoding_flags(args)
+    _check_out_file(args.out)
     from peftchat.infer.generate import run_generate
 
-    run_generate(args.source, args.inp, args.out, args.overrides + _decoding_flags(args),
+    run_generate(args.source, args.inp, args.out, overrides,
                  batch_size=args.batch_size)
     return 0
 
@@ -127,8 +162,15 @@ def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", dest="repetition_penalty", type=float)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
     )
     parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
@@ -197,8 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """The last resort: one line on stderr, never a traceback (that goes to the crash log)."""
+    from peftchat.failures import crash_line, explain, write_crash_log
+
+    reason = explain(exc, getattr(args, "command", None))
+    if reason is not None:
+        print(f"peftchat: error: {reason}", file=sys.stderr)
+        return 2
+    print(f"peftchat: {crash_line(exc, write_crash_log(exc, argv))}", file=sys.stderr)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     try:
         if extras:
@@ -216,6 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `peftchat data dump ... | head` closed stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as e:  # noqa: BLE001 - the last resort: see _unexpected
+        return _unexpected(e, args, argv)
 
 
 if __name__ == "__main__":

@@ -206,15 +206,51 @@ def _check_keys(node: Any, source: str, prefix: str = "") -> None:
             _check_keys(v, source, key + ".")
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key '{key}' (first set on line {first})")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error instead of the last
+    one silently winning (OmegaConf takes the loaded dict as it is). Keys merged in with `<<` may
+    be overridden, as YAML intends."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"recipe file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
+    except RecursionError:  # PyYAML recurses once per nesting level
+        raise ConfigError(f"{path}: YAML nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -284,21 +320,97 @@ def _validate(recipe: Recipe) -> None:
         raise ConfigError(f"'data.train' must be a path, a dataset name or a list of paths, got {train!r}")
     if not isinstance(recipe.training.resume, (bool, str)):
         raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {recipe.training.resume!r}")
-    positive = {
-        "adapter.r": recipe.adapter.r,
-        "data.max_length": recipe.data.max_length,
-        "training.batch_size": recipe.training.batch_size,
-        "training.gradient_accumulation_steps": recipe.training.gradient_accumulation_steps,
-        "training.log_steps": recipe.training.log_steps,
-        "decoding.max_new_tokens": recipe.decoding.max_new_tokens,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"'{key}' must be > 0, got {value}")
-    if not 0.0 <= recipe.adapter.dropout < 1.0:
-        raise ConfigError(f"'adapter.dropout' must be in [0, 1), got {recipe.adapter.dropout}")
-    if recipe.training.lr <= 0:
-        raise ConfigError(f"'training.lr' must be > 0, got {recipe.training.lr}")
+
+
+# ------------------------------------------------------------------------------ numeric ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: `low`/`high` bounds (None = unbounded), each inclusive
+    unless `*_open`. NaN is never inside."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if value != value:  # NaN
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+SHARE = Range(0, 1, high_open=True)  # a probability or fraction that must leave something
+
+# Every numeric key of the schema and the values it accepts. This table is the documentation of
+# the ranges (docs/reliability.md points here); `validate_ranges` enforces it after a recipe is
+# merged, so a bad value is one line naming the key whichever layer set it.
+RANGES: dict[str, Range] = {
+    "adapter.r": POSITIVE,
+    "adapter.alpha": POSITIVE,
+    "adapter.dropout": SHARE,
+    "data.eval_split": NON_NEGATIVE,  # < 1: a share of the sessions; >= 1: a whole number of them
+    "data.max_length": POSITIVE,
+    "data.max_source_length": POSITIVE,
+    "data.max_target_length": POSITIVE,
+    "data.num_proc": AT_LEAST_1,
+    "training.batch_size": POSITIVE,
+    "training.gradient_accumulation_steps": POSITIVE,
+    "training.lr": POSITIVE,
+    "training.weight_decay": NON_NEGATIVE,
+    "training.warmup_steps": NON_NEGATIVE,
+    "training.warmup_ratio": Range(0, 1),
+    "training.epochs": POSITIVE,
+    "training.max_steps": Range(-1),  # -1 or 0: train `epochs`; > 0: exactly this many steps
+    "training.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
+    "training.adam_beta1": SHARE,
+    "training.adam_beta2": SHARE,
+    "training.adam_eps": POSITIVE,
+    "training.checkpoint_skip_layers": NON_NEGATIVE,
+    "training.seed": Range(0, 2**32 - 1),  # numpy's seed range
+    "training.save_steps": NON_NEGATIVE,  # 0 = only at the end
+    "training.save_total_limit": NON_NEGATIVE,  # 0 = keep all
+    "training.eval_steps": NON_NEGATIVE,  # 0 = only at the end
+    "training.log_steps": POSITIVE,
+    "decoding.max_new_tokens": AT_LEAST_1,
+    "decoding.temperature": NON_NEGATIVE,  # 0 = greedy
+    "decoding.top_k": NON_NEGATIVE,  # 0 = no top-k filter
+    "decoding.top_p": Range(0, 1, low_open=True),  # 1 = no nucleus filter
+    "decoding.repetition_penalty": POSITIVE,  # 1 = none
+    "decoding.max_context": POSITIVE,  # null = data.max_length
+}
+
+
+def range_error(key: str, value: Any) -> Optional[str]:
+    """Why `value` is not allowed for the numeric `key` (None when it is, or `key` has no range)."""
+    allowed = RANGES.get(key)
+    if allowed is None or value is None or isinstance(value, bool):
+        return None
+    if value not in allowed:
+        return f"must be {allowed}, got {value}"
+    if key == "data.eval_split" and value >= 1 and value != int(value):
+        return f"must be a share below 1 or a whole number of sessions, got {value}"
+    return None
+
+
+def validate_ranges(recipe: Recipe) -> None:
+    """ConfigError naming the first numeric key of `recipe` outside its RANGES entry."""
+    for key in RANGES:
+        section, name = key.split(".")
+        problem = range_error(key, getattr(getattr(recipe, section), name, None))
+        if problem:
+            raise ConfigError(f"'{key}' {problem}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -315,6 +427,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"{path}: cannot resolve '{key}': {str(e).splitlines()[0]}") from None
     _validate(recipe)
+    validate_ranges(recipe)
     return recipe
 
 
@@ -326,6 +439,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     except MissingMandatoryValue as e:
         raise ConfigError(f"recipe: required key '{e.full_key}' is not set") from None
     _validate(recipe)
+    validate_ranges(recipe)
     return recipe
 
 

@@ -27,6 +27,7 @@ from peftchat.errors import DataError
 from peftchat.paths import looks_local
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
+TOO_DEEP = "JSON nested too deeply (more levels than Python's recursion limit)"
 
 
 class Origins:
@@ -129,6 +130,8 @@ def _scan_jsonl(path: Path, on_error: str, bad: list[str]) -> tuple[array, bool]
                     value = json.loads(text.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     problem = _problem(e)
+                except RecursionError:  # json's decoder recurses once per nesting level
+                    problem = TOO_DEEP
                 else:
                     if isinstance(value, dict):
                         lines.append(n)
@@ -151,6 +154,8 @@ def _scan_json(path: Path, on_error: str, bad: list[str]) -> tuple[array | None,
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: {TOO_DEEP}") from None
     except json.JSONDecodeError as e:
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         try:

@@ -144,6 +144,8 @@ def chat_loop(session: ChatSession, turns: Iterable[str], stdout: TextIO, stream
         query = turn.strip()
         if not query:
             continue
+        if "\ufffd" in query:
+            say("note: bytes of that message that are not valid text were replaced by U+FFFD")
         if query == STOP:
             break
         if query == CLEAR:
@@ -172,6 +174,10 @@ def run_chat(source: str, overrides: list[str], message: Optional[str] = None, s
     are `key=value` recipe overrides (sampling flags arrive as `decoding.*=`). `message`: answer
     this one message and return. `system`: the session's system message (default: the format's,
     i.e. `data.meta_instruction`, as in training). Returns the exit code."""
+    # Bytes that are not valid in stdin's encoding (a pasted Latin-1 line, say) become U+FFFD
+    # instead of ending the session with a UnicodeDecodeError.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     model, tokenizer, recipe = load_chat_model(source, overrides)
     session = ChatSession(model, tokenizer, recipe, system=system)
     interactive = message is None and sys.stdin.isatty()

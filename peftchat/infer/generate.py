@@ -93,6 +93,8 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        except RecursionError:  # json recurses once per nesting level
+            raise DataError(f"{where}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         if "messages" in row:

@@ -214,6 +214,14 @@ def load_adapter(base_model, adapter_dir: str | os.PathLike):
     with warnings.catch_warnings():
         # peft probes the deprecated `is_gradient_checkpointing` of transformers 5.2x
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+        try:
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir))
+        except Exception:
+            from peftchat.model.load import damaged_safetensors
+
+            damaged = damaged_safetensors(Path(adapter_dir))
+            if damaged is None:
+                raise
+            raise UserError(f"{damaged}; use another checkpoint of the run or train again") from None
     model.eval()
     return model

@@ -65,6 +65,15 @@ def _quiet_int8_cast(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
+def _quiet_optional_cpu_kernel(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# On an AVX512-BF16 CPU, importing bitsandbytes (peft does, for any model) warns that an optional
+# kernel package is not installed; bitsandbytes then uses its own kernel, so it is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_optional_cpu_kernel)
+
+
 def _quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
     m = recipe.model
@@ -113,6 +122,39 @@ def check_model_source(recipe: Recipe) -> str:
     return str(path)
 
 
+def keep_4bit_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On an AVX512-BF16 CPU, a `Linear4bit`'s first forward in eval mode without grad rewrites its
+    weight into another layout (`packing_format_for_cpu`) and leaves it so; later training
+    forwards then run `gemv_4bit`, which has no backward, and the adapter silently learns from
+    wrong gradients after the first periodic evaluation. The layer decides by its own flag
+    `support_avx512bf16_for_cpu` (set once from the CPU's features in `__init__`), so clearing it
+    keeps the training layout for good; evaluation then computes exactly as training does."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # then nothing is quantized either
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def damaged_safetensors(directory: Path) -> str | None:
+    """'FILE is truncated or damaged (why)' for the first .safetensors file in `directory` whose
+    header does not describe the file (safetensors checks that the tensors cover it exactly),
+    else None. Reads headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            return f"{path} is truncated or damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True):
     """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`).
 
@@ -143,10 +185,17 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
     except ImportError as e:  # e.g. bitsandbytes or an attention package missing
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        damaged = damaged_safetensors(Path(source)) if looks_local(source) else None
+        if damaged is None:
+            raise
+        raise UserError(f"cannot load model from '{m.path}': {damaged}; replace the file (download or "
+                        f"export the model again)") from None
 
     if not for_training:
         model.eval()
         return model
+    keep_4bit_training_layout(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the cache is useless in training and costs memory

@@ -26,7 +26,8 @@ import torch
 from peftchat.config import Recipe, save_recipe
 from peftchat.errors import UserError
 from peftchat.infer.loading import adapter_source, load_adapter, load_tokenizer_for, read_adapter_config, say
-from peftchat.model.load import load_base_model, torch_dtype
+from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
+from peftchat.paths import check_writable_dir, looks_local
 
 VERIFY_MAX_PARAMS = 3_000_000_000  # verification is on by default below this size
 MAX_SHARD_SIZE = "5GB"
@@ -130,6 +131,9 @@ def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> Non
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
+    damaged = damaged_safetensors(adapter_dir)
+    if damaged is not None:
+        raise UserError(f"{damaged}; use another checkpoint of the run or train again")
     modules = dict(skeleton.named_modules())
     params = dict(skeleton.named_parameters(remove_duplicate=False))
     with safe_open(str(weights), framework="pt") as f:
@@ -337,6 +341,8 @@ def merge_adapter(
     if not adapter_path.is_dir():
         raise UserError(f"--adapter {adapter_dir}: no such directory")
     adapter_config = read_adapter_config(adapter_path)
+    if base is not None and looks_local(base) and not Path(base).expanduser().exists():
+        raise UserError(f"--base {base}: no such model dir")
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_path} holds a {adapter_config.get('peft_type')} adapter; merge handles LoRA/DoRA")
     source = adapter_source(adapter_path, base=base)
@@ -344,6 +350,7 @@ def merge_adapter(
     export_dtype = torch_dtype(dtype)
     base_path = Path(recipe.model.path).expanduser()
     _check_out_dir(out, force, [adapter_path] + ([base_path] if base_path.exists() else []))
+    check_writable_dir(out.parent, f"--out {out}: its parent")  # the export is written beside it, then moved
 
     skeleton = _skeleton(recipe)
     check_adapter_fits(adapter_path, skeleton, adapter_config)
