@@ -98,6 +98,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     checkpoint_skip_layers: int = 0  # last N decoder layers not checkpointed: faster, costs their activations
     checkpoint_offload: bool = False  # CUDA: checkpointed layer inputs wait in pinned host memory
+    max_memory_gib: Optional[float] = None  # GPU budget: picks skip_layers/offload (overrides both)
     fused_kernels: Any = "auto"  # auto | true | false: liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
     autocast: bool = True  # CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)
     compile: bool = False  # torch.compile each decoder layer (pays on long runs; first steps compile)
@@ -300,6 +301,8 @@ def _validate(recipe: Recipe) -> None:
         raise ConfigError(f"'adapter.dropout' must be in [0, 1), got {recipe.adapter.dropout}")
     if recipe.training.lr <= 0:
         raise ConfigError(f"'training.lr' must be > 0, got {recipe.training.lr}")
+    if recipe.training.max_memory_gib is not None and recipe.training.max_memory_gib <= 0:
+        raise ConfigError(f"'training.max_memory_gib' must be > 0 (GiB), got {recipe.training.max_memory_gib}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
