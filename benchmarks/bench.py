@@ -418,7 +418,7 @@ def smoke_defaults(args: argparse.Namespace) -> None:
         dense = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast+nocompile,peftchat:lean".split(",")
         plan = [f"dense/tiny/{m}/{v}" for m in ("nf4", "int8", "bf16") for v in dense]
         # the loss gate's reference, the named-dropout path, unsloth (skipped on CPU), the chat scenario
-        plan += ["dense/tiny/nf4/peftchat:ref", "dense/tiny/nf4/peer:unsloth@dropout0.05",
+        plan += ["dense/tiny/nf4/peftchat:ref", "dense/tiny/nf4/peer:unsloth@dropout0.05", "dense/tiny/nf4/peftchat:lean+mem64",
                  "chat/tiny/nf4/peer:tuned", "chat/tiny/nf4/peer:unsloth",
                  "chat/tiny/nf4/peftchat:ref+packing", "chat/tiny/nf4/peftchat:lean+packing"]
         args.plan = ",".join(plan)

@@ -158,6 +158,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             spec = {**spec, "micro_batch": int(tok[2:])}
         elif tok.startswith("skip"):
             overrides["training.checkpoint_skip_layers"] = int(tok[4:])
+        elif tok.startswith("mem"):  # e.g. peftchat:lean+mem16: training.max_memory_gib 16 picks the policy
+            overrides["training.max_memory_gib"] = float(tok[3:])
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value
