@@ -1,7 +1,8 @@
 """Which loss curve is right? First-step LoRA gradients and a few-step loss trajectory of each
 training path, against an fp32 reference on the same weights, data and seed.
 
-Model: a random Llama (bf16 base weights; the fp32 reference upcasts the very same values), LoRA
+Model: a random Llama (bf16 base weights, or with `--quant nf4` the same weights loaded NF4 as the
+8B runs load them; the fp32 reference computes in fp32 from the very same values), LoRA
 r16 on every linear with B drawn small and non-zero (so A has a gradient at step 1 too), dropout 0
 (every path computes the same function), batch of random tokens, peftchat's own loss
 (`causal_lm_loss`). Paths (kernels.apply_training_speedups with the recipe keys the settings use):
@@ -37,13 +38,40 @@ PATHS = {
 }
 
 
-def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0):
+_SAVED: dict[str, str] = {}
+
+
+def _nf4_model(device: str, compute_dtype: torch.dtype, shape: dict, seed: int):
+    """The same random bf16 weights, saved once and loaded back NF4-quantized as users load them
+    (the fp32 reference dequantizes the very same codes into fp32 compute)."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    key = json.dumps([shape, seed])
+    if key not in _SAVED:
+        torch.manual_seed(seed)
+        path = tempfile.mkdtemp(prefix="check_grads_")
+        LlamaForCausalLM(LlamaConfig(**shape, use_cache=False)).to(torch.bfloat16).save_pretrained(path)
+        _SAVED[key] = path
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute_dtype)
+    return AutoModelForCausalLM.from_pretrained(_SAVED[key], quantization_config=q, dtype=compute_dtype,
+                                                device_map={"": device}, attn_implementation="sdpa")
+
+
+def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0, quant: str = "bf16"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(**shape, use_cache=False, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16).to(dtype).to(device)  # same values in every dtype
+    if quant == "nf4":
+        model = _nf4_model(device, dtype, shape, seed)
+        model.config.use_cache = False
+    else:
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(**shape, use_cache=False, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).to(dtype).to(device)  # same values in every dtype
+    torch.manual_seed(seed + 2)  # LoRA A is drawn from the global RNG: the same A for every path
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
     g = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
@@ -52,12 +80,12 @@ def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0):
     return model
 
 
-def run_path(name: str, device: str, shape: dict, ids: torch.Tensor, steps: int, lr: float):
+def run_path(name: str, device: str, shape: dict, ids: torch.Tensor, steps: int, lr: float, quant: str = "bf16"):
     from peftchat.model import kernels
     from peftchat.train.loss import causal_lm_loss
 
     fp32 = name == "fp32"
-    model = build(device, torch.float32 if fp32 else torch.bfloat16, shape)
+    model = build(device, torch.float32 if fp32 else torch.bfloat16, shape, quant=quant)
     if not fp32:
         recipe = SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=True, autocast=True, **PATHS[name]))
         kernels.apply_training_speedups(model, recipe)
@@ -99,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--paths", default="eager,compile,fast,lean")
+    p.add_argument("--quant", default="bf16", choices=("bf16", "nf4"), help="base weights (the 8B runs are nf4)")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     shape = dict(hidden_size=args.hidden, intermediate_size=args.hidden * 7 // 2, num_hidden_layers=args.layers,
@@ -106,14 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                  vocab_size=32000)
     ids = torch.randint(0, shape["vocab_size"], (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(2)).to(args.device)
-    ref_grads, ref_losses = run_path("fp32", args.device, shape, ids, args.steps, args.lr)
+    ref_grads, ref_losses = run_path("fp32", args.device, shape, ids, args.steps, args.lr, args.quant)
     rows = [{"path": "fp32", "losses": ref_losses}]
     print(json.dumps(rows[0]), flush=True)
     for name in args.paths.split(","):
         if name == "compile" and args.device == "cpu":
             continue
         torch._dynamo.reset()
-        grads, losses = run_path(name, args.device, shape, ids, args.steps, args.lr)
+        grads, losses = run_path(name, args.device, shape, ids, args.steps, args.lr, args.quant)
         row = {"path": name, **compare(grads, ref_grads), "losses": losses,
                "loss_max_rel_diff_vs_fp32": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))}
         rows.append(row)
