@@ -269,7 +269,7 @@ def sessions_file(args: argparse.Namespace) -> Path:
         from peftchat.demo_assets import demo_tokenizer_dir
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_sessions(path, AutoTokenizer.from_pretrained(str(demo_tokenizer_dir())))
+        write_sessions(path, AutoTokenizer.from_pretrained(str(demo_tokenizer_dir())), n=args.chat_sessions)
     return path
 
 
@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scenarios", default="dense", help="comma list of dense, chat")
     p.add_argument("--plan", default="",
                    help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)")
+    p.add_argument("--chat-sessions", type=int, default=600, help="sessions written for the chat scenario")
     p.add_argument("--run-label", default="", help="the `run` field of every row (default: the date)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
@@ -411,6 +412,7 @@ def smoke_defaults(args: argparse.Namespace) -> None:
     args.device = "cpu"
     args.shapes = "tiny"
     args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 1
+    args.chat_sessions = 48
     args.no_ceiling = True
     if args.vocab_size is None:  # the shipped tokenizer's ids must fit the model for peftchat's data path
         args.vocab_size = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
