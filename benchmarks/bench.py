@@ -8,10 +8,19 @@ leaves what it measured.
     python -m benchmarks.bench --shapes 1b,8b --modes nf4,int8,bf16 --out benchmarks/results
     python -m benchmarks.bench --smoke          # CPU, tiny shapes, every path, no speed asserts
 
-Variants are named KIND:NAME: ``peer:tutorial|tuned|tuned_liger|tuned_liger_nockpt`` (plain
-libraries, benchmarks/peer_variants.py), ``probe:OPTIONS`` (tuned peer + single peftchat
-optimisations, benchmarks/probe_variants.py), ``peftchat:fast|lean`` (peftchat's recipe path,
-benchmarks/peftchat_variants.py).
+Variants are named KIND:NAME[@dropoutX]: ``peer:tutorial|tuned|tuned_liger|tuned_liger_nockpt``
+(plain libraries, benchmarks/peer_variants.py), ``peer:unsloth`` (unsloth's documented QLoRA path,
+benchmarks/unsloth_variant.py; dropout 0 unless named), ``probe:OPTIONS`` (tuned peer + single
+peftchat optimisations, benchmarks/probe_variants.py), ``peftchat:fast|lean|ref`` (peftchat's
+recipe path, benchmarks/peftchat_variants.py). ``@dropoutX`` sets the LoRA dropout (default 0.05).
+
+Scenarios (``--scenarios``): ``dense`` (every row full, seq tokens) and ``chat`` (the seeded
+long-tailed sessions of benchmarks/chat_sessions.py; tokens/s counts real, non-pad tokens).
+
+Loss gate: every peftchat row gets ``loss_max_rel_diff``, the largest relative difference of its
+per-step losses from those of the ``peftchat:ref`` row (eager bf16: no compile, no fused kernels,
+no offload) of the same shape, mode, scenario, packing and dropout in the same run; a row over
+``LOSS_GATE`` is marked ``gated_out`` and is no result.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ DEFAULT_VARIANTS = {
     "bf16": ["peer:tutorial", "peer:tuned", "peftchat:fast", "peftchat:lean"],
 }
 REFERENCE = "peer:tuned"
+LOSS_GATE = 0.01  # largest relative per-step loss difference from the eager reference
+DEFAULT_DROPOUT = {"peer:unsloth": 0.0}  # a variant's dropout when it names none; else 0.05
 
 
 def versions() -> dict[str, str]:
@@ -119,8 +130,10 @@ def model_dir(args: argparse.Namespace, shape: str) -> str:
 def enrich(row: dict[str, Any], doc: dict[str, Any]) -> None:
     """Add tokens/s, model TFLOP/s and the share of the measured matmul ceiling to a row."""
     if row.get("step_s_median"):
-        tokens = row["batch"] * row["seq"]
-        row["tokens_per_s"] = tokens / row["step_s_median"]
+        if row.get("tokens_per_s") is None:
+            row["tokens_per_s"] = row["batch"] * row["seq"] / row["step_s_median"]
+        if row.get("scenario") == "chat":  # rows of varying length: no single FLOPs-per-token figure
+            return
         cfg = shape_dict(row["shape"], row.get("vocab_size"))
         row["model_tflops"] = flops_per_token(cfg, row["seq"]) * row["tokens_per_s"] / 1e12
         ceiling = doc["meta"].get("ceiling_tflops")
@@ -128,14 +141,49 @@ def enrich(row: dict[str, Any], doc: dict[str, Any]) -> None:
             row["pct_ceiling"] = 100 * row["model_tflops"] / ceiling
 
 
+def variant_parts(variant: str) -> tuple[str, set[str], float]:
+    """(`kind:setting`, options, dropout) of `kind:setting+opt+...@dropoutX`."""
+    base, _, suffix = variant.partition("@")
+    head, *opts = base.split("+")
+    dropout = float(suffix[len("dropout"):]) if suffix.startswith("dropout") else DEFAULT_DROPOUT.get(head, 0.05)
+    return head, set(opts), dropout
+
+
+def _same_setup(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("shape", "mode", "seq", "batch", "scenario"))
+
+
 def ratios(doc: dict[str, Any]) -> None:
+    """Speed and peak against the tuned peer and against unsloth at the row's own dropout (same run)."""
     for row in doc["rows"]:
-        ref = next((r for r in doc["rows"] if r["variant"] == REFERENCE and r["shape"] == row["shape"]
-                    and r["mode"] == row["mode"] and r["seq"] == row["seq"] and r["batch"] == row["batch"]), None)
-        if ref and ref.get("tokens_per_s") and row.get("tokens_per_s"):
-            row["speed_vs_tuned"] = row["tokens_per_s"] / ref["tokens_per_s"]
-            if ref.get("peak_alloc_gib") and row.get("peak_alloc_gib"):
-                row["peak_vs_tuned"] = row["peak_alloc_gib"] / ref["peak_alloc_gib"]
+        _, _, dropout = variant_parts(row["variant"])
+        for tag, pick in (("tuned", lambda r: variant_parts(r["variant"])[0] == REFERENCE
+                           and variant_parts(r["variant"])[2] == dropout),
+                          ("unsloth", lambda r: variant_parts(r["variant"])[0] == "peer:unsloth"
+                           and variant_parts(r["variant"])[2] == dropout)):
+            ref = next((r for r in doc["rows"] if _same_setup(r, row) and pick(r)), None)
+            if ref and ref.get("tokens_per_s") and row.get("tokens_per_s"):
+                row[f"speed_vs_{tag}"] = row["tokens_per_s"] / ref["tokens_per_s"]
+                if ref.get("peak_alloc_gib") and row.get("peak_alloc_gib"):
+                    row[f"peak_vs_{tag}"] = row["peak_alloc_gib"] / ref["peak_alloc_gib"]
+
+
+def loss_gate(doc: dict[str, Any]) -> None:
+    """`loss_max_rel_diff` of every peftchat row against its eager `peftchat:ref` row (see module doc)."""
+    for row in doc["rows"]:
+        head, opts, dropout = variant_parts(row["variant"])
+        if not head.startswith("peftchat:") or not row.get("losses"):
+            continue
+        ref = next((r for r in doc["rows"] if _same_setup(r, row) and r.get("losses")
+                    and variant_parts(r["variant"])[0] == "peftchat:ref"
+                    and ("packing" in variant_parts(r["variant"])[1]) == ("packing" in opts)
+                    and variant_parts(r["variant"])[2] == dropout), None)
+        if ref is None:
+            continue
+        pairs = list(zip(row["losses"], ref["losses"]))
+        row["loss_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in pairs) if pairs else None
+        row["loss_ref"] = ref["variant"]
+        row["gated_out"] = bool(row["loss_max_rel_diff"] is not None and row["loss_max_rel_diff"] > LOSS_GATE)
 
 
 def _fmt(v: Any, nd: int = 1) -> str:
@@ -153,16 +201,22 @@ def markdown(doc: dict[str, Any]) -> str:
              f"GPU: {meta.get('gpu', '-')}; bf16 8192^3 matmul ceiling: {_fmt(meta.get('ceiling_tflops'))} TFLOP/s  ",
              f"Batch {meta['batch']} x seq {meta['seq']}, {meta['warmup']} warm-up + {meta['steps']} timed steps "
              "(median step time).", "",
-             "| shape | mode | variant | tok/s | step s | peak alloc GiB | peak reserved GiB | model TFLOP/s "
-             "| % ceiling | speed vs tuned | peak vs tuned | notes |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "Rows marked *gated out* missed the loss gate (loss differs from the eager reference by > 1 %): "
+             "shown, not results. Chat rows count real (non-pad) tokens.", "",
+             "| shape | mode | scenario | variant | tok/s | label tok/s | step s | peak alloc GiB | peak reserved GiB "
+             "| model TFLOP/s | % ceiling | speed / peak vs tuned | speed / peak vs unsloth | loss max rel diff | notes |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
     for r in doc["rows"]:
         note = r.get("error") or r.get("skipped") or ", ".join(r.get("applied") or [])
+        if r.get("gated_out"):
+            note = "*gated out* " + note
         lines.append("| " + " | ".join([
-            r["shape"], r["mode"], r["variant"], _fmt(r.get("tokens_per_s"), 0), _fmt(r.get("step_s_median"), 3),
+            r["shape"], r["mode"], r.get("scenario", "dense"), r["variant"], _fmt(r.get("tokens_per_s"), 0),
+            _fmt(r.get("label_tokens_per_s"), 0), _fmt(r.get("step_s_median"), 3),
             _fmt(r.get("peak_alloc_gib")), _fmt(r.get("peak_reserved_gib")), _fmt(r.get("model_tflops"), 0),
-            _fmt(r.get("pct_ceiling")), _fmt(r.get("speed_vs_tuned"), 2), _fmt(r.get("peak_vs_tuned"), 2),
-            str(note).replace("|", "/")]) + " |")
+            _fmt(r.get("pct_ceiling")), f"{_fmt(r.get('speed_vs_tuned'), 2)} / {_fmt(r.get('peak_vs_tuned'), 2)}",
+            f"{_fmt(r.get('speed_vs_unsloth'), 2)} / {_fmt(r.get('peak_vs_unsloth'), 2)}",
+            _fmt(r.get("loss_max_rel_diff"), 4), str(note).replace("|", "/")[:160]]) + " |")
     if doc["seqlen"]:
         lines += ["", "Longest sequence (batch 1) per variant: each length in its own process.", "",
                   "| shape | mode | variant | seq | fits | peak alloc GiB | step s | note |", "|---|---|---|---:|---|---:|---:|---|"]
@@ -173,23 +227,50 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str]]:
+def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
+    """(scenario, shape, mode, variant) jobs: `--plan` items are `shape/mode/variant` or
+    `scenario/shape/mode/variant`; otherwise every scenario x shape x mode x variant."""
     if args.plan:
-        return [tuple(item.split("/", 2)) for item in args.plan.split(",") if item]  # type: ignore[misc]
+        out = []
+        for item in filter(None, args.plan.split(",")):
+            parts = item.split("/")
+            out.append(tuple(parts) if len(parts) == 4 else ("dense", *parts))
+        return out  # type: ignore[return-value]
     plan = []
-    for shape in args.shapes.split(","):
-        for mode in args.modes.split(","):
-            variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[mode]
-            plan += [(shape, mode, v) for v in variants]
+    for scenario in args.scenarios.split(","):
+        for shape in args.shapes.split(","):
+            for mode in args.modes.split(","):
+                variants = args.variants.split(",") if args.variants else DEFAULT_VARIANTS[mode]
+                plan += [(scenario, shape, mode, v) for v in variants]
     return plan
 
 
 def train_spec(args: argparse.Namespace, shape: str, mode: str, variant: str, batch: int, seq: int,
-               warmup: int, steps: int) -> dict[str, Any]:
-    return {"job": "train", "shape": shape, "mode": mode, "variant": variant, "batch": batch, "seq": seq,
+               warmup: int, steps: int, scenario: str = "dense") -> dict[str, Any]:
+    safe = variant.replace(":", "_").replace("+", "_").replace("@", "_")
+    spec = {"job": "train", "shape": shape, "mode": mode, "variant": variant, "batch": batch, "seq": seq,
             "warmup": warmup, "steps": steps, "device": args.device, "model_dir": model_dir(args, shape),
-            "vocab_size": shape_dict(shape, args.vocab_size).get("vocab_size"),
-            "work_dir": str(Path(args.work_dir) / f"{shape}_{mode}_{variant.replace(':', '_').replace('+', '_')}_{seq}")}
+            "vocab_size": shape_dict(shape, args.vocab_size).get("vocab_size"), "scenario": scenario,
+            "work_dir": str(Path(args.work_dir) / f"{scenario}_{shape}_{mode}_{safe}_{seq}")}
+    if scenario == "chat":
+        spec["sessions_file"] = str(sessions_file(args))
+    elif scenario != "dense":
+        raise ValueError(f"unknown scenario {scenario!r} (dense, chat)")
+    return spec
+
+
+def sessions_file(args: argparse.Namespace) -> Path:
+    """The chat scenario's sessions, written once per run (same seed: same file for every variant)."""
+    path = Path(args.work_dir) / "chat_sessions.jsonl"
+    if not path.is_file():
+        from transformers import AutoTokenizer
+
+        from benchmarks.chat_sessions import write_sessions
+        from peftchat.demo_assets import demo_tokenizer_dir
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_sessions(path, AutoTokenizer.from_pretrained(str(demo_tokenizer_dir())), n=args.chat_sessions)
+    return path
 
 
 def ensure_model(runner: Runner, shape: str) -> bool:
@@ -259,7 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--modes", default="nf4,int8,bf16")
     p.add_argument("--variants", default="", help="comma list of KIND:NAME applied to every mode")
-    p.add_argument("--plan", default="", help="explicit comma list of shape/mode/variant (overrides the above)")
+    p.add_argument("--scenarios", default="dense", help="comma list of dense, chat")
+    p.add_argument("--plan", default="",
+                   help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)")
+    p.add_argument("--chat-sessions", type=int, default=600, help="sessions written for the chat scenario")
+    p.add_argument("--run-label", default="", help="the `run` field of every row (default: the date)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=2)
@@ -288,27 +373,30 @@ def main(argv: list[str] | None = None) -> int:
         smoke_defaults(args)
     if args.isolate is None:
         args.isolate = True
+    args.run_label = args.run_label or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     runner = Runner(args)
     if args.device.startswith("cuda") and not args.no_ceiling:
         res = runner.job({"job": "ceiling", "device": args.device}, 120)
         runner.doc["meta"].update({k: v for k, v in res.items() if k != "wall_s"})
         runner.save()
     if not args.seqlen_only:
-        for shape, mode, variant in parse_plan(args):
+        for scenario, shape, mode, variant in parse_plan(args):
             if not ensure_model(runner, shape):
                 continue
-            spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps)
+            spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps, scenario)
             res = runner.job(spec, args.job_timeout)
-            row = {k: spec[k] for k in ("shape", "mode", "variant", "batch", "seq")}
+            row = {k: spec[k] for k in ("shape", "mode", "scenario", "variant", "batch", "seq")}
+            row["run"] = args.run_label
             row.update(res)
             if args.vocab_size:
                 row["vocab_size"] = args.vocab_size
             enrich(row, runner.doc)
             runner.doc["rows"].append(row)
             ratios(runner.doc)
+            loss_gate(runner.doc)
             runner.save()
-            print(f"{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
-                "tokens_per_s", "peak_alloc_gib", "peak_reserved_gib", "error", "skipped", "wall_s")}), flush=True)
+            print(f"{scenario}/{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
+                "tokens_per_s", "peak_alloc_gib", "loss_max_rel_diff", "error", "skipped", "wall_s")}), flush=True)
     if args.seqlen:
         run_seqlen(runner)
     runner.save()
@@ -324,11 +412,18 @@ def smoke_defaults(args: argparse.Namespace) -> None:
     args.device = "cpu"
     args.shapes = "tiny"
     args.batch, args.seq, args.warmup, args.steps = 2, 64, 1, 1
+    args.chat_sessions = 48
     args.no_ceiling = True
     if args.vocab_size is None:  # the shipped tokenizer's ids must fit the model for peftchat's data path
         args.vocab_size = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
     if not args.variants and not args.plan:
-        args.variants = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast+nocompile,peftchat:lean"
+        dense = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast+nocompile,peftchat:lean".split(",")
+        plan = [f"dense/tiny/{m}/{v}" for m in ("nf4", "int8", "bf16") for v in dense]
+        # the loss gate's reference, the named-dropout path, unsloth (skipped on CPU), the chat scenario
+        plan += ["dense/tiny/nf4/peftchat:ref", "dense/tiny/nf4/peer:unsloth@dropout0.05", "dense/tiny/nf4/peftchat:lean+mem64",
+                 "chat/tiny/nf4/peer:tuned", "chat/tiny/nf4/peer:unsloth",
+                 "chat/tiny/nf4/peftchat:ref+packing", "chat/tiny/nf4/peftchat:lean+packing"]
+        args.plan = ",".join(plan)
     if args.isolate is None:
         args.isolate = False
     if args.out == str(REPO / "benchmarks" / "results"):

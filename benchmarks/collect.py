@@ -91,11 +91,31 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def concat(runs: list[tuple[str, dict]]) -> tuple[dict, str]:
+    """Every row of every run as measured, ratios and loss gate from its own run (bench.py computes
+    them in-run), no row replaced; the table is one section per run."""
+    from benchmarks.bench import markdown as run_markdown
+
+    rows = [{**r, "run": r.get("run") or run_id} for run_id, doc in runs for r in doc["rows"]]
+    doc = {"runs": {run_id: d["meta"] for run_id, d in runs}, "rows": rows,
+           "seqlen": [r for _, d in runs for r in d.get("seqlen", [])]}
+    text = "\n".join(f"## {run_id}\n\n" + run_markdown(d) for run_id, d in runs)
+    return doc, text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+", help="run dirs (searched for results.json)")
     p.add_argument("--out", required=True)
+    p.add_argument("--concat", action="store_true", help="keep every row with its own run's ratios (bench.py rows)")
     args = p.parse_args(argv)
+    if args.concat:
+        doc, text = concat(load_runs(args.runs))
+        out = Path(args.out)
+        (out / "results.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        (out / "results.md").write_text(text, encoding="utf-8")
+        print(text)
+        return 0
     doc = merge(load_runs(args.runs))
     out = Path(args.out)
     (out / "results.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")

@@ -18,7 +18,7 @@ import torch
 
 PEER_VARIANTS = ("tutorial", "tuned", "tuned_liger", "tuned_liger_nockpt")
 
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
 
 
 def quantization_config(mode: str, compute_dtype: torch.dtype):
@@ -34,7 +34,7 @@ def quantization_config(mode: str, compute_dtype: torch.dtype):
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def build_peer(variant: str, mode: str, model_dir: str, device: str) -> torch.nn.Module:
+def build_peer(variant: str, mode: str, model_dir: str, device: str, dropout: float = 0.05) -> torch.nn.Module:
     """Load the saved model the way the variant's user would and wrap it with LoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -57,18 +57,19 @@ def build_peer(variant: str, mode: str, model_dir: str, device: str) -> torch.nn
             model.enable_input_require_grads()
     elif variant != "tuned_liger_nockpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=dropout, **LORA))
     model.train()
     return model
 
 
 def peer_step_fn(model: torch.nn.Module, lr: float = 2e-4, max_grad_norm: float = 1.0):
-    """The hand-written training step: HF loss over all positions, AdamW, clipping."""
+    """The hand-written training step: HF loss (`labels`, else every position), AdamW, clipping."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], labels=batch["input_ids"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    labels=batch.get("labels", batch["input_ids"]))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()

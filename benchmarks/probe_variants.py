@@ -74,7 +74,7 @@ def build_probe(spec: str, mode: str, model_dir: str, device: str):
     applied = kernels.apply_fused_kernels(model, recipe) if opts["liger"] else []
     n_ckpt = kernels.apply_checkpoint_policy(model, recipe)
     applied.append(f"checkpointed_layers={n_ckpt}" + (" offloaded" if opts["offload"] else ""))
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **peer_variants.LORA))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.05, **peer_variants.LORA))
     model.train()
     causal_lm = model.get_base_model()
     if opts["compile"]:

@@ -74,6 +74,7 @@ def time_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], warmup
             losses.append(step(batches[i % len(batches)]))
             times.append(time.perf_counter() - t0)
     out: dict[str, Any] = {
+        "step_s_all": times,
         "step_s_median": statistics.median(times) if times else None,
         "step_s_mean": statistics.fmean(times) if times else None,
         "losses": [round(float(x), 4) for x in losses],
@@ -84,17 +85,77 @@ def time_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], warmup
     return out
 
 
+def split_dropout(variant: str) -> tuple[str, float | None]:
+    """`peer:unsloth@dropout0.05` -> (`peer:unsloth`, 0.05); no `@dropout` suffix -> (variant, None)."""
+    base, _, suffix = variant.partition("@")
+    if not suffix:
+        return base, None
+    if not suffix.startswith("dropout"):
+        raise ValueError(f"unknown variant suffix {suffix!r} (expected @dropoutX)")
+    return base, float(suffix[len("dropout"):])
+
+
+def chat_batches(spec: dict[str, Any], n: int, device: str) -> list[dict]:
+    """The first `n` dynamically padded batches of the shared sessions file (see chat_sessions)."""
+    from benchmarks.chat_sessions import padded_batches, sessions_recipe, tokenized_samples
+
+    recipe = sessions_recipe(spec)
+    batches = padded_batches(tokenized_samples(recipe), spec["batch"], n, pad_id=spec.get("pad_id", 0))
+    keep = ("input_ids", "labels", "attention_mask")
+    return [{**{k: b[k].to(device) for k in keep}, "real_tokens": b["real_tokens"], "label_tokens": b["label_tokens"]}
+            for b in batches]
+
+
+def chat_throughput(res: dict[str, Any], batches: list[dict], warmup: int) -> dict[str, Any]:
+    """Real and label tokens/s over the timed steps (batches after warm-up, in order)."""
+    timed = batches[warmup:warmup + len(res["step_s_all"])]
+    t = sum(res["step_s_all"])
+    real = sum(b["real_tokens"] for b in timed)
+    padded = sum(b["input_ids"].numel() for b in timed)
+    return {"tokens_per_s": real / t, "label_tokens_per_s": sum(b["label_tokens"] for b in timed) / t,
+            "padded_tokens_per_s": padded / t, "real_tokens_timed": real}
+
+
+def copy_tokenizer(model_dir: str) -> None:
+    """Put the shipped tokenizer beside the weights: peers that load the model dir as users do
+    (unsloth's from_pretrained) load the tokenizer from it too, with the hub off."""
+    import shutil
+    from pathlib import Path
+
+    from peftchat.demo_assets import demo_tokenizer_dir
+
+    for f in Path(demo_tokenizer_dir()).iterdir():
+        if f.is_file() and not (Path(model_dir) / f.name).exists():
+            shutil.copy(f, Path(model_dir) / f.name)
+
+
 def run_train(spec: dict[str, Any]) -> dict[str, Any]:
-    kind, _, name = spec["variant"].partition(":")
+    variant, dropout = split_dropout(spec["variant"])
+    kind, _, name = variant.partition(":")
     device = spec["device"]
     t0 = time.perf_counter()
     applied: list[str] = []
-    if kind == "peer":
+    if dropout is not None:
+        spec = {**spec, "dropout": dropout}
+    if kind == "peer" and name == "unsloth":
+        from benchmarks import unsloth_variant
+
+        why_not = unsloth_variant.unsloth_available()
+        if why_not:
+            return {"skipped": why_not}
+        model = unsloth_variant.build_unsloth(spec["mode"], spec["model_dir"], spec["seq"],
+                                              0.0 if dropout is None else dropout)
+        from benchmarks import peer_variants
+
+        step = peer_variants.peer_step_fn(model)
+        applied.append("unsloth " + json.dumps(unsloth_variant.unsloth_versions()))
+    elif kind == "peer":
         from benchmarks import peer_variants
 
         if name.startswith("tuned_liger") and not device.startswith("cuda"):
             return {"skipped": "liger-kernel needs CUDA"}
-        model = peer_variants.build_peer(name, spec["mode"], spec["model_dir"], device)
+        model = peer_variants.build_peer(name, spec["mode"], spec["model_dir"], device,
+                                         0.05 if dropout is None else dropout)
         step = peer_variants.peer_step_fn(model)
     elif kind == "probe":
         from benchmarks import probe_variants
@@ -105,7 +166,7 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "peftchat":
         from benchmarks import peftchat_variants
 
-        return peftchat_variants.run(spec)
+        return peftchat_variants.run({**spec, "variant": variant})
     else:
         raise ValueError(f"unknown variant kind {kind!r}")
     load_s = time.perf_counter() - t0
@@ -113,8 +174,13 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         static_gib = torch.cuda.memory_allocated() / GIB
     else:
         static_gib = None
-    batches = random_batches(spec["vocab_size"], spec["batch"], spec["seq"], device)
-    res = time_steps(step, batches, spec["warmup"], spec["steps"], device)
+    if spec.get("scenario") == "chat":
+        batches = chat_batches(spec, spec["warmup"] + spec["steps"], device)
+        res = time_steps(step, batches, spec["warmup"], spec["steps"], device)
+        res.update(chat_throughput(res, batches, spec["warmup"]))
+    else:
+        batches = random_batches(spec["vocab_size"], spec["batch"], spec["seq"], device)
+        res = time_steps(step, batches, spec["warmup"], spec["steps"], device)
     if "compile" in name.split("+"):
         from torch._dynamo.utils import counters
 
@@ -133,6 +199,7 @@ def main(argv: list[str]) -> int:
 
             t0 = time.perf_counter()
             build_random_model(spec["shape"], spec["model_dir"], spec["device"], spec.get("vocab_size"))
+            copy_tokenizer(spec["model_dir"])
             result: dict[str, Any] = {"build_s": time.perf_counter() - t0}
         elif job == "ceiling":
             result = matmul_ceiling(spec["device"])

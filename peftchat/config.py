@@ -98,6 +98,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = True
     checkpoint_skip_layers: int = 0  # last N decoder layers not checkpointed: faster, costs their activations
     checkpoint_offload: bool = False  # CUDA: checkpointed layer inputs wait in pinned host memory
+    max_memory_gib: Optional[float] = None  # GPU budget: picks skip_layers/offload (overrides both)
     fused_kernels: Any = "auto"  # auto | true | false: liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
     autocast: bool = True  # CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)
     compile: bool = False  # torch.compile each decoder layer (pays on long runs; first steps compile)
@@ -389,6 +390,7 @@ RANGES: dict[str, Range] = {
     "decoding.top_p": Range(0, 1, low_open=True),  # 1 = no nucleus filter
     "decoding.repetition_penalty": POSITIVE,  # 1 = none
     "decoding.max_context": POSITIVE,  # null = data.max_length
+    "training.max_memory_gib": POSITIVE,  # null = no budget: the recipe's own checkpoint settings
 }
 
 

@@ -10,7 +10,8 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
-  pinned host memory (``offloaded_checkpoint``).
+  pinned host memory (``offloaded_checkpoint``). ``training.max_memory_gib`` picks both from an
+  estimate instead (``checkpoint_settings``, memory_budget.py).
 * ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
 * ``apply_training_speedups`` does all of the above in the right order; the training loop calls it
   once after LoRA is applied.
@@ -139,7 +140,8 @@ def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
     checkpoint policy.
     """
     compile_layers = bool(getattr(recipe.training, "compile", False))
-    if compile_layers and getattr(recipe.training, "checkpoint_offload", False):
+    budget = getattr(recipe.training, "max_memory_gib", None)
+    if compile_layers and getattr(recipe.training, "checkpoint_offload", False) and not budget:
         # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
         raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
     applied: list[str] = []
@@ -149,10 +151,10 @@ def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
             applied.append("liger:fused_linear_cross_entropy")
     else:
         applied += apply_fused_kernels(model, recipe)
-    n = apply_checkpoint_policy(model, recipe)
+    skip, offload = checkpoint_settings(model, recipe)
+    n = apply_checkpoint_policy(model, recipe, skip, offload)
     if recipe.training.gradient_checkpointing:
-        offload = " (inputs offloaded)" if getattr(recipe.training, "checkpoint_offload", False) else ""
-        applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+        applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{' (inputs offloaded)' if offload else ''}")
     if compile_layers:
         # Regional compilation: the decoder layers share one compiled graph (same code, weights
         # as inputs), so compile time does not grow with depth.
@@ -169,7 +171,25 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unwrap_peft(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
+def checkpoint_settings(model: torch.nn.Module, recipe: Any) -> tuple[int, bool]:
+    """(skip layers, offload): the recipe's, or with `training.max_memory_gib` the fastest pair
+    whose estimated peak fits (memory_budget.choose_policy), printed as it is chosen."""
+    skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
+    offload = bool(getattr(recipe.training, "checkpoint_offload", False))
+    budget = getattr(recipe.training, "max_memory_gib", None)
+    if not budget or not recipe.training.gradient_checkpointing:
+        return skip, offload
+    from peftchat.model.memory_budget import ModelShape, choose_policy
+
+    policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
+                           recipe.adapter.r, recipe.training.batch_size, recipe.data.max_length, float(budget),
+                           allow_offload=not getattr(recipe.training, "compile", False))
+    print(policy.describe(float(budget)), flush=True)
+    return policy.checkpoint_skip_layers, policy.checkpoint_offload
+
+
+def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any, skip: int | None = None,
+                            offload: bool | None = None) -> int:
     """Gradient checkpointing on every decoder layer but the last `training.checkpoint_skip_layers`.
 
     Non-reentrant torch checkpointing (no `enable_input_require_grads`, activations stay bf16), or,
@@ -182,7 +202,8 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
         if getattr(base, "is_gradient_checkpointing", False):
             base.gradient_checkpointing_disable()
         return 0
-    skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
+    if skip is None:
+        skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
     if skip < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {skip}")
     kwargs = {"use_reentrant": False}
@@ -193,7 +214,8 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)
-    offload = bool(getattr(recipe.training, "checkpoint_offload", False))
+    if offload is None:
+        offload = bool(getattr(recipe.training, "checkpoint_offload", False))
     for i, layer in enumerate(layers):
         # The last layers run first in the backward pass, so their kept activations are freed first.
         layer.gradient_checkpointing = i < len(layers) - skip

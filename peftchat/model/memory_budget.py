@@ -1,0 +1,99 @@
+"""`training.max_memory_gib`: the fastest checkpoint/offload policy whose estimated peak fits.
+
+A pure function of numbers (model shape, quantization, LoRA rank, micro-batch, sequence length,
+budget) so the choice is testable without a GPU. The estimate (bytes, bf16 activations):
+
+  weights     decoder linears at 0.53 B/param (NF4 + double-quant absmax), 1 (int8) or 2 (bf16);
+              embedding and LM head in bf16
+  LoRA        r * (in + out) per targeted linear, fp32 weight + grad + two AdamW moments (16 B)
+  per layer   a checkpointed layer keeps its input (tokens * d * 2 B) on the GPU, or nothing with
+              `checkpoint_offload` (two inputs in flight: the double buffer); a layer left out of
+              checkpointing keeps all its activations, 2 B * (8 d + 4 ff) per token
+  transient   the layer being recomputed in backward plus the loss: 1.7 x one layer's activations
+
+Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/RESULTS.md, 2026-11-29): estimated
+8.5 / 10.4 / 20.9 GiB for offload / checkpoint all / skip 8, measured 8.2 / ~9.8 / 20.8 (dropout
+0.05). Without any checkpointing it says 52 GiB where 57.9 was measured: budgets that large leave
+room anyway. Choices are
+ranked by speed: fewer recomputed layers first (each one costs a forward), no offload before
+offload at the same count (the copies cost a little); the first that fits within 95 % of the
+budget wins. When none fits, the smallest is returned with `fits=False` for the caller to say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GIB = 2**30
+HEADROOM = 0.95  # the allocator's fragmentation and whatever the estimate misses
+WEIGHT_BYTES = {"4bit": 0.53, "8bit": 1.0, "none": 2.0}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        c = config.get_text_config() if hasattr(config, "get_text_config") else config
+        heads = c.num_attention_heads
+        return cls(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,
+                   vocab=c.vocab_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+                   tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+
+
+@dataclass(frozen=True)
+class MemoryPolicy:
+    checkpoint_skip_layers: int
+    checkpoint_offload: bool
+    estimated_gib: float
+    fits: bool
+
+    def describe(self, budget_gib: float) -> str:
+        offload = ", inputs offloaded" if self.checkpoint_offload else ""
+        verdict = "fits" if self.fits else "NOTHING FITS, smallest policy used"
+        return (f"max_memory_gib {budget_gib:g}: checkpoint_skip_layers {self.checkpoint_skip_layers}{offload} "
+                f"(estimated peak {self.estimated_gib:.1f} GiB; {verdict})")
+
+
+def _linears(s: ModelShape) -> list[tuple[int, int]]:
+    head_dim = s.hidden // s.heads
+    q, kv = s.heads * head_dim, s.kv_heads * head_dim
+    return [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden),
+            (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+
+
+def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool) -> float:
+    """Estimated peak GiB of one training step (see the module docstring for the terms)."""
+    linears = _linears(s)
+    base = s.layers * sum(i * o for i, o in linears) * WEIGHT_BYTES[quantization]
+    embed = s.vocab * s.hidden * 2 * (1 if s.tied_embeddings else 2)
+    lora = s.layers * sum(lora_r * (i + o) for i, o in linears) * 16
+    layer_input = tokens * s.hidden * 2
+    layer_acts = tokens * 2 * (8 * s.hidden + 4 * s.intermediate)
+    checkpointed = s.layers - skip
+    kept_inputs = 2 * layer_input if offload else checkpointed * layer_input
+    total = base + embed + lora + kept_inputs + skip * layer_acts + 1.7 * layer_acts
+    return total / GIB
+
+
+def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq: int, budget_gib: float,
+                  allow_offload: bool = True) -> MemoryPolicy:
+    """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest."""
+    if budget_gib <= 0:
+        raise ValueError(f"budget must be > 0 GiB, got {budget_gib}")
+    tokens = batch * seq
+    ranked = [(skip, offload) for skip in range(s.layers, -1, -1)
+              for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
+    for skip, offload in ranked:
+        est = estimate_gib(s, quantization, lora_r, tokens, skip, offload)
+        if est <= HEADROOM * budget_gib:
+            return MemoryPolicy(skip, offload, est, True)
+    smallest = min(ranked, key=lambda so: estimate_gib(s, quantization, lora_r, tokens, *so))
+    return MemoryPolicy(smallest[0], smallest[1], estimate_gib(s, quantization, lora_r, tokens, *smallest), False)

@@ -1,0 +1,71 @@
+"""training.max_memory_gib: the policy choice as a pure function (8B Llama shape numbers, checked
+against the peaks measured on the H200: benchmarks/RESULTS.md), config validation, and the
+choice applied to a tiny model on CPU."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from peftchat.config import recipe_from_dict
+from peftchat.errors import ConfigError
+from peftchat.model import kernels
+from peftchat.model.memory_budget import ModelShape, choose_policy, estimate_gib
+
+LLAMA3_8B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
+TOKENS = 4 * 2048
+
+
+@pytest.mark.parametrize("skip,offload,measured", [(0, True, 8.21), (8, False, 20.79)])
+def test_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
+    est = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload)
+    assert measured <= est <= measured * 1.06
+
+
+def test_8b_budgets_pick_the_fastest_policy_that_fits():
+    at = {b: choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, b) for b in (8, 9, 16, 24, 64)}
+    assert not at[8].fits and at[8].checkpoint_offload and at[8].checkpoint_skip_layers == 0  # smallest, said so
+    assert at[9].fits and (at[9].checkpoint_skip_layers, at[9].checkpoint_offload) == (0, True)
+    assert at[16].fits and at[16].estimated_gib <= 0.95 * 16
+    assert at[24].fits and at[24].checkpoint_skip_layers >= 8 and at[24].estimated_gib <= 0.95 * 24
+    assert at[64].fits and at[64].checkpoint_skip_layers == 32 and not at[64].checkpoint_offload
+    skips = [at[b].checkpoint_skip_layers for b in (9, 16, 24, 64)]
+    assert skips == sorted(skips) and len(set(skips)) == 4  # more memory, fewer recomputed layers
+    # one more skipped layer would not fit: the choice is the fastest, not just a fitting one
+    p = at[24]
+    assert estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, p.checkpoint_skip_layers + 1, p.checkpoint_offload) > 0.95 * 24
+
+
+def test_no_offload_when_compiling_and_quantization_changes_the_estimate():
+    p = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, allow_offload=False)
+    assert not p.checkpoint_offload and p.fits
+    assert estimate_gib(LLAMA3_8B, "none", 16, TOKENS, 0, True) > estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, 0, True) + 8
+    with pytest.raises(ValueError):
+        choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 0)
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_config_rejects_a_non_positive_budget(value):
+    with pytest.raises(ConfigError, match="training.max_memory_gib"):
+        recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"max_memory_gib": value}})
+    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"max_memory_gib": 16}})
+    assert r.training.max_memory_gib == 16
+
+
+def test_budget_overrides_the_recipe_policy_and_prints_it(tiny_llama_dir, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+
+    def recipe(budget):
+        return SimpleNamespace(
+            model=SimpleNamespace(quantization="none"), adapter=SimpleNamespace(r=4),
+            data=SimpleNamespace(max_length=64),
+            training=SimpleNamespace(gradient_checkpointing=True, checkpoint_skip_layers=0, checkpoint_offload=False,
+                                     fused_kernels=False, compile=False, batch_size=2, max_memory_gib=budget))
+
+    applied = kernels.apply_training_speedups(model, recipe(64))  # a tiny model: nothing needs recomputing
+    assert "checkpointed 0/2 layers" in applied
+    assert "max_memory_gib 64: checkpoint_skip_layers 2" in capsys.readouterr().out
+    applied = kernels.apply_training_speedups(model, recipe(1e-4))  # nothing fits: the smallest policy
+    assert any(a.startswith("checkpointed 2/2 layers") for a in applied)  # (2 layers: offload saves nothing)
+    assert "NOTHING FITS" in capsys.readouterr().out
