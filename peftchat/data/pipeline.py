@@ -247,6 +247,20 @@ def _hold_out(raw, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
     return [i for i in range(len(raw)) if i not in held], eval_rows
 
 
+def _without_length_warning(tokenizer):
+    """A shallow copy of `tokenizer` whose `model_max_length` does not limit anything.
+
+    The collators tokenize a whole session before cutting it to data.max_length, which makes
+    transformers warn "Token indices sequence length is longer than the specified maximum sequence
+    length" for every long session — noise, since the samples are truncated right after. The copy
+    silences exactly that warning; the caller's tokenizer (saved beside the adapter) is untouched."""
+    import copy
+
+    quiet = copy.copy(tokenizer)
+    quiet.model_max_length = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
+    return quiet
+
+
 def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> DataBundle:
     """Tokenized train (and eval) data for `recipe`. `split_eval=False` ignores data.eval and
     data.eval_split: every record of data.train, in order (what `peftchat data dump` shows)."""
@@ -254,6 +268,7 @@ def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> Dat
     if cfg.format not in ("auto", *FORMATS):
         raise UserError(f"'data.format' is {cfg.format!r}; expected auto or one of {', '.join(FORMATS)}")
     seed = recipe.training.seed
+    tokenizer = _without_length_warning(tokenizer)
     train_src = load_records(cfg.train, cfg, key="data.train")
     train_rows, eval_src, eval_rows = None, None, None
     if split_eval and cfg.eval is not None:
