@@ -176,7 +176,7 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
     out: list[DataSource] = []
     for i, entry in enumerate(entries):
         where = f"{key}[{i}]" if isinstance(value, list) else key
-        if isinstance(entry, str) and entry:
+        if isinstance(entry, str):  # "" too: chat on a bare model dir builds a recipe with no data
             out.append(DataSource(entry))
             continue
         if not isinstance(entry, dict):
