@@ -1,8 +1,6 @@
 """Input formats users bring: Alpaca, OpenAI content parts, a per-message `train` flag; and no
 tokenizer length warning for sessions the collator truncates."""
 
-import json
-
 import pytest
 
 from data_helpers import conv, messages_record, recipe, tok, write_jsonl
