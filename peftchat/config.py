@@ -53,10 +53,10 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    train: Any = MISSING  # a file, a list of files, a dataset dir or a hub dataset name
+    train: Any = MISSING  # a file/glob/dataset dir/hub name, a {path, format, weight} mapping, or a list of those
     eval: Any = None  # same forms as `train`; when unset, `eval_split` carves one out of train
     eval_split: float = 0.0  # share (0..1) or, when >= 1, a number of sessions held out
-    format: str = "auto"  # auto | moss | chatglm | messages | sharegpt
+    format: str = "auto"  # auto | moss | chatglm | messages | sharegpt | alpaca: for sources naming none
     collator: str = "chat_template"  # the conversation format; peftchat.formats.registry lists them
     max_length: int = 2048  # moss, chat_template
     max_source_length: int = 1024  # chatglm: S
@@ -142,7 +142,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("bf16", "fp16", "fp32"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3"),
     "adapter.bias": ("none", "all", "lora_only"),
-    "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt"),
+    "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca"),
     "data.chatglm_style": ("chatglm", "chatglm2"),
     "data.truncation": ("seed", "drop_oldest"),
     "data.loss_on": ("all_assistant", "last_assistant"),
@@ -152,6 +152,52 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 EXTENDS_KEY = "extends"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One entry of `data.train` / `data.eval`: where its records are, their format (None = the
+    recipe's `data.format`) and the per-epoch multiplier of its records (2 = each twice, 0.5 = a
+    seeded half)."""
+
+    path: str
+    format: Optional[str] = None
+    weight: float = 1.0
+
+
+SOURCE_KEYS = ("path", "format", "weight")
+
+
+def data_sources(value: Any, key: str) -> list[DataSource]:
+    """The entries of `data.train` / `data.eval` (a path, a mapping, or a list of those), checked."""
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        raise ConfigError(f"'{key}' is an empty list; expected at least one data file or dataset")
+    out: list[DataSource] = []
+    for i, entry in enumerate(entries):
+        where = f"{key}[{i}]" if isinstance(value, list) else key
+        if isinstance(entry, str):  # "" too: chat on a bare model dir builds a recipe with no data
+            out.append(DataSource(entry))
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"'{where}' must be a path, a dataset name or a mapping {{path, format, weight}}, got {entry!r}")
+        for k in entry:
+            if k not in SOURCE_KEYS:
+                close = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"'{where}.{k}': unknown key{hint}; a data source takes {', '.join(SOURCE_KEYS)}")
+        path, fmt, weight = entry.get("path"), entry.get("format"), entry.get("weight", 1.0)
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"'{where}.path' must be a file, glob, dataset dir or dataset name, got {path!r}")
+        formats = CHOICES["data.format"]
+        if fmt is not None and fmt not in formats:
+            close = difflib.get_close_matches(str(fmt), formats, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"'{where}.format' is {fmt!r}; expected one of {', '.join(formats)}{hint}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
+            raise ConfigError(f"'{where}.weight' must be a number >= 0, got {weight!r}")
+        out.append(DataSource(path, fmt, float(weight)))
+    return out
 
 
 def _asset_resolver(name: str) -> str:
@@ -316,9 +362,9 @@ def _validate(recipe: Recipe) -> None:
     tm = recipe.adapter.target_modules
     if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"'adapter.target_modules' must be 'all-linear' or a list of names, got {tm!r}")
-    train = recipe.data.train
-    if not (isinstance(train, str) or (isinstance(train, list) and train and all(isinstance(t, str) for t in train))):
-        raise ConfigError(f"'data.train' must be a path, a dataset name or a list of paths, got {train!r}")
+    data_sources(recipe.data.train, "data.train")
+    if recipe.data.eval is not None:
+        data_sources(recipe.data.eval, "data.eval")
     if not isinstance(recipe.training.resume, (bool, str)):
         raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {recipe.training.resume!r}")
 

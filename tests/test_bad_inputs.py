@@ -189,7 +189,7 @@ TYPE_ROWS = [
     ("training.lr", "not of the form key=value"),
     ("adapter.target_modules=5", "'adapter.target_modules' must be"),
     ("training.resume=3", "'training.resume' must be false, true or a checkpoint path"),
-    ("data.train=[]", "'data.train' must be a path"),
+    ("data.train=[]", "'data.train' is an empty list"),
     ("model.path=${nope}", "cannot resolve"),
 ]
 

@@ -9,16 +9,25 @@ Formats (`data.format`):
   names ``data.prompt_column`` / ``response_column`` / ``history_column``. The history rounds are
   context only: the row trains its last answer, as in ChatGLM-6B.
 * ``messages``: OpenAI style ``{"messages": [{"role": system|user|assistant|tool, "content"}]}``.
+  ``content`` may also be a list of OpenAI content parts; the text parts are joined with a newline
+  (as vLLM does) and any other part (an image, audio) is a bad record. An assistant message may
+  carry ``"train": false`` (a bool): it stays in the context but the collators put no loss on it.
 * ``sharegpt``: ``{"conversations": [{"from": human|gpt|system|…, "value"}], "system"?: str}``.
-* ``auto``: picked from the keys of the first record (`detect_format`).
+* ``alpaca``: ``instruction``, optional ``input`` (appended to the instruction after a newline, as
+  Alpaca and LLaMA-Factory do), ``output``, optional ``system`` and ``history`` ``[[q, a], ...]``
+  (earlier rounds, trained like the last one: history is part of the conversation here).
+* ``auto``: picked from the keys of the first record of each file or dataset (`detect_format`).
+
+`fields_read` names the top-level fields each format reads: the loader keeps only those, so columns
+a format ignores never decide whether a file loads.
 
 A record that cannot be a conversation raises `DataError("<origin>: <problem>")`, where the origin
 is ``file:line`` for JSON Lines (1-based) or ``source[index]`` otherwise. A chatglm row with an empty
 query or answer is well-formed but yields nothing: it comes back with `dropped` set, as ChatGLM-6B
 skips such rows, and the data report counts it.
 
-This module also re-exports `load_records` (see `peftchat.data.sources`) so the loader and the
-formats read as one entry point.
+The loader that reads files into records is `peftchat.data.sources`; it imports this module, never
+the other way round.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from peftchat.formats.conversation import Conversation  # noqa: F401
 from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
 from peftchat.formats.moss import strip_markup as _strip_markup
 
-FORMATS = ("moss", "chatglm", "messages", "sharegpt")
+FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca")
 
 MOSS_REQUIRED = ("Human", "MOSS")
 
@@ -63,13 +72,35 @@ def detect_format(record: dict[str, Any], cfg: DataConfig, origin: str) -> str:
         return "messages"
     if "conversations" in keys:
         return "sharegpt"
-    if cfg.prompt_column in keys and cfg.response_column in keys:
+    if cfg.prompt_column in keys and cfg.response_column in keys:  # first: the recipe named these columns
         return "chatglm"
+    if "instruction" in keys and "output" in keys:
+        return "alpaca"
     raise DataError(
         f"{origin}: cannot tell the data format from the keys {sorted(keys)}; expected 'chat' + "
-        f"'num_turns' (moss), 'messages', 'conversations' (sharegpt) or '{cfg.prompt_column}' + "
-        f"'{cfg.response_column}' (chatglm); set data.format"
+        f"'num_turns' (moss), 'messages', 'conversations' (sharegpt), 'instruction' + 'output' "
+        f"(alpaca) or '{cfg.prompt_column}' + '{cfg.response_column}' (chatglm); set data.format"
     )
+
+
+def fields_read(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
+    """The top-level fields of a record that `normalize(record, fmt, ...)` reads."""
+    if fmt == "moss":
+        return ("meta_instruction", "num_turns", "chat")
+    if fmt == "chatglm":
+        return tuple(c for c in (cfg.prompt_column, cfg.response_column, cfg.history_column) if c)
+    if fmt == "messages":
+        return ("messages",)
+    if fmt == "sharegpt":
+        return ("conversations", "system")
+    if fmt == "alpaca":
+        return ALPACA_FIELDS
+    raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def prune(record: dict[str, Any], fmt: str, cfg: DataConfig) -> dict[str, Any]:
+    """`record` without the fields `fmt` does not read (and without null fields)."""
+    return {k: record[k] for k in fields_read(fmt, cfg) if record.get(k) is not None}
 
 
 def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) -> Conversation:
@@ -82,6 +113,8 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) ->
         return _from_messages(record, origin)
     if fmt == "sharegpt":
         return _from_sharegpt(record, origin)
+    if fmt == "alpaca":
+        return _from_alpaca(record, origin)
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -185,22 +218,42 @@ def _check_messages(
         role = m.get("role")
         if role not in ROLES:
             raise _bad(origin, f"{name}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if content is not None and not isinstance(content, str):
-            raise _bad(origin, f"{name}[{i}].content must be a string, got {type(content).__name__}")
+        content = _text_content(m.get("content"), origin, f"{name}[{i}].content")
+        train = m.get("train")
+        if train is not None and (not isinstance(train, bool) or role != "assistant"):
+            raise _bad(origin, f"{name}[{i}].train must be true or false, on an assistant message only; got {train!r} on {role!r}")
         if role == "system" and j != 0:
             raise _bad(origin, f"{name}[{i}]: a system message may only come first")
         if role == "assistant" and not (content or "").strip() and not m.get("tool_calls"):
             raise _bad(origin, f"{name}[{i}]: empty answer")
         if content is None and role != "assistant":
             raise _bad(origin, f"{name}[{i}] is missing 'content'")
-        out.append({k: v for k, v in m.items() if v is not None})
+        out.append({k: (content if k == "content" else v) for k, v in m.items() if v is not None})
     body = out[1:] if out[0]["role"] == "system" else out
     if not body or body[0]["role"] != "user":
         raise _bad(origin, f"{name}: the first message after the system message must be the user's")
     if out[-1]["role"] != "assistant":
         raise _bad(origin, f"{name}: the last message is {out[-1]['role']!r}; it must be the assistant's answer")
     return out
+
+
+def _text_content(content: Any, origin: str, where: str) -> str | None:
+    """A message's content as text: a string as is, OpenAI content parts' text joined by newlines."""
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(origin, f"{where} must be a string or a list of content parts, got {type(content).__name__}")
+    texts: list[str] = []
+    for k, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a {kind!r} part" if kind is not None else repr(part)[:40]
+            raise _bad(origin, f"{where}[{k}] is {what}; only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _bad(origin, f"{where}[{k}].text must be a string, got {type(text).__name__}")
+        texts.append(text)
+    return "\n".join(texts)
 
 
 def _from_messages(record: dict[str, Any], origin: str) -> Conversation:
@@ -230,9 +283,27 @@ def _from_sharegpt(record: dict[str, Any], origin: str) -> Conversation:
     return Conversation(messages=_check_messages(messages, origin, "conversations", offset), origin=origin)
 
 
-def __getattr__(name: str):  # lazy re-export, so `formats` does not import `datasets` at load
-    if name in ("load_records", "RecordSource"):
-        from peftchat.data import sources
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
 
-        return getattr(sources, name)
-    raise AttributeError(name)
+
+def _from_alpaca(record: dict[str, Any], origin: str) -> Conversation:
+    values: dict[str, str] = {}
+    for key in ("instruction", "input", "output", "system"):
+        value = record.get(key)
+        if value is None and key in ("instruction", "output"):
+            raise _bad(origin, f"missing field {key!r} (alpaca: instruction, input, output)")
+        if value is not None and not isinstance(value, str):
+            raise _bad(origin, f"field {key!r} must be a string, got {type(value).__name__}")
+        values[key] = value or ""
+    history = record.get("history")
+    if history is not None and not isinstance(history, list):
+        raise _bad(origin, "field 'history' must be a list of [query, answer] pairs")
+    messages: list[dict[str, Any]] = [{"role": "system", "content": values["system"]}] if values["system"] else []
+    for k, pair in enumerate(history or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise _bad(origin, f"history[{k}] must be a [query, answer] pair of strings, got {pair!r}")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    query = "\n".join(t for t in (values["instruction"], values["input"]) if t)
+    messages += [{"role": "user", "content": query}, {"role": "assistant", "content": values["output"]}]
+    return Conversation(messages=_check_messages(messages, origin, "alpaca"), origin=origin)
+

@@ -1,10 +1,11 @@
 """`build_datasets`: recipe + tokenizer -> tokenized train/eval `datasets.Dataset`s and a report.
 
-Steps: load the raw records (`sources.load_records`), resolve ``data.format: auto`` from the first
-record, hold out eval sessions (``data.eval`` files, or ``data.eval_split`` of the train records,
-chosen by session with ``training.seed``), then one batched `Dataset.map` per split normalizes each
-record (`formats.normalize`) and encodes it with the recipe's conversation format
-(`peftchat.formats`). The map writes one row per
+Steps: load the raw records of every source (`sources.load_records`: one row per record holding its
+format, ``auto`` resolved per file), hold out eval sessions (``data.eval`` sources, or
+``data.eval_split`` of the train records, chosen by session with ``training.seed``), apply the
+sources' weights (`weighted_rows`), then one batched `Dataset.map` per split normalizes each record
+(`formats.normalize`) and encodes it with the recipe's conversation format (`peftchat.formats`).
+The map writes one row per
 sample — ``input_ids``, ``labels`` (unpadded, unshifted, -100 = no loss) — plus one row per
 dropped would-be sample, left-out part or skipped bad record carrying the reason, so the report can count them;
 those rows are then left out. Output columns are exactly ``input_ids`` and ``labels``, in data-set
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from peftchat.config import DataConfig, Recipe
-from peftchat.data.formats import FORMATS, detect_format, normalize
+from peftchat.data.formats import FORMATS, normalize
 from peftchat.data.report import DROP, LEFT_OUT, SKIP, DataReport
-from peftchat.data.sources import Origins, RecordSource, load_records, quiet_datasets
+from peftchat.data.sources import RecordSource, load_records, quiet_datasets
 from peftchat.errors import DataError, UserError
 from peftchat.formats import registry
 from peftchat.formats.samples import IGNORE_INDEX
@@ -78,10 +79,9 @@ def _code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_key(raw, fmt: str, cfg: DataConfig, tokenizer, split: str) -> str:
+def _cache_key(raw, cfg: DataConfig, tokenizer, split: str) -> str:
     parts = {
-        "raw": raw._fingerprint,
-        "format": fmt,
+        "raw": raw._fingerprint,  # covers each record's format (a column of the rows)
         "data": {k: getattr(cfg, k) for k in TOKENIZATION_KEYS},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": _code_fingerprint(),
@@ -90,12 +90,27 @@ def _cache_key(raw, fmt: str, cfg: DataConfig, tokenizer, split: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def resolve_format(source: RecordSource, cfg: DataConfig) -> str:
-    if cfg.format != "auto":
-        return cfg.format
-    if len(source.dataset) == 0:
-        raise DataError(f"{source.name}: no records")
-    return detect_format(source.dataset[0], cfg, source.origins(0))
+def weighted_rows(source_of: list[int], rows: list[int] | None, weights: list[float], seed: int) -> list[int] | None:
+    """`rows` (None = every row) with each source's rows repeated or thinned by its weight: weight 2
+    gives every row twice, 0.5 a half chosen with `seed` (the same half each epoch), 1.5 all once plus
+    a seeded half. Sources keep their order, rows their order within a source (copies one after the
+    other). None when nothing changes."""
+    import numpy as np
+
+    if all(w == 1 for w in weights):
+        return rows
+    members: dict[int, list[int]] = {}
+    for r in rows if rows is not None else range(len(source_of)):
+        members.setdefault(source_of[r], []).append(r)
+    out: list[int] = []
+    for source, own in sorted(members.items()):
+        whole, part = divmod(weights[source], 1)
+        out += own * int(whole)
+        extra = round(part * len(own))
+        if extra:
+            chosen = np.random.default_rng([seed, source]).choice(len(own), extra, replace=False)
+            out += [own[i] for i in sorted(chosen)]
+    return out
 
 
 class _Encoder:
@@ -103,8 +118,8 @@ class _Encoder:
 
     A class rather than a closure so `datasets` can pickle it to worker processes (num_proc > 1)."""
 
-    def __init__(self, fmt: str, cfg: DataConfig, tokenizer, origins: Origins, rows: list[int] | None) -> None:
-        self.fmt, self.cfg, self.origins, self.rows = fmt, cfg, origins, rows
+    def __init__(self, cfg: DataConfig, tokenizer, rows: list[int] | None) -> None:
+        self.cfg, self.rows = cfg, rows
         self.collator = registry.make_format(cfg, tokenizer)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -117,13 +132,12 @@ class _Encoder:
             out["truncated"].append(truncated)
             out["note"].append(note)
 
-        columns = list(batch)
         for j, index in enumerate(indices):
             session = self.rows[index] if self.rows is not None else index
-            record = {c: batch[c][j] for c in columns}
-            origin = self.origins(session)
+            origin = batch["origin"][j]
             try:
-                encoded = self.collator.encode(normalize(record, self.fmt, self.cfg, origin))
+                record = json.loads(batch["record"][j])
+                encoded = self.collator.encode(normalize(record, batch["format"][j], self.cfg, origin))
             except DataError as e:
                 if self.cfg.on_error == "stop":
                     raise
@@ -150,19 +164,19 @@ def _features():
     })
 
 
-def _encode_split(raw, rows: list[int] | None, source: RecordSource, fmt: str, cfg: DataConfig, tokenizer,
+def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataConfig, tokenizer,
                   split: str) -> tuple[Any, DataReport]:
     """Tokenize one split (`raw`, whose row i is source row rows[i]); returns (dataset, report)."""
     import numpy as np
     import pyarrow.compute as pc
 
-    key = _cache_key(raw, fmt, cfg, tokenizer, split)
+    key = _cache_key(raw, cfg, tokenizer, split)
     cache_file = None
     if cfg.cache_dir:
         cache_root = Path(cfg.cache_dir).expanduser() / "peftchat-tokenized"
         cache_root.mkdir(parents=True, exist_ok=True)
         cache_file = str(cache_root / f"{split}-{key}.arrow")
-    encoder = _Encoder(fmt, cfg, tokenizer, source.origins, rows)
+    encoder = _Encoder(cfg, tokenizer, rows)
     num_proc = cfg.num_proc if cfg.num_proc and cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None
     with quiet_datasets(show_progress=len(raw) > SHOW_PROGRESS_ABOVE):
         mapped = raw.map(
@@ -183,8 +197,12 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, fmt: str, c
     flat = pc.list_flatten(table.column("labels"))
     loss_tokens = int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
     notes = table.column("note").to_pylist()
-    report = DataReport.from_columns(split, table.column("session").to_pylist(), notes,
-                                     table.column("truncated").to_pylist(), lengths.tolist(), loss_tokens)
+    sessions = table.column("session").to_pylist()
+    report = DataReport.from_columns(split, sessions, notes, table.column("truncated").to_pylist(),
+                                     lengths.tolist(), loss_tokens)
+    source_of = source.dataset["source"]
+    report.count_sources([(i.name, "+".join(i.formats), i.weight, len(i.bad)) for i in source.sources],
+                         [source_of[s] for s in sessions], sessions, notes)
     keep = np.flatnonzero(np.array([n == "" for n in notes], dtype=bool)) if notes else np.array([], dtype=int)
     result = mapped.select_columns(["input_ids", "labels"])
     if len(keep) != len(mapped):
@@ -192,29 +210,30 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, fmt: str, c
     return result, report
 
 
-def _session_keys(raw, fmt: str, cfg: DataConfig) -> list[Any]:
+def _session_keys(raw, cfg: DataConfig) -> list[Any]:
     """A key per record; records with one key form one session for the eval hold-out.
 
     Records are sessions, except chatglm rows: the rows of one conversation (each holding the
     earlier rounds as history) share their first question, so they are held out together."""
-    n = len(raw)
-    if fmt != "chatglm" or cfg.prompt_column not in raw.column_names:
-        return list(range(n))
-    prompts = raw[cfg.prompt_column]
-    histories = raw[cfg.history_column] if cfg.history_column and cfg.history_column in raw.column_names else [None] * n
+    formats = raw["format"]
+    if "chatglm" not in formats:
+        return list(range(len(raw)))
     keys: list[Any] = []
-    for i, (prompt, history) in enumerate(zip(prompts, histories)):
+    for i, (fmt, text) in enumerate(zip(formats, raw["record"])):
+        record = json.loads(text) if fmt == "chatglm" else {}
+        prompt = record.get(cfg.prompt_column)
+        history = record.get(cfg.history_column) if cfg.history_column else None
         first = history[0][0] if isinstance(history, list) and history and isinstance(history[0], (list, tuple)) \
             and history[0] else prompt
         keys.append(("q", first) if isinstance(first, str) and first else ("row", i))
     return keys
 
 
-def _hold_out(raw, fmt: str, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+def _hold_out(raw, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
     """(train rows, eval rows), both in data-set order; eval = data.eval_split of the sessions."""
     import numpy as np
 
-    keys = _session_keys(raw, fmt, cfg)
+    keys = _session_keys(raw, cfg)
     groups: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
         groups.setdefault(k, []).append(i)
@@ -230,28 +249,44 @@ def _hold_out(raw, fmt: str, cfg: DataConfig, seed: int) -> tuple[list[int], lis
     return [i for i in range(len(raw)) if i not in held], eval_rows
 
 
+def _without_length_warning(tokenizer):
+    """A shallow copy of `tokenizer` whose `model_max_length` does not limit anything.
+
+    The collators tokenize a whole session before cutting it to data.max_length, which makes
+    transformers warn "Token indices sequence length is longer than the specified maximum sequence
+    length" for every long session — noise, since the samples are truncated right after. The copy
+    silences exactly that warning; the caller's tokenizer (saved beside the adapter) is untouched."""
+    import copy
+
+    quiet = copy.copy(tokenizer)
+    quiet.model_max_length = int(1e30)  # transformers' own "no limit" value (VERY_LARGE_INTEGER)
+    return quiet
+
+
 def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> DataBundle:
     """Tokenized train (and eval) data for `recipe`. `split_eval=False` ignores data.eval and
     data.eval_split: every record of data.train, in order (what `peftchat data dump` shows)."""
     cfg = recipe.data
     if cfg.format not in ("auto", *FORMATS):
         raise UserError(f"'data.format' is {cfg.format!r}; expected auto or one of {', '.join(FORMATS)}")
-    train_src = load_records(cfg.train, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.train")
-    fmt = resolve_format(train_src, cfg)
-    raw_train, train_rows, eval_src, raw_eval, eval_rows = train_src.dataset, None, None, None, None
+    seed = recipe.training.seed
+    tokenizer = _without_length_warning(tokenizer)
+    train_src = load_records(cfg.train, cfg, key="data.train")
+    train_rows, eval_src, eval_rows = None, None, None
     if split_eval and cfg.eval is not None:
-        eval_src = load_records(cfg.eval, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.eval")
-        raw_eval = eval_src.dataset
+        eval_src = load_records(cfg.eval, cfg, key="data.eval")
+        eval_rows = weighted_rows(eval_src.dataset["source"], None, [s.weight for s in eval_src.sources], seed)
     elif split_eval and cfg.eval_split > 0:
-        train_rows, eval_rows = _hold_out(raw_train, fmt, cfg, recipe.training.seed)
+        train_rows, eval_rows = _hold_out(train_src.dataset, cfg, seed)
         eval_src = train_src
-        raw_eval = raw_train.select(eval_rows)
-        raw_train = raw_train.select(train_rows)
-    train, report = _encode_split(raw_train, train_rows, train_src, fmt, cfg, tokenizer, "train")
+    train_rows = weighted_rows(train_src.dataset["source"], train_rows, [s.weight for s in train_src.sources], seed)
+    raw_train = train_src.dataset if train_rows is None else train_src.dataset.select(train_rows)
+    train, report = _encode_split(raw_train, train_rows, train_src, cfg, tokenizer, "train")
     report.add_skipped(train_src.bad)
     evaluation = None
-    if raw_eval is not None and eval_src is not None:
-        evaluation, report.eval = _encode_split(raw_eval, eval_rows, eval_src, fmt, cfg, tokenizer, "eval")
+    if eval_src is not None:
+        raw_eval = eval_src.dataset if eval_rows is None else eval_src.dataset.select(eval_rows)
+        evaluation, report.eval = _encode_split(raw_eval, eval_rows, eval_src, cfg, tokenizer, "eval")
         if eval_src is not train_src:
             report.eval.add_skipped(eval_src.bad)
     if len(train) == 0:

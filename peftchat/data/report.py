@@ -13,6 +13,23 @@ MAX_EXAMPLES = 5
 
 
 @dataclass
+class SourceCounts:
+    """What one entry of data.train / data.eval contributed to a split."""
+
+    name: str
+    format: str
+    weight: float = 1.0
+    sessions: int = 0  # distinct records that gave samples (a weight-2 record counts once)
+    samples: int = 0  # with the weight's copies
+    skipped: int = 0  # bad records left out with data.on_error=skip
+
+    def line(self) -> str:
+        weight = f", weight {self.weight:g}" if self.weight != 1 else ""
+        skipped = f", {self.skipped} bad records skipped" if self.skipped else ""
+        return f"  source {self.name} ({self.format or '-'}{weight}): {self.sessions} sessions -> {self.samples} samples{skipped}"
+
+
+@dataclass
 class DataReport:
     split: str = "train"
     sessions: int = 0  # records that were well-formed conversations (or chatglm rows)
@@ -25,6 +42,7 @@ class DataReport:
     left_out: dict[str, int] = field(default_factory=dict)  # reason -> conversation parts not used
     skipped: int = 0  # bad records left out with data.on_error=skip
     skipped_examples: list[str] = field(default_factory=list)
+    sources: list[SourceCounts] = field(default_factory=list)
     eval: "DataReport | None" = None
 
     @property
@@ -71,6 +89,22 @@ class DataReport:
         report.add_skipped(skips)
         return report
 
+    def count_sources(self, sources: list[tuple[str, str, float, int]], row_sources: list[int],
+                      sessions: list[int], notes: list[str]) -> None:
+        """Per-source counts. `sources`: (name, format, weight, lines skipped while reading) per
+        entry; the other lists run over the tokenizing map's output rows."""
+        self.sources = [SourceCounts(name, fmt, weight, skipped=bad) for name, fmt, weight, bad in sources]
+        seen: set[int] = set()
+        for source, session, note in zip(row_sources, sessions, notes):
+            counts = self.sources[source]
+            if note.startswith(SKIP):
+                counts.skipped += session not in seen
+                seen.add(session)
+                continue
+            counts.samples += note == ""
+            counts.sessions += session not in seen
+            seen.add(session)
+
     def summary(self) -> str:
         """A few human-readable lines (train first, then eval when there is one)."""
         lines = [
@@ -78,6 +112,8 @@ class DataReport:
             f"({self.loss_tokens} with loss, {self.loss_share:.1%}), longest {self.longest}, "
             f"{self.truncated} truncated, {self.dropped_total} dropped, {self.skipped} bad records skipped"
         ]
+        if len(self.sources) > 1 or any(c.weight != 1 for c in self.sources):
+            lines += [c.line() for c in self.sources]
         for reason, n in self.dropped.items():
             lines.append(f"  dropped {n}: {reason}")
         for reason, n in self.left_out.items():

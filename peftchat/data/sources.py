@@ -1,13 +1,20 @@
 """Loading raw records through `datasets`, keeping track of where each record came from.
 
-`data.train` / `data.eval` may be a JSON Lines or JSON file, a list of files (glob patterns
-allowed), a directory (written by `Dataset.save_to_disk`, or holding .jsonl/.json files), or a hub
-dataset name (train split; needs network).
+`data.train` / `data.eval` is one source or a list of them; a source is a JSON Lines or JSON file, a
+glob, a directory (written by `Dataset.save_to_disk`, or holding .jsonl/.json files), a hub dataset
+name (train split; needs network), or a mapping ``{path, format, weight}`` naming one of those
+(`config.data_sources`). ``format: auto`` is decided per file (per dataset for saved and hub ones)
+from its first record, so files of different formats mix in one run.
 
-`datasets`' JSON loader reports a malformed line poorly (a pyarrow message with a byte offset, or
-none), so local JSON files are checked line by line first, which is cheap: a bad line is named as
-``file:LINE`` (1-based). With ``data.on_error: skip`` the bad lines are left out (a cleaned copy of
-the file is loaded instead) and returned in `RecordSource.bad` for the report.
+Every source becomes rows of one fixed schema (`RECORD_FEATURES`): ``record`` — the JSON text of
+only the fields its format reads (`formats.fields_read`) —, ``format``, ``origin`` (``file:LINE``,
+1-based, or ``source[index]``) and ``source`` (the entry's index). A JSON file is read line by line
+by us (a bad line is named as ``file:LINE``; with ``data.on_error: skip`` it is left out and listed
+in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Why not let
+`datasets` read the user's file: it infers one Arrow schema for every column of every file, so a
+column the format never reads (MOSS's ``conversation_id``, a number in some lines and a string in
+others) stops the load on some `datasets` versions, and files of different formats cannot share a
+schema at all. The fields' own types are checked by the format readers, with the record's origin.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ import hashlib
 import json
 import os
 import tempfile
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from peftchat.config import DataConfig, DataSource, data_sources
+from peftchat.data.formats import detect_format, prune
 from peftchat.errors import DataError
 from peftchat.paths import looks_local
 
@@ -30,31 +38,44 @@ JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TOO_DEEP = "JSON nested too deeply (more levels than Python's recursion limit)"
 
 
-class Origins:
-    """Maps a row of the loaded dataset to ``file:line`` (JSON Lines) or ``source[index]``."""
+RECORD_COLUMNS = ("record", "format", "origin", "source")
+CLEAN_DIR = "peftchat-records-v1"  # bump when the row layout changes: old copies are then not reused
 
-    def __init__(self) -> None:
-        self._parts: list[tuple[int, str, array | None]] = []  # (first row, label, line numbers)
-        self.total = 0
 
-    def add(self, label: str, count: int, lines: array | None = None) -> None:
-        self._parts.append((self.total, label, lines))
-        self.total += count
+def record_features():
+    import datasets
 
-    def __call__(self, row: int) -> str:
-        for start, label, lines in reversed(self._parts):
-            if row >= start:
-                k = row - start
-                return f"{label}:{lines[k]}" if lines is not None else f"{label}[{k}]"
-        return f"record {row}"
+    return datasets.Features({
+        "record": datasets.Value("string"),
+        "format": datasets.Value("string"),
+        "origin": datasets.Value("string"),
+        "source": datasets.Value("int32"),
+    })
+
+
+@dataclass
+class SourceInfo:
+    """What one entry of data.train / data.eval gave."""
+
+    name: str  # the path, glob or dataset as the recipe names it
+    weight: float = 1.0
+    formats: list[str] = field(default_factory=list)  # of its files, distinct, in order
+    records: int = 0
+    bad: list[str] = field(default_factory=list)  # malformed lines left out (on_error=skip)
 
 
 @dataclass
 class RecordSource:
-    dataset: Any  # datasets.Dataset of raw records
-    origins: Origins
-    bad: list[str] = field(default_factory=list)  # malformed lines left out (on_error=skip)
+    dataset: Any  # datasets.Dataset, one row per record, columns RECORD_COLUMNS
+    sources: list[SourceInfo]
     name: str = ""
+
+    @property
+    def bad(self) -> list[str]:
+        return [m for s in self.sources for m in s.bad]
+
+    def origins(self, row: int) -> str:
+        return self.dataset[row]["origin"]
 
 
 @contextlib.contextmanager
@@ -113,10 +134,8 @@ def _problem(e: json.JSONDecodeError) -> str:
     return f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-def _scan_jsonl(path: Path, on_error: str, bad: list[str]) -> tuple[array, bool]:
-    """Line numbers (1-based) of the good records of a JSON Lines file; whether any line was bad."""
-    lines = array("I")
-    any_bad = False
+def _scan_jsonl(path: Path, on_error: str, bad: list[str]) -> Iterator[tuple[str, dict]]:
+    """(``file:LINE``, record) for each good line of a JSON Lines file; bad ones go to `bad`."""
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, start=1):
             try:
@@ -134,20 +153,18 @@ def _scan_jsonl(path: Path, on_error: str, bad: list[str]) -> tuple[array, bool]
                     problem = TOO_DEEP
                 else:
                     if isinstance(value, dict):
-                        lines.append(n)
+                        yield f"{path}:{n}", value
                         continue
                     problem = f"expected a JSON object, got {type(value).__name__}"
             message = f"{path}:{n}: {problem}"
             if on_error == "stop":
                 raise DataError(message)
             bad.append(message)
-            any_bad = True
-    return lines, any_bad
 
 
-def _scan_json(path: Path, on_error: str, bad: list[str]) -> tuple[array | None, bool, int]:
-    """Check a .json file. A JSON array of objects gives (None, False, count); a file that is
-    really JSON Lines is scanned as such (its line numbers, whether any was bad, count)."""
+def _scan_json(path: Path, on_error: str, bad: list[str]) -> Iterator[tuple[str, dict]]:
+    """(origin, record) for each record of a .json file: a JSON array of objects (``file[i]``),
+    one object, or JSON Lines under a .json name (``file:LINE``)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
@@ -164,83 +181,101 @@ def _scan_json(path: Path, on_error: str, bad: list[str]) -> tuple[array | None,
             looks_jsonl = False
         if not looks_jsonl:
             raise DataError(f"{path}:{e.lineno}: {_problem(e)}") from None
-        lines, any_bad = _scan_jsonl(path, on_error, bad)
-        return lines, any_bad, len(lines)
+        yield from _scan_jsonl(path, on_error, bad)
+        return
     if isinstance(value, dict):
         body = [n for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
         if len(body) != 1:
             raise DataError(f"{path}: holds one JSON object; expected a list of records or JSON Lines")
-        return array("I", body), False, 1  # a one-line JSON Lines file
+        yield f"{path}:{body[0]}", value  # a one-line JSON Lines file
+        return
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a list of records (or JSON Lines), got {type(value).__name__}")
     for i, item in enumerate(value):
         if not isinstance(item, dict):
             raise DataError(f"{path}[{i}]: expected a JSON object, got {type(item).__name__}")
-    return None, False, len(value)
+    for i, item in enumerate(value):
+        yield f"{path}[{i}]", item
 
 
-def _clean_copy(path: Path, lines: array, cache_dir: str | None) -> Path:
-    """A copy of `path` holding only the good lines (named by content, so re-runs reuse it)."""
-    wanted = set(lines)
-    with open(path, "rb") as fh:
-        kept = [raw.rstrip(b"\r\n") for n, raw in enumerate(fh, start=1) if n in wanted]
-    body = b"\n".join(kept) + b"\n"
-    digest = hashlib.sha256(str(path.resolve()).encode() + b"\0" + body).hexdigest()[:20]
-    out_dir = Path(cache_dir or tempfile.gettempdir()).expanduser() / "peftchat-clean"
+def _row(record: dict, fmt: str, origin: str, source: int, cfg: DataConfig) -> str:
+    return json.dumps({"record": json.dumps(prune(record, fmt, cfg), ensure_ascii=False), "format": fmt,
+                       "origin": origin, "source": source}, ensure_ascii=False) + "\n"
+
+
+def _rows_file(path: Path, fmt: str, source: int, cfg: DataConfig, info: SourceInfo) -> Path | None:
+    """Check `path` record by record and write its rows (`RECORD_COLUMNS`) to a copy named by
+    content, so an unchanged file maps to an unchanged copy and `datasets` reuses its cache.
+    None when every record was bad and skipped."""
+    out_dir = Path(cfg.cache_dir or tempfile.gettempdir()).expanduser() / CLEAN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{path.stem}-{digest}.jsonl"
-    if not out.exists():
-        tmp = out.with_suffix(".tmp")
-        tmp.write_bytes(body)
-        tmp.replace(out)
+    records = _scan_json(path, cfg.on_error, info.bad) if path.suffix == ".json" else _scan_jsonl(path, cfg.on_error, info.bad)
+    bad_before, count = len(info.bad), 0
+    digest = hashlib.sha256(str(path.resolve()).encode() + b"\0")
+    file_format = fmt
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=out_dir, suffix=".tmp", delete=False) as tmp:
+        try:
+            for origin, record in records:
+                if file_format == "auto":
+                    file_format = detect_format(record, cfg, origin)
+                line = _row(record, file_format, origin, source, cfg)
+                digest.update(line.encode())
+                tmp.write(line)
+                count += 1
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    if count == 0:
+        os.unlink(tmp.name)
+        if len(info.bad) > bad_before:  # every line was bad and skipped: nothing of this file to load
+            return None
+        raise DataError(f"{path}: no records")
+    out = out_dir / f"{path.stem}-{digest.hexdigest()[:20]}.jsonl"
+    if out.exists():
+        os.unlink(tmp.name)
+    else:
+        os.replace(tmp.name, out)
+    info.records += count
+    if file_format not in info.formats:
+        info.formats.append(file_format)
     return out
 
 
-def _load_json_files(files: list[Path], on_error: str, cache_dir: str | None) -> RecordSource:
+def _load_rows(files: list[Path], cache_dir: str | None, name: str) -> Any:
     import datasets
 
-    origins = Origins()
-    bad: list[str] = []
-    to_load: list[str] = []
-    for f in files:
-        if f.suffix == ".json":
-            lines, any_bad, count = _scan_json(f, on_error, bad)
-        else:
-            lines, any_bad = _scan_jsonl(f, on_error, bad)
-            count = len(lines)
-        if count == 0:
-            if any_bad:  # every line was bad and skipped: nothing of this file to load
-                continue
-            raise DataError(f"{f}: no records")
-        origins.add(str(f), count, lines)
-        to_load.append(str(_clean_copy(f, lines, cache_dir) if any_bad else f))
-    if not to_load:
-        raise DataError(f"{', '.join(map(str, files))}: no usable records ({len(bad)} bad lines skipped)")
     try:
         with quiet_datasets():
-            ds = datasets.load_dataset("json", data_files=to_load, split="train", cache_dir=cache_dir)
-    except Exception as e:  # pyarrow/datasets errors have many types; name the files at least
-        raise DataError(f"{', '.join(to_load)}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if len(ds) != origins.total:  # a loader that skips or merges lines would misname every error
-        raise DataError(f"{', '.join(to_load)}: datasets read {len(ds)} records where {origins.total} were expected")
-    return RecordSource(ds, origins, bad, name=", ".join(map(str, files)))
+            return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train",
+                                         features=record_features(), cache_dir=cache_dir)
+    except Exception as e:  # our own rows failing to load is a bug or a disk problem; name the source
+        raise DataError(f"{name}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def load_records(spec: Any, *, on_error: str = "stop", cache_dir: str | None = None, key: str = "data.train") -> RecordSource:
-    """Load the raw records named by `spec` (the value of `data.train` or `data.eval`)."""
+class _ToRows:
+    """Map function: rows of a saved or hub dataset -> `RECORD_COLUMNS` (a class, so it pickles)."""
+
+    def __init__(self, fmt: str, label: str, source: int, cfg: DataConfig) -> None:
+        self.fmt, self.label, self.source, self.cfg = fmt, label, source, cfg
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        columns = list(batch)
+        records = [{c: batch[c][j] for c in columns} for j in range(len(indices))]
+        return {
+            "record": [json.dumps(prune(r, self.fmt, self.cfg), ensure_ascii=False, default=str) for r in records],
+            "format": [self.fmt] * len(indices),
+            "origin": [f"{self.label}[{i}]" for i in indices],
+            "source": [self.source] * len(indices),
+        }
+
+
+def _open_dataset(spec: str, key: str, cache_dir: str | None) -> Any:
+    """A saved dataset dir or a hub dataset name, as a `datasets.Dataset` (train split)."""
     import datasets
 
-    if isinstance(spec, str) and not _looks_local(spec):
-        try:
-            with quiet_datasets():
-                ds = datasets.load_dataset(spec, split="train", cache_dir=cache_dir)
-        except Exception as e:
-            raise DataError(f"'{key}': cannot load dataset {spec!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        origins = Origins()
-        origins.add(spec, len(ds))
-        return RecordSource(ds, origins, name=spec)
-    if isinstance(spec, str) and _is_saved_dataset(Path(spec).expanduser()):
-        path = Path(spec).expanduser()
+    path = Path(spec).expanduser()
+    if _looks_local(spec):
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:
@@ -249,7 +284,48 @@ def load_records(spec: Any, *, on_error: str = "stop", cache_dir: str | None = N
             if "train" not in ds:
                 raise DataError(f"{path}: the saved DatasetDict has no 'train' split (splits: {', '.join(ds)})")
             ds = ds["train"]
-        origins = Origins()
-        origins.add(str(path), len(ds))
-        return RecordSource(ds, origins, name=str(path))
-    return _load_json_files(_expand(spec, key), on_error, cache_dir)
+        return ds
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset(spec, split="train", cache_dir=cache_dir)
+    except Exception as e:
+        raise DataError(f"'{key}': cannot load dataset {spec!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _load_dataset_source(entry: DataSource, fmt: str, index: int, cfg: DataConfig, key: str, info: SourceInfo) -> Any:
+    ds = _open_dataset(entry.path, key, cfg.cache_dir)
+    label = str(Path(entry.path).expanduser()) if _looks_local(entry.path) else entry.path
+    if len(ds) == 0:
+        raise DataError(f"{label}: no records")
+    if fmt == "auto":
+        fmt = detect_format(ds[0], cfg, f"{label}[0]")
+    info.records, info.formats = len(ds), [fmt]
+    with quiet_datasets():
+        return ds.map(_ToRows(fmt, label, index, cfg), with_indices=True, batched=True, remove_columns=ds.column_names,
+                      features=record_features(), desc=f"reading {label}")
+
+
+def load_records(spec: Any, cfg: DataConfig, *, key: str = "data.train") -> RecordSource:
+    """The records named by `spec` (the value of `data.train` or `data.eval`), every source in order."""
+    import datasets
+
+    parts: list[Any] = []
+    infos: list[SourceInfo] = []
+    for index, entry in enumerate(data_sources(spec, key)):
+        fmt = entry.format or cfg.format
+        info = SourceInfo(name=entry.path, weight=entry.weight)
+        infos.append(info)
+        is_saved = _is_saved_dataset(Path(entry.path).expanduser())
+        if is_saved or not _looks_local(entry.path):
+            parts.append(_load_dataset_source(entry, fmt, index, cfg, key, info))
+            continue
+        files = _expand(entry.path, key)
+        copies = [c for f in files if (c := _rows_file(f, fmt, index, cfg, info)) is not None]
+        if not copies:
+            raise DataError(f"{', '.join(map(str, files))}: no usable records ({len(info.bad)} bad lines skipped)")
+        ds = _load_rows(copies, cfg.cache_dir, entry.path)
+        if len(ds) != info.records:  # a loader that skips or merges lines would misname every error
+            raise DataError(f"{entry.path}: datasets read {len(ds)} records where {info.records} were expected")
+        parts.append(ds)
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return RecordSource(dataset, infos, name=", ".join(i.name for i in infos))

@@ -24,13 +24,15 @@ def test_load_jsonl_list_of_files_json_array_and_saved_dir(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [GOOD_ROW, GOOD_ROW])
     b = tmp_path / "b.json"
     b.write_text(json.dumps([GOOD_ROW, {**GOOD_ROW, "prompt": "q2"}]), encoding="utf-8")
-    src = load_records([str(a), str(b)], cache_dir=str(tmp_path / "cache"))
-    assert len(src.dataset) == 4 and src.dataset[3]["prompt"] == "q2"
+    cfg = recipe(cache_dir=str(tmp_path / "cache")).data
+    src = load_records([str(a), str(b)], cfg)
+    assert len(src.dataset) == 4 and json.loads(src.dataset[3]["record"])["prompt"] == "q2"
     assert [src.origins(i) for i in range(4)] == [f"{a}:1", f"{a}:2", f"{b}[0]", f"{b}[1]"]
+    assert src.dataset["format"] == ["chatglm"] * 4 and src.dataset["source"] == [0, 0, 1, 1]
     datasets.Dataset.from_list([GOOD_ROW]).save_to_disk(str(tmp_path / "saved"))
-    saved = load_records(str(tmp_path / "saved"))
-    assert saved.dataset[0]["prompt"] == "q" and saved.origins(0) == f"{tmp_path / 'saved'}[0]"
-    globbed = load_records(str(tmp_path / "*.jsonl"), cache_dir=str(tmp_path / "cache"))
+    saved = load_records(str(tmp_path / "saved"), cfg)
+    assert json.loads(saved.dataset[0]["record"])["prompt"] == "q" and saved.origins(0) == f"{tmp_path / 'saved'}[0]"
+    globbed = load_records(str(tmp_path / "*.jsonl"), cfg)
     assert len(globbed.dataset) == 2
 
 
