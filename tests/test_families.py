@@ -25,6 +25,9 @@ from peftchat.train.loss import causal_lm_loss
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 FAMILIES = list(TINY_ARCHS)
+# The seven; gemma3 and glm4 (extras) skip the QLoRA run, whose 4-bit layers are the same
+# bitsandbytes Linear4bit for every family, to keep the suite's time down.
+CONTRACT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "glm", "phi3"]
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
            "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -155,7 +158,7 @@ def test_lora_trains_merges_with_parity_and_chats(arch, family_dir, lora_run, tm
     assert capsys.readouterr().out == expected + "\n" and session.history
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", CONTRACT_FAMILIES)
 def test_qlora_4bit_trains(arch, family_dir, tmp_path):
     out = tmp_path / "qlora"
     assert main(["train", str(RECIPES / "demo_qlora.yaml"), f"model.path={family_dir(arch)}", f"training.output_dir={out}",
