@@ -169,16 +169,54 @@ def test_qlora_4bit_trains(arch, family_dir, tmp_path):
     assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
 
 
+def _liger_stand_in(calls, mlp_flag, rope_raises=False):
+    """A function with the signature of liger-kernel 0.8's apply_liger_kernel_to_<family>
+    (linkedin/Liger-Kernel, src/liger_kernel/transformers/monkey_patch.py); it records its flags."""
+    if mlp_flag == "geglu":
+        def apply(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, geglu=True,
+                  model=None):
+            calls.append({"rope": rope, "rms_norm": rms_norm, "geglu": geglu, "flce": fused_linear_cross_entropy})
+    else:
+        def apply(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True,
+                  model=None):
+            if rope and rope_raises:  # as liger's GLM-4 function does
+                raise NotImplementedError("liger_rotary_pos_emb is not available for Glm4 models.")
+            calls.append({"rope": rope, "rms_norm": rms_norm, "swiglu": swiglu, "flce": fused_linear_cross_entropy})
+    return apply
+
+
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_liger_kernels_chosen_per_family(arch, family_dir):
-    config = AutoModelForCausalLM.from_pretrained(str(family_dir(arch))).config
-    chosen = kernels.liger_layer_kernels(config)
-    expected = {"gemma2": ("rope", "rms_norm", "geglu"), "gemma3": ("rope", "rms_norm", "geglu"),
-                "glm": (), "glm4": ("rms_norm", "swiglu")}.get(arch, ("rope", "rms_norm", "swiglu"))
-    assert chosen == expected
+def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
+    """On CUDA, apply_fused_kernels calls liger's function of the family with the flags that family
+    takes (GeGLU for Gemma, no RoPE for GLM-4, nothing for GLM-4-9B-chat); liger itself needs CUDA,
+    so stand-ins with its signatures take the call here."""
+    import sys
+    import types
+
+    calls = []
+    table = {"llama": _liger_stand_in(calls, "swiglu"), "mistral": _liger_stand_in(calls, "swiglu"),
+             "qwen2": _liger_stand_in(calls, "swiglu"), "qwen3": _liger_stand_in(calls, "swiglu"),
+             "phi3": _liger_stand_in(calls, "swiglu"), "gemma2": _liger_stand_in(calls, "geglu"),
+             "gemma3_text": _liger_stand_in(calls, "geglu"), "glm4": _liger_stand_in(calls, "swiglu", rope_raises=True)}
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = table
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+    monkeypatch.setattr(kernels, "fused_kernels_enabled", lambda model, recipe: True)
+
     model = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
+    recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}", "adapter.modules_to_save=[]"])
+    applied = kernels.apply_fused_kernels(model, recipe)
+    expected = {"gemma2": ["rope", "rms_norm", "geglu"], "gemma3": ["rope", "rms_norm", "geglu"],
+                "glm": None, "glm4": ["rms_norm", "swiglu"]}.get(arch, ["rope", "rms_norm", "swiglu"])
+    if expected is None:  # liger has no GLM-4-9B-chat function: no patches, the chunked loss
+        assert applied == [] and calls == []
+        return
+    assert [k for k, on in calls[0].items() if on] == expected  # and never liger's own loss forward
     # the fused CE can stand for the plain head (Gemma 2's soft-capping is done inside it) ...
-    assert kernels.fused_ce_supported(model)
-    recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}"])
-    # ... but not peft's wrapper of a trained head copy (the demo recipes' modules_to_save)
-    assert not kernels.fused_ce_supported(apply_lora(model, recipe, verbose=False))
+    assert applied == [f"liger:{k}" for k in expected] + ["liger:fused_linear_cross_entropy"]
+    # ... but not for peft's wrapper of a trained head copy (the demo recipes' modules_to_save)
+    with_head = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}"])
+    fresh = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
+    assert kernels.apply_fused_kernels(apply_lora(fresh, with_head, verbose=False), with_head)[-1] == "loss:chunked"
