@@ -208,12 +208,12 @@ def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
     recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}", "adapter.modules_to_save=[]"])
     applied = kernels.apply_fused_kernels(model, recipe)
-    expected = {"gemma2": ["rope", "rms_norm", "geglu"], "gemma3": ["rope", "rms_norm", "geglu"],
-                "glm": None, "glm4": ["rms_norm", "swiglu"]}.get(arch, ["rope", "rms_norm", "swiglu"])
+    expected = {"gemma2": ["rms_norm", "geglu", "rope"], "gemma3": ["rms_norm", "geglu", "rope"],
+                "glm": None, "glm4": ["rms_norm", "swiglu"]}.get(arch, ["rms_norm", "swiglu", "rope"])
     if expected is None:  # liger has no GLM-4-9B-chat function: no patches, the chunked loss
         assert applied == [] and calls == []
         return
-    assert [k for k, on in calls[0].items() if on] == expected  # and never liger's own loss forward
+    assert sorted(k for k, on in calls[0].items() if on) == sorted(expected)  # never liger's loss forward
     # the fused CE can stand for the plain head (Gemma 2's soft-capping is done inside it) ...
     assert applied == [f"liger:{k}" for k in expected] + ["liger:fused_linear_cross_entropy"]
     # ... but not for peft's wrapper of a trained head copy (the demo recipes' modules_to_save)

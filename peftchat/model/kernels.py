@@ -78,16 +78,16 @@ def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
 # * phi3: fused qkv_proj / gate_up_proj; liger's Phi-3 SwiGLU splits gate_up_proj's output itself.
 # Other model types liger knows get every layer kernel its function takes.
 LIGER_LAYER_KERNELS: dict[str, tuple[str, ...]] = {
-    "llama": ("rope", "rms_norm", "swiglu"),
-    "mistral": ("rope", "rms_norm", "swiglu"),
-    "qwen2": ("rope", "rms_norm", "swiglu"),
-    "qwen3": ("rope", "rms_norm", "swiglu"),
-    "phi3": ("rope", "rms_norm", "swiglu"),
-    "gemma2": ("rope", "rms_norm", "geglu"),
-    "gemma3_text": ("rope", "rms_norm", "geglu"),
+    "llama": ("rms_norm", "swiglu", "rope"),
+    "mistral": ("rms_norm", "swiglu", "rope"),
+    "qwen2": ("rms_norm", "swiglu", "rope"),
+    "qwen3": ("rms_norm", "swiglu", "rope"),
+    "phi3": ("rms_norm", "swiglu", "rope"),
+    "gemma2": ("rms_norm", "geglu", "rope"),
+    "gemma3_text": ("rms_norm", "geglu", "rope"),
     "glm4": ("rms_norm", "swiglu"),
 }
-_LAYER_KERNEL_FLAGS = ("rope", "rms_norm", "swiglu", "geglu")
+_LAYER_KERNEL_FLAGS = ("rms_norm", "swiglu", "geglu", "rope")
 
 
 def _parameters(fn: Any) -> set[str]:
