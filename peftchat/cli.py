@@ -231,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("tiny-model", help="build a random-init tiny model (Llama or Qwen2) for demos and tests")
+    p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    # the names of peftchat.demo_assets.TINY_ARCHS (not imported here: --help stays light)
+    p.add_argument("--arch", default="llama",
+                   choices=["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "glm", "glm4", "phi3"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
     return parser

@@ -30,6 +30,7 @@ __all__ = [
     "demo_tokenizer_dir",
     "build_demo_tokenizer",
     "build_tiny_model",
+    "TINY_ARCHS",
 ]
 
 _ASSETS = Path(__file__).resolve().parent / "assets"
@@ -210,6 +211,47 @@ def _save_tokenizer(tokenizer, out_dir: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# Family quirks each tiny model keeps, so the tests meet them (kept as in the released models):
+# * llama / mistral: plain GQA + SwiGLU; mistral keeps its sliding window (4096, longer than any test).
+# * qwen2: biases on q/k/v.  qwen3: RMSNorm on q and k per head (q_norm/k_norm), explicit head_dim.
+# * gemma2: embeddings scaled by sqrt(hidden) in the model, tied input/output embeddings, GeGLU
+#   (gelu tanh) MLP, RMSNorm with (1 + w), pre/post norms, attention logits soft-capped at 50 and
+#   final logits at 30, alternating sliding/full attention; no sdpa (it cannot soft-cap).
+# * gemma3: as gemma2 without soft-capping, plus q/k norms and 5 sliding layers per full one.
+# * glm (GLM-4-9B-chat, GlmForCausalLM): fused gate_up_proj MLP, q/k/v biases, partial (half),
+#   interleaved rotary embeddings.  glm4 (GLM-4-0414, Glm4ForCausalLM): glm plus post-attention and
+#   post-MLP norms.
+# * phi3: fused qkv_proj and gate_up_proj.
+TINY_ARCHS: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "glm": ("GlmConfig", "GlmForCausalLM"),
+    "glm4": ("Glm4Config", "Glm4ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+}
+
+
+def _family_config(arch: str, head_dim: int, num_layers: int) -> dict:
+    """Config keys a family needs beyond the common ones (its defaults are sized for 7B+ models)."""
+    if arch == "qwen2":
+        return {"use_sliding_window": False, "max_window_layers": num_layers}
+    if arch == "qwen3":
+        return {"head_dim": head_dim, "use_sliding_window": False, "max_window_layers": num_layers}
+    if arch in ("mistral", "glm", "glm4"):
+        return {"head_dim": head_dim}
+    if arch in ("gemma2", "gemma3"):
+        # Gemma scales queries by query_pre_attn_scalar**-0.5, not head_dim**-0.5: keep them equal
+        # at this size. Tied embeddings, as in every Gemma.
+        return {"head_dim": head_dim, "query_pre_attn_scalar": head_dim, "tie_word_embeddings": True}
+    if arch == "phi3":
+        return {"original_max_position_embeddings": 2048}
+    return {}
+
+
 def build_tiny_model(
     out_dir,
     arch: str = "llama",
@@ -224,12 +266,12 @@ def build_tiny_model(
     initializer_range: float = 0.02,
     **config_overrides,
 ) -> Path:
-    """Random-init model of a real transformers architecture (``llama`` or ``qwen2``), saved with
+    """Random-init model of a real transformers architecture (one of ``TINY_ARCHS``), saved with
     its tokenizer and a generation config into ``out_dir``; returns ``out_dir`` as a Path.
 
     Vocab size is ``len(tokenizer)``; bos/eos/pad ids come from the tokenizer. fp32 safetensors,
-    untied embeddings, GQA (``num_kv_heads`` < ``num_heads``). Same seed, same weights.
-    ``config_overrides`` go to the config class as they are.
+    GQA (``num_kv_heads`` < ``num_heads``), untied embeddings except where the family ties them
+    (Gemma). Same seed, same weights. ``config_overrides`` go to the config class as they are.
 
     Note: with the default ``initializer_range`` (0.02, as in the real models) the frozen random
     lm_head keeps logits tiny, so LoRA on the attention/MLP projections alone lowers the loss only
@@ -238,9 +280,12 @@ def build_tiny_model(
     ``initializer_range=0.2`` (9.4 -> 3.7); full fine-tuning at lr 3e-3 goes 8.1 -> 2.9.
     """
     import torch
+    import transformers
     from transformers import AutoTokenizer, GenerationConfig
 
     arch = arch.lower()
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or demo_tokenizer_dir()))
@@ -259,21 +304,12 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if arch == "llama":
-        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
-
-        extra = {}
-    elif arch == "qwen2":
-        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
-
-        extra = {"use_sliding_window": False, "max_window_layers": num_layers}
-    else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'qwen2'")
-    config = Config(**{**common, **extra, **config_overrides})
-
+    config_name, model_name = TINY_ARCHS[arch]
+    extra = _family_config(arch, hidden_size // num_heads, num_layers)
+    config = getattr(transformers, config_name)(**{**common, **extra, **config_overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Model(config).to(torch.float32)
+        model = getattr(transformers, model_name)(config).to(torch.float32)
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

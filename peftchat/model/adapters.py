@@ -45,11 +45,32 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+def trains_tied_embeddings(model, recipe: Recipe) -> bool:
+    """Whether `adapter.modules_to_save` names the input or output embeddings of a model that ties
+    them (Gemma; the demo recipes train a copy of `lm_head`).
+
+    Family quirk: then peft must keep the two tied (`ensure_weight_tying`), one trained copy serving
+    both. Left untied, the copy of lm_head drifts from the frozen input embeddings, and the merged
+    model has to be written untied, with a second vocab x hidden matrix (0.6B parameters for Gemma 2's
+    256k vocabulary at 2304 hidden).
+    """
+    saved = {name.rsplit(".", 1)[-1] for name in recipe.adapter.modules_to_save or []}
+    text_config = model.config.get_text_config()
+    if not saved or not getattr(text_config, "tie_word_embeddings", False):
+        return False
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or inputs.weight is not outputs.weight:
+        return False
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is inputs or module is outputs}
+    return bool(names & saved)
+
+
 def apply_lora(model, recipe: Recipe, verbose: bool = True):
     """Wrap `model` in a peft LoRA PeftModel (base weights frozen, adapter weights float32)."""
     from peft import get_peft_model
 
     config = lora_config(recipe)
+    config.ensure_weight_tying = trains_tied_embeddings(model, recipe)
     try:
         with warnings.catch_warnings():
             # peft probes the deprecated `is_gradient_checkpointing` of transformers 5.2x

@@ -20,6 +20,7 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from typing import Any
 
 import torch
@@ -69,8 +70,50 @@ def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
     return on_cuda and liger_installed()
 
 
+# The layer kernels (flags of liger's `apply_liger_kernel_to_<family>`) used per model type, for
+# the families peftchat tests (README, "Supported model families"). Family quirks:
+# * gemma2 / gemma3_text: the MLP is GeGLU (gelu-tanh), so `geglu` instead of `swiglu`; liger's
+#   RMSNorm for them computes Gemma's (1 + w) scaling.
+# * glm4: liger has no RoPE for GLM-4 (half-width, interleaved rotary; its apply function raises).
+# * glm (GLM-4-9B-chat, GlmForCausalLM): liger has no function at all: chunked loss, no patches.
+# * phi3: fused qkv_proj / gate_up_proj; liger's Phi-3 SwiGLU splits gate_up_proj's output itself.
+# Other model types liger knows get every layer kernel its function takes.
+LIGER_LAYER_KERNELS: dict[str, tuple[str, ...]] = {
+    "llama": ("rms_norm", "swiglu", "rope"),
+    "mistral": ("rms_norm", "swiglu", "rope"),
+    "qwen2": ("rms_norm", "swiglu", "rope"),
+    "qwen3": ("rms_norm", "swiglu", "rope"),
+    "phi3": ("rms_norm", "swiglu", "rope"),
+    "gemma2": ("rms_norm", "geglu", "rope"),
+    "gemma3_text": ("rms_norm", "geglu", "rope"),
+    "glm4": ("rms_norm", "swiglu"),
+}
+_LAYER_KERNEL_FLAGS = ("rms_norm", "swiglu", "geglu", "rope")
+
+
+def _parameters(fn: Any) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def liger_layer_kernels(config: Any, apply_fn: Any = None) -> tuple[str, ...]:
+    """The liger layer kernels to patch into a model of `config` (see LIGER_LAYER_KERNELS)."""
+    kernels = LIGER_LAYER_KERNELS.get(getattr(config, "model_type", None))
+    if kernels is None:
+        if apply_fn is None:
+            return ()
+        accepted = _parameters(apply_fn)
+        kernels = tuple(k for k in _LAYER_KERNEL_FLAGS if k in accepted)
+    rope = getattr(config, "rope_parameters", None) or {}
+    if float(rope.get("partial_rotary_factor", 1.0) or 1.0) < 1.0:
+        # Phi-4-mini and the like rotate part of each head; liger's RoPE rotates all of it
+        kernels = tuple(k for k in kernels if k != "rope")
+    return kernels
+
+
 def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
-    """Patch liger-kernel's RMSNorm, SwiGLU and RoPE into `model` in place; return what was applied.
+    """Patch liger-kernel's layer kernels (RMSNorm, SwiGLU/GeGLU, RoPE, per family: see
+    LIGER_LAYER_KERNELS) into `model` in place; return what was applied, the loss's fused CE
+    included when `fused_ce_supported` says the loss will use it.
 
     Works before or after peft wraps the model (LoRA layers inside the MLP keep working: liger's
     SwiGLU forward calls the same gate/up/down modules). Returns [] when disabled, unavailable, or
@@ -88,12 +131,13 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
             raise ConfigError(f"'training.fused_kernels' is true but liger-kernel has no kernels for "
                               f"model type {model_type!r}")
         return []
+    layer_kernels = liger_layer_kernels(base.config, apply_fn)
+    flags = {k: k in layer_kernels for k in _LAYER_KERNEL_FLAGS if k in _parameters(apply_fn)}
     # The loss is peftchat's own (label positions only), so liger must not replace model.forward.
-    apply_fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-             model=base)
-    applied = [f"liger:{k}" for k in ("rms_norm", "swiglu", "rope")]
+    apply_fn(**flags, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
+    applied = [f"liger:{k}" for k in layer_kernels]
     base._peftchat_fused_ce = True  # read by fused_ce_available()
-    applied.append("liger:fused_linear_cross_entropy")
+    applied.append("liger:fused_linear_cross_entropy" if fused_ce_supported(model) else "loss:chunked")
     return applied
 
 
@@ -103,33 +147,46 @@ def fused_ce_available(model: torch.nn.Module) -> bool:
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               reduction: str = "sum") -> torch.Tensor:
+                               reduction: str = "sum", softcap: float | None = None) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against `labels` without materialising the logits.
 
     hidden: (N, d) states at the positions that carry a label (already shifted), labels: (N,).
     The logits are computed chunk by chunk in liger's Triton kernel and their gradient is formed in
-    the forward pass, so memory stays O(chunk x vocab) instead of O(N x vocab) in fp32.
+    the forward pass, so memory stays O(chunk x vocab) instead of O(N x vocab) in fp32. `softcap`:
+    Gemma 2's final logit soft-capping, ``softcap * tanh(logits / softcap)``, done in the kernel.
     """
     from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
     loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0,
-                                                      reduction)
+                                                      reduction, softcap)
     return loss[0] if isinstance(loss, tuple) else loss
+
+
+# Logit transforms after the head that liger's fused CE cannot do (final_logit_softcapping it can).
+_UNFUSED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
+
+
+def fused_ce_supported(model: torch.nn.Module) -> bool:
+    """Whether the fused CE can stand for `head(hidden)` + the model's logit transforms: a plain
+    bias-free Linear head (not peft's modules_to_save wrapper) and no logit scaling."""
+    base = unwrap_peft(model)
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    config = base.config.get_text_config()
+    return all(getattr(config, k, None) is None for k in _UNFUSED_LOGIT_TRANSFORMS)
 
 
 def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor,
                        targets: torch.Tensor) -> torch.Tensor | None:
     """Summed CE of `head(hidden)` vs `targets` through liger's fused kernel, or None when the
-    fused path does not apply (not enabled for `model`, no grad, a head with a bias, or a
-    config that transforms logits after the head: softcapping, logit scaling)."""
+    fused path does not apply (not enabled for `model`, no grad, or not `fused_ce_supported`)."""
     if not (torch.is_grad_enabled() and fused_ce_available(model) and hidden.is_cuda):
         return None
-    if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. peft's modules_to_save wrapper
+    if not fused_ce_supported(model):
         return None
-    config = getattr(unwrap_peft(model), "config", None)
-    if any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
+    softcap = getattr(unwrap_peft(model).config.get_text_config(), "final_logit_softcapping", None)
+    return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum", softcap=softcap)
 
 
 def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
@@ -148,7 +205,7 @@ def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
     if compile_layers:
         if fused_kernels_enabled(model, recipe):
             unwrap_peft(model)._peftchat_fused_ce = True
-            applied.append("liger:fused_linear_cross_entropy")
+            applied.append("liger:fused_linear_cross_entropy" if fused_ce_supported(model) else "loss:chunked")
     else:
         applied += apply_fused_kernels(model, recipe)
     skip, offload = checkpoint_settings(model, recipe)

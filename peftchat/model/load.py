@@ -10,6 +10,7 @@ math kernel (half the speed measured on an H200). Here the non-quantized parts s
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -59,6 +60,28 @@ def _check_attention(name: str, device: torch.device) -> None:
     if check is None or not check():
         package = "flash-attn" if name == "flash_attention_2" else "flash-attn 3 (flash_attn_interface)"
         raise UserError(f"model.attn_implementation={name} but {package} is not installed; use sdpa or install it")
+
+
+def attention_for(source: str, recipe: Recipe) -> str:
+    """`model.attn_implementation`, except that `sdpa` becomes `eager` for a model class that has
+    no sdpa path. Family quirk: Gemma 2 soft-caps its attention logits, which sdpa cannot do, so
+    transformers refuses sdpa for it (flash_attention_2 and eager soft-cap)."""
+    m = recipe.model
+    if m.attn_implementation != "sdpa":
+        return m.attn_implementation
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):  # remote code or an unreadable config: from_pretrained decides
+        return m.attn_implementation
+    if getattr(model_class, "_supports_sdpa", True):
+        return "sdpa"
+    print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
+          file=sys.stderr, flush=True)
+    return "eager"
 
 
 def _quiet_int8_cast(record: logging.LogRecord) -> bool:
@@ -176,7 +199,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
             source,
             dtype=torch_dtype(m.dtype),
             quantization_config=quant,
-            attn_implementation=m.attn_implementation,
+            attn_implementation=attention_for(source, recipe),
             device_map={"": device},
             trust_remote_code=m.trust_remote_code,
             revision=m.revision,
