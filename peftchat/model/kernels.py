@@ -4,38 +4,45 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
 
 * ``apply_fused_kernels`` swaps RMSNorm, SwiGLU and RoPE for liger-kernel's Triton versions when
   ``training.fused_kernels`` allows it, liger-kernel is importable and the model is on CUDA.
-  Liger's fused linear cross-entropy (LM head + loss without materialising logits) is exposed as
-  ``fused_linear_cross_entropy`` for the loss to call; it is not patched into ``model.forward``
-  because peftchat computes its loss itself over label positions only.
+  Liger's fused linear cross-entropy (LM head + loss without materialising logits) is handed to
+  the loss as ``Speedups.head_loss``; it is not patched into ``model.forward`` because peftchat
+  computes its loss itself over label positions only.
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
   pinned host memory (``offloaded_checkpoint``).
 * ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
-* ``apply_training_speedups`` does all of the above in the right order; the training loop calls it
-  once after LoRA is applied.
+* ``apply_training_speedups`` does all of the above in the right order and is the one place
+  checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
+  what was applied and the head loss to use.
+
+Every function takes the validated ``TrainingConfig`` (``peftchat.config`` normalizes its keys).
 """
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
+from peftchat.config import TrainingConfig
+from peftchat.data.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
 from peftchat.model.adapters import unwrap_peft
 
-_MODES = {"auto": "auto", "true": True, "false": False}
+# (hidden (N, d), lm_head weight (V, d), targets (N,)) -> summed cross-entropy, no logits kept
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fused_kernels_mode(recipe: Any) -> bool | str:
-    """`training.fused_kernels` as True, False or "auto" (YAML booleans and strings accepted)."""
-    value = getattr(recipe.training, "fused_kernels", "auto")
-    key = str(value).strip().lower()
-    if key not in _MODES:
-        raise ConfigError(f"'training.fused_kernels' is {value!r}; expected one of auto, true, false")
-    return _MODES[key]
+@dataclass
+class Speedups:
+    """What `apply_training_speedups` did: `applied` for the log, `head_loss` for the loss
+    (liger's fused linear cross-entropy, or None for peftchat's chunked one)."""
+
+    applied: list[str] = field(default_factory=list)
+    head_loss: Optional[HeadLoss] = None
 
 
 def liger_installed() -> bool:
@@ -48,13 +55,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
-    """Whether the recipe and this machine allow liger kernels for `model`.
+def fused_kernels_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
+    """Whether `training.fused_kernels` and this machine allow liger kernels for `model`.
 
     `auto` quietly means "when possible"; `true` raises if liger-kernel or CUDA is missing, so a
     recipe that asks for them never silently runs slower.
     """
-    mode = fused_kernels_mode(recipe)
+    mode = cfg.fused_kernels
     if mode is False:
         return False
     on_cuda = _model_device(model).type == "cuda"
@@ -68,14 +75,14 @@ def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
     return on_cuda and liger_installed()
 
 
-def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
+def apply_fused_kernels(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
     """Patch liger-kernel's RMSNorm, SwiGLU and RoPE into `model` in place; return what was applied.
 
     Works before or after peft wraps the model (LoRA layers inside the MLP keep working: liger's
     SwiGLU forward calls the same gate/up/down modules). Returns [] when disabled, unavailable, or
     the architecture has no liger patch.
     """
-    if not fused_kernels_enabled(model, recipe):
+    if not fused_kernels_enabled(model, cfg):
         return []
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -83,22 +90,14 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None:
-        if fused_kernels_mode(recipe) is True:
+        if cfg.fused_kernels is True:
             raise ConfigError(f"'training.fused_kernels' is true but liger-kernel has no kernels for "
                               f"model type {model_type!r}")
         return []
     # The loss is peftchat's own (label positions only), so liger must not replace model.forward.
     apply_fn(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
              model=base)
-    applied = [f"liger:{k}" for k in ("rms_norm", "swiglu", "rope")]
-    base._peftchat_fused_ce = True  # read by fused_ce_available()
-    applied.append("liger:fused_linear_cross_entropy")
-    return applied
-
-
-def fused_ce_available(model: torch.nn.Module) -> bool:
-    """True once apply_fused_kernels enabled liger for `model` (the loss may then use the fused CE)."""
-    return bool(getattr(unwrap_peft(model), "_peftchat_fused_ce", False))
+    return [f"liger:{k}" for k in ("rms_norm", "swiglu", "rope")]
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -111,55 +110,39 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
-    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0,
+    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, IGNORE_INDEX, 0.0, 0.0,
                                                       reduction)
     return loss[0] if isinstance(loss, tuple) else loss
 
 
-def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor,
-                       targets: torch.Tensor) -> torch.Tensor | None:
-    """Summed CE of `head(hidden)` vs `targets` through liger's fused kernel, or None when the
-    fused path does not apply (not enabled for `model`, no grad, a head with a bias, or a
-    config that transforms logits after the head: softcapping, logit scaling)."""
-    if not (torch.is_grad_enabled() and fused_ce_available(model) and hidden.is_cuda):
-        return None
-    if type(head) is not torch.nn.Linear or head.bias is not None:  # e.g. peft's modules_to_save wrapper
-        return None
-    config = getattr(unwrap_peft(model), "config", None)
-    if any(getattr(config, k, None) is not None for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum")
-
-
-def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
-    """Everything this module does to a model about to train; returns what was applied, for the log.
+def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Speedups:
+    """Everything this module does to a model about to train: what was applied, for the log, and
+    the head loss the training loss should use.
 
     Order: liger kernels (or, with `training.compile`, torch.compile of each decoder layer, whose
     own fusions replace liger's per-layer kernels; the fused CE is kept either way), then the
     checkpoint policy.
     """
-    compile_layers = bool(getattr(recipe.training, "compile", False))
-    if compile_layers and getattr(recipe.training, "checkpoint_offload", False):
-        # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
-        raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
-    applied: list[str] = []
-    if compile_layers:
-        if fused_kernels_enabled(model, recipe):
-            unwrap_peft(model)._peftchat_fused_ce = True
-            applied.append("liger:fused_linear_cross_entropy")
+    done = Speedups()
+    if cfg.compile:
+        fused = fused_kernels_enabled(model, cfg)
     else:
-        applied += apply_fused_kernels(model, recipe)
-    n = apply_checkpoint_policy(model, recipe)
-    if recipe.training.gradient_checkpointing:
-        offload = " (inputs offloaded)" if getattr(recipe.training, "checkpoint_offload", False) else ""
-        applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
-    if compile_layers:
+        done.applied += apply_fused_kernels(model, cfg)
+        fused = bool(done.applied)
+    if fused:
+        done.head_loss = fused_linear_cross_entropy
+        done.applied.append("liger:fused_linear_cross_entropy")
+    n = apply_checkpoint_policy(model, cfg)
+    if cfg.gradient_checkpointing:
+        offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
+        done.applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+    if cfg.compile:
         # Regional compilation: the decoder layers share one compiled graph (same code, weights
         # as inputs), so compile time does not grow with depth.
         for layer in decoder_layers(model):
             layer.compile()
-        applied.append("torch.compile:decoder_layers")
-    return applied
+        done.applied.append("torch.compile:decoder_layers")
+    return done
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -169,7 +152,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unwrap_peft(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
+def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
     """Gradient checkpointing on every decoder layer but the last `training.checkpoint_skip_layers`.
 
     Non-reentrant torch checkpointing (no `enable_input_require_grads`, activations stay bf16), or,
@@ -178,13 +161,12 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
     checkpointed layers (0 when `training.gradient_checkpointing` is off).
     """
     base = unwrap_peft(model)
-    if not recipe.training.gradient_checkpointing:
-        if getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
+    if not cfg.gradient_checkpointing:
+        if getattr(base, "is_activation_checkpointing", False):
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
         return 0
-    skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
-    if skip < 0:
-        raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {skip}")
+    skip = cfg.checkpoint_skip_layers
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -193,7 +175,7 @@ def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any) -> int:
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)
-    offload = bool(getattr(recipe.training, "checkpoint_offload", False))
+    offload = cfg.checkpoint_offload
     for i, layer in enumerate(layers):
         # The last layers run first in the backward pass, so their kept activations are freed first.
         layer.gradient_checkpointing = i < len(layers) - skip
