@@ -17,6 +17,7 @@ from peftchat.config import Recipe
 from peftchat.errors import UserError
 from peftchat.paths import looks_local
 from peftchat.quiet import quiet_int8_cast
+from peftchat.rundir import MODEL_CONFIG
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -88,7 +89,7 @@ def check_model_source(recipe: Recipe) -> str:
     if not path.exists():
         raise UserError(f"model not found: {source} (model.path); build a demo one with `peftchat tiny-model {source}`"
                         " or point model.path to a model dir or hub id")
-    if not (path / "config.json").is_file():
+    if not (path / MODEL_CONFIG).is_file():
         raise UserError(f"model.path {source} is not a transformers model dir (no config.json)")
     return str(path)
 
