@@ -6,6 +6,7 @@
 * `chatglm`, `moss`, `chat_template`   the collators (`samples.make_collator` picks by recipe)
 * `pipeline.build_datasets` recipe + tokenizer -> `DataBundle(train, eval, report)`, cached
 * `batching.plan_batches`, `batching.collate`   deterministic batch plans and batch tensors
+* `batching.Batches`        plan -> fetch -> collate -> loss targets, the loop's one batch iterator
 * `prompting.chat_prompt_ids`, `stop_token_ids`, `extract_reply`, `history_round`   chat prompts
   made by the training collators' own code
 * `inspect.dump_samples`, `inspect.inspect_samples`   `peftchat data dump|inspect`

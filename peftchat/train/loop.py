@@ -54,7 +54,16 @@ from peftchat.rundir import (
 )
 from peftchat.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from peftchat.train.loss import causal_lm_loss, make_loss
-from peftchat.train.metrics import IntervalMeter, MetricsLogger, Progress, format_postfix, last_row_value, peak_memory_gb, perplexity
+from peftchat.train.metrics import (
+    IntervalMeter,
+    MetricsLogger,
+    Progress,
+    format_postfix,
+    last_row_value,
+    peak_memory_gb,
+    perplexity,
+    row_with,
+)
 from peftchat.train.optim import build_optimizer, build_scheduler
 from peftchat.train.resume import check_resume_changes, resume_checkpoint, save_recipe_with_history
 
@@ -201,6 +210,9 @@ def restore(run: Run, checkpoint: Path, changes: dict) -> None:
     _apply_optimizer_settings(run.optimizer, run.recipe)
     MetricsLogger.truncate_after(run.out, state.step)
     run.saved_step = state.step
+    last_eval = row_with(run.out, "eval_loss")
+    if last_eval is not None and last_eval["step"] == state.step:
+        run.eval_step = state.step  # a resume after the last step: its eval is done already
     print(f"resuming from {checkpoint} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})", flush=True)
     if state.total_steps and state.total_steps != run.total_steps and state.step < run.total_steps:
         print(f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
@@ -433,7 +445,7 @@ def summary(run: Run) -> dict:
     eval_loss = last_row_value(out, "eval_loss")
     return {
         "steps": state.step,
-        "epochs": round(state.epoch + state.batch_index / max(run.train.per_epoch(), 1), 4),
+        "epochs": round(state.epoch + state.batch_index / max(len(run.train.plan(state.epoch)), 1), 4),
         "tokens": state.tokens,
         "label_tokens": state.label_tokens,
         "train_time_s": round(state.train_time_s, 3),  # all sessions of a resumed run; eval and saving excluded

@@ -145,8 +145,8 @@ class Progress:
         self._bar.close()
 
 
-def last_row_value(output_dir: str | os.PathLike, key: str, first: bool = False) -> float | None:
-    """`key` of the last (or first) row of `metrics.jsonl` that has it: the run's, across resumes."""
+def row_with(output_dir: str | os.PathLike, key: str, first: bool = False) -> dict | None:
+    """The last (or first) row of `metrics.jsonl` that has `key`: the run's, across resumes."""
     path = Path(output_dir) / METRICS_FILE
     found = None
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
@@ -155,7 +155,13 @@ def last_row_value(output_dir: str | os.PathLike, key: str, first: bool = False)
         except json.JSONDecodeError:  # a line cut short by a crash
             continue
         if key in row:
-            found = row[key]
+            found = row
             if first:
                 break
     return found
+
+
+def last_row_value(output_dir: str | os.PathLike, key: str, first: bool = False) -> float | None:
+    """`key` of the last (or first) row of `metrics.jsonl` that has it."""
+    row = row_with(output_dir, key, first)
+    return None if row is None else row[key]

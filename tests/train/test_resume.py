@@ -99,7 +99,7 @@ def test_allowed_changes_take_effect_and_are_recorded(tiny_llama_dir, copy):
 
 def test_resume_after_the_last_checkpoint_fills_the_summary(tiny_llama_dir, copy):
     out = copy
-    first = _summary(out)
+    first, rows = _summary(out), _rows(out)
     for name in ("complete", "training_summary.json", "adapter_model.safetensors"):  # died while publishing
         (out / name).unlink()
     _train(tiny_llama_dir, out, "training.resume=true")
@@ -107,6 +107,7 @@ def test_resume_after_the_last_checkpoint_fills_the_summary(tiny_llama_dir, copy
     assert (out / "complete").is_file()
     assert again["final_loss"] is not None and again["final_loss"] == first["final_loss"]
     assert again["first_loss"] == first["first_loss"] and again["steps"] == 4
+    assert _rows(out) == rows  # nothing trained, nothing logged twice
 
 
 def test_every_recipe_key_has_a_resume_kind():
