@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from peftchat.data.batching import count_label_tokens, loss_targets, with_loss_targets  # noqa: F401 (re-exported)
+from peftchat.data.batching import loss_targets
 from peftchat.model.adapters import unwrap_peft
+from peftchat.model.kernels import HeadLoss
 
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27
@@ -37,8 +38,6 @@ LOGIT_SCALING_ATTRIBUTES = (
     "logits_scaling",  # Granite: divides
     "final_logit_softcapping",  # Gemma 2/3: tanh soft-cap
 )
-
-HeadLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def has_logit_scaling(config) -> bool:
