@@ -155,7 +155,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
     """Gradient checkpointing on every decoder layer but the last `training.checkpoint_skip_layers`.
 
-    Non-reentrant torch checkpointing (no `enable_input_require_grads`, activations stay bf16), or,
+    Non-reentrant torch checkpointing (activations stay bf16), or,
     with `training.checkpoint_offload` on CUDA, `offloaded_checkpoint`: the layer inputs, the
     only activations checkpointing keeps, go to pinned host memory too. Returns the number of
     checkpointed layers (0 when `training.gradient_checkpointing` is off).
@@ -172,6 +172,10 @@ def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not (getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)):
+        # remote code that checkpoints with the reentrant variant only backpropagates into LoRA
+        # weights when the layer inputs require grad (newer transformers set the hook above)
+        base.enable_input_require_grads()
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)

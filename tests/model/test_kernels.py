@@ -68,6 +68,8 @@ def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
     model = _lora_model(tiny_llama_dir, _training(checkpoint_skip_layers=1))
     flags = [layer.gradient_checkpointing for layer in kernels.decoder_layers(model)]
     assert flags == [True, False]
+    # inputs carry grad, for remote code that still checkpoints with the reentrant variant
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
     assert kernels.apply_checkpoint_policy(model, _training(checkpoint_skip_layers=5)) == 0
     assert kernels.apply_checkpoint_policy(model, _training(gradient_checkpointing=False)) == 0
     assert not any(layer.gradient_checkpointing for layer in kernels.decoder_layers(model))
