@@ -218,7 +218,7 @@ def restore(run: Run, checkpoint: Path, changes: dict) -> None:
         print(f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
               f"{state.step + 1}..{run.total_steps} follow the curve of a {run.total_steps}-step run", flush=True)
     state.total_steps = run.total_steps
-    if changes:
+    if changes and not (state.step >= run.total_steps and is_complete(run.out)):  # a no-op resume changes nothing
         state.changes.append({"step": state.step, "changes": changes})
         with MetricsLogger(run.out) as metrics:
             metrics.log({"step": state.step, "resume_changes": changes})
