@@ -29,7 +29,7 @@ def trajectory(device: str, compile_: bool, ckpt: bool, dropout: float, steps: i
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear"))
     recipe = SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=ckpt, checkpoint_skip_layers=0,
                                                       checkpoint_offload=False, fused_kernels=False, compile=compile_))
-    kernels.apply_training_speedups(model, recipe)
+    kernels.apply_training_speedups(model, recipe.training)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3)

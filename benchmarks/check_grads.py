@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -81,14 +80,16 @@ def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0, quant: st
 
 
 def run_path(name: str, device: str, shape: dict, ids: torch.Tensor, steps: int, lr: float, quant: str = "bf16"):
+    from peftchat.config import TrainingConfig
     from peftchat.model import kernels
-    from peftchat.train.loss import causal_lm_loss
+    from peftchat.train.loss import causal_lm_loss, make_loss
 
     fp32 = name == "fp32"
     model = build(device, torch.float32 if fp32 else torch.bfloat16, shape, quant=quant)
+    loss_fn = causal_lm_loss
     if not fp32:
-        recipe = SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=True, autocast=True, **PATHS[name]))
-        kernels.apply_training_speedups(model, recipe)
+        cfg = TrainingConfig(gradient_checkpointing=True, autocast=True, **PATHS[name])
+        loss_fn = make_loss(kernels.apply_training_speedups(model, cfg).head_loss)
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=lr)
@@ -96,7 +97,7 @@ def run_path(name: str, device: str, shape: dict, ids: torch.Tensor, steps: int,
     losses, first_grads = [], None
     for _ in range(steps):
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=not fp32):
-            loss = causal_lm_loss(model, batch)
+            loss = loss_fn(model, batch)
         loss.backward()
         if first_grads is None:
             first_grads = {n: p.grad.detach().float().flatten().cpu() for n, p in params.items()}

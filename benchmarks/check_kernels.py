@@ -36,8 +36,8 @@ def lora_grads(device: str, dtype: torch.dtype, ckpt: bool, skip: int = 0, offlo
     recipe = SimpleNamespace(training=SimpleNamespace(gradient_checkpointing=ckpt, checkpoint_skip_layers=skip,
                                                       checkpoint_offload=offload, fused_kernels=fused))
     if fused:
-        kernels.apply_fused_kernels(model, recipe)
-    kernels.apply_checkpoint_policy(model, recipe)
+        kernels.apply_fused_kernels(model, recipe.training)
+    kernels.apply_checkpoint_policy(model, recipe.training)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear"))
     model.train()
     for name, p in model.named_parameters():  # LoRA B starts at zero: make the gradients non-trivial

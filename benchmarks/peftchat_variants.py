@@ -145,8 +145,6 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the spec's setting through peftchat.train.loop.train; return the bench row."""
-    import peftchat.model.load as load_mod
-    from peftchat.model import kernels
     from peftchat.model.tokenizer import load_tokenizer
     from peftchat.train import loop
 
@@ -182,33 +180,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         n_records = spec["batch"] * (1 if spec.get("fit_only") else spec["warmup"] + spec["steps"]) + spec["batch"]
         write_chat_data(data_file, load_tokenizer(recipe), spec["seq"], n_records)
 
-    # Instrumentation only: reset the allocator peaks once the base model is in memory (as the
-    # peer does after loading) and record what speed-ups the engine applied.
+    # Instrumentation through the loop's public hooks: reset the allocator peaks once the base
+    # model is in memory (as the peer does after loading) and record what speed-ups were applied.
     applied: list[str] = []
-    real_load = load_mod.load_base_model
 
-    def load_and_reset(*a, **kw):
-        model = real_load(*a, **kw)
+    def reset_peaks(model) -> None:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        return model
 
-    load_mod.load_base_model = load_and_reset
-    real_speedups = getattr(kernels, "apply_training_speedups", None)
-    if real_speedups is not None:
-        def record(model, recipe_):
-            got = real_speedups(model, recipe_)
-            applied.extend(got)
-            return got
-        kernels.apply_training_speedups = record
     t0 = time.perf_counter()
-    try:
-        loop.train(recipe)
-    finally:
-        load_mod.load_base_model = real_load
-        if real_speedups is not None:
-            kernels.apply_training_speedups = real_speedups
+    loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend))
     wall = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -217,7 +199,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {
         **timed_throughput(rows, 0 if spec.get("fit_only") else spec["warmup"], summary),
         "losses": [round(r["loss"], 5) for r in rows],
-        "applied": applied or ["(engine applied no kernels.apply_training_speedups)"],
+        "applied": applied,
         "overrides": {**setting_overrides(setting, spec["shape"], spec["mode"]), **spec.get("overrides", {})},
         "micro_batch": spec.get("micro_batch") or spec["batch"],
         "summary_peak_memory_gb": summary.get("peak_memory_gb"),

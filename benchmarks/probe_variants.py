@@ -71,8 +71,8 @@ def build_probe(spec: str, mode: str, model_dir: str, device: str):
     recipe = SimpleNamespace(training=SimpleNamespace(
         fused_kernels=True if opts["liger"] else False, gradient_checkpointing=not opts["nockpt"],
         checkpoint_skip_layers=opts["skip"], checkpoint_offload=opts["offload"]))
-    applied = kernels.apply_fused_kernels(model, recipe) if opts["liger"] else []
-    n_ckpt = kernels.apply_checkpoint_policy(model, recipe)
+    applied = kernels.apply_fused_kernels(model, recipe.training) if opts["liger"] else []
+    n_ckpt = kernels.apply_checkpoint_policy(model, recipe.training)
     applied.append(f"checkpointed_layers={n_ckpt}" + (" offloaded" if opts["offload"] else ""))
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", lora_dropout=0.05, **peer_variants.LORA))
     model.train()

@@ -20,7 +20,9 @@ from peftchat.errors import UserError
 
 def _split_overrides(extras: list[str], where: str) -> list[str]:
     """Arguments argparse did not know: `key=value` overrides are fine anywhere, the rest is an error."""
-    bad = [e for e in extras if "=" not in e or e.startswith("-")]
+    from peftchat.config import is_override
+
+    bad = [e for e in extras if not is_override(e)]
     if bad:
         raise UserError(f"{where}: unrecognized argument(s): {' '.join(bad)}")
     return extras
@@ -75,7 +77,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from peftchat.model.merge import merge_adapter
+    from peftchat.merge import merge_adapter
 
     merge_adapter(
         args.adapter,

@@ -99,7 +99,7 @@ class TrainingConfig:
     checkpoint_skip_layers: int = 0  # last N decoder layers not checkpointed: faster, costs their activations
     checkpoint_offload: bool = False  # CUDA: checkpointed layer inputs wait in pinned host memory
     max_memory_gib: Optional[float] = None  # GPU budget: picks skip_layers/offload (overrides both)
-    fused_kernels: Any = "auto"  # auto | true | false: liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
+    fused_kernels: Any = "auto"  # auto | true | false (validated to "auto", True or False): liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
     autocast: bool = True  # CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)
     compile: bool = False  # torch.compile each decoder layer (pays on long runs; first steps compile)
     seed: int = 42
@@ -107,7 +107,8 @@ class TrainingConfig:
     save_total_limit: int = 2  # checkpoints kept; 0 = all
     eval_steps: int = 100  # 0 = only at the end (when there is an eval set)
     log_steps: int = 10
-    resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path
+    resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path (validated to bool or str)
+    resume_changes: str = "refuse"  # refuse | allow: a resumed recipe that changes what is trained (README "Resuming")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True  # when tensorboard is installed
 
@@ -149,7 +150,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_error": ("stop", "skip"),
     "training.lr_scheduler": ("cosine", "linear", "constant"),
     "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),
+    "training.resume_changes": ("refuse", "allow"),
 }
+
+# YAML and `key=value` spellings of a tri-state / boolean-or-path key.
+_BOOLEANS = {"true": True, "false": False}
 
 EXTENDS_KEY = "extends"
 
@@ -330,10 +335,16 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, di
     return layers
 
 
-def _parse_overrides(overrides: Iterable[str]) -> dict:
+def is_override(arg: str) -> bool:
+    """Whether a command-line argument is a `key=value` recipe override."""
+    return "=" in arg and not arg.startswith(("=", "-"))
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """`key=value` items (dotted keys, YAML values) as a nested dict; the one parser of them."""
     items = list(overrides)
     for item in items:
-        if "=" not in item or item.startswith("="):
+        if not is_override(item):
             raise ConfigError(f"override '{item}' is not of the form key=value")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
@@ -365,8 +376,7 @@ def _validate(recipe: Recipe) -> None:
     data_sources(recipe.data.train, "data.train")
     if recipe.data.eval is not None:
         data_sources(recipe.data.eval, "data.eval")
-    if not isinstance(recipe.training.resume, (bool, str)):
-        raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {recipe.training.resume!r}")
+    _validate_training(recipe.training)
 
 
 # ------------------------------------------------------------------------------ numeric ranges
@@ -461,12 +471,32 @@ def validate_ranges(recipe: Recipe) -> None:
             raise ConfigError(f"'{key}' {problem}")
 
 
+def _validate_training(t: TrainingConfig) -> None:
+    """Normalize the keys YAML may spell several ways, so code downstream reads real types:
+    `resume` -> bool or a path str, `fused_kernels` -> "auto", True or False."""
+    resume = t.resume
+    if isinstance(resume, str) and resume.strip().lower() in _BOOLEANS:
+        resume = _BOOLEANS[resume.strip().lower()]
+    if not isinstance(resume, (bool, str)) or resume == "":
+        raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {t.resume!r}")
+    t.resume = resume
+    fused = str(t.fused_kernels).strip().lower()
+    if fused not in ("auto", *_BOOLEANS):
+        raise ConfigError(f"'training.fused_kernels' is {t.fused_kernels!r}; expected one of auto, true, false")
+    t.fused_kernels = _BOOLEANS.get(fused, "auto")
+    if t.checkpoint_skip_layers < 0:
+        raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {t.checkpoint_skip_layers}")
+    if t.compile and t.checkpoint_offload:
+        # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
+        raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe file, its `extends` chain and `key=value` overrides into a validated Recipe."""
     cfg: DictConfig = OmegaConf.structured(Recipe)
     for source, raw in _load_layers(Path(path)):
         cfg = _merge_layer(cfg, raw, source)
-    cfg = _merge_layer(cfg, _parse_overrides(overrides), "command-line override")
+    cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
         recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except MissingMandatoryValue as e:
@@ -479,13 +509,15 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
     return recipe
 
 
-def recipe_from_dict(data: dict) -> Recipe:
-    """Build a validated Recipe from a plain dict (as tests and saved runs do)."""
-    cfg = _merge_layer(OmegaConf.structured(Recipe), data, "recipe")
+def recipe_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "recipe") -> Recipe:
+    """Build a validated Recipe from a plain dict (as tests and saved runs do), plus `key=value`
+    overrides; `source` names the dict in errors."""
+    cfg = _merge_layer(OmegaConf.structured(Recipe), data, source)
+    cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
         recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except MissingMandatoryValue as e:
-        raise ConfigError(f"recipe: required key '{e.full_key}' is not set") from None
+        raise ConfigError(f"{source}: required key '{e.full_key}' is not set") from None
     _validate(recipe)
     validate_ranges(recipe)
     return recipe

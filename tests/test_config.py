@@ -137,3 +137,17 @@ def test_round_trip_yaml_reloads_identically(chain: Path, tmp_path: Path) -> Non
     r = load_recipe(chain)
     saved = write(tmp_path / "saved.yaml", recipe_to_yaml(r))
     assert load_recipe(saved) == r
+
+
+def test_yaml_spellings_become_real_types_and_overrides_have_one_parser():
+    from peftchat.config import is_override, parse_overrides, recipe_from_dict
+
+    base = {"model": {"path": "m"}, "data": {"train": "x.jsonl"}}
+    for given, want in [("true", True), ("False", False), (True, True), ("ckpt/checkpoint-4", "ckpt/checkpoint-4")]:
+        assert recipe_from_dict({**base, "training": {"resume": given}}).training.resume == want
+    with pytest.raises(ConfigError, match="training.resume"):
+        recipe_from_dict({**base, "training": {"resume": 3}})
+    assert parse_overrides(["training.lr=1e-3", "data.train=[a, b]"]) == {"training": {"lr": 1e-3}, "data": {"train": ["a", "b"]}}
+    assert is_override("a.b=1") and not is_override("--flag=1") and not is_override("=1") and not is_override("word")
+    r = recipe_from_dict(base, ["training.resume=true", "training.fused_kernels=false"])
+    assert r.training.resume is True and r.training.fused_kernels is False

@@ -7,6 +7,7 @@
                              (and, for inference, chat prompts)
 * `pipeline.build_datasets` recipe + tokenizer -> `DataBundle(train, eval, report)`, cached
 * `batching.plan_batches`, `batching.collate`   deterministic batch plans and batch tensors
+* `batching.Batches`        plan -> fetch -> collate -> loss targets, the loop's one batch iterator
 * `inspect.dump_samples`, `inspect.inspect_samples`   `peftchat data dump|inspect`
 
 Submodules are imported on use; importing this package loads nothing heavy.

@@ -1,8 +1,9 @@
-"""Batch plans and batch tensors for the training loop.
+"""Batches for the training loop and evaluation: plan, fetch, collate, loss targets.
 
 `plan_batches` decides which samples go together; it is a pure function of its arguments, so a
 resumed run rebuilds the same plan and skips to batch k. `collate` turns one planned batch into
-tensors.
+tensors. `Batches` does all of it for one tokenized split: `windows` yields the accumulation
+windows of training from a data position on, across epochs; `in_order` the eval micro-batches.
 
 Packing (padding-free rows): several samples share a row; ``position_ids`` restart at 0 for each
 sample and no ``attention_mask`` is returned. transformers (>= 4.5x; checked with 5.x) then finds
@@ -17,7 +18,9 @@ checks both facts on a tiny Llama.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Iterator, Sequence
 
 from peftchat.formats.samples import IGNORE_INDEX
 
@@ -159,3 +162,118 @@ def sample_lengths(dataset) -> list[int]:
 
     column = dataset.with_format("arrow")["input_ids"]
     return pc.list_value_length(column).to_pylist()
+
+
+# ------------------------------------------------------------------------------ loss targets
+
+
+def count_label_tokens(labels) -> int:
+    """Tokens that carry loss after the causal shift: `labels[:, 1:] != -100` (call on CPU labels)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_targets(labels):
+    """(positions, targets): flat indices into the (batch*seq) hidden states whose next token
+    carries loss, and those next tokens. Computed on CPU before the forward, the boolean
+    selection costs the GPU no host sync."""
+    seq = labels.shape[1]
+    shifted = labels[:, 1:]
+    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * seq + cols, shifted[rows, cols]
+
+
+def with_loss_targets(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with `loss_positions` / `loss_targets` (see `loss_targets`) in place of `labels`,
+    which the loss then no longer needs: one tensor fewer to copy to the device each micro-batch."""
+    positions, targets = loss_targets(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return {**inputs, "loss_positions": positions, "loss_targets": targets}
+
+
+# ------------------------------------------------------------------------------ the iterator
+
+
+@dataclass
+class MicroBatch:
+    tensors: dict[str, Any]  # model inputs + loss_positions / loss_targets, on the CPU
+    label_tokens: int  # loss-bearing tokens
+    tokens: int  # input tokens, padding excluded
+
+
+@dataclass
+class Window:
+    """One optimizer step's micro-batches and the data position after them."""
+
+    micro_batches: list[MicroBatch]
+    epoch: int  # the position after this window: the next micro-batch is `batch_index` of `epoch`
+    batch_index: int
+    epoch_progress: float  # epochs done at the end of this window, e.g. 1.25
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(m.label_tokens for m in self.micro_batches)
+
+    @property
+    def tokens(self) -> int:
+        return sum(m.tokens for m in self.micro_batches)
+
+
+class Batches:
+    """Micro-batches of one tokenized split (a `datasets.Dataset` with `input_ids`, `labels`)."""
+
+    def __init__(self, dataset, *, batch_size: int, max_length: int, pad_id: int, packing: bool,
+                 group_by_length: bool = False, shuffle: bool = False, seed: int = 0) -> None:
+        self.dataset = dataset.select_columns(["input_ids", "labels"])
+        self.lengths = sample_lengths(self.dataset)
+        self.pad_id, self.packing = pad_id, packing
+        self._plan_args = dict(batch_size=batch_size, max_length=max_length, packing=packing,
+                               group_by_length=group_by_length, shuffle=shuffle, seed=seed)
+        self.plan = lru_cache(maxsize=2)(self._plan)
+
+    def _plan(self, epoch: int) -> list[list[list[int]]]:
+        return plan_batches(self.lengths, epoch=epoch, **self._plan_args)
+
+    def per_epoch(self) -> int:
+        """Micro-batches in an epoch."""
+        return len(self.plan(0))
+
+    def fetch(self, rows: list[list[int]]) -> list[list[dict]]:
+        """The samples of one planned batch (rows of sample indices), read in one call."""
+        flat = [i for row in rows for i in row]
+        got = self.dataset[flat]
+        samples = [{"input_ids": ids, "labels": lab} for ids, lab in zip(got["input_ids"], got["labels"])]
+        out, k = [], 0
+        for row in rows:
+            out.append(samples[k:k + len(row)])
+            k += len(row)
+        return out
+
+    def collate(self, rows: list[list[int]]) -> dict[str, Any]:
+        """Tensors of one planned batch, with `labels` (as transformers takes them)."""
+        return collate(self.fetch(rows), self.pad_id, self.packing)
+
+    def micro_batch(self, rows: list[list[int]]) -> MicroBatch:
+        batch = self.collate(rows)
+        tokens = sum(self.lengths[i] for row in rows for i in row)
+        return MicroBatch(with_loss_targets(batch), count_label_tokens(batch["labels"]), tokens)
+
+    def windows(self, epoch: int, batch_index: int, accumulation: int) -> Iterator[Window]:
+        """Accumulation windows from position (`epoch`, `batch_index`) on, epoch after epoch; the
+        last window of an epoch may be short. A position past an epoch's end (the data changed
+        under a resumed run) moves on to the next epoch."""
+        while True:
+            plan = self.plan(epoch)
+            if batch_index >= len(plan):
+                epoch, batch_index = epoch + 1, 0
+                continue
+            rows = plan[batch_index:batch_index + accumulation]
+            batch_index += len(rows)
+            progress = epoch + batch_index / len(plan)
+            if batch_index >= len(plan):
+                epoch, batch_index = epoch + 1, 0
+            yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress)
+
+    def in_order(self) -> Iterator[MicroBatch]:
+        """Every micro-batch of the first epoch's plan (the eval set: built without shuffling)."""
+        for rows in self.plan(0):
+            yield self.micro_batch(rows)

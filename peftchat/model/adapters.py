@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import warnings
-
 from peftchat.config import Recipe
 from peftchat.errors import UserError
+from peftchat.quiet import quiet_peft
 
 
 def unwrap_peft(model):
@@ -72,9 +71,7 @@ def apply_lora(model, recipe: Recipe, verbose: bool = True):
     config = lora_config(recipe)
     config.ensure_weight_tying = trains_tied_embeddings(model, recipe)
     try:
-        with warnings.catch_warnings():
-            # peft probes the deprecated `is_gradient_checkpointing` of transformers 5.2x
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with quiet_peft():
             peft_model = get_peft_model(model, config)
     except ValueError as e:  # unknown target_modules / modules_to_save names and the like
         raise UserError(f"adapter settings do not fit model {recipe.model.path}: {str(e).splitlines()[0]}") from None

@@ -2,42 +2,50 @@
 
 Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each one buys).
 
-* ``apply_fused_kernels`` swaps RMSNorm, SwiGLU and RoPE for liger-kernel's Triton versions when
-  ``training.fused_kernels`` allows it, liger-kernel is importable and the model is on CUDA.
-  Liger's fused linear cross-entropy (LM head + loss without materialising logits) is exposed as
-  ``fused_linear_cross_entropy`` for the loss to call; it is not patched into ``model.forward``
-  because peftchat computes its loss itself over label positions only.
+* ``apply_fused_kernels`` swaps RMSNorm, SwiGLU/GeGLU and RoPE (per family: ``LIGER_LAYER_KERNELS``)
+  for liger-kernel's Triton versions when ``training.fused_kernels`` allows it, liger-kernel is
+  importable and the model is on CUDA.
+  Liger's fused linear cross-entropy (LM head + loss without materialising logits) is handed to
+  the loss as ``Speedups.head_loss``; it is not patched into ``model.forward`` because peftchat
+  computes its loss itself over label positions only.
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
-  pinned host memory (``offloaded_checkpoint``). ``training.max_memory_gib`` picks both from an
-  estimate instead (``checkpoint_settings``, memory_budget.py).
+  pinned host memory (``offloaded_checkpoint``).
 * ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
-* ``apply_training_speedups`` does all of the above in the right order; the training loop calls it
-  once after LoRA is applied.
+* ``apply_training_speedups`` does all of the above in the right order and is the one place
+  checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
+  what was applied and the head loss to use.
+
+Every function takes the validated ``TrainingConfig`` (``peftchat.config`` normalizes its keys).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
-from typing import Any
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Optional
 
 import torch
 
+from peftchat.config import TrainingConfig
+from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
 from peftchat.model.adapters import unwrap_peft
 
-_MODES = {"auto": "auto", "true": True, "false": False}
+# (hidden (N, d), lm_head weight (V, d), targets (N,)) -> summed cross-entropy, no logits kept
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def fused_kernels_mode(recipe: Any) -> bool | str:
-    """`training.fused_kernels` as True, False or "auto" (YAML booleans and strings accepted)."""
-    value = getattr(recipe.training, "fused_kernels", "auto")
-    key = str(value).strip().lower()
-    if key not in _MODES:
-        raise ConfigError(f"'training.fused_kernels' is {value!r}; expected one of auto, true, false")
-    return _MODES[key]
+@dataclass
+class Speedups:
+    """What `apply_training_speedups` did: `applied` for the log, `head_loss` for the loss
+    (liger's fused linear cross-entropy, or None for peftchat's chunked one)."""
+
+    applied: list[str] = field(default_factory=list)
+    head_loss: Optional[HeadLoss] = None
 
 
 def liger_installed() -> bool:
@@ -50,13 +58,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def fused_kernels_enabled(model: torch.nn.Module, recipe: Any) -> bool:
-    """Whether the recipe and this machine allow liger kernels for `model`.
+def fused_kernels_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
+    """Whether `training.fused_kernels` and this machine allow liger kernels for `model`.
 
     `auto` quietly means "when possible"; `true` raises if liger-kernel or CUDA is missing, so a
     recipe that asks for them never silently runs slower.
     """
-    mode = fused_kernels_mode(recipe)
+    mode = cfg.fused_kernels
     if mode is False:
         return False
     on_cuda = _model_device(model).type == "cuda"
@@ -89,6 +97,9 @@ LIGER_LAYER_KERNELS: dict[str, tuple[str, ...]] = {
     "glm4": ("rms_norm", "swiglu"),
 }
 _LAYER_KERNEL_FLAGS = ("rms_norm", "swiglu", "geglu", "rope")
+# Logit transforms after the head that liger's fused CE cannot do (final_logit_softcapping it can);
+# each is one of train/loss.py's LOGIT_SCALING_ATTRIBUTES (a test holds the two together).
+UNFUSED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
 
 
 def _parameters(fn: Any) -> set[str]:
@@ -110,16 +121,15 @@ def liger_layer_kernels(config: Any, apply_fn: Any = None) -> tuple[str, ...]:
     return kernels
 
 
-def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
+def apply_fused_kernels(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
     """Patch liger-kernel's layer kernels (RMSNorm, SwiGLU/GeGLU, RoPE, per family: see
-    LIGER_LAYER_KERNELS) into `model` in place; return what was applied, the loss's fused CE
-    included when `fused_ce_supported` says the loss will use it.
+    LIGER_LAYER_KERNELS) into `model` in place; return what was applied.
 
     Works before or after peft wraps the model (LoRA layers inside the MLP keep working: liger's
     SwiGLU forward calls the same gate/up/down modules). Returns [] when disabled, unavailable, or
     the architecture has no liger patch.
     """
-    if not fused_kernels_enabled(model, recipe):
+    if not fused_kernels_enabled(model, cfg):
         return []
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
@@ -127,7 +137,7 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None:
-        if fused_kernels_mode(recipe) is True:
+        if cfg.fused_kernels is True:
             raise ConfigError(f"'training.fused_kernels' is true but liger-kernel has no kernels for "
                               f"model type {model_type!r}")
         return []
@@ -135,15 +145,16 @@ def apply_fused_kernels(model: torch.nn.Module, recipe: Any) -> list[str]:
     flags = {k: k in layer_kernels for k in _LAYER_KERNEL_FLAGS if k in _parameters(apply_fn)}
     # The loss is peftchat's own (label positions only), so liger must not replace model.forward.
     apply_fn(**flags, cross_entropy=False, fused_linear_cross_entropy=False, model=base)
-    applied = [f"liger:{k}" for k in layer_kernels]
-    base._peftchat_fused_ce = True  # read by fused_ce_available()
-    applied.append("liger:fused_linear_cross_entropy" if fused_ce_supported(model) else "loss:chunked")
-    return applied
+    return [f"liger:{k}" for k in layer_kernels]
 
 
-def fused_ce_available(model: torch.nn.Module) -> bool:
-    """True once apply_fused_kernels enabled liger for `model` (the loss may then use the fused CE)."""
-    return bool(getattr(unwrap_peft(model), "_peftchat_fused_ce", False))
+def fused_ce_supports_head(head: torch.nn.Module, config: Any) -> bool:
+    """Whether the fused CE can stand for `head(hidden)` + the model's logit transforms: a plain
+    bias-free Linear head (not peft's modules_to_save wrapper) and no logit scaling it cannot do."""
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return all(getattr(config, k, None) is None for k in UNFUSED_LOGIT_TRANSFORMS)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -157,68 +168,43 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
-    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, -100, 0.0, 0.0,
+    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, IGNORE_INDEX, 0.0, 0.0,
                                                       reduction, softcap)
     return loss[0] if isinstance(loss, tuple) else loss
 
 
-# Logit transforms after the head that liger's fused CE cannot do (final_logit_softcapping it can).
-_UNFUSED_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
-
-
-def fused_ce_supported(model: torch.nn.Module) -> bool:
-    """Whether the fused CE can stand for `head(hidden)` + the model's logit transforms: a plain
-    bias-free Linear head (not peft's modules_to_save wrapper) and no logit scaling."""
-    base = unwrap_peft(model)
-    head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return False
-    config = base.config.get_text_config()
-    return all(getattr(config, k, None) is None for k in _UNFUSED_LOGIT_TRANSFORMS)
-
-
-def fused_causal_lm_ce(model: torch.nn.Module, head: torch.nn.Module, hidden: torch.Tensor,
-                       targets: torch.Tensor) -> torch.Tensor | None:
-    """Summed CE of `head(hidden)` vs `targets` through liger's fused kernel, or None when the
-    fused path does not apply (not enabled for `model`, no grad, or not `fused_ce_supported`)."""
-    if not (torch.is_grad_enabled() and fused_ce_available(model) and hidden.is_cuda):
-        return None
-    if not fused_ce_supported(model):
-        return None
-    softcap = getattr(unwrap_peft(model).config.get_text_config(), "final_logit_softcapping", None)
-    return fused_linear_cross_entropy(hidden, head.weight, targets, reduction="sum", softcap=softcap)
-
-
-def apply_training_speedups(model: torch.nn.Module, recipe: Any) -> list[str]:
-    """Everything this module does to a model about to train; returns what was applied, for the log.
+def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Speedups:
+    """Everything this module does to a model about to train: what was applied, for the log, and
+    the head loss the training loss should use.
 
     Order: liger kernels (or, with `training.compile`, torch.compile of each decoder layer, whose
     own fusions replace liger's per-layer kernels; the fused CE is kept either way), then the
-    checkpoint policy.
+    checkpoint policy. With `training.max_memory_gib`, `cfg` is the one `memory_budget` resolved.
     """
-    compile_layers = bool(getattr(recipe.training, "compile", False))
-    budget = getattr(recipe.training, "max_memory_gib", None)
-    if compile_layers and getattr(recipe.training, "checkpoint_offload", False) and not budget:
-        # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
-        raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
-    applied: list[str] = []
-    if compile_layers:
-        if fused_kernels_enabled(model, recipe):
-            unwrap_peft(model)._peftchat_fused_ce = True
-            applied.append("liger:fused_linear_cross_entropy" if fused_ce_supported(model) else "loss:chunked")
+    done = Speedups()
+    if cfg.compile:
+        fused = fused_kernels_enabled(model, cfg)
     else:
-        applied += apply_fused_kernels(model, recipe)
-    skip, offload = checkpoint_settings(model, recipe)
-    n = apply_checkpoint_policy(model, recipe, skip, offload)
-    if recipe.training.gradient_checkpointing:
-        applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{' (inputs offloaded)' if offload else ''}")
-    if compile_layers:
+        done.applied += apply_fused_kernels(model, cfg)
+        fused = bool(done.applied)
+    base = unwrap_peft(model)
+    if fused and fused_ce_supports_head(base.get_output_embeddings(), base.config):
+        softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+        done.head_loss = partial(fused_linear_cross_entropy, softcap=softcap) if softcap else fused_linear_cross_entropy
+        done.applied.append("liger:fused_linear_cross_entropy")
+    elif fused:
+        done.applied.append("loss:chunked")  # e.g. peft's modules_to_save wrapper around the head
+    n = apply_checkpoint_policy(model, cfg)
+    if cfg.gradient_checkpointing:
+        offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
+        done.applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+    if cfg.compile:
         # Regional compilation: the decoder layers share one compiled graph (same code, weights
         # as inputs), so compile time does not grow with depth.
         for layer in decoder_layers(model):
             layer.compile()
-        applied.append("torch.compile:decoder_layers")
-    return applied
+        done.applied.append("torch.compile:decoder_layers")
+    return done
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -228,51 +214,34 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in unwrap_peft(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def checkpoint_settings(model: torch.nn.Module, recipe: Any) -> tuple[int, bool]:
-    """(skip layers, offload): the recipe's, or with `training.max_memory_gib` the fastest pair
-    whose estimated peak fits (memory_budget.choose_policy), printed as it is chosen."""
-    skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
-    offload = bool(getattr(recipe.training, "checkpoint_offload", False))
-    budget = getattr(recipe.training, "max_memory_gib", None)
-    if not budget or not recipe.training.gradient_checkpointing:
-        return skip, offload
-    from peftchat.model.memory_budget import ModelShape, choose_policy
-
-    policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
-                           recipe.adapter.r, recipe.training.batch_size, recipe.data.max_length, float(budget),
-                           allow_offload=not getattr(recipe.training, "compile", False))
-    print(policy.describe(float(budget)), flush=True)
-    return policy.checkpoint_skip_layers, policy.checkpoint_offload
-
-
-def apply_checkpoint_policy(model: torch.nn.Module, recipe: Any, skip: int | None = None,
-                            offload: bool | None = None) -> int:
+def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
     """Gradient checkpointing on every decoder layer but the last `training.checkpoint_skip_layers`.
 
-    Non-reentrant torch checkpointing (no `enable_input_require_grads`, activations stay bf16), or,
+    Non-reentrant torch checkpointing (activations stay bf16), or,
     with `training.checkpoint_offload` on CUDA, `offloaded_checkpoint`: the layer inputs, the
     only activations checkpointing keeps, go to pinned host memory too. Returns the number of
     checkpointed layers (0 when `training.gradient_checkpointing` is off).
     """
     base = unwrap_peft(model)
-    if not recipe.training.gradient_checkpointing:
-        if getattr(base, "is_gradient_checkpointing", False):
-            base.gradient_checkpointing_disable()
+    if not cfg.gradient_checkpointing:
+        if getattr(base, "is_activation_checkpointing", False):
+            disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+            disable()
         return 0
-    if skip is None:
-        skip = int(getattr(recipe.training, "checkpoint_skip_layers", 0) or 0)
-    if skip < 0:
-        raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {skip}")
+    skip = cfg.checkpoint_skip_layers
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not (getattr(base, "_require_grads_hooks", None) or getattr(base, "_require_grads_hook", None)):
+        # remote code that checkpoints with the reentrant variant only backpropagates into LoRA
+        # weights when the layer inputs require grad (newer transformers set the hook above)
+        base.enable_input_require_grads()
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)
-    if offload is None:
-        offload = bool(getattr(recipe.training, "checkpoint_offload", False))
+    offload = cfg.checkpoint_offload
     for i, layer in enumerate(layers):
         # The last layers run first in the backward pass, so their kept activations are freed first.
         layer.gradient_checkpointing = i < len(layers) - skip

@@ -9,7 +9,6 @@ math kernel (half the speed measured on an H200). Here the non-quantized parts s
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import torch
 from peftchat.config import Recipe
 from peftchat.errors import UserError
 from peftchat.paths import looks_local
+from peftchat.quiet import quiet_int8_cast
+from peftchat.rundir import MODEL_CONFIG
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -84,19 +85,6 @@ def attention_for(source: str, recipe: Recipe) -> str:
     return "eager"
 
 
-def _quiet_int8_cast(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-def _quiet_optional_cpu_kernel(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-# On an AVX512-BF16 CPU, importing bitsandbytes (peft does, for any model) warns that an optional
-# kernel package is not installed; bitsandbytes then uses its own kernel, so it is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_quiet_optional_cpu_kernel)
-
-
 def _quantization_config(recipe: Recipe):
     """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
     m = recipe.model
@@ -105,8 +93,7 @@ def _quantization_config(recipe: Recipe):
     from transformers import BitsAndBytesConfig
 
     if m.quantization == "8bit":
-        # bitsandbytes logs on every int8 matmul that bf16 inputs go through fp16 (by design)
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast)
+        quiet_int8_cast()
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -114,21 +101,6 @@ def _quantization_config(recipe: Recipe):
         bnb_4bit_use_double_quant=m.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(m.compute_dtype),
     )
-
-
-def enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing on every decoder layer.
-
-    Non-reentrant works with frozen inputs and kwargs; `enable_input_require_grads` is kept anyway
-    so a model whose remote code still uses the reentrant variant gets gradients through it.
-    """
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if not (getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None)):
-        model.enable_input_require_grads()  # newer transformers did it already in the call above
 
 
 def check_model_source(recipe: Recipe) -> str:
@@ -140,7 +112,7 @@ def check_model_source(recipe: Recipe) -> str:
     if not path.exists():
         raise UserError(f"model not found: {source} (model.path); build a demo one with `peftchat tiny-model {source}`"
                         " or point model.path to a model dir or hub id")
-    if not (path / "config.json").is_file():
+    if not (path / MODEL_CONFIG).is_file():
         raise UserError(f"model.path {source} is not a transformers model dir (no config.json)")
     return str(path)
 
@@ -181,9 +153,9 @@ def damaged_safetensors(directory: Path) -> str | None:
 def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True):
     """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`).
 
-    For training the weights are frozen, the KV cache is off, checkpointing is on when
-    `training.gradient_checkpointing` says so, and the model is in train mode (from_pretrained
-    returns eval mode, in which transformers silently skips checkpointing).
+    For training the weights are frozen, the KV cache is off and the model is in train mode
+    (from_pretrained returns eval mode, in which transformers silently skips checkpointing);
+    checkpointing itself is `peftchat.model.kernels.apply_checkpoint_policy`'s, after LoRA.
     """
     from transformers import AutoModelForCausalLM
 
@@ -222,7 +194,5 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False  # the cache is useless in training and costs memory
-    if recipe.training.gradient_checkpointing:
-        enable_checkpointing(model)
     model.train()
     return model

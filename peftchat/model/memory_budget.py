@@ -22,7 +22,9 @@ budget wins. When none fits, the smallest is returned with `fits=False` for the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from peftchat.config import Recipe, TrainingConfig
 
 GIB = 2**30
 HEADROOM = 0.95  # the allocator's fragmentation and whatever the estimate misses
@@ -97,3 +99,20 @@ def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq
             return MemoryPolicy(skip, offload, est, True)
     smallest = min(ranked, key=lambda so: estimate_gib(s, quantization, lora_r, tokens, *so))
     return MemoryPolicy(smallest[0], smallest[1], estimate_gib(s, quantization, lora_r, tokens, *smallest), False)
+
+
+def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
+    """`recipe.training` with the checkpoint policy `training.max_memory_gib` picks for `model`
+    (printed as it is chosen); the recipe's own when no budget is set or checkpointing is off."""
+    cfg = recipe.training
+    if not cfg.max_memory_gib or not cfg.gradient_checkpointing:
+        return cfg
+    from peftchat.model.adapters import unwrap_peft
+
+    budget = float(cfg.max_memory_gib)
+    policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
+                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
+                           allow_offload=not cfg.compile)  # the offloaded checkpoint is not traceable
+    print(policy.describe(budget), flush=True)
+    return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
+                   checkpoint_offload=policy.checkpoint_offload)

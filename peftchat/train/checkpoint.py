@@ -1,12 +1,10 @@
-"""Training checkpoints: save atomically, find the newest complete one, load, rotate.
+"""Training checkpoints: what one holds, saved and loaded (names and layout: `peftchat.rundir`).
 
 A checkpoint is `output_dir/checkpoint-STEP/` holding the adapter (peft `save_pretrained`, so
 `PeftModel.from_pretrained` loads it), the tokenizer and `recipe.yaml` (so merge/chat can use a
-checkpoint as they use a finished run), `optimizer.pt` (optimizer, scheduler, grad scaler),
-`rng_state.pt` (python, numpy, torch, CUDA), `trainer_state.json` (the data position) and the
-`complete` marker. It is written into a hidden temp dir, flushed to disk, then renamed into place,
-so a crash leaves either the old set of checkpoints or the new one, never a half-written
-`checkpoint-STEP`; only dirs with the marker are resumable.
+checkpoint as they use a finished run), `optimizer.pt` (optimizer and grad scaler; the lr
+schedule is rebuilt from the recipe and the step), `rng_state.pt` (python, numpy, torch, CUDA),
+`trainer_state.json` (the data position) and the `complete` marker, written last.
 """
 
 from __future__ import annotations
@@ -14,23 +12,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
-import shutil
-import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from peftchat.errors import UserError
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-TMP_PREFIX = ".tmp-checkpoint-"
-COMPLETE_MARKER = "complete"
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-RNG_FILE = "rng_state.pt"
+from peftchat.rundir import (
+    COMPLETE_MARKER,
+    OPTIMIZER_FILE,
+    RECIPE_FILE,
+    RNG_FILE,
+    STATE_FILE,
+    is_complete,
+    rotate_checkpoints,
+    write_checkpoint_dir,
+)
 
 
 @dataclass
@@ -44,6 +42,9 @@ class TrainState:
     tokens: int = 0  # input tokens (padding excluded) trained on so far
     label_tokens: int = 0  # loss-bearing tokens so far
     train_time_s: float = 0.0  # time spent in training steps, over all sessions
+    total_steps: int = 0  # the run's planned length when this state was saved
+    # recipe changes accepted at resumes: [{"step": S, "changes": {"key": [old, new]}}, ...]
+    changes: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------ RNG
@@ -77,114 +78,29 @@ def restore_rng(state: dict) -> None:
 # ------------------------------------------------------------------------------------ files
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. directories on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
-
-def is_complete(path: Path) -> bool:
-    return (Path(path) / COMPLETE_MARKER).is_file()
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = CHECKPOINT_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in `output_dir`, oldest step first (temp and unmarked dirs skipped)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
-    return sorted(found, key=checkpoint_step)
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> None:
-    """Delete temp dirs left by a save that crashed (they are never resumed from)."""
-    root = Path(output_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints (`keep` <= 0 keeps all); returns
-    the deleted dirs."""
-    if keep <= 0:
-        return []
-    doomed = list_checkpoints(output_dir)[:-keep]
-    for p in doomed:
-        shutil.rmtree(p)
-    return doomed
-
-
-def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, optimizer, scheduler, *,
-                    tokenizer=None, recipe=None, grad_scaler=None, rng: dict | None = None,
-                    keep: int = 0) -> Path:
+def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, optimizer, *, tokenizer=None,
+                    recipe=None, grad_scaler=None, rng: dict | None = None, keep: int = 0) -> Path:
     """Write `output_dir/checkpoint-{state.step}` atomically, then keep the newest `keep`.
 
     `rng` is the RNG state to record (default: now); an existing checkpoint of the same step is
     replaced.
     """
-    from peftchat.config import save_recipe
+    from peftchat.train.resume import save_recipe_with_history
 
-    root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"checkpoint-{state.step}"
-    tmp = root / f"{TMP_PREFIX}{state.step}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if recipe is not None:
-            save_recipe(recipe, tmp / "recipe.yaml")
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-            },
-            tmp / OPTIMIZER_FILE,
-        )
+            save_recipe_with_history(recipe, state.changes, tmp / RECIPE_FILE)
+        torch.save({"optimizer": optimizer.state_dict(),
+                    "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None},
+                   tmp / OPTIMIZER_FILE)
         torch.save(rng if rng is not None else capture_rng(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
-        _fsync_tree(tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"{state.step}\n", encoding="utf-8")
-        _fsync(tmp / COMPLETE_MARKER)
-        _fsync(tmp)
-        if final.exists():  # os.replace cannot overwrite a non-empty dir: move the old one aside
-            old = root / f"{TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    rotate_checkpoints(root, keep)
+
+    final = write_checkpoint_dir(output_dir, state.step, fill)
+    rotate_checkpoints(output_dir, keep)
     return final
 
 
@@ -192,13 +108,14 @@ def read_state(path: str | os.PathLike) -> TrainState:
     return TrainState(**json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8")))
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, grad_scaler=None,
+def load_checkpoint(path: str | os.PathLike, model, optimizer, *, grad_scaler=None,
                     restore_rng_state: bool = True) -> TrainState:
-    """Load adapter weights, optimizer, scheduler (and grad scaler) from checkpoint `path` into the
-    live objects, restore the RNG states last, and return the data position.
+    """Load adapter weights, optimizer (and grad scaler) from checkpoint `path` into the live
+    objects, restore the RNG states last, and return the data position.
 
-    Call it at the very end of setup: anything drawing random numbers afterwards (a LoRA init,
-    say) would move the restored RNG.
+    Call it at the very end of setup (before only the lr schedule, which draws no random
+    numbers): anything drawing random numbers afterwards (a LoRA init, say) would move the
+    restored RNG.
     """
     from peft import load_peft_weights, set_peft_model_state_dict
 
@@ -214,7 +131,6 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, scheduler, *, gra
         raise UserError(f"checkpoint {path} does not fit this adapter: unexpected {result.unexpected_keys[:3]}")
     blobs = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blobs["optimizer"])
-    scheduler.load_state_dict(blobs["scheduler"])
     if grad_scaler is not None and blobs.get("grad_scaler"):
         grad_scaler.load_state_dict(blobs["grad_scaler"])
     state = read_state(path)

@@ -1,13 +1,17 @@
-"""`peftchat train`: setup -> train -> save, top to bottom, in the manner of torchtune's
+"""`peftchat train`: setup -> the step loop -> finish, top to bottom, in the manner of torchtune's
 lora_finetune_single_device.py and litgpt's finetune/lora.py rather than HF Trainer.
 
-Setup: recipe -> tokenizer -> data (peftchat.data) -> base model (peftchat.model.load) -> LoRA
-(peftchat.model.adapters) -> optimizer and schedule -> optional resume.
-Train: per optimizer step one accumulation window of micro-batches; the loss of the window is the
-mean over its loss-bearing tokens (not a mean of per-micro-batch means), so accumulation 2 x batch
-1 gives the gradient of batch 2 x accumulation 1 even when lengths differ.
-Save: `checkpoint-STEP/` every `save_steps` and at the end, then the final adapter, tokenizer,
-`recipe.yaml`, `metrics.jsonl` and `training_summary.json` in `training.output_dir`.
+`setup` builds the run's one state object, `Run`: recipe -> tokenizer -> data batches
+(`peftchat.data.batching.Batches`) -> base model (`peftchat.model.load`) -> LoRA
+(`peftchat.model.adapters`) -> speed-ups and the loss they choose (`peftchat.model.kernels`) ->
+optimizer, optional resume (`peftchat.train.resume` says what a resume may change), lr schedule.
+`train_steps` runs optimizer steps: per step one accumulation window of micro-batches; the loss
+of the window is the mean over its loss-bearing tokens (not a mean of per-micro-batch means), so
+accumulation 2 x batch 1 gives the gradient of batch 2 x accumulation 1 even when lengths differ.
+Every `log_steps` a metrics row, every `eval_steps` an evaluation, every `save_steps` a checkpoint.
+`finish` evaluates and checkpoints the last step, then publishes the final outputs as a set
+(`peftchat.rundir.publish_final_outputs`: adapter, tokenizer, `recipe.yaml`,
+`training_summary.json`, the `complete` marker last).
 
 Output-dir policy: a dir that already holds a run (a complete checkpoint or a finished adapter)
 is never trained over from scratch: the run stops with an error that suggests
@@ -28,83 +32,125 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, is_dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from peftchat.config import Recipe, save_recipe
+from peftchat.config import Recipe
+from peftchat.data.batching import Batches, MicroBatch, Window
 from peftchat.errors import DataError, UserError
-from peftchat.train.checkpoint import (
-    TrainState,
-    find_latest_checkpoint,
+from peftchat.rundir import (
+    METRICS_FILE,
+    RECIPE_FILE,
+    SUMMARY_FILE,
+    checkpoint_dir,
     is_complete,
-    list_checkpoints,
-    load_checkpoint,
+    publish_final_outputs,
     remove_stale_temp_dirs,
-    save_checkpoint,
+    unmark_finished,
 )
-from peftchat.train.loss import causal_lm_loss, count_label_tokens, with_loss_targets
-from peftchat.train.metrics import METRICS_FILE, MetricsLogger, format_postfix, peak_memory_gb, perplexity
+from peftchat.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from peftchat.train.loss import causal_lm_loss, make_loss
+from peftchat.train.metrics import (
+    IntervalMeter,
+    MetricsLogger,
+    Progress,
+    format_postfix,
+    last_row_value,
+    peak_memory_gb,
+    perplexity,
+    row_with,
+)
 from peftchat.train.optim import build_optimizer, build_scheduler
-
-SUMMARY_FILE = "training_summary.json"
-FINAL_ADAPTER_FILE = "adapter_model.safetensors"
+from peftchat.train.resume import check_resume_changes, resume_checkpoint, save_recipe_with_history
 
 
-# ------------------------------------------------------------------------------ output dir
+@dataclass
+class TrainHooks:
+    """Public observation points of a run (benchmarks, tests, tools); each is optional.
+
+    `after_model_load(model)`: the base model is loaded, before LoRA (e.g. reset memory peaks).
+    `speedups_applied(names)`: what `apply_training_speedups` applied.
+    `after_step(run)`: an optimizer step and its logging, eval and saving are done.
+    """
+
+    after_model_load: Optional[Callable[[Any], None]] = None
+    speedups_applied: Optional[Callable[[list[str]], None]] = None
+    after_step: Optional[Callable[["Run"], None]] = None
 
 
-def resume_checkpoint(recipe: Recipe) -> Path | None:
-    """The checkpoint to resume from (`training.resume`), or None for a fresh run; raises a
-    UserError for a fresh run into a dir that holds one already, or a resume with nothing to
-    resume."""
-    out = Path(recipe.training.output_dir)
-    resume = recipe.training.resume
-    if isinstance(resume, str) and resume.lower() in ("true", "false"):
-        resume = resume.lower() == "true"
-    if resume is True:
-        latest = find_latest_checkpoint(out)
-        if latest is None:
-            raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from")
-        return latest
-    if resume:
-        path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise UserError(f"training.resume: checkpoint {resume} not found")
-        if not is_complete(path):
-            raise UserError(f"training.resume: {resume} is not a complete checkpoint (no 'complete' marker)")
-        return path
-    existing = list_checkpoints(out)
-    if existing or (out / FINAL_ADAPTER_FILE).exists():
-        what = existing[-1].name if existing else "a finished adapter"
-        raise UserError(
-            f"training.output_dir {out} already holds a run ({what}); continue it with training.resume=true "
-            f"or choose another training.output_dir"
-        )
-    return None
+@dataclass
+class Run:
+    """Everything one training run works with; `state` is what a checkpoint saves."""
+
+    recipe: Recipe
+    out: Path
+    device: torch.device
+    tokenizer: Any
+    data_report: Any
+    train: Batches
+    eval: Optional[Batches]
+    model: Any
+    loss_fn: Callable[..., torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler or None
+    autocast: Callable[[], Any]
+    params_count: tuple[int, int]  # (trainable, total)
+    total_steps: int
+    steps_per_epoch: int
+    resumed_from: Optional[Path]
+    hooks: TrainHooks
+    state: TrainState = field(default_factory=TrainState)
+    scheduler: Any = None
+    epoch_progress: float = 0.0
+    saved_step: Optional[int] = None
+    eval_step: Optional[int] = None
+    metrics: Optional[MetricsLogger] = None
+    progress: Optional[Progress] = None
 
 
-# ------------------------------------------------------------------------------ batches
+# ------------------------------------------------------------------------------ setup
 
 
-def fetch_rows(dataset, rows: list[list[int]]) -> list[list[dict]]:
-    """The samples of one batch plan entry (rows of sample indices), read in one call."""
-    flat = [i for row in rows for i in row]
-    got = dataset[flat]
-    samples = [{"input_ids": ids, "labels": lab} for ids, lab in zip(got["input_ids"], got["labels"])]
-    out, k = [], 0
-    for row in rows:
-        out.append(samples[k:k + len(row)])
-        k += len(row)
-    return out
+def setup_data(recipe: Recipe):
+    """(tokenizer, data report, train Batches, eval Batches or None)."""
+    from peftchat.data.pipeline import build_datasets, sample_limit
+    from peftchat.model.tokenizer import load_tokenizer
+
+    cfg = recipe.training
+    tokenizer = load_tokenizer(recipe)
+    data = build_datasets(recipe, tokenizer)
+    print(data.report.summary(), flush=True)
+    if data.train is None or len(data.train) == 0:
+        raise DataError(f"no training samples in {recipe.data.train} (see the data report above)")
+    # a packed row holds at most one sample's limit
+    common = dict(batch_size=cfg.batch_size, max_length=sample_limit(recipe), pad_id=tokenizer.pad_token_id,
+                  packing=recipe.data.packing)
+    train = Batches(data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle,
+                    seed=cfg.seed, **common)
+    evaluation = Batches(data.eval, **common) if data.eval is not None and len(data.eval) else None
+    return tokenizer, data.report, train, evaluation
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    if device.type != "cuda":
-        return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks):
+    """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts)."""
+    from peftchat.model.adapters import apply_lora, count_parameters
+    from peftchat.model.kernels import apply_training_speedups
+    from peftchat.model.load import load_base_model
+    from peftchat.model.memory_budget import budgeted_training_config
+
+    base = load_base_model(recipe, device)
+    if hooks.after_model_load is not None:
+        hooks.after_model_load(base)
+    model = apply_lora(base, recipe)
+    speedups = apply_training_speedups(model, budgeted_training_config(model, recipe))
+    print("speed-ups: " + (", ".join(speedups.applied) or "none"), flush=True)
+    if hooks.speedups_applied is not None:
+        hooks.speedups_applied(list(speedups.applied))
+    return model, make_loss(speedups.head_loss), count_parameters(model)
 
 
 def mixed_precision(recipe: Recipe, device: torch.device):
@@ -120,53 +166,103 @@ def mixed_precision(recipe: Recipe, device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
 
-# ------------------------------------------------------------------------------ Ctrl-C
+def planned_steps(recipe: Recipe, train: Batches) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); the last window of an epoch may be short."""
+    cfg = recipe.training
+    per_epoch = math.ceil(train.per_epoch() / cfg.gradient_accumulation_steps)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
+    return total, per_epoch
 
 
-class GracefulInterrupt:
-    """While active, the first SIGINT only sets `requested` (the loop checkpoints at the end of
-    the step under way and raises KeyboardInterrupt); a second one raises at once."""
+def setup(recipe: Recipe, hooks: TrainHooks) -> Run:
+    """Build the run: data, model, optimizer, and the state (fresh, or from a checkpoint)."""
+    from transformers import set_seed
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+    from peftchat.model.load import check_model_source, resolve_device
 
-    def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+    cfg = recipe.training
+    resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
+    changes = check_resume_changes(recipe, resume_from) if resume_from is not None else {}
+    check_model_source(recipe)
+    device = resolve_device(recipe)
+    set_seed(cfg.seed)
+    tokenizer, report, train, evaluation = setup_data(recipe)
+    total, per_epoch = planned_steps(recipe, train)
+    model, loss_fn, counts = setup_model(recipe, device, hooks)
+    optimizer = build_optimizer(model, cfg, device)
+    autocast, scaler = mixed_precision(recipe, device)
+    run = Run(recipe=recipe, out=Path(cfg.output_dir), device=device, tokenizer=tokenizer, data_report=report,
+              train=train, eval=evaluation, model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
+              autocast=autocast, params_count=counts, total_steps=total, steps_per_epoch=per_epoch,
+              resumed_from=resume_from, hooks=hooks, state=TrainState(total_steps=total))
+    run.out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(run.out)
+    if resume_from is not None:
+        restore(run, resume_from, changes)  # RNG restored last
+    else:
+        (run.out / METRICS_FILE).unlink(missing_ok=True)  # a run that died before its first checkpoint
+    run.scheduler = build_scheduler(optimizer, cfg, total, start_step=run.state.step)
+    return run
 
-    def __enter__(self) -> "GracefulInterrupt":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        return self
 
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+def restore(run: Run, checkpoint: Path, changes: dict) -> None:
+    """Load the checkpoint into the run; re-plan the schedule and record accepted recipe changes."""
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, grad_scaler=run.scaler)
+    _apply_optimizer_settings(run.optimizer, run.recipe)
+    MetricsLogger.truncate_after(run.out, state.step)
+    run.saved_step = state.step
+    last_eval = row_with(run.out, "eval_loss")
+    if last_eval is not None and last_eval["step"] == state.step:
+        run.eval_step = state.step  # a resume after the last step: its eval is done already
+    print(f"resuming from {checkpoint} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})", flush=True)
+    if state.total_steps and state.total_steps != run.total_steps and state.step < run.total_steps:
+        print(f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
+              f"{state.step + 1}..{run.total_steps} follow the curve of a {run.total_steps}-step run", flush=True)
+    state.total_steps = run.total_steps
+    if changes and not (state.step >= run.total_steps and is_complete(run.out)):  # a no-op resume changes nothing
+        state.changes.append({"step": state.step, "changes": changes})
+        with MetricsLogger(run.out) as metrics:
+            metrics.log({"step": state.step, "resume_changes": changes})
+        print("recipe changes from step " + f"{state.step + 1}: " +
+              ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()), flush=True)
+    run.state = state
 
 
-# ------------------------------------------------------------------------------ steps
+def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, recipe: Recipe) -> None:
+    """The recipe's Adam settings over those a loaded optimizer state carries (they differ only
+    after a change accepted with `training.resume_changes=allow`; lr is the schedule's)."""
+    cfg = recipe.training
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"] = cfg.adam_eps
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0  # optim.parameter_groups' order
 
 
-def backward_window(model, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast=nullcontext,
-                    scaler=None) -> tuple[torch.Tensor, int]:
+# ------------------------------------------------------------------------------ one step
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def backward_window(model, micro_batches: list[MicroBatch], device: torch.device, loss_fn=causal_lm_loss,
+                    autocast=nullcontext, scaler=None) -> tuple[torch.Tensor, int]:
     """Forward and backward of one accumulation window of CPU micro-batches.
 
     Each micro-batch's summed loss is divided by the label-token count of the whole window
-    (counted on the CPU tensors, so no device sync), which makes the accumulated gradient that of
-    one big batch. Returns (the window's mean loss per label token as a detached device scalar,
-    the window's label-token count).
+    (counted on the CPU, so no device sync), which makes the accumulated gradient that of one big
+    batch. Returns (the window's mean loss per label token as a detached device scalar, the
+    window's label-token count).
     """
-    counts = [count_label_tokens(b["labels"]) for b in batches]
-    label_tokens = sum(counts)
+    label_tokens = sum(m.label_tokens for m in micro_batches)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch, count in zip(batches, counts):
-        if count == 0:
+    for micro in micro_batches:
+        if micro.label_tokens == 0:
             continue
         with autocast():
-            loss = causal_lm_loss(model, to_device(with_loss_targets(batch), device), normalizer=label_tokens)
+            loss = loss_fn(model, to_device(micro.tensors, device), normalizer=label_tokens)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().double()
     return total, label_tokens
@@ -189,252 +285,225 @@ def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_g
     return grad_norm
 
 
-# ------------------------------------------------------------------------------ eval
-
-
 @torch.no_grad()
-def evaluate(model, dataset, plan: list[list[list[int]]], collate, pad_id: int, packing: bool,
-             device: torch.device, autocast) -> tuple[float, int]:
-    """(mean loss per label token, label tokens) over the whole eval set."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
+def evaluate(run: Run) -> tuple[float, int]:
+    """(mean loss per label token, label tokens) over the whole eval set, with the training loss."""
+    run.model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
     tokens = 0
-    for rows in plan:
-        batch = collate(fetch_rows(dataset, rows), pad_id, packing)
-        n = count_label_tokens(batch["labels"])
-        if n == 0:
+    for micro in run.eval.in_order():
+        if micro.label_tokens == 0:
             continue
-        with autocast():
-            total += causal_lm_loss(model, to_device(with_loss_targets(batch), device), normalizer=1.0).double()
-        tokens += n
-    model.train()
+        with run.autocast():
+            total += run.loss_fn(run.model, to_device(micro.tensors, run.device), normalizer=1.0).double()
+        tokens += micro.label_tokens
+    run.model.train()
     return (total.item() / tokens if tokens else float("nan")), tokens
 
 
-# ------------------------------------------------------------------------------ train
+# ------------------------------------------------------------------------------ the step loop
 
 
-def train(recipe: Recipe) -> Path:
-    """Train the recipe's adapter; returns `training.output_dir`."""
-    from peftchat.model.load import check_model_source
+class GracefulInterrupt:
+    """While active, the first SIGINT only sets `requested` (the loop checkpoints at the end of
+    the step under way and raises KeyboardInterrupt); a second one raises at once. The handler
+    found on entry (whatever it was: default, ignored, a caller's) is put back on exit."""
 
-    cfg = recipe.training
-    out = Path(cfg.output_dir)
-    resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
-    check_model_source(recipe)
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+        self._installed = False
 
-    from tqdm.auto import tqdm
-    from transformers import set_seed
+    def _handler(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)", file=sys.stderr, flush=True)
 
-    from peftchat.data.batching import collate, plan_batches, sample_lengths
-    from peftchat.data.pipeline import build_datasets, sample_limit
-    from peftchat.model.adapters import apply_lora, count_parameters
-    from peftchat.model.load import load_base_model, resolve_device
-    from peftchat.model.kernels import apply_training_speedups
-    from peftchat.model.tokenizer import load_tokenizer
+    def __enter__(self) -> "GracefulInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
 
-    device = resolve_device(recipe)
-    set_seed(cfg.seed)
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
-    # ---- data
-    tokenizer = load_tokenizer(recipe)
-    data = build_datasets(recipe, tokenizer)
-    print(data.report.summary(), flush=True)
-    if data.train is None or len(data.train) == 0:
-        raise DataError(f"no training samples in {recipe.data.train} (see the data report above)")
-    train_set = data.train.select_columns(["input_ids", "labels"])
-    eval_set = data.eval.select_columns(["input_ids", "labels"]) if data.eval is not None and len(data.eval) else None
-    lengths = sample_lengths(train_set)
-    row_tokens = sample_limit(recipe)  # the most a packed row holds: one sample's limit
-    packing, pad_id = recipe.data.packing, tokenizer.pad_token_id
 
-    def epoch_plan(epoch: int) -> list[list[list[int]]]:
-        return plan_batches(lengths, batch_size=cfg.batch_size, max_length=row_tokens, packing=packing,
-                            group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle,
-                            seed=cfg.seed, epoch=epoch)
+@contextmanager
+def out_of_memory_as_user_error(run: Run) -> Iterator[None]:
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as e:
+        raise UserError(
+            f"out of GPU memory in step {run.state.step + 1} ({str(e).splitlines()[0][:120]}); lower "
+            "training.batch_size or data.max_length (raise gradient_accumulation_steps to keep the batch), "
+            "or set training.gradient_checkpointing=true or model.quantization=4bit"
+        ) from None
 
-    eval_plan = None
-    if eval_set is not None:
-        eval_plan = plan_batches(sample_lengths(eval_set), batch_size=cfg.batch_size, max_length=row_tokens,
-                                 packing=packing, group_by_length=False, shuffle=False, seed=cfg.seed, epoch=0)
 
-    accum = cfg.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(len(epoch_plan(0)) / accum)  # the last window of an epoch may be short
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) -> tuple[float, Any]:
+    """One optimizer step over `window`; returns (the lr it used, the gradient norm or None)."""
+    cfg, state = run.recipe.training, run.state
+    start = time.perf_counter()
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn, run.autocast,
+                                         run.scaler)
+    grad_norm = optimizer_step(run.optimizer, run.scheduler, params, cfg.max_grad_norm, run.scaler)
+    state.step += 1
+    state.epoch, state.batch_index = window.epoch, window.batch_index
+    state.tokens += window.tokens
+    state.label_tokens += label_tokens
+    run.epoch_progress = window.epoch_progress
+    if log_due(run):
+        meter.sync()  # wait for the device, so the step time below is real
+    elapsed = time.perf_counter() - start
+    state.train_time_s += elapsed
+    meter.add(loss, window.tokens, elapsed)
+    return lr, grad_norm
 
-    # ---- model, optimizer
-    model = apply_lora(load_base_model(recipe, device), recipe)
-    print("speed-ups: " + (", ".join(apply_training_speedups(model, recipe)) or "none"), flush=True)
-    trainable_params, total_params = count_parameters(model)
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    autocast, scaler = mixed_precision(recipe, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
 
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(out)
-    state = TrainState()
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, grad_scaler=scaler)  # RNG restored last
-        MetricsLogger.truncate_after(out, state.step)
-        print(f"resuming from {resume_from} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})", flush=True)
-        if state.step >= total_steps and (out / SUMMARY_FILE).exists():
-            print(f"{out} is already trained to step {state.step} of {total_steps}; nothing to do", flush=True)
-            return out
-    else:
-        (out / METRICS_FILE).unlink(missing_ok=True)  # a run that died before its first checkpoint
-    print(f"training {total_steps} steps ({steps_per_epoch} per epoch; batch {cfg.batch_size} x accumulation {accum}) "
-          f"on {device}", flush=True)
+def log_due(run: Run) -> bool:
+    """Every `log_steps`, the first step of a fresh run and the last one. A resumed run's first
+    row comes at the next multiple, so its tokens/s is measured from the resumed step on."""
+    step = run.state.step
+    return step % run.recipe.training.log_steps == 0 or step == 1 or step == run.total_steps
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # the summary's peak is this run's
-    metrics = MetricsLogger(out, tensorboard=cfg.tensorboard)
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not interactive)
-    start_step = state.step
-    # since the last log row; time counts training steps only, not eval or saving
-    interval = {"time": 0.0, "tokens": 0, "steps": 0, "loss": torch.zeros((), device=device, dtype=torch.float64)}
-    last = {"loss": None, "eval_loss": None, "eval_step": None, "saved_step": None}
-    if resume_from is not None:
-        last["saved_step"] = state.step
 
-    def checkpoint_now() -> None:
-        save_checkpoint(out, state, model, optimizer, scheduler, tokenizer=tokenizer, recipe=recipe,
-                        grad_scaler=scaler, keep=cfg.save_total_limit)
-        last["saved_step"] = state.step
+def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
+    loss, tokens_per_s = meter.take()
+    memory, _ = peak_memory_gb(run.device)
+    row = {"step": run.state.step, "epoch": round(run.epoch_progress, 4), "loss": loss, "lr": lr,
+           "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    run.metrics.log(row)
+    run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory))
 
-    def run_eval() -> None:
-        if eval_plan is None:
-            return
-        loss, tokens = evaluate(model, eval_set, eval_plan, collate, pad_id, packing, device, autocast)
-        row = {"step": state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens}
-        metrics.log(row)
-        last["eval_loss"], last["eval_step"] = loss, state.step
-        msg = f"step {state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}"
-        if interactive:
-            bar.write(msg)
-        else:
-            print(msg, flush=True)
 
-    model.train()
-    plan, plan_epoch = None, None
-    with GracefulInterrupt() as interrupt:
-        try:
-            while state.step < total_steps:
-                if plan_epoch != state.epoch:
-                    plan, plan_epoch = epoch_plan(state.epoch), state.epoch
-                step_start = time.perf_counter()
-                window = plan[state.batch_index:state.batch_index + accum]
-                if not window:  # a resumed position past this epoch's end (the data changed): next epoch
-                    state.epoch, state.batch_index = state.epoch + 1, 0
-                    continue
-                batches = [collate(fetch_rows(train_set, rows), pad_id, packing) for rows in window]
-                lr = optimizer.param_groups[0]["lr"]
-                window_loss, label_tokens = backward_window(model, batches, device, autocast, scaler)
-                interval["loss"] += window_loss
-                grad_norm = optimizer_step(optimizer, scheduler, trainable, cfg.max_grad_norm, scaler)
+def run_eval(run: Run) -> None:
+    if run.eval is None:
+        return
+    loss, tokens = evaluate(run)
+    row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens}
+    run.metrics.log(row)
+    run.eval_step = run.state.step
+    run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}")
 
-                step_tokens = sum(lengths[i] for rows in window for row in rows for i in row)
-                state.step += 1
-                state.batch_index += len(window)
-                state.tokens += step_tokens
-                state.label_tokens += label_tokens
-                if state.batch_index >= len(plan):
-                    state.epoch, state.batch_index = state.epoch + 1, 0
-                bar.update(1)
-                log_now = state.step % cfg.log_steps == 0 or state.step == start_step + 1 or state.step == total_steps
-                if log_now:
-                    interval["loss"].item()  # wait for the device, so the step time below is real
-                step_time = time.perf_counter() - step_start
-                state.train_time_s += step_time
-                interval["time"] += step_time
-                interval["tokens"] += step_tokens
-                interval["steps"] += 1
 
-                if log_now:
-                    loss_value = interval["loss"].item() / interval["steps"]
-                    tokens_per_s = interval["tokens"] / max(interval["time"], 1e-9)
-                    memory, _ = peak_memory_gb(device)
-                    row = {"step": state.step, "epoch": round(state.epoch + state.batch_index / len(plan), 4),
-                           "loss": loss_value, "lr": lr, "tokens_per_s": round(tokens_per_s, 2), "tokens": state.tokens,
-                           "memory_gb": round(memory, 3)}
-                    if grad_norm is not None:
-                        row["grad_norm"] = float(grad_norm)
-                    metrics.log(row)
-                    last["loss"] = loss_value
-                    text = format_postfix(loss_value, lr, tokens_per_s, memory)
-                    if interactive:
-                        bar.set_postfix_str(text)
-                    else:
-                        print(f"step {state.step}/{total_steps}: {text}", flush=True)
-                    interval.update(time=0.0, tokens=0, steps=0)
-                    interval["loss"].zero_()
+def save(run: Run) -> None:
+    cfg = run.recipe.training
+    save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer, recipe=run.recipe,
+                    grad_scaler=run.scaler, keep=cfg.save_total_limit)
+    run.saved_step = run.state.step
 
-                if cfg.eval_steps > 0 and state.step % cfg.eval_steps == 0 and state.step < total_steps:
-                    run_eval()
-                if cfg.save_steps > 0 and state.step % cfg.save_steps == 0 and state.step < total_steps:
-                    checkpoint_now()
-                if interrupt.requested:
-                    if last["saved_step"] != state.step:
-                        checkpoint_now()
-                    bar.close()
-                    metrics.close()
-                    print(f"saved {out / f'checkpoint-{state.step}'}; continue with training.resume=true",
-                          file=sys.stderr, flush=True)
-                    raise KeyboardInterrupt
 
-        except torch.cuda.OutOfMemoryError as e:
-            raise UserError(
-                f"out of GPU memory in step {state.step + 1} ({str(e).splitlines()[0][:120]}); lower "
-                "training.batch_size or data.max_length (raise gradient_accumulation_steps to keep the batch), "
-                "or set training.gradient_checkpointing=true or model.quantization=4bit"
-            ) from None
+def due(step: int, every: int, total: int) -> bool:
+    """An interval event (eval, save) at `step`; the last step's are `finish`'s."""
+    return every > 0 and step % every == 0 and step < total
 
-    bar.close()
-    if last["eval_step"] != state.step:
-        run_eval()
-    if last["saved_step"] != state.step:
-        checkpoint_now()
 
-    # ---- final outputs
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    save_recipe(recipe, out / "recipe.yaml")
-    memory, memory_kind = peak_memory_gb(device)
-    summary = {
+def train_steps(run: Run) -> None:
+    """Optimizer steps from the run's position to `total_steps`, with logging, eval and saving."""
+    cfg = run.recipe.training
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    meter = IntervalMeter(run.device)
+    windows = run.train.windows(run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps)
+    run.model.train()
+    with GracefulInterrupt() as interrupt, out_of_memory_as_user_error(run):
+        while run.state.step < run.total_steps:
+            lr, grad_norm = training_step(run, next(windows), meter, params)
+            run.progress.advance()
+            if log_due(run):
+                log_training(run, meter, lr, grad_norm)
+            if due(run.state.step, cfg.eval_steps, run.total_steps):
+                run_eval(run)
+            if due(run.state.step, cfg.save_steps, run.total_steps):
+                save(run)
+            if run.hooks.after_step is not None:
+                run.hooks.after_step(run)
+            if interrupt.requested:
+                stop_for_interrupt(run)
+
+
+def stop_for_interrupt(run: Run) -> None:
+    if run.saved_step != run.state.step:
+        save(run)
+    run.progress.close()
+    run.metrics.close()
+    print(f"saved {checkpoint_dir(run.out, run.state.step)}; continue with training.resume=true",
+          file=sys.stderr, flush=True)
+    raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------ finish
+
+
+def summary(run: Run) -> dict:
+    state, out = run.state, run.out
+    memory, memory_kind = peak_memory_gb(run.device)
+    eval_loss = last_row_value(out, "eval_loss")
+    return {
         "steps": state.step,
-        "epochs": round(state.epoch + (state.batch_index / len(plan) if plan else 0.0), 4),
+        "epochs": round(state.epoch + state.batch_index / max(len(run.train.plan(state.epoch)), 1), 4),
         "tokens": state.tokens,
         "label_tokens": state.label_tokens,
         "train_time_s": round(state.train_time_s, 3),  # all sessions of a resumed run; eval and saving excluded
         "tokens_per_s": round(state.tokens / state.train_time_s, 2) if state.train_time_s > 0 else None,
-        "first_loss": first_logged_loss(out),
-        "final_loss": last["loss"],
-        "eval_loss": last["eval_loss"],
-        "eval_ppl": perplexity(last["eval_loss"]) if last["eval_loss"] is not None else None,
+        "first_loss": last_row_value(out, "loss", first=True),  # from metrics.jsonl: the run's, across resumes
+        "final_loss": last_row_value(out, "loss"),
+        "eval_loss": eval_loss,
+        "eval_ppl": perplexity(eval_loss) if eval_loss is not None else None,
         "peak_memory_gb": round(memory, 3),
         "memory_kind": memory_kind,
-        "trainable_params": trainable_params,
-        "total_params": total_params,
-        "resumed_from": str(resume_from) if resume_from is not None else None,
-        "data": report_counts(data.report),
+        "trainable_params": run.params_count[0],
+        "total_params": run.params_count[1],
+        "resumed_from": str(run.resumed_from) if run.resumed_from is not None else None,
+        "data": report_counts(run.data_report),
     }
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    metrics.close()
-    print(f"done: {state.step} steps, loss {_fmt(summary['first_loss'])} -> {_fmt(last['loss'])}, "
-          f"eval loss {_fmt(last['eval_loss'])}; adapter in {out}", flush=True)
-    return out
 
 
-def first_logged_loss(output_dir: Path) -> float | None:
-    """The loss of the first training row in metrics.jsonl (the run's, across resumes)."""
-    path = output_dir / METRICS_FILE
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        row = json.loads(line)
-        if "loss" in row:
-            return row["loss"]
-    return None
+def finish(run: Run) -> None:
+    """Evaluate and checkpoint the last step (unless done), then publish the final outputs."""
+    run.progress.close()
+    if run.eval_step != run.state.step:
+        run_eval(run)
+    if run.saved_step != run.state.step:
+        save(run)
+    result = summary(run)
+
+    def write(tmp: Path) -> None:
+        run.model.save_pretrained(str(tmp))
+        run.tokenizer.save_pretrained(str(tmp))
+        save_recipe_with_history(run.recipe, run.state.changes, tmp / RECIPE_FILE)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+    publish_final_outputs(run.out, write, run.state.step)
+    run.metrics.close()
+    print(f"done: {run.state.step} steps, loss {_fmt(result['first_loss'])} -> {_fmt(result['final_loss'])}, "
+          f"eval loss {_fmt(result['eval_loss'])}; adapter in {run.out}", flush=True)
+
+
+def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
+    """Train the recipe's adapter; returns `training.output_dir`."""
+    run = setup(recipe, hooks or TrainHooks())
+    state = run.state
+    if state.step >= run.total_steps and is_complete(run.out):
+        print(f"{run.out} is already trained to step {state.step} of {run.total_steps}; nothing to do", flush=True)
+        return run.out
+    if state.step < run.total_steps:
+        unmark_finished(run.out)  # training on: the dir is no longer a finished run until `finish`
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)  # the summary's peak is this session's
+    cfg = recipe.training
+    print(f"training {run.total_steps} steps ({run.steps_per_epoch} per epoch; batch {cfg.batch_size} x "
+          f"accumulation {cfg.gradient_accumulation_steps}) on {run.device}", flush=True)
+    run.metrics = MetricsLogger(run.out, tensorboard=cfg.tensorboard)
+    run.progress = Progress(run.total_steps, state.step)
+    train_steps(run)
+    finish(run)
+    return run.out
 
 
 def _fmt(x: float | None) -> str:

@@ -7,54 +7,49 @@ a time. Memory is O(chunk x vocab) instead of O(batch x seq x vocab) and, with l
 answers, most of the lm_head work is skipped too. Hand-written because transformers' own loss
 takes full logits and peft has none; the result equals transformers' `ForCausalLMLoss`.
 
-`causal_lm_loss` is the one place a fused kernel (liger-kernel's fused linear cross-entropy on
-CUDA) would plug in: it gets the hidden states, the head and the targets.
+`causal_lm_loss` is the one micro-batch loss of training and evaluation. A fused head loss
+(liger-kernel's fused linear cross-entropy on CUDA, `Speedups.head_loss` from
+`peftchat.model.kernels.apply_training_speedups`) plugs in through `make_loss`: it gets the
+hidden states, the head weight and the targets.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from peftchat.data.batching import loss_targets
 from peftchat.model.adapters import unwrap_peft
-from peftchat.model.kernels import fused_causal_lm_ce
+from peftchat.model.kernels import HeadLoss, fused_ce_supports_head
 
-IGNORE_INDEX = -100
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# Model-config attributes of the scaling some architectures apply to the logits after lm_head, in
+# their forward; the loss applies them too (`_logits_transform`), and a fused head loss, which
+# cannot do (model.kernels.UNFUSED_LOGIT_TRANSFORMS), is skipped when a config sets one. Add a
+# family's attribute here and to the transform.
+LOGIT_SCALING_ATTRIBUTES = (
+    "logit_scale",  # Cohere: multiplies
+    "logits_scaling",  # Granite: divides
+    "final_logit_softcapping",  # Gemma 2/3: tanh soft-cap
+)
 
 
-def count_label_tokens(labels: Tensor) -> int:
-    """Tokens that carry loss after the causal shift: `labels[:, 1:] != -100` (call on CPU labels)."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def loss_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(positions, targets): flat indices into the (batch*seq) hidden states whose next token
-    carries loss, and those next tokens. Computed on CPU before the forward, the boolean
-    selection costs the GPU no host sync."""
-    seq = labels.shape[1]
-    shifted = labels[:, 1:]
-    rows, cols = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-    return rows * seq + cols, shifted[rows, cols]
-
-
-def with_loss_targets(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The batch with `loss_positions` / `loss_targets` (see `loss_targets`) in place of `labels`,
-    which the loss then no longer needs: one tensor fewer to copy to the device each micro-batch."""
-    positions, targets = loss_targets(batch["labels"])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return {**inputs, "loss_positions": positions, "loss_targets": targets}
+def has_logit_scaling(config) -> bool:
+    return any(getattr(config, k, None) is not None for k in LOGIT_SCALING_ATTRIBUTES)
 
 
 def _logits_transform(config):
-    """Post-lm_head scaling some architectures apply in their forward (kept so the loss matches)."""
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    scale = getattr(config, "logit_scale", None)  # Cohere: multiplies
-    divide = getattr(config, "logits_scaling", None)  # Granite: divides
+    """The post-lm_head scaling of `LOGIT_SCALING_ATTRIBUTES` (kept so the loss matches the model)."""
+    scale = getattr(config, "logit_scale", None)
+    divide = getattr(config, "logits_scaling", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
 
     def transform(logits: Tensor) -> Tensor:
         if scale is not None:
@@ -73,15 +68,23 @@ def _chunk_loss(head, transform, hidden: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def _fused_applies(head, config, hidden: Tensor) -> bool:
+    """A fused head loss needs a plain bias-free Linear head (not e.g. peft's modules_to_save
+    wrapper), no logit scaling it cannot do, and a backward pass (its gradient is formed in the
+    forward)."""
+    return torch.is_grad_enabled() and hidden.is_cuda and fused_ce_supports_head(head, config)
+
+
 def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None = None,
-                   chunk_tokens: int | None = None) -> Tensor:
+                   chunk_tokens: int | None = None, head_loss: Optional[HeadLoss] = None) -> Tensor:
     """Summed next-token cross-entropy of `batch`, divided by `normalizer` (default: this batch's
     label-token count, i.e. the mean).
 
     `batch` holds `input_ids`, `attention_mask` or `position_ids` (packed rows), and either
     `labels` or, from `with_loss_targets` on the CPU, `loss_positions` / `loss_targets`; all on the
     model's device. A gradient-accumulation loop passes the label-token count of the
-    whole window as `normalizer`, so the window's loss is a per-token mean.
+    whole window as `normalizer`, so the window's loss is a per-token mean. `head_loss`: a fused
+    (hidden, head weight, targets) -> summed loss, used where it applies (`_fused_applies`).
     """
     base = unwrap_peft(model)
     decoder = base.get_decoder()
@@ -98,9 +101,8 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     if n == 0:  # no loss-bearing token: a zero that still backpropagates
         return hidden.sum() * 0.0
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-    fused = fused_causal_lm_ce(model, head, selected, targets)  # liger's kernel on CUDA when enabled, else None
-    if fused is not None:
-        return fused / normalizer
+    if head_loss is not None and _fused_applies(head, base.config, selected):
+        return head_loss(selected, head.weight, targets) / normalizer
     transform = _logits_transform(base.config)
     vocab = base.config.get_text_config().vocab_size
     step = chunk_tokens or max(1, LOGITS_PER_CHUNK // vocab)
@@ -114,3 +116,8 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
             part = _chunk_loss(head, transform, h, y)
         total = part if total is None else total + part
     return total / normalizer
+
+
+def make_loss(head_loss: Optional[HeadLoss] = None) -> Callable[..., Tensor]:
+    """The micro-batch loss of a run: `causal_lm_loss` with the head loss the speed-up setup chose."""
+    return partial(causal_lm_loss, head_loss=head_loss) if head_loss is not None else causal_lm_loss

@@ -1,4 +1,5 @@
-"""Training metrics: rows to `metrics.jsonl` (and TensorBoard when installed), memory, bar text."""
+"""Training metrics: interval metering, rows to `metrics.jsonl` (and TensorBoard when installed),
+memory, bar text."""
 
 from __future__ import annotations
 
@@ -11,7 +12,34 @@ from pathlib import Path
 
 import torch
 
-METRICS_FILE = "metrics.jsonl"
+from peftchat.rundir import METRICS_FILE, TENSORBOARD_DIR
+
+
+class IntervalMeter:
+    """Loss, tokens and time since the last log row. Time counts training steps only (not eval
+    or saving); the loss stays a device scalar until `take`, so a step costs no host sync."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._loss = torch.zeros((), device=device, dtype=torch.float64)
+        self.time_s, self.tokens, self.steps = 0.0, 0, 0
+
+    def add(self, window_loss: torch.Tensor, tokens: int, step_time_s: float) -> None:
+        self._loss += window_loss
+        self.tokens += tokens
+        self.time_s += step_time_s
+        self.steps += 1
+
+    def sync(self) -> None:
+        """Wait for the device, so the time of the step under way is real (call before timing it)."""
+        self._loss.item()
+
+    def take(self) -> tuple[float, float]:
+        """(mean loss per step, tokens/s) of the interval, then start a new one."""
+        loss = self._loss.item() / max(self.steps, 1)
+        tokens_per_s = self.tokens / max(self.time_s, 1e-9)
+        self._loss.zero_()
+        self.time_s, self.tokens, self.steps = 0.0, 0, 0
+        return loss, tokens_per_s
 
 
 def peak_memory_gb(device: torch.device) -> tuple[float, str]:
@@ -46,7 +74,7 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR))
             except ImportError:  # tensorboard is an optional extra
                 self._tb = None
 
@@ -75,6 +103,65 @@ class MetricsLogger:
                     self._tb.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key}", value, row["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain `step N/T: ...` lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                         disable=not self.interactive)
+
+    def advance(self) -> None:
+        self._bar.update(1)
+
+    def show(self, step: int, total: int, text: str) -> None:
+        if self.interactive:
+            self._bar.set_postfix_str(text)
+        else:
+            print(f"step {step}/{total}: {text}", flush=True)
+
+    def say(self, message: str) -> None:
+        if self.interactive:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def row_with(output_dir: str | os.PathLike, key: str, first: bool = False) -> dict | None:
+    """The last (or first) row of `metrics.jsonl` that has `key`: the run's, across resumes."""
+    path = Path(output_dir) / METRICS_FILE
+    found = None
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if key in row:
+            found = row
+            if first:
+                break
+    return found
+
+
+def last_row_value(output_dir: str | os.PathLike, key: str, first: bool = False) -> float | None:
+    """`key` of the last (or first) row of `metrics.jsonl` that has it."""
+    row = row_with(output_dir, key, first)
+    return None if row is None else row[key]

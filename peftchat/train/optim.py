@@ -9,8 +9,6 @@ import torch
 from peftchat.config import TrainingConfig
 from peftchat.errors import UserError
 
-SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices decay, vectors (biases, norms, DoRA
@@ -49,13 +47,42 @@ def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
-    """Linear warmup, then cosine / linear decay to 0 at `total_steps`, or constant."""
-    from transformers import get_scheduler
+def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
+    """The multiple of `training.lr` used by optimizer step `step + 1` (`step` steps done).
 
-    return get_scheduler(
-        SCHEDULES[cfg.lr_scheduler],
-        optimizer,
-        num_warmup_steps=warmup_steps(cfg, total_steps),
-        num_training_steps=total_steps,
-    )
+    Warmup rises linearly to the peak *at* step `warmup` (step 1 gets lr/warmup, not 0: an
+    optimizer step at lr 0 is wasted); then cosine or linear decay towards 0 at `total`, which
+    the last step (`total - 1` done) never reaches, or constant. Written by hand because
+    transformers' schedules start warmup at lr 0.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int,
+                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup, then decay over a run of `total_steps` (`lr_factor`), positioned after
+    `start_step` steps: the optimizer's lr is then the one of step `start_step + 1`.
+
+    The schedule is a pure function of the recipe and the step, so a resumed run rebuilds it
+    instead of loading it; a resume that changes the run's length gets the curve of a run
+    planned for the new length from the start (README, "Resuming").
+    """
+    warmup = warmup_steps(cfg, total_steps)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr  # LambdaLR's base lr; a loaded optimizer state carries the old one
+    kind = cfg.lr_scheduler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(kind, step, warmup, total_steps))
+    if start_step:
+        scheduler.last_epoch = start_step
+        lrs = [base * factor(start_step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+    return scheduler

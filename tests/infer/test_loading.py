@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from peftchat.config import recipe_from_dict, save_recipe
 from peftchat.errors import UserError
 from peftchat.infer.loading import load_chat_model, resolve_source
-from peftchat.model.merge import merge_adapter
+from peftchat.merge import merge_adapter
 
 PROBE = torch.tensor([[1, 40, 50, 600, 700, 8, 90]])
 
@@ -55,9 +55,12 @@ def test_checkpoint_dir_without_recipe_uses_its_run_recipe(make_adapter, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(adapter, run / "checkpoint-3")
     (run / "checkpoint-3" / "recipe.yaml").unlink()
+    with pytest.raises(UserError, match="incomplete checkpoint"):  # not marked: a save that did not finish
+        resolve_source(run / "checkpoint-3")
+    (run / "checkpoint-3" / "complete").touch()
     shutil.copy(adapter / "recipe.yaml", run / "recipe.yaml")
     source = resolve_source(run / "checkpoint-3", ["decoding.max_new_tokens=3"])
-    assert source.kind == "adapter" and source.recipe.data.collator == "chatglm"
+    assert source.kind == "checkpoint" and source.recipe.data.collator == "chatglm"
     assert source.recipe.decoding.max_new_tokens == 3
 
 

@@ -1,19 +1,16 @@
-"""peftchat.model.kernels on CPU: recipe key parsing, the checkpoint policy, and the offloaded
+"""peftchat.model.kernels on CPU: typed recipe keys, the checkpoint policy, and the offloaded
 checkpoint's recompute path (same loss and LoRA gradients as no checkpointing, dropout included)."""
-
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from peftchat.config import recipe_from_dict
+from peftchat.config import TrainingConfig, recipe_from_dict
 from peftchat.errors import ConfigError
 from peftchat.model import kernels
 
 
 def _training(**kw):
-    base = dict(gradient_checkpointing=True, checkpoint_skip_layers=0, checkpoint_offload=False, fused_kernels="auto")
-    return SimpleNamespace(training=SimpleNamespace(**{**base, **kw}))
+    return TrainingConfig(**{"gradient_checkpointing": True, **kw})
 
 
 def _lora_model(tiny_llama_dir, recipe, dropout=0.2):
@@ -42,21 +39,17 @@ def _loss_and_grads(model):
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), ("false", False), ("True", True)])
-def test_fused_kernels_mode_accepts_yaml_booleans_and_strings(value, expected):
-    assert kernels.fused_kernels_mode(_training(fused_kernels=value)) == expected
+def test_fused_kernels_is_typed_by_the_config(value, expected):
+    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"fused_kernels": value}})
+    assert r.training.fused_kernels == expected and type(r.training.fused_kernels) is type(expected)
 
 
-def test_fused_kernels_mode_rejects_other_values():
-    with pytest.raises(ConfigError, match="training.fused_kernels"):
-        kernels.fused_kernels_mode(_training(fused_kernels="fast"))
-
-
-def test_recipe_keys_exist_with_defaults():
-    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}})
-    assert (r.training.fused_kernels, r.training.checkpoint_skip_layers, r.training.checkpoint_offload) == ("auto", 0, False)
-    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"},
-                          "training": {"fused_kernels": True, "checkpoint_skip_layers": 3, "checkpoint_offload": True}})
-    assert kernels.fused_kernels_mode(r) is True
+@pytest.mark.parametrize("training,match", [({"fused_kernels": "fast"}, "training.fused_kernels"),
+                                            ({"checkpoint_skip_layers": -1}, "checkpoint_skip_layers"),
+                                            ({"compile": True, "checkpoint_offload": True}, "cannot be combined")])
+def test_config_rejects_bad_speed_keys(training, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": training})
 
 
 def test_fused_kernels_off_on_cpu(tiny_llama_dir):
@@ -67,17 +60,19 @@ def test_fused_kernels_off_on_cpu(tiny_llama_dir):
     assert kernels.apply_fused_kernels(model, _training(fused_kernels=False)) == []
     with pytest.raises(ConfigError, match="training.fused_kernels"):
         kernels.apply_fused_kernels(model, _training(fused_kernels=True))
-    assert not kernels.fused_ce_available(model)
+    done = kernels.apply_training_speedups(model, _training(fused_kernels="auto"))
+    assert done.head_loss is None and done.applied == ["checkpointed 2/2 layers"]
 
 
 def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
     model = _lora_model(tiny_llama_dir, _training(checkpoint_skip_layers=1))
     flags = [layer.gradient_checkpointing for layer in kernels.decoder_layers(model)]
     assert flags == [True, False]
+    # inputs carry grad, for remote code that still checkpoints with the reentrant variant
+    assert model.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
     assert kernels.apply_checkpoint_policy(model, _training(checkpoint_skip_layers=5)) == 0
     assert kernels.apply_checkpoint_policy(model, _training(gradient_checkpointing=False)) == 0
-    with pytest.raises(ConfigError, match="checkpoint_skip_layers"):
-        kernels.apply_checkpoint_policy(model, _training(checkpoint_skip_layers=-1))
+    assert not any(layer.gradient_checkpointing for layer in kernels.decoder_layers(model))
 
 
 @pytest.mark.parametrize("policy", [dict(checkpoint_offload=True), dict(checkpoint_offload=True, checkpoint_skip_layers=1),

@@ -9,7 +9,7 @@ import pytest
 from peftchat.config import recipe_from_dict
 from peftchat.errors import ConfigError
 from peftchat.model import kernels
-from peftchat.model.memory_budget import ModelShape, choose_policy, estimate_gib
+from peftchat.model.memory_budget import ModelShape, budgeted_training_config, choose_policy, estimate_gib
 
 LLAMA3_8B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
 TOKENS = 4 * 2048
@@ -57,15 +57,17 @@ def test_budget_overrides_the_recipe_policy_and_prints_it(tiny_llama_dir, capsys
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
 
     def recipe(budget):
-        return SimpleNamespace(
-            model=SimpleNamespace(quantization="none"), adapter=SimpleNamespace(r=4),
-            data=SimpleNamespace(max_length=64),
-            training=SimpleNamespace(gradient_checkpointing=True, checkpoint_skip_layers=0, checkpoint_offload=False,
-                                     fused_kernels=False, compile=False, batch_size=2, max_memory_gib=budget))
+        return recipe_from_dict({
+            "model": {"path": str(tiny_llama_dir), "quantization": "none"}, "adapter": {"r": 4},
+            "data": {"train": "x.jsonl", "max_length": 64},
+            "training": {"gradient_checkpointing": True, "checkpoint_skip_layers": 0, "checkpoint_offload": False,
+                         "fused_kernels": False, "batch_size": 2, "max_memory_gib": budget}})
 
-    applied = kernels.apply_training_speedups(model, recipe(64))  # a tiny model: nothing needs recomputing
-    assert "checkpointed 0/2 layers" in applied
+    def applied(budget):
+        return kernels.apply_training_speedups(model, budgeted_training_config(model, recipe(budget))).applied
+
+    assert "checkpointed 0/2 layers" in applied(64)  # a tiny model: nothing needs recomputing
     assert "max_memory_gib 64: checkpoint_skip_layers 2" in capsys.readouterr().out
-    applied = kernels.apply_training_speedups(model, recipe(1e-4))  # nothing fits: the smallest policy
-    assert any(a.startswith("checkpointed 2/2 layers") for a in applied)  # (2 layers: offload saves nothing)
+    # nothing fits: the smallest policy (2 layers: offload saves nothing)
+    assert any(a.startswith("checkpointed 2/2 layers") for a in applied(1e-4))
     assert "NOTHING FITS" in capsys.readouterr().out

@@ -65,7 +65,7 @@ def test_demo_training_loss_falls_and_writes_the_run(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_first_step_loss_equals_transformers_peft_forward(tiny_llama_dir, tmp_path, packing):
-    from peftchat.data.batching import collate, plan_batches, sample_lengths
+    from peftchat.data.batching import Batches
     from peftchat.data.pipeline import build_datasets, sample_limit
     from peftchat.model.adapters import apply_lora
     from peftchat.model.load import load_base_model
@@ -79,9 +79,10 @@ def test_first_step_loss_equals_transformers_peft_forward(tiny_llama_dir, tmp_pa
 
     tok = load_tokenizer(r)
     data = build_datasets(r, tok)
-    rows = plan_batches(sample_lengths(data.train), batch_size=3, max_length=sample_limit(r), packing=packing,
-                        group_by_length=r.data.group_by_length, shuffle=r.data.shuffle, seed=r.training.seed, epoch=0)[0]
-    batch = collate(loop.fetch_rows(data.train.select_columns(["input_ids", "labels"]), rows), tok.pad_token_id, packing)
+    batches = Batches(data.train, batch_size=3, max_length=sample_limit(r), pad_id=tok.pad_token_id, packing=packing,
+                      group_by_length=r.data.group_by_length, shuffle=r.data.shuffle, seed=r.training.seed)
+    rows = batches.plan(0)[0]
+    batch = batches.collate(rows)
     assert ("position_ids" in batch) == packing
     if packing:
         assert max(len(row) for row in rows) > 1  # rows really hold several samples
@@ -91,19 +92,17 @@ def test_first_step_loss_equals_transformers_peft_forward(tiny_llama_dir, tmp_pa
     assert abs(first - ref) < 1e-5
 
 
-def _interrupt_at(monkeypatch, step):
-    """Send ourselves SIGINT (a real Ctrl-C) when the loop logs the training row of `step`."""
+def _interrupt_at(step):
+    """Hooks that send ourselves SIGINT (a real Ctrl-C) once the loop is done with `step`."""
 
-    class Interrupting(loop.MetricsLogger):
-        def log(self, row):
-            super().log(row)
-            if row.get("step") == step and "loss" in row:
-                os.kill(os.getpid(), signal.SIGINT)
+    def after_step(run):
+        if run.state.step == step:
+            os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(loop, "MetricsLogger", Interrupting)
+    return loop.TrainHooks(after_step=after_step)
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_llama_dir, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_llama_dir, tmp_path):
     # dropout > 0 so the restored RNG matters; accumulation and an epoch boundary on the way;
     # step 7 is neither a save nor an eval step, so the Ctrl-C path writes checkpoint-7 itself
     # (22 demo samples, batch 5: 5 micro-batches = windows of 2, 2, 1 per epoch)
@@ -113,13 +112,11 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_llama_dir, tmp_path, 
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     train(_recipe(tiny_llama_dir, ref_out, *args))
 
-    original = loop.MetricsLogger
-    _interrupt_at(monkeypatch, 7)
+    inherited = signal.getsignal(signal.SIGINT)  # default, or SIG_IGN under nohup / `&`
     with pytest.raises(KeyboardInterrupt):
-        train(_recipe(tiny_llama_dir, out, *args))
-    monkeypatch.setattr(loop, "MetricsLogger", original)
+        train(_recipe(tiny_llama_dir, out, *args), hooks=_interrupt_at(7))
     assert (out / "checkpoint-7" / "complete").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) == inherited  # the handler found on entry is back
     assert not (out / "adapter_model.safetensors").exists()
 
     train(_recipe(tiny_llama_dir, out, *args, "training.resume=true"))

@@ -6,8 +6,9 @@ import torch
 from peftchat.config import recipe_from_dict
 from peftchat.model.adapters import apply_lora
 from peftchat.model.load import load_base_model
+from peftchat.data.batching import MicroBatch, count_label_tokens, loss_targets, with_loss_targets
 from peftchat.train.loop import backward_window
-from peftchat.train.loss import causal_lm_loss, count_label_tokens, loss_targets, with_loss_targets
+from peftchat.train.loss import LOGIT_SCALING_ATTRIBUTES, causal_lm_loss
 
 IGN = -100
 
@@ -37,6 +38,11 @@ def _pad(samples, pad_id=3):
         out["labels"][i, :len(lab)] = torch.tensor(lab)
         out["attention_mask"][i, :len(ids)] = 1
     return out
+
+
+def _micro(samples):
+    batch = _pad(samples)
+    return MicroBatch(with_loss_targets(batch), count_label_tokens(batch["labels"]), 0)
 
 
 def _samples():
@@ -84,10 +90,10 @@ def test_no_grad_path_and_targets_computed_on_the_fly(lora_model):
 def test_accumulation_is_normalised_over_the_window_not_per_micro_batch(lora_model):
     s1, s2 = _samples()  # 13 and 6 loss tokens: per-micro-batch means would weight them equally
     lora_model.zero_grad()
-    loss_big, n_big = backward_window(lora_model, [_pad([s1, s2])], torch.device("cpu"))
+    loss_big, n_big = backward_window(lora_model, [_micro([s1, s2])], torch.device("cpu"))
     big = _grads(lora_model)
     lora_model.zero_grad()
-    loss_acc, n_acc = backward_window(lora_model, [_pad([s1]), _pad([s2])], torch.device("cpu"))
+    loss_acc, n_acc = backward_window(lora_model, [_micro([s1]), _micro([s2])], torch.device("cpu"))
     acc = _grads(lora_model)
     assert n_big == n_acc == 13 + 6
     assert loss_acc.item() == pytest.approx(loss_big.item(), abs=1e-5)
@@ -99,3 +105,19 @@ def test_accumulation_is_normalised_over_the_window_not_per_micro_batch(lora_mod
         (causal_lm_loss(lora_model, _pad([s])) / 2).backward()
     naive = _grads(lora_model)
     assert max((naive[n] - big[n]).abs().max().item() for n in big) > 1e-4
+
+
+@pytest.mark.parametrize("attribute", LOGIT_SCALING_ATTRIBUTES)
+def test_every_logit_scaling_attribute_is_applied_and_stops_the_fused_head_loss(attribute):
+    from types import SimpleNamespace
+
+    from peftchat.train.loss import _fused_applies, _logits_transform, has_logit_scaling
+
+    logits = torch.tensor([[3.0, -1.0, 40.0]])
+    config = SimpleNamespace(**{attribute: 2.0})
+    assert has_logit_scaling(config) and not has_logit_scaling(SimpleNamespace())
+    assert not torch.equal(_logits_transform(config)(logits), logits)  # the list and the transform agree
+    head = torch.nn.Linear(4, 3, bias=False)
+    hidden = torch.zeros(2, 4)
+    assert not _fused_applies(head, config, hidden)
+    assert not _fused_applies(head, SimpleNamespace(), hidden)  # CPU: liger's kernel is CUDA-only

@@ -49,3 +49,23 @@ def test_progress_text_and_memory():
     gb, kind = peak_memory_gb(torch.device("cpu"))
     assert kind == "peak_rss" and 0.01 < gb < 64
     assert perplexity(0.0) == 1.0 and perplexity(1e4) == float("inf")
+
+
+def test_interval_meter_means_over_its_steps_and_restarts():
+    from peftchat.train.metrics import IntervalMeter
+
+    meter = IntervalMeter(torch.device("cpu"))
+    meter.add(torch.tensor(2.0, dtype=torch.float64), tokens=100, step_time_s=0.5)
+    meter.add(torch.tensor(4.0, dtype=torch.float64), tokens=300, step_time_s=1.5)
+    assert meter.take() == (3.0, 200.0)
+    meter.add(torch.tensor(1.0, dtype=torch.float64), tokens=10, step_time_s=1.0)
+    assert meter.take() == (1.0, 10.0)  # nothing of the previous interval left
+
+
+def test_last_row_value_reads_the_run_across_resumes(tmp_path):
+    from peftchat.train.metrics import last_row_value
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n'
+                                            '{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    assert last_row_value(tmp_path, "loss") == 2.0 and last_row_value(tmp_path, "loss", first=True) == 3.0
+    assert last_row_value(tmp_path, "eval_loss") == 2.5 and last_row_value(tmp_path / "none", "loss") is None

@@ -45,9 +45,26 @@ def _lrs(cfg, total):
 def test_warmup_steps_or_ratio_then_decay():
     assert warmup_steps(TrainingConfig(warmup_steps=3, warmup_ratio=0.5), 100) == 3
     assert warmup_steps(TrainingConfig(warmup_ratio=0.05), 100) == 5
+    # warmup reaches the peak at step `warmup` and never starts at 0; decay never reaches 0 either
     cosine = _lrs(TrainingConfig(lr=1.0, warmup_steps=2, lr_scheduler="cosine"), 10)
-    assert cosine[:3] == [0.0, 0.5, 1.0] and cosine[-1] < 0.05 and cosine == sorted(cosine[:3]) + sorted(cosine[3:], reverse=True)
+    assert cosine[:3] == [0.5, 1.0, 1.0] and 0 < cosine[-1] < 0.05
+    assert cosine == sorted(cosine[:2]) + sorted(cosine[2:], reverse=True)
     linear = _lrs(TrainingConfig(lr=1.0, warmup_ratio=0.2, lr_scheduler="linear"), 10)
-    assert linear[2] == 1.0 and linear[6] == pytest.approx(0.5)
+    assert linear[:3] == [0.5, 1.0, 1.0] and linear[6] == pytest.approx(0.5) and linear[-1] == pytest.approx(0.125)
     constant = _lrs(TrainingConfig(lr=1.0, warmup_steps=2, lr_scheduler="constant"), 10)
-    assert constant == [0.0, 0.5] + [1.0] * 8
+    assert constant == [0.5] + [1.0] * 9
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_no_step_at_lr_zero(kind, warmup):
+    lrs = _lrs(TrainingConfig(lr=1e-3, warmup_steps=warmup, lr_scheduler=kind), 7)
+    assert all(lr > 0 for lr in lrs), lrs
+
+
+def test_a_schedule_built_at_a_step_continues_the_same_curve():
+    cfg = TrainingConfig(lr=1.0, warmup_steps=2, lr_scheduler="cosine")
+    full = _lrs(cfg, 10)
+    opt = build_optimizer(_model(), cfg, torch.device("cpu"))
+    build_scheduler(opt, cfg, 10, start_step=4)
+    assert opt.param_groups[0]["lr"] == full[4]

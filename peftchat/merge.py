@@ -1,4 +1,4 @@
-"""Export: fold a trained LoRA/DoRA adapter into its base and write a plain transformers model dir.
+"""`peftchat merge`: fold a trained LoRA/DoRA adapter into its base and write a plain transformers model dir.
 
 An adapter trained on a 4-bit or 8-bit base learned a correction to the *quantized* weights, so by
 default it is merged onto those: the base is loaded quantized exactly as in training, each
@@ -25,9 +25,11 @@ import torch
 
 from peftchat.config import Recipe, save_recipe
 from peftchat.errors import UserError
-from peftchat.infer.loading import adapter_source, load_adapter, load_tokenizer_for, read_adapter_config, say
+from peftchat.infer.loading import load_adapter, load_tokenizer_for
 from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
 from peftchat.paths import check_writable_dir, looks_local
+from peftchat.rundir import ADAPTER_WEIGHTS, MODEL_CONFIG, RECIPE_FILE, adapter_source, read_adapter_config
+from peftchat.rundir import note as say
 
 VERIFY_MAX_PARAMS = 3_000_000_000  # verification is on by default below this size
 MAX_SHARD_SIZE = "5GB"
@@ -111,7 +113,7 @@ def _trained_on_class(adapter_config: dict) -> Optional[str]:
     if recorded:
         return recorded
     trained_base = adapter_config.get("base_model_name_or_path")
-    config = Path(os.path.expanduser(trained_base)) / "config.json" if trained_base else None
+    config = Path(os.path.expanduser(trained_base)) / MODEL_CONFIG if trained_base else None
     if config is not None and config.is_file():
         try:
             return (json.loads(config.read_text(encoding="utf-8")).get("architectures") or [None])[0]
@@ -128,9 +130,9 @@ def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> Non
     trained_on = _trained_on_class(adapter_config)
     if trained_on and trained_on != base_class:
         raise UserError(f"{adapter_dir} was trained on a {trained_on}, but the base model is a {base_class}")
-    weights = adapter_dir / "adapter_model.safetensors"
+    weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
-        raise UserError(f"{adapter_dir} has no adapter_model.safetensors")
+        raise UserError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}")
     damaged = damaged_safetensors(adapter_dir)
     if damaged is not None:
         raise UserError(f"{damaged}; use another checkpoint of the run or train again")
@@ -300,7 +302,7 @@ def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> Non
         exported = _plain_recipe(recipe, dtype_name)
         exported.model.path = str(out.resolve())
         exported.model.tokenizer = None
-        save_recipe(exported, tmp / "recipe.yaml")
+        save_recipe(exported, tmp / RECIPE_FILE)
         if not list(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors into {tmp}")
         # save_pretrained's atomic writes leave weight files 0600; an export is meant to be shared.
@@ -361,34 +363,11 @@ def merge_adapter(
 
     quant = recipe.model.quantization
     kbit = quant != "none" and not onto_original
-    if onto_original and quant != "none":
-        say(
-            f"warning: merging onto the original {recipe.model.dtype} weights, but the adapter was trained "
-            f"against their {quant} quantization; the merged model will drift from the trained one "
-            f"(the drift is printed when verifying)"
-        )
-    elif onto_original:
-        say("note: --onto-original has no effect: the adapter was trained on a non-quantized base")
+    _note_onto_original(recipe, onto_original)
     tokenizer = load_tokenizer_for(source)
     probes = _probes(recipe, tokenizer) if verify else []
-
-    # The trained model (the base as in training + the unmerged adapter), for verification.
-    trained_logits = None
+    plain, trained_logits = _plain_base(recipe, adapter_path, dtype, kbit, probes)
     trained_label = f"{quant if quant != 'none' else recipe.model.dtype} base + adapter (as trained)"
-    if kbit:
-        say(f"loading base {recipe.model.path} in {quant} as in training ...")
-        # Dequantize before any forward: an eval forward may repack 4-bit weights (see above).
-        qmodel = load_base_model(recipe, for_training=False)
-        plain = dequantized_copy(qmodel, str(base_path) if base_path.exists() else recipe.model.path, export_dtype, recipe)
-        if verify:
-            trained_logits = _adapter_logits(qmodel, adapter_path, probes)
-        del qmodel
-    else:
-        if verify and not (quant == "none" and torch_dtype(recipe.model.dtype) == export_dtype):
-            say(f"loading base {recipe.model.path} as in training, for verification ...")
-            trained_logits = _adapter_logits(load_base_model(recipe, for_training=False), adapter_path, probes)
-        say(f"loading base {recipe.model.path} in {dtype} ...")
-        plain = load_base_model(_plain_recipe(recipe, dtype), device="cpu", for_training=False)
 
     say(f"merging adapter {adapter_path} ...")
     peft_model = load_adapter(plain, adapter_path)
@@ -409,6 +388,42 @@ def merge_adapter(
     _write(merged, tokenizer, recipe, out, dtype)
     print(f"merged model written to {out}", flush=True)
     return out
+
+
+def _note_onto_original(recipe: Recipe, onto_original: bool) -> None:
+    quant = recipe.model.quantization
+    if onto_original and quant != "none":
+        say(
+            f"warning: merging onto the original {recipe.model.dtype} weights, but the adapter was trained "
+            f"against their {quant} quantization; the merged model will drift from the trained one "
+            f"(the drift is printed when verifying)"
+        )
+    elif onto_original:
+        say("note: --onto-original has no effect: the adapter was trained on a non-quantized base")
+
+
+def _plain_base(recipe: Recipe, adapter_path: Path, dtype: str, kbit: bool, probes: list[list[int]]):
+    """(the base as a plain CPU model in the export `dtype` (dequantized when `kbit`), the probe
+    logits of the trained model, the base as in training + the unmerged adapter, or None when
+    there are no probes or they would equal the unmerged export-dtype ones)."""
+    export_dtype = torch_dtype(dtype)
+    base_path = Path(recipe.model.path).expanduser()
+    quant = recipe.model.quantization
+    trained_logits = None
+    if kbit:
+        say(f"loading base {recipe.model.path} in {quant} as in training ...")
+        # Dequantize before any forward: an eval forward may repack 4-bit weights (see above).
+        qmodel = load_base_model(recipe, for_training=False)
+        plain = dequantized_copy(qmodel, str(base_path) if base_path.exists() else recipe.model.path, export_dtype, recipe)
+        if probes:
+            trained_logits = _adapter_logits(qmodel, adapter_path, probes)
+        del qmodel
+        return plain, trained_logits
+    if probes and not (quant == "none" and torch_dtype(recipe.model.dtype) == export_dtype):
+        say(f"loading base {recipe.model.path} as in training, for verification ...")
+        trained_logits = _adapter_logits(load_base_model(recipe, for_training=False), adapter_path, probes)
+    say(f"loading base {recipe.model.path} in {dtype} ...")
+    return load_base_model(_plain_recipe(recipe, dtype), device="cpu", for_training=False), trained_logits
 
 
 def _adapter_logits(base_model, adapter_dir: Path, probes: list[list[int]]) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from peftchat.demo_assets import build_tiny_model
 from peftchat.errors import UserError
 from peftchat.infer.loading import load_adapter
 from peftchat.model.load import load_base_model
-from peftchat.model.merge import merge_adapter
+from peftchat.merge import merge_adapter
 
 PROBE = [[1, 20, 300, 500, 55, 66, 77, 1200, 9, 2100, 17, 18]]
 
@@ -155,7 +155,7 @@ def test_non_empty_out_needs_force(make_adapter, tmp_path, capsys):
 
 
 def test_failed_verification_writes_nothing(make_adapter, tmp_path, monkeypatch):
-    import peftchat.model.merge as merge
+    import peftchat.merge as merge
 
     monkeypatch.setitem(merge.PRECISION_TOLERANCE, torch.float32, 0.0)
     out = tmp_path / "merged"
@@ -165,7 +165,7 @@ def test_failed_verification_writes_nothing(make_adapter, tmp_path, monkeypatch)
 
 
 def test_big_models_are_written_in_shards(make_adapter, tmp_path, monkeypatch):
-    import peftchat.model.merge as merge
+    import peftchat.merge as merge
 
     monkeypatch.setattr(merge, "MAX_SHARD_SIZE", "400KB")  # the tiny fp32 model is ~2.4 MB
     adapter = make_adapter()

@@ -1,0 +1,47 @@
+"""Known, harmless messages of third-party libraries, each silenced by an exact filter at the one
+place that triggers it (never a blanket warnings filter).
+
+* bitsandbytes >= 0.49, on a CPU with AVX512-BF16, tries at import time to fetch an optional CPU
+  gemm kernel through the `kernels` package (code downloaded from the hub) and logs a warning
+  when that package is missing. peft imports bitsandbytes whenever it is installed, so every
+  command printed it, quantized or not. peftchat does not use or install `kernels` (bitsandbytes
+  falls back to its own CPU kernels), so that one record is dropped.
+* bitsandbytes logs on every LLM.int8 matmul that bf16 inputs are cast to fp16 (by design).
+* peft's `PeftModel.__init__` reads `model.is_gradient_checkpointing`, which transformers 5.2x
+  deprecated (FutureWarning); peftchat's own code uses `is_activation_checkpointing`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+_BNB_KERNEL_PROBE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_INT8_CAST = "MatMul8bitLt: inputs will be cast"
+
+
+def _not_bnb_kernel_probe(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_BNB_KERNEL_PROBE)
+
+
+def _not_int8_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_INT8_CAST)
+
+
+def quiet_bitsandbytes_import() -> None:
+    """Drop the `kernels`-probe record of bitsandbytes' CPU backend (call before peft is imported)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_bnb_kernel_probe)
+
+
+def quiet_int8_cast() -> None:
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_int8_cast)
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft calls that build a PeftModel (get_peft_model, PeftModel.from_pretrained)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

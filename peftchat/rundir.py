@@ -1,0 +1,344 @@
+"""The run directory: every file name and layout training leaves behind, written safely, and what
+a dir handed to merge / chat / generate is.
+
+`training.output_dir/` of a run:
+
+    checkpoint-STEP/           adapter, tokenizer, recipe.yaml, optimizer.pt, rng_state.pt,
+                               trainer_state.json, then `complete` (written last; only marked
+                               checkpoints are resumed from or loaded)
+    metrics.jsonl              one JSON row per log / eval / resume event, appended live
+    adapter_config.json, adapter_model.safetensors, tokenizer files, recipe.yaml,
+    training_summary.json      the final outputs, written as a set:
+    complete                   ... into a hidden `.tmp-final-*` dir first, moved in file by file,
+                               this marker last. A dir whose marker is missing is an unfinished
+                               run: merge and chat refuse it (its checkpoints stay usable).
+
+A checkpoint is written into a hidden `.tmp-*` dir, flushed, marked and renamed into place, so a
+crash leaves the old set of checkpoints or the new one, never a half-written `checkpoint-STEP`.
+
+Sources (`resolve_source`): a recipe file (its base, plus the final adapter of its output dir, else
+the newest complete checkpoint), an adapter dir (a finished run dir, a checkpoint, or any peft
+adapter dir not written by a run), or a merged model dir. Each resolves to a Recipe whose
+`model.*` says how to load the base.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from peftchat.config import Recipe, load_recipe, recipe_from_dict
+from peftchat.errors import UserError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "training_summary.json"
+CURVES_FILE = "training_curves.png"
+TENSORBOARD_DIR = "tensorboard"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODEL_CONFIG = "config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+COMPLETE_MARKER = "complete"
+# inside a checkpoint
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_state.pt"
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_PREFIX = ".tmp-"  # hidden dirs of a save under way; never read, removed when found stale
+
+
+def note(message: str) -> None:
+    """Notes go to stderr, so stdout carries only replies and results."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    m = CHECKPOINT_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """A checkpoint, or a run dir's final outputs, written to the end."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest step first (temp and unmarked dirs skipped)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> None:
+    """Delete temp dirs left by a save that crashed (they are never resumed from)."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(TMP_PREFIX):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (`keep` <= 0 keeps all); returns
+    the deleted dirs."""
+    if keep <= 0:
+        return []
+    doomed = list_checkpoints(output_dir)[:-keep]
+    for p in doomed:
+        shutil.rmtree(p)
+    return doomed
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync(Path(dirpath) / name)
+        _fsync(Path(dirpath))
+
+
+def _mark(path: Path, text: str) -> None:
+    (path / COMPLETE_MARKER).write_text(text + "\n", encoding="utf-8")
+    _fsync(path / COMPLETE_MARKER)
+    _fsync(path)
+
+
+def write_checkpoint_dir(output_dir: str | os.PathLike, step: int, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp)` writes a checkpoint's files into a hidden dir, which is then flushed, marked
+    and renamed to `checkpoint-STEP` (replacing one of the same step)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(root, step)
+    tmp = root / f"{TMP_PREFIX}checkpoint-{step}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        _mark(tmp, str(step))
+        if final.exists():  # os.replace cannot overwrite a non-empty dir: move the old one aside
+            old = root / f"{TMP_PREFIX}old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+# ------------------------------------------------------------------------------ final outputs
+
+
+def publish_final_outputs(output_dir: str | os.PathLike, fill: Callable[[Path], None], step: int) -> None:
+    """`fill(tmp)` writes the final outputs into a hidden dir; they are flushed, moved into
+    `output_dir` one file at a time, and the `complete` marker is written last."""
+    root = Path(output_dir)
+    unmark_finished(root)
+    tmp = root / f"{TMP_PREFIX}final-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        _fsync_tree(tmp)
+        for item in sorted(tmp.iterdir()):
+            target = root / item.name
+            if target.is_dir() and not item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        _mark(root, str(step))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unmark_finished(output_dir: str | os.PathLike) -> None:
+    """A run that trains on (a resume with more steps) is no longer finished until it publishes again."""
+    (Path(output_dir) / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Written by `peftchat train` (metrics, checkpoints or the final marker), not just any adapter dir."""
+    p = Path(path)
+    return is_complete(p) or (p / METRICS_FILE).is_file() or bool(list_checkpoints(p))
+
+
+def existing_run(output_dir: str | os.PathLike) -> str | None:
+    """What of a run `output_dir` already holds (a complete checkpoint or final outputs), else None."""
+    out = Path(output_dir)
+    ckpts = list_checkpoints(out)
+    if ckpts:
+        return ckpts[-1].name
+    if is_complete(out) or (out / ADAPTER_WEIGHTS).exists():
+        return "a finished adapter"
+    return None
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / MODEL_CONFIG).is_file()
+
+
+def has_tokenizer(path: Path) -> bool:
+    return (path / TOKENIZER_CONFIG).is_file()
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{adapter_dir} is not an adapter dir (no {ADAPTER_CONFIG})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def check_usable_adapter_dir(adapter_dir: Path) -> None:
+    """UserError for a checkpoint without its marker, or a run dir whose final outputs were not
+    all written (training stopped or crashed before the end)."""
+    if checkpoint_step(adapter_dir) is not None:
+        if not is_complete(adapter_dir):
+            raise UserError(f"{adapter_dir} is an incomplete checkpoint (no '{COMPLETE_MARKER}' marker)")
+        return
+    if is_run_dir(adapter_dir) and not is_complete(adapter_dir):
+        latest = latest_checkpoint(adapter_dir)
+        hint = f"; use {latest} or resume the run with training.resume=true" if latest else ""
+        raise UserError(f"{adapter_dir} is an unfinished run (no '{COMPLETE_MARKER}' marker){hint}")
+
+
+@dataclass
+class ChatSource:
+    """What to load: the recipe (base model and conversation format), the adapter dir to put on
+    the base (None = none) and the dir holding the tokenizer to use (None = the recipe's)."""
+
+    kind: str  # "recipe" | "adapter" | "checkpoint" | "model"
+    recipe: Recipe
+    adapter_dir: Optional[Path]
+    tokenizer_dir: Optional[Path]
+
+
+def _recipe_from(data: dict, overrides: Iterable[str], source: str) -> Recipe:
+    """A recipe from a dict plus `key=value` overrides (for sources that have no recipe file)."""
+    try:
+        return recipe_from_dict(data, overrides, source=source)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def recipe_for_adapter(adapter_dir: str | os.PathLike, overrides: Iterable[str] = (), base: Optional[str] = None) -> Recipe:
+    """The recipe an adapter was trained with: `recipe.yaml` in the adapter dir, or in its parent
+    (a `checkpoint-STEP` inside an output dir). Without one, a default recipe whose base is
+    adapter_config's `base_model_name_or_path` and whose format is the tokenizer's chat template.
+    `base` replaces `model.path` (and the tokenizer, unless the adapter dir carries its own)."""
+    adapter_dir = Path(adapter_dir)
+    config = read_adapter_config(adapter_dir)
+    for candidate in (adapter_dir / RECIPE_FILE, adapter_dir.parent / RECIPE_FILE):
+        if candidate.is_file():
+            recipe = load_recipe(candidate, overrides)
+            break
+    else:
+        fallback = base or config.get("base_model_name_or_path")
+        if not fallback:
+            raise UserError(f"{adapter_dir} has no {RECIPE_FILE} and its {ADAPTER_CONFIG} names no base model; pass --base")
+        note(f"note: {adapter_dir} has no {RECIPE_FILE}; base {fallback}, conversation format = the tokenizer's chat template")
+        recipe = _recipe_from({"model": {"path": str(fallback)}, "data": {"train": ""}},
+                              overrides, str(adapter_dir / ADAPTER_CONFIG))
+    if base is not None:
+        recipe.model.path = str(base)
+        recipe.model.tokenizer = None
+    return recipe
+
+
+def _merged_dir_recipe(model_dir: Path, overrides: Iterable[str]) -> Recipe:
+    recipe_file = model_dir / RECIPE_FILE
+    if recipe_file.is_file():
+        recipe = load_recipe(recipe_file, overrides)
+    else:
+        config = json.loads((model_dir / MODEL_CONFIG).read_text(encoding="utf-8"))
+        stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
+        recipe = _recipe_from({"model": {"path": str(model_dir), "dtype": dtype},
+                               "data": {"train": ""}}, overrides, str(model_dir))
+    # The dir itself is the model, wherever it was moved to since it was written.
+    recipe.model.path = str(model_dir)
+    recipe.model.tokenizer = None
+    return recipe
+
+
+def trained_adapter(recipe: Recipe) -> Optional[Path]:
+    """The final adapter of `training.output_dir`, else its newest complete checkpoint, else None."""
+    out = Path(recipe.training.output_dir).expanduser()
+    if is_adapter_dir(out) and (is_complete(out) or not is_run_dir(out)):
+        return out
+    latest = latest_checkpoint(out)
+    if latest is not None and is_adapter_dir(latest):
+        note(f"note: no final adapter in {out}; using the newest checkpoint {latest.name}")
+        return latest
+    return None
+
+
+def adapter_source(adapter_dir: Path, overrides: Iterable[str] = (), base: Optional[str] = None) -> ChatSource:
+    """An adapter dir as a source: its recipe, and the tokenizer saved with it (in the dir, or in
+    the output dir holding a `checkpoint-STEP`). Refuses unfinished runs and checkpoints."""
+    check_usable_adapter_dir(adapter_dir)
+    recipe = recipe_for_adapter(adapter_dir, overrides, base=base)
+    tok_dir = next((d for d in (adapter_dir, adapter_dir.parent) if has_tokenizer(d)), None)
+    kind = "checkpoint" if checkpoint_step(adapter_dir) is not None and is_complete(adapter_dir) else "adapter"
+    return ChatSource(kind, recipe, adapter_dir, tok_dir)
+
+
+def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> ChatSource:
+    """Tell a recipe file, an adapter or checkpoint dir and a merged model dir apart, and read its recipe."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"not found: {source} (expected a recipe file, an adapter dir or a model dir)")
+    if path.is_file():
+        recipe = load_recipe(path, overrides)
+        adapter = trained_adapter(recipe)
+        if adapter is None:
+            note(f"note: no trained adapter in {recipe.training.output_dir}; talking to the base model {recipe.model.path}")
+        return ChatSource("recipe", recipe, adapter, adapter if adapter is not None and has_tokenizer(adapter) else None)
+    if is_adapter_dir(path):
+        return adapter_source(path, overrides)
+    if is_model_dir(path):
+        return ChatSource("model", _merged_dir_recipe(path, overrides), None, path if has_tokenizer(path) else None)
+    raise UserError(f"{source} is neither an adapter dir ({ADAPTER_CONFIG}) nor a model dir ({MODEL_CONFIG})")

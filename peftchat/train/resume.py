@@ -1,0 +1,118 @@
+"""Resume rules: which checkpoint a run continues from, and which recipe changes it accepts.
+
+The resumed recipe is compared with the checkpoint's `recipe.yaml`, key by key:
+
+* keys that only shape the future (`SCHEDULE_KEYS`: the run's length and the save / eval / log
+  intervals) may change; a new length re-plans the lr schedule (`peftchat.train.optim`);
+* keys that say how the run is carried out, not what it learns (`RUNTIME_KEYS`: device, output
+  and speed knobs, decoding) may change;
+* every other key changes what is trained (data, format and collator, lengths, lr and schedule,
+  batch size, accumulation, adapter, model, quantization, seed, and any key added later): a
+  change stops the run (exit 2, the differences listed) unless `training.resume_changes=allow`,
+  and then it is recorded in `recipe.yaml` (a comment header) and `metrics.jsonl` (a row with
+  `resume_changes` at the step it took effect).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from peftchat.config import Recipe, load_recipe, recipe_to_yaml
+from peftchat.errors import ConfigError, UserError
+from peftchat.rundir import RECIPE_FILE, existing_run, is_complete, latest_checkpoint
+
+SCHEDULE_KEYS = (
+    "training.max_steps", "training.epochs", "training.save_steps", "training.eval_steps", "training.log_steps",
+    "training.save_total_limit",
+)
+# A key matches an entry equal to it or to one of its parent sections.
+RUNTIME_KEYS = (
+    "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
+    "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
+    "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
+    "training.max_memory_gib", "training.fp8", "model.attn_implementation", "data.num_proc", "data.cache_dir",
+)
+
+
+def resume_checkpoint(recipe: Recipe) -> Path | None:
+    """The checkpoint to resume from (`training.resume`), or None for a fresh run; raises a
+    UserError for a fresh run into a dir that holds one already, or a resume with nothing to
+    resume."""
+    out = Path(recipe.training.output_dir)
+    resume = recipe.training.resume
+    if resume is True:
+        latest = latest_checkpoint(out)
+        if latest is None:
+            raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from")
+        return latest
+    if resume:
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise UserError(f"training.resume: checkpoint {resume} not found")
+        if not is_complete(path):
+            raise UserError(f"training.resume: {resume} is not a complete checkpoint (no 'complete' marker)")
+        return path
+    what = existing_run(out)
+    if what is not None:
+        raise UserError(f"training.output_dir {out} already holds a run ({what}); continue it with "
+                        f"training.resume=true or choose another training.output_dir")
+    return None
+
+
+def _flat(recipe: Recipe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(OmegaConf.structured(recipe)), "")
+    return out
+
+
+def key_kind(key: str) -> str:
+    """`schedule`, `runtime` or `trained` (see the module docstring)."""
+    if key in SCHEDULE_KEYS:
+        return "schedule"
+    if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
+        return "runtime"
+    return "trained"
+
+
+def recipe_changes(old: Recipe, new: Recipe) -> dict[str, list]:
+    """`{key: [old value, new value]}` for every key that differs, runtime keys left out."""
+    a, b = _flat(old), _flat(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and key_kind(k) != "runtime"}
+
+
+def check_resume_changes(recipe: Recipe, checkpoint: Path) -> dict[str, list]:
+    """The changes of `recipe` against the checkpoint's (see `recipe_changes`); ConfigError when
+    one changes what is trained and `training.resume_changes` is not `allow`."""
+    saved = checkpoint / RECIPE_FILE
+    if not saved.is_file():
+        return {}  # a checkpoint written without a recipe (tests, old runs): nothing to compare
+    changes = recipe_changes(load_recipe(saved), recipe)
+    trained = {k: v for k, v in changes.items() if key_kind(k) == "trained"}
+    if trained and recipe.training.resume_changes != "allow":
+        listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in trained.items())
+        raise ConfigError(f"training.resume: the recipe changes what {checkpoint.name} was trained with ({listed}); "
+                          f"undo the change, or accept it with training.resume_changes=allow")
+    return changes
+
+
+def save_recipe_with_history(recipe: Recipe, history: list, path: str | os.PathLike) -> None:
+    """`recipe.yaml`, headed by one comment line per accepted resume change (YAML comments, so
+    the file still loads as a recipe)."""
+    lines = []
+    for entry in history:
+        changed = ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry["changes"].items())
+        lines.append(f"# resumed at step {entry['step']} with changes: {changed}\n")
+    Path(path).write_text("".join(lines) + recipe_to_yaml(recipe), encoding="utf-8")
