@@ -103,3 +103,10 @@ def say(message: str) -> None:
     from peftchat.infer.loading import say as say_
 
     say_(message)
+
+
+def generate_batch(model, tokenizer, recipe: Recipe, prompts: list[list[int]], batch_size: int = 8) -> list[str]:
+    """Replies to prompt ids in left-padded batches, as `peftchat generate` makes them."""
+    from peftchat.infer.generate import generate_replies
+
+    return generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size)
