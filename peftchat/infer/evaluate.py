@@ -75,15 +75,22 @@ def score_generations(predictions: list[str], references: list[str]) -> dict[str
 def load_eval_samples(recipe: Recipe, data: Any, limit: Optional[int] = None) -> list[EvalSample]:
     """Samples (history, query, reference) of every trained-on answer in `data` (a file, glob or
     dataset, read as the recipe's `data.format`), in data order, the first `limit` of them."""
-    from peftchat.data.formats import normalize
     from peftchat.data.pipeline import resolve_format
     from peftchat.data.sources import load_records
 
     source = load_records(data, key="--data")
     fmt = resolve_format(source, recipe.data)
+    return samples_from_records(recipe, source.dataset, fmt, limit, origin=source.origins)
+
+
+def samples_from_records(recipe: Recipe, records, fmt: str, limit: Optional[int] = None, origin=None) -> list[EvalSample]:
+    """Samples of raw `records` (a list or datasets.Dataset) of format `fmt`; `origin(row)` names
+    a record in messages (default `record N`)."""
+    from peftchat.data.formats import normalize
+
     samples: list[EvalSample] = []
-    for row in range(len(source.dataset)):
-        conv = normalize(source.dataset[row], fmt, recipe.data, source.origins(row))
+    for row in range(len(records)):
+        conv = normalize(records[row], fmt, recipe.data, origin(row) if origin else f"record {row}")
         if conv.dropped:
             continue
         for history, query, reference, system in bridge.eval_rounds(conv):
@@ -105,6 +112,20 @@ def generate_answers(model, tokenizer, recipe: Recipe, samples: list[EvalSample]
         except UserError as e:
             raise UserError(f"{s.origin}: {e}") from None
     return bridge.generate_batch(model, tokenizer, greedy, prompts, batch_size)
+
+
+def eval_generation_scores(model, tokenizer, recipe: Recipe, samples: list[EvalSample], batch_size: int = 8) -> dict:
+    """For the training loop (`training.eval_generate`): greedy answers to `samples` scored, as a
+    metrics row fragment `{"eval_bleu-4", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l",
+    "eval_generate_n"}`. The model is put in eval mode for generation and back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = generate_answers(model, tokenizer, recipe, samples, batch_size)
+    finally:
+        model.train(was_training)
+    scores = score_generations(predictions, [s.reference for s in samples])
+    return {f"eval_{k}": v for k, v in scores.items() if k != "n"} | {"eval_generate_n": scores["n"]}
 
 
 def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[int] = None,

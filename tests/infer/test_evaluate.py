@@ -90,3 +90,15 @@ def test_converged_demo_scores_near_100_on_its_training_data(tiny_llama_dir, tmp
 def test_eval_user_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path), "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_eval_generation_scores_for_the_training_loop(make_adapter, tmp_path):
+    from peftchat.infer.evaluate import eval_generation_scores
+    from peftchat.infer.loading import load_chat_model
+
+    model, tok, recipe = load_chat_model(make_adapter("chatglm"))
+    model.train()
+    samples = load_eval_samples(recipe, str(asset_path("demo/chatglm_demo.jsonl")), limit=2)
+    row = eval_generation_scores(model, tok, recipe, samples)
+    assert set(row) == {"eval_bleu-4", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_generate_n"}
+    assert row["eval_generate_n"] == 2 and model.training
