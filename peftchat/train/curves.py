@@ -64,16 +64,17 @@ def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Optio
     data = [read_metrics(d) for d in dirs]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
     for ax, (key, title) in zip(axes, PANELS):
-        for d, series in zip(dirs, data):
+        for i, (d, series) in enumerate(zip(dirs, data)):
             points = series[key]
-            if points:
+            if points:  # colour by run, so a run keeps its colour in panels where another has no data
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if len(points) < 12 else None, markersize=3, label=_label(d, dirs))
+                ax.plot(steps, values, color=f"C{i % 10}", marker="o" if len(points) < 12 else None, markersize=3,
+                        label=_label(d, dirs))
         if not any(series[key] for series in data):
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-        if key != "lr" and any(v > 0 for s in data for _, v in s[key]) and \
-                all(v > 0 for s in data for _, v in s[key]):
-            ax.set_yscale("log")  # losses span orders of magnitude
+        values = [v for s in data for _, v in s[key]]
+        if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")  # losses that span orders of magnitude
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
