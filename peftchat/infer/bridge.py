@@ -32,6 +32,11 @@ def prompt_ids(recipe: Recipe, tokenizer, history: list[Round], query: str, syst
     return _prompting().chat_prompt_ids(recipe, tokenizer, history, query, system=system)
 
 
+def history_used(recipe: Recipe) -> bool:
+    """False when the format leaves the history out of every prompt (chatglm, history_column null)."""
+    return not (recipe.data.collator == "chatglm" and recipe.data.history_column is None)
+
+
 def eval_prompt_ids(recipe: Recipe, tokenizer, history: list[Round], query: str, system: Optional[str] = None) -> list[int]:
     """The prompt ChatGLM's ptuning evaluates with: for the chatglm format a round with no history
     is the bare query (`preprocess_function_eval`), otherwise the training prompt."""

@@ -106,7 +106,7 @@ class ChatEngine:
             ids = bridge.prompt_ids(recipe, self.tokenizer, request.history, request.query, request.system)
             # The prompt code leaves out old rounds to fit; an API client sent them to be read.
             fits = bridge.prompt_ids(recipe, self.tokenizer, request.history[1:], request.query, request.system) != ids \
-                if request.history else True
+                if request.history and bridge.history_used(recipe) else True
         except UserError as e:
             raise RequestError(f"this request is over the context budget: {e}", "messages",
                                "context_length_exceeded") from None
