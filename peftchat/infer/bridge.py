@@ -101,7 +101,7 @@ def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()):
 def merge_to_dir(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "fp32") -> None:
     from peftchat.model.merge import merge_adapter
 
-    merge_adapter(adapter_dir, out_dir, dtype=dtype, verify=False, force=True)
+    merge_adapter(adapter_dir, out_dir, dtype=dtype, force=True)  # verified as `peftchat merge` verifies
 
 
 def say(message: str) -> None:

@@ -128,6 +128,42 @@ def eval_generation_scores(model, tokenizer, recipe: Recipe, samples: list[EvalS
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"} | {"eval_generate_n": scores["n"]}
 
 
+def held_out_samples(recipe: Recipe, limit: int) -> list[EvalSample]:
+    """The first `limit` eval samples of a training run: from `data.eval`, else from the sessions
+    `data.eval_split` holds out of `data.train` (the same rows the training pipeline holds out)."""
+    from peftchat.data.pipeline import _hold_out, resolve_format
+    from peftchat.data.sources import load_records
+
+    cfg = recipe.data
+    if cfg.eval:
+        return load_eval_samples(recipe, cfg.eval, limit)
+    if not cfg.eval_split:
+        return []
+    source = load_records(cfg.train, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.train")
+    fmt = resolve_format(source, cfg)
+    _, rows = _hold_out(source.dataset, fmt, cfg, recipe.training.seed)
+    return samples_from_records(recipe, source.dataset.select(rows), fmt, limit,
+                                origin=lambda k: source.origins(rows[k]))
+
+
+def eval_generate_hook(recipe: Recipe):
+    """For `training.eval_generate: N`: None when N is 0, else `hook(model, tokenizer) -> dict`
+    giving the `eval_bleu-4` ... `eval_generate_n` fragment of an eval metrics row. The samples
+    are read once, here, so a bad eval file fails before training starts."""
+    n = recipe.training.eval_generate
+    if n <= 0:
+        return None
+    _scorers()
+    samples = held_out_samples(recipe, n)
+    if not samples:
+        raise UserError("training.eval_generate needs eval data: set data.eval or data.eval_split")
+
+    def hook(model, tokenizer) -> dict:
+        return eval_generation_scores(model, tokenizer, recipe, samples)
+
+    return hook
+
+
 def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[int] = None,
              out: Optional[str] = None, batch_size: int = 8) -> int:
     if limit is not None and limit < 1:

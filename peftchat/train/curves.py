@@ -113,6 +113,10 @@ def write_training_curves(run_dir: str | os.PathLike) -> Optional[Path]:
     if not (run_dir / METRICS_FILE).is_file():
         return None
     path = draw([run_dir], run_dir / CURVES_FILE)
-    if path is None:
+    if path is None and not _noted:  # once a process, not at every evaluation
+        _noted.append(True)
         print(f"note: {CURVES_FILE} skipped: {MISSING_EXTRA}", file=sys.stderr, flush=True)
     return path
+
+
+_noted: list[bool] = []

@@ -102,3 +102,20 @@ def test_eval_generation_scores_for_the_training_loop(make_adapter, tmp_path):
     row = eval_generation_scores(model, tok, recipe, samples)
     assert set(row) == {"eval_bleu-4", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_generate_n"}
     assert row["eval_generate_n"] == 2 and model.training
+
+
+def test_eval_generate_hook_uses_the_held_out_sessions(make_adapter, tiny_llama_dir, infer_recipe_dict, tmp_path):
+    from peftchat.infer.evaluate import eval_generate_hook, held_out_samples
+    from peftchat.infer.loading import load_chat_model
+
+    recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, "chatglm", eval_split=3))
+    assert eval_generate_hook(recipe) is None  # training.eval_generate defaults to 0
+    recipe.training.eval_generate = 2
+    held = held_out_samples(recipe, 100)
+    assert 3 <= len(held) < 30  # three sessions' answers
+    model, tok, _ = load_chat_model(make_adapter("chatglm"))
+    row = eval_generate_hook(recipe)(model, tok)
+    assert row["eval_generate_n"] == 2
+    recipe.data.eval_split = 0.0
+    with pytest.raises(Exception, match="needs eval data"):
+        eval_generate_hook(recipe)

@@ -61,8 +61,10 @@ def test_plot_overlays_runs(tmp_path, capsys):
 
 def test_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(curves, "_pyplot", lambda: None)
+    monkeypatch.setattr(curves, "_noted", [])
     run = _run(tmp_path / "a")
     assert write_training_curves(run) is None
     assert "pip install 'peftchat[plots]'" in capsys.readouterr().err
+    assert write_training_curves(run) is None and capsys.readouterr().err == ""  # the note comes once
     assert main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
     assert "matplotlib is not installed" in capsys.readouterr().err
