@@ -106,6 +106,7 @@ class TrainingConfig:
     save_steps: int = 100  # 0 = only at the end
     save_total_limit: int = 2  # checkpoints kept; 0 = all
     eval_steps: int = 100  # 0 = only at the end (when there is an eval set)
+    eval_generate: int = 0  # N > 0: at each eval also score greedy answers to N eval samples (BLEU-4, ROUGE)
     log_steps: int = 10
     resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -1,0 +1,48 @@
+"""The serving engine's request checks and stop-string handling, without a model or a server."""
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from peftchat.config import recipe_from_dict
+from peftchat.demo_assets import demo_tokenizer_dir
+from peftchat.infer.engine import ChatEngine, ChatRequest, RequestError, _cut_at_stop, _safe_length
+
+
+class NoModel:
+    def parameters(self):
+        yield torch.zeros(1)
+
+
+def _engine(tiny_llama_dir, infer_recipe_dict, tmp_path, collator="moss", **data):
+    tok = AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))
+    recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, collator, **data))
+    return ChatEngine(NoModel(), tok, recipe)
+
+
+def test_stop_strings():
+    assert _cut_at_stop("hello world", ["wor", "lo"]) == ("hel", True)
+    assert _cut_at_stop("hello", ["xyz"]) == ("hello", False)
+    assert _safe_length("hello wo", ["world"]) == len("hello ")  # "wo" may become "world"
+    assert _safe_length("hello", ["world"]) == 5
+    assert _safe_length("abcab", ["abcabd", "b"]) == 0  # "abcab" is itself a prefix of a stop
+
+
+def test_request_checks(tiny_llama_dir, infer_recipe_dict, tmp_path):
+    engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path)
+    job = engine.prepare(ChatRequest([], "hi", max_tokens=5, temperature=0.5, top_p=0.9, stop=["", "x"]))
+    assert job.recipe.decoding.max_new_tokens == 5 and job.recipe.decoding.temperature == 0.5
+    assert job.stop == ["x"] and engine.recipe.decoding.max_new_tokens == 6  # the server's recipe is untouched
+    for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=256)):
+        with pytest.raises(RequestError):
+            engine.prepare(ChatRequest([], "hi", **bad))
+    long_round = {"user": "长" * 150, "assistant": "答" * 150}
+    with pytest.raises(RequestError, match="context budget") as e:
+        engine.prepare(ChatRequest([long_round], "hi", max_tokens=8))
+    assert e.value.code == "context_length_exceeded"
+
+
+def test_chatglm_without_history_column_ignores_history(tiny_llama_dir, infer_recipe_dict, tmp_path):
+    engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path, "chatglm", history_column=None)
+    with_history = engine.prepare(ChatRequest([{"user": "a", "assistant": "b"}], "hi"))
+    assert with_history.prompt == engine.prepare(ChatRequest([], "hi")).prompt
