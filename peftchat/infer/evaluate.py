@@ -13,15 +13,21 @@ averaged over samples.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from peftchat.config import Recipe
-from peftchat.errors import UserError
-from peftchat.infer import bridge
+from peftchat.errors import DataError, UserError
+from peftchat.formats.base import ConversationFormat
+from peftchat.formats.conversation import Conversation
+from peftchat.formats.registry import make_format
+from peftchat.infer.decoding import context_budget
+from peftchat.infer.generate import generate_replies
+from peftchat.infer.loading import load_chat_model, say
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 MISSING_EXTRA = "scoring needs jieba, rouge-chinese and nltk: pip install 'peftchat[eval]'"
@@ -30,10 +36,14 @@ MISSING_EXTRA = "scoring needs jieba, rouge-chinese and nltk: pip install 'peftc
 @dataclass
 class EvalSample:
     origin: str
-    history: list[dict]
+    history: Conversation  # the reference rounds before `query` (teacher forcing), system included
     query: str
     reference: str
-    system: Optional[str] = None
+
+    def row(self) -> dict[str, Any]:
+        """The sample as `--out` writes it: the history as OpenAI-style messages."""
+        return {"origin": self.origin, "history": self.history.messages, "query": self.query,
+                "reference": self.reference}
 
 
 def _scorers():
@@ -72,32 +82,76 @@ def score_generations(predictions: list[str], references: list[str]) -> dict[str
     return out
 
 
+def eval_rounds(conv: Conversation) -> list[tuple[Conversation, str, str]]:
+    """(history, query, reference answer) for every answer of `conv` that training puts loss on:
+    context-only rounds (chatglm history) and answers marked ``"train": false`` are history, never
+    references. The history is the reference history (teacher forcing): the conversation's own
+    messages before the query — its system message, and for MOSS records their raw turns — as
+    training rendered them."""
+    head = 1 if conv.system is not None else 0
+    out = []
+    k = -1  # rounds before message i
+    for i in range(head, len(conv.messages)):
+        message = conv.messages[i]
+        if message["role"] == "user":
+            k += 1
+        trained = message["role"] == "assistant" and message.get("train", True) is not False
+        if not trained or k < conv.context_rounds or i - 1 < head or conv.messages[i - 1]["role"] != "user":
+            continue  # (an answer after a tool message is no question/answer round)
+        turns = conv.moss_turns[:k] if conv.moss_turns is not None else None
+        history = dataclasses.replace(conv, messages=conv.messages[:i - 1], moss_turns=turns, context_rounds=0)
+        out.append((history, conv.messages[i - 1]["content"] or "", message["content"] or ""))
+    return out
+
+
 def load_eval_samples(recipe: Recipe, data: Any, limit: Optional[int] = None) -> list[EvalSample]:
     """Samples (history, query, reference) of every trained-on answer in `data` (a file, glob or
     dataset, read as the recipe's `data.format`), in data order, the first `limit` of them."""
-    from peftchat.data.pipeline import resolve_format
     from peftchat.data.sources import load_records
 
-    source = load_records(data, key="--data")
-    fmt = resolve_format(source, recipe.data)
-    return samples_from_records(recipe, source.dataset, fmt, limit, origin=source.origins)
+    source = load_records(data, recipe.data, key="--data")
+    return samples_from_records(recipe, source.dataset, limit)
 
 
-def samples_from_records(recipe: Recipe, records, fmt: str, limit: Optional[int] = None, origin=None) -> list[EvalSample]:
-    """Samples of raw `records` (a list or datasets.Dataset) of format `fmt`; `origin(row)` names
-    a record in messages (default `record N`)."""
+def samples_from_records(recipe: Recipe, rows, limit: Optional[int] = None) -> list[EvalSample]:
+    """Samples of record rows (`data.sources.RECORD_COLUMNS`: the record as JSON, its format and
+    origin), a datasets.Dataset or a list of such dicts. A bad record is skipped under
+    `data.on_error: skip`, else it stops the run."""
     from peftchat.data.formats import normalize
 
     samples: list[EvalSample] = []
-    for row in range(len(records)):
-        conv = normalize(records[row], fmt, recipe.data, origin(row) if origin else f"record {row}")
+    for j in range(len(rows)):
+        row = rows[j]
+        try:
+            conv = normalize(json.loads(row["record"]), row["format"], recipe.data, row["origin"])
+        except DataError:
+            if recipe.data.on_error == "stop":
+                raise
+            continue
         if conv.dropped:
             continue
-        for history, query, reference, system in bridge.eval_rounds(conv):
-            samples.append(EvalSample(conv.origin, history, query, reference, system))
+        for history, query, reference in eval_rounds(conv):
+            samples.append(EvalSample(conv.origin, history, query, reference))
             if limit is not None and len(samples) >= limit:
                 return samples
     return samples
+
+
+class EvalPrompts:
+    """Prompts as ChatGLM's ptuning evaluates: the run's format, except that for the chatglm
+    format a round with no history is the bare query (`preprocess_function_eval`) — the prompt of
+    the same format with `data.history_column` null. Both formats are made once."""
+
+    def __init__(self, recipe: Recipe, tokenizer) -> None:
+        self.format: ConversationFormat = make_format(recipe.data, tokenizer)
+        self.bare = self.format
+        if recipe.data.collator == "chatglm":
+            self.bare = make_format(dataclasses.replace(recipe.data, history_column=None), tokenizer)
+        self.budget = context_budget(recipe)  # as `peftchat chat` budgets its prompts
+
+    def ids(self, history: Conversation, query: str) -> list[int]:
+        fmt = self.format if history.round_starts() else self.bare
+        return fmt.prompt(history, query, self.budget).ids
 
 
 def generate_answers(model, tokenizer, recipe: Recipe, samples: list[EvalSample], batch_size: int = 8) -> list[str]:
@@ -105,13 +159,14 @@ def generate_answers(model, tokenizer, recipe: Recipe, samples: list[EvalSample]
     greedy = copy.deepcopy(recipe)
     greedy.decoding.temperature = 0
     greedy.decoding.repetition_penalty = 1.0
-    prompts = []
+    prompts = EvalPrompts(greedy, tokenizer)
+    ids = []
     for s in samples:
         try:
-            prompts.append(bridge.eval_prompt_ids(greedy, tokenizer, s.history, s.query, s.system))
+            ids.append(prompts.ids(s.history, s.query))
         except UserError as e:
             raise UserError(f"{s.origin}: {e}") from None
-    return bridge.generate_batch(model, tokenizer, greedy, prompts, batch_size)
+    return generate_replies(model, tokenizer, greedy, ids, batch_size=batch_size, fmt=prompts.format)
 
 
 def eval_generation_scores(model, tokenizer, recipe: Recipe, samples: list[EvalSample], batch_size: int = 8) -> dict:
@@ -131,7 +186,7 @@ def eval_generation_scores(model, tokenizer, recipe: Recipe, samples: list[EvalS
 def held_out_samples(recipe: Recipe, limit: int) -> list[EvalSample]:
     """The first `limit` eval samples of a training run: from `data.eval`, else from the sessions
     `data.eval_split` holds out of `data.train` (the same rows the training pipeline holds out)."""
-    from peftchat.data.pipeline import _hold_out, resolve_format
+    from peftchat.data.pipeline import _hold_out
     from peftchat.data.sources import load_records
 
     cfg = recipe.data
@@ -139,11 +194,9 @@ def held_out_samples(recipe: Recipe, limit: int) -> list[EvalSample]:
         return load_eval_samples(recipe, cfg.eval, limit)
     if not cfg.eval_split:
         return []
-    source = load_records(cfg.train, on_error=cfg.on_error, cache_dir=cfg.cache_dir, key="data.train")
-    fmt = resolve_format(source, cfg)
-    _, rows = _hold_out(source.dataset, fmt, cfg, recipe.training.seed)
-    return samples_from_records(recipe, source.dataset.select(rows), fmt, limit,
-                                origin=lambda k: source.origins(rows[k]))
+    source = load_records(cfg.train, cfg, key="data.train")
+    _, rows = _hold_out(source.dataset, cfg, recipe.training.seed)
+    return samples_from_records(recipe, source.dataset.select(rows), limit)
 
 
 def eval_generate_hook(recipe: Recipe):
@@ -171,19 +224,19 @@ def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[i
     _scorers()  # a missing extra answers before the model loads
     if not Path(data).expanduser().exists():
         raise UserError(f"--data {data}: no such file")
-    model, tokenizer, recipe = bridge.load_model(source, overrides)
+    model, tokenizer, recipe = load_chat_model(source, overrides)
     samples = load_eval_samples(recipe, data, limit)
     if not samples:
         raise UserError(f"--data {data}: no answers to evaluate")
-    bridge.say(f"generating {len(samples)} answers ...")
+    say(f"generating {len(samples)} answers ...")
     predictions = generate_answers(model, tokenizer, recipe, samples, batch_size)
     scores = score_generations(predictions, [s.reference for s in samples])
     if out is not None:
         scorers = _scorers()
-        rows = [asdict(s) | {"prediction": p} | score_pair(p, s.reference, scorers) for s, p in zip(samples, predictions)]
+        rows = [s.row() | {"prediction": p} | score_pair(p, s.reference, scorers) for s, p in zip(samples, predictions)]
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        bridge.say(f"scores and {len(rows)} predictions written to {path}")
+        say(f"scores and {len(rows)} predictions written to {path}")
     print(json.dumps(scores, ensure_ascii=False))
     return 0

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterable
 
 from peftchat.errors import UserError
-from peftchat.infer import bridge
+from peftchat.infer.loading import resolve_source, say
+from peftchat.model.merge import merge_adapter
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
@@ -28,14 +29,15 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if Path(out).is_dir():
         raise UserError(f"--gguf {out} is a directory; give a file name such as model.gguf")
-    kind, recipe, adapter_dir = bridge.resolve_source(source, overrides)
+    resolved = resolve_source(source, overrides)
+    recipe, adapter_dir = resolved.recipe, resolved.adapter_dir
     name = Path(source).expanduser().resolve().stem
     if adapter_dir is None:
-        if kind != "model":
+        if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
-        return write_gguf(recipe.model.path, out, outtype, name=name, say=bridge.say)
+        return write_gguf(recipe.model.path, out, outtype, name=name, say=say)
     with tempfile.TemporaryDirectory(prefix="peftchat-export-", dir=Path(out).expanduser().resolve().parent) as tmp:
         merged = Path(tmp) / "merged"
-        bridge.say(f"merging {adapter_dir} into its base (fp32) for export ...")
-        bridge.merge_to_dir(adapter_dir, merged, dtype="fp32")
-        return write_gguf(merged, out, outtype, name=name, say=bridge.say)
+        say(f"merging {adapter_dir} into its base (fp32) for export ...")
+        merge_adapter(adapter_dir, merged, dtype="fp32", force=True)  # verified as `peftchat merge` verifies
+        return write_gguf(merged, out, outtype, name=name, say=say)

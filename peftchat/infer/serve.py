@@ -2,7 +2,8 @@
 
 `GET /v1/models` and `POST /v1/chat/completions` (`messages`, `temperature`, `top_p`,
 `max_tokens`, `stop`, `seed`, `stream` with `stream_options.include_usage`). Prompts are the
-training prompts of the run's conversation format (see `engine`); a request that omits
+training prompts of the run's conversation format (see `engine`); a system message goes where the
+format puts one (the chatglm format has no place for it and leaves it out, as training does); a request that omits
 `temperature` / `top_p` / `max_tokens` gets the recipe's `decoding.*`. Errors have OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed request or one over the
 context budget, 404 for an unknown model. Streams are server-sent events of `chat.completion.chunk`
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from peftchat.errors import UserError
-from peftchat.infer import bridge
+from peftchat.formats.conversation import Conversation
 from peftchat.infer.engine import ChatEngine, ChatRequest, Job, RequestError
+from peftchat.infer.loading import load_chat_model, say
 
 MISSING_EXTRA = "peftchat serve needs FastAPI and uvicorn: pip install 'peftchat[serve]'"
 
@@ -70,9 +72,9 @@ def _models():
 
 
 def to_chat_request(body) -> ChatRequest:
-    """Messages → (history, query, system) for the prompt code (RequestError when they do not
+    """Messages → (history `Conversation`, query) for the format (RequestError when they do not
     form system? (user assistant)* user)."""
-    history: list[dict] = []
+    rounds: list[tuple[str, str]] = []
     system, pending = None, None
     for i, m in enumerate(body.messages):
         role = "system" if m.role == "developer" else m.role
@@ -81,7 +83,7 @@ def to_chat_request(body) -> ChatRequest:
         elif role == "user" and pending is None:
             pending = m.text()
         elif role == "assistant" and pending is not None:
-            history.append({"user": pending, "assistant": m.text()})
+            rounds.append((pending, m.text()))
             pending = None
         else:
             raise RequestError(f"messages[{i}] has role '{m.role}'; expected an optional first system message, "
@@ -95,7 +97,8 @@ def to_chat_request(body) -> ChatRequest:
     if len(stop) > 4:
         raise RequestError("stop takes at most 4 sequences", "stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return ChatRequest(history, pending, system, max_tokens, body.temperature, body.top_p, stop, body.seed)
+    history = Conversation.from_rounds(rounds, system=system, origin="request")
+    return ChatRequest(history, pending, max_tokens, body.temperature, body.top_p, stop, body.seed)
 
 
 def _usage(job: Job) -> dict:
@@ -217,9 +220,9 @@ def run_serve(source: str, overrides: list[str], host: str = "127.0.0.1", port: 
         import uvicorn
     except ImportError:
         raise UserError(MISSING_EXTRA) from None
-    model, tokenizer, recipe = bridge.load_model(source, overrides)
+    model, tokenizer, recipe = load_chat_model(source, overrides)
     name = model_name or default_model_name(source)
     app = create_app(ChatEngine(model, tokenizer, recipe), name)
-    bridge.say(f"serving '{name}' ({recipe.data.collator} format) on http://{host}:{port}/v1")
+    say(f"serving '{name}' ({recipe.data.collator} format) on http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level="warning")
     return 0

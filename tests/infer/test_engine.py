@@ -6,7 +6,11 @@ from transformers import AutoTokenizer
 
 from peftchat.config import recipe_from_dict
 from peftchat.demo_assets import demo_tokenizer_dir
+from peftchat.formats.conversation import Conversation
 from peftchat.infer.engine import ChatEngine, ChatRequest, RequestError, _cut_at_stop, _safe_length
+
+
+NO_HISTORY = Conversation.from_rounds([])
 
 
 class NoModel:
@@ -30,19 +34,19 @@ def test_stop_strings():
 
 def test_request_checks(tiny_llama_dir, infer_recipe_dict, tmp_path):
     engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path)
-    job = engine.prepare(ChatRequest([], "hi", max_tokens=5, temperature=0.5, top_p=0.9, stop=["", "x"]))
+    job = engine.prepare(ChatRequest(NO_HISTORY, "hi", max_tokens=5, temperature=0.5, top_p=0.9, stop=["", "x"]))
     assert job.recipe.decoding.max_new_tokens == 5 and job.recipe.decoding.temperature == 0.5
     assert job.stop == ["x"] and engine.recipe.decoding.max_new_tokens == 6  # the server's recipe is untouched
     for bad in (dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=256)):
         with pytest.raises(RequestError):
-            engine.prepare(ChatRequest([], "hi", **bad))
-    long_round = {"user": "长" * 150, "assistant": "答" * 150}
+            engine.prepare(ChatRequest(NO_HISTORY, "hi", **bad))
+    long_round = Conversation.from_rounds([("长" * 150, "答" * 150)])
     with pytest.raises(RequestError, match="context budget") as e:
-        engine.prepare(ChatRequest([long_round], "hi", max_tokens=8))
+        engine.prepare(ChatRequest(long_round, "hi", max_tokens=8))
     assert e.value.code == "context_length_exceeded"
 
 
 def test_chatglm_without_history_column_ignores_history(tiny_llama_dir, infer_recipe_dict, tmp_path):
     engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path, "chatglm", history_column=None)
-    with_history = engine.prepare(ChatRequest([{"user": "a", "assistant": "b"}], "hi"))
-    assert with_history.prompt == engine.prepare(ChatRequest([], "hi")).prompt
+    with_history = engine.prepare(ChatRequest(Conversation.from_rounds([("a", "b")]), "hi"))
+    assert with_history.prompt == engine.prepare(ChatRequest(NO_HISTORY, "hi")).prompt

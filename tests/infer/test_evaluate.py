@@ -13,11 +13,12 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from peftchat.cli import main  # noqa: E402
 from peftchat.config import recipe_from_dict  # noqa: E402
-from peftchat.data.prompting import chat_prompt_ids  # noqa: E402
-from peftchat.data.samples import encode_text  # noqa: E402
 from peftchat.demo_assets import asset_path, demo_tokenizer_dir  # noqa: E402
-from peftchat.infer.bridge import eval_prompt_ids  # noqa: E402
-from peftchat.infer.evaluate import load_eval_samples, score_generations  # noqa: E402
+from peftchat.formats.conversation import Conversation  # noqa: E402
+from peftchat.formats.registry import make_format  # noqa: E402
+from peftchat.formats.samples import encode_text  # noqa: E402
+from peftchat.infer.decoding import context_budget  # noqa: E402
+from peftchat.infer.evaluate import EvalPrompts, load_eval_samples, score_generations  # noqa: E402
 
 
 def test_scores_follow_chatglm_compute_metrics():
@@ -37,9 +38,11 @@ def test_chatglm_eval_prompt_is_the_bare_query_without_history(tiny_llama_dir, i
     tok = AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))
     recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, "chatglm"))
     seps = tok.convert_tokens_to_ids(["[gMASK]", "<sop>"])  # the demo tokenizer has both
-    assert eval_prompt_ids(recipe, tok, [], "你好") == encode_text(tok, "你好") + seps
-    history = [{"user": "a", "assistant": "b"}]
-    assert eval_prompt_ids(recipe, tok, history, "你好") == chat_prompt_ids(recipe, tok, history, "你好")
+    prompts = EvalPrompts(recipe, tok)
+    assert prompts.ids(Conversation.from_rounds([]), "你好") == encode_text(tok, "你好") + seps
+    history = Conversation.from_rounds([("a", "b")])
+    chat_prompt = make_format(recipe.data, tok).prompt(history, "你好", context_budget(recipe)).ids
+    assert prompts.ids(history, "你好") == chat_prompt
     samples = load_eval_samples(recipe, str(asset_path("demo/chatglm_demo.jsonl")))
     assert len(samples) == 30  # one answer per row; the history is context only
     assert samples[3].history and samples[3].reference.startswith("好的，醋")
@@ -49,8 +52,10 @@ def test_moss_conversations_give_one_sample_per_answer(tiny_llama_dir, infer_rec
     recipe = recipe_from_dict(infer_recipe_dict(tiny_llama_dir, tmp_path, "moss"))
     samples = load_eval_samples(recipe, str(asset_path("demo/moss_demo.jsonl")), limit=5)
     assert len(samples) == 5
-    second = next(s for s in samples if s.history)
-    assert "raw" in second.history[0] and second.system  # rendered as training renders the session
+    second = next(s for s in samples if s.history.round_starts())
+    # rendered as training renders the session: its raw MOSS turns and its meta instruction
+    assert second.history.moss_turns and len(second.history.moss_turns) == len(second.history.round_starts())
+    assert second.history.system
 
 
 def test_converged_demo_scores_near_100_on_its_training_data(tiny_llama_dir, tmp_path, capsys):

@@ -14,7 +14,8 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from peftchat.cli import main  # noqa: E402
-from peftchat.data.prompting import chat_prompt_ids  # noqa: E402
+from peftchat.formats.conversation import Conversation  # noqa: E402
+from peftchat.infer.decoding import context_budget  # noqa: E402
 from peftchat.infer.engine import ChatEngine  # noqa: E402
 from peftchat.infer.loading import load_chat_model  # noqa: E402
 from peftchat.infer.serve import create_app  # noqa: E402
@@ -28,9 +29,9 @@ class SlowEngine(ChatEngine):
 
     delay = 0.0
 
-    def _advance(self, job, on_text, final):
+    def _advance(self, job, new_ids, on_text):
         time.sleep(self.delay)
-        super()._advance(job, on_text, final)
+        super()._advance(job, new_ids, on_text)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_reply_equals_chat_at_temperature_0(client, server, adapter, capsys):
     assert resp.choices[0].message.content == chat_reply
     assert chat_reply  # a non-empty reply, so the comparison says something
     engine = server["engine"]
-    prompt = chat_prompt_ids(engine.recipe, engine.tokenizer, [], QUESTION)
+    prompt = engine.format.prompt(Conversation.from_rounds([]), QUESTION, context_budget(engine.recipe)).ids
     assert resp.usage.prompt_tokens == len(prompt)
     assert resp.usage.completion_tokens == len(engine.finished[-1].generated) > 0
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
