@@ -50,3 +50,29 @@ def test_chatglm_without_history_column_ignores_history(tiny_llama_dir, infer_re
     engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path, "chatglm", history_column=None)
     with_history = engine.prepare(ChatRequest(Conversation.from_rounds([("a", "b")]), "hi"))
     assert with_history.prompt == engine.prepare(ChatRequest(NO_HISTORY, "hi")).prompt
+
+
+def test_streaming_decodes_each_token_once_and_holds_back_stop_strings(tiny_llama_dir, infer_recipe_dict, tmp_path):
+    """Token by token the engine hands out the reply via the format's incremental stream: the
+    decoded ids grow linearly with the reply (re-decoding all ids per token would be quadratic),
+    the pieces add up to the final reply, and a stop string split across tokens is never shown."""
+    engine = _engine(tiny_llama_dir, infer_recipe_dict, tmp_path, "chat_template")
+    tok = engine.tokenizer
+    answer = "番茄炒蛋：先炒鸡蛋，再炒番茄。" * 8 + "END of the recipe"
+    ids = tok.encode(answer, add_special_tokens=False) + engine.format.stop_ids[:1]
+    decoded = []
+    real_decode = tok.decode
+    tok.decode = lambda t, **kw: decoded.append(len(t)) or real_decode(t, **kw)
+    try:
+        pieces: list[str] = []
+        job = engine.prepare(ChatRequest(NO_HISTORY, "hi", stop=["END of"]))
+        for t in ids:  # as run()'s streamer hands them over
+            job.generated.append(t)
+            engine._advance(job, [t], pieces.append)
+            assert "END" not in "".join(pieces)  # "E", "EN", "END o" are held back while they may become the stop
+        assert sum(decoded) < 8 * len(ids)
+        engine._finish(job, pieces.append)
+    finally:
+        tok.decode = real_decode
+    assert "".join(pieces) == job.text == answer[:answer.find("END of")].strip()
+    assert job.finish_reason == "stop"
