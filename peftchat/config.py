@@ -422,6 +422,7 @@ RANGES: dict[str, Range] = {
     "training.epochs": POSITIVE,
     "training.max_steps": Range(-1),  # -1 or 0: train `epochs`; > 0: exactly this many steps
     "training.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
+    "training.eval_generate": NON_NEGATIVE,  # 0 = off; N: score greedy answers to N eval samples
     "training.adam_beta1": SHARE,
     "training.adam_beta2": SHARE,
     "training.adam_eps": POSITIVE,
