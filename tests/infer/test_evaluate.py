@@ -124,3 +124,20 @@ def test_eval_generate_hook_uses_the_held_out_sessions(make_adapter, tiny_llama_
     recipe.data.eval_split = 0.0
     with pytest.raises(Exception, match="needs eval data"):
         eval_generate_hook(recipe)
+
+
+def test_eval_rounds_are_the_trained_answers_with_their_reference_history():
+    from peftchat.infer.evaluate import eval_rounds
+
+    conv = Conversation(messages=[
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},  # context (chatglm history)
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "train": False},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
+    ], context_rounds=1, moss_turns=[[("Human", "h0")], [("Human", "h1")], [("Human", "h2")], [("Human", "h3")]])
+    rounds = eval_rounds(conv)
+    assert [(q, a) for _, q, a in rounds] == [("q2", "a2"), ("q3", "a3")]
+    history, _, _ = rounds[1]
+    assert history.system == "S" and history.rounds() == [("q0", "a0"), ("q1", "a1"), ("q2", "a2")]
+    assert history.moss_turns == conv.moss_turns[:3] and history.context_rounds == 0
