@@ -138,6 +138,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from peftchat.infer.serve import run_serve
+
+    return run_serve(args.source, args.overrides, host=args.host, port=args.port, model_name=args.model_name)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from peftchat.infer.export import export_gguf
+
+    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from peftchat.infer.evaluate import run_eval
+
+    return run_eval(args.source, args.data, args.overrides, limit=args.limit, out=args.out)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from peftchat.train.curves import plot_runs
+
+    plot_runs(args.run_dirs, args.out)
+    print(f"training curves written to {args.out}")
+    return 0
+
+
 def cmd_tiny_model(args: argparse.Namespace) -> int:
     from peftchat.demo_assets import build_tiny_model
 
@@ -232,6 +259,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     _add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a trained or merged model")
+    p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", dest="model_name", default=None, help="model id in the API (default: the source's name)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a GGUF file for llama.cpp")
+    p.add_argument("source", help="an adapter dir (merged on the fly) or a merged model dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--gguf", required=True, help="output .gguf file")
+    p.add_argument("--outtype", default="f16", choices=["f16", "q8_0"])
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="greedy generations on held-out conversations, scored with BLEU-4 and ROUGE")
+    p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--data", required=True, help="conversations in a format the recipe reads (data.format)")
+    p.add_argument("--limit", type=int, default=None, help="score the first N answers only")
+    p.add_argument("--out", default=None, help="write the scores and per-sample predictions to this JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="loss, eval loss and lr curves of one or more runs")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output dirs (with metrics.jsonl)")
+    p.add_argument("--out", required=True, help="output .png")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")

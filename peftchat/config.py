@@ -106,6 +106,7 @@ class TrainingConfig:
     save_steps: int = 100  # 0 = only at the end
     save_total_limit: int = 2  # checkpoints kept; 0 = all
     eval_steps: int = 100  # 0 = only at the end (when there is an eval set)
+    eval_generate: int = 0  # N > 0: at each eval also score greedy answers to N eval samples (BLEU-4, ROUGE)
     log_steps: int = 10
     resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path (validated to bool or str)
     resume_changes: str = "refuse"  # refuse | allow: a resumed recipe that changes what is trained (README "Resuming")
@@ -431,6 +432,7 @@ RANGES: dict[str, Range] = {
     "training.epochs": POSITIVE,
     "training.max_steps": Range(-1),  # -1 or 0: train `epochs`; > 0: exactly this many steps
     "training.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
+    "training.eval_generate": NON_NEGATIVE,  # 0 = off; N: score greedy answers to N eval samples
     "training.adam_beta1": SHARE,
     "training.adam_beta2": SHARE,
     "training.adam_eps": POSITIVE,

@@ -1,0 +1,43 @@
+"""`peftchat export SOURCE --gguf OUT.gguf`: a GGUF file for llama.cpp from an adapter or merged dir.
+
+An adapter (a training output dir, a checkpoint, or a recipe whose run left one) is first merged
+by `peftchat merge`'s code into a temporary fp32 model dir — fp32 so that the merge itself adds no
+rounding and the only loss is the f16 / q8_0 storage — which is then written by `model.to_gguf`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from peftchat.errors import UserError
+from peftchat.infer.loading import resolve_source, say
+from peftchat.model.merge import merge_adapter
+
+
+def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
+                overrides: Iterable[str] = ()) -> Path:
+    from peftchat.model.to_gguf import OUTTYPES, write_gguf
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise UserError("peftchat export needs the gguf package: pip install 'peftchat[export]'") from None
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if Path(out).is_dir():
+        raise UserError(f"--gguf {out} is a directory; give a file name such as model.gguf")
+    resolved = resolve_source(source, overrides)
+    recipe, adapter_dir = resolved.recipe, resolved.adapter_dir
+    name = Path(source).expanduser().resolve().stem
+    if adapter_dir is None:
+        if resolved.kind != "model":
+            raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
+        return write_gguf(recipe.model.path, out, outtype, name=name, say=say)
+    with tempfile.TemporaryDirectory(prefix="peftchat-export-", dir=Path(out).expanduser().resolve().parent) as tmp:
+        merged = Path(tmp) / "merged"
+        say(f"merging {adapter_dir} into its base (fp32) for export ...")
+        merge_adapter(adapter_dir, merged, dtype="fp32", force=True)  # verified as `peftchat merge` verifies
+        return write_gguf(merged, out, outtype, name=name, say=say)
