@@ -145,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peftchat.infer.export import export_gguf
+    from peftchat.export import export_gguf
 
     export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides)
     return 0

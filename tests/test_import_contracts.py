@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = ("layers: cli > merge > infer > train > model > data > formats > rundir > config",
+CONTRACTS = ("layers: cli > export > merge > infer > train > model > data > formats > rundir",
              "the lower layers never import infer, train or cli",
              "no import cycles between sibling modules or packages anywhere in peftchat")
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Iterable
 
 from peftchat.errors import UserError
-from peftchat.infer.loading import resolve_source, say
-from peftchat.model.merge import merge_adapter
+from peftchat.rundir import note as say
+from peftchat.rundir import resolve_source
+from peftchat.merge import merge_adapter
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
