@@ -10,7 +10,12 @@ Every source becomes rows of one fixed schema (`RECORD_FEATURES`): ``record`` â€
 only the fields its format reads (`formats.fields_read`) â€”, ``format``, ``origin`` (``file:LINE``,
 1-based, or ``source[index]``) and ``source`` (the entry's index). A JSON file is read line by line
 by us (a bad line is named as ``file:LINE``; with ``data.on_error: skip`` it is left out and listed
-in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Why not let
+in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Reading is strict
+where Python's json is lenient (a duplicate key, a lone surrogate escape, NaN/Infinity are bad
+records: json would silently keep one value or hand on text no UTF-8 file can hold) and bounded: a
+line over `data.max_record_bytes` is refused from its length, read in bounded pieces, never
+parsed. A .json array is parsed item by item (``file[i]``, with its line), so its bad items are
+skippable too; its text is held whole. Why not let
 `datasets` read the user's file: it infers one Arrow schema for every column of every file, so a
 column the format never reads (MOSS's ``conversation_id``, a number in some lines and a string in
 others) stops the load on some `datasets` versions, and files of different formats cannot share a
