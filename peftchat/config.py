@@ -71,6 +71,10 @@ class DataConfig:
     loss_on: str = "all_assistant"  # chat_template: all_assistant | last_assistant
     meta_instruction: Optional[str] = None  # system message when a record has none (training and chat)
     on_error: str = "stop"  # stop | skip: what a bad record does
+    # A JSON record (a line, or an item of a .json array) longer than this many bytes is bad: it is
+    # skipped or stops the run (on_error) before it is parsed. null = max(1 MiB, 256 bytes per
+    # token of the format's sample limit): far more than any sample can hold, so only runaway records hit it.
+    max_record_bytes: Optional[int] = None
     packing: bool = False  # padding-free rows of several samples
     group_by_length: bool = False  # batch samples of similar length (when packing is off)
     shuffle: bool = True
@@ -423,6 +427,7 @@ RANGES: dict[str, Range] = {
     "data.max_source_length": POSITIVE,
     "data.max_target_length": POSITIVE,
     "data.num_proc": AT_LEAST_1,
+    "data.max_record_bytes": POSITIVE,  # null = derived from the sample limit (DataConfig)
     "training.batch_size": POSITIVE,
     "training.gradient_accumulation_steps": POSITIVE,
     "training.lr": POSITIVE,

@@ -149,6 +149,7 @@ RANGE_ROWS = [
     ("data.max_length=0", "'data.max_length' must be > 0"),
     ("data.max_source_length=0", "'data.max_source_length' must be > 0"),
     ("data.max_target_length=-3", "'data.max_target_length' must be > 0"),
+    ("data.max_record_bytes=0", "'data.max_record_bytes' must be > 0"),
     ("adapter.r=0", "'adapter.r' must be > 0"),
     ("adapter.alpha=0", "'adapter.alpha' must be > 0"),
     ("adapter.alpha=-8", "'adapter.alpha' must be > 0"),
@@ -192,6 +193,8 @@ TYPE_ROWS = [
     ("data.train=[]", "'data.train' is an empty list"),
     ("model.path=${nope}", "cannot resolve"),
 ]
+
+DUMP_B = ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.jsonl"]
 
 ROWS = (
     [(f"range:{o}", ["config", "{R}", o], 2, m, None) for o, m in RANGE_ROWS]
@@ -281,6 +284,20 @@ ROWS = (
          "b.jsonl:2: JSON nested too deeply", _p_files({"b.jsonl": messages_line() + "\n" + DEEP + "\n"})),
         ("data:json-file-nested-deep", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.json"], 2,
          "b.json: JSON nested too deeply", _p_files({"b.json": DEEP})),
+        ("data:duplicate-json-key", DUMP_B, 2, "b.jsonl:2: duplicate key 'content' in a JSON object",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [{"role": "user", "content": "a", "content": "b"}]}\n'})),
+        ("data:lone-surrogate", DUMP_B, 2, "b.jsonl:2: lone surrogate escape \\ud800",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [{"role": "user", "content": "\\ud800"}]}\n'})),
+        ("data:invalid-utf8-in-a-string", DUMP_B, 2, "b.jsonl:2: not UTF-8 text",
+         _p_files({"b.jsonl": (messages_line() + "\n").encode() + b'{"messages": [{"role": "user", "content": "\xc3("}]}\n'})),
+        ("data:nan-literal", DUMP_B, 2, "b.jsonl:2: NaN is not valid JSON",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [], "score": NaN}\n'})),
+        ("data:record-over-size-limit", [*DUMP_B, "data.max_record_bytes=300"], 2,
+         "b.jsonl:2: record of 988 bytes is over the limit of 300 bytes",
+         _p_files({"b.jsonl": messages_line() + "\n" + messages_line("x" * 900) + "\n"})),
+        ("data:json-array-duplicate-key", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.json"], 2,
+         "b.json[1]: duplicate key 'messages' in a JSON object (only one value would be kept) (line 3)",
+         _p_files({"b.json": "[\n" + messages_line() + ',\n{"messages": [], "messages": []}\n]\n'})),
         ("data:empty-file", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.jsonl"], 2,
          "b.jsonl: no records", _p_files({"b.jsonl": "\n"})),
         ("data:unsupported-type", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.csv"], 2,
@@ -370,6 +387,26 @@ def test_bad_input(world, make_adapter, capsys, row_id, argv, code, message, pre
     _check_one_line(err, message, row_id in NOTES_OK)
     assert snapshot(world) == before, "a failed command changed files"
     assert not os.path.exists("/sys/peftchat-test")
+
+
+SKIPPABLE = ["data:invalid-json", "data:not-utf8", "data:nested-100000-deep",
+             "data:duplicate-json-key", "data:lone-surrogate", "data:invalid-utf8-in-a-string", "data:nan-literal",
+             "data:record-over-size-limit", "data:json-array-duplicate-key"]
+
+
+@pytest.mark.parametrize("row_id", SKIPPABLE)
+def test_bad_record_is_skipped_and_counted(world, make_adapter, capsys, row_id):
+    """The same bad file with data.on_error=skip: exit 0, the good record dumped, the bad one
+    counted and named in the report."""
+    _, argv, _, message, prep = next(r for r in ROWS if r[0] == row_id)
+    prep(world, make_adapter)
+    capsys.readouterr()
+    assert main([_fill(a, world) for a in argv] + ["data.on_error=skip"]) == 0
+    out = capsys.readouterr()
+    report = out.out + out.err
+    assert "Traceback" not in report and "1 bad records skipped" in report, report
+    assert message.split(": ", 1)[1] in report, report
+    assert len((world / "d.jsonl").read_text(encoding="utf-8").splitlines()) == 1
 
 
 def test_catalogue_has_100_classes():

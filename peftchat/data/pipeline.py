@@ -229,14 +229,30 @@ def _session_keys(raw, cfg: DataConfig) -> list[Any]:
     return keys
 
 
+def _bad_rows(raw, cfg: DataConfig) -> set[int]:
+    """Rows whose record is not a conversation (they are skipped and counted when encoded)."""
+    bad: set[int] = set()
+    for i, (text, fmt, origin) in enumerate(zip(raw["record"], raw["format"], raw["origin"])):
+        try:
+            normalize(json.loads(text), fmt, cfg, origin)
+        except DataError:
+            bad.add(i)
+    return bad
+
+
 def _hold_out(raw, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
-    """(train rows, eval rows), both in data-set order; eval = data.eval_split of the sessions."""
+    """(train rows, eval rows), both in data-set order; eval = data.eval_split of the sessions.
+
+    Only good records are held out: with on_error=skip a bad one stays with the train rows (where
+    it is skipped and counted once), so it never takes an eval slot."""
     import numpy as np
 
     keys = _session_keys(raw, cfg)
+    bad = _bad_rows(raw, cfg) if cfg.on_error == "skip" else set()
     groups: dict[Any, list[int]] = {}
     for i, k in enumerate(keys):
-        groups.setdefault(k, []).append(i)
+        if i not in bad:
+            groups.setdefault(k, []).append(i)
     sessions = list(groups.values())
     n = len(sessions)
     share = cfg.eval_split

@@ -10,7 +10,12 @@ Every source becomes rows of one fixed schema (`RECORD_FEATURES`): ``record`` â€
 only the fields its format reads (`formats.fields_read`) â€”, ``format``, ``origin`` (``file:LINE``,
 1-based, or ``source[index]``) and ``source`` (the entry's index). A JSON file is read line by line
 by us (a bad line is named as ``file:LINE``; with ``data.on_error: skip`` it is left out and listed
-in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Why not let
+in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Reading is strict
+where Python's json is lenient (a duplicate key, a lone surrogate escape, NaN/Infinity are bad
+records: json would silently keep one value or hand on text no UTF-8 file can hold) and bounded: a
+line over `data.max_record_bytes` is refused from its length, read in bounded pieces, never
+parsed. A .json array is parsed item by item (``file[i]``, with its line), so its bad items are
+skippable too; its text is held whole. Why not let
 `datasets` read the user's file: it infers one Arrow schema for every column of every file, so a
 column the format never reads (MOSS's ``conversation_id``, a number in some lines and a string in
 others) stops the load on some `datasets` versions, and files of different formats cannot share a
@@ -24,6 +29,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +42,8 @@ from peftchat.paths import looks_local
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
 TOO_DEEP = "JSON nested too deeply (more levels than Python's recursion limit)"
+BYTES_PER_TOKEN = 256  # generous: a CJK character escaped as \\uXXXX is 6 bytes and may be one token
+MIN_RECORD_BYTES = 1 << 20
 
 
 RECORD_COLUMNS = ("record", "format", "origin", "source")
@@ -134,41 +142,173 @@ def _problem(e: json.JSONDecodeError) -> str:
     return f"invalid JSON ({e.msg} at column {e.colno})"
 
 
-def _scan_jsonl(path: Path, on_error: str, bad: list[str]) -> Iterator[tuple[str, dict]]:
+class _BadValue(ValueError):
+    """Valid JSON syntax that is still a bad record (raised from the decoder's hooks)."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json keeps the last of duplicate keys silently: the other values would be lost unseen.
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _BadValue(f"duplicate key {key!r} in a JSON object (only one value would be kept)")
+    return record
+
+
+def _no_constant(name: str) -> Any:
+    raise _BadValue(f"{name} is not valid JSON (not a number a record can hold)")
+
+
+# Python's json is lenient in two ways strict JSON is not: duplicate keys (last wins) and NaN/Infinity.
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
+
+
+def _lone_surrogate(raw: bytes, value: Any) -> str | None:
+    """A problem when a string of `value` holds a lone surrogate escape (``\ud800``), which json
+    accepts but no UTF-8 text can hold; paired escapes (an emoji) are fine."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return None  # the common case: no escape in the surrogate range at all
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate escape \\u{ord(e.object[e.start]):04x} in a string (not valid Unicode)"
+    return None
+
+
+def _parse(raw: bytes, first: bool) -> tuple[Any, str | None]:
+    """(value, None) for a JSON text, or (None, problem)."""
+    try:
+        text = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start} of the line)"
+    try:
+        value = _DECODER.decode(text.strip())
+    except json.JSONDecodeError as e:
+        return None, _problem(e)
+    except _BadValue as e:
+        return None, str(e)
+    except RecursionError:  # json's decoder recurses once per nesting level
+        return None, TOO_DEEP
+    return value, _lone_surrogate(raw, value)
+
+
+def record_byte_limit(cfg: DataConfig) -> int:
+    """The most bytes one JSON record may have (`DataConfig.max_record_bytes`)."""
+    if cfg.max_record_bytes is not None:
+        return int(cfg.max_record_bytes)
+    from peftchat.formats.registry import sample_limit
+
+    return max(MIN_RECORD_BYTES, BYTES_PER_TOKEN * sample_limit(cfg))
+
+
+def _too_big(size: int, limit: int) -> str:
+    return (f"record of {size:,} bytes is over the limit of {limit:,} bytes (data.max_record_bytes; "
+            f"far longer than a sample can be)")
+
+
+def _lines(fh, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size) for each line of `fh`, reading at most `limit` + 1 bytes of a line at once: a
+    longer line comes back as (None, its size) without ever being held whole."""
+    while True:
+        raw = fh.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or raw.endswith(b"\n") and len(raw) == limit + 1:
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while not raw.endswith(b"\n"):  # drain the rest of the long line in bounded pieces
+            raw = fh.readline(1 << 20)
+            if not raw:
+                break
+            size += len(raw)
+        yield None, size
+
+
+def _scan_jsonl(path: Path, cfg: DataConfig, bad: list[str]) -> Iterator[tuple[str, dict]]:
     """(``file:LINE``, record) for each good line of a JSON Lines file; bad ones go to `bad`."""
+    limit = record_byte_limit(cfg)
     with open(path, "rb") as fh:
-        for n, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                problem = f"not UTF-8 text (byte {e.start} of the line)"
+        for n, (raw, size) in enumerate(_lines(fh, limit), start=1):
+            if raw is None:
+                problem = _too_big(size, limit)
+            elif not raw.strip():
+                continue
             else:
-                if not text.strip():
-                    continue
-                try:
-                    value = json.loads(text.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    problem = _problem(e)
-                except RecursionError:  # json's decoder recurses once per nesting level
-                    problem = TOO_DEEP
-                else:
+                value, problem = _parse(raw, n == 1)
+                if problem is None:
                     if isinstance(value, dict):
                         yield f"{path}:{n}", value
                         continue
                     problem = f"expected a JSON object, got {type(value).__name__}"
             message = f"{path}:{n}: {problem}"
-            if on_error == "stop":
+            if cfg.on_error == "stop":
                 raise DataError(message)
             bad.append(message)
 
 
-def _scan_json(path: Path, on_error: str, bad: list[str]) -> Iterator[tuple[str, dict]]:
+def _array_items(path: Path, text: str, cfg: DataConfig, bad: list[str]) -> Iterator[tuple[str, dict]]:
+    """(``file[i]``, record) for each item of the JSON array `text`, parsed one item at a time so
+    a bad item (duplicate key, lone surrogate, over the size limit, not an object) is named as
+    ``file[i] (line L)`` and can be skipped. The file's text is held whole; an item is parsed
+    before its size is known (JSON Lines are bounded before parsing)."""
+    limit = record_byte_limit(cfg)
+    space = re.compile(r"[ \t\r\n]*")
+    pos, i = space.match(text, text.index("[") + 1).end(), 0
+    line, counted = 1, 0
+
+    def line_at(p: int) -> int:  # counted incrementally: a count from the start per item is quadratic
+        nonlocal line, counted
+        line, counted = line + text.count("\n", counted, p), p
+        return line
+
+    while pos < len(text) and text[pos] != "]":
+        line = line_at(pos)
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: {_problem(e)}") from None
+        except RecursionError:
+            raise DataError(f"{path}: {TOO_DEEP}") from None
+        except _BadValue as e:
+            value, end, problem = None, None, str(e)
+        else:
+            raw = text[pos:end].encode("utf-8", "surrogatepass")
+            problem = _too_big(len(raw), limit) if len(raw) > limit else _lone_surrogate(raw, value)
+            if problem is None and not isinstance(value, dict):
+                problem = f"expected a JSON object, got {type(value).__name__}"
+        if problem is None:
+            yield f"{path}[{i}]", value
+        elif cfg.on_error == "stop":
+            raise DataError(f"{path}[{i}]: {problem} (line {line})")
+        else:
+            bad.append(f"{path}[{i}]: {problem} (line {line})")
+        if end is None:  # a hook refused the item: find its end with the lenient decoder
+            end = json.JSONDecoder().raw_decode(text, pos)[1]
+        pos = space.match(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos = space.match(text, pos + 1).end()
+        elif pos >= len(text) or text[pos] != "]":
+            raise DataError(f"{path}:{line_at(pos)}: invalid JSON (expected ',' or ']' after item {i})")
+        i += 1
+    if pos >= len(text):
+        raise DataError(f"{path}:{line_at(pos)}: invalid JSON (the array is not closed)")
+    if text[pos + 1:].strip():
+        raise DataError(f"{path}:{line_at(pos)}: invalid JSON (extra data after the array)")
+
+
+def _scan_json(path: Path, cfg: DataConfig, bad: list[str]) -> Iterator[tuple[str, dict]]:
     """(origin, record) for each record of a .json file: a JSON array of objects (``file[i]``),
     one object, or JSON Lines under a .json name (``file:LINE``)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if text.lstrip().startswith("["):  # an array: read item by item (each named, bounded, skippable)
+        yield from _array_items(path, text, cfg, bad)
+        return
     try:
         value = json.loads(text)
     except RecursionError:
@@ -177,25 +317,19 @@ def _scan_json(path: Path, on_error: str, bad: list[str]) -> Iterator[tuple[str,
         first = next((ln for ln in text.splitlines() if ln.strip()), "")
         try:
             looks_jsonl = isinstance(json.loads(first), dict) and e.lineno > 1
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             looks_jsonl = False
         if not looks_jsonl:
             raise DataError(f"{path}:{e.lineno}: {_problem(e)}") from None
-        yield from _scan_jsonl(path, on_error, bad)
+        yield from _scan_jsonl(path, cfg, bad)
         return
     if isinstance(value, dict):
         body = [n for n, ln in enumerate(text.splitlines(), start=1) if ln.strip()]
         if len(body) != 1:
             raise DataError(f"{path}: holds one JSON object; expected a list of records or JSON Lines")
-        yield f"{path}:{body[0]}", value  # a one-line JSON Lines file
+        yield from _scan_jsonl(path, cfg, bad)  # a one-line JSON Lines file
         return
-    if not isinstance(value, list):
-        raise DataError(f"{path}: expected a list of records (or JSON Lines), got {type(value).__name__}")
-    for i, item in enumerate(value):
-        if not isinstance(item, dict):
-            raise DataError(f"{path}[{i}]: expected a JSON object, got {type(item).__name__}")
-    for i, item in enumerate(value):
-        yield f"{path}[{i}]", item
+    raise DataError(f"{path}: expected a list of records (or JSON Lines), got {type(value).__name__}")
 
 
 def _row(record: dict, fmt: str, origin: str, source: int, cfg: DataConfig) -> str:
@@ -209,7 +343,7 @@ def _rows_file(path: Path, fmt: str, source: int, cfg: DataConfig, info: SourceI
     None when every record was bad and skipped."""
     out_dir = Path(cfg.cache_dir or tempfile.gettempdir()).expanduser() / CLEAN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = _scan_json(path, cfg.on_error, info.bad) if path.suffix == ".json" else _scan_jsonl(path, cfg.on_error, info.bad)
+    records = _scan_json(path, cfg, info.bad) if path.suffix == ".json" else _scan_jsonl(path, cfg, info.bad)
     bad_before, count = len(info.bad), 0
     digest = hashlib.sha256(str(path.resolve()).encode() + b"\0")
     file_format = fmt

@@ -118,3 +118,20 @@ def test_num_proc_gives_the_same_samples(tmp_path):
     two = build(tmp_path, path, cache="other", format="messages", collator="chat_template", num_proc=2)
     assert one.train["input_ids"] == two.train["input_ids"] and one.train["labels"] == two.train["labels"]
     assert E("a7")[0] in two.train[7]["input_ids"]
+
+
+@pytest.mark.parametrize("eval_split", [3, 0.25])
+def test_eval_split_holds_out_only_good_records(tmp_path, eval_split):
+    """Bad records (skipped with on_error=skip) never take a hold-out slot: with 9 of them among
+    12 good sessions the eval split holds exactly the requested number of good sessions, for every
+    seed, and each bad record is counted once (in train)."""
+    good = [messages_record([(f"question {c}", f"answer {c}")]) for c in range(12)]
+    bad = [{"messages": [{"role": "user", "content": 5}]}] * 9  # content not a string: bad when normalized
+    records = [r for pair in zip(good, bad + [None] * 3) for r in pair if r is not None]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    for seed in range(4):
+        b = build(tmp_path, path, seed=seed, format="messages", on_error="skip", eval_split=eval_split)
+        assert len(b.eval) == 3 and b.report.eval.skipped == 0
+        assert len(b.train) == 9 and b.report.skipped == 9
+        texts = [tok().decode(x) for x in [*b.train["input_ids"], *b.eval["input_ids"]]]
+        assert sorted(t.split("question ")[1].split("<")[0] for t in texts) == sorted(str(c) for c in range(12))
