@@ -49,9 +49,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peftchat.paths import check_writable_dir
 
     check_writable_dir(recipe.training.output_dir, "training.output_dir")
-    from peftchat.train.loop import train
+    from peftchat.train.loop import TrainHooks, train
 
-    train(recipe)
+    hooks = TrainHooks()
+    if recipe.training.eval_generate > 0:  # read the samples and check the extras before training
+        from peftchat.infer.evaluate import eval_generate_hook
+
+        hooks.eval_scores = eval_generate_hook(recipe)
+    train(recipe, hooks)
     return 0
 
 

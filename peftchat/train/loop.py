@@ -64,6 +64,7 @@ from peftchat.train.metrics import (
     perplexity,
     row_with,
 )
+from peftchat.train.curves import write_training_curves
 from peftchat.train.optim import build_optimizer, build_scheduler
 from peftchat.train.resume import check_resume_changes, resume_checkpoint, save_recipe_with_history
 
@@ -75,11 +76,14 @@ class TrainHooks:
     `after_model_load(model)`: the base model is loaded, before LoRA (e.g. reset memory peaks).
     `speedups_applied(names)`: what `apply_training_speedups` applied.
     `after_step(run)`: an optimizer step and its logging, eval and saving are done.
+    `eval_scores(model, tokenizer) -> dict`: more fields for each evaluation row (the CLI passes
+    `peftchat eval`'s generation scores here for `training.eval_generate`; train cannot import infer).
     """
 
     after_model_load: Optional[Callable[[Any], None]] = None
     speedups_applied: Optional[Callable[[list[str]], None]] = None
     after_step: Optional[Callable[["Run"], None]] = None
+    eval_scores: Optional[Callable[[Any, Any], dict]] = None
 
 
 @dataclass
@@ -387,9 +391,12 @@ def run_eval(run: Run) -> None:
         return
     loss, tokens = evaluate(run)
     row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens}
+    if run.hooks.eval_scores is not None:
+        row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)
     run.eval_step = run.state.step
     run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}")
+    write_training_curves(run.out)
 
 
 def save(run: Run) -> None:
@@ -481,6 +488,7 @@ def finish(run: Run) -> None:
 
     publish_final_outputs(run.out, write, run.state.step)
     run.metrics.close()
+    write_training_curves(run.out)  # a picture beside the outputs, not part of the completed set
     print(f"done: {run.state.step} steps, loss {_fmt(result['first_loss'])} -> {_fmt(result['final_loss'])}, "
           f"eval loss {_fmt(result['eval_loss'])}; adapter in {run.out}", flush=True)
 

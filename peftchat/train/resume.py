@@ -34,7 +34,8 @@ RUNTIME_KEYS = (
     "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
     "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
     "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
-    "training.max_memory_gib", "training.fp8", "model.attn_implementation", "data.num_proc", "data.cache_dir",
+    "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
+    "data.cache_dir", "data.max_record_bytes",
 )
 
 
