@@ -203,49 +203,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
-    )
-    parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train an adapter from a recipe")
-    _add_recipe_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("config", help="print the fully resolved recipe as YAML")
-    _add_recipe_args(p)
-    p.set_defaults(func=cmd_config)
-
-    p = sub.add_parser("data", help="look at the training samples a recipe makes")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
-    d = data_sub.add_parser("dump", help="write one JSON object per training sample")
-    _add_recipe_args(d)
-    d.add_argument("--out", required=True, help="output .jsonl file")
-    d.add_argument("--limit", type=int, default=None, help="at most N samples")
-    _add_split_arg(d)
-    d.set_defaults(func=cmd_data_dump)
-    d = data_sub.add_parser("inspect", help="show decoded samples with loss-bearing tokens marked")
-    _add_recipe_args(d)
-    d.add_argument("--index", type=int, default=None, help="show this sample only")
-    d.add_argument("--count", type=int, default=3, help="samples to show when --index is not given")
-    _add_split_arg(d)
-    d.set_defaults(func=cmd_data_inspect)
-
-    p = sub.add_parser("merge", help="fold an adapter into its base model for export")
-    p.add_argument("--adapter", required=True, help="adapter dir (a training output dir or checkpoint)")
-    p.add_argument("--out", required=True, help="output model dir")
-    p.add_argument("--base", default=None, help="base model dir or hub id (default: from the adapter's recipe)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--verify", dest="verify", action="store_true", default=None,
-                   help="compare merged and adapter logits (default: on for small models)")
-    p.add_argument("--no-verify", dest="verify", action="store_false")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
-    p.add_argument("--onto-original", action="store_true",
-                   help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)")
-    p.set_defaults(func=cmd_merge)
-
+def _add_model_use_commands(sub) -> None:
+    """chat, generate, serve, export, eval, plot: the commands that use a trained model."""
     p = sub.add_parser("chat", help="multi-turn chat with a trained or merged model")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -292,6 +251,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--out", required=True, help="output .png")
     p.set_defaults(func=cmd_plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
+    )
+    parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an adapter from a recipe")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("config", help="print the fully resolved recipe as YAML")
+    _add_recipe_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("data", help="look at the training samples a recipe makes")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    d = data_sub.add_parser("dump", help="write one JSON object per training sample")
+    _add_recipe_args(d)
+    d.add_argument("--out", required=True, help="output .jsonl file")
+    d.add_argument("--limit", type=int, default=None, help="at most N samples")
+    _add_split_arg(d)
+    d.set_defaults(func=cmd_data_dump)
+    d = data_sub.add_parser("inspect", help="show decoded samples with loss-bearing tokens marked")
+    _add_recipe_args(d)
+    d.add_argument("--index", type=int, default=None, help="show this sample only")
+    d.add_argument("--count", type=int, default=3, help="samples to show when --index is not given")
+    _add_split_arg(d)
+    d.set_defaults(func=cmd_data_inspect)
+
+    p = sub.add_parser("merge", help="fold an adapter into its base model for export")
+    p.add_argument("--adapter", required=True, help="adapter dir (a training output dir or checkpoint)")
+    p.add_argument("--out", required=True, help="output model dir")
+    p.add_argument("--base", default=None, help="base model dir or hub id (default: from the adapter's recipe)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--verify", dest="verify", action="store_true", default=None,
+                   help="compare merged and adapter logits (default: on for small models)")
+    p.add_argument("--no-verify", dest="verify", action="store_false")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
+    p.add_argument("--onto-original", action="store_true",
+                   help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)")
+    p.set_defaults(func=cmd_merge)
+
+    _add_model_use_commands(sub)
 
     p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")
