@@ -170,8 +170,6 @@ def _from_moss(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversa
             fields.append((key, value))
         user = _strip_markup(dict(fields)["Human"], MOSS_FIELDS["Human"], MOSS_ENDS["Human"])
         answer = _strip_markup(dict(fields)["MOSS"], MOSS_FIELDS["MOSS"], MOSS_ENDS["MOSS"])
-        if not answer.strip():
-            raise _bad(origin, f"chat.{name}.MOSS: empty answer")
         turns.append(fields)
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     return Conversation(messages=messages, origin=origin, moss_turns=turns)
@@ -224,8 +222,6 @@ def _check_messages(
             raise _bad(origin, f"{name}[{i}].train must be true or false, on an assistant message only; got {train!r} on {role!r}")
         if role == "system" and j != 0:
             raise _bad(origin, f"{name}[{i}]: a system message may only come first")
-        if role == "assistant" and not (content or "").strip() and not m.get("tool_calls"):
-            raise _bad(origin, f"{name}[{i}]: empty answer")
         if content is None and role != "assistant":
             raise _bad(origin, f"{name}[{i}] is missing 'content'")
         out.append({k: (content if k == "content" else v) for k, v in m.items() if v is not None})

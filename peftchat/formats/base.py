@@ -27,6 +27,11 @@ from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import Encoded
 
 
+# Counted in the data report (left out) for each empty assistant answer a session format keeps
+# without loss (`Conversation.with_empty_answers_untrained`); chatglm drops such a round instead.
+EMPTY_ANSWER = "empty answer (kept as context, no loss)"
+
+
 @dataclass(frozen=True)
 class ChatPrompt:
     ids: list[int]

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from peftchat.config import DataConfig
 from peftchat.errors import ConfigError, DataError
-from peftchat.formats.base import ChatPrompt, ConversationFormat, fewest_to_drop, too_long
+from peftchat.formats.base import EMPTY_ANSWER, ChatPrompt, ConversationFormat, fewest_to_drop, too_long
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text
 
@@ -138,6 +138,12 @@ class ChatTemplateFormat(ConversationFormat):
         return Sample(ids, labels)
 
     def encode(self, conv: Conversation) -> Encoded:
+        conv, empty = conv.with_empty_answers_untrained()
+        out = self._encode(conv)
+        out.left_out += [EMPTY_ANSWER] * empty
+        return out
+
+    def _encode(self, conv: Conversation) -> Encoded:
         if conv.dropped:
             return Encoded(dropped=[conv.dropped])
         messages = self.with_system(conv)

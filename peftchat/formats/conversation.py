@@ -67,6 +67,18 @@ class Conversation:
         out = [(body[k]["content"] or "", body[k + 1]["content"] or "") for k in range(0, len(body) - 1, 2)]
         return out
 
+    def with_empty_answers_untrained(self) -> tuple["Conversation", int]:
+        """The conversation with every empty assistant answer (no text, no tool call) marked
+        ``"train": False`` — kept as context, no loss — and how many there were. ChatGLM-6B drops
+        such a round and keeps the rest of the data (spec §1); a session-level format cannot drop a
+        round from the middle without changing the context of the later ones, so it trains none."""
+        empty = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"
+                 and not (m.get("content") or "").strip() and not m.get("tool_calls")]
+        if not empty:
+            return self, 0
+        messages = [dict(m, train=False) if i in empty else m for i, m in enumerate(self.messages)]
+        return dataclasses.replace(self, messages=messages), len(empty)
+
     def without_oldest_rounds(self, n: int) -> "Conversation":
         """The conversation less its `n` oldest rounds; the system message stays."""
         if n <= 0:

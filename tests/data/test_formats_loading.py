@@ -85,13 +85,9 @@ BAD = [
      r"history\[0\] must be a \[query, answer\] pair"),
     ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
      r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool"),
-    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
-     r"messages\[1\]: empty answer"),
     ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}]}), "messages: the last message is 'user'; it must be the assistant's answer"),
     ("moss", json.dumps({**moss_record([moss_turn("q", "a")]), "num_turns": 2}),
      r"num_turns is 2 but 'chat' holds \['turn_1'\]"),
-    ("moss", json.dumps(moss_record([{**moss_turn("q", "a"), "MOSS": "<|MOSS|>: <eom>\n"}])),
-     r"chat\.turn_1\.MOSS: empty answer"),
     ("moss", json.dumps(moss_record([{**moss_turn("q", "a"), "Human": "q<eoh>\n"}])),
      r"chat\.turn_1\.Human must start with '<\|Human\|>:'"),
     ("moss", json.dumps(moss_record([{"Human": "<|Human|>: q<eoh>\n"}])), r"chat\.turn_1 is missing field 'MOSS'"),
@@ -153,3 +149,24 @@ def test_moss_meta_instruction_falls_back_to_the_recipe():
     del record["meta_instruction"]
     c = normalize(record, "moss", recipe(meta_instruction="From the recipe.").data, "x")
     assert c.system == "From the recipe."
+
+
+@pytest.mark.parametrize("fmt,collator", [("messages", "chat_template"), ("messages", "chatglm"), ("moss", "moss")])
+def test_an_empty_answer_costs_its_round_only(tmp_path, fmt, collator):
+    """Spec §1: a round with an empty answer is dropped and counted, the rest of the session kept
+    (chatglm: that round makes no sample; a session format keeps it as context without loss)."""
+    if fmt == "moss":
+        record = moss_record([moss_turn("q1", "a1"), {**moss_turn("q2", "a2"), "MOSS": "<|MOSS|>: <eom>\n"},
+                              moss_turn("q3", "a3")])
+    else:
+        record = messages_record([("q1", "a1"), ("q2", ""), ("q3", "a3")])
+    path = tmp_path / "empty.jsonl"
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    bundle = build(tmp_path, path, format=fmt, collator=collator)
+    report = bundle.report
+    assert report.skipped == 0
+    if collator == "chatglm":
+        assert len(bundle.train) == 2 and report.dropped == {"empty query or answer": 1}
+    else:
+        assert len(bundle.train) == 1 and report.left_out == {"empty answer (kept as context, no loss)": 1}
+        assert any(x != -100 for x in bundle.train[0]["labels"])
