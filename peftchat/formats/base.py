@@ -106,6 +106,12 @@ class ConversationFormat(ABC):
     def _eos(self) -> list[int]:
         return [int(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id is not None else []
 
+    def forced_continuations(self) -> list[tuple[list[int], list[int]]]:
+        """(trigger ids, forced ids): whenever generation has just produced `trigger` (and a part
+        of `forced`), the next tokens are `forced` — text the system, not the model, writes in
+        this format. None by default."""
+        return []
+
     def cut_at_stop(self, generated_ids: Iterable[int]) -> list[int]:
         ids = [int(t) for t in generated_ids]
         stops = set(self.stop_ids)

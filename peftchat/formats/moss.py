@@ -97,6 +97,18 @@ class MossFormat(ConversationFormat):
     def _stop_ids(self) -> list[int]:
         return [token_id(self.tokenizer, MOSS_STOP, "moss stop token")] + self._eos()
 
+    def forced_continuations(self) -> list[tuple[list[int], list[int]]]:
+        """After the model opens its Tool Responses field, the system writes the body: in MOSS a
+        plugin's output, and "None" when no plugin ran — always the case in peftchat, which runs
+        no tools. Training masks that body (spec §2), so the model never learned to write it:
+        left to itself it wanders off there (seen on the CPU demo: the answer started inside the
+        Results field and mixed two training answers)."""
+        trigger = encode_text(self.tokenizer, RESULTS_MARKER)
+        full = encode_text(self.tokenizer, f"{RESULTS_MARKER} None<eor>\n")
+        if full[:len(trigger)] != trigger or len(full) == len(trigger):
+            return []  # a tokenizer that merges the marker with what follows: nothing safe to force
+        return [(trigger, full[len(trigger):])]
+
     # --- rendering -------------------------------------------------------------------------
     def meta_instruction(self, conv: Conversation) -> str:
         return conv.system if conv.system is not None else (self.cfg.meta_instruction or "")

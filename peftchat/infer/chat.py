@@ -21,7 +21,7 @@ from peftchat.errors import UserError
 from peftchat.formats.base import ConversationFormat, ReplyStream
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
-from peftchat.infer.decoding import context_budget, generation_config
+from peftchat.infer.decoding import context_budget, generation_config, logits_processors
 from peftchat.infer.loading import load_chat_model, say
 
 CLEAR, STOP = "clear", "stop"
@@ -73,6 +73,7 @@ class ChatSession:
         self.system = system
         self.stop_ids = self.format.stop_ids
         self.generation_config = generation_config(recipe, tokenizer, self.stop_ids)
+        self.logits_processor = logits_processors(self.format)
         self.budget = context_budget(recipe)
         self.history = self._empty()
         self.device = next(model.parameters()).device
@@ -108,6 +109,7 @@ class ChatSession:
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 generation_config=self.generation_config,
+                logits_processor=self.logits_processor,
                 streamer=streamer,
             )
         # A MOSS reply keeps what the model generated around its answer (inner thoughts, commands),

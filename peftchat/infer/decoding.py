@@ -35,3 +35,37 @@ def context_budget(recipe: Recipe) -> int:
     """Prompt tokens a chat turn may use: `decoding.max_context` (default `data.max_length`) less
     room for `decoding.max_new_tokens` (the chatglm format keeps to its own S instead)."""
     return (recipe.decoding.max_context or recipe.data.max_length) - recipe.decoding.max_new_tokens
+
+
+def logits_processors(fmt):
+    """The format's forced continuations (`ConversationFormat.forced_continuations`) as a
+    transformers LogitsProcessorList for `generate`, or None when it has none."""
+    rules = fmt.forced_continuations()
+    if not rules:
+        return None
+    from transformers import LogitsProcessorList
+
+    return LogitsProcessorList([ForcedContinuation(rules)])
+
+
+class ForcedContinuation:
+    """A logits processor: right after a trigger (and the first k forced tokens) only the next
+    forced token may come. Written by hand because transformers' own constraints (force_words_ids)
+    need beam search and do not fix the position of the words."""
+
+    def __init__(self, rules: list[tuple[list[int], list[int]]]) -> None:
+        # every (pattern the generated ids may end with, the token that must follow), longest first
+        self.patterns = sorted(((trigger + forced[:k], forced[k]) for trigger, forced in rules
+                                for k in range(len(forced))), key=lambda p: -len(p[0]))
+        self.longest = max(len(p) for p, _ in self.patterns)
+
+    def __call__(self, input_ids, scores):
+        tails = input_ids[:, -self.longest:].tolist()
+        for row, tail in enumerate(tails):
+            for pattern, token in self.patterns:
+                if tail[-len(pattern):] == pattern:
+                    forced = scores[row, token].clone()
+                    scores[row, :] = float("-inf")
+                    scores[row, token] = forced if forced.isfinite() else 0.0
+                    break
+        return scores

@@ -21,7 +21,7 @@ from peftchat.errors import UserError
 from peftchat.formats.base import ReplyStream
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
-from peftchat.infer.decoding import context_budget, generation_config
+from peftchat.infer.decoding import context_budget, generation_config, logits_processors
 
 
 class RequestError(UserError):
@@ -168,6 +168,7 @@ class ChatEngine:
             with torch.no_grad():
                 self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                     generation_config=config, streamer=Streamer(),
+                                    logits_processor=logits_processors(self.format),
                                     stopping_criteria=StoppingCriteriaList([Stop()]))
         if job.cancel.is_set():
             job.finish_reason = "cancelled"

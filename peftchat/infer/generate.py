@@ -25,7 +25,7 @@ from peftchat.errors import DataError, UserError
 from peftchat.formats.base import ConversationFormat
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
-from peftchat.infer.decoding import context_budget, generation_config
+from peftchat.infer.decoding import context_budget, generation_config, logits_processors
 from peftchat.infer.loading import load_chat_model, say
 
 
@@ -127,6 +127,7 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
 
     fmt = fmt if fmt is not None else make_format(recipe.data, tokenizer)
     config = generation_config(recipe, tokenizer, fmt.stop_ids)
+    forced = logits_processors(fmt)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[Optional[str]] = [None] * len(prompts)
@@ -135,7 +136,7 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
         input_ids, attention = _pad_left([prompts[i] for i in rows], config.pad_token_id)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 generation_config=config)
+                                 generation_config=config, logits_processor=forced)
         for row, i in enumerate(rows):
             replies[i] = fmt.parse_reply(out[row, input_ids.shape[1]:].tolist()).text
         if progress is not None:

@@ -78,7 +78,10 @@ def prefix(conv: Conversation, k: int) -> Conversation:
 
 
 def trained(conv: Conversation) -> list[bool]:
-    return [m.get("train", True) is not False for m in conv.messages if m["role"] == "assistant"]
+    """Which answers carry loss: not marked train: false and, for the session formats, not empty
+    (an empty answer stays as context without loss; chatglm drops such a round: test_chatglm)."""
+    return [m.get("train", True) is not False and bool((m.get("content") or "").strip())
+            for m in conv.messages if m["role"] == "assistant"]
 
 
 @SETTINGS
@@ -159,7 +162,8 @@ def test_chatglm(conv, source, target, style):
     fmt = make_format(cfg, tok())
     encoded = fmt.encode(conv)
     rounds = conv.rounds()
-    wanted = [k for k, t in enumerate(trained(conv)) if t and rounds[k][0] and rounds[k][1]]
+    flags = [m.get("train", True) is not False for m in conv.messages if m["role"] == "assistant"]
+    wanted = [k for k, t in enumerate(flags) if t and rounds[k][0] and rounds[k][1]]  # ChatGLM-6B's test
     assert len(encoded.samples) == len(wanted)
     eos = tok().eos_token_id
     for k, sample in zip(wanted, encoded.samples):

@@ -47,7 +47,7 @@ class TeacherForcedModel:
     def parameters(self):
         yield torch.zeros(1)
 
-    def generate(self, input_ids, attention_mask, generation_config, streamer=None):
+    def generate(self, input_ids, attention_mask, generation_config, streamer=None, logits_processor=None):
         prompt = input_ids[0].tolist()
         self.prompts.append(prompt)
         seq = next((s for s in self.sequences if s[: len(prompt)] == prompt and len(s) > len(prompt)), None)
