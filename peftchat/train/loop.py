@@ -53,6 +53,7 @@ from peftchat.rundir import (
     unmark_finished,
 )
 from peftchat.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from peftchat.train.lock import sole_writer
 from peftchat.train.loss import causal_lm_loss, make_loss
 from peftchat.train.metrics import (
     IntervalMeter,
@@ -494,7 +495,13 @@ def finish(run: Run) -> None:
 
 
 def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
-    """Train the recipe's adapter; returns `training.output_dir`."""
+    """Train the recipe's adapter; returns `training.output_dir`. The dir has one writer: a
+    second run (or resume) while this one lives is refused, naming this one."""
+    with sole_writer(recipe.training.output_dir):
+        return _train(recipe, hooks)
+
+
+def _train(recipe: Recipe, hooks: Optional[TrainHooks]) -> Path:
     run = setup(recipe, hooks or TrainHooks())
     state = run.state
     if state.step >= run.total_steps and is_complete(run.out):
