@@ -43,6 +43,7 @@ class TrainState:
     label_tokens: int = 0  # loss-bearing tokens so far
     train_time_s: float = 0.0  # time spent in training steps, over all sessions
     total_steps: int = 0  # the run's planned length when this state was saved
+    nan_skipped: int = 0  # optimizer steps dropped for a NaN/inf loss (training.on_nan=skip)
     # recipe changes accepted at resumes: [{"step": S, "changes": {"key": [old, new]}}, ...]
     changes: list = field(default_factory=list)
 

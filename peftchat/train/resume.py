@@ -32,6 +32,7 @@ SCHEDULE_KEYS = (
 # A key matches an entry equal to it or to one of its parent sections.
 RUNTIME_KEYS = (
     "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
+    "training.on_nan",
     "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
     "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
     "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
