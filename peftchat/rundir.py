@@ -4,8 +4,9 @@ a dir handed to merge / chat / generate is.
 `training.output_dir/` of a run:
 
     checkpoint-STEP/           adapter, tokenizer, recipe.yaml, optimizer.pt, rng_state.pt,
-                               trainer_state.json, then `complete` (written last; only marked
-                               checkpoints are resumed from or loaded)
+                               trainer_state.json, checksums.json (size + sha256 of each file;
+                               resume skips a checkpoint that no longer matches), then `complete`
+                               (written last; only marked checkpoints are resumed from or loaded)
     metrics.jsonl              one JSON row per log / eval / resume event, appended live
     adapter_config.json, adapter_model.safetensors, tokenizer files, recipe.yaml,
     training_summary.json      the final outputs, written as a set:

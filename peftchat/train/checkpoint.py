@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoint-STEP/` holding the adapter (peft `save_pr
 `PeftModel.from_pretrained` loads it), the tokenizer and `recipe.yaml` (so merge/chat can use a
 checkpoint as they use a finished run), `optimizer.pt` (optimizer and grad scaler; the lr
 schedule is rebuilt from the recipe and the step), `rng_state.pt` (python, numpy, torch, CUDA),
-`trainer_state.json` (the data position) and the `complete` marker, written last.
+`trainer_state.json` (the data position), `checksums.json` (`rundir.write_checksums`) and the
+`complete` marker, written last.
 """
 
 from __future__ import annotations
