@@ -114,6 +114,7 @@ class TrainingConfig:
     log_steps: int = 10
     resume: Any = False  # false | true (newest complete checkpoint) | a checkpoint path (validated to bool or str)
     resume_changes: str = "refuse"  # refuse | allow: a resumed recipe that changes what is trained (README "Resuming")
+    on_nan: str = "stop"  # stop | skip: a NaN/inf loss stops the run (exit 2), or its optimizer step is dropped and counted
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True  # when tensorboard is installed
 
@@ -156,6 +157,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_scheduler": ("cosine", "linear", "constant"),
     "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),
     "training.resume_changes": ("refuse", "allow"),
+    "training.on_nan": ("stop", "skip"),
 }
 
 # YAML and `key=value` spellings of a tri-state / boolean-or-path key.

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from peftchat.config import Recipe, save_recipe
+from peftchat.dirswap import partial_dir, remove_stale_partials, replace_dir
 from peftchat.errors import UserError
 from peftchat.infer.loading import load_adapter, load_tokenizer_for
 from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
@@ -292,7 +293,9 @@ def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> Non
     """Write everything into a hidden sibling dir, then move it into place: a failed or interrupted
     merge never leaves a half-written model where a loader would take it for a whole one."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    for stale in remove_stale_partials(out):
+        say(f"note: cleaned {stale} left by a merge that was killed")
+    tmp = partial_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.generation_config = _generation_config(recipe, tokenizer)
@@ -310,9 +313,7 @@ def _write(merged, tokenizer, recipe: Recipe, out: Path, dtype_name: str) -> Non
         os.umask(umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)  # --force: the old export goes only once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -4,8 +4,9 @@ a dir handed to merge / chat / generate is.
 `training.output_dir/` of a run:
 
     checkpoint-STEP/           adapter, tokenizer, recipe.yaml, optimizer.pt, rng_state.pt,
-                               trainer_state.json, then `complete` (written last; only marked
-                               checkpoints are resumed from or loaded)
+                               trainer_state.json, checksums.json (size + sha256 of each file;
+                               resume skips a checkpoint that no longer matches), then `complete`
+                               (written last; only marked checkpoints are resumed from or loaded)
     metrics.jsonl              one JSON row per log / eval / resume event, appended live
     adapter_config.json, adapter_model.safetensors, tokenizer files, recipe.yaml,
     training_summary.json      the final outputs, written as a set:
@@ -24,6 +25,7 @@ adapter dir not written by a run), or a merged model dir. Each resolves to a Rec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -51,6 +53,7 @@ COMPLETE_MARKER = "complete"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng_state.pt"
+CHECKSUMS_FILE = "checksums.json"  # size + sha256 of every other file, written before the marker
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 TMP_PREFIX = ".tmp-"  # hidden dirs of a save under way; never read, removed when found stale
@@ -90,6 +93,60 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """`checksums.json`: size and sha256 of every file under `folder` (the marker aside), so a
+    truncated, bit-flipped or missing file is found before it is resumed from."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel not in (CHECKSUMS_FILE, COMPLETE_MARKER):
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    (folder / CHECKSUMS_FILE).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
+
+
+def checkpoint_damage(path: str | os.PathLike) -> str | None:
+    """Why a marked checkpoint cannot be trusted (a file missing, of the wrong size or content,
+    an unreadable manifest), else None. A checkpoint written before checksums existed (no
+    manifest) is taken as it is."""
+    folder = Path(path)
+    manifest = folder / CHECKSUMS_FILE
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{CHECKSUMS_FILE} is unreadable"
+    for rel, want in files.items():
+        file = folder / rel
+        if not file.is_file():
+            return f"{rel} is missing"
+        size = file.stat().st_size
+        if size != want["size"]:
+            return f"{rel} has {size} bytes, {want['size']} were written (truncated or overwritten)"
+        if _sha256(file) != want["sha256"]:
+            return f"{rel} does not match its checksum (the file changed on disk since it was written)"
+    return None
+
+
+def latest_intact_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums; a note names each newer
+    one skipped and why."""
+    for ckpt in reversed(list_checkpoints(output_dir)):
+        damage = checkpoint_damage(ckpt)
+        if damage is None:
+            return ckpt
+        note(f"note: skipping {ckpt.name}: {damage}")
+    return None
 
 
 def remove_stale_temp_dirs(output_dir: str | os.PathLike) -> None:
@@ -148,6 +205,7 @@ def write_checkpoint_dir(output_dir: str | os.PathLike, step: int, fill: Callabl
     tmp.mkdir()
     try:
         fill(tmp)
+        write_checksums(tmp)
         _fsync_tree(tmp)
         _mark(tmp, str(step))
         if final.exists():  # os.replace cannot overwrite a non-empty dir: move the old one aside

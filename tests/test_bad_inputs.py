@@ -122,6 +122,29 @@ def _p_out_nonempty(t, make_adapter):
     write(t, "export/keep.txt", "mine")
 
 
+def _p_damaged_checkpoint(t, make_adapter):
+    """old/checkpoint-2 with a manifest whose checksum of trainer_state.json does not match."""
+    state = t / "old" / "checkpoint-2" / "trainer_state.json"
+    manifest = {"files": {"trainer_state.json": {"size": state.stat().st_size, "sha256": "0" * 64}}}
+    write(t, "old/checkpoint-2/checksums.json", json.dumps(manifest))
+
+
+_HELD_LOCKS = []  # kept alive (and so locked) for the rest of the test session
+
+
+def _p_held_output_dir(t, make_adapter):
+    """{T}/run held by a live writer (this process, through another open file: flock is per open file)."""
+    from filelock import FileLock
+
+    from peftchat.train.lock import HOLDER_FILE, LOCK_FILE
+
+    (t / "run").mkdir()
+    lock = FileLock(str(t / "run" / LOCK_FILE), timeout=0)
+    lock.acquire()
+    _HELD_LOCKS.append(lock)
+    write(t, f"run/{HOLDER_FILE}", json.dumps({"pid": os.getpid(), "host": "here", "started": "now"}))
+
+
 RANGE_ROWS = [
     ("training.epochs=0", "'training.epochs' must be > 0"),
     ("training.epochs=-1", "'training.epochs' must be > 0"),
@@ -263,6 +286,12 @@ ROWS = (
          "already holds a run (checkpoint-2); continue it with training.resume=true", None),
         ("train:resume-nothing", ["train", "{R}", "training.resume=true"], 2, "has no complete checkpoint-STEP dir", None),
         ("train:resume-path-missing", ["train", "{R}", "training.resume={T}/old/checkpoint-9"], 2, "not found", None),
+        ("train:resume-path-damaged", ["train", "{R}", "training.resume={T}/old/checkpoint-2"], 2,
+         "checkpoint-2 is damaged: trainer_state.json does not match its checksum", _p_damaged_checkpoint),
+        ("train:second-writer", ["train", "{R}"], 2,
+         f"is in use by another peftchat train (pid {os.getpid()} on here", _p_held_output_dir),
+        ("train:resume-while-running", ["train", "{R}", "training.resume=true"], 2,
+         f"is in use by another peftchat train (pid {os.getpid()} on here", _p_held_output_dir),
         ("train:resume-path-incomplete", ["train", "{R}", "training.resume={T}/old"], 2, "is not a complete checkpoint", None),
         # ---- the base model
         ("model:missing", ["train", "{R}", "model.path={T}/nomodel"], 2, "model not found", None),
@@ -407,6 +436,28 @@ def test_bad_record_is_skipped_and_counted(world, make_adapter, capsys, row_id):
     assert "Traceback" not in report and "1 bad records skipped" in report, report
     assert message.split(": ", 1)[1] in report, report
     assert len((world / "d.jsonl").read_text(encoding="utf-8").splitlines()) == 1
+
+
+def test_nan_loss_is_one_line_and_saves_nothing(world, capsys):
+    """A base whose embeddings are inf: the loss of step 1 is NaN; exit 2 naming the step and
+    micro-batch, no checkpoint and no final outputs (train/test_nan.py: later steps, and skip)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from peftchat.config import load_recipe
+
+    shutil.copytree(load_recipe(world / "r.yaml").model.path, world / "model")
+    weights = load_file(str(world / "model" / "model.safetensors"))
+    for name in weights:
+        if "embed_tokens" in name:
+            weights[name] = torch.full_like(weights[name], float("inf"))
+    save_file(weights, str(world / "model" / "model.safetensors"), metadata={"format": "pt"})
+    rc = main(["train", str(world / "r.yaml"), f"model.path={world / 'model'}"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    _check_one_line(err, "loss is nan at step 1, micro-batch 0 of epoch 0", notes_ok=True)
+    assert not list((world / "run").glob("checkpoint-*")) and not (world / "run" / "complete").exists()
+    assert not (world / "run" / "adapter_model.safetensors").exists()
 
 
 def test_catalogue_has_100_classes():

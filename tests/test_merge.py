@@ -172,3 +172,28 @@ def test_big_models_are_written_in_shards(make_adapter, tmp_path, monkeypatch):
     out = merge_adapter(adapter, tmp_path / "merged", dtype="fp32", verify=False)
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     assert (_merged_logits(out) - _trained_logits(adapter)).abs().max() < 1e-5
+
+
+def test_force_keeps_the_old_export_until_the_new_one_is_complete(make_adapter, tmp_path, monkeypatch):
+    """A merge that dies while writing leaves the old export whole; the next one cleans the
+    partial dir the dead one left and replaces the export."""
+    import peftchat.merge as merge
+
+    adapter = make_adapter()
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous export")
+
+    def dies_midway(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for a kill while the tokenizer is written
+
+    monkeypatch.setattr(merge, "_generation_config", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        merge_adapter(adapter, out, dtype="fp32", verify=False, force=True)
+    monkeypatch.undo()
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    stale = tmp_path / ".merged.partial-999999999"  # a pid no process has
+    stale.mkdir()
+    merge_adapter(adapter, out, dtype="fp32", verify=False, force=True)
+    assert (out / "config.json").is_file() and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -4,7 +4,8 @@ A checkpoint is `output_dir/checkpoint-STEP/` holding the adapter (peft `save_pr
 `PeftModel.from_pretrained` loads it), the tokenizer and `recipe.yaml` (so merge/chat can use a
 checkpoint as they use a finished run), `optimizer.pt` (optimizer and grad scaler; the lr
 schedule is rebuilt from the recipe and the step), `rng_state.pt` (python, numpy, torch, CUDA),
-`trainer_state.json` (the data position) and the `complete` marker, written last.
+`trainer_state.json` (the data position), `checksums.json` (`rundir.write_checksums`) and the
+`complete` marker, written last.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class TrainState:
     label_tokens: int = 0  # loss-bearing tokens so far
     train_time_s: float = 0.0  # time spent in training steps, over all sessions
     total_steps: int = 0  # the run's planned length when this state was saved
+    nan_skipped: int = 0  # optimizer steps dropped for a NaN/inf loss (training.on_nan=skip)
     # recipe changes accepted at resumes: [{"step": S, "changes": {"key": [old, new]}}, ...]
     changes: list = field(default_factory=list)
 

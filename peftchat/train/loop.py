@@ -53,6 +53,7 @@ from peftchat.rundir import (
     unmark_finished,
 )
 from peftchat.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from peftchat.train.lock import sole_writer
 from peftchat.train.loss import causal_lm_loss, make_loss
 from peftchat.train.metrics import (
     IntervalMeter,
@@ -252,23 +253,28 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def backward_window(model, micro_batches: list[MicroBatch], device: torch.device, loss_fn=causal_lm_loss,
-                    autocast=nullcontext, scaler=None) -> tuple[torch.Tensor, int]:
+                    autocast=nullcontext, scaler=None, per_micro: Optional[list] = None) -> tuple[torch.Tensor, int]:
     """Forward and backward of one accumulation window of CPU micro-batches.
 
     Each micro-batch's summed loss is divided by the label-token count of the whole window
     (counted on the CPU, so no device sync), which makes the accumulated gradient that of one big
     batch. Returns (the window's mean loss per label token as a detached device scalar, the
-    window's label-token count).
+    window's label-token count). `per_micro`, when given, receives each micro-batch's detached
+    loss (None for one without labels), to tell which one went non-finite.
     """
     label_tokens = sum(m.label_tokens for m in micro_batches)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for micro in micro_batches:
         if micro.label_tokens == 0:
+            if per_micro is not None:
+                per_micro.append(None)
             continue
         with autocast():
             loss = loss_fn(model, to_device(micro.tensors, device), normalizer=label_tokens)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach().double()
+        if per_micro is not None:
+            per_micro.append(loss.detach())
     return total, label_tokens
 
 
@@ -348,12 +354,20 @@ def out_of_memory_as_user_error(run: Run) -> Iterator[None]:
 
 
 def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) -> tuple[float, Any]:
-    """One optimizer step over `window`; returns (the lr it used, the gradient norm or None)."""
+    """One optimizer step over `window`; returns (the lr it used, the gradient norm or None).
+    A NaN/inf loss stops the run before the step is applied, or drops the step
+    (`training.on_nan`)."""
     cfg, state = run.recipe.training, run.state
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
+    micro_losses: list = []
     loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn, run.autocast,
-                                         run.scaler)
+                                         run.scaler, per_micro=micro_losses)
+    # One host sync a step: the only way to keep a poisoned update out of the weights (and so out
+    # of every checkpoint) is to look before the optimizer steps.
+    if not bool(torch.isfinite(loss)):
+        skip_non_finite_step(run, window, micro_losses)
+        return lr, None
     grad_norm = optimizer_step(run.optimizer, run.scheduler, params, cfg.max_grad_norm, run.scaler)
     state.step += 1
     state.epoch, state.batch_index = window.epoch, window.batch_index
@@ -366,6 +380,42 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
     state.train_time_s += elapsed
     meter.add(loss, window.tokens, elapsed)
     return lr, grad_norm
+
+
+def _where_in_data(run: Run, window: Window, k: int) -> str:
+    """Micro-batch `k` of `window` as (epoch, micro-batch index in the epoch, train sample rows)."""
+    n = len(window.micro_batches)
+    epoch, end = window.epoch, window.batch_index
+    if end == 0:  # the window closed its epoch
+        epoch, end = epoch - 1, len(run.train.plan(epoch - 1))
+    index = end - n + k
+    rows = list(run.train.plan(epoch)[index])
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    return f"micro-batch {index} of epoch {epoch} (micro-batch {k + 1} of the step's {n}; train samples {shown})"
+
+
+def skip_non_finite_step(run: Run, window: Window, micro_losses: list) -> None:
+    """`training.on_nan=stop`: UserError naming the step and micro-batch, nothing saved from it.
+    `skip`: drop the update (the gradients are cleared, the schedule moves on as for a step a
+    grad scaler skips), count it, and log it in metrics.jsonl."""
+    state = run.state
+    step = state.step + 1
+    values = [float("nan") if x is None else float(x) for x in micro_losses]
+    k = next((i for i, x in enumerate(values) if not math.isfinite(x)), 0)
+    where = _where_in_data(run, window, k)
+    if run.recipe.training.on_nan != "skip":
+        saved = f"checkpoint-{run.saved_step}" if run.saved_step is not None else "none"
+        raise UserError(f"loss is {values[k]} at step {step}, {where}; nothing of this step was saved (last "
+                        f"checkpoint: {saved}); lower training.lr or set training.max_grad_norm, check those "
+                        f"samples, or drop such steps with training.on_nan=skip")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.step = step
+    state.epoch, state.batch_index = window.epoch, window.batch_index
+    state.nan_skipped += 1
+    run.epoch_progress = window.epoch_progress
+    run.metrics.log({"step": step, "skipped": f"loss {values[k]}", "where": where, "nan_skipped": state.nan_skipped})
+    run.progress.say(f"step {step}: loss {values[k]} at {where}; step skipped (training.on_nan=skip)")
 
 
 def log_due(run: Run) -> bool:
@@ -422,7 +472,7 @@ def train_steps(run: Run) -> None:
         while run.state.step < run.total_steps:
             lr, grad_norm = training_step(run, next(windows), meter, params)
             run.progress.advance()
-            if log_due(run):
+            if log_due(run) and meter.steps:  # a window of skipped steps has no loss to show
                 log_training(run, meter, lr, grad_norm)
             if due(run.state.step, cfg.eval_steps, run.total_steps):
                 run_eval(run)
@@ -466,6 +516,7 @@ def summary(run: Run) -> dict:
         "memory_kind": memory_kind,
         "trainable_params": run.params_count[0],
         "total_params": run.params_count[1],
+        "nan_skipped": state.nan_skipped,
         "resumed_from": str(run.resumed_from) if run.resumed_from is not None else None,
         "data": report_counts(run.data_report),
     }
@@ -494,7 +545,13 @@ def finish(run: Run) -> None:
 
 
 def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
-    """Train the recipe's adapter; returns `training.output_dir`."""
+    """Train the recipe's adapter; returns `training.output_dir`. The dir has one writer: a
+    second run (or resume) while this one lives is refused, naming this one."""
+    with sole_writer(recipe.training.output_dir):
+        return _train(recipe, hooks)
+
+
+def _train(recipe: Recipe, hooks: Optional[TrainHooks]) -> Path:
     run = setup(recipe, hooks or TrainHooks())
     state = run.state
     if state.step >= run.total_steps and is_complete(run.out):

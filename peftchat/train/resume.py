@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 
 from peftchat.config import Recipe, load_recipe, recipe_to_yaml
 from peftchat.errors import ConfigError, UserError
-from peftchat.rundir import RECIPE_FILE, existing_run, is_complete, latest_checkpoint
+from peftchat.rundir import RECIPE_FILE, checkpoint_damage, existing_run, is_complete, latest_checkpoint, latest_intact_checkpoint
 
 SCHEDULE_KEYS = (
     "training.max_steps", "training.epochs", "training.save_steps", "training.eval_steps", "training.log_steps",
@@ -32,6 +32,7 @@ SCHEDULE_KEYS = (
 # A key matches an entry equal to it or to one of its parent sections.
 RUNTIME_KEYS = (
     "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
+    "training.on_nan",
     "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
     "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
     "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
@@ -46,9 +47,10 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
     out = Path(recipe.training.output_dir)
     resume = recipe.training.resume
     if resume is True:
-        latest = latest_checkpoint(out)
+        latest = latest_intact_checkpoint(out)
         if latest is None:
-            raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from")
+            damaged = " (the complete ones are damaged, see above)" if latest_checkpoint(out) is not None else ""
+            raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from{damaged}")
         return latest
     if resume:
         path = Path(resume).expanduser()
@@ -56,6 +58,10 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
             raise UserError(f"training.resume: checkpoint {resume} not found")
         if not is_complete(path):
             raise UserError(f"training.resume: {resume} is not a complete checkpoint (no 'complete' marker)")
+        damage = checkpoint_damage(path)
+        if damage is not None:
+            raise UserError(f"training.resume: checkpoint {resume} is damaged: {damage}; "
+                            f"resume from an older checkpoint, or with training.resume=true (the newest intact one)")
         return path
     what = existing_run(out)
     if what is not None:

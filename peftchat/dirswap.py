@@ -1,0 +1,87 @@
+"""Replace a directory by a complete new one so that, at any instant a process can be killed, the
+target path holds either the old directory or the new one, whole; and clean up what killed
+writers left beside it.
+
+Linux has `renameat2(RENAME_EXCHANGE)`, one atomic swap of two paths; Python's os module does not
+expose it, so it is called through ctypes. Elsewhere (or on a filesystem without it) the old dir is
+renamed aside first and the new one moved in: a kill between those two renames leaves the old dir
+under `.NAME.replaced-PID`, which `remove_stale_partials` moves back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def partial_dir(target: Path) -> Path:
+    """Where a writer of `target` builds the new content: hidden, beside it, named by the pid."""
+    return target.parent / f".{target.name}.partial-{os.getpid()}"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically; False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False  # EINVAL / ENOSYS: no exchange here; the caller falls back
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put the complete dir `new` at `target`, replacing what is there; the old content is deleted
+    only once the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new)  # `new` now holds the old content
+        return
+    aside = target.parent / f".{target.name}.replaced-{os.getpid()}"
+    os.replace(target, aside)
+    os.replace(new, target)
+    shutil.rmtree(aside)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_partials(target: Path) -> list[Path]:
+    """Delete `.NAME.partial-PID` dirs of dead processes beside `target`; a `.NAME.replaced-PID`
+    (an old export set aside by a writer killed before it moved the new one in) goes back to
+    `target` when that is missing. Returns what was removed or restored."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(partial|replaced)-(\d+)$")
+    done = []
+    if not target.parent.is_dir():
+        return done
+    for path in sorted(target.parent.iterdir()):
+        m = pattern.match(path.name)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "replaced" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        done.append(path)
+    return done
