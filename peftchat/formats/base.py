@@ -131,6 +131,21 @@ class ConversationFormat(ABC):
         return ReplyStream(self)
 
 
+class SessionFormat(ConversationFormat):
+    """A format that renders a whole session as one sequence (moss, chat_template): an empty
+    answer cannot be cut out of the middle without changing the later rounds' context, so it stays
+    as context without loss, counted (`EMPTY_ANSWER`); chatglm drops such a round instead."""
+
+    def encode(self, conv: Conversation) -> Encoded:
+        conv, empty = conv.with_empty_answers_untrained()
+        out = self._encode(conv)
+        out.left_out += [EMPTY_ANSWER] * empty
+        return out
+
+    @abstractmethod
+    def _encode(self, conv: Conversation) -> Encoded: ...
+
+
 class ReplyStream:
     """The reply text as tokens arrive, decoded incrementally: each token costs a decode of a few
     tokens, never of the whole reply, and nothing is re-rendered.

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from peftchat.config import DataConfig
 from peftchat.errors import ConfigError, DataError
-from peftchat.formats.base import EMPTY_ANSWER, ChatPrompt, ConversationFormat, fewest_to_drop, too_long
+from peftchat.formats.base import ChatPrompt, SessionFormat, fewest_to_drop, too_long
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text
 
@@ -75,7 +75,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     return found
 
 
-class ChatTemplateFormat(ConversationFormat):
+class ChatTemplateFormat(SessionFormat):
     name = "chat_template"
 
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
@@ -136,12 +136,6 @@ class ChatTemplateFormat(ConversationFormat):
             lo, hi = self.assistant_span(messages, i, ids, origin)
             labels[lo:hi] = ids[lo:hi]
         return Sample(ids, labels)
-
-    def encode(self, conv: Conversation) -> Encoded:
-        conv, empty = conv.with_empty_answers_untrained()
-        out = self._encode(conv)
-        out.left_out += [EMPTY_ANSWER] * empty
-        return out
 
     def _encode(self, conv: Conversation) -> Encoded:
         if conv.dropped:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from peftchat.formats.base import EMPTY_ANSWER, ChatPrompt, ConversationFormat, Reply, ReplyStream, too_long
+from peftchat.formats.base import ChatPrompt, ConversationFormat, Reply, ReplyStream, SessionFormat, too_long
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text, has_loss, token_id
 
@@ -91,7 +91,7 @@ def split_fields(text: str) -> dict[str, str]:
     return out
 
 
-class MossFormat(ConversationFormat):
+class MossFormat(SessionFormat):
     name = "moss"
 
     def _stop_ids(self) -> list[int]:
@@ -155,12 +155,6 @@ class MossFormat(ConversationFormat):
 
     def _trained_turns(self, conv: Conversation) -> list[bool]:
         return [m.get("train", True) is not False for m in conv.messages if m["role"] == "assistant"]
-
-    def encode(self, conv: Conversation) -> Encoded:
-        conv, empty = conv.with_empty_answers_untrained()
-        out = self._encode(conv)
-        out.left_out += [EMPTY_ANSWER] * empty
-        return out
 
     def _encode(self, conv: Conversation) -> Encoded:
         if conv.dropped:
