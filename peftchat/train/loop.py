@@ -115,6 +115,9 @@ class Run:
     eval_step: Optional[int] = None
     metrics: Optional[MetricsLogger] = None
     progress: Optional[Progress] = None
+    # (step, window, per-micro-batch losses, window loss) of the steps whose losses `verify_finite`
+    # has not looked at yet (training.on_nan=stop)
+    unverified: list = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------ setup
@@ -363,11 +366,13 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
     micro_losses: list = []
     loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn, run.autocast,
                                          run.scaler, per_micro=micro_losses)
-    # One host sync a step: the only way to keep a poisoned update out of the weights (and so out
-    # of every checkpoint) is to look before the optimizer steps.
-    if not bool(torch.isfinite(loss)):
-        skip_non_finite_step(run, window, micro_losses)
-        return lr, None
+    if cfg.on_nan == "skip":
+        # Dropping the update needs the answer before the optimizer steps: one host sync a step.
+        if not bool(torch.isfinite(loss)):
+            skip_non_finite_step(run, window, micro_losses)
+            return lr, None
+    else:  # looked at where the loop syncs anyway (verify_finite), not stalling every step
+        run.unverified.append((state.step + 1, window, micro_losses, loss))
     grad_norm = optimizer_step(run.optimizer, run.scheduler, params, cfg.max_grad_norm, run.scaler)
     state.step += 1
     state.epoch, state.batch_index = window.epoch, window.batch_index
@@ -394,28 +399,46 @@ def _where_in_data(run: Run, window: Window, k: int) -> str:
     return f"micro-batch {index} of epoch {epoch} (micro-batch {k + 1} of the step's {n}; train samples {shown})"
 
 
-def skip_non_finite_step(run: Run, window: Window, micro_losses: list) -> None:
-    """`training.on_nan=stop`: UserError naming the step and micro-batch, nothing saved from it.
-    `skip`: drop the update (the gradients are cleared, the schedule moves on as for a step a
-    grad scaler skips), count it, and log it in metrics.jsonl."""
-    state = run.state
-    step = state.step + 1
+def _non_finite(run: Run, window: Window, micro_losses: list) -> tuple[float, str]:
+    """(the first non-finite micro-batch loss of `window`, where that micro-batch is in the data)."""
     values = [float("nan") if x is None else float(x) for x in micro_losses]
     k = next((i for i, x in enumerate(values) if not math.isfinite(x)), 0)
-    where = _where_in_data(run, window, k)
-    if run.recipe.training.on_nan != "skip":
-        saved = f"checkpoint-{run.saved_step}" if run.saved_step is not None else "none"
-        raise UserError(f"loss is {values[k]} at step {step}, {where}; nothing of this step was saved (last "
-                        f"checkpoint: {saved}); lower training.lr or set training.max_grad_norm, check those "
-                        f"samples, or drop such steps with training.on_nan=skip")
+    return values[k], _where_in_data(run, window, k)
+
+
+def verify_finite(run: Run) -> None:
+    """`training.on_nan=stop`: UserError naming the first step whose loss was NaN/inf since the last
+    check. Called where the loop syncs anyway (logging, evaluation, every save, the end) rather
+    than after each step: a poisoned step may be followed by a few more, but none of them is ever
+    logged, evaluated or saved."""
+    pending, run.unverified = run.unverified, []
+    if not pending:
+        return
+    finite = torch.stack([loss for *_, loss in pending]).isfinite()
+    if bool(finite.all()):
+        return
+    step, window, micro_losses, _ = pending[int((~finite).nonzero()[0])]
+    value, where = _non_finite(run, window, micro_losses)
+    saved = f"checkpoint-{run.saved_step}" if run.saved_step is not None else "none"
+    raise UserError(f"loss is {value} at step {step}, {where}; nothing of this step was saved (last "
+                    f"checkpoint: {saved}); lower training.lr or set training.max_grad_norm, check those "
+                    f"samples, or drop such steps with training.on_nan=skip")
+
+
+def skip_non_finite_step(run: Run, window: Window, micro_losses: list) -> None:
+    """`training.on_nan=skip`: drop the update (the gradients are cleared, the schedule moves on as
+    for a step a grad scaler skips), count it, and log it in metrics.jsonl."""
+    state = run.state
+    step = state.step + 1
+    value, where = _non_finite(run, window, micro_losses)
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
     state.step = step
     state.epoch, state.batch_index = window.epoch, window.batch_index
     state.nan_skipped += 1
     run.epoch_progress = window.epoch_progress
-    run.metrics.log({"step": step, "skipped": f"loss {values[k]}", "where": where, "nan_skipped": state.nan_skipped})
-    run.progress.say(f"step {step}: loss {values[k]} at {where}; step skipped (training.on_nan=skip)")
+    run.metrics.log({"step": step, "skipped": f"loss {value}", "where": where, "nan_skipped": state.nan_skipped})
+    run.progress.say(f"step {step}: loss {value} at {where}; step skipped (training.on_nan=skip)")
 
 
 def log_due(run: Run) -> bool:
@@ -426,6 +449,7 @@ def log_due(run: Run) -> bool:
 
 
 def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
+    verify_finite(run)
     loss, tokens_per_s = meter.take()
     memory, _ = peak_memory_gb(run.device)
     row = {"step": run.state.step, "epoch": round(run.epoch_progress, 4), "loss": loss, "lr": lr,
@@ -437,6 +461,7 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
 
 
 def run_eval(run: Run) -> None:
+    verify_finite(run)
     if run.eval is None:
         return
     loss, tokens = evaluate(run)
@@ -450,6 +475,7 @@ def run_eval(run: Run) -> None:
 
 
 def save(run: Run) -> None:
+    verify_finite(run)
     cfg = run.recipe.training
     save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer, recipe=run.recipe,
                     grad_scaler=run.scaler, keep=cfg.save_total_limit)
@@ -525,6 +551,7 @@ def summary(run: Run) -> dict:
 def finish(run: Run) -> None:
     """Evaluate and checkpoint the last step (unless done), then publish the final outputs."""
     run.progress.close()
+    verify_finite(run)
     if run.eval_step != run.state.step:
         run_eval(run)
     if run.saved_step != run.state.step:

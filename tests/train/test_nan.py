@@ -65,3 +65,16 @@ def test_on_nan_skip_drops_the_step_counts_and_logs_it(tiny_llama_dir, tmp_path)
     assert {float(s["step"]) for s in optimizer["state"].values()} == {2.0}
     weights = load_file(str(out / "adapter_model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_nan_found_later_still_names_its_step_and_nothing_is_published(tiny_llama_dir, tmp_path):
+    """The stop check runs where the loop syncs anyway: with no log or save until the end, the
+    poisoned step 2 is named at the end and neither a checkpoint nor the final outputs appear."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        train(_recipe(tiny_llama_dir, out, "training.max_steps=4", "training.log_steps=10",
+                      "training.save_steps=0"), TrainHooks(after_step=_poison_second_micro_batch_of_step_2))
+    assert str(info.value).startswith("loss is nan at step 2, micro-batch 3 of epoch 0"), str(info.value)
+    assert "last checkpoint: none" in str(info.value)
+    assert not list(out.glob("checkpoint-*")) and not (out / "complete").exists()
+    assert not (out / "adapter_model.safetensors").exists()
