@@ -349,11 +349,10 @@ def out_of_memory_as_user_error(run: Run) -> Iterator[None]:
     try:
         yield
     except torch.cuda.OutOfMemoryError as e:
-        raise UserError(
-            f"out of GPU memory in step {run.state.step + 1} ({str(e).splitlines()[0][:120]}); lower "
-            "training.batch_size or data.max_length (raise gradient_accumulation_steps to keep the batch), "
-            "or set training.gradient_checkpointing=true or model.quantization=4bit"
-        ) from None
+        from peftchat.failures import MEMORY_SETTINGS  # the one list, shared with the CLI's handler
+
+        raise UserError(f"out of GPU memory in step {run.state.step + 1} ({str(e).splitlines()[0][:120]}); "
+                        "settings that lower memory: " + "; ".join(MEMORY_SETTINGS)) from None
 
 
 def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) -> tuple[float, Any]:
