@@ -36,8 +36,7 @@ from typing import Any
 
 from peftchat.config import DataConfig
 from peftchat.errors import DataError
-# Conversation and the MOSS markup live with the conversation formats; re-exported here for the readers.
-from peftchat.formats.conversation import Conversation  # noqa: F401
+from peftchat.formats.conversation import Conversation
 from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
 from peftchat.formats.moss import strip_markup as _strip_markup
 
