@@ -12,6 +12,13 @@ never share a process with another variant (bench.py isolates every job). Hub ac
 
 unsloth's documented setting is LoRA dropout 0 (`peer:unsloth`); `peer:unsloth@dropout0.05` runs
 it at the dropout of the peftchat rows beside it. unsloth needs CUDA: on CPU the row is skipped.
+
+`peer:unsloth_sft` (chat scenario) is unsloth's own path for variable-length data: TRL's
+`SFTTrainer` with `packing=True` (best-fit-decreasing packing, padding-free batches), which unsloth
+patches on import to run packed rows through varlen attention without cross-contamination. It
+trains on the same tokenized sessions (input_ids + labels from peftchat's pipeline) and is timed
+per optimizer step by a callback (CUDA synchronised at both ends); tokens are counted in the
+collator, batch by batch, so tok/s is real (non-pad) tokens of the timed steps over their time.
 """
 
 from __future__ import annotations
@@ -52,6 +59,69 @@ def build_unsloth(mode: str, model_dir: str, max_seq_length: int, dropout: float
         use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=max_seq_length)
     model.train()
     return model
+
+
+def run_unsloth_sft(spec: dict[str, Any], samples: list[dict[str, list[int]]], model) -> dict[str, Any]:
+    """`spec["warmup"] + spec["steps"]` optimizer steps of unsloth's SFTTrainer with packing on
+    `samples`; the same result fields as the other peers (worker.time_steps + chat_throughput)."""
+    import statistics
+    import time
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    batches: list[tuple[int, int]] = []  # (real tokens, label tokens) per collated batch, in order
+    times: list[float] = []
+    losses: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(round(float(logs["loss"]), 4))
+
+    n_steps = spec["warmup"] + spec["steps"]
+    config = SFTConfig(
+        output_dir=str(spec["work_dir"]) + "/unsloth_sft", per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=2e-4, lr_scheduler_type="constant",
+        warmup_steps=0, optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
+        save_strategy="no", report_to="none", bf16=True, packing=True, max_length=spec["seq"],
+        dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available())
+    tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(samples), callbacks=[StepClock()])
+    collate = trainer.data_collator.torch_call
+
+    def counting_collate(examples):
+        batch = collate(examples)
+        ids = batch["input_ids"]
+        real = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        batches.append((real, int((batch["labels"] != -100).sum())))
+        return batch
+
+    trainer.data_collator.torch_call = counting_collate
+    trainer.train()
+    w = spec["warmup"]
+    timed, counted = times[w:n_steps], batches[w:n_steps]
+    t = sum(timed)
+    return {"step_s_all": timed, "step_s_median": statistics.median(timed), "step_s_mean": statistics.fmean(timed),
+            "losses": losses, "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024 ** 3,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024 ** 3,
+            "tokens_per_s": sum(b[0] for b in counted) / t, "label_tokens_per_s": sum(b[1] for b in counted) / t,
+            "real_tokens_timed": sum(b[0] for b in counted), "sft_batches_counted": len(batches)}
 
 
 def unsloth_versions() -> dict[str, Any]:

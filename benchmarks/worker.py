@@ -137,14 +137,24 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     applied: list[str] = []
     if dropout is not None:
         spec = {**spec, "dropout": dropout}
-    if kind == "peer" and name == "unsloth":
+    if kind == "peer" and name in ("unsloth", "unsloth_sft"):
         from benchmarks import unsloth_variant
 
         why_not = unsloth_variant.unsloth_available()
         if why_not:
             return {"skipped": why_not}
+        if name == "unsloth_sft" and spec.get("scenario") != "chat":
+            return {"skipped": "peer:unsloth_sft packs variable-length sessions: chat scenario only"}
         model = unsloth_variant.build_unsloth(spec["mode"], spec["model_dir"], spec["seq"],
                                               0.0 if dropout is None else dropout)
+        if name == "unsloth_sft":
+            from benchmarks.chat_sessions import sessions_recipe, tokenized_samples
+
+            samples = tokenized_samples(sessions_recipe(spec))
+            res = unsloth_variant.run_unsloth_sft(spec, samples, model)
+            res.update(load_s=time.perf_counter() - t0,
+                       applied=["unsloth SFTTrainer(packing=True) " + json.dumps(unsloth_variant.unsloth_versions())])
+            return res
         from benchmarks import peer_variants
 
         step = peer_variants.peer_step_fn(model)
