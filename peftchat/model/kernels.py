@@ -12,7 +12,8 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
   pinned host memory (``peftchat.model.offload``, double-buffered copies back).
-* ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
+* ``training.compile`` compiles each decoder layer with torch.compile (regional compilation), with
+  random ops left to torch's generator so dropout masks are eager's (``compile_decoder_layers``).
 * ``apply_training_speedups`` does all of the above in the right order and is the one place
   checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
   what was applied and the head loss to use.
@@ -34,7 +35,7 @@ from peftchat.config import TrainingConfig
 from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
 from peftchat.model.adapters import unwrap_peft
-from peftchat.model.offload import offloaded_checkpoint
+from peftchat.model.offload import offloaded_checkpoint, run_layer
 
 # (hidden (N, d), lm_head weight (V, d), targets (N,)) -> summed cross-entropy, no logits kept
 HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,12 +201,34 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
         offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
         done.applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
     if cfg.compile:
-        # Regional compilation: the decoder layers share one compiled graph (same code, weights
-        # as inputs), so compile time does not grow with depth.
-        for layer in decoder_layers(model):
-            layer.compile()
-        done.applied.append("torch.compile:decoder_layers")
+        compile_decoder_layers(model, eager_random=True)
+        done.applied.append("torch.compile:decoder_layers (eager RNG)")
     return done
+
+
+def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) -> None:
+    """torch.compile each decoder layer (regional compilation: the layers share one compiled graph,
+    weights as inputs, so compile time does not grow with depth).
+
+    `eager_random`: inductor's `fallback_random`, random ops (LoRA dropout) run as torch's own
+    kernels on torch's generator. Without it inductor draws dropout masks from its own Philox
+    streams, and the 8B run's loss left eager's by 2.7 % at dropout 0.05 (benchmarks/RESULTS.md,
+    "compile divergence"); with it the compiled layer draws the very masks eager draws, and the
+    partitioner saves/restores the RNG state around the checkpoint recompute instead of threading
+    generator states through the graphs, so forward and recompute apply the same mask. Random ops
+    are a few elementwise kernels, so it costs little; with dropout 0 there are none.
+    Layers checkpointed by `offloaded_checkpoint` (streams, host copies, RNG state: not traceable)
+    get their body compiled inside it (one compiled `offload.run_layer`); the others are compiled
+    whole, torch's checkpoint included (dynamo turns it into its own recompute region).
+    """
+    options = {"fallback_random": True} if eager_random else None
+    body = None
+    for layer in decoder_layers(model):
+        if layer.gradient_checkpointing and getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
+            body = body or torch.compile(run_layer, options=options)
+            layer._gradient_checkpointing_func = partial(offloaded_checkpoint, body=body)
+        else:
+            layer.compile(options=options)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -111,8 +111,7 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
 
     budget = float(cfg.max_memory_gib)
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
-                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
-                           allow_offload=not cfg.compile)  # the offloaded checkpoint is not traceable
+                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget)
     print(policy.describe(budget), flush=True)
     return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
                    checkpoint_offload=policy.checkpoint_offload)

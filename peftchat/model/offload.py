@@ -21,7 +21,8 @@ which runs the same bookkeeping (and lets tests record the order of transfers).
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Protocol
+from functools import partial
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -184,11 +185,20 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 _ANCHORS: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
+def run_layer(run, *args):
+    """`run(*args)`; `training.compile` compiles this (once per model) as the layer body inside
+    the offloaded checkpoint, which itself stays eager (kernels.compile_decoder_layers)."""
+    return run(*args)
+
+
+def offloaded_checkpoint(run, hidden: torch.Tensor, *args, body: Optional[Callable] = None):
     """Drop-in `_gradient_checkpointing_func` for transformers layers (kwargs are bound in `run`).
 
-    Without grad (evaluation) the layer just runs: nothing is parked.
+    `body`: a compiled `run_layer` that runs the layer, in forward and recompute alike. Without
+    grad (evaluation) the layer just runs: nothing is parked.
     """
+    if body is not None:
+        run = partial(body, run)
     if not torch.is_grad_enabled():
         return run(hidden, *args)
     anchor = _ANCHORS.setdefault(hidden.device, torch.empty(0, device=hidden.device, requires_grad=True))
