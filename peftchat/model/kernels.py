@@ -199,7 +199,8 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
     n = apply_checkpoint_policy(model, cfg)
     if cfg.gradient_checkpointing:
         offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
-        done.applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+        budget = f"max_memory_gib {cfg.max_memory_gib:g} -> " if cfg.max_memory_gib else ""
+        done.applied.append(f"{budget}checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
     if cfg.compile:
         compile_decoder_layers(model, eager_random=True)
         done.applied.append("torch.compile:decoder_layers (eager RNG)")
