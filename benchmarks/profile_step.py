@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = {"shape": args.shape, "mode": args.mode, "variant": f"peftchat:{args.setting}", "batch": args.batch,
                 "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "device": args.device,
-                "model_dir": model_dir, "dropout": args.dropout, "work_dir": str(out / "work")}
+                "model_dir": model_dir, "dropout": args.dropout,
+                "work_dir": str(Path(tempfile.gettempdir()) / "peftchat_profile_step")}  # the run's adapter stays out of --out
         row = peftchat_variants.run(spec)
     finally:
         loop.train = original_train
