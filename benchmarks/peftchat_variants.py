@@ -39,7 +39,8 @@ QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
 # Per (shape, mode) overrides; "*" applies to every shape. checkpoint_skip_layers is sized so the
 # un-checkpointed layers' activations fit under the tuned peer's peak (benchmarks/RESULTS.md).
 # training.compile is kept out of every setting: its loss curve left the eager one by > 1 % on the
-# 8B shape (benchmarks/RESULTS.md, loss gate); `+compile` still runs it for the gate to measure.
+# 8B shape (benchmarks/RESULTS.md, loss gate) before compiled layers drew eager's dropout masks
+# (kernels.compile_decoder_layers); `+compile` runs it for the gate to measure (lean+compile too).
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "*": {"training.compile": False, "training.checkpoint_skip_layers": 0},
@@ -158,6 +159,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             overrides["training.checkpoint_skip_layers"] = int(tok[4:])
         elif tok.startswith("mem"):  # e.g. peftchat:lean+mem16: training.max_memory_gib 16 picks the policy
             overrides["training.max_memory_gib"] = float(tok[3:])
+        elif tok == "noprefetch":  # ablation: offloaded inputs come back synchronously (no double buffer)
+            from peftchat.model import offload
+
+            offload.PREFETCH_NEXT_INPUT = False  # one process per variant (worker.py)
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value

@@ -495,9 +495,6 @@ def _validate_training(t: TrainingConfig) -> None:
     t.fused_kernels = _BOOLEANS.get(fused, "auto")
     if t.checkpoint_skip_layers < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {t.checkpoint_skip_layers}")
-    if t.compile and t.checkpoint_offload:
-        # the offloaded checkpoint is an autograd.Function with streams and RNG state: not traceable
-        raise ConfigError("'training.compile' and 'training.checkpoint_offload' cannot be combined; turn one off")
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:

@@ -11,8 +11,9 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
-  pinned host memory (``offloaded_checkpoint``).
-* ``training.compile`` compiles each decoder layer with torch.compile (regional compilation).
+  pinned host memory (``peftchat.model.offload``, double-buffered copies back).
+* ``training.compile`` compiles each decoder layer with torch.compile (regional compilation), with
+  random ops left to torch's generator so dropout masks are eager's (``compile_decoder_layers``).
 * ``apply_training_speedups`` does all of the above in the right order and is the one place
   checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
   what was applied and the head loss to use.
@@ -34,6 +35,7 @@ from peftchat.config import TrainingConfig
 from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
 from peftchat.model.adapters import unwrap_peft
+from peftchat.model.offload import offloaded_checkpoint, run_layer
 
 # (hidden (N, d), lm_head weight (V, d), targets (N,)) -> summed cross-entropy, no logits kept
 HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -197,14 +199,37 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
     n = apply_checkpoint_policy(model, cfg)
     if cfg.gradient_checkpointing:
         offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
-        done.applied.append(f"checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
+        budget = f"max_memory_gib {cfg.max_memory_gib:g} -> " if cfg.max_memory_gib else ""
+        done.applied.append(f"{budget}checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
     if cfg.compile:
-        # Regional compilation: the decoder layers share one compiled graph (same code, weights
-        # as inputs), so compile time does not grow with depth.
-        for layer in decoder_layers(model):
-            layer.compile()
-        done.applied.append("torch.compile:decoder_layers")
+        compile_decoder_layers(model, eager_random=True)
+        done.applied.append("torch.compile:decoder_layers (eager RNG)")
     return done
+
+
+def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) -> None:
+    """torch.compile each decoder layer (regional compilation: the layers share one compiled graph,
+    weights as inputs, so compile time does not grow with depth).
+
+    `eager_random`: inductor's `fallback_random`, random ops (LoRA dropout) run as torch's own
+    kernels on torch's generator. Without it inductor draws dropout masks from its own Philox
+    streams, and the 8B run's loss left eager's by 2.7 % at dropout 0.05 (benchmarks/RESULTS.md,
+    "compile divergence"); with it the compiled layer draws the very masks eager draws, and the
+    partitioner saves/restores the RNG state around the checkpoint recompute instead of threading
+    generator states through the graphs, so forward and recompute apply the same mask. Random ops
+    are a few elementwise kernels, so it costs little; with dropout 0 there are none.
+    Layers checkpointed by `offloaded_checkpoint` (streams, host copies, RNG state: not traceable)
+    get their body compiled inside it (one compiled `offload.run_layer`); the others are compiled
+    whole, torch's checkpoint included (dynamo turns it into its own recompute region).
+    """
+    options = {"fallback_random": True} if eager_random else None
+    body = None
+    for layer in decoder_layers(model):
+        if layer.gradient_checkpointing and getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
+            body = body or torch.compile(run_layer, options=options)
+            layer._gradient_checkpointing_func = partial(offloaded_checkpoint, body=body)
+        else:
+            layer.compile(options=options)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -248,71 +273,3 @@ def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
         if offload:
             layer._gradient_checkpointing_func = offloaded_checkpoint
     return sum(layer.gradient_checkpointing for layer in layers)
-
-
-_OFFLOAD_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-class _OffloadedCheckpoint(torch.autograd.Function):
-    """Checkpoint one layer with its input parked in pinned host memory until the backward pass.
-
-    Written by hand because torch's non-reentrant checkpoint keeps the input alive on the GPU
-    through its recompute closure, where no saved-tensor hook can move it. This is the reentrant
-    scheme: forward without autograd, then in backward bring the input back, recompute with the
-    same RNG and autocast state, and backpropagate through the recomputation (parameter gradients
-    accumulate into .grad as usual). `anchor` is an empty tensor that requires grad, so the
-    output is part of the graph even when the layer input is not (the first layer's embeddings).
-    """
-
-    @staticmethod
-    def forward(ctx, run, anchor, hidden, *args):  # type: ignore[override]
-        device = hidden.device
-        ctx.cuda = device.type == "cuda"
-        if ctx.cuda:  # copy on a side stream so the layer's forward runs meanwhile
-            stream = _OFFLOAD_STREAMS.setdefault(device, torch.cuda.Stream(device))
-            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                host.copy_(hidden, non_blocking=True)
-            hidden.record_stream(stream)  # the allocator must not reuse it before the copy is done
-            ctx.stream = stream
-            ctx.cuda_rng = torch.cuda.get_rng_state(device)
-        else:  # CPU: nothing to offload to; keeps the same recompute path testable
-            host = hidden.detach().clone()
-        ctx.run, ctx.args, ctx.host = run, args, host
-        ctx.input_requires_grad = hidden.requires_grad
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
-        with torch.no_grad():
-            return run(hidden, *args)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        device = grad_out.device
-        if ctx.cuda:
-            torch.cuda.current_stream(device).wait_stream(ctx.stream)
-        hidden = ctx.host.to(device, non_blocking=True).detach().requires_grad_(ctx.input_requires_grad)
-        with torch.random.fork_rng(devices=[device] if ctx.cuda else []):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda:
-                torch.cuda.set_rng_state(ctx.cuda_rng, device)
-            with torch.enable_grad(), torch.autocast(device.type, enabled=ctx.autocast[0], dtype=ctx.autocast[1]):
-                out = ctx.run(hidden, *ctx.args)
-        torch.autograd.backward(out, grad_out)
-        n_args = len(ctx.args)
-        ctx.host = ctx.run = ctx.args = None
-        return (None, None, hidden.grad if ctx.input_requires_grad else None) + (None,) * n_args
-
-
-_ANCHORS: dict[torch.device, torch.Tensor] = {}
-
-
-def offloaded_checkpoint(run, hidden: torch.Tensor, *args):
-    """Drop-in `_gradient_checkpointing_func` for transformers layers (kwargs are bound in `run`).
-
-    On CUDA the input waits in pinned host memory; on CPU it is kept as is (same recompute path).
-    """
-    if not torch.is_grad_enabled():
-        return run(hidden, *args)
-    anchor = _ANCHORS.setdefault(hidden.device, torch.empty(0, device=hidden.device, requires_grad=True))
-    return _OffloadedCheckpoint.apply(run, anchor, hidden, *args)

@@ -11,10 +11,13 @@ budget) so the choice is testable without a GPU. The estimate (bytes, bf16 activ
               checkpointing keeps all its activations, 2 B * (8 d + 4 ff) per token
   transient   the layer being recomputed in backward plus the loss: 1.7 x one layer's activations
 
-Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/RESULTS.md, 2026-11-29): estimated
-8.5 / 10.4 / 20.9 GiB for offload / checkpoint all / skip 8, measured 8.2 / ~9.8 / 20.8 (dropout
-0.05). Without any checkpointing it says 52 GiB where 57.9 was measured: budgets that large leave
-room anyway. Choices are
+Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/RESULTS.md, 2026-11-29, dropout
+0.05): estimated 8.49 / 10.36 / 20.86 GiB for offload / checkpoint all / skip 8, measured 8.21
+(lean) / 10.3 (ref: eager, every layer checkpointed) / 20.8 (fast); one more un-checkpointed layer
+is estimated 1.375 GiB, measured 1.36-1.39. Without any checkpointing it says 52 GiB where 57.9 was
+measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
+weights, LoRA state and one layer's recompute already take ~7.7): the policy says so, and the
+lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumulation_steps`). Choices are
 ranked by speed: fewer recomputed layers first (each one costs a forward), no offload before
 offload at the same count (the copies cost a little); the first that fits within 95 % of the
 budget wins. When none fits, the smallest is returned with `fits=False` for the caller to say so.
@@ -59,7 +62,8 @@ class MemoryPolicy:
 
     def describe(self, budget_gib: float) -> str:
         offload = ", inputs offloaded" if self.checkpoint_offload else ""
-        verdict = "fits" if self.fits else "NOTHING FITS, smallest policy used"
+        verdict = "fits" if self.fits else ("NOTHING FITS, smallest policy used; a smaller training.batch_size "
+                                            "(with gradient_accumulation_steps) or data.max_length needs less")
         return (f"max_memory_gib {budget_gib:g}: checkpoint_skip_layers {self.checkpoint_skip_layers}{offload} "
                 f"(estimated peak {self.estimated_gib:.1f} GiB; {verdict})")
 
@@ -111,8 +115,7 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
 
     budget = float(cfg.max_memory_gib)
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
-                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
-                           allow_offload=not cfg.compile)  # the offloaded checkpoint is not traceable
+                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget)
     print(policy.describe(budget), flush=True)
     return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
                    checkpoint_offload=policy.checkpoint_offload)

@@ -45,8 +45,7 @@ def test_fused_kernels_is_typed_by_the_config(value, expected):
 
 
 @pytest.mark.parametrize("training,match", [({"fused_kernels": "fast"}, "training.fused_kernels"),
-                                            ({"checkpoint_skip_layers": -1}, "checkpoint_skip_layers"),
-                                            ({"compile": True, "checkpoint_offload": True}, "cannot be combined")])
+                                            ({"checkpoint_skip_layers": -1}, "checkpoint_skip_layers")])
 def test_config_rejects_bad_speed_keys(training, match):
     with pytest.raises(ConfigError, match=match):
         recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": training})
