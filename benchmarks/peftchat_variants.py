@@ -69,6 +69,9 @@ OPTION_KEYS: dict[str, tuple[str, Any]] = {
     "nofused": ("training.fused_kernels", False),
     "noautocast": ("training.autocast", False),
     "packing": ("data.packing", True),
+    "fp8": ("training.fp8", True),
+    "fusedlora": ("training.fused_lora", True),
+    "nofusedlora": ("training.fused_lora", False),
 }
 
 
