@@ -48,16 +48,20 @@ def quantize(t: torch.Tensor, dim: int, fp8_dtype: torch.dtype = E4M3) -> tuple[
 
 
 @functools.cache
-def _compiled_quantize():
+def _compiled_quantize(dim: int, fp8_dtype: torch.dtype):
     # On CUDA the eager version is five passes over the tensor (abs, amax, divide, clamp, cast);
     # compiled it is one reduction and one fused elementwise kernel (benchmarks/check_fp8.py).
-    return torch.compile(quantize, dynamic=True)
+    # `dim` and the dtype are closure constants, so only the tensor's sizes are dynamic.
+    def quantize_along(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return quantize(t, dim, fp8_dtype)
+
+    return torch.compile(quantize_along, dynamic=True)
 
 
 def quantize_fast(t: torch.Tensor, dim: int, fp8_dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize`, compiled on CUDA; eager elsewhere (the same arithmetic)."""
     if t.is_cuda:
-        return _compiled_quantize()(t, dim, fp8_dtype)
+        return _compiled_quantize(dim, fp8_dtype)(t)
     return quantize(t, dim, fp8_dtype)
 
 
