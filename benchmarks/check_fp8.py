@@ -103,23 +103,28 @@ def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any
     w = bf.dequantize_4bit(w_nf4.data, w_nf4.quant_state).to(torch.bfloat16)
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     g = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-    xq, xs = fp8.quantize_fast(x, 1)
-    wq, ws = fp8.quantize_fast(w, 1)
-    gq, gs = fp8.quantize_fast(g, 1)
-    wq_in, ws_in = fp8.quantize_fast(w, 0)
+    quantize = torch.compile(fp8.quantize)
+    xq, xs = fp8.quantize(x, 1)
+    wq, ws = fp8.quantize(w, 1)
+    gq, gs = fp8.quantize(g, 1)
+    wq_in, ws_in = fp8.quantize(w, 0)
     wq_in_col = wq_in.t().contiguous().t()
+    bf16 = torch.bfloat16
     ms = lambda fn: round(cuda_time(fn) * 1e3, 4)  # noqa: E731
     row: dict[str, Any] = {"linear": name, "k": k, "n": n, "m": m, "ms": {
         "bf16_matmul_fwd": ms(lambda: x @ w.t()),
         "bf16_matmul_grad_input": ms(lambda: g @ w),
         "nf4_dequant": ms(lambda: bf.dequantize_4bit(w_nf4.data, w_nf4.quant_state)),
         "quantize_x_eager": ms(lambda: fp8.quantize(x, 1)),
-        "quantize_x_compiled": ms(lambda: fp8.quantize_fast(x, 1)),
-        "quantize_w_out_channel": ms(lambda: fp8.quantize_fast(w, 1)),
-        "quantize_w_in_channel_colmajor": ms(lambda: fp8.quantize_fast(w, 0)[0].t().contiguous()),
-        "quantize_grad": ms(lambda: fp8.quantize_fast(g, 1)),
+        "quantize_x_compiled": ms(lambda: quantize(x, 1)),
+        "quantize_w_out_channel_compiled": ms(lambda: quantize(w, 1)),
+        "quantize_grad_compiled": ms(lambda: quantize(g, 1)),
+        "transpose_fp8_w_eager": ms(lambda: wq_in.t().contiguous()),
         "scaled_mm_fwd": ms(lambda: fp8.scaled_matmul(xq, xs, wq.t(), ws.t())),
         "scaled_mm_grad_input": ms(lambda: fp8.scaled_matmul(gq, gs, wq_in_col, ws_in)),
+        "fp8_linear_with_quant": ms(lambda: fp8.fp8_linear(x, w, bf16)),
+        "fp8_grad_input_with_quant": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E4M3, bf16)),
+        "fp8_grad_input_with_quant_e5m2": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E5M2, bf16)),
     }}
     xr = x.view(1, m, k).detach().requires_grad_(True)
     for dropout in (0.0, 0.05):

@@ -47,24 +47,6 @@ def quantize(t: torch.Tensor, dim: int, fp8_dtype: torch.dtype = E4M3) -> tuple[
     return (t.float() / scale).clamp(-fmax, fmax).to(fp8_dtype), scale
 
 
-@functools.cache
-def _compiled_quantize(dim: int, fp8_dtype: torch.dtype):
-    # On CUDA the eager version is five passes over the tensor (abs, amax, divide, clamp, cast);
-    # compiled it is one reduction and one fused elementwise kernel (benchmarks/check_fp8.py).
-    # `dim` and the dtype are closure constants, so only the tensor's sizes are dynamic.
-    def quantize_along(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return quantize(t, dim, fp8_dtype)
-
-    return torch.compile(quantize_along, dynamic=True)
-
-
-def quantize_fast(t: torch.Tensor, dim: int, fp8_dtype: torch.dtype = E4M3) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize`, compiled on CUDA; eager elsewhere (the same arithmetic)."""
-    if t.is_cuda:
-        return _compiled_quantize(dim, fp8_dtype)(t)
-    return quantize(t, dim, fp8_dtype)
-
-
 def fp8_shapes_fit(*dims: int) -> bool:
     """Whether every reduced/written dimension suits `_scaled_mm` (multiples of 16)."""
     return all(d % FP8_ALIGN == 0 for d in dims)
@@ -77,17 +59,42 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
     return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale.contiguous(), out_dtype=out_dtype)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_linear_eager(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``x @ weight.T`` with x (M, K) in e4m3 per row and weight (N, K) in e4m3 per output channel."""
-    xq, xs = quantize_fast(x, 1)
-    wq, ws = quantize_fast(weight, 1)  # (N, K) row-major: its transpose is the column-major b
+    xq, xs = quantize(x, 1)
+    wq, ws = quantize(weight, 1)  # (N, K) row-major: its transpose is the column-major b
     return scaled_matmul(xq, xs, wq.t(), ws.t(), out_dtype)
+
+
+def fp8_grad_input_eager(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
+                         ) -> torch.Tensor:
+    """``grad @ weight`` (the input gradient of a linear): grad (M, N) per row in `grad_dtype`,
+    weight (N, K) per input channel (its columns: the dimension the product keeps) in e4m3.
+
+    `_scaled_mm` needs both operands contiguous along the reduced dimension (N here), so the
+    quantized weight is written transposed: the one copy the FP8 backward cannot avoid.
+    """
+    gq, gs = quantize(grad, 1, grad_dtype)
+    wq, ws = quantize(weight, 0)  # scales (1, K)
+    return scaled_matmul(gq, gs, wq.t().contiguous().t(), ws, out_dtype)
+
+
+@functools.cache
+def _compiled(fn):
+    # Eager, each quantization is five passes over its tensor (abs, amax, divide, clamp, cast) and
+    # the transposed weight copy a slow 1-byte transpose; compiled, the amax and the scaled cast
+    # fuse, the transpose is written tiled, and the whole product is one region (fewer launches).
+    # Shapes start static; torch.compile makes them dynamic once a second size shows up.
+    return torch.compile(fn)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """`fp8_linear_eager`, compiled on CUDA (the same arithmetic)."""
+    return (_compiled(fp8_linear_eager) if x.is_cuda else fp8_linear_eager)(x, weight, out_dtype)
 
 
 def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
                    ) -> torch.Tensor:
-    """``grad @ weight`` (the input gradient of a linear): grad (M, N) per row in `grad_dtype`,
-    weight (N, K) per input channel (its columns: the dimension the product keeps) in e4m3."""
-    gq, gs = quantize_fast(grad, 1, grad_dtype)
-    wq, ws = quantize_fast(weight, 0)  # scales (1, K)
-    return scaled_matmul(gq, gs, wq.t().contiguous().t(), ws, out_dtype)
+    """`fp8_grad_input_eager`, compiled on CUDA (the same arithmetic)."""
+    fn = _compiled(fp8_grad_input_eager) if grad.is_cuda else fp8_grad_input_eager
+    return fn(grad, weight, grad_dtype, out_dtype)

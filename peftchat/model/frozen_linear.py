@@ -8,8 +8,8 @@ node:
 
     y = x @ W.T (+ bias) + scaling * (dropout(x) @ A.T) @ B.T
 
-keeping for backward only x (the tensor the layer was given, not a copy), the dropout mask as bools
-(nothing at p = 0), x @ A.T (M x r, small) and A, B; the base weight W is dequantized (NF4/FP4 via
+keeping for backward only x (the tensor the layer was given, not a copy; at p > 0 the dropped copy
+and the bool mask instead, as peft keeps them), x @ A.T (M x r, small) and A, B; the base weight W is dequantized (NF4/FP4 via
 bitsandbytes, int8 rows times their scales) once in forward and once in backward, as bitsandbytes'
 own matmul does, and gets no gradient. The LoRA product is added in the base matmul's output by
 one `addmm`. With `fp8` the two base matmuls (forward, input gradient) go through
@@ -74,21 +74,20 @@ def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep-mask of inverted dropout (True = kept), drawn from torch's RNG so that checkpoint
-    recomputation (which restores the RNG state) draws the same mask."""
-    return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1.0 - p)
-
-
-def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], p: float) -> torch.Tensor:
-    return x if mask is None else x * mask * (1.0 / (1.0 - p))
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped x, keep-mask as bools) of inverted dropout in one kernel (torch's native dropout,
+    the one F.dropout uses on CUDA), drawn from torch's RNG so that checkpoint recomputation, which
+    restores the RNG state, draws the same mask."""
+    return torch.native_dropout(x, p, True)
 
 
 class LoraOnFrozenLinear(torch.autograd.Function):
     """y = base(x) + scaling * (dropout(x) @ A.T) @ B.T for a 2-D x in its compute dtype.
 
     `fp8_grad`: None for a base matmul in x's dtype; else the fp8 dtype of the incoming gradient
-    in backward (the forward base matmul then runs in e4m3 as well).
+    in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: the
+    LoRA input (x itself at p = 0; else the dropped copy and the bool mask, as peft keeps them),
+    x @ A.T, A and B.
     """
 
     @staticmethod
@@ -98,35 +97,31 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
         del w
         if base.bias is not None:
-            y = y + base.bias.to(dtype)
-        mask = dropout_mask(x, p) if p > 0 else None
-        xa = _dropped(x, mask, p) @ lora_a.to(dtype).t()
-        y = torch.addmm(y, xa, lora_b.to(dtype).t(), alpha=scaling)
-        ctx.save_for_backward(x, mask, xa, lora_a, lora_b)
+            y += base.bias.to(dtype)
+        lora_in, mask = dropout(x, p) if p > 0 else (x, None)
+        xa = lora_in @ lora_a.to(dtype).t()
+        y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)  # the LoRA term lands in the base output
+        ctx.save_for_backward(lora_in, mask, xa, lora_a, lora_b)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8_grad = base, scaling, p, fp8_grad
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, mask, xa, lora_a, lora_b = ctx.saved_tensors
-        dtype, s = x.dtype, ctx.scaling
+        lora_in, mask, xa, lora_a, lora_b = ctx.saved_tensors
+        dtype, s = lora_in.dtype, ctx.scaling
         grad = grad.to(dtype).contiguous()
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        grad_xa = (grad @ b).mul_(s)  # (M, r)
+        grad_xa = (grad @ lora_b.to(dtype)).mul_(s)  # (M, r)
         grad_b = (grad.t() @ xa).mul_(s)
-        grad_a = grad_xa.t() @ _dropped(x, mask, ctx.p)
+        grad_a = grad_xa.t() @ lora_in
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = base_weight(ctx.base, dtype)
-            if ctx.fp8_grad is not None:
-                grad_x = fp8_grad_input(grad, w, ctx.fp8_grad, dtype)
-            else:
-                grad_x = grad @ w
+            grad_x = fp8_grad_input(grad, w, ctx.fp8_grad, dtype) if ctx.fp8_grad is not None else grad @ w
             del w
             if mask is None:
-                grad_x.addmm_(grad_xa, a)
+                grad_x.addmm_(grad_xa, lora_a.to(dtype))
             else:
-                grad_x += _dropped(grad_xa @ a, mask, ctx.p)
+                grad_x += torch.ops.aten.native_dropout_backward(grad_xa @ lora_a.to(dtype), mask, 1.0 / (1.0 - ctx.p))
         ctx.base = None
         return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None
 

@@ -103,13 +103,13 @@ def test_dropout_equals_a_reference_with_the_same_mask():
     torch.manual_seed(5)
     got = _run(layer, x, g)
     torch.manual_seed(5)
-    keep = fl.dropout_mask(x.reshape(-1, 64), 0.3).reshape(x.shape)
+    keep = fl.dropout(x.reshape(-1, 64), 0.3)[1].reshape(x.shape)
     assert 0.5 < keep.float().mean() < 0.9
     fl.unfuse_lora_layers(layer)
     layer.lora_dropout["default"] = nn.Identity()
     ref = _run(layer, x * keep / 0.7, g)  # peft on the same dropped input: base term differs, LoRA terms not
-    torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-3)
-    torch.testing.assert_close(got[3], ref[3], rtol=1e-2, atol=1e-3)
+    # the dropped input is rounded once (native dropout) vs twice (x * keep, then / 0.7): bf16 steps
+    assert _rel(got[2], ref[2]) < 1e-2 and _rel(got[3], ref[3]) < 1e-2
 
 
 def _saved_tensors(layer, x):
@@ -129,7 +129,7 @@ def test_dropout_zero_saves_no_mask_and_less_than_peft():
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in {id(t): t for t in ts}.values())  # noqa: E731
     assert nbytes(saved) < nbytes(peft_saved)
     layer = _lora_layer("dense", dropout=0.1)
-    fl.fuse_lora_layers(layer)  # with dropout: a bool mask instead of a dropped copy of x
+    fl.fuse_lora_layers(layer)  # with dropout: the dropped copy and its bool mask, as peft
     assert [t.dtype for t in _saved_tensors(layer, x.clone())].count(torch.bool) == 1
 
 
