@@ -56,7 +56,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ref": {
         "*": {"training.compile": False, "training.fused_kernels": False, "training.checkpoint_skip_layers": 0,
-              "training.checkpoint_offload": False},
+              "training.checkpoint_offload": False, "training.fused_lora": False},  # peft's own LoRA layers
     },
 }
 

@@ -88,11 +88,15 @@ def _compiled(fn):
     return torch.compile(fn)
 
 
+# Both are called without grad (inside an autograd.Function); grad mode is pinned anyway because a
+# change of it makes torch.compile recompile, and past its recompile limit it falls back to eager.
+@torch.no_grad()
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """`fp8_linear_eager`, compiled on CUDA (the same arithmetic)."""
     return (_compiled(fp8_linear_eager) if x.is_cuda else fp8_linear_eager)(x, weight, out_dtype)
 
 
+@torch.no_grad()
 def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
                    ) -> torch.Tensor:
     """`fp8_grad_input_eager`, compiled on CUDA (the same arithmetic)."""
