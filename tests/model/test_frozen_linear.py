@@ -275,3 +275,29 @@ def test_short_nf4_training_run_with_fused_lora(tiny_llama_dir, tmp_path, monkey
     assert "fused_lora:14 layers" in applied and calls >= 2 * 2 * 14  # 2 steps, forward + recompute
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert (tmp_path / "fused" / "adapter_model.safetensors").exists()
+
+
+def test_fp8_tiny_model_stays_close_to_bf16(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    results = []
+    for use_fp8 in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        counts = fl.fuse_lora_layers(model.train(), fp8=use_fp8)
+        assert counts == {"fused": 14, "fp8": 14 if use_fp8 else 0}  # hidden 64, mlp 128, kv 32: all fit
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model))
+    (loss16, grads16), (loss8, grads8) = results
+    # measured: loss 4e-5 apart, LoRA gradients 5.4 % apart (relative norm), cosine 0.9985
+    assert loss8 == pytest.approx(loss16, rel=1e-3)
+    flat16 = torch.cat([g.flatten().double() for g in grads16.values()])
+    flat8 = torch.cat([grads8[n].flatten().double() for n in grads16])
+    assert torch.nn.functional.cosine_similarity(flat8, flat16, dim=0) > 0.99
+    assert _rel(flat8, flat16) < 0.1
