@@ -14,13 +14,16 @@ Sections (`--sections`, comma-separated):
   memory   bytes of the frozen linears of the 1B and 8B shapes stored NF4 vs an FP8 copy per layer
            (one orientation for forward, a second per-input-channel copy for the input gradient).
   quality  the real recipe path (peftchat.train.loop via benchmarks.peftchat_variants), same
-           initialisation and data, `training.fp8` off and on: final train loss (mean of the last
+           initialisation and data, `training.fp8` off and on (`--quality-compare fusedlora`:
+           peft's LoRA layers vs the fused function): final train loss (mean of the last
            3 logged rows, 10 steps each) and held-out eval loss. The loop evaluates in eval mode, where LoRA layers
            run peft's own bf16 forward, so the fp8 run's eval loss *is* the fp8-trained adapter in
            the bf16 inference path. `--quality-shapes 1b:300,8b:100` (shape:steps).
 
     python3 -m benchmarks.check_fp8 --out $OUT/fp8 --sections kernels,numerics,memory
     python3 -m benchmarks.check_fp8 --out $OUT/fp8q --sections quality --quality-shapes 1b:300 --model-root /tmp/models
+    python -m benchmarks.check_fp8 --out /tmp/q --sections quality --quality-shapes tiny:4 --device cpu \
+        --quality-compare fusedlora --batch 2 --seq 128      # CPU smoke of the quality path
 
 Writes `check_fp8.json` under --out after every section (a run cut short keeps what it measured).
 """
@@ -212,8 +215,36 @@ def memory_rows() -> dict[str, Any]:
     return rows
 
 
+# What the quality check compares: (label, recipe overrides) for "off" and "on".
+QUALITY_COMPARISONS = {
+    "fp8": (("bf16", {}), ("fp8", {"training.fp8": True})),
+    "fusedlora": (("peft", {"training.fused_lora": False}), ("fused", {"training.fused_lora": True})),
+}
+
+
+def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, Any], files: tuple[Path, Path]
+                ) -> dict[str, Any]:
+    """One training run through the recipe path; its losses and the final held-out eval loss."""
+    from benchmarks import peftchat_variants
+    from peftchat.train import loop
+
+    train_file, eval_file = files
+    out_dir = Path(recipe_spec["work_dir"]) / "run"
+    spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
+                                         "training.log_steps": 10, **overrides}}
+    recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
+    applied: list[str] = []
+    t0 = time.perf_counter()
+    loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return {"applied": applied, "wall_s": round(time.perf_counter() - t0, 1), "losses_logged": losses,
+            "final_train_loss": statistics.fmean(losses[-3:]), "eval_loss_bf16_path": evals[-1] if evals else None}
+
+
 def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
-    """fp8 off vs on through the recipe path, same seed, data and held-out eval sessions."""
+    """`--quality-compare` off vs on through the recipe path: same seed, data and held-out sessions."""
     from benchmarks import peftchat_variants
     from benchmarks.chat_sessions import write_sessions
     from benchmarks.shapes import build_random_model
@@ -221,35 +252,30 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
     from peftchat.model.tokenizer import load_tokenizer
 
     model_dir = Path(args.model_root) / shape
-    build_random_model(shape, model_dir, "cuda")
+    vocab = None
+    if shape == "tiny":  # the shipped tokenizer's ids must fit the model (as bench.py does)
+        from transformers import AutoTokenizer
+
+        from peftchat.demo_assets import demo_tokenizer_dir
+
+        vocab = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
+    build_random_model(shape, model_dir, args.device, vocab)
     copy_tokenizer(str(model_dir))
     work = Path(args.out) / f"quality_{shape}"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"shape": shape, "steps": steps, "setting": args.quality_setting}
-    for fp8_on in (False, True):
-        spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": "cuda", "batch": args.batch,
-                "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout, "work_dir": str(work / f"fp8_{fp8_on}")}
-        out_dir = Path(spec["work_dir"]) / "run"
-        train_file, eval_file = work / "train.jsonl", work / "eval.jsonl"
-        recipe = peftchat_variants.build_recipe(spec, args.quality_setting, train_file, out_dir)
-        if not train_file.exists():
-            write_sessions(train_file, load_tokenizer(recipe), n=args.batch * steps * 2, seed=1234)
-            write_sessions(eval_file, load_tokenizer(recipe), n=64, seed=4321)  # other sessions: held out
-        spec["overrides"] = {"training.fp8": fp8_on, "data.eval": str(eval_file), "data.packing": True,
-                             "training.eval_steps": 0, "training.log_steps": 10}
-        recipe = peftchat_variants.build_recipe(spec, args.quality_setting, train_file, out_dir)
-        from peftchat.train import loop
-
-        applied: list[str] = []
-        t0 = time.perf_counter()
-        loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
-        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-        results["fp8" if fp8_on else "bf16"] = {
-            "applied": applied, "wall_s": round(time.perf_counter() - t0, 1), "losses_every_10": losses,
-            "final_train_loss": statistics.fmean(losses[-3:]), "eval_loss_bf16_path": evals[-1] if evals else None}
-    b, f = results["bf16"], results["fp8"]
+    spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
+            "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
+    files = (work / "train.jsonl", work / "eval.jsonl")
+    tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, args.quality_setting,
+                                                              files[0], work / "tmp"))
+    write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
+    write_sessions(files[1], tokenizer, n=64, seed=4321)  # other sessions: held out
+    results: dict[str, Any] = {"shape": shape, "steps": steps, "setting": args.quality_setting,
+                               "compare": args.quality_compare}
+    (off, off_overrides), (on, on_overrides) = QUALITY_COMPARISONS[args.quality_compare]
+    for label, overrides in ((off, off_overrides), (on, on_overrides)):
+        results[label] = quality_run({**spec, "work_dir": str(work / label)}, args.quality_setting, overrides, files)
+    b, f = results[off], results[on]
     results["train_loss_rel_diff"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
     if b["eval_loss_bf16_path"] and f["eval_loss_bf16_path"]:
         results["eval_loss_rel_diff"] = abs(f["eval_loss_bf16_path"] - b["eval_loss_bf16_path"]) / b["eval_loss_bf16_path"]
@@ -264,6 +290,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--linears", default=",".join(SHAPES_8B), help=f"subset of {','.join(SHAPES_8B)}")
     p.add_argument("--quality-shapes", default="1b:300,8b:100", help="shape:steps,...")
     p.add_argument("--quality-setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py")
+    p.add_argument("--quality-compare", default="fp8", choices=sorted(QUALITY_COMPARISONS))
+    p.add_argument("--device", default="cuda", help="quality section only (cpu: a smoke run of the tiny shape)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.05)

@@ -16,6 +16,10 @@ one `addmm`. With `fp8` the two base matmuls (forward, input gradient) go throug
 `torch._scaled_mm` in e4m3 with per-row / per-channel scales (peftchat.model.fp8); LoRA stays in the
 compute dtype. Weights stay stored as they are, so checkpoints, merge and export do not change.
 
+Dropout draws its mask with torch's native dropout, the kernel F.dropout uses, so a fused layer
+draws the very masks peft's layer would (tests/model/test_frozen_linear.py: same loss and LoRA
+gradients as peft with dropout, checkpointed or not, on CPU in fp32).
+
 `fuse_lora_layers` puts this in front of the forward of each eligible peft LoRA Linear (instance
 attribute, the module and its state dict untouched); the call falls back to peft's own forward
 whenever the layer is not plain training LoRA: eval mode (generation keeps bitsandbytes'

@@ -204,20 +204,20 @@ def test_fused_model_equals_peft_in_fp32(tiny_llama_dir, monkeypatch):
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("checkpointing", [dict(), dict(checkpoint_offload=True)])
-def test_fused_model_composes_with_checkpointing_and_dropout(tiny_llama_dir, checkpointing, monkeypatch):
-    plain = _tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False))
-    fl.fuse_lora_layers(plain)
-    ref_loss, ref = _loss_and_grads(plain)
+@pytest.mark.parametrize("checkpointing", [dict(gradient_checkpointing=False), dict(), dict(checkpoint_offload=True)])
+def test_fused_model_with_dropout_equals_peft_checkpointed_or_not(tiny_llama_dir, checkpointing, monkeypatch):
+    ref_loss, ref = _loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False)))
     model = _tiny_lora_model(tiny_llama_dir, checkpointing)
     calls = _counting(monkeypatch)
     fl.fuse_lora_layers(model)
     loss, got = _loss_and_grads(model)
-    assert len(calls) == 2 * 14  # forward, then the recompute in backward
-    # the recompute draws the same dropout masks (checkpointing restores the RNG state)
+    recomputed = checkpointing.get("gradient_checkpointing", True)
+    assert len(calls) == (2 if recomputed else 1) * 14  # forward (and the recompute in backward)
+    # torch's native dropout is what F.dropout draws from, so the masks are peft's own, and the
+    # recompute draws them again (checkpointing restores the RNG state): equal up to fp32 summation order
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for name in ref:
-        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
 
 
 def test_fp8_is_refused_without_a_hopper_gpu():
