@@ -82,6 +82,16 @@ def test_fused_equals_peft_forward_and_gradients(kind, monkeypatch):
     torch.testing.assert_close(got[3], ref[3], rtol=1e-2, atol=1e-3)
 
 
+def test_rslora_scaling_is_peft_s_own(monkeypatch):
+    layer = _lora_layer("dense", use_rslora=True)  # scaling alpha / sqrt(r) instead of alpha / r
+    assert layer.scaling["default"] == pytest.approx(16 / 8 ** 0.5)
+    x, g = _inputs()
+    ref = _run(layer, x, g)
+    fl.fuse_lora_layers(layer)
+    got = _run(layer, x, g)
+    assert all(_rel(a, b) < 8e-3 for a, b in zip(got, ref))
+
+
 @pytest.mark.parametrize("kind", ["dense", "nf4"])
 def test_under_autocast_it_matches_peft_with_fp32_adapters(kind, monkeypatch):
     layer = _lora_layer(kind, lora_dtype=torch.float32)  # peftchat keeps adapters in fp32
