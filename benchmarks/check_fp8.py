@@ -22,7 +22,7 @@ Sections (`--sections`, comma-separated):
 
     python3 -m benchmarks.check_fp8 --out $OUT/fp8 --sections kernels,numerics,memory
     python3 -m benchmarks.check_fp8 --out $OUT/fp8q --sections quality --quality-shapes 1b:300 --model-root /tmp/models
-    python -m benchmarks.check_fp8 --out /tmp/q --sections quality --quality-shapes tiny:4 --device cpu \
+    python -m benchmarks.check_fp8 --out /tmp/q --work-dir /tmp/q/work --sections quality --quality-shapes tiny:4 --device cpu \
         --quality-compare fusedlora --batch 2 --seq 128      # CPU smoke of the quality path
 
 Writes `check_fp8.json` under --out after every section (a run cut short keeps what it measured).
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -230,6 +231,7 @@ def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, 
 
     train_file, eval_file = files
     out_dir = Path(recipe_spec["work_dir"]) / "run"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a rerun starts fresh (the loop refuses a used run dir)
     spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
                                          "training.log_steps": 10, **overrides}}
     recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
@@ -261,7 +263,7 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
         vocab = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
     build_random_model(shape, model_dir, args.device, vocab)
     copy_tokenizer(str(model_dir))
-    work = Path(args.out) / f"quality_{shape}"
+    work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
             "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
@@ -296,6 +298,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--model-root", default="/tmp/check_fp8_models")
+    p.add_argument("--work-dir", default="/tmp/check_fp8_work", help="quality runs (data, run dirs, adapters)")
     return p.parse_args(argv)
 
 

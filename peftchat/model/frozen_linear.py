@@ -176,8 +176,10 @@ def fused_lora_forward(layer: nn.Module, fp8_grad: Optional[torch.dtype], x: tor
                            and fp8_shapes_fit(in_features, out_features)) else None
     x2d = x.reshape(-1, in_features).to(dtype)
     y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, float(layer.scaling[name]), p, use_fp8)
-    # peft returns the base layer's dtype without autocast (= dtype here) and the autocast dtype with it
-    return y.reshape(*x.shape[:-1], out_features)
+    # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under
+    # autocast the autocast dtype (without autocast all three are `dtype` anyway)
+    out_dtype = dtype if base_kind(base) == "dense" else x.dtype
+    return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
 
 
 def fusable(layer: nn.Module) -> bool:

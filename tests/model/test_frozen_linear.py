@@ -92,16 +92,16 @@ def test_rslora_scaling_is_peft_s_own(monkeypatch):
     assert all(_rel(a, b) < 8e-3 for a, b in zip(got, ref))
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
-def test_under_autocast_it_matches_peft_with_fp32_adapters(kind, monkeypatch):
+@pytest.mark.parametrize("kind,x_dtype", [("dense", torch.bfloat16), ("nf4", torch.bfloat16), ("nf4", torch.float32)])
+def test_under_autocast_it_matches_peft_with_fp32_adapters(kind, x_dtype, monkeypatch):
     layer = _lora_layer(kind, lora_dtype=torch.float32)  # peftchat keeps adapters in fp32
-    x, g = _inputs()
+    x, g = _inputs(x_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = _run(layer, x, g)
         calls = _counting(monkeypatch)
         fl.fuse_lora_layers(layer)
         got = _run(layer, x, g)
-    assert calls == [1] and got[2].dtype == torch.float32
+    assert calls == [1] and got[2].dtype == torch.float32 and got[0].dtype == ref[0].dtype
     for a, b in zip(got, ref):
         assert _rel(a, b) < 8e-3
 
