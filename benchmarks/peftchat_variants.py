@@ -57,7 +57,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ref": {
         "*": {"training.compile": False, "training.fused_kernels": False, "training.checkpoint_skip_layers": 0,
-              "training.checkpoint_offload": False},
+              "training.checkpoint_offload": False, "training.fused_lora": False},  # peft's own LoRA layers
     },
 }
 
@@ -70,6 +70,9 @@ OPTION_KEYS: dict[str, tuple[str, Any]] = {
     "nofused": ("training.fused_kernels", False),
     "noautocast": ("training.autocast", False),
     "packing": ("data.packing", True),
+    "fp8": ("training.fp8", True),
+    "fusedlora": ("training.fused_lora", True),
+    "nofusedlora": ("training.fused_lora", False),
 }
 
 

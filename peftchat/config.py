@@ -106,6 +106,8 @@ class TrainingConfig:
     fused_kernels: Any = "auto"  # auto | true | false (validated to "auto", True or False): liger-kernel RMSNorm/SwiGLU/RoPE + fused linear CE
     autocast: bool = True  # CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)
     compile: bool = False  # torch.compile each decoder layer (pays on long runs; first steps compile)
+    fused_lora: Any = "auto"  # auto | true | false (validated like fused_kernels): LoRA + frozen base linear as one autograd function
+    fp8: bool = False  # CUDA capability >= 9.0: frozen base matmuls in FP8 (e4m3, per-row/channel scales); LoRA stays bf16
     seed: int = 42
     save_steps: int = 100  # 0 = only at the end
     save_total_limit: int = 2  # checkpoints kept; 0 = all
@@ -482,7 +484,7 @@ def validate_ranges(recipe: Recipe) -> None:
 
 def _validate_training(t: TrainingConfig) -> None:
     """Normalize the keys YAML may spell several ways, so code downstream reads real types:
-    `resume` -> bool or a path str, `fused_kernels` -> "auto", True or False."""
+    `resume` -> bool or a path str, `fused_kernels` and `fused_lora` -> "auto", True or False."""
     resume = t.resume
     if isinstance(resume, str) and resume.strip().lower() in _BOOLEANS:
         resume = _BOOLEANS[resume.strip().lower()]
@@ -493,6 +495,16 @@ def _validate_training(t: TrainingConfig) -> None:
     if fused not in ("auto", *_BOOLEANS):
         raise ConfigError(f"'training.fused_kernels' is {t.fused_kernels!r}; expected one of auto, true, false")
     t.fused_kernels = _BOOLEANS.get(fused, "auto")
+    fused_lora = str(t.fused_lora).strip().lower()
+    if fused_lora not in ("auto", *_BOOLEANS):
+        raise ConfigError(f"'training.fused_lora' is {t.fused_lora!r}; expected one of auto, true, false")
+    t.fused_lora = _BOOLEANS.get(fused_lora, "auto")
+    if t.fp8 and t.fused_lora is False:
+        raise ConfigError("'training.fp8' runs the base matmuls inside the fused LoRA function; "
+                          "set 'training.fused_lora' to auto or true")
+    if (t.fp8 or t.fused_lora is True) and t.compile:
+        # the fused function dequantizes bitsandbytes weights, which torch.compile cannot trace
+        raise ConfigError("'training.compile' cannot be combined with 'training.fp8' or 'training.fused_lora: true'")
     if t.checkpoint_skip_layers < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {t.checkpoint_skip_layers}")
 

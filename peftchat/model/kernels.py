@@ -14,6 +14,8 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
   pinned host memory (``peftchat.model.offload``, double-buffered copies back).
 * ``training.compile`` compiles each decoder layer with torch.compile (regional compilation), with
   random ops left to torch's generator so dropout masks are eager's (``compile_decoder_layers``).
+* ``training.fused_lora`` / ``training.fp8`` route each LoRA Linear through one autograd function
+  with the frozen base matmul (``peftchat.model.frozen_linear``), in bf16 or in FP8 on Hopper.
 * ``apply_training_speedups`` does all of the above in the right order and is the one place
   checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
   what was applied and the head loss to use.
@@ -196,6 +198,7 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
         done.applied.append("liger:fused_linear_cross_entropy")
     elif fused:
         done.applied.append("loss:chunked")  # e.g. peft's modules_to_save wrapper around the head
+    done.applied += apply_fused_lora(model, cfg)
     n = apply_checkpoint_policy(model, cfg)
     if cfg.gradient_checkpointing:
         offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
@@ -230,6 +233,46 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
             layer._gradient_checkpointing_func = partial(offloaded_checkpoint, body=body)
         else:
             layer.compile(options=options)
+
+
+# `training.fused_lora: auto` turns the fused function on for CUDA training (see benchmarks/RESULTS.md).
+FUSED_LORA_AUTO_ON_CUDA = False
+
+
+def check_fp8_device(cfg: TrainingConfig, device: torch.device) -> None:
+    """ConfigError when `training.fp8` is set but `device` has no FP8 matmul (CUDA capability < 9.0)."""
+    if not cfg.fp8:
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
+                          f"this run is on {device.type}: set training.fp8=false")
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        raise ConfigError(f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
+                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}: set training.fp8=false")
+
+
+def fused_lora_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
+    """Whether `training.fused_lora` (or `training.fp8`, which runs inside it) applies to `model`."""
+    if cfg.fp8 or cfg.fused_lora is True:
+        return True
+    if cfg.fused_lora is False or cfg.compile:
+        return False
+    return FUSED_LORA_AUTO_ON_CUDA and _model_device(model).type == "cuda"
+
+
+def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
+    """Fuse each eligible LoRA Linear with its frozen base (FP8 base matmuls with `training.fp8`)."""
+    if not fused_lora_enabled(model, cfg):
+        return []
+    from peftchat.model.frozen_linear import fuse_lora_layers
+
+    check_fp8_device(cfg, _model_device(model))
+    counts = fuse_lora_layers(model, fp8=cfg.fp8)
+    applied = [f"fused_lora:{counts['fused']} layers"]
+    if cfg.fp8:
+        applied.append(f"fp8:base_linears {counts['fp8']}")
+    return applied
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

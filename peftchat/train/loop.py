@@ -186,6 +186,7 @@ def setup(recipe: Recipe, hooks: TrainHooks) -> Run:
     """Build the run: data, model, optimizer, and the state (fresh, or from a checkpoint)."""
     from transformers import set_seed
 
+    from peftchat.model.kernels import check_fp8_device
     from peftchat.model.load import check_model_source, resolve_device
 
     cfg = recipe.training
@@ -193,6 +194,7 @@ def setup(recipe: Recipe, hooks: TrainHooks) -> Run:
     changes = check_resume_changes(recipe, resume_from) if resume_from is not None else {}
     check_model_source(recipe)
     device = resolve_device(recipe)
+    check_fp8_device(cfg, device)  # before the model loads
     set_seed(cfg.seed)
     tokenizer, report, train, evaluation = setup_data(recipe)
     total, per_epoch = planned_steps(recipe, train)

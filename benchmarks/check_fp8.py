@@ -1,0 +1,344 @@
+"""FP8 frozen base matmuls (`training.fp8`) and the fused LoRA function on the GPU: per-kernel
+timings, numerics against peft, the memory of an FP8 weight cache, and a training-quality check.
+
+Sections (`--sections`, comma-separated):
+
+  kernels  the 8B Llama linear shapes (in x out: 4096x4096 q/o, 4096x1024 k/v, 4096x14336 gate/up,
+           14336x4096 down) at M = `--tokens` rows: bf16 matmul, NF4 dequant, bf16 -> e4m3
+           quantization of x and W (eager and compiled), `_scaled_mm` rowwise (forward and input
+           gradient), and the whole LoRA layer forward + backward (r 16, NF4 base) through peft,
+           the fused function in bf16 and the fused function in FP8; which fp8 dtypes rowwise
+           `_scaled_mm` accepts for the gradient, and whether M need be a multiple of 16.
+  numerics the same layers: relative error of peft's bf16 path, the fused bf16 and the fused FP8
+           path against an fp32 computation from the same NF4 codes (output and input gradient).
+  memory   bytes of the frozen linears of the 1B and 8B shapes stored NF4 vs an FP8 copy per layer
+           (one orientation for forward, a second per-input-channel copy for the input gradient).
+  quality  the real recipe path (peftchat.train.loop via benchmarks.peftchat_variants), same
+           initialisation and data, `training.fp8` off and on (`--quality-compare fusedlora`:
+           peft's LoRA layers vs the fused function): final train loss (mean of the last
+           3 logged rows, 10 steps each) and held-out eval loss. The loop evaluates in eval mode, where LoRA layers
+           run peft's own bf16 forward, so the fp8 run's eval loss *is* the fp8-trained adapter in
+           the bf16 inference path. `--quality-shapes 1b:300,8b:100` (shape:steps).
+
+    python3 -m benchmarks.check_fp8 --out $OUT/fp8 --sections kernels,numerics,memory
+    python3 -m benchmarks.check_fp8 --out $OUT/fp8q --sections quality --quality-shapes 1b:300 --model-root /tmp/models
+    python -m benchmarks.check_fp8 --out /tmp/q --work-dir /tmp/q/work --sections quality --quality-shapes tiny:4 --device cpu \
+        --quality-compare fusedlora --batch 2 --seq 128      # CPU smoke of the quality path
+
+Writes `check_fp8.json` under --out after every section (a run cut short keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+SHAPES_8B = {"q_o": (4096, 4096), "k_v": (4096, 1024), "gate_up": (4096, 14336), "down": (14336, 4096)}
+RANK = 16
+GIB = 1024 ** 3
+
+
+def cuda_time(fn: Callable[[], Any], warmup: int = 3, iters: int = 15) -> float:
+    """Median seconds of `fn` over `iters` CUDA-event-timed calls (wall clock without CUDA: smoke runs)."""
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def nf4_lora_layer(k: int, n: int, dropout: float, device: str, seed: int = 0):
+    """A peft LoRA Linear (r 16, random non-zero B, fp32 adapter as peftchat keeps it) over an NF4
+    bitsandbytes base of shape k -> n, on `device`."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as lora_bnb
+
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                             compress_statistics=True)
+    base.load_state_dict(dense.state_dict())
+    base = base.to(device)
+    kw = dict(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, init_lora_weights=False)
+    layer = lora_bnb.Linear4bit(base, "default", config=LoraConfig(**kw), **kw).to(device)
+    return layer.train()
+
+
+def _fwd_bwd(layer, x, g) -> Callable[[], None]:
+    def run():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(g)
+    return run
+
+
+def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any]:
+    """Timings (ms) of the pieces and the whole LoRA layer for one k -> n linear at m rows."""
+    import bitsandbytes.functional as bf
+
+    from peftchat.model import fp8
+    from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
+
+    layer = nf4_lora_layer(k, n, 0.0, device)
+    w_nf4 = layer.get_base_layer().weight
+    w = bf.dequantize_4bit(w_nf4.data, w_nf4.quant_state).to(torch.bfloat16)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    g = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    quantize = torch.compile(fp8.quantize)
+    xq, xs = fp8.quantize(x, 1)
+    wq, ws = fp8.quantize(w, 1)
+    gq, gs = fp8.quantize(g, 1)
+    wq_in, ws_in = fp8.quantize(w, 0)
+    wq_in_col = wq_in.t().contiguous().t()
+    bf16 = torch.bfloat16
+    ms = lambda fn: round(cuda_time(fn) * 1e3, 4)  # noqa: E731
+    row: dict[str, Any] = {"linear": name, "k": k, "n": n, "m": m, "ms": {
+        "bf16_matmul_fwd": ms(lambda: x @ w.t()),
+        "bf16_matmul_grad_input": ms(lambda: g @ w),
+        "nf4_dequant": ms(lambda: bf.dequantize_4bit(w_nf4.data, w_nf4.quant_state)),
+        "quantize_x_eager": ms(lambda: fp8.quantize(x, 1)),
+        "quantize_x_compiled": ms(lambda: quantize(x, 1)),
+        "quantize_w_out_channel_compiled": ms(lambda: quantize(w, 1)),
+        "quantize_grad_compiled": ms(lambda: quantize(g, 1)),
+        "transpose_fp8_w_eager": ms(lambda: wq_in.t().contiguous()),
+        "scaled_mm_fwd": ms(lambda: fp8.scaled_matmul(xq, xs, wq.t(), ws.t())),
+        "scaled_mm_grad_input": ms(lambda: fp8.scaled_matmul(gq, gs, wq_in_col, ws_in)),
+        "fp8_linear_with_quant": ms(lambda: fp8.fp8_linear(x, w, bf16)),
+        "fp8_grad_input_with_quant": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E4M3, bf16)),
+        "fp8_grad_input_with_quant_e5m2": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E5M2, bf16)),
+    }}
+    xr = x.view(1, m, k).detach().requires_grad_(True)
+    for dropout in (0.0, 0.05):
+        layer.lora_dropout["default"] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
+        row["ms"][f"layer_peft_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
+        fuse_lora_layers(layer)
+        row["ms"][f"layer_fused_bf16_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
+        unfuse_lora_layers(layer)
+        fuse_lora_layers(layer, fp8=True)
+        row["ms"][f"layer_fused_fp8_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
+        unfuse_lora_layers(layer)
+    flops = 2.0 * m * k * n
+    row["tflops"] = {key: round(flops / (v / 1e3) / 1e12, 1) for key, v in row["ms"].items()
+                     if key.startswith(("bf16_matmul", "scaled_mm"))}
+    return row
+
+
+def accepted_formats(device: str) -> dict[str, str]:
+    """Which (a, b) fp8 dtype pairs and row counts rowwise `_scaled_mm` takes here."""
+    from peftchat.model import fp8
+
+    out = {}
+    for a_name, b_name, m in (("e4m3", "e4m3", 64), ("e5m2", "e4m3", 64), ("e4m3", "e5m2", 64), ("e4m3", "e4m3", 61)):
+        a = torch.randn(m, 128, device=device).to(fp8.FP8_DTYPES[a_name])
+        b = torch.randn(256, 128, device=device).to(fp8.FP8_DTYPES[b_name]).t()
+        try:
+            fp8.scaled_matmul(a, torch.ones(m, 1, device=device), b, torch.ones(1, 256, device=device))
+            out[f"{a_name}x{b_name}_m{m}"] = "ok"
+        except Exception as e:  # report what the backend says, e.g. an unsupported dtype pair
+            out[f"{a_name}x{b_name}_m{m}"] = f"error: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def numerics_row(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any]:
+    """Relative error of output and input gradient of each path against fp32 on the same codes."""
+    from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
+
+    layer = nf4_lora_layer(k, n, 0.0, device)
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(1, m, k, device=device, generator=gen, dtype=torch.bfloat16)
+    g = torch.randn(1, m, n, device=device, generator=gen, dtype=torch.bfloat16)
+
+    def run(fp32: bool = False):
+        xr = x.float().requires_grad_(True) if fp32 else x.clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=not fp32):
+            y = layer(xr)
+        y.backward(g.float() if fp32 else g)
+        return y.detach().double(), xr.grad.double()
+
+    base = layer.get_base_layer()
+    base.compute_dtype = torch.float32
+    ref = run(fp32=True)
+    base.compute_dtype = torch.bfloat16
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    out: dict[str, Any] = {"linear": name}
+    for path in ("peft_bf16", "fused_bf16", "fused_fp8"):
+        if path != "peft_bf16":
+            fuse_lora_layers(layer, fp8=path == "fused_fp8")
+        y, gx = run()
+        unfuse_lora_layers(layer)
+        out[path] = {"out_rel_err": rel(y, ref[0]), "grad_x_rel_err": rel(gx, ref[1])}
+    return out
+
+
+def memory_rows() -> dict[str, Any]:
+    """NF4 storage vs an FP8 weight cache, from the model shapes (no GPU needed)."""
+    from benchmarks.shapes import shape_dict
+
+    rows = {}
+    for shape in ("1b", "8b"):
+        cfg = shape_dict(shape)
+        d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+        kv = cfg["num_key_value_heads"] * d // cfg["num_attention_heads"]
+        per_layer = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]
+        elems = layers * sum(k * n for k, n in per_layer)
+        scales = layers * sum(n + k for k, n in per_layer) * 4
+        largest = max(k * n for k, n in per_layer)
+        rows[shape] = {
+            "frozen_linear_params": elems,
+            "nf4_gib": round((elems * 0.5 + elems / 64 * 1.0) / GIB, 2),  # 4-bit codes + double-quant absmax
+            "fp8_cache_fwd_only_gib": round((elems + scales / 2) / GIB, 2),
+            "fp8_cache_fwd_and_bwd_gib": round((2 * elems + scales) / GIB, 2),
+            "per_pass_transient_mib": round(largest * (2 + 1) / 2 ** 20, 1),  # bf16 dequant + its fp8 copy
+        }
+    return rows
+
+
+# What the quality check compares: (label, recipe overrides) for "off" and "on".
+QUALITY_COMPARISONS = {
+    "fp8": (("bf16", {}), ("fp8", {"training.fp8": True})),
+    "fusedlora": (("peft", {"training.fused_lora": False}), ("fused", {"training.fused_lora": True})),
+}
+
+
+def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, Any], files: tuple[Path, Path]
+                ) -> dict[str, Any]:
+    """One training run through the recipe path; its losses and the final held-out eval loss."""
+    from benchmarks import peftchat_variants
+    from peftchat.train import loop
+
+    train_file, eval_file = files
+    out_dir = Path(recipe_spec["work_dir"]) / "run"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a rerun starts fresh (the loop refuses a used run dir)
+    spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
+                                         "training.log_steps": 10, **overrides}}
+    recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
+    applied: list[str] = []
+    t0 = time.perf_counter()
+    loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    return {"applied": applied, "wall_s": round(time.perf_counter() - t0, 1), "losses_logged": losses,
+            "final_train_loss": statistics.fmean(losses[-3:]), "eval_loss_bf16_path": evals[-1] if evals else None}
+
+
+def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
+    """`--quality-compare` off vs on through the recipe path: same seed, data and held-out sessions."""
+    from benchmarks import peftchat_variants
+    from benchmarks.chat_sessions import write_sessions
+    from benchmarks.shapes import build_random_model
+    from benchmarks.worker import copy_tokenizer
+    from peftchat.model.tokenizer import load_tokenizer
+
+    model_dir = Path(args.model_root) / shape
+    vocab = None
+    if shape == "tiny":  # the shipped tokenizer's ids must fit the model (as bench.py does)
+        from transformers import AutoTokenizer
+
+        from peftchat.demo_assets import demo_tokenizer_dir
+
+        vocab = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
+    build_random_model(shape, model_dir, args.device, vocab)
+    copy_tokenizer(str(model_dir))
+    work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
+            "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
+    files = (work / "train.jsonl", work / "eval.jsonl")
+    tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, args.quality_setting,
+                                                              files[0], work / "tmp"))
+    write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
+    write_sessions(files[1], tokenizer, n=64, seed=4321)  # other sessions: held out
+    results: dict[str, Any] = {"shape": shape, "steps": steps, "setting": args.quality_setting,
+                               "compare": args.quality_compare}
+    (off, off_overrides), (on, on_overrides) = QUALITY_COMPARISONS[args.quality_compare]
+    for label, overrides in ((off, off_overrides), (on, on_overrides)):
+        results[label] = quality_run({**spec, "work_dir": str(work / label)}, args.quality_setting, overrides, files)
+    b, f = results[off], results[on]
+    results["train_loss_rel_diff"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
+    if b["eval_loss_bf16_path"] and f["eval_loss_bf16_path"]:
+        results["eval_loss_rel_diff"] = abs(f["eval_loss_bf16_path"] - b["eval_loss_bf16_path"]) / b["eval_loss_bf16_path"]
+    return results
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--sections", default="kernels,numerics,memory")
+    p.add_argument("--tokens", type=int, default=8192, help="rows M of the kernel timings (batch x seq)")
+    p.add_argument("--linears", default=",".join(SHAPES_8B), help=f"subset of {','.join(SHAPES_8B)}")
+    p.add_argument("--quality-shapes", default="1b:300,8b:100", help="shape:steps,...")
+    p.add_argument("--quality-setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py")
+    p.add_argument("--quality-compare", default="fp8", choices=sorted(QUALITY_COMPARISONS))
+    p.add_argument("--device", default="cuda", help="quality section only (cpu: a smoke run of the tiny shape)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--model-root", default="/tmp/check_fp8_models")
+    p.add_argument("--work-dir", default="/tmp/check_fp8_work", help="quality runs (data, run dirs, adapters)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"torch": torch.__version__}
+    if torch.cuda.is_available():
+        report["gpu"] = torch.cuda.get_device_name()
+    sections = args.sections.split(",")
+    linears = {k: SHAPES_8B[k] for k in args.linears.split(",")}
+
+    def save() -> None:
+        (out / "check_fp8.json").write_text(json.dumps(report, indent=1))
+
+    if "memory" in sections:
+        report["memory"] = memory_rows()
+        save()
+    if "kernels" in sections:
+        report["formats"] = accepted_formats("cuda")
+        save()
+        report["kernels"] = []
+        for name, (k, n) in linears.items():
+            report["kernels"].append(kernel_rows(name, k, n, args.tokens, "cuda"))
+            print(json.dumps(report["kernels"][-1]), flush=True)
+            save()
+    if "numerics" in sections:
+        report["numerics"] = [numerics_row(name, k, n, args.tokens, "cuda") for name, (k, n) in linears.items()]
+        print(json.dumps(report["numerics"]), flush=True)
+        save()
+    if "quality" in sections:
+        report["quality"] = []
+        for item in args.quality_shapes.split(","):
+            shape, steps = item.split(":")
+            report["quality"].append(quality_runs(shape, int(steps), args))
+            print(json.dumps({k: v for k, v in report["quality"][-1].items()}), flush=True)
+            save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""LoRA on a frozen base linear as one autograd function (`training.fused_lora`, `training.fp8`).
+
+peft computes a LoRA layer as separate autograd nodes: the base linear (bitsandbytes' 4-bit or
+int8 matmul, or nn.Linear), a defensive copy of its output (4-bit), the dropout (a copy of x even
+at p = 0 is avoided by peft's Identity, but at p > 0 both the mask and the dropped copy of x are
+kept), lora_A, lora_B, the scaling and the sum. `LoraOnFrozenLinear` does the same arithmetic in one
+node:
+
+    y = x @ W.T (+ bias) + scaling * (dropout(x) @ A.T) @ B.T
+
+keeping for backward only x (the tensor the layer was given, not a copy; at p > 0 the dropped copy
+and the bool mask instead, as peft keeps them), x @ A.T (M x r, small) and A, B; the base weight W is dequantized (NF4/FP4 via
+bitsandbytes, int8 rows times their scales) once in forward and once in backward, as bitsandbytes'
+own matmul does, and gets no gradient. The LoRA product is added in the base matmul's output by
+one `addmm`. With `fp8` the two base matmuls (forward, input gradient) go through
+`torch._scaled_mm` in e4m3 with per-row / per-channel scales (peftchat.model.fp8); LoRA stays in the
+compute dtype. Weights stay stored as they are, so checkpoints, merge and export do not change.
+
+Dropout draws its mask with torch's native dropout, the kernel F.dropout uses, so a fused layer
+draws the very masks peft's layer would (tests/model/test_frozen_linear.py: same loss and LoRA
+gradients as peft with dropout, checkpointed or not, on CPU in fp32).
+
+`fuse_lora_layers` puts this in front of the forward of each eligible peft LoRA Linear (instance
+attribute, the module and its state dict untouched); the call falls back to peft's own forward
+whenever the layer is not plain training LoRA: eval mode (generation keeps bitsandbytes'
+fast small-batch kernels), merged or disabled adapters, several active adapters,
+mixed-batch adapter names, DoRA or other LoRA variants, LoRA bias, or dtypes peft would mix.
+Under autocast it computes in the autocast dtype (as peft's layers do); without it, only when x,
+the adapter and the base compute in one dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from peftchat.model.fp8 import E4M3, fp8_grad_input, fp8_linear, fp8_shapes_fit
+
+_WRAPPED_FORWARD = "_peftchat_peft_forward"
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # no bitsandbytes: only nn.Linear bases exist
+        return None
+    return bnb
+
+
+def base_kind(base: nn.Module) -> Optional[str]:
+    """"nf4" (any 4-bit), "int8", "dense" for a frozen base this module can compute, else None."""
+    bnb = _bnb()
+    if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
+        return "nf4"
+    if bnb is not None and isinstance(base, bnb.nn.Linear8bitLt):
+        return None if base.state.has_fp16_weights else "int8"
+    if type(base) is nn.Linear and not base.weight.requires_grad:
+        return "dense"
+    return None
+
+
+def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen (out, in) weight of `base` in `dtype`: dequantized for 4-bit and int8 bases."""
+    w = base.weight
+    kind = base_kind(base)
+    if kind == "nf4":
+        import bitsandbytes.functional as bf
+
+        return bf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+    if kind == "int8":
+        # bitsandbytes moves CB/SCB from the weight to `base.state` on the layer's first forward
+        scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB
+        # int8 rows times their absmax / 127, like bitsandbytes' int8_vectorwise_dequant
+        return (w.data.to(torch.float32) * (scb.to(torch.float32) / 127.0).unsqueeze(1)).to(dtype)
+    return w.to(dtype)
+
+
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped x, keep-mask as bools) of inverted dropout in one kernel (torch's native dropout,
+    the one F.dropout uses on CUDA), drawn from torch's RNG so that checkpoint recomputation, which
+    restores the RNG state, draws the same mask."""
+    return torch.native_dropout(x, p, True)
+
+
+class LoraOnFrozenLinear(torch.autograd.Function):
+    """y = base(x) + scaling * (dropout(x) @ A.T) @ B.T for a 2-D x in its compute dtype.
+
+    `fp8_grad`: None for a base matmul in x's dtype; else the fp8 dtype of the incoming gradient
+    in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: the
+    LoRA input (x itself at p = 0; else the dropped copy and the bool mask, as peft keeps them),
+    x @ A.T, A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, fp8_grad):  # type: ignore[override]
+        dtype = x.dtype
+        w = base_weight(base, dtype)
+        y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
+        del w
+        if base.bias is not None:
+            y += base.bias.to(dtype)
+        lora_in, mask = dropout(x, p) if p > 0 else (x, None)
+        xa = lora_in @ lora_a.to(dtype).t()
+        y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)  # the LoRA term lands in the base output
+        ctx.save_for_backward(lora_in, mask, xa, lora_a, lora_b)
+        ctx.base, ctx.scaling, ctx.p, ctx.fp8_grad = base, scaling, p, fp8_grad
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        lora_in, mask, xa, lora_a, lora_b = ctx.saved_tensors
+        dtype, s = lora_in.dtype, ctx.scaling
+        grad = grad.to(dtype).contiguous()
+        grad_xa = (grad @ lora_b.to(dtype)).mul_(s)  # (M, r)
+        grad_b = (grad.t() @ xa).mul_(s)
+        grad_a = grad_xa.t() @ lora_in
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = base_weight(ctx.base, dtype)
+            grad_x = fp8_grad_input(grad, w, ctx.fp8_grad, dtype) if ctx.fp8_grad is not None else grad @ w
+            del w
+            if mask is None:
+                grad_x.addmm_(grad_xa, lora_a.to(dtype))
+            else:
+                grad_x += torch.ops.aten.native_dropout_backward(grad_xa @ lora_a.to(dtype), mask, 1.0 / (1.0 - ctx.p))
+        ctx.base = None
+        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None
+
+
+def _compute_dtype(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:
+    """The one dtype peft's layer would compute in, or None where it would mix dtypes."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    base = layer.get_base_layer()
+    base_dtype = getattr(base, "compute_dtype", None) or (base.weight.dtype if base_kind(base) == "dense" else x.dtype)
+    if x.dtype == lora_a.dtype == base_dtype and x.dtype.is_floating_point:
+        return x.dtype
+    return None
+
+
+def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
+    """The single active adapter when the layer trains vanilla LoRA right now, else None."""
+    if not layer.training or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+        return None
+    return name
+
+
+def fused_lora_forward(layer: nn.Module, fp8_grad: Optional[torch.dtype], x: torch.Tensor, *args: Any,
+                       **kwargs: Any) -> torch.Tensor:
+    """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward."""
+    peft_forward: Callable = getattr(layer, _WRAPPED_FORWARD)
+    # Training mode decides, not grad mode: a checkpointed layer's first forward runs without grad
+    # and must draw the same dropout masks as its recompute.
+    name = None if (args or kwargs) else _plain_lora_adapter(layer)
+    if name is None:
+        return peft_forward(x, *args, **kwargs)
+    base = layer.get_base_layer()
+    quant_state = getattr(base.weight, "quant_state", None)
+    if base_kind(base) == "nf4" and (quant_state is None or getattr(quant_state, "packing_format_for_cpu", False)):
+        return peft_forward(x, *args, **kwargs)  # not quantized yet, or repacked by bnb's CPU inference path
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    dtype = _compute_dtype(layer, x, lora_a)
+    if dtype is None:
+        return peft_forward(x, *args, **kwargs)
+    dropout = layer.lora_dropout[name]
+    p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    out_features, in_features = lora_b.shape[0], lora_a.shape[1]
+    use_fp8 = fp8_grad if (fp8_grad is not None and dtype == torch.bfloat16
+                           and fp8_shapes_fit(in_features, out_features)) else None
+    x2d = x.reshape(-1, in_features).to(dtype)
+    y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, float(layer.scaling[name]), p, use_fp8)
+    # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under
+    # autocast the autocast dtype (without autocast all three are `dtype` anyway)
+    out_dtype = dtype if base_kind(base) == "dense" else x.dtype
+    return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
+
+
+def fusable(layer: nn.Module) -> bool:
+    """A peft LoRA Linear over a frozen base this module computes, with no LoRA variant (DoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(layer, LoraLayer) or not hasattr(layer, "lora_A") or hasattr(layer, _WRAPPED_FORWARD):
+        return False
+    if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
+        return False  # DoRA and the like, or LoRA bias: peft computes them
+    if getattr(layer, "fan_in_fan_out", False):
+        return False
+    return base_kind(layer.get_base_layer()) is not None
+
+
+def fuse_lora_layers(model: nn.Module, fp8: bool = False, fp8_grad: torch.dtype = E4M3) -> dict[str, int]:
+    """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear (bf16 or `fp8` base).
+
+    Returns counts: "fused" layers, and "fp8" of them whose shapes suit `_scaled_mm` (in and out
+    features multiples of 16; the others keep a bf16 base matmul).
+    """
+    fused = fp8_count = 0
+    for layer in model.modules():
+        if not fusable(layer):
+            continue
+        setattr(layer, _WRAPPED_FORWARD, layer.forward)
+        layer.forward = functools.partial(fused_lora_forward, layer, fp8_grad if fp8 else None)
+        fused += 1
+        base = layer.get_base_layer()
+        fp8_count += fp8 and fp8_shapes_fit(base.in_features, base.out_features)
+    return {"fused": fused, "fp8": fp8_count}
+
+
+def unfuse_lora_layers(model: nn.Module) -> int:
+    """Undo `fuse_lora_layers`; returns the number of layers restored."""
+    n = 0
+    for layer in model.modules():
+        if hasattr(layer, _WRAPPED_FORWARD):
+            del layer.forward  # the instance attribute; the class's forward shows again
+            delattr(layer, _WRAPPED_FORWARD)
+            n += 1
+    return n

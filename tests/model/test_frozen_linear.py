@@ -1,0 +1,313 @@
+"""peftchat.model.frozen_linear on CPU: the fused LoRA function against peft's own layers (bf16,
+NF4, int8 bases), dropout, FP8 mode, fallbacks, checkpointing, and a short fused training run."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from peftchat.model import frozen_linear as fl
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def _lora_layer(kind, dtype=torch.bfloat16, lora_dtype=None, dropout=0.0, **config):
+    """A peft LoRA Linear (64 -> 48, r 8, random non-zero B) over a frozen `kind` base."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as lora_bnb, layer as lora_layer
+
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48, bias=True).to(dtype)
+    if kind == "dense":
+        base, cls = dense.requires_grad_(False), lora_layer.Linear
+    elif kind == "nf4":
+        base = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=dtype, quant_type="nf4")
+        base.load_state_dict(dense.state_dict())
+        base, cls = base.to("cpu"), lora_bnb.Linear4bit  # .to() quantizes
+    else:
+        base = bnb.nn.Linear8bitLt(64, 48, bias=True, has_fp16_weights=False, threshold=0.0)
+        base.load_state_dict(dense.state_dict())
+        base, cls = base.to("cpu"), lora_bnb.Linear8bitLt
+    kw = dict(r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False, **config)
+    layer = cls(base, "default", config=LoraConfig(**kw), **kw)
+    for p in layer.lora_A.parameters():
+        p.data = p.data.to(lora_dtype or dtype)
+    for p in layer.lora_B.parameters():
+        p.data = p.data.to(lora_dtype or dtype)
+    return layer.train()
+
+
+def _run(layer, x, grad_out):
+    x = x.detach().requires_grad_(True)
+    y = layer(x)
+    y.backward(grad_out)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    out = (y.detach(), x.grad, a.grad.clone(), b.grad.clone())
+    a.grad = b.grad = None
+    return out
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _inputs(dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, 9, 64, generator=gen).to(dtype), torch.randn(2, 9, 48, generator=gen).to(dtype)
+
+
+def _counting(monkeypatch):
+    calls = []
+    apply = fl.LoraOnFrozenLinear.apply
+    monkeypatch.setattr(fl.LoraOnFrozenLinear, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4", "int8"])
+def test_fused_equals_peft_forward_and_gradients(kind, monkeypatch):
+    layer = _lora_layer(kind)
+    x, g = _inputs()
+    ref = _run(layer, x, g)
+    calls = _counting(monkeypatch)
+    assert fl.fuse_lora_layers(layer) == {"fused": 1, "fp8": 0}
+    got = _run(layer, x, g)
+    assert calls == [1] and got[0].dtype == ref[0].dtype == torch.bfloat16
+    # the same products in bf16; peft rounds the LoRA branch and its scaling separately before the
+    # sum, the fused addmm rounds once: a difference of about one bf16 step (2^-8 = 0.4 %)
+    assert _rel(got[0], ref[0]) < 8e-3 and _rel(got[1], ref[1]) < 8e-3
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-2, atol=1e-3)  # LoRA A and B gradients
+    torch.testing.assert_close(got[3], ref[3], rtol=1e-2, atol=1e-3)
+
+
+def test_rslora_scaling_is_peft_s_own(monkeypatch):
+    layer = _lora_layer("dense", use_rslora=True)  # scaling alpha / sqrt(r) instead of alpha / r
+    assert layer.scaling["default"] == pytest.approx(16 / 8 ** 0.5)
+    x, g = _inputs()
+    ref = _run(layer, x, g)
+    fl.fuse_lora_layers(layer)
+    got = _run(layer, x, g)
+    assert all(_rel(a, b) < 8e-3 for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("kind,x_dtype", [("dense", torch.bfloat16), ("nf4", torch.bfloat16), ("nf4", torch.float32)])
+def test_under_autocast_it_matches_peft_with_fp32_adapters(kind, x_dtype, monkeypatch):
+    layer = _lora_layer(kind, lora_dtype=torch.float32)  # peftchat keeps adapters in fp32
+    x, g = _inputs(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _run(layer, x, g)
+        calls = _counting(monkeypatch)
+        fl.fuse_lora_layers(layer)
+        got = _run(layer, x, g)
+    assert calls == [1] and got[2].dtype == torch.float32 and got[0].dtype == ref[0].dtype
+    for a, b in zip(got, ref):
+        assert _rel(a, b) < 8e-3
+
+
+def test_dropout_equals_a_reference_with_the_same_mask():
+    layer = _lora_layer("nf4", dropout=0.3)
+    x, g = _inputs()
+    fl.fuse_lora_layers(layer)
+    torch.manual_seed(5)
+    got = _run(layer, x, g)
+    torch.manual_seed(5)
+    keep = fl.dropout(x.reshape(-1, 64), 0.3)[1].reshape(x.shape)
+    assert 0.5 < keep.float().mean() < 0.9
+    fl.unfuse_lora_layers(layer)
+    layer.lora_dropout["default"] = nn.Identity()
+    ref = _run(layer, x * keep / 0.7, g)  # peft on the same dropped input: base term differs, LoRA terms not
+    # the dropped input is rounded once (native dropout) vs twice (x * keep, then / 0.7): bf16 steps
+    assert _rel(got[2], ref[2]) < 1e-2 and _rel(got[3], ref[3]) < 1e-2
+
+
+def _saved_tensors(layer, x):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x.requires_grad_(True))
+    return saved
+
+
+def test_dropout_zero_saves_no_mask_and_less_than_peft():
+    x, _ = _inputs()
+    peft_saved = _saved_tensors(_lora_layer("dense", dropout=0.1), x.clone())
+    layer = _lora_layer("dense", dropout=0.0)
+    fl.fuse_lora_layers(layer)
+    saved = _saved_tensors(layer, x.clone())
+    assert not any(t.dtype == torch.bool for t in saved)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in {id(t): t for t in ts}.values())  # noqa: E731
+    assert nbytes(saved) < nbytes(peft_saved)
+    layer = _lora_layer("dense", dropout=0.1)
+    fl.fuse_lora_layers(layer)  # with dropout: the dropped copy and its bool mask, as peft
+    assert [t.dtype for t in _saved_tensors(layer, x.clone())].count(torch.bool) == 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4", "int8"])
+def test_fp8_mode_is_close_to_bf16(kind):
+    layer = _lora_layer(kind)
+    x, g = _inputs()
+    fl.fuse_lora_layers(layer)
+    bf16 = _run(layer, x, g)
+    fl.unfuse_lora_layers(layer)
+    assert fl.fuse_lora_layers(layer, fp8=True) == {"fused": 1, "fp8": 1}
+    got = _run(layer, x, g)
+    # e4m3 keeps 3 mantissa bits (<= 6.25 % per value, ~2 % rms) on both operands of the base matmuls
+    assert _rel(got[0], bf16[0]) < 0.05 and _rel(got[1], bf16[1]) < 0.05
+    # LoRA gradients take the incoming gradient and x in bf16: fp8 touches only the base matmuls
+    torch.testing.assert_close(got[2], bf16[2]) and torch.testing.assert_close(got[3], bf16[3])
+
+
+def test_fallbacks_to_peft(monkeypatch):
+    layer = _lora_layer("dense", use_dora=True)
+    assert fl.fuse_lora_layers(layer) == {"fused": 0, "fp8": 0}  # DoRA stays with peft
+    layer = _lora_layer("dense", lora_dtype=torch.float32)
+    fl.fuse_lora_layers(layer)
+    x, _ = _inputs()
+    assert fl._compute_dtype(layer, x, layer.lora_A["default"].weight) is None  # peft would mix dtypes
+    layer = _lora_layer("dense", dropout=0.3)
+    ref = layer.eval()(x)
+    calls = _counting(monkeypatch)
+    fl.fuse_lora_layers(layer)
+    assert torch.equal(layer(x), ref) and calls == []  # eval (generation): peft's forward, no dropout
+    layer.merge()
+    torch.testing.assert_close(layer(x), ref, rtol=2e-2, atol=2e-2)  # merged: the base layer alone
+    assert calls == []
+    layer.unmerge()
+    assert fl.unfuse_lora_layers(layer) == 1 and "forward" not in vars(layer)
+
+
+def _tiny_lora_model(tiny_llama_dir, checkpointing, dropout=0.2):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftchat.config import TrainingConfig
+    from peftchat.model import kernels
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    kernels.apply_checkpoint_policy(model, TrainingConfig(**checkpointing))
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    return model.train()
+
+
+def _loss_and_grads(model):
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_model_equals_peft_in_fp32(tiny_llama_dir, monkeypatch):
+    ref_loss, ref = _loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False), dropout=0.0))
+    model = _tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False), dropout=0.0)
+    calls = _counting(monkeypatch)
+    assert fl.fuse_lora_layers(model)["fused"] == 14  # q k v o gate up down in 2 layers
+    loss, got = _loss_and_grads(model)
+    assert len(calls) == 14 and loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in ref:  # fp32: only the summation order differs
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [dict(gradient_checkpointing=False), dict(), dict(checkpoint_offload=True)])
+def test_fused_model_with_dropout_equals_peft_checkpointed_or_not(tiny_llama_dir, checkpointing, monkeypatch):
+    ref_loss, ref = _loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False)))
+    model = _tiny_lora_model(tiny_llama_dir, checkpointing)
+    calls = _counting(monkeypatch)
+    fl.fuse_lora_layers(model)
+    loss, got = _loss_and_grads(model)
+    recomputed = checkpointing.get("gradient_checkpointing", True)
+    assert len(calls) == (2 if recomputed else 1) * 14  # forward (and the recompute in backward)
+    # torch's native dropout is what F.dropout draws from, so the masks are peft's own, and the
+    # recompute draws them again (checkpointing restores the RNG state): equal up to fp32 summation order
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+def test_fp8_is_refused_without_a_hopper_gpu():
+    from peftchat.config import recipe_from_dict
+    from peftchat.errors import ConfigError
+    from peftchat.model.kernels import check_fp8_device
+
+    recipe = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"fp8": True}})
+    with pytest.raises(ConfigError, match="'training.fp8' needs a CUDA GPU of compute capability 9.0"):
+        check_fp8_device(recipe.training, torch.device("cpu"))
+    check_fp8_device(recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}}).training,
+                     torch.device("cpu"))  # fp8 off: nothing to check
+
+
+@pytest.mark.parametrize("training,match", [({"fused_lora": "yes"}, "'training.fused_lora' is 'yes'"),
+                                            ({"fp8": True, "fused_lora": False}, "training.fp8"),
+                                            ({"fp8": True, "compile": True}, "training.compile")])
+def test_config_rejects_bad_fused_lora_keys(training, match):
+    from peftchat.config import recipe_from_dict
+    from peftchat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": training})
+
+
+def test_fp8_recipe_on_cpu_exits_2_before_loading(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    from peftchat.cli import main
+    from peftchat.model import load
+
+    monkeypatch.setattr(load, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["train", str(RECIPES / "demo.yaml"), "training.fp8=true", "training.device=cpu",
+               f"training.output_dir={tmp_path / 'run'}", f"model.path={tiny_llama_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'training.fp8' needs a CUDA GPU" in err[0] and "Traceback" not in err[0]
+
+
+def _train_losses(tiny_llama_dir, out, fused, monkeypatch):
+    from peftchat.config import load_recipe
+    from peftchat.train import loop
+
+    calls = _counting(monkeypatch)
+    recipe = load_recipe(str(RECIPES / "demo_qlora.yaml"), [
+        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
+        "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0",
+        "training.gradient_checkpointing=true", f"training.fused_lora={fused}"])
+    applied = []
+    loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], applied, len(calls)
+
+
+def test_short_nf4_training_run_with_fused_lora(tiny_llama_dir, tmp_path, monkeypatch):
+    # (that the fused model's loss and gradients equal peft's is tested above; this is the recipe path)
+    losses, applied, calls = _train_losses(tiny_llama_dir, tmp_path / "fused", "true", monkeypatch)
+    assert "fused_lora:14 layers" in applied and calls >= 2 * 2 * 14  # 2 steps, forward + recompute
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert (tmp_path / "fused" / "adapter_model.safetensors").exists()
+
+
+def test_fp8_tiny_model_stays_close_to_bf16(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    results = []
+    for use_fp8 in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+        counts = fl.fuse_lora_layers(model.train(), fp8=use_fp8)
+        assert counts == {"fused": 14, "fp8": 14 if use_fp8 else 0}  # hidden 64, mlp 128, kv 32: all fit
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(model))
+    (loss16, grads16), (loss8, grads8) = results
+    # measured: loss 4e-5 apart, LoRA gradients 5.4 % apart (relative norm), cosine 0.9985
+    assert loss8 == pytest.approx(loss16, rel=1e-3)
+    flat16 = torch.cat([g.flatten().double() for g in grads16.values()])
+    flat8 = torch.cat([grads8[n].flatten().double() for n in grads16])
+    assert torch.nn.functional.cosine_similarity(flat8, flat16, dim=0) > 0.99
+    assert _rel(flat8, flat16) < 0.1
