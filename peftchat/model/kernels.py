@@ -236,7 +236,7 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
 
 
 # `training.fused_lora: auto` turns the fused function on for CUDA training (see benchmarks/RESULTS.md).
-FUSED_LORA_AUTO_ON_CUDA = False
+FUSED_LORA_AUTO_ON_CUDA = True
 
 
 def check_fp8_device(cfg: TrainingConfig, device: torch.device) -> None:
