@@ -36,7 +36,7 @@ RUNTIME_KEYS = (
     "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
     "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
     "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
-    "data.cache_dir", "data.max_record_bytes",
+    "data.cache_dir", "data.max_record_bytes", "distributed",
 )
 
 
