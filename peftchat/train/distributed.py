@@ -265,6 +265,10 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
 
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]
+    live_keys = set(optimizer.param_groups[0])  # a saved one may hold more (the lr schedule's initial_lr)
+    groups = [{**{k: v for k, v in group.items() if k in live_keys}, "params": [names[i] for i in group["params"]]}
+              for group in saved["param_groups"]]
     full = {"state": {names[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    for live, group in zip(optimizer.param_groups, saved["param_groups"]):  # as load_state_dict does
+        live.update({k: v for k, v in group.items() if k != "params"})
