@@ -48,7 +48,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)  # recipe errors answer before the heavy imports
     from peftchat.paths import check_writable_dir
 
-    check_writable_dir(recipe.training.output_dir, "training.output_dir")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only process 0 writes (peftchat.train.distributed)
+        check_writable_dir(recipe.training.output_dir, "training.output_dir")
     from peftchat.train.loop import TrainHooks, train
 
     hooks = TrainHooks()
