@@ -132,7 +132,7 @@ def test_fsdp2_two_ranks_equal_one_process(one_process, tiny_llama_dir, tmp_path
     result, _ = _torchrun(tmp_path, out, f"model.path={tiny_llama_dir}", "distributed.strategy=fsdp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert _max_relative(_adapter(one_process), _adapter(out)) < 1e-4
-    assert _max_relative(_adapter(one_process), _adapter(out / "checkpoint-4")) < 1e-4  # gathered checkpoints
+    assert _max_relative(_adapter(one_process / "checkpoint-4"), _adapter(out / "checkpoint-4")) < 1e-4  # gathered
     saved = torch.load(out / "checkpoint-6" / "optimizer.pt", weights_only=True)["optimizer"]
     reference = torch.load(one_process / "checkpoint-6" / "optimizer.pt", weights_only=True)["optimizer"]
     assert saved["state"].keys() == reference["state"].keys()  # one checkpoint format for every strategy
