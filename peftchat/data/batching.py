@@ -284,7 +284,7 @@ class Batches:
             if batch_index >= len(plan):
                 epoch, batch_index = epoch + 1, 0
             if world == 1:
-                yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress)
+                yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress, size=len(rows))
                 continue
             mine = rows[rank * share:(rank + 1) * share]
             yield Window([self.micro_batch(r) for r in mine], epoch, batch_index, progress,

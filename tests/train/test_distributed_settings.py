@@ -95,3 +95,29 @@ def test_distributed_keys_do_not_stop_a_resume():
 def test_config_rejects_fsdp_with_8bit_at_load(tmp_path):
     with pytest.raises(ConfigError, match="8bit"):
         load_recipe(RECIPE, [f"model.path={tmp_path}", "distributed.strategy=fsdp", "model.quantization=8bit"])
+
+
+def test_torchrun_with_one_process_equals_no_torchrun(tiny_llama_dir, tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 1` (here: its environment, in this process) trains the same
+    adapter, bit for bit, through the DDP and the FSDP2 code paths as a plain run."""
+    from safetensors.torch import load_file
+
+    from peftchat.train.loop import train
+
+    settings = [f"model.path={tiny_llama_dir}", "training.tensorboard=false", "training.max_steps=2",
+                "training.save_steps=0", "training.batch_size=3", "training.gradient_accumulation_steps=2"]
+    train(load_recipe(RECIPE, [*settings, f"training.output_dir={tmp_path / 'plain'}"]))
+    plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    for strategy in ("ddp", "fsdp"):
+        sock = __import__("socket").socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(key, value)
+        out = tmp_path / strategy
+        train(load_recipe(RECIPE, [*settings, f"training.output_dir={out}", f"distributed.strategy={strategy}"]))
+        assert not torch.distributed.is_initialized()  # destroyed at the end
+        one = load_file(str(out / "adapter_model.safetensors"))
+        assert plain.keys() == one.keys() and all(torch.equal(plain[k], one[k]) for k in plain), strategy
