@@ -275,6 +275,9 @@ def _note_world_size(run: Run, state: TrainState) -> None:
         print(f"note: {run.resumed_from} was written by {then} process(es), this run has {now}: from step "
               f"{state.step + 1} an optimizer step takes {now * g} micro-batches (was {then * g}); "
               f"resume with {then} process(es) to continue the run exactly", flush=True)
+        if run.dist.is_main:
+            with MetricsLogger(run.out) as metrics:
+                metrics.log({"step": state.step, "world_size_change": [then, now]})
     state.world_size = now
 
 
