@@ -129,7 +129,7 @@ class DistributedConfig:
     quant_storage: str = "auto"
     find_unused_parameters: bool = False  # ddp: only if some trainable parameter gets no gradient
     reshard_after_forward: bool = True  # fsdp: free gathered layers after forward (False: more memory, less traffic)
-    timeout_s: int = 1800  # a collective that waits longer fails the job
+    timeout_s: int = 1800  # a collective that waits longer fails the job (also: the wait for process 0's data preparation)
 
 
 @dataclass

@@ -138,6 +138,16 @@ def barrier(state: Dist) -> None:
         dist.barrier(group=state.side_group)
 
 
+@contextlib.contextmanager
+def main_first(state: Dist) -> Iterator[None]:
+    """Process 0 runs the block first (it fills the data caches), the others then (they read them)."""
+    if not state.is_main:
+        barrier(state)
+    yield
+    if state.is_main:
+        barrier(state)
+
+
 def sum_counts(state: Dist, values: list[float]) -> list[float]:
     """Element-wise sum of small host-side numbers over ranks (on the gloo side group: no GPU sync)."""
     if not state.active:
@@ -205,14 +215,17 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
                    else {"broadcast_buffers": False})
         return DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=recipe.distributed.find_unused_parameters,
                                        **no_sync)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from peftchat.model.kernels import decoder_layers
 
+    # the mesh of the rank's own device type (FSDP2's default follows CUDA's presence, not training.device)
+    mesh = init_device_mesh(state.device.type, (state.world_size,))
     reshard = recipe.distributed.reshard_after_forward
     for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=reshard)
-    fully_shard(wrapped, reshard_after_forward=reshard)  # the root: embeddings, final norm, head
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(wrapped, mesh=mesh, reshard_after_forward=reshard)  # the root: embeddings, final norm, head
     return wrapped
 
 

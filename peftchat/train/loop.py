@@ -208,7 +208,8 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     check_model_source(recipe)
     device = dist.device or resolve_device(recipe)
     set_seed(cfg.seed)
-    tokenizer, report, train, evaluation = setup_data(recipe)
+    with distributed.main_first(dist):  # one process writes the tokenized-data caches, the others read them
+        tokenizer, report, train, evaluation = setup_data(recipe)
     total, per_epoch = planned_steps(recipe, train, dist.world_size)
     model, loss_fn, counts = setup_model(recipe, device, hooks, sharded=dist.strategy == "fsdp")
     if resume_from is not None:
