@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from peftchat.config import load_recipe
 from peftchat.train.loop import train
 
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "demo.yaml"
 # batch 3: 7 micro-batches an epoch, so step 4 is a short window in which rank 1 has no micro-batch
