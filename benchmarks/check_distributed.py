@@ -1,7 +1,7 @@
 """The torchrun code paths on one machine, against a plain single-process run of the same recipe:
 
 (plain) `peftchat train` in one process (no process group);
-(ddp)   `torchrun --nproc-per-node 1 -m peftchat.cli train` (NCCL on a GPU, gloo on the CPU), DDP;
+(ddp)   `torchrun --nproc-per-node 1 -m peftchat.cli train` (`--nproc N`: N, and plain gets accumulation N) (NCCL on a GPU, gloo on the CPU), DDP;
 (fsdp)  the same with `distributed.strategy=fsdp`: FSDP2 `fully_shard` per decoder layer + root over
         a 4-bit QLoRA base (bitsandbytes quant_storage = compute dtype).
 
@@ -37,10 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(kind: str) -> list[str]:
+def launch(kind: str, nproc: int) -> list[str]:
     if kind == "plain":
         return list(PEFTCHAT)
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
             str(_free_port()), "-m", "peftchat.cli"]
 
 
@@ -92,7 +92,9 @@ def check(kind: str, args: argparse.Namespace, overrides: list[str], work: Path,
     adapter = work / kind
     shutil.rmtree(adapter, ignore_errors=True)  # the loop refuses to train over a finished run
     extra = ["distributed.strategy=fsdp"] if kind == "fsdp" else []
-    cmd = launch(kind) + ["train", "recipes/demo_qlora.yaml", *overrides, f"training.output_dir={adapter}", *extra]
+    if kind == "plain":  # the same global batch as N processes with accumulation 1
+        extra = [f"training.gradient_accumulation_steps={args.nproc}"]
+    cmd = launch(kind, args.nproc) + ["train", "recipes/demo_qlora.yaml", *overrides, f"training.output_dir={adapter}", *extra]
     rc = run(cmd, out / f"{kind}.log", args.timeout)
     result: dict = {"rc": rc, "command": " ".join(cmd)}
     if rc == 0:
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantization", default="4bit", choices=["4bit", "none"])
     p.add_argument("--smoke", action="store_true", help="tiny shape, CPU, gloo, fp32: a dry run of the script")
     p.add_argument("--runs", default="plain,ddp,fsdp")
+    p.add_argument("--nproc", type=int, default=1, help="processes per torchrun (GPUs); plain gets that accumulation")
     p.add_argument("--timeout", type=float, default=540)
     p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"))
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "peftchat_check_distributed"))
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             result["loss_max_rel_diff_vs_plain"] = max_relative(plain["losses"], result["losses"])
             result["adapter_max_rel_diff_vs_plain"] = adapter_difference(work / "plain", work / kind)
     report = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
+              "nproc": args.nproc,
               "smoke": args.smoke, "quantization": args.quantization, "steps": args.steps, "runs": runs}
     (out / "check_distributed.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     for kind, r in runs.items():
