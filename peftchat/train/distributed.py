@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional
@@ -61,13 +62,16 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES)
 
 
-def check_launch(recipe: Recipe) -> None:
-    """ConfigError for distributed settings that cannot work in this launch (one clear line)."""
+def check_launch(recipe: Recipe, launching: bool = False) -> None:
+    """ConfigError for distributed settings that cannot work in this launch (one clear line);
+    `launching`: this process is about to start the torchrun processes itself."""
     strategy = recipe.distributed.strategy
-    if strategy == "fsdp" and not launched_by_torchrun():
+    torchrun = launching or launched_by_torchrun()
+    if strategy == "fsdp" and not torchrun:
         raise ConfigError("distributed.strategy=fsdp needs several processes: launch with "
-                          "`torchrun --nproc-per-node N -m peftchat.cli train ...` (N may be 1), or set distributed.strategy=ddp")
-    if not launched_by_torchrun():
+                          "`peftchat train --nproc-per-node N ...` or `torchrun --nproc-per-node N -m peftchat.cli train ...` "
+                          "(N may be 1), or set distributed.strategy=ddp")
+    if not torchrun:
         return
     device = recipe.training.device
     if device.startswith("cuda:"):
@@ -76,6 +80,32 @@ def check_launch(recipe: Recipe) -> None:
     if strategy == "fsdp" and recipe.training.eval_generate > 0:
         raise ConfigError("training.eval_generate is not supported with distributed.strategy=fsdp; "
                           "score the trained adapter with `peftchat eval` instead")
+
+
+def launch_local(nproc: int, argv: list[str]) -> int:
+    """`peftchat train --nproc-per-node N ...`: torchrun's own launcher (`torch.distributed.run`,
+    standalone rendezvous on a free port) run from inside the CLI, so that a failed process ends
+    in its own one-line error and this exit code instead of torchrun's ChildFailedError traceback.
+    Returns 0, or the exit code of the first process that failed (2 for a user error)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # the agent logs each stop and failure; the processes' own lines say what went wrong
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)  # its OMP_NUM_THREADS banner
+    args = get_args_parser().parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "peftchat.cli", *argv])
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = min(e.failures.items())
+        if failure.exitcode < 0:  # killed by a signal: no line of its own
+            print(f"peftchat: error: process {rank} was killed by signal {-failure.exitcode}; the others were "
+                  f"stopped; continue from the last checkpoint with training.resume=true", file=sys.stderr, flush=True)
+            return 1
+        return failure.exitcode
+    return 0
 
 
 def _rank_device(recipe: Recipe, local_rank: int) -> torch.device:

@@ -63,6 +63,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _peftchat_nproc(out: Path, *overrides: str, timeout: int = 240):
+    """`peftchat train --nproc-per-node 2` (torchrun's launcher started by the CLI)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "peftchat.cli", "train", str(RECIPE), "--nproc-per-node", "2", *SETTINGS,
+           f"training.output_dir={out}", *overrides]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _torchrun(tmp_path: Path, out: Path, *overrides: str, kill: str = "", timeout: int = 240):
     launcher = tmp_path / "launch_train.py"
     launcher.write_text(LAUNCHER, encoding="utf-8")
@@ -132,8 +140,9 @@ def test_only_rank_zero_writes(one_process, ddp_run):
 
 def test_fsdp2_two_ranks_equal_one_process(one_process, tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
-    result, _ = _torchrun(tmp_path, out, f"model.path={tiny_llama_dir}", "distributed.strategy=fsdp")
+    result = _peftchat_nproc(out, f"model.path={tiny_llama_dir}", "distributed.strategy=fsdp")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "distributed: 2 process(es), strategy fsdp" in result.stdout and "Traceback" not in result.stderr
     assert _max_relative(_adapter(one_process), _adapter(out)) < 1e-4
     assert _max_relative(_adapter(one_process / "checkpoint-4"), _adapter(out / "checkpoint-4")) < 1e-4  # gathered
     saved = torch.load(out / "checkpoint-6" / "optimizer.pt", weights_only=True)["optimizer"]

@@ -33,6 +33,7 @@ def _one_error_line(capsys) -> str:
     (["training.device=cuda:1"], TORCHRUN_ENV, "each rank uses cuda:LOCAL_RANK"),
     (["distributed.strategy=fsdp", "training.eval_generate=2"], TORCHRUN_ENV, "eval_generate is not supported"),
     (["distributed.timeout_s=0"], {}, "'distributed.timeout_s' must be > 0"),
+    (["--nproc-per-node", "0"], {}, "--nproc-per-node must be >= 1"),
 ])
 def test_bad_distributed_settings_are_one_line_exit_2(tmp_path, monkeypatch, capsys, overrides, env, message):
     for key, value in env.items():
@@ -121,3 +122,27 @@ def test_torchrun_with_one_process_equals_no_torchrun(tiny_llama_dir, tmp_path, 
         assert not torch.distributed.is_initialized()  # destroyed at the end
         one = load_file(str(out / "adapter_model.safetensors"))
         assert plain.keys() == one.keys() and all(torch.equal(plain[k], one[k]) for k in plain), strategy
+
+
+@pytest.mark.parametrize("exitcode, expected, line", [
+    (2, 2, None),  # the process printed its own one-line error
+    (-9, 1, "peftchat: error: process 1 was killed by signal 9; the others were stopped"),
+])
+def test_nproc_launcher_turns_a_failed_process_into_its_exit_code(monkeypatch, capsys, exitcode, expected, line):
+    """`peftchat train --nproc-per-node N`: torchrun's ChildFailedError (which torchrun itself
+    prints as a traceback) becomes the failed process's exit code and at most one line."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from peftchat.train.distributed import launch_local
+
+    def fail(args):
+        assert args.nproc_per_node == "2" and args.standalone and args.module
+        assert args.training_script == "peftchat.cli" and args.training_script_args[:1] == ["train"]
+        raise ChildFailedError("peftchat.cli", {1: ProcessFailure(1, 4321, exitcode, "/nonexistent/error.json")})
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    assert launch_local(2, ["train", "recipe.yaml"]) == expected
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert (err.strip() == "") if line is None else err.strip().startswith(line)
