@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from peftchat.config import Recipe
-from peftchat.errors import ConfigError
+from peftchat.errors import ConfigError, UserError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -246,7 +246,12 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
         return DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=recipe.distributed.find_unused_parameters,
                                        **no_sync)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # FSDP2's public name arrived in torch 2.6
+        raise UserError(f"distributed.strategy=fsdp needs torch >= 2.6 (FSDP2's fully_shard), this is "
+                        f"{torch.__version__}; use distributed.strategy=ddp") from None
 
     from peftchat.model.kernels import decoder_layers
 
