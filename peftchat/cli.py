@@ -48,7 +48,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)  # recipe errors answer before the heavy imports
     from peftchat.paths import check_writable_dir
 
-    check_writable_dir(recipe.training.output_dir, "training.output_dir")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only process 0 writes (peftchat.train.distributed)
+        check_writable_dir(recipe.training.output_dir, "training.output_dir")
+    if args.nproc_per_node is not None:  # start the torchrun processes here; each runs this command
+        _check_count("--nproc-per-node", args.nproc_per_node, 1)
+        from peftchat.train.distributed import check_launch, launch_local
+
+        check_launch(recipe, launching=True)
+        return launch_local(args.nproc_per_node, ["train", args.recipe, *args.overrides])
     from peftchat.train.loop import TrainHooks, train
 
     hooks = TrainHooks()
@@ -262,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train an adapter from a recipe")
     _add_recipe_args(p)
+    p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine, one per GPU (torchrun; README 'Several GPUs')")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the fully resolved recipe as YAML")

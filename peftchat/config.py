@@ -122,6 +122,19 @@ class TrainingConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used only under `torchrun` (README "Several GPUs"); a single process ignores it."""
+
+    strategy: str = "ddp"  # ddp (replicate, reduce gradients) | fsdp (FSDP2 fully_shard: shard the base)
+    # storage dtype of 4-bit weights: auto = model.compute_dtype under fsdp (FSDP2 shards them
+    # with the other weights), uint8 otherwise | uint8 | bf16 | fp16 | fp32
+    quant_storage: str = "auto"
+    find_unused_parameters: bool = False  # ddp: only if some trainable parameter gets no gradient
+    reshard_after_forward: bool = True  # fsdp: free gathered layers after forward (False: more memory, less traffic)
+    timeout_s: int = 1800  # a collective that waits longer fails the job (also: the wait for process 0's data preparation)
+
+
+@dataclass
 class DecodingConfig:
     max_new_tokens: int = 256
     temperature: float = 0.7  # 0 = greedy
@@ -139,6 +152,7 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
 
@@ -160,6 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),
     "training.resume_changes": ("refuse", "allow"),
     "training.on_nan": ("stop", "skip"),
+    "distributed.strategy": ("ddp", "fsdp"),
+    "distributed.quant_storage": ("auto", "uint8", "bf16", "fp16", "fp32"),
 }
 
 # YAML and `key=value` spellings of a tri-state / boolean-or-path key.
@@ -386,6 +402,7 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.eval is not None:
         data_sources(recipe.data.eval, "data.eval")
     _validate_training(recipe.training)
+    _validate_distributed(recipe)
 
 
 # ------------------------------------------------------------------------------ numeric ranges
@@ -458,6 +475,7 @@ RANGES: dict[str, Range] = {
     "decoding.repetition_penalty": POSITIVE,  # 1 = none
     "decoding.max_context": POSITIVE,  # null = data.max_length
     "training.max_memory_gib": POSITIVE,  # null = no budget: the recipe's own checkpoint settings
+    "distributed.timeout_s": POSITIVE,
 }
 
 
@@ -507,6 +525,30 @@ def _validate_training(t: TrainingConfig) -> None:
         raise ConfigError("'training.compile' cannot be combined with 'training.fp8' or 'training.fused_lora: true'")
     if t.checkpoint_skip_layers < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {t.checkpoint_skip_layers}")
+
+
+def _validate_distributed(recipe: Recipe) -> None:
+    d, m = recipe.distributed, recipe.model
+    if d.strategy != "fsdp":
+        return
+    if m.quantization == "8bit":
+        # bitsandbytes' Int8Params keep their scales beside the weight; FSDP2 would shard the weight alone
+        raise ConfigError("distributed.strategy=fsdp does not support model.quantization=8bit; use 4bit or none, "
+                          "or distributed.strategy=ddp")
+    if recipe.training.optimizer != "adamw":
+        # bitsandbytes' 8-bit optimizers keep state per whole tensor; FSDP2 hands them DTensor shards
+        raise ConfigError(f"distributed.strategy=fsdp needs training.optimizer=adamw, got {recipe.training.optimizer}")
+    if m.quantization == "4bit" and d.quant_storage not in ("auto", m.compute_dtype):
+        raise ConfigError(f"distributed.strategy=fsdp with a 4-bit base needs distributed.quant_storage equal to "
+                          f"model.compute_dtype ({m.compute_dtype}) or auto, got {d.quant_storage}")
+
+
+def quant_storage(recipe: Recipe, sharded: bool) -> str:
+    """The storage dtype name of 4-bit weights (`distributed.quant_storage`; `sharded`: FSDP2 runs)."""
+    name = recipe.distributed.quant_storage
+    if name != "auto":
+        return name
+    return recipe.model.compute_dtype if sharded else "uint8"
 
 
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:

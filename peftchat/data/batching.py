@@ -208,6 +208,11 @@ class Window:
     epoch: int  # the position after this window: the next micro-batch is `batch_index` of `epoch`
     batch_index: int
     epoch_progress: float  # epochs done at the end of this window, e.g. 1.25
+    # Sharded (several processes): this process's micro-batches start at `offset` in the window of
+    # `size` micro-batches all processes share; `rows` is that whole window's plan.
+    offset: int = 0
+    size: int = 0
+    rows: tuple = ()
 
     @property
     def label_tokens(self) -> int:
@@ -257,10 +262,17 @@ class Batches:
         tokens = sum(self.lengths[i] for row in rows for i in row)
         return MicroBatch(with_loss_targets(batch), count_label_tokens(batch["labels"]), tokens)
 
-    def windows(self, epoch: int, batch_index: int, accumulation: int) -> Iterator[Window]:
+    def windows(self, epoch: int, batch_index: int, accumulation: int,
+                part: tuple[int, int] = (0, 1)) -> Iterator[Window]:
         """Accumulation windows from position (`epoch`, `batch_index`) on, epoch after epoch; the
         last window of an epoch may be short. A position past an epoch's end (the data changed
-        under a resumed run) moves on to the next epoch."""
+        under a resumed run) moves on to the next epoch.
+
+        `part` = (r, n): process r of n takes, of each window of `accumulation` micro-batches (a
+        multiple of n), the contiguous share r*g .. r*g+g-1 (g = accumulation / n), so the n
+        processes together step through the data in the order one process would."""
+        rank, world = part
+        share = accumulation // world
         while True:
             plan = self.plan(epoch)
             if batch_index >= len(plan):
@@ -271,7 +283,12 @@ class Batches:
             progress = epoch + batch_index / len(plan)
             if batch_index >= len(plan):
                 epoch, batch_index = epoch + 1, 0
-            yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress)
+            if world == 1:
+                yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress, size=len(rows))
+                continue
+            mine = rows[rank * share:(rank + 1) * share]
+            yield Window([self.micro_batch(r) for r in mine], epoch, batch_index, progress,
+                         offset=rank * share, size=len(rows), rows=tuple(rows))
 
     def in_order(self) -> Iterator[MicroBatch]:
         """Every micro-batch of the first epoch's plan (the eval set: built without shuffling)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from peftchat.config import Recipe
+from peftchat.config import Recipe, quant_storage
 from peftchat.errors import UserError
 from peftchat.paths import looks_local
 from peftchat.quiet import quiet_int8_cast
@@ -85,8 +85,9 @@ def attention_for(source: str, recipe: Recipe) -> str:
     return "eager"
 
 
-def _quantization_config(recipe: Recipe):
-    """A transformers BitsAndBytesConfig for `model.quantization`, or None."""
+def _quantization_config(recipe: Recipe, sharded: bool = False):
+    """A transformers BitsAndBytesConfig for `model.quantization`, or None. `sharded` (FSDP2):
+    4-bit weights are stored in the compute dtype unless `distributed.quant_storage` says otherwise."""
     m = recipe.model
     if m.quantization == "none":
         return None
@@ -95,8 +96,10 @@ def _quantization_config(recipe: Recipe):
     if m.quantization == "8bit":
         quiet_int8_cast()
         return BitsAndBytesConfig(load_in_8bit=True)
+    storage = quant_storage(recipe, sharded)
     return BitsAndBytesConfig(
         load_in_4bit=True,
+        bnb_4bit_quant_storage=torch.uint8 if storage == "uint8" else torch_dtype(storage),
         bnb_4bit_quant_type=m.quant_type,
         bnb_4bit_use_double_quant=m.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(m.compute_dtype),
@@ -150,8 +153,10 @@ def damaged_safetensors(directory: Path) -> str | None:
     return None
 
 
-def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True):
-    """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`).
+def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True,
+                    sharded: bool = False):
+    """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`);
+    `sharded`: FSDP2 will shard it (the 4-bit storage dtype, `_quantization_config`).
 
     For training the weights are frozen, the KV cache is off and the model is in train mode
     (from_pretrained returns eval mode, in which transformers silently skips checkpointing);
@@ -163,7 +168,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
     device = torch.device(device) if device is not None else resolve_device(recipe)
     source = check_model_source(recipe)
     _check_attention(m.attn_implementation, device)
-    quant = _quantization_config(recipe)
+    quant = _quantization_config(recipe, sharded)
     if quant is not None and device.type not in ("cuda", "cpu"):
         raise UserError(f"model.quantization={m.quantization} needs a CUDA or CPU device, got {device}")
     try:

@@ -45,6 +45,7 @@ class TrainState:
     train_time_s: float = 0.0  # time spent in training steps, over all sessions
     total_steps: int = 0  # the run's planned length when this state was saved
     nan_skipped: int = 0  # optimizer steps dropped for a NaN/inf loss (training.on_nan=skip)
+    world_size: int = 1  # processes that trained the last stretch (torchrun; peftchat.train.distributed)
     # recipe changes accepted at resumes: [{"step": S, "changes": {"key": [old, new]}}, ...]
     changes: list = field(default_factory=list)
 
@@ -81,21 +82,23 @@ def restore_rng(state: dict) -> None:
 
 
 def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, optimizer, *, tokenizer=None,
-                    recipe=None, grad_scaler=None, rng: dict | None = None, keep: int = 0) -> Path:
+                    recipe=None, grad_scaler=None, rng: dict | None = None, keep: int = 0,
+                    adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write `output_dir/checkpoint-{state.step}` atomically, then keep the newest `keep`.
 
     `rng` is the RNG state to record (default: now); an existing checkpoint of the same step is
-    replaced.
+    replaced. `adapter_state` / `optimizer_state`: the trainable weights and the optimizer state
+    when the live objects do not hold them whole (FSDP2 gathers them; default: read them live).
     """
     from peftchat.train.resume import save_recipe_with_history
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({"state_dict": adapter_state} if adapter_state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if recipe is not None:
             save_recipe_with_history(recipe, state.changes, tmp / RECIPE_FILE)
-        torch.save({"optimizer": optimizer.state_dict(),
+        torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
                     "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None},
                    tmp / OPTIMIZER_FILE)
         torch.save(rng if rng is not None else capture_rng(), tmp / RNG_FILE)
@@ -110,15 +113,8 @@ def read_state(path: str | os.PathLike) -> TrainState:
     return TrainState(**json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8")))
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, *, grad_scaler=None,
-                    restore_rng_state: bool = True) -> TrainState:
-    """Load adapter weights, optimizer (and grad scaler) from checkpoint `path` into the live
-    objects, restore the RNG states last, and return the data position.
-
-    Call it at the very end of setup (before only the lr schedule, which draws no random
-    numbers): anything drawing random numbers afterwards (a LoRA init, say) would move the
-    restored RNG.
-    """
+def load_adapter_weights(path: str | os.PathLike, model) -> None:
+    """The checkpoint's adapter weights into the (not yet sharded) LoRA model."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
     path = Path(path)
@@ -131,11 +127,34 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, *, grad_scaler=No
         raise UserError(f"checkpoint {path} does not fit this adapter: {str(e).splitlines()[0]}") from None
     if getattr(result, "unexpected_keys", None):
         raise UserError(f"checkpoint {path} does not fit this adapter: unexpected {result.unexpected_keys[:3]}")
+
+
+def load_training_state(path: str | os.PathLike, optimizer, *, grad_scaler=None, restore_rng_state: bool = True,
+                        load_optimizer=None, rank: int = 0) -> TrainState:
+    """Optimizer (and grad scaler) from checkpoint `path`, the RNG states last (rank `rank`'s
+    when the checkpoint holds one per rank, else rank 0's); returns the data position.
+    `load_optimizer(saved)`: how to put the saved optimizer state in (default: load_state_dict)."""
+    path = Path(path)
     blobs = torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blobs["optimizer"])
+    (load_optimizer or optimizer.load_state_dict)(blobs["optimizer"])
     if grad_scaler is not None and blobs.get("grad_scaler"):
         grad_scaler.load_state_dict(blobs["grad_scaler"])
     state = read_state(path)
     if restore_rng_state:
-        restore_rng(torch.load(path / RNG_FILE, weights_only=True))
+        rng = torch.load(path / RNG_FILE, weights_only=True)
+        ranks = rng.get("ranks") or [rng]
+        restore_rng(ranks[rank] if rank < len(ranks) else ranks[0])
     return state
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer, *, grad_scaler=None,
+                    restore_rng_state: bool = True) -> TrainState:
+    """Load adapter weights, optimizer (and grad scaler) from checkpoint `path` into the live
+    objects, restore the RNG states last, and return the data position.
+
+    Call it at the very end of setup (before only the lr schedule, which draws no random
+    numbers): anything drawing random numbers afterwards (a LoRA init, say) would move the
+    restored RNG.
+    """
+    load_adapter_weights(path, model)
+    return load_training_state(path, optimizer, grad_scaler=grad_scaler, restore_rng_state=restore_rng_state)

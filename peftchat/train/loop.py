@@ -52,7 +52,15 @@ from peftchat.rundir import (
     remove_stale_temp_dirs,
     unmark_finished,
 )
-from peftchat.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from peftchat.train import distributed
+from peftchat.train.checkpoint import (
+    TrainState,
+    capture_rng,
+    load_adapter_weights,
+    load_training_state,
+    save_checkpoint,
+)
+from peftchat.train.distributed import SINGLE, Dist, barrier, gradient_sync, sum_counts, sum_tensor
 from peftchat.train.lock import sole_writer
 from peftchat.train.loss import causal_lm_loss, make_loss
 from peftchat.train.metrics import (
@@ -118,6 +126,10 @@ class Run:
     # (step, window, per-micro-batch losses, window loss) of the steps whose losses `verify_finite`
     # has not looked at yet (training.on_nan=stop)
     unverified: list = field(default_factory=list)
+    dist: Dist = SINGLE  # torchrun: this process's place in the job (peftchat.train.distributed)
+    wrapped: Any = None  # torchrun: the model's loss under DDP / FSDP2 (distributed.wrap_for_training)
+    interrupt: Any = None  # the GracefulInterrupt of the step loop
+    interrupt_seen: bool = False  # torchrun: some process was interrupted (agreed on by all)
 
 
 # ------------------------------------------------------------------------------ setup
@@ -143,14 +155,15 @@ def setup_data(recipe: Recipe):
     return tokenizer, data.report, train, evaluation
 
 
-def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks):
-    """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts)."""
+def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded: bool = False):
+    """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts);
+    `sharded`: FSDP2 will shard it."""
     from peftchat.model.adapters import apply_lora, count_parameters
     from peftchat.model.kernels import apply_training_speedups
     from peftchat.model.load import load_base_model
     from peftchat.model.memory_budget import budgeted_training_config
 
-    base = load_base_model(recipe, device)
+    base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:
         hooks.after_model_load(base)
     model = apply_lora(base, recipe)
@@ -174,15 +187,16 @@ def mixed_precision(recipe: Recipe, device: torch.device):
     return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
 
 
-def planned_steps(recipe: Recipe, train: Batches) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch); the last window of an epoch may be short."""
+def planned_steps(recipe: Recipe, train: Batches, world_size: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); the last window of an epoch may be short. A step
+    of `world_size` processes takes `world_size` x accumulation micro-batches."""
     cfg = recipe.training
-    per_epoch = math.ceil(train.per_epoch() / cfg.gradient_accumulation_steps)
+    per_epoch = math.ceil(train.per_epoch() / (cfg.gradient_accumulation_steps * world_size))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
     return total, per_epoch
 
 
-def setup(recipe: Recipe, hooks: TrainHooks) -> Run:
+def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     """Build the run: data, model, optimizer, and the state (fresh, or from a checkpoint)."""
     from transformers import set_seed
 
@@ -193,33 +207,50 @@ def setup(recipe: Recipe, hooks: TrainHooks) -> Run:
     resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
     changes = check_resume_changes(recipe, resume_from) if resume_from is not None else {}
     check_model_source(recipe)
-    device = resolve_device(recipe)
+    device = dist.device or resolve_device(recipe)
     check_fp8_device(cfg, device)  # before the model loads
     set_seed(cfg.seed)
-    tokenizer, report, train, evaluation = setup_data(recipe)
-    total, per_epoch = planned_steps(recipe, train)
-    model, loss_fn, counts = setup_model(recipe, device, hooks)
+    with distributed.main_first(dist):  # one process writes the tokenized-data caches, the others read them
+        tokenizer, report, train, evaluation = setup_data(recipe)
+    total, per_epoch = planned_steps(recipe, train, dist.world_size)
+    model, loss_fn, counts = setup_model(recipe, device, hooks, sharded=dist.strategy == "fsdp")
+    if resume_from is not None:
+        load_adapter_weights(resume_from, model)  # before FSDP2 shards the weights
+    wrapped = distributed.wrap_for_training(model, loss_fn, dist, recipe) if dist.active else None
+    if dist.world_size > 1:
+        torch.manual_seed(cfg.seed + dist.rank)  # the processes' dropout masks differ (all built the same LoRA init)
     optimizer = build_optimizer(model, cfg, device)
     autocast, scaler = mixed_precision(recipe, device)
     run = Run(recipe=recipe, out=Path(cfg.output_dir), device=device, tokenizer=tokenizer, data_report=report,
               train=train, eval=evaluation, model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
               autocast=autocast, params_count=counts, total_steps=total, steps_per_epoch=per_epoch,
-              resumed_from=resume_from, hooks=hooks, state=TrainState(total_steps=total))
-    run.out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(run.out)
+              resumed_from=resume_from, hooks=hooks, state=TrainState(total_steps=total, world_size=dist.world_size),
+              dist=dist, wrapped=wrapped)
+    if dist.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(run.out)
     if resume_from is not None:
         restore(run, resume_from, changes)  # RNG restored last
-    else:
+    elif dist.is_main:
         (run.out / METRICS_FILE).unlink(missing_ok=True)  # a run that died before its first checkpoint
     run.scheduler = build_scheduler(optimizer, cfg, total, start_step=run.state.step)
     return run
 
 
 def restore(run: Run, checkpoint: Path, changes: dict) -> None:
-    """Load the checkpoint into the run; re-plan the schedule and record accepted recipe changes."""
-    state = load_checkpoint(checkpoint, run.model, run.optimizer, grad_scaler=run.scaler)
+    """Load the checkpoint into the run (its adapter weights are in already: `setup`); re-plan
+    the schedule and record accepted recipe changes."""
+    load_sharded = None
+    if run.dist.strategy == "fsdp":
+        def load_sharded(saved: dict) -> None:
+            distributed.load_full_optimizer_state(run.model, run.optimizer, saved)
+    state = load_training_state(checkpoint, run.optimizer, grad_scaler=run.scaler, load_optimizer=load_sharded,
+                                rank=run.dist.rank)
     _apply_optimizer_settings(run.optimizer, run.recipe)
-    MetricsLogger.truncate_after(run.out, state.step)
+    if run.dist.is_main:
+        MetricsLogger.truncate_after(run.out, state.step)
+    barrier(run.dist)  # every process reads the truncated metrics below
+    _note_world_size(run, state)
     run.saved_step = state.step
     last_eval = row_with(run.out, "eval_loss")
     if last_eval is not None and last_eval["step"] == state.step:
@@ -231,11 +262,26 @@ def restore(run: Run, checkpoint: Path, changes: dict) -> None:
     state.total_steps = run.total_steps
     if changes and not (state.step >= run.total_steps and is_complete(run.out)):  # a no-op resume changes nothing
         state.changes.append({"step": state.step, "changes": changes})
-        with MetricsLogger(run.out) as metrics:
-            metrics.log({"step": state.step, "resume_changes": changes})
+        if run.dist.is_main:
+            with MetricsLogger(run.out) as metrics:
+                metrics.log({"step": state.step, "resume_changes": changes})
         print("recipe changes from step " + f"{state.step + 1}: " +
               ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()), flush=True)
     run.state = state
+
+
+def _note_world_size(run: Run, state: TrainState) -> None:
+    """A resume with another number of processes is allowed; it changes the global batch."""
+    now, then = run.dist.world_size, state.world_size
+    if now != then:
+        g = run.recipe.training.gradient_accumulation_steps
+        print(f"note: {run.resumed_from} was written by {then} process(es), this run has {now}: from step "
+              f"{state.step + 1} an optimizer step takes {now * g} micro-batches (was {then * g}); "
+              f"resume with {then} process(es) to continue the run exactly", flush=True)
+        if run.dist.is_main:
+            with MetricsLogger(run.out) as metrics:
+                metrics.log({"step": state.step, "world_size_change": [then, now]})
+    state.world_size = now
 
 
 def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, recipe: Recipe) -> None:
@@ -283,6 +329,57 @@ def backward_window(model, micro_batches: list[MicroBatch], device: torch.device
     return total, label_tokens
 
 
+def _spare_micro_batch(run: Run, window: Window) -> MicroBatch:
+    """A loss-bearing micro-batch of `window` (this process's own when it has one): what a process
+    runs, its loss times 0, for a pass it has no loss-bearing micro-batch for."""
+    for micro in window.micro_batches:
+        if micro.label_tokens:
+            return micro
+    for rows in window.rows:  # rare: this share has no loss-bearing sample
+        micro = run.train.micro_batch(rows)
+        if micro.label_tokens:
+            return micro
+    raise AssertionError("a window with label tokens has a loss-bearing micro-batch")
+
+
+def backward_window_sharded(run: Run, window: Window, per_micro: list) -> tuple[torch.Tensor, int, int]:
+    """`backward_window` for one process of several: (this process's part of the window loss,
+    the window's label tokens, the window's input tokens), both counts over all processes.
+
+    Each micro-batch's summed loss is divided by (the window's label tokens over ALL processes) / N:
+    DDP and FSDP2 average gradients over the N processes, so the reduced gradient is that of the
+    one-process window. Every process makes the same number of passes, the last one reducing
+    gradients (FSDP2 gathers weights in each forward; DDP reduces in one backward per step); a
+    pass without a loss-bearing micro-batch of its own runs a spare one with its loss times 0."""
+    dist, g = run.dist, run.recipe.training.gradient_accumulation_steps
+    label_tokens, tokens, stop = sum_counts(dist, [window.label_tokens, window.tokens,
+                                                   float(bool(run.interrupt and run.interrupt.requested))])
+    run.interrupt_seen = stop > 0  # every process sees the same answer and stops after the same step
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    if label_tokens == 0:  # nothing to learn anywhere: no pass, as one process skips them
+        per_micro.extend(None for _ in window.micro_batches)
+        return total, 0, int(tokens)
+    normalizer = label_tokens / dist.world_size
+    passes = min(g, window.size)
+    spare = None
+    for i in range(passes):
+        micro = window.micro_batches[i] if i < len(window.micro_batches) else None
+        weight = 1.0 if micro is not None and micro.label_tokens else 0.0
+        if micro is not None and not weight:
+            per_micro.append(None)
+        if not weight:
+            spare = spare or _spare_micro_batch(run, window)
+        batch = micro if weight else spare
+        with gradient_sync(run.wrapped, dist, sync=i == passes - 1):
+            with run.autocast():
+                loss = run.wrapped(to_device(batch.tensors, run.device), normalizer) * weight
+            (run.scaler.scale(loss) if run.scaler is not None else loss).backward()
+        if weight:
+            total += loss.detach().double()
+            per_micro.append(loss.detach())
+    return total, int(label_tokens), int(tokens)
+
+
 def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_grad_norm: float,
                    scaler=None) -> torch.Tensor | None:
     """Clip (when `max_grad_norm` > 0), step, advance the schedule, clear the gradients; returns
@@ -301,8 +398,35 @@ def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_g
 
 
 @torch.no_grad()
+def evaluate_sharded(run: Run) -> tuple[float, int]:
+    """`evaluate` split over the processes: process r takes eval micro-batches r, r+N, ...; the
+    sums are added up over all. Under FSDP2 every process makes the same number of forwards."""
+    dist = run.dist
+    plan = run.eval.plan(0)
+    mine = plan[dist.rank::dist.world_size]
+    passes = len(mine) if dist.strategy == "ddp" else math.ceil(len(plan) / dist.world_size)
+    module = run.wrapped.module if dist.strategy == "ddp" else run.wrapped  # DDP adds nothing without backward
+    total = torch.zeros((), dtype=torch.float64, device=run.device)
+    tokens = 0
+    run.model.eval()
+    for i in range(passes):
+        micro = run.eval.micro_batch(mine[i] if i < len(mine) else plan[0])
+        with run.autocast():
+            loss = module(to_device(micro.tensors, run.device), 1.0).double()
+        if i < len(mine) and micro.label_tokens:
+            total += loss
+            tokens += micro.label_tokens
+    run.model.train()
+    total = sum_tensor(dist, total)
+    tokens = int(sum_counts(dist, [tokens])[0])
+    return (total.item() / tokens if tokens else float("nan")), tokens
+
+
+@torch.no_grad()
 def evaluate(run: Run) -> tuple[float, int]:
     """(mean loss per label token, label tokens) over the whole eval set, with the training loss."""
+    if run.dist.active:
+        return evaluate_sharded(run)
     run.model.eval()
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     tokens = 0
@@ -365,11 +489,15 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
     micro_losses: list = []
-    loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn, run.autocast,
-                                         run.scaler, per_micro=micro_losses)
+    if run.dist.active:
+        loss, label_tokens, tokens = backward_window_sharded(run, window, micro_losses)
+    else:
+        loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn,
+                                             run.autocast, run.scaler, per_micro=micro_losses)
+        tokens = window.tokens
     if cfg.on_nan == "skip":
         # Dropping the update needs the answer before the optimizer steps: one host sync a step.
-        if not bool(torch.isfinite(loss)):
+        if not bool(torch.isfinite(sum_tensor(run.dist, loss))):
             skip_non_finite_step(run, window, micro_losses)
             return lr, None
     else:  # looked at where the loop syncs anyway (verify_finite), not stalling every step
@@ -377,24 +505,24 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
     grad_norm = optimizer_step(run.optimizer, run.scheduler, params, cfg.max_grad_norm, run.scaler)
     state.step += 1
     state.epoch, state.batch_index = window.epoch, window.batch_index
-    state.tokens += window.tokens
+    state.tokens += tokens
     state.label_tokens += label_tokens
     run.epoch_progress = window.epoch_progress
     if log_due(run):
         meter.sync()  # wait for the device, so the step time below is real
     elapsed = time.perf_counter() - start
     state.train_time_s += elapsed
-    meter.add(loss, window.tokens, elapsed)
+    meter.add(loss, tokens, elapsed)
     return lr, grad_norm
 
 
 def _where_in_data(run: Run, window: Window, k: int) -> str:
     """Micro-batch `k` of `window` as (epoch, micro-batch index in the epoch, train sample rows)."""
-    n = len(window.micro_batches)
+    n = window.size or len(window.micro_batches)  # several processes: the window they share
     epoch, end = window.epoch, window.batch_index
     if end == 0:  # the window closed its epoch
         epoch, end = epoch - 1, len(run.train.plan(epoch - 1))
-    index = end - n + k
+    index = end - n + window.offset + k
     rows = list(run.train.plan(epoch)[index])
     shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
     return f"micro-batch {index} of epoch {epoch} (micro-batch {k + 1} of the step's {n}; train samples {shown})"
@@ -415,7 +543,7 @@ def verify_finite(run: Run) -> None:
     pending, run.unverified = run.unverified, []
     if not pending:
         return
-    finite = torch.stack([loss for *_, loss in pending]).isfinite()
+    finite = sum_tensor(run.dist, torch.stack([loss for *_, loss in pending])).isfinite()  # any process's NaN
     if bool(finite.all()):
         return
     step, window, micro_losses, _ = pending[int((~finite).nonzero()[0])]
@@ -451,12 +579,13 @@ def log_due(run: Run) -> bool:
 
 def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
     verify_finite(run)
-    loss, tokens_per_s = meter.take()
+    world = run.dist.world_size
+    loss, tokens_per_s = meter.take(reduce=(lambda t: sum_tensor(run.dist, t) / world) if world > 1 else None)
     memory, _ = peak_memory_gb(run.device)
     row = {"step": run.state.step, "epoch": round(run.epoch_progress, 4), "loss": loss, "lr": lr,
            "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
-    if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
+    if grad_norm is not None:  # FSDP2: a DTensor
+        row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     run.metrics.log(row)
     run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory))
 
@@ -467,19 +596,31 @@ def run_eval(run: Run) -> None:
         return
     loss, tokens = evaluate(run)
     row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens}
-    if run.hooks.eval_scores is not None:
+    if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)
     run.eval_step = run.state.step
     run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}")
-    write_training_curves(run.out)
+    if run.dist.is_main:
+        write_training_curves(run.out)
 
 
 def save(run: Run) -> None:
+    """A checkpoint of the run, written by the main process alone (FSDP2: the others send their
+    shards to it first); with several processes it holds each one's RNG state."""
     verify_finite(run)
-    cfg = run.recipe.training
-    save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer, recipe=run.recipe,
-                    grad_scaler=run.scaler, keep=cfg.save_total_limit)
+    cfg, dist = run.recipe.training, run.dist
+    adapter_state = distributed.full_trainable_state(run.model, dist)
+    optimizer_state = distributed.full_optimizer_state(run.model, run.optimizer, dist)
+    rng = None
+    if dist.active:
+        ranks = distributed.gather_to_main(dist, capture_rng())
+        rng = {**ranks[0], "ranks": ranks} if dist.is_main else None
+    if dist.is_main:
+        save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer, recipe=run.recipe,
+                        grad_scaler=run.scaler, keep=cfg.save_total_limit, rng=rng, adapter_state=adapter_state,
+                        optimizer_state=optimizer_state)
+    barrier(dist)
     run.saved_step = run.state.step
 
 
@@ -493,9 +634,12 @@ def train_steps(run: Run) -> None:
     cfg = run.recipe.training
     params = [p for p in run.model.parameters() if p.requires_grad]
     meter = IntervalMeter(run.device)
-    windows = run.train.windows(run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps)
+    world = run.dist.world_size  # N processes step through the windows one process with N x accumulation takes
+    windows = run.train.windows(run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps * world,
+                                part=(run.dist.rank, world))
     run.model.train()
     with GracefulInterrupt() as interrupt, out_of_memory_as_user_error(run):
+        run.interrupt = interrupt
         while run.state.step < run.total_steps:
             lr, grad_norm = training_step(run, next(windows), meter, params)
             run.progress.advance()
@@ -507,7 +651,7 @@ def train_steps(run: Run) -> None:
                 save(run)
             if run.hooks.after_step is not None:
                 run.hooks.after_step(run)
-            if interrupt.requested:
+            if run.interrupt_seen if run.dist.active else interrupt.requested:
                 stop_for_interrupt(run)
 
 
@@ -558,42 +702,56 @@ def finish(run: Run) -> None:
     if run.saved_step != run.state.step:
         save(run)
     result = summary(run)
+    adapter_state = distributed.full_trainable_state(run.model, run.dist)  # FSDP2: gathered to rank 0
 
     def write(tmp: Path) -> None:
-        run.model.save_pretrained(str(tmp))
+        run.model.save_pretrained(str(tmp), **({"state_dict": adapter_state} if adapter_state is not None else {}))
         run.tokenizer.save_pretrained(str(tmp))
         save_recipe_with_history(run.recipe, run.state.changes, tmp / RECIPE_FILE)
         (tmp / SUMMARY_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
-    publish_final_outputs(run.out, write, run.state.step)
+    if run.dist.is_main:
+        publish_final_outputs(run.out, write, run.state.step)
     run.metrics.close()
-    write_training_curves(run.out)  # a picture beside the outputs, not part of the completed set
+    if run.dist.is_main:
+        write_training_curves(run.out)  # a picture beside the outputs, not part of the completed set
+    barrier(run.dist)
     print(f"done: {run.state.step} steps, loss {_fmt(result['first_loss'])} -> {_fmt(result['final_loss'])}, "
           f"eval loss {_fmt(result['eval_loss'])}; adapter in {run.out}", flush=True)
 
 
 def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
     """Train the recipe's adapter; returns `training.output_dir`. The dir has one writer: a
-    second run (or resume) while this one lives is refused, naming this one."""
-    with sole_writer(recipe.training.output_dir):
-        return _train(recipe, hooks)
+    second run (or resume) while this one lives is refused, naming this one. Under torchrun the
+    processes form one job (`peftchat.train.distributed`): process 0 holds the dir and writes."""
+    with distributed.process_group(recipe) as dist:
+        with sole_writer(recipe.training.output_dir) if dist.is_main else nullcontext():
+            return _train(recipe, hooks, dist)
 
 
-def _train(recipe: Recipe, hooks: Optional[TrainHooks]) -> Path:
-    run = setup(recipe, hooks or TrainHooks())
+class _Muted:
+    """The metrics logger and progress display of a process other than the main one."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None
+
+
+def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE) -> Path:
+    run = setup(recipe, hooks or TrainHooks(), dist)
     state = run.state
     if state.step >= run.total_steps and is_complete(run.out):
         print(f"{run.out} is already trained to step {state.step} of {run.total_steps}; nothing to do", flush=True)
         return run.out
-    if state.step < run.total_steps:
+    if state.step < run.total_steps and dist.is_main:
         unmark_finished(run.out)  # training on: the dir is no longer a finished run until `finish`
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)  # the summary's peak is this session's
     cfg = recipe.training
+    ranks = f" x {dist.world_size} processes" if dist.active else ""
     print(f"training {run.total_steps} steps ({run.steps_per_epoch} per epoch; batch {cfg.batch_size} x "
-          f"accumulation {cfg.gradient_accumulation_steps}) on {run.device}", flush=True)
-    run.metrics = MetricsLogger(run.out, tensorboard=cfg.tensorboard)
-    run.progress = Progress(run.total_steps, state.step)
+          f"accumulation {cfg.gradient_accumulation_steps}{ranks}) on {run.device}", flush=True)
+    run.metrics = MetricsLogger(run.out, tensorboard=cfg.tensorboard) if dist.is_main else _Muted()
+    run.progress = Progress(run.total_steps, state.step) if dist.is_main else _Muted()
     train_steps(run)
     finish(run)
     return run.out

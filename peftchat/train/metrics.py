@@ -9,6 +9,7 @@ import os
 import resource
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -33,9 +34,11 @@ class IntervalMeter:
         """Wait for the device, so the time of the step under way is real (call before timing it)."""
         self._loss.item()
 
-    def take(self) -> tuple[float, float]:
-        """(mean loss per step, tokens/s) of the interval, then start a new one."""
-        loss = self._loss.item() / max(self.steps, 1)
+    def take(self, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[float, float]:
+        """(mean loss per step, tokens/s) of the interval, then start a new one. `reduce`: the
+        interval's summed loss -> the job's (several processes: the mean over them)."""
+        summed = self._loss if reduce is None else reduce(self._loss)
+        loss = summed.item() / max(self.steps, 1)
         tokens_per_s = self.tokens / max(self.time_s, 1e-9)
         self._loss.zero_()
         self.time_s, self.tokens, self.steps = 0.0, 0, 0

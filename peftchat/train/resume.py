@@ -37,7 +37,7 @@ RUNTIME_KEYS = (
     "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
     "training.fused_lora", "training.fp8",
     "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
-    "data.cache_dir", "data.max_record_bytes",
+    "data.cache_dir", "data.max_record_bytes", "distributed",
 )
 
 
