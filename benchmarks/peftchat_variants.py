@@ -70,6 +70,7 @@ OPTION_KEYS: dict[str, tuple[str, Any]] = {
     "nofused": ("training.fused_kernels", False),
     "noautocast": ("training.autocast", False),
     "packing": ("data.packing", True),
+    "flex": ("model.attn_implementation", "flex_attention"),
     "fp8": ("training.fp8", True),
     "fusedlora": ("training.fused_lora", True),
     "nofusedlora": ("training.fused_lora", False),
