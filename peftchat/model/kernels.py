@@ -215,12 +215,12 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
     weights as inputs, so compile time does not grow with depth).
 
     `eager_random`: inductor's `fallback_random`, random ops (LoRA dropout) run as torch's own
-    kernels on torch's generator. Without it inductor draws dropout masks from its own Philox
-    streams, and the 8B run's loss left eager's by 2.7 % at dropout 0.05 (benchmarks/RESULTS.md,
-    "compile divergence"); with it the compiled layer draws the very masks eager draws, and the
-    partitioner saves/restores the RNG state around the checkpoint recompute instead of threading
-    generator states through the graphs, so forward and recompute apply the same mask. Random ops
-    are a few elementwise kernels, so it costs little; with dropout 0 there are none.
+    kernels on torch's generator, so the compiled layer draws the very masks eager draws and the
+    checkpoint recompute replays them (without it, on CPU, compiled gradients were 0.76 off eager's;
+    tests/model/test_compile.py). It does not explain the 8B GPU divergence: with it the 8B run's
+    loss still leaves eager's by 2.7 % at dropout 0.05 (benchmarks/RESULTS.md, round 3, r8), so
+    `training.compile` stays out of every measured setting. Random ops are a few elementwise
+    kernels, so it costs little; with dropout 0 there are none.
     Layers checkpointed by `offloaded_checkpoint` (streams, host copies, RNG state: not traceable)
     get their body compiled inside it (one compiled `offload.run_layer`); the others are compiled
     whole, torch's checkpoint included (dynamo turns it into its own recompute region).
