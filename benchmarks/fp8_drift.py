@@ -1,0 +1,89 @@
+"""Which side of FP8 moves the loss curve: a small bf16 Llama trained with the fused LoRA function in
+four modes from the same init and data — bf16, fp8 (forward and input gradient), fp8 forward only,
+fp8 input gradient only — and each curve's largest relative distance from the bf16 one.
+
+Written after round 3's 8B rows (benchmarks/RESULTS.md): lean + fp8 left the eager curve by 1.7 %
+within 6 steps. Cheap enough for CPU (eager FP8 path, `torch._scaled_mm` runs there) and for the
+GPU (compiled path), where `--layers 32 --hidden 4096` approaches the 8B shape.
+
+    python -m benchmarks.fp8_drift --steps 20                      # CPU: 4 layers, hidden 512
+    python3 -m benchmarks.fp8_drift --device cuda --layers 32 --hidden 2048 --seq 2048 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import torch
+
+
+def train_curve(model_state: dict, cfg, data: list[torch.Tensor], mode: str, steps: int, lr: float,
+                device: str) -> list[float]:
+    import peftchat.model.frozen_linear as fl
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    linear, grad_input = fl.fp8_linear, fl.fp8_grad_input
+    if mode == "fp8_forward_only":
+        fl.fp8_grad_input = lambda grad, w, grad_dtype, out_dtype: grad @ w
+    if mode == "fp8_grad_only":
+        fl.fp8_linear = lambda x, w, out_dtype: x @ w.t()
+    try:
+        model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+        model.load_state_dict(model_state)
+        torch.manual_seed(2)  # the same LoRA init in every mode
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()  # fp32 adapter under bf16 autocast, as peftchat trains
+        model.train()
+        fl.fuse_lora_layers(model, fp8=mode != "bf16")
+        opt = torch.optim.AdamW(params, lr=lr)
+        losses = []
+        for step in range(steps):
+            ids = data[step % len(data)].to(device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        return losses
+    finally:
+        fl.fp8_linear, fl.fp8_grad_input = linear, grad_input
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--lr", type=float, default=2e-3)
+    args = p.parse_args(argv)
+    cfg = LlamaConfig(vocab_size=2000, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                      num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    state = copy.deepcopy(LlamaForCausalLM(cfg).to(torch.bfloat16).state_dict())
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g) for _ in range(8)]
+    curves = {mode: train_curve(state, cfg, data, mode, args.steps, args.lr, args.device)
+              for mode in ("bf16", "fp8", "fp8_forward_only", "fp8_grad_only")}
+    ref = curves["bf16"]
+    report = {"args": vars(args), "curves": curves,
+              "max_rel_diff_vs_bf16": {m: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for m, c in curves.items()}}
+    print(json.dumps(report["max_rel_diff_vs_bf16"]))
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
