@@ -500,6 +500,14 @@ def validate_ranges(recipe: Recipe) -> None:
             raise ConfigError(f"'{key}' {problem}")
 
 
+def _auto_or_bool(key: str, value: Any) -> Any:
+    """A tri-state key as "auto", True or False, whichever way YAML or `key=value` spelled it."""
+    word = str(value).strip().lower()
+    if word not in ("auto", *_BOOLEANS):
+        raise ConfigError(f"'{key}' is {value!r}; expected one of auto, true, false")
+    return _BOOLEANS.get(word, "auto")
+
+
 def _validate_training(t: TrainingConfig) -> None:
     """Normalize the keys YAML may spell several ways, so code downstream reads real types:
     `resume` -> bool or a path str, `fused_kernels` and `fused_lora` -> "auto", True or False."""
@@ -509,14 +517,8 @@ def _validate_training(t: TrainingConfig) -> None:
     if not isinstance(resume, (bool, str)) or resume == "":
         raise ConfigError(f"'training.resume' must be false, true or a checkpoint path, got {t.resume!r}")
     t.resume = resume
-    fused = str(t.fused_kernels).strip().lower()
-    if fused not in ("auto", *_BOOLEANS):
-        raise ConfigError(f"'training.fused_kernels' is {t.fused_kernels!r}; expected one of auto, true, false")
-    t.fused_kernels = _BOOLEANS.get(fused, "auto")
-    fused_lora = str(t.fused_lora).strip().lower()
-    if fused_lora not in ("auto", *_BOOLEANS):
-        raise ConfigError(f"'training.fused_lora' is {t.fused_lora!r}; expected one of auto, true, false")
-    t.fused_lora = _BOOLEANS.get(fused_lora, "auto")
+    t.fused_kernels = _auto_or_bool("training.fused_kernels", t.fused_kernels)
+    t.fused_lora = _auto_or_bool("training.fused_lora", t.fused_lora)
     if t.fp8 and t.fused_lora is False:
         raise ConfigError("'training.fp8' runs the base matmuls inside the fused LoRA function; "
                           "set 'training.fused_lora' to auto or true")

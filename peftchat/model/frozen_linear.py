@@ -42,6 +42,7 @@ from peftchat.model.fp8 import E4M3, fp8_grad_input, fp8_linear, fp8_shapes_fit
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
 
+@functools.cache
 def _bnb():
     try:
         import bitsandbytes as bnb
@@ -62,10 +63,10 @@ def base_kind(base: nn.Module) -> Optional[str]:
     return None
 
 
-def base_weight(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen (out, in) weight of `base` in `dtype`: dequantized for 4-bit and int8 bases."""
+def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen (out, in) weight of `base` (of `base_kind` `kind`) in `dtype`: dequantized for
+    4-bit and int8 bases."""
     w = base.weight
-    kind = base_kind(base)
     if kind == "nf4":
         import bitsandbytes.functional as bf
 
@@ -95,9 +96,9 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, scaling: float, p: float, fp8_grad):  # type: ignore[override]
+    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8_grad):  # type: ignore[override]
         dtype = x.dtype
-        w = base_weight(base, dtype)
+        w = base_weight(base, kind, dtype)
         y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
         del w
         if base.bias is not None:
@@ -106,7 +107,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         xa = lora_in @ lora_a.to(dtype).t()
         y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)  # the LoRA term lands in the base output
         ctx.save_for_backward(lora_in, mask, xa, lora_a, lora_b)
-        ctx.base, ctx.scaling, ctx.p, ctx.fp8_grad = base, scaling, p, fp8_grad
+        ctx.base, ctx.kind, ctx.scaling, ctx.p, ctx.fp8_grad = base, kind, scaling, p, fp8_grad
         return y
 
     @staticmethod
@@ -119,7 +120,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         grad_a = grad_xa.t() @ lora_in
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = base_weight(ctx.base, dtype)
+            w = base_weight(ctx.base, ctx.kind, dtype)
             grad_x = fp8_grad_input(grad, w, ctx.fp8_grad, dtype) if ctx.fp8_grad is not None else grad @ w
             del w
             if mask is None:
@@ -127,16 +128,15 @@ class LoraOnFrozenLinear(torch.autograd.Function):
             else:
                 grad_x += torch.ops.aten.native_dropout_backward(grad_xa @ lora_a.to(dtype), mask, 1.0 / (1.0 - ctx.p))
         ctx.base = None
-        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None
+        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
 
 
-def _compute_dtype(layer: nn.Module, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:
+def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:
     """The one dtype peft's layer would compute in, or None where it would mix dtypes."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    base = layer.get_base_layer()
-    base_dtype = getattr(base, "compute_dtype", None) or (base.weight.dtype if base_kind(base) == "dense" else x.dtype)
+    base_dtype = getattr(base, "compute_dtype", None) or (base.weight.dtype if kind == "dense" else x.dtype)
     if x.dtype == lora_a.dtype == base_dtype and x.dtype.is_floating_point:
         return x.dtype
     return None
@@ -152,9 +152,11 @@ def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
     return name
 
 
-def fused_lora_forward(layer: nn.Module, fp8_grad: Optional[torch.dtype], x: torch.Tensor, *args: Any,
+def fused_lora_forward(layer: nn.Module, kind: str, fp8_grad: Optional[torch.dtype], x: torch.Tensor, *args: Any,
                        **kwargs: Any) -> torch.Tensor:
-    """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward."""
+    """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward. `kind`:
+    the base's `base_kind`, found once by `fuse_lora_layers` (it is fixed per layer; this runs
+    every forward of every LoRA layer)."""
     peft_forward: Callable = getattr(layer, _WRAPPED_FORWARD)
     # Training mode decides, not grad mode: a checkpointed layer's first forward runs without grad
     # and must draw the same dropout masks as its recompute.
@@ -163,10 +165,10 @@ def fused_lora_forward(layer: nn.Module, fp8_grad: Optional[torch.dtype], x: tor
         return peft_forward(x, *args, **kwargs)
     base = layer.get_base_layer()
     quant_state = getattr(base.weight, "quant_state", None)
-    if base_kind(base) == "nf4" and (quant_state is None or getattr(quant_state, "packing_format_for_cpu", False)):
+    if kind == "nf4" and (quant_state is None or getattr(quant_state, "packing_format_for_cpu", False)):
         return peft_forward(x, *args, **kwargs)  # not quantized yet, or repacked by bnb's CPU inference path
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
-    dtype = _compute_dtype(layer, x, lora_a)
+    dtype = _compute_dtype(base, kind, x, lora_a)
     if dtype is None:
         return peft_forward(x, *args, **kwargs)
     dropout = layer.lora_dropout[name]
@@ -175,10 +177,10 @@ def fused_lora_forward(layer: nn.Module, fp8_grad: Optional[torch.dtype], x: tor
     use_fp8 = fp8_grad if (fp8_grad is not None and dtype == torch.bfloat16
                            and fp8_shapes_fit(in_features, out_features)) else None
     x2d = x.reshape(-1, in_features).to(dtype)
-    y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, float(layer.scaling[name]), p, use_fp8)
+    y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, kind, float(layer.scaling[name]), p, use_fp8)
     # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under
     # autocast the autocast dtype (without autocast all three are `dtype` anyway)
-    out_dtype = dtype if base_kind(base) == "dense" else x.dtype
+    out_dtype = dtype if kind == "dense" else x.dtype
     return y.reshape(*x.shape[:-1], out_features).to(out_dtype)
 
 
@@ -205,10 +207,10 @@ def fuse_lora_layers(model: nn.Module, fp8: bool = False, fp8_grad: torch.dtype 
     for layer in model.modules():
         if not fusable(layer):
             continue
-        setattr(layer, _WRAPPED_FORWARD, layer.forward)
-        layer.forward = functools.partial(fused_lora_forward, layer, fp8_grad if fp8 else None)
-        fused += 1
         base = layer.get_base_layer()
+        setattr(layer, _WRAPPED_FORWARD, layer.forward)
+        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base), fp8_grad if fp8 else None)
+        fused += 1
         fp8_count += fp8 and fp8_shapes_fit(base.in_features, base.out_features)
     return {"fused": fused, "fp8": fp8_count}
 

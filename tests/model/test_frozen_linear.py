@@ -164,7 +164,7 @@ def test_fallbacks_to_peft(monkeypatch):
     layer = _lora_layer("dense", lora_dtype=torch.float32)
     fl.fuse_lora_layers(layer)
     x, _ = _inputs()
-    assert fl._compute_dtype(layer, x, layer.lora_A["default"].weight) is None  # peft would mix dtypes
+    assert fl._compute_dtype(layer.get_base_layer(), fl.base_kind(layer.get_base_layer()), x, layer.lora_A["default"].weight) is None  # peft would mix dtypes
     layer = _lora_layer("dense", dropout=0.3)
     ref = layer.eval()(x)
     calls = _counting(monkeypatch)
