@@ -13,7 +13,7 @@ loop's own rows (its clock: collation, copies and all). Peak memory: torch's all
 reset by the loop once the model and optimizer are built.
 
 Setting `ref` is the eager bf16 reference of the loss gate (bench.py): no compile, no fused
-kernels, no offload, every layer checkpointed; each peftchat row's `loss_max_rel_diff` is measured
+kernels, no offload, every layer checkpointed, packed rows through sdpa's mask (no varlen); each peftchat row's `loss_max_rel_diff` is measured
 against the `ref` row of the same shape, mode, scenario, packing and dropout in the same run.
 
 `fit_only` specs (the longest-sequence search) run one step and report whether it fit.
@@ -148,6 +148,13 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
             "timed_steps": len(timed), "step_s_median": time_s / len(timed), "real_tokens_timed": tokens}
 
 
+def _no_varlen() -> None:
+    """Packed training keeps sdpa (no `sdpa_varlen`); one process per variant (worker.py)."""
+    from peftchat.model import load
+
+    load.flash_varlen_available = lambda device: False
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Train the spec's setting through peftchat.train.loop.train; return the bench row."""
     from peftchat.model.tokenizer import load_tokenizer
@@ -167,12 +174,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             from peftchat.model import offload
 
             offload.PREFETCH_NEXT_INPUT = False  # one process per variant (worker.py)
+        elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
+            _no_varlen()
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value
         else:
             raise ValueError(f"unknown peftchat option {tok!r}")
     spec = {**spec, "overrides": overrides}
+    if setting == "ref":  # the gate's reference: plain sdpa, packed rows through its mask
+        _no_varlen()
     if setting not in SETTINGS:
         raise ValueError(f"unknown peftchat setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     work = Path(spec["work_dir"])

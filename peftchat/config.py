@@ -34,7 +34,7 @@ class ModelConfig:
     quant_type: str = "nf4"  # 4bit only: nf4 | fp4
     double_quant: bool = True  # 4bit only: quantize the quantization constants too
     compute_dtype: str = "bf16"  # dtype of matmuls on quantized weights: bf16 | fp16 | fp32
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flash_attention_3 | flex_attention
+    attn_implementation: str = "sdpa"  # sdpa | sdpa_varlen | eager | flash_attention_2 | flash_attention_3 | flex_attention
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -163,7 +163,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.quantization": ("none", "8bit", "4bit"),
     "model.quant_type": ("nf4", "fp4"),
     "model.compute_dtype": ("bf16", "fp16", "fp32"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+    "model.attn_implementation": ("sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
     "adapter.bias": ("none", "all", "lora_only"),
     "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca"),
     "data.chatglm_style": ("chatglm", "chatglm2"),

@@ -182,11 +182,27 @@ def loss_targets(labels):
     return rows * seq + cols, shifted[rows, cols]
 
 
+def sample_bounds(position_ids) -> tuple[Any, int]:
+    """Where the samples of a packed batch lie once its rows are laid end to end: cumulative
+    lengths (int32, from 0 to the batch's token count; padding counts as one more sample) and the
+    longest sample. Every sample's positions start at 0 (`collate`), so a 0 opens a sample. Made
+    here on the CPU so that the varlen attention kernel needs no device-to-host sync per layer."""
+    import torch
+
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).reshape(-1)
+    cu = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
 def with_loss_targets(batch: dict[str, Any]) -> dict[str, Any]:
     """The batch with `loss_positions` / `loss_targets` (see `loss_targets`) in place of `labels`,
-    which the loss then no longer needs: one tensor fewer to copy to the device each micro-batch."""
+    which the loss then no longer needs: one tensor fewer to copy to the device each micro-batch.
+    A packed batch also gets its `sample_bounds`: `cu_seq_lens` and the int `max_seq_len`."""
     positions, targets = loss_targets(batch["labels"])
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if "position_ids" in batch:
+        inputs["cu_seq_lens"], inputs["max_seq_len"] = sample_bounds(batch["position_ids"])
     return {**inputs, "loss_positions": positions, "loss_targets": targets}
 
 

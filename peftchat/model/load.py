@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from peftchat.config import Recipe, quant_storage
 from peftchat.errors import UserError
+from peftchat.model.varlen import VARLEN_ATTENTION, flash_varlen_available, register_varlen_attention
 from peftchat.paths import looks_local
 from peftchat.quiet import quiet_int8_cast
 from peftchat.rundir import MODEL_CONFIG
@@ -63,12 +65,16 @@ def _check_attention(name: str, device: torch.device) -> None:
         raise UserError(f"model.attn_implementation={name} but {package} is not installed; use sdpa or install it")
 
 
-def attention_for(source: str, recipe: Recipe) -> str:
-    """`model.attn_implementation`, except that `sdpa` becomes `eager` for a model class that has
-    no sdpa path. Family quirk: Gemma 2 soft-caps its attention logits, which sdpa cannot do, so
-    transformers refuses sdpa for it (flash_attention_2 and eager soft-cap)."""
+def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = None,
+                  for_training: bool = False) -> str:
+    """`model.attn_implementation` as from_pretrained gets it. Family quirk: Gemma 2 soft-caps its
+    attention logits, which sdpa cannot do, so transformers refuses sdpa for it (flash_attention_2
+    and eager soft-cap): `sdpa` becomes `eager` for a model class without an sdpa path. Packed
+    training on CUDA with `sdpa` takes `sdpa_varlen` (model/varlen.py: the flash kernel per sample
+    instead of a dense block-diagonal mask; everything else is sdpa's) where the class takes
+    transformers' registered attention functions."""
     m = recipe.model
-    if m.attn_implementation != "sdpa":
+    if m.attn_implementation not in ("sdpa", VARLEN_ATTENTION):
         return m.attn_implementation
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -77,12 +83,21 @@ def attention_for(source: str, recipe: Recipe) -> str:
         config = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):  # remote code or an unreadable config: from_pretrained decides
-        return m.attn_implementation
-    if getattr(model_class, "_supports_sdpa", True):
-        return "sdpa"
-    print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
-          file=sys.stderr, flush=True)
-    return "eager"
+        return register_varlen_attention() if m.attn_implementation == VARLEN_ATTENTION else m.attn_implementation
+    if not getattr(model_class, "_supports_sdpa", True):
+        print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
+              file=sys.stderr, flush=True)
+        return "eager"
+    pluggable = getattr(model_class, "_supports_attention_backend", False)
+    if m.attn_implementation == VARLEN_ATTENTION:
+        if not pluggable:
+            raise UserError(f"model.attn_implementation={VARLEN_ATTENTION}: {model_class.__name__} does not take "
+                            f"registered attention functions; use sdpa")
+        return register_varlen_attention()
+    if (for_training and recipe.data.packing and pluggable and device is not None
+            and flash_varlen_available(device)):
+        return register_varlen_attention()
+    return "sdpa"
 
 
 def _quantization_config(recipe: Recipe, sharded: bool = False):
@@ -176,7 +191,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
             source,
             dtype=torch_dtype(m.dtype),
             quantization_config=quant,
-            attn_implementation=attention_for(source, recipe),
+            attn_implementation=attention_for(source, recipe, device, for_training),
             device_map={"": device},
             trust_remote_code=m.trust_remote_code,
             revision=m.revision,

@@ -162,15 +162,19 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     from peftchat.model.kernels import apply_training_speedups
     from peftchat.model.load import load_base_model
     from peftchat.model.memory_budget import budgeted_training_config
+    from peftchat.model.varlen import VARLEN_ATTENTION
 
     base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:
         hooks.after_model_load(base)
     model = apply_lora(base, recipe)
     speedups = apply_training_speedups(model, budgeted_training_config(model, recipe))
-    print("speed-ups: " + (", ".join(speedups.applied) or "none"), flush=True)
+    applied = list(speedups.applied)
+    if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+        applied.append("varlen attention for packed rows")
+    print("speed-ups: " + (", ".join(applied) or "none"), flush=True)
     if hooks.speedups_applied is not None:
-        hooks.speedups_applied(list(speedups.applied))
+        hooks.speedups_applied(applied)
     return model, make_loss(speedups.head_loss), count_parameters(model)
 
 
@@ -297,10 +301,12 @@ def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, recipe: Recipe) 
 # ------------------------------------------------------------------------------ one step
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Tensors to the device (non-tensors, e.g. `max_seq_len`, stay as they are)."""
     if device.type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
 
 
 def backward_window(model, micro_batches: list[MicroBatch], device: torch.device, loss_fn=causal_lm_loss,

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from peftchat.data.batching import loss_targets
 from peftchat.model.adapters import unwrap_peft
 from peftchat.model.kernels import HeadLoss, fused_ce_supports_head
+from peftchat.model.varlen import VARLEN_ATTENTION, packed_kwargs
 
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27
@@ -90,6 +91,8 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
     inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    if "cu_seq_lens" in batch and getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
+        inputs.update(packed_kwargs(batch["cu_seq_lens"], batch["max_seq_len"]))
     hidden = decoder(**inputs, use_cache=False).last_hidden_state
     if "loss_positions" in batch:
         positions, targets = batch["loss_positions"], batch["loss_targets"]
