@@ -148,6 +148,17 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
             "timed_steps": len(timed), "step_s_median": time_s / len(timed), "real_tokens_timed": tokens}
 
 
+def _fp8_one_side(forward: bool) -> None:
+    """`training.fp8` with only the forward base matmul (`forward`) or only the input-gradient one
+    in FP8: which side moves the loss curve (benchmarks/fp8_drift.py asks the same on small models)."""
+    import peftchat.model.frozen_linear as fl
+
+    if forward:
+        fl.fp8_grad_input = lambda grad, w, grad_dtype, out_dtype: grad @ w
+    else:
+        fl.fp8_linear = lambda x, w, out_dtype: x @ w.t()
+
+
 def _no_varlen() -> None:
     """Packed training keeps sdpa (no `sdpa_varlen`); one process per variant (worker.py)."""
     from peftchat.model import load
@@ -174,6 +185,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             from peftchat.model import offload
 
             offload.PREFETCH_NEXT_INPUT = False  # one process per variant (worker.py)
+        elif tok in ("fp8fwd", "fp8grad"):  # experiment: FP8 on one side only (the other bf16)
+            overrides["training.fp8"] = True
+            _fp8_one_side(forward=tok == "fp8fwd")
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
             _no_varlen()
         elif tok in OPTION_KEYS:
