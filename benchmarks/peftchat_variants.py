@@ -188,6 +188,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         elif tok in ("fp8fwd", "fp8grad"):  # experiment: FP8 on one side only (the other bf16)
             overrides["training.fp8"] = True
             _fp8_one_side(forward=tok == "fp8fwd")
+        elif tok == "memsnap":  # diagnostic: what is alive at the memory peak (benchmarks/memory_peak.py)
+            spec = {**spec, "memsnap": True}
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
             _no_varlen()
         elif tok in OPTION_KEYS:
@@ -222,6 +224,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            if spec.get("memsnap"):
+                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
 
     t0 = time.perf_counter()
     loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend))
@@ -243,4 +247,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    if cuda and spec.get("memsnap"):
+        from benchmarks.memory_peak import report
+
+        res["memory_peak_report"] = report(torch.cuda.memory._snapshot())
+        torch.cuda.memory._record_memory_history(enabled=None)
     return res
