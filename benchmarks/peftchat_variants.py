@@ -179,6 +179,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             spec = {**spec, "micro_batch": int(tok[2:])}
         elif tok.startswith("skip"):
             overrides["training.checkpoint_skip_layers"] = int(tok[4:])
+        elif tok == "memsnap":  # diagnostic: what is alive at the memory peak (benchmarks/memory_peak.py)
+            spec = {**spec, "memsnap": True}
         elif tok.startswith("mem"):  # e.g. peftchat:lean+mem16: training.max_memory_gib 16 picks the policy
             overrides["training.max_memory_gib"] = float(tok[3:])
         elif tok == "noprefetch":  # ablation: offloaded inputs come back synchronously (no double buffer)
@@ -188,8 +190,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         elif tok in ("fp8fwd", "fp8grad"):  # experiment: FP8 on one side only (the other bf16)
             overrides["training.fp8"] = True
             _fp8_one_side(forward=tok == "fp8fwd")
-        elif tok == "memsnap":  # diagnostic: what is alive at the memory peak (benchmarks/memory_peak.py)
-            spec = {**spec, "memsnap": True}
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
             _no_varlen()
         elif tok in OPTION_KEYS:
