@@ -8,8 +8,11 @@ node:
 
     y = x @ W.T (+ bias) + scaling * (dropout(x) @ A.T) @ B.T
 
-keeping for backward only x (the tensor the layer was given, not a copy; at p > 0 the dropped copy
-and the bool mask instead, as peft keeps them), x @ A.T (M x r, small) and A, B; the base weight W is dequantized (NF4/FP4 via
+keeping for backward only x (the tensor the layer was given, not a copy), x @ A.T (M x r, small)
+and A, B; at p > 0 the RNG state too, not the dropped copy and bool mask that peft keeps: backward
+draws the mask again from that state. On the 8B NF4 lean row at dropout 0.05 the seven LoRA
+layers of a decoder layer held 912 MiB of copies and masks at the step's memory peak
+(benchmarks/memory_peak.py, round 4). The base weight W is dequantized (NF4/FP4 via
 bitsandbytes, int8 rows times their scales) once in forward and once in backward, as bitsandbytes'
 own matmul does, and gets no gradient. The LoRA product is added in the base matmul's output by
 one `addmm`. With `fp8` the two base matmuls (forward, input gradient) go through
@@ -32,7 +35,8 @@ the adapter and the base compute in one dtype.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -79,6 +83,24 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+def rng_state(device: torch.device) -> torch.Tensor:
+    """The RNG state the next dropout mask on `device` is drawn from (no device sync)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextmanager
+def replayed_rng(device: torch.device, state: torch.Tensor) -> Iterator[None]:
+    """Run the body from RNG `state` on `device`, then put the generator back where it was."""
+    get, put = ((functools.partial(torch.cuda.get_rng_state, device), lambda s: torch.cuda.set_rng_state(s, device))
+                if device.type == "cuda" else (torch.get_rng_state, torch.set_rng_state))
+    saved = get()
+    put(state)
+    try:
+        yield
+    finally:
+        put(saved)
+
+
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dropped x, keep-mask as bools) of inverted dropout in one kernel (torch's native dropout,
     the one F.dropout uses on CUDA), drawn from torch's RNG so that checkpoint recomputation, which
@@ -90,9 +112,8 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     """y = base(x) + scaling * (dropout(x) @ A.T) @ B.T for a 2-D x in its compute dtype.
 
     `fp8_grad`: None for a base matmul in x's dtype; else the fp8 dtype of the incoming gradient
-    in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: the
-    LoRA input (x itself at p = 0; else the dropped copy and the bool mask, as peft keeps them),
-    x @ A.T, A and B.
+    in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: x,
+    x @ A.T, A and B, and at p > 0 the RNG state the dropout mask was drawn from.
     """
 
     @staticmethod
@@ -103,31 +124,44 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         del w
         if base.bias is not None:
             y += base.bias.to(dtype)
-        lora_in, mask = dropout(x, p) if p > 0 else (x, None)
+        ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
+        lora_in = dropout(x, p)[0] if p > 0 else x
         xa = lora_in @ lora_a.to(dtype).t()
+        del lora_in
         y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)  # the LoRA term lands in the base output
-        ctx.save_for_backward(lora_in, mask, xa, lora_a, lora_b)
+        ctx.save_for_backward(x, xa, lora_a, lora_b)
         ctx.base, ctx.kind, ctx.scaling, ctx.p, ctx.fp8_grad = base, kind, scaling, p, fp8_grad
         return y
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        lora_in, mask, xa, lora_a, lora_b = ctx.saved_tensors
-        dtype, s = lora_in.dtype, ctx.scaling
+        x, xa, lora_a, lora_b = ctx.saved_tensors
+        dtype, s, p = x.dtype, ctx.scaling, ctx.p
         grad = grad.to(dtype).contiguous()
         grad_xa = (grad @ lora_b.to(dtype)).mul_(s)  # (M, r)
         grad_b = (grad.t() @ xa).mul_(s)
-        grad_a = grad_xa.t() @ lora_in
+        mask = None
+        if p > 0:
+            with replayed_rng(x.device, ctx.rng):
+                lora_in, mask = dropout(x, p)  # forward's very mask: same RNG state, tensor and shape
+            grad_a = grad_xa.t() @ lora_in
+            del lora_in
+        else:
+            grad_a = grad_xa.t() @ x
         grad_x = None
         if ctx.needs_input_grad[0]:
+            # LoRA part first, so its mask is freed before the base weight is dequantized
+            grad_x = grad_xa @ lora_a.to(dtype)
+            if mask is not None:
+                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
+            del mask
             w = base_weight(ctx.base, ctx.kind, dtype)
-            grad_x = fp8_grad_input(grad, w, ctx.fp8_grad, dtype) if ctx.fp8_grad is not None else grad @ w
-            del w
-            if mask is None:
-                grad_x.addmm_(grad_xa, lora_a.to(dtype))
+            if ctx.fp8_grad is not None:
+                grad_x += fp8_grad_input(grad, w, ctx.fp8_grad, dtype)
             else:
-                grad_x += torch.ops.aten.native_dropout_backward(grad_xa @ lora_a.to(dtype), mask, 1.0 / (1.0 - ctx.p))
-        ctx.base = None
+                grad_x.addmm_(grad, w)
+            del w
+        ctx.base = ctx.rng = None
         return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
 
 
