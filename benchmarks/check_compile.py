@@ -81,6 +81,7 @@ def _model(device: str, dropout: float, shape: dict, quant: str):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(LlamaConfig(**shape, use_cache=False)).to(torch.bfloat16)
+    torch.manual_seed(1)  # the same LoRA A init on every path (the NF4 build draws from the RNG too)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
