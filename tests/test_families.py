@@ -221,3 +221,38 @@ def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
     fresh = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
     wrapped = kernels.apply_training_speedups(apply_lora(fresh, with_head, verbose=False), with_head.training).applied
     assert wrapped[len(expected)] == "loss:chunked"
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_packed_rows_through_varlen_attention(arch, family_dir, monkeypatch):
+    """`model.attn_implementation=sdpa_varlen` (what packed CUDA training gets; here its per-sample
+    CPU path): a packed batch's summed loss is that of its samples alone, and the packed path runs
+    in every layer that has no sliding window (Gemma 2 soft-caps: it gets eager, no varlen). The
+    loss equality holds for the fallback layers too: they take sdpa's block-diagonal mask."""
+    from peftchat.data.batching import collate, with_loss_targets
+    from peftchat.model import varlen
+    from peftchat.model.load import attention_for
+
+    arch_dir = family_dir(arch)
+    recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={arch_dir}", "model.attn_implementation=sdpa_varlen"])
+    name = attention_for(str(arch_dir), recipe, torch.device("cpu"), for_training=True)
+    calls = []
+    reference = varlen._reference_varlen
+    monkeypatch.setattr(varlen, "_reference_varlen", lambda *a: calls.append(1) or reference(*a))
+    model = AutoModelForCausalLM.from_pretrained(str(arch_dir), dtype=torch.float32, attn_implementation=name)
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": ids, "labels": ids} for ids in
+               (torch.randint(4, 3000, (n,), generator=gen).tolist() for n in (7, 12, 5, 9))]
+    with torch.no_grad():
+        alone = sum(causal_lm_loss(model, with_loss_targets(collate([[s]], 0, packing=False)), normalizer=1.0)
+                    for s in samples)
+        packed = causal_lm_loss(model, with_loss_targets(collate([samples[:3], samples[3:]], 0, packing=True)),
+                                normalizer=1.0)
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
+    config = model.config
+    # layers with a sliding window take sdpa's mask (the varlen call has no window): all of them
+    # when a config sets `sliding_window` without `layer_types` (the tiny Mistral keeps 4096)
+    every = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
+    layer_types = getattr(config, "layer_types", None) or [every] * config.num_hidden_layers
+    expected = 0 if name == "eager" else sum(t == "full_attention" for t in layer_types)
+    assert len(calls) == expected and (arch == "gemma2") == (name == "eager")

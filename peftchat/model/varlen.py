@@ -11,7 +11,9 @@ a plain pip install of peftchat does not bring.
 so everything but a packed training batch (padding, a KV cache, sliding windows, dropout) goes
 through transformers' sdpa function exactly as `sdpa` would. A packed batch passes its sample
 boundaries as the `cu_seq_lens_q/k`, `max_length_q/k` keyword arguments (the names transformers'
-flash path uses; `packed_kwargs`), which reach every attention call of a decoder.
+flash path uses; `packed_kwargs`), which reach every attention call of a decoder. Layers with a
+sliding window (Mistral configs that set `sliding_window`, Gemma 3's local layers) and soft-capped
+logits keep sdpa's mask: correct, not faster (tests/test_families.py checks every family).
 """
 
 from __future__ import annotations
