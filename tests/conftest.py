@@ -11,6 +11,19 @@ def tiny_llama_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
 
 
+@_pytest_train.fixture(scope="session")
+def packing_samples():
+    """Four samples of 5-14 tokens, some with masked prompt labels: packed-row tests pack them."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for n, masked in [(9, 3), (14, 0), (5, 2), (11, 4)]:
+        ids = torch.randint(20, 3000, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
+    return out
+
+
 # ---- merge / chat / generate (tests/model/test_merge*.py, tests/infer): saved adapters on the tiny Llama
 _DEMO_DATA = {"moss": ("moss_demo.jsonl", "moss"), "chatglm": ("chatglm_demo.jsonl", "chatglm"),
               "chat_template": ("messages_demo.jsonl", "messages")}

@@ -19,20 +19,11 @@ def summed_loss(model, batch, **kw):
     )
 
 
-@pytest.fixture(scope="module")
-def samples():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n, masked in [(9, 3), (14, 0), (5, 2), (11, 4)]:
-        ids = torch.randint(20, 3000, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
-    return out
-
-
 # flex_attention: transformers turns the same packed-sequence detection into a block mask, so flex
 # skips the blocks across samples instead of masking them (the fast path for packed rows on CUDA)
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
-def test_packed_loss_equals_sum_of_samples_alone(tiny_llama_dir, samples, attn):
+def test_packed_loss_equals_sum_of_samples_alone(tiny_llama_dir, packing_samples, attn):
+    samples = packing_samples
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation=attn)

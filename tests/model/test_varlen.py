@@ -82,21 +82,12 @@ def test_sample_bounds_cover_samples_and_padding():
     assert "cu_seq_lens" not in with_loss_targets(collate([[{"input_ids": [1], "labels": [1]}]], PAD, packing=False))
 
 
-@pytest.fixture(scope="module")
-def samples():
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for n, masked in [(9, 3), (14, 0), (5, 2), (11, 4)]:
-        ids = torch.randint(20, 3000, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * masked + ids[masked:]})
-    return out
-
-
-def test_packed_loss_through_registered_varlen_attention(tiny_llama_dir, samples, monkeypatch):
+def test_packed_loss_through_registered_varlen_attention(tiny_llama_dir, packing_samples, monkeypatch):
     """A packed batch through `sdpa_varlen` (the per-sample path, counted) has the summed loss of
     the samples run alone with sdpa; an unpacked batch never reaches the per-sample path."""
     from transformers import AutoModelForCausalLM
 
+    samples = packing_samples
     calls = []
     reference = varlen._reference_varlen
     monkeypatch.setattr(varlen, "_reference_varlen", lambda *a: calls.append(1) or reference(*a))
