@@ -59,7 +59,7 @@ def _flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, max_len: int, scale: float
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
-        else:  # a torch that checks head counts without a GQA switch
+        else:  # torch 2.10 / 2.11 (the GPU image, benchmarks/results/r11/varlen_sig.txt) have no GQA switch
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_len, max_len, scale=scale, **extra)
 
