@@ -83,7 +83,10 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
         config = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):  # remote code or an unreadable config: from_pretrained decides
-        return register_varlen_attention() if m.attn_implementation == VARLEN_ATTENTION else m.attn_implementation
+        if m.attn_implementation == VARLEN_ATTENTION:
+            raise UserError(f"model.attn_implementation={VARLEN_ATTENTION} needs a model class of transformers "
+                            f"itself ('{m.path}' has none: remote code or no readable config); use sdpa") from None
+        return m.attn_implementation
     if not getattr(model_class, "_supports_sdpa", True):
         print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
               file=sys.stderr, flush=True)

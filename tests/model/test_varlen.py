@@ -128,3 +128,5 @@ def test_recipe_attention_choice(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr("transformers.LlamaForCausalLM._supports_attention_backend", False)
     with pytest.raises(UserError, match="registered attention functions"):
         load.attention_for(str(tiny_llama_dir), explicit, cpu)
+    with pytest.raises(UserError, match="needs a model class of transformers itself"):
+        load.attention_for(str(tiny_llama_dir / "missing"), explicit, cpu)  # no config: e.g. remote code
