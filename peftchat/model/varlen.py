@@ -18,6 +18,7 @@ logits keep sdpa's mask: correct, not faster (tests/test_families.py checks ever
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Optional
 
@@ -50,10 +51,15 @@ def _reference_varlen(q, k, v, cu_seq_lens: torch.Tensor, scale: float) -> torch
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _parameter_names(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)  # once, not in every layer's attention call
+
+
 def _flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameter_names(varlen_attn)
     # torch 2.10 takes is_causal; 2.11 on replaced it with window_size ((-1, 0) is causal).
     extra: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if k.shape[1] != q.shape[1]:
