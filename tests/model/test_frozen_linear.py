@@ -175,7 +175,8 @@ def test_fp8_mode_is_close_to_bf16(kind):
     # e4m3 keeps 3 mantissa bits (<= 6.25 % per value, ~2 % rms) on both operands of the base matmuls
     assert _rel(got[0], bf16[0]) < 0.05 and _rel(got[1], bf16[1]) < 0.05
     # LoRA gradients take the incoming gradient and x in bf16: fp8 touches only the base matmuls
-    torch.testing.assert_close(got[2], bf16[2]) and torch.testing.assert_close(got[3], bf16[3])
+    torch.testing.assert_close(got[2], bf16[2])
+    torch.testing.assert_close(got[3], bf16[3])
 
 
 def test_fallbacks_to_peft(monkeypatch):

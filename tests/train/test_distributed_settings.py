@@ -1,7 +1,6 @@
 """The `distributed` recipe section and the torchrun pieces that need no second process: one-line
 errors for settings that cannot work, the rank shares of a window, the 4-bit storage dtype."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ def test_4bit_storage_dtype_follows_the_strategy(tmp_path, strategy, storage, ex
 def test_single_process_has_no_process_group(tmp_path):
     from peftchat.train.distributed import SINGLE, launched_by_torchrun, process_group
 
-    assert not launched_by_torchrun() or os.environ.get("RANK") is not None
+    assert not launched_by_torchrun()  # the test process itself is a plain one
     recipe = load_recipe(RECIPE, [f"model.path={tmp_path}"])
     with process_group(recipe) as dist:
         assert dist is SINGLE and not dist.active and dist.is_main
