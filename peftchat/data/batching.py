@@ -299,12 +299,9 @@ class Batches:
             progress = epoch + batch_index / len(plan)
             if batch_index >= len(plan):
                 epoch, batch_index = epoch + 1, 0
-            if world == 1:
-                yield Window([self.micro_batch(r) for r in rows], epoch, batch_index, progress, size=len(rows))
-                continue
-            mine = rows[rank * share:(rank + 1) * share]
+            mine = rows[rank * share:(rank + 1) * share]  # all of them with one process
             yield Window([self.micro_batch(r) for r in mine], epoch, batch_index, progress,
-                         offset=rank * share, size=len(rows), rows=tuple(rows))
+                         offset=rank * share, size=len(rows), rows=tuple(rows) if world > 1 else ())
 
     def in_order(self) -> Iterator[MicroBatch]:
         """Every micro-batch of the first epoch's plan (the eval set: built without shuffling)."""

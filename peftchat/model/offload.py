@@ -201,5 +201,6 @@ def offloaded_checkpoint(run, hidden: torch.Tensor, *args, body: Optional[Callab
         run = partial(body, run)
     if not torch.is_grad_enabled():
         return run(hidden, *args)
-    anchor = _ANCHORS.setdefault(hidden.device, torch.empty(0, device=hidden.device, requires_grad=True))
-    return _OffloadedCheckpoint.apply(run, anchor, hidden, *args)
+    if hidden.device not in _ANCHORS:  # not setdefault: its default would be a new tensor every call
+        _ANCHORS[hidden.device] = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(run, _ANCHORS[hidden.device], hidden, *args)

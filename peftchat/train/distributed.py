@@ -31,6 +31,7 @@ import torch
 
 from peftchat.config import Recipe
 from peftchat.errors import ConfigError, UserError
+from peftchat.model.load import resolve_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -109,12 +110,9 @@ def launch_local(nproc: int, argv: list[str]) -> int:
 
 
 def _rank_device(recipe: Recipe, local_rank: int) -> torch.device:
-    name = recipe.training.device
-    wants_cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
-    if not wants_cuda:
+    """`training.device` as `resolve_device` reads it, on this process's own GPU (LOCAL_RANK)."""
+    if resolve_device(recipe).type != "cuda":
         return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"training.device={name} but CUDA is not available here (use cpu or auto)")
     if local_rank >= torch.cuda.device_count():
         raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
                           "start at most that many processes per node")

@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -507,7 +507,8 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
             skip_non_finite_step(run, window, micro_losses)
             return lr, None
     else:  # looked at where the loop syncs anyway (verify_finite), not stalling every step
-        run.unverified.append((state.step + 1, window, micro_losses, loss))
+        # the window's place in the data, not its collated tensors: steps may pile up until a check
+        run.unverified.append((state.step + 1, replace(window, micro_batches=[]), micro_losses, loss))
     grad_norm = optimizer_step(run.optimizer, run.scheduler, params, cfg.max_grad_norm, run.scaler)
     state.step += 1
     state.epoch, state.batch_index = window.epoch, window.batch_index
@@ -524,7 +525,7 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
 
 def _where_in_data(run: Run, window: Window, k: int) -> str:
     """Micro-batch `k` of `window` as (epoch, micro-batch index in the epoch, train sample rows)."""
-    n = window.size or len(window.micro_batches)  # several processes: the window they share
+    n = window.size  # with several processes: the window they share
     epoch, end = window.epoch, window.batch_index
     if end == 0:  # the window closed its epoch
         epoch, end = epoch - 1, len(run.train.plan(epoch - 1))
