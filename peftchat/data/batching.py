@@ -3,7 +3,7 @@
 `plan_batches` decides which samples go together; it is a pure function of its arguments, so a
 resumed run rebuilds the same plan and skips to batch k. `collate` turns one planned batch into
 tensors. `Batches` does all of it for one tokenized split: `windows` yields the accumulation
-windows of training from a data position on, across epochs; `in_order` the eval micro-batches.
+windows of training from a data position on, across epochs; `plan(0)` and `micro_batch` give the eval micro-batches.
 
 Packing (padding-free rows): several samples share a row; ``position_ids`` restart at 0 for each
 sample and no ``attention_mask`` is returned. transformers (>= 4.5x; checked with 5.x) then finds
@@ -303,7 +303,3 @@ class Batches:
             yield Window([self.micro_batch(r) for r in mine], epoch, batch_index, progress,
                          offset=rank * share, size=len(rows), rows=tuple(rows) if world > 1 else ())
 
-    def in_order(self) -> Iterator[MicroBatch]:
-        """Every micro-batch of the first epoch's plan (the eval set: built without shuffling)."""
-        for rows in self.plan(0):
-            yield self.micro_batch(rows)

@@ -404,45 +404,32 @@ def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_g
 
 
 @torch.no_grad()
-def evaluate_sharded(run: Run) -> tuple[float, int]:
-    """`evaluate` split over the processes: process r takes eval micro-batches r, r+N, ...; the
-    sums are added up over all. Under FSDP2 every process makes the same number of forwards."""
+def evaluate(run: Run) -> tuple[float, int]:
+    """(mean loss per label token, label tokens) over the whole eval set, with the training loss.
+    With N processes, process r takes eval micro-batches r, r+N, ... and the sums are added up
+    over all; under FSDP2 (whose forwards gather the sharded weights) every process makes the same
+    number of forwards, a spare one for a share that is shorter or has no label token."""
     dist = run.dist
     plan = run.eval.plan(0)
     mine = plan[dist.rank::dist.world_size]
-    passes = len(mine) if dist.strategy == "ddp" else math.ceil(len(plan) / dist.world_size)
-    module = run.wrapped.module if dist.strategy == "ddp" else run.wrapped  # DDP adds nothing without backward
+    sharded = dist.strategy == "fsdp"
+    passes = math.ceil(len(plan) / dist.world_size) if sharded else len(mine)
     total = torch.zeros((), dtype=torch.float64, device=run.device)
     tokens = 0
     run.model.eval()
     for i in range(passes):
         micro = run.eval.micro_batch(mine[i] if i < len(mine) else plan[0])
+        counted = i < len(mine) and micro.label_tokens > 0
+        if not (counted or sharded):
+            continue
         with run.autocast():
-            loss = module(to_device(micro.tensors, run.device), 1.0).double()
-        if i < len(mine) and micro.label_tokens:
+            batch = to_device(micro.tensors, run.device)
+            loss = (run.wrapped(batch, 1.0) if sharded else run.loss_fn(run.model, batch, normalizer=1.0)).double()
+        if counted:
             total += loss
             tokens += micro.label_tokens
     run.model.train()
-    total = sum_tensor(dist, total)
-    tokens = int(sum_counts(dist, [tokens])[0])
-    return (total.item() / tokens if tokens else float("nan")), tokens
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> tuple[float, int]:
-    """(mean loss per label token, label tokens) over the whole eval set, with the training loss."""
-    if run.dist.active:
-        return evaluate_sharded(run)
-    run.model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=run.device)
-    tokens = 0
-    for micro in run.eval.in_order():
-        if micro.label_tokens == 0:
-            continue
-        with run.autocast():
-            total += run.loss_fn(run.model, to_device(micro.tensors, run.device), normalizer=1.0).double()
-        tokens += micro.label_tokens
-    run.model.train()
+    total, tokens = sum_tensor(dist, total), int(sum_counts(dist, [tokens])[0])  # no-ops for one process
     return (total.item() / tokens if tokens else float("nan")), tokens
 
 
