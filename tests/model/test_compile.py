@@ -5,25 +5,20 @@ checkpoint around a compiled body (the combination config.py used to refuse)."""
 
 import pytest
 import torch
+from lora_helpers import with_lora
 
 from peftchat.config import TrainingConfig, recipe_from_dict
 from peftchat.model import kernels
 
 
 def _loss_and_grads(compiled: bool, **policy):
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero LoRA B: the loss and every LoRA gradient depend on the masks
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    model = with_lora(model, dropout=0.3, b_scale=0.2)  # the loss and every LoRA gradient depend on the masks
     kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, **policy))
     if compiled:
         kernels.compile_decoder_layers(model, eager_random=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_helpers import with_lora, loss_and_grads
 from torch import nn
 
 from peftchat.model import frozen_linear as fl
@@ -199,7 +200,6 @@ def test_fallbacks_to_peft(monkeypatch):
 
 
 def _tiny_lora_model(tiny_llama_dir, checkpointing, dropout=0.2):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from peftchat.config import TrainingConfig
@@ -207,29 +207,15 @@ def _tiny_lora_model(tiny_llama_dir, checkpointing, dropout=0.2):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     kernels.apply_checkpoint_policy(model, TrainingConfig(**checkpointing))
-    torch.manual_seed(0)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    return model.train()
-
-
-def _loss_and_grads(model):
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
-    torch.manual_seed(3)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return with_lora(model, dropout)
 
 
 def test_fused_model_equals_peft_in_fp32(tiny_llama_dir, monkeypatch):
-    ref_loss, ref = _loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False), dropout=0.0))
+    ref_loss, ref = loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False), dropout=0.0))
     model = _tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False), dropout=0.0)
     calls = _counting(monkeypatch)
     assert fl.fuse_lora_layers(model)["fused"] == 14  # q k v o gate up down in 2 layers
-    loss, got = _loss_and_grads(model)
+    loss, got = loss_and_grads(model)
     assert len(calls) == 14 and loss == pytest.approx(ref_loss, rel=1e-6)
     for name in ref:  # fp32: only the summation order differs
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
@@ -237,11 +223,11 @@ def test_fused_model_equals_peft_in_fp32(tiny_llama_dir, monkeypatch):
 
 @pytest.mark.parametrize("checkpointing", [dict(gradient_checkpointing=False), dict(), dict(checkpoint_offload=True)])
 def test_fused_model_with_dropout_equals_peft_checkpointed_or_not(tiny_llama_dir, checkpointing, monkeypatch):
-    ref_loss, ref = _loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False)))
+    ref_loss, ref = loss_and_grads(_tiny_lora_model(tiny_llama_dir, dict(gradient_checkpointing=False)))
     model = _tiny_lora_model(tiny_llama_dir, checkpointing)
     calls = _counting(monkeypatch)
     fl.fuse_lora_layers(model)
-    loss, got = _loss_and_grads(model)
+    loss, got = loss_and_grads(model)
     recomputed = checkpointing.get("gradient_checkpointing", True)
     assert len(calls) == (2 if recomputed else 1) * 14  # forward (and the recompute in backward)
     # torch's native dropout is what F.dropout draws from, so the masks are peft's own, and the
@@ -309,22 +295,15 @@ def test_short_nf4_training_run_with_fused_lora(tiny_llama_dir, tmp_path, monkey
 
 
 def test_fp8_tiny_model_stays_close_to_bf16(tiny_llama_dir):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     results = []
     for use_fp8 in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16)
-        torch.manual_seed(0)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-        counts = fl.fuse_lora_layers(model.train(), fp8=use_fp8)
+        model = with_lora(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16), dropout=0.0)
+        counts = fl.fuse_lora_layers(model, fp8=use_fp8)
         assert counts == {"fused": 14, "fp8": 14 if use_fp8 else 0}  # hidden 64, mlp 128, kv 32: all fit
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            results.append(_loss_and_grads(model))
+            results.append(loss_and_grads(model))
     (loss16, grads16), (loss8, grads8) = results
     # measured: loss 4e-5 apart, LoRA gradients 5.4 % apart (relative norm), cosine 0.9985
     assert loss8 == pytest.approx(loss16, rel=1e-3)

@@ -3,6 +3,7 @@ checkpoint's recompute path (same loss and LoRA gradients as no checkpointing, d
 
 import pytest
 import torch
+from lora_helpers import with_lora, loss_and_grads
 
 from peftchat.config import TrainingConfig, recipe_from_dict
 from peftchat.errors import ConfigError
@@ -14,28 +15,11 @@ def _training(**kw):
 
 
 def _lora_model(tiny_llama_dir, recipe, dropout=0.2):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     kernels.apply_checkpoint_policy(model, recipe)
-    torch.manual_seed(0)  # LoRA A is initialised from the global RNG
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # LoRA B starts at zero; non-zero B makes every LoRA gradient non-trivial
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
-def _loss_and_grads(model):
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(2))
-    torch.manual_seed(3)  # same dropout masks for every model
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return with_lora(model, dropout)
 
 
 @pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), ("false", False), ("True", True)])
@@ -77,12 +61,12 @@ def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
 @pytest.mark.parametrize("policy", [dict(checkpoint_offload=True), dict(checkpoint_offload=True, checkpoint_skip_layers=1),
                                     dict()])
 def test_checkpointed_gradients_equal_uncheckpointed(tiny_llama_dir, policy):
-    ref_loss, ref = _loss_and_grads(_lora_model(tiny_llama_dir, _training(gradient_checkpointing=False)))
+    ref_loss, ref = loss_and_grads(_lora_model(tiny_llama_dir, _training(gradient_checkpointing=False)))
     model = _lora_model(tiny_llama_dir, _training(**policy))
     if policy.get("checkpoint_offload"):
         assert all(layer._gradient_checkpointing_func is kernels.offloaded_checkpoint
                    for layer in kernels.decoder_layers(model))
-    loss, got = _loss_and_grads(model)
+    loss, got = loss_and_grads(model)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert set(got) == set(ref) and len(ref) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
     for name in ref:

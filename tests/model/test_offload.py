@@ -4,6 +4,7 @@ accumulation / evaluation / interleaved graphs, and dropout masks equal in forwa
 
 import pytest
 import torch
+from lora_helpers import with_lora
 
 from peftchat.config import TrainingConfig
 from peftchat.model import kernels, offload
@@ -51,7 +52,6 @@ def recorder(monkeypatch):
 
 
 def _model(layers=4, skip=1, dropout=0.2):
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -59,14 +59,7 @@ def _model(layers=4, skip=1, dropout=0.2):
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
     kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, checkpoint_offload=True,
                                                           checkpoint_skip_layers=skip))
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # non-zero LoRA B: every LoRA gradient depends on the dropout masks
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
+    return with_lora(model, dropout)
 
 
 def _ids(seed):

@@ -1,0 +1,29 @@
+"""The LoRA model the model-layer tests train: peft LoRA r 4 on every linear, B non-zero."""
+
+import torch
+
+
+def with_lora(model, dropout: float = 0.2, b_scale: float = 0.05):
+    """`model` under peft LoRA (r 4, alpha 8, all linears; A from seed 0), in train mode. LoRA B
+    starts at zero in peft; here it is random, so every LoRA gradient (and with dropout, every
+    mask) shows in the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # LoRA A is initialised from the global RNG
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_scale)
+    return model.train()
+
+
+def loss_and_grads(model, vocab: int = 200):
+    """(loss, {name: gradient} of the trainable parameters) of one forward/backward on fixed ids,
+    with the same dropout masks for every model (the global RNG is reseeded)."""
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(3)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
