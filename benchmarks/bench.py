@@ -162,9 +162,8 @@ def ratios(doc: dict[str, Any]) -> None:
                           ("unsloth", lambda r: variant_parts(r["variant"])[0] in ("peer:unsloth", "peer:unsloth_sft")
                            and variant_parts(r["variant"])[2] == dropout)):
             # unsloth: its fastest row of this setup (plain loop or, on chat data, SFTTrainer packing)
-            refs = sorted((r for r in doc["rows"] if _same_setup(r, row) and pick(r)),
-                          key=lambda r: -(r.get("tokens_per_s") or 0))
-            ref = refs[0] if refs else None
+            ref = max((r for r in doc["rows"] if _same_setup(r, row) and pick(r)),
+                      key=lambda r: r.get("tokens_per_s") or 0, default=None)
             if ref and ref.get("tokens_per_s") and row.get("tokens_per_s"):
                 row[f"speed_vs_{tag}"] = row["tokens_per_s"] / ref["tokens_per_s"]
                 if ref.get("peak_alloc_gib") and row.get("peak_alloc_gib"):

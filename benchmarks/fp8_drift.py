@@ -27,12 +27,12 @@ def train_curve(model_state: dict, cfg, data: list[torch.Tensor], mode: str, ste
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
+    from benchmarks.peftchat_variants import _fp8_one_side
+
     linear, grad_input = fl.fp8_linear, fl.fp8_grad_input
-    if mode == "fp8_forward_only":
-        fl.fp8_grad_input = lambda grad, w, grad_dtype, out_dtype: grad @ w
-    if mode == "fp8_grad_only":
-        fl.fp8_linear = lambda x, w, out_dtype: x @ w.t()
     try:
+        if mode in ("fp8_forward_only", "fp8_grad_only"):
+            _fp8_one_side(forward=mode == "fp8_forward_only")
         model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
         model.load_state_dict(model_state)
         torch.manual_seed(2)  # the same LoRA init in every mode

@@ -29,7 +29,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -166,8 +166,9 @@ def _no_varlen() -> None:
     load.flash_varlen_available = lambda device: False
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
-    """Train the spec's setting through peftchat.train.loop.train; return the bench row."""
+def run(spec: dict[str, Any], after_step: Optional[Callable] = None) -> dict[str, Any]:
+    """Train the spec's setting through peftchat.train.loop.train; return the bench row.
+    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler)."""
     from peftchat.model.tokenizer import load_tokenizer
     from peftchat.train import loop
 
@@ -228,7 +229,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
 
     t0 = time.perf_counter()
-    loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend))
+    loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend,
+                                             after_step=after_step))
     wall = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

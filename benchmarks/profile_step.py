@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from benchmarks import peftchat_variants
-    from peftchat.train import loop
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,31 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     schedule = torch.profiler.schedule(wait=0, warmup=args.warmup - 1, active=args.steps, repeat=1, skip_first=1)
     step_times: list[float] = []
-    original_train = loop.train
+    spec = {"shape": args.shape, "mode": args.mode, "variant": f"peftchat:{args.setting}", "batch": args.batch,
+            "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "device": args.device,
+            "model_dir": model_dir, "dropout": args.dropout,
+            "work_dir": str(Path(tempfile.gettempdir()) / "peftchat_profile_step")}  # the run's adapter stays out of --out
+    with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True) as prof:
+        def after_step(run) -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter())
+            prof.step()
 
-    def profiled_train(recipe, hooks):
-        with torch.profiler.profile(activities=activities, schedule=schedule, record_shapes=True) as prof:
-            def after_step(run):
-                if cuda:
-                    torch.cuda.synchronize()
-                step_times.append(time.perf_counter())
-                prof.step()
-            hooks.after_step = after_step
-            result = original_train(recipe, hooks)
-        profiled_train.prof = prof
-        return result
-
-    loop.train = profiled_train  # peftchat_variants.run drives loop.train; this run profiles it
-    try:
-        spec = {"shape": args.shape, "mode": args.mode, "variant": f"peftchat:{args.setting}", "batch": args.batch,
-                "seq": args.seq, "warmup": args.warmup, "steps": args.steps, "device": args.device,
-                "model_dir": model_dir, "dropout": args.dropout,
-                "work_dir": str(Path(tempfile.gettempdir()) / "peftchat_profile_step")}  # the run's adapter stays out of --out
-        row = peftchat_variants.run(spec)
-    finally:
-        loop.train = original_train
+        row = peftchat_variants.run(spec, after_step=after_step)
     deltas = [b - a for a, b in zip(step_times, step_times[1:])][-args.steps:]
-    records = kernel_records(profiled_train.prof.events(), cuda)
+    records = kernel_records(prof.events(), cuda)
     summary = summarize(records, args.steps, sum(deltas) / max(1, len(deltas)))
     summary.update(setting=args.setting, shape=args.shape, mode=args.mode, batch=args.batch, seq=args.seq,
                    device=args.device, applied=row.get("applied"), tokens_per_s=row.get("tokens_per_s"),

@@ -224,7 +224,7 @@ def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_packed_rows_through_varlen_attention(arch, family_dir, monkeypatch):
+def test_packed_rows_through_varlen_attention(arch, family_dir, packing_samples, monkeypatch):
     """`model.attn_implementation=sdpa_varlen` (what packed CUDA training gets; here its per-sample
     CPU path): a packed batch's summed loss is that of its samples alone, and the packed path runs
     in every layer that has no sliding window (Gemma 2 soft-caps: it gets eager, no varlen). The
@@ -240,9 +240,7 @@ def test_packed_rows_through_varlen_attention(arch, family_dir, monkeypatch):
     reference = varlen._reference_varlen
     monkeypatch.setattr(varlen, "_reference_varlen", lambda *a: calls.append(1) or reference(*a))
     model = AutoModelForCausalLM.from_pretrained(str(arch_dir), dtype=torch.float32, attn_implementation=name)
-    gen = torch.Generator().manual_seed(0)
-    samples = [{"input_ids": ids, "labels": ids} for ids in
-               (torch.randint(4, 3000, (n,), generator=gen).tolist() for n in (7, 12, 5, 9))]
+    samples = packing_samples
     with torch.no_grad():
         alone = sum(causal_lm_loss(model, with_loss_targets(collate([[s]], 0, packing=False)), normalizer=1.0)
                     for s in samples)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distributed import _free_port  # tests/train is on the path, as data_helpers' folder is
 
 from peftchat.cli import main
 from peftchat.config import load_recipe
@@ -109,10 +110,7 @@ def test_torchrun_with_one_process_equals_no_torchrun(tiny_llama_dir, tmp_path, 
     train(load_recipe(RECIPE, [*settings, f"training.output_dir={tmp_path / 'plain'}"]))
     plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
     for strategy in ("ddp", "fsdp"):
-        sock = __import__("socket").socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
+        port = _free_port()
         for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(port)}.items():
             monkeypatch.setenv(key, value)
