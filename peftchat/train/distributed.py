@@ -187,6 +187,18 @@ def sum_counts(state: Dist, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def first_over_ranks(state: Dist, index: int, value: float) -> tuple[int, int, float]:
+    """(rank, index, value) of the lowest rank whose `index` is >= 0 (a collective: every rank
+    calls it); this process's own three alone or when none has one."""
+    if not state.active:
+        return state.rank, index, value
+    import torch.distributed as dist
+
+    gathered: list = [None] * state.world_size
+    dist.all_gather_object(gathered, (index, value), group=state.side_group)
+    return next(((r, i, v) for r, (i, v) in enumerate(gathered) if i >= 0), (state.rank, index, value))
+
+
 def sum_tensor(state: Dist, t: torch.Tensor) -> torch.Tensor:
     """A device tensor summed over ranks (a new tensor; the input is kept)."""
     if not state.active:

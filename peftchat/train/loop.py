@@ -60,7 +60,7 @@ from peftchat.train.checkpoint import (
     load_training_state,
     save_checkpoint,
 )
-from peftchat.train.distributed import SINGLE, Dist, barrier, gradient_sync, sum_counts, sum_tensor
+from peftchat.train.distributed import SINGLE, Dist, barrier, first_over_ranks, gradient_sync, sum_counts, sum_tensor
 from peftchat.train.lock import sole_writer
 from peftchat.train.loss import causal_lm_loss, make_loss
 from peftchat.train.metrics import (
@@ -511,22 +511,26 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
 
 
 def _where_in_data(run: Run, window: Window, k: int) -> str:
-    """Micro-batch `k` of `window` as (epoch, micro-batch index in the epoch, train sample rows)."""
-    n = window.size  # with several processes: the window they share
+    """Micro-batch `k` of the whole `window` (all processes' shares, in order) as (epoch,
+    micro-batch index in the epoch, train sample rows)."""
+    n = window.size
     epoch, end = window.epoch, window.batch_index
     if end == 0:  # the window closed its epoch
         epoch, end = epoch - 1, len(run.train.plan(epoch - 1))
-    index = end - n + window.offset + k
+    index = end - n + k
     rows = list(run.train.plan(epoch)[index])
     shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
     return f"micro-batch {index} of epoch {epoch} (micro-batch {k + 1} of the step's {n}; train samples {shown})"
 
 
 def _non_finite(run: Run, window: Window, micro_losses: list) -> tuple[float, str]:
-    """(the first non-finite micro-batch loss of `window`, where that micro-batch is in the data)."""
-    values = [float("nan") if x is None else float(x) for x in micro_losses]
-    k = next((i for i, x in enumerate(values) if not math.isfinite(x)), 0)
-    return values[k], _where_in_data(run, window, k)
+    """(the first non-finite micro-batch loss of `window`, where that micro-batch is in the data),
+    over all processes: the lowest rank that has one tells (every process calls this together)."""
+    # None: a micro-batch without label tokens, never run
+    k = next((i for i, x in enumerate(micro_losses) if x is not None and not math.isfinite(float(x))), -1)
+    rank, k, value = first_over_ranks(run.dist, k, float(micro_losses[k]) if k >= 0 else float("nan"))
+    share = run.recipe.training.gradient_accumulation_steps  # each process's part of the window
+    return value, _where_in_data(run, window, rank * share + max(k, 0))
 
 
 def verify_finite(run: Run) -> None:

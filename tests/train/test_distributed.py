@@ -52,6 +52,18 @@ if kill:
         if run.dist.rank == kill_rank and run.state.step == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
     loop.save = save_then_die
+nan_rank = os.environ.get("PEFTCHAT_TEST_NAN_RANK")
+if nan_rank == rank:  # this rank's first micro-batch loss is NaN
+    from peftchat.train import loop
+    make_loss = loop.make_loss
+    def poisoned(*args, **kwargs):
+        clean, calls = make_loss(*args, **kwargs), []
+        def loss_fn(model, batch, **kw):
+            calls.append(1)
+            loss = clean(model, batch, **kw)
+            return loss * float("nan") if len(calls) == 1 else loss
+        return loss_fn
+    loop.make_loss = poisoned
 from peftchat.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
@@ -71,13 +83,14 @@ def _peftchat_nproc(out: Path, *overrides: str, timeout: int = 240):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _torchrun(tmp_path: Path, out: Path, *overrides: str, kill: str = "", timeout: int = 240):
+def _torchrun(tmp_path: Path, out: Path, *overrides: str, kill: str = "", nan_rank: str = "", timeout: int = 240):
     launcher = tmp_path / "launch_train.py"
     launcher.write_text(LAUNCHER, encoding="utf-8")
     audit = tmp_path / f"audit-{out.name}"
     audit.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TEST_OUT": str(out), "TEST_AUDIT": str(audit), "PEFTCHAT_TEST_KILL": kill}
+           "TEST_OUT": str(out), "TEST_AUDIT": str(audit), "PEFTCHAT_TEST_KILL": kill,
+           "PEFTCHAT_TEST_NAN_RANK": nan_rank}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            str(launcher), "train", str(RECIPE), *SETTINGS, f"training.output_dir={out}", *overrides]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -161,3 +174,15 @@ def test_killed_rank_stops_the_job_and_the_run_resumes_to_the_same_adapter(ddp_r
     reference, _, _ = ddp_run
     assert _max_relative(_adapter(reference), _adapter(out)) == 0.0  # same world size: bit-exact
     assert [r["step"] for r in _rows(out) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_nan_on_another_rank_is_named_by_rank_zero(tiny_llama_dir, tmp_path):
+    """Rank 1's micro-batch (the second of step 1's window of 2) gives NaN: every rank stops, and
+    the message (rank 0's is the one shown) names that micro-batch and its loss, not rank 0's own."""
+    result, _ = _torchrun(tmp_path, tmp_path / "run", f"model.path={tiny_llama_dir}", nan_rank="1")
+    assert result.returncode != 0
+    assert ("error: loss is nan at step 1, micro-batch 1 of epoch 0 (micro-batch 2 of the step's 2; train samples "
+            in result.stderr), result.stderr[-3000:]
+    assert "micro-batch 1 of the step's" not in result.stderr
+    assert result.stderr.count("exitcode  : 2") == 2  # both ranks stopped with the user-error code (torchrun's report)
+
