@@ -125,18 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.shape, args.batch_size = "tiny", 2
     sys.path.insert(0, str(REPO))
-    from transformers import AutoTokenizer
-
-    from benchmarks.shapes import build_random_model, shape_dict
+    from benchmarks.shapes import bench_model
     from peftchat.demo_assets import demo_tokenizer_dir
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = str(demo_tokenizer_dir())
-    vocab = max(shape_dict(args.shape)["vocab_size"], len(AutoTokenizer.from_pretrained(tokenizer)))
-    model = build_random_model(args.shape, Path(args.models_dir) / args.shape, "cpu" if args.smoke else args.device,
-                               vocab_size=vocab)
+    model = bench_model(args.shape, args.models_dir, "cpu" if args.smoke else args.device)
     overrides = overrides_for(args, model, tokenizer)
     runs = {kind: check(kind, args, overrides, work, out) for kind in args.runs.split(",")}
     plain = runs.get("plain", {})

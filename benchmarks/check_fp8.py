@@ -249,20 +249,10 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
     """`--quality-compare` off vs on through the recipe path: same seed, data and held-out sessions."""
     from benchmarks import peftchat_variants
     from benchmarks.chat_sessions import write_sessions
-    from benchmarks.shapes import build_random_model
-    from benchmarks.worker import copy_tokenizer
+    from benchmarks.shapes import bench_model
     from peftchat.model.tokenizer import load_tokenizer
 
-    model_dir = Path(args.model_root) / shape
-    vocab = None
-    if shape == "tiny":  # the shipped tokenizer's ids must fit the model (as bench.py does)
-        from transformers import AutoTokenizer
-
-        from peftchat.demo_assets import demo_tokenizer_dir
-
-        vocab = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
-    build_random_model(shape, model_dir, args.device, vocab)
-    copy_tokenizer(str(model_dir))
+    model_dir = bench_model(shape, args.model_root, args.device)
     work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
     work.mkdir(parents=True, exist_ok=True)
     spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,

@@ -42,18 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from benchmarks.bench import versions
-    from benchmarks.shapes import build_random_model
+    from benchmarks.shapes import bench_model
     from peftchat.demo_assets import demo_tokenizer_dir
 
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoTokenizer
-
-    from benchmarks.shapes import shape_dict
-
-    vocab = max(shape_dict(args.shape)["vocab_size"], len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
-    model = build_random_model(args.shape, Path(args.models_dir) / args.shape, args.device, vocab_size=vocab)
+    model = bench_model(args.shape, args.models_dir, args.device)
     adapter, merged = work / f"qlora-{args.shape}", work / f"merged-{args.shape}"
     overrides = [f"model.path={model}", f"model.tokenizer={demo_tokenizer_dir()}", "model.dtype=bf16",
                  "model.compute_dtype=bf16", f"training.device={args.device}", f"training.max_steps={args.steps}",

@@ -120,22 +120,6 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _ensure_model(shape: str, models_dir: str, device: str) -> str:
-    """The bench's model dir of `shape` (built once, as bench.py builds it: the vocabulary at least
-    the shipped tokenizer's, so peftchat's data path fits)."""
-    from transformers import AutoTokenizer
-
-    from benchmarks.shapes import build_random_model, shape_dict
-    from benchmarks.worker import copy_tokenizer
-    from peftchat.demo_assets import demo_tokenizer_dir
-
-    path = str(Path(models_dir) / shape)
-    vocab = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
-    build_random_model(shape, path, device, vocab if vocab > shape_dict(shape)["vocab_size"] else None)
-    copy_tokenizer(path)
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,12 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from benchmarks import peftchat_variants
+    from benchmarks.shapes import bench_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.device(args.device).type == "cuda"
     t0 = time.perf_counter()
-    model_dir = _ensure_model(args.shape, args.models_dir, args.device)
+    model_dir = str(bench_model(args.shape, args.models_dir, args.device))
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     schedule = torch.profiler.schedule(wait=0, warmup=args.warmup - 1, active=args.steps, repeat=1, skip_first=1)
     step_times: list[float] = []

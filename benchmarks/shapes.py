@@ -81,3 +81,19 @@ def build_random_model(shape: str, out_dir: str | Path, device: str, vocab_size:
     marker.write_text(json.dumps(cfg_dict))
     del model
     return out
+
+
+def bench_model(shape: str, models_dir: str | Path, device: str) -> Path:
+    """The benchmarks' model of `shape` under `models_dir` (built once): its vocabulary at least the
+    shipped tokenizer's, so peftchat's data path fits, and that tokenizer beside the weights (for
+    peers that load the dir as users do)."""
+    from transformers import AutoTokenizer
+
+    from benchmarks.worker import copy_tokenizer
+    from peftchat.demo_assets import demo_tokenizer_dir
+
+    vocab = max(shape_dict(shape)["vocab_size"], len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
+    path = build_random_model(shape, Path(models_dir) / shape, device, vocab)
+    copy_tokenizer(str(path))
+    return path
+
