@@ -69,35 +69,14 @@ def mask_check(device: str, flavour: str, eager_random: bool, p: float = 0.3, sh
     return row
 
 
-def _model(device: str, dropout: float, shape: dict, quant: str):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if quant == "nf4":
-        from benchmarks.check_grads import _nf4_model
-
-        model = _nf4_model(device, torch.bfloat16, shape, seed=0)
-    else:
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**shape, use_cache=False)).to(torch.bfloat16)
-    torch.manual_seed(1)  # the same LoRA A init on every path (the NF4 build draws from the RNG too)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype))
-    return model
-
-
 def trajectory(device: str, path: str, dropout: float, shape: dict, batch: int, seq: int, steps: int,
                skip: int, quant: str = "none") -> dict:
+    from benchmarks.check_grads import build
     from peftchat.config import TrainingConfig
     from peftchat.model import kernels
 
     torch._dynamo.reset()
-    model = _model(device, dropout, shape, quant)
+    model = build(device, torch.bfloat16, shape, quant="nf4" if quant == "nf4" else "bf16", dropout=dropout)
     cfg = TrainingConfig(gradient_checkpointing=True, checkpoint_skip_layers=skip,
                          checkpoint_offload=path.startswith("offload"), fused_kernels=False)
     kernels.apply_checkpoint_policy(model, cfg)

@@ -59,7 +59,9 @@ def _nf4_model(device: str, compute_dtype: torch.dtype, shape: dict, seed: int):
                                                 device_map={"": device}, attn_implementation="sdpa")
 
 
-def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0, quant: str = "bf16"):
+def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0, quant: str = "bf16", dropout: float = 0.0):
+    """A random Llama of `shape` (`quant` "nf4": its NF4 base) under LoRA r 16 on every linear, the
+    same A and non-zero B on every call with the same seed."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,7 +73,7 @@ def build(device: str, dtype: torch.dtype, shape: dict, seed: int = 0, quant: st
         cfg = LlamaConfig(**shape, use_cache=False, attn_implementation="sdpa")
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).to(dtype).to(device)  # same values in every dtype
     torch.manual_seed(seed + 2)  # LoRA A is drawn from the global RNG: the same A for every path
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear"))
     g = torch.Generator().manual_seed(seed + 1)
     for name, p in model.named_parameters():
         if "lora_B" in name:
