@@ -184,5 +184,6 @@ def test_a_nan_on_another_rank_is_named_by_rank_zero(tiny_llama_dir, tmp_path):
     assert ("error: loss is nan at step 1, micro-batch 1 of epoch 0 (micro-batch 2 of the step's 2; train samples "
             in result.stderr), result.stderr[-3000:]
     assert "micro-batch 1 of the step's" not in result.stderr
-    assert result.stderr.count("exitcode  : 2") == 2  # both ranks stopped with the user-error code (torchrun's report)
+    # torchrun's report: the first rank to exit had the user-error code (the agent may stop the other first)
+    assert "exitcode  : 2" in result.stderr
 
