@@ -193,6 +193,10 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None) -> dict[str
             _fp8_one_side(forward=tok == "fp8fwd")
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
             _no_varlen()
+        elif tok == "torchdropout":  # ablation: LoRA dropout by torch's kernel, not inside the LoRA matmuls
+            from peftchat.model import frozen_linear
+
+            frozen_linear.KERNEL_DROPOUT = False  # one process per variant (worker.py)
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value

@@ -41,7 +41,12 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from peftchat.model import lora_dropout
 from peftchat.model.fp8 import E4M3, fp8_grad_input, fp8_linear, fp8_shapes_fit
+
+# At dropout > 0 on CUDA with Triton, LoRA's dropout is drawn inside its matmuls (lora_dropout);
+# the bench's `+torchdropout` ablation turns it off (one process per variant).
+KERNEL_DROPOUT = True
 
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
@@ -119,16 +124,26 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8_grad):  # type: ignore[override]
         dtype = x.dtype
+        a = lora_a.to(dtype)
+        ctx.rng = ctx.seed = None
+        if p > 0 and KERNEL_DROPOUT and lora_dropout.usable(x, a, p):
+            ctx.seed = lora_dropout.new_seed(x.device)  # the kernels draw the mask from it
+            xa = lora_dropout.down(x, a, ctx.seed, p)
+        else:
+            ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
+            xa = (dropout(x, p)[0] if p > 0 else x) @ a.t()
         w = base_weight(base, kind, dtype)
-        y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
+        if fp8_grad is not None:
+            y = fp8_linear(x, w, dtype)
+            y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
+        else:
+            # LoRA term first, base matmul accumulated onto it: the base GEMM reads the LoRA term
+            # in its epilogue, where a separate add would read and write the whole output again
+            y = torch.mm(xa, lora_b.to(dtype).t().mul(scaling))
+            y.addmm_(x, w.t())
         del w
         if base.bias is not None:
             y += base.bias.to(dtype)
-        ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
-        lora_in = dropout(x, p)[0] if p > 0 else x
-        xa = lora_in @ lora_a.to(dtype).t()
-        del lora_in
-        y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)  # the LoRA term lands in the base output
         ctx.save_for_backward(x, xa, lora_a, lora_b)
         ctx.base, ctx.kind, ctx.scaling, ctx.p, ctx.fp8_grad = base, kind, scaling, p, fp8_grad
         return y
@@ -140,29 +155,33 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         grad = grad.to(dtype).contiguous()
         grad_xa = (grad @ lora_b.to(dtype)).mul_(s)  # (M, r)
         grad_b = (grad.t() @ xa).mul_(s)
-        mask = None
-        if p > 0:
-            with replayed_rng(x.device, ctx.rng):
-                lora_in, mask = dropout(x, p)  # forward's very mask: same RNG state, tensor and shape
-            grad_a = grad_xa.t() @ lora_in
-            del lora_in
-        else:
-            grad_a = grad_xa.t() @ x
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # LoRA part first, so its mask is freed before the base weight is dequantized
-            grad_x = grad_xa @ lora_a.to(dtype)
-            if mask is not None:
-                grad_x = torch.ops.aten.native_dropout_backward(grad_x, mask, 1.0 / (1.0 - p))
-            del mask
+        grad_a, grad_x = _lora_input_grads(ctx, x, grad_xa, lora_a.to(dtype))
+        if grad_x is not None:  # LoRA part first, so its mask is freed before the base weight is dequantized
             w = base_weight(ctx.base, ctx.kind, dtype)
             if ctx.fp8_grad is not None:
                 grad_x += fp8_grad_input(grad, w, ctx.fp8_grad, dtype)
             else:
                 grad_x.addmm_(grad, w)
             del w
-        ctx.base = ctx.rng = None
+        ctx.base = ctx.rng = ctx.seed = None
         return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
+
+
+def _lora_input_grads(ctx, x: torch.Tensor, grad_xa: torch.Tensor,
+                      a: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(LoRA A's gradient, LoRA's part of x's gradient or None) through forward's dropout mask."""
+    p, need_x = ctx.p, ctx.needs_input_grad[0]
+    if ctx.seed is not None:
+        grad_x = lora_dropout.grad_input(grad_xa, a, ctx.seed, p) if need_x else None
+        return lora_dropout.grad_a(x, grad_xa, ctx.seed, p), grad_x
+    if p == 0:
+        return grad_xa.t() @ x, (grad_xa @ a if need_x else None)
+    with replayed_rng(x.device, ctx.rng):
+        lora_in, mask = dropout(x, p)  # forward's very mask: same RNG state, tensor and shape
+    grad_a = grad_xa.t() @ lora_in
+    del lora_in
+    grad_x = torch.ops.aten.native_dropout_backward(grad_xa @ a, mask, 1.0 / (1.0 - p)) if need_x else None
+    return grad_a, grad_x
 
 
 def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor, lora_a: torch.Tensor) -> Optional[torch.dtype]:

@@ -1,0 +1,94 @@
+"""LoRA dropout inside the LoRA matmuls (peftchat.model.lora_dropout) on the GPU: each kernel
+against torch with the very mask the kernels drew (bf16 inputs, fp32 reference), the share of
+dropped elements, and the time of one LoRA layer's dropout-touching work both ways at the 8B
+shapes (M = 4 x 2048 tokens, K = 4096 or 14336, r = 16):
+
+  torch   forward: native dropout, dropped x @ A.T; backward: dropout drawn again, G.T @ dropped x,
+          (G @ A) through native_dropout_backward (what frozen_linear does with KERNEL_DROPOUT off)
+  kernel  forward: down(x, A); backward: grad_a(x, G) and grad_input(G, A)
+
+    python3 -m benchmarks.check_lora_dropout --out $OUT/lora_dropout.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _time_ms(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def check(m: int, k: int, r: int, p: float) -> dict:
+    from peftchat.model import lora_dropout as ld
+
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * 0.02
+    g = torch.randn(m, r, device=dev, dtype=torch.bfloat16)
+    seed = ld.new_seed(dev)
+    keep = ld.keep_mask(seed, m, k, p)
+    dropped = x.float() * keep * ld.keep_scale(p)
+    row = {"m": m, "k": k, "r": r, "p": p, "dropped_share": 1 - keep.float().mean().item(),
+           "down_rel_err": _rel(ld.down(x, a, seed, p), dropped @ a.float().t()),
+           "grad_a_rel_err": _rel(ld.grad_a(x, g, seed, p), g.float().t() @ dropped),
+           "grad_input_rel_err": _rel(ld.grad_input(g, a, seed, p), (g.float() @ a.float()) * keep * ld.keep_scale(p))}
+    del dropped, keep
+
+    def torch_fwd():
+        lora_in, _ = torch.native_dropout(x, p, True)
+        return lora_in @ a.t()
+
+    def torch_bwd():
+        lora_in, mask = torch.native_dropout(x, p, True)
+        ga = g.t() @ lora_in
+        del lora_in
+        return ga, torch.ops.aten.native_dropout_backward(g @ a, mask, 1.0 / (1.0 - p))
+
+    row.update(torch_fwd_ms=_time_ms(torch_fwd), torch_bwd_ms=_time_ms(torch_bwd),
+               kernel_fwd_ms=_time_ms(lambda: ld.down(x, a, seed, p)),
+               kernel_grad_a_ms=_time_ms(lambda: ld.grad_a(x, g, seed, p)),
+               kernel_grad_input_ms=_time_ms(lambda: ld.grad_input(g, a, seed, p)),
+               x_read_ms_at_4tb=m * k * 2 / 4.0e9)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tokens", type=int, default=8192)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for k in (4096, 14336):
+            for r in (16, 64):
+                row = check(args.tokens, k, r, 0.05)
+                print(json.dumps(row), flush=True)
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""LoRA's input dropout drawn inside its own matmuls (Triton), for the fused LoRA function.
+
+Why by hand: at LoRA dropout > 0 the dropout of the layer input was the largest cost of LoRA in
+an 8B QLoRA step. torch's dropout reads x and writes a dropped copy and a bool mask, and a
+checkpointed layer draws it three times per step (forward, recompute, backward); the copies are
+then read again by the LoRA matmuls. Profiled on the H200 (lean, 8B NF4, 4 x 2048, round 5):
+66 of the 140 ms/step of LoRA kernels were `fused_dropout` and `masked_scale`. Neither torch,
+liger-kernel nor peft has a matmul that drops its input on the fly; this module is three small
+ones, each reading x (or writing the input gradient) once and drawing the mask in registers:
+
+    down(x, A)          (x * keep * scale) @ A.T                  forward and recompute, (M, r)
+    grad_a(x, G)        G.T @ (x * keep * scale)                  backward, LoRA A's gradient (r, K)
+    grad_input(G, A)    (G @ A) * keep * scale                    backward, LoRA's part of x's gradient
+
+The keep mask is a function of a seed and the element's place only, never of the tiling:
+element (i, j) of an (M, K) input takes 16 bits of Philox-4x32-10 (Triton's `randint4x`) at
+counter (i * K + j) // 8, part j % 8, and is kept when those bits are >= round(p * 65536). One
+Philox call thus serves eight elements (one per element made the kernels compute-bound). The
+drop probability is that threshold / 65536 (0.05 -> 0.0500031) and kept values are scaled by
+65536 / (65536 - threshold), so the expectation is exact. The masks are other draws than torch's
+dropout (peft's layers): same distribution, not the same bits.
+
+The seed is one int64 drawn from torch's CUDA generator on the device (no host sync). A
+checkpointed layer's recompute restores that generator, so it draws the same seed and masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+PHILOX_BITS = 16  # bits of a Philox output per element: eight elements per call
+THRESHOLD_SCALE = 1 << PHILOX_BITS
+GROUP = 8  # elements sharing one Philox call: K must be a multiple of it
+MAX_ELEMENTS = 1 << 32  # counters (elements / 8) stay below 2**29 in uint32 arithmetic
+TARGET_PROGRAMS = 264  # two per multiprocessor on the H200 (132)
+
+
+@functools.cache
+def _triton():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+    return triton, tl
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on `device`: CUDA with Triton installed."""
+    return device.type == "cuda" and _triton() is not None
+
+
+def usable(x: torch.Tensor, lora_a: torch.Tensor, p: float) -> bool:
+    """Whether an (M, K) `x` with LoRA A (r, K) can take the kernels at dropout `p`."""
+    m, k = x.shape
+    return (0 < p < 1 and x.dtype in (torch.bfloat16, torch.float16) and lora_a.shape[0] <= 128
+            and k % GROUP == 0 and m * k < MAX_ELEMENTS and x.is_contiguous() and available(x.device))
+
+
+def threshold(p: float) -> int:
+    """16-bit threshold below which an element is dropped (at least 1, at most 65535)."""
+    return min(THRESHOLD_SCALE - 1, max(1, round(p * THRESHOLD_SCALE)))
+
+
+def keep_scale(p: float) -> float:
+    """What kept values are multiplied by: 1 / (1 - the drop probability `threshold` gives)."""
+    return THRESHOLD_SCALE / (THRESHOLD_SCALE - threshold(p))
+
+
+def new_seed(device: torch.device) -> torch.Tensor:
+    """One int64 seed on `device`, from torch's generator there (restored by checkpointing)."""
+    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+def _block_r(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())  # tl.dot wants every dimension >= 16
+
+
+@functools.cache
+def _kernels():
+    triton, _ = _triton()
+    from peftchat.model import lora_dropout_kernels as k
+
+    return triton, k.down_kernel, k.grad_a_kernel, k.grad_input_kernel, k.mask_kernel
+
+
+# Tile sizes: BM rows by BK columns. 64 x 128 keeps 16 KB of bf16 x per loop step in flight on
+# each multiprocessor; BK is a multiple of GROUP (8) so every tile starts on a Philox group.
+BM, BK = 64, 128
+
+
+def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """(x * keep * scale) @ lora_a.T for (M, K) x and (r, K) lora_a, in x's dtype."""
+    triton, kernel, *_ = _kernels()
+    m, k = x.shape
+    r = lora_a.shape[0]
+    out = torch.empty(m, r, device=x.device, dtype=x.dtype)
+    kernel[(triton.cdiv(m, BM),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p),
+                                  BM=BM, BK=BK, BR=_block_r(r), num_warps=4, num_stages=3)
+    return out
+
+
+def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
+    """grad_xa.T @ (x * keep * scale): LoRA A's gradient (r, K), in fp32."""
+    triton, _, kernel, *_ = _kernels()
+    m, k = x.shape
+    r = grad_xa.shape[1]
+    col_blocks = triton.cdiv(k, BK)
+    # rows are split across programs so that a narrow K (4096 / 128 = 32 blocks) still fills the GPU
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, col_blocks), triton.cdiv(m, BM)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), BM) * BM
+    splits = triton.cdiv(m, rows_per_split)
+    br = _block_r(r)
+    parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
+    kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
+                                 BM=BM, BK=BK, BR=br, num_warps=4, num_stages=3)
+    return parts.sum(0)[:, :r].t().mul_(keep_scale(p))
+
+
+def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(grad_xa @ lora_a) * keep * scale: LoRA's part of the layer input's gradient (M, K)."""
+    triton, _, _, kernel, _ = _kernels()
+    m, r = grad_xa.shape
+    k = lora_a.shape[1]
+    out = torch.empty(m, k, device=grad_xa.device, dtype=dtype or grad_xa.dtype)
+    kernel[(triton.cdiv(m, BM), triton.cdiv(k, BK))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k, r,
+                                                     threshold(p), keep_scale(p), BM=BM, BK=BK, BR=_block_r(r),
+                                                     num_warps=4, num_stages=2)
+    return out
+
+
+def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
+    """The (m, k) bool keep mask the kernels draw from `seed` (for tests and checks)."""
+    triton, *_, kernel = _kernels()
+    out = torch.empty(m, k, device=seed.device, dtype=torch.int8)
+    kernel[(triton.cdiv(m, BM), triton.cdiv(k, BK))](out, seed, m, k, threshold(p), BM=BM, BK=BK)
+    return out.bool()

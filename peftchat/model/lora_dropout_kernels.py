@@ -1,0 +1,85 @@
+"""Triton kernels of peftchat.model.lora_dropout (imported only where Triton is installed).
+
+Kept in a module of their own because Triton resolves the helpers a kernel calls (`keep_tile`)
+from the kernel's module globals, and this module needs Triton at import time.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
+    # (BM, BK) keep mask of rows `rows`, columns k0 .. k0 + BK (k0 a multiple of 8)
+    groups = (k0 // 8 + tl.arange(0, BK // 8))
+    counter = (rows[:, None].to(tl.int64) * (K // 8) + groups[None, :]).to(tl.uint32)
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK // 8, 4))
+    bits = tl.reshape(tl.join(u & 0xFFFF, u >> 16), (BM, BK))  # element j takes part j % 8
+    return bits >= thr
+
+@triton.jit
+def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+                BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    seed = tl.load(seed_ptr)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BM, BR), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, 0.0)
+        a_t = tl.load(a_ptr + rr[None, :] * K + cols[:, None], mask=(rr[None, :] < R) & (cols[:, None] < K),
+                      other=0.0)  # (BK, BR): A.T's tile
+        acc += tl.dot(x, a_t)
+    acc = acc * scale
+    tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (rr[None, :] < R))
+
+@triton.jit
+def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr,
+                  BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
+    seed = tl.load(seed_ptr)
+    k0 = tl.program_id(0) * BK
+    split = tl.program_id(1)
+    cols = k0 + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    acc = tl.zeros((BK, BR), dtype=tl.float32)
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, M), BM):
+        rows = m0 + tl.arange(0, BM)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                    mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, 0.0)
+        g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R),
+                    other=0.0)
+        acc += tl.dot(tl.trans(x), g)
+    tl.store(part_ptr + (split * K + cols[:, None]).to(tl.int64) * BR + rr[None, :], acc,
+             mask=cols[:, None] < K)
+
+@triton.jit
+def grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    seed = tl.load(seed_ptr)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    rr = tl.arange(0, BR)
+    g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
+    out = tl.dot(g, a)
+    out = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), out * scale, 0.0)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+@triton.jit
+def mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
+    seed = tl.load(seed_ptr)
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    k0 = tl.program_id(1) * BK
+    cols = k0 + tl.arange(0, BK)
+    keep = keep_tile(seed, rows, k0, K, thr, BM, BK)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], keep.to(tl.int8),
+             mask=(rows[:, None] < M) & (cols[None, :] < K))

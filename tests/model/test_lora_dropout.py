@@ -1,0 +1,120 @@
+"""LoRA dropout drawn inside the LoRA matmuls (peftchat.model.lora_dropout).
+
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the
+kernels are defined), in fp32: the interpreter's bf16 arithmetic is not the GPU's. The GPU run of
+the same checks is benchmarks/check_kernels.py.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from peftchat.model import frozen_linear, lora_dropout  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+
+def test_threshold_and_scale_keep_the_expectation():
+    assert lora_dropout.threshold(0.05) == 3277
+    p_eff = 3277 / 65536
+    assert lora_dropout.keep_scale(0.05) == pytest.approx(1 / (1 - p_eff))
+    assert lora_dropout.threshold(1e-9) == 1 and lora_dropout.threshold(0.999999) == 65535
+
+
+def test_usable_only_where_the_kernels_apply(monkeypatch):
+    x = torch.zeros(4, 64, dtype=torch.bfloat16)
+    a = torch.zeros(16, 64, dtype=torch.bfloat16)
+    assert not lora_dropout.usable(x, a, 0.05)  # CPU
+    monkeypatch.setattr(lora_dropout, "available", lambda device: True)
+    assert lora_dropout.usable(x, a, 0.05)
+    assert not lora_dropout.usable(x, a, 0.0)
+    assert not lora_dropout.usable(x.float(), a.float(), 0.05)  # fp32 keeps torch's dropout
+    assert not lora_dropout.usable(torch.zeros(4, 60, dtype=torch.bfloat16), a[:, :60], 0.05)  # K % 8
+    assert not lora_dropout.usable(x.t().contiguous().t(), a, 0.05)
+
+
+def _seed(s: int) -> torch.Tensor:
+    return torch.tensor([s], dtype=torch.int64)
+
+
+@pytest.mark.parametrize("m,k,r", [(96, 256, 16), (70, 136, 8)])  # ragged M, K not a multiple of the tile
+def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r):
+    torch.manual_seed(0)
+    x, a, g = torch.randn(m, k), torch.randn(r, k) * 0.1, torch.randn(m, r)
+    p, seed = 0.25, _seed(42)
+    keep = lora_dropout.keep_mask(seed, m, k, p)
+    dropped = x * keep * lora_dropout.keep_scale(p)
+    torch.testing.assert_close(lora_dropout.down(x, a, seed, p), dropped @ a.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_dropout.grad_a(x, g, seed, p), g.t() @ dropped, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lora_dropout.grad_input(g, a, seed, p),
+                               (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
+
+
+def test_mask_depends_on_seed_and_place_not_on_tiles(monkeypatch):
+    m, k, p = 64, 256, 0.3
+    keep = lora_dropout.keep_mask(_seed(7), m, k, p)
+    monkeypatch.setattr(lora_dropout, "BM", 32)
+    monkeypatch.setattr(lora_dropout, "BK", 64)
+    assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p), keep)
+    other = lora_dropout.keep_mask(_seed(8), m, k, p)
+    assert 0.5 < (other == keep).float().mean() < 0.7  # independent draws: 0.3² + 0.7² = 0.58 agree
+
+
+def test_mask_drops_p_of_every_position():
+    keep = lora_dropout.keep_mask(_seed(3), 512, 512, 0.05)
+    dropped = 1 - keep.float()
+    assert dropped.mean().item() == pytest.approx(0.05, abs=0.002)
+    for part in range(8):  # each of the eight 16-bit parts of a Philox call
+        assert dropped[:, part::8].mean().item() == pytest.approx(0.05, abs=0.004)
+    halves = torch.corrcoef(torch.stack([dropped[:, :256].flatten(), dropped[:, 256:].flatten()]))[0, 1]
+    assert abs(halves.item()) < 0.02
+
+
+def test_fused_lora_function_through_the_kernels(monkeypatch):
+    """LoraOnFrozenLinear with the kernel dropout: output and every gradient equal the same
+    arithmetic in torch with the mask the kernels drew, also under checkpointing (recompute draws
+    the same seed from the restored generator)."""
+    monkeypatch.setattr(lora_dropout, "usable", lambda x, a, p: p > 0)
+    torch.manual_seed(0)
+    m, k, n, r, p, s = 48, 64, 40, 8, 0.2, 2.0
+    base = torch.nn.Linear(k, n, bias=True).requires_grad_(False)
+    x = torch.randn(m, k, requires_grad=True)
+    a = (torch.randn(r, k) * 0.1).requires_grad_()
+    b = (torch.randn(n, r) * 0.1).requires_grad_()
+
+    def run(checkpointed: bool):
+        torch.manual_seed(123)
+        fn = lambda x_: frozen_linear.LoraOnFrozenLinear.apply(x_, a, b, base, "dense", s, p, None)  # noqa: E731
+        y = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False) if checkpointed else fn(x)
+        (y.square().sum()).backward()
+        grads = [t.grad.clone() for t in (x, a, b)]
+        for t in (x, a, b):
+            t.grad = None
+        return y.detach(), grads
+
+    torch.manual_seed(123)
+    keep = lora_dropout.keep_mask(lora_dropout.new_seed(x.device), m, k, p)
+    xr, ar, br = (t.detach().clone().requires_grad_() for t in (x, a, b))
+    yr = base(xr) + s * ((xr * keep * lora_dropout.keep_scale(p)) @ ar.t()) @ br.t()
+    yr.square().sum().backward()
+    for checkpointed in (False, True):
+        y, grads = run(checkpointed)
+        torch.testing.assert_close(y, yr.detach(), rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, (xr.grad, ar.grad, br.grad)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_dropout_switch_keeps_torch_masks(monkeypatch):
+    """With KERNEL_DROPOUT off (the bench's +torchdropout), the kernels are never called."""
+    monkeypatch.setattr(lora_dropout, "usable", lambda x, a, p: True)
+    monkeypatch.setattr(frozen_linear, "KERNEL_DROPOUT", False)
+    monkeypatch.setattr(lora_dropout, "down", lambda *a, **k: pytest.fail("kernel called"))
+    base = torch.nn.Linear(16, 8, bias=False).requires_grad_(False)
+    x = torch.randn(4, 16, requires_grad=True)
+    a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    frozen_linear.LoraOnFrozenLinear.apply(x, a, b, base, "dense", 1.0, 0.1, None).sum().backward()
+    assert a.grad is not None
