@@ -29,7 +29,7 @@ def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, 0.0)
+        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, tl.zeros_like(x))
         a_t = tl.load(a_ptr + rr[None, :] * K + cols[:, None], mask=(rr[None, :] < R) & (cols[:, None] < K),
                       other=0.0)  # (BK, BR): A.T's tile
         acc += tl.dot(x, a_t)
@@ -52,7 +52,7 @@ def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr
         rows = m0 + tl.arange(0, BM)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, 0.0)
+        x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, tl.zeros_like(x))
         g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R),
                     other=0.0)
         acc += tl.dot(tl.trans(x), g)
