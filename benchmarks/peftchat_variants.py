@@ -197,6 +197,10 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None) -> dict[str
             from peftchat.model import frozen_linear
 
             frozen_linear.KERNEL_DROPOUT = False  # one process per variant (worker.py)
+        elif tok == "basefirst":  # ablation: forward base GEMM first, LoRA term added onto it
+            from peftchat.model import frozen_linear
+
+            frozen_linear.LORA_TERM_FIRST = False
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value

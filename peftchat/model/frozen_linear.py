@@ -47,6 +47,9 @@ from peftchat.model.fp8 import E4M3, fp8_grad_input, fp8_linear, fp8_shapes_fit
 # At dropout > 0 on CUDA with Triton, LoRA's dropout is drawn inside its matmuls (lora_dropout);
 # the bench's `+torchdropout` ablation turns it off (one process per variant).
 KERNEL_DROPOUT = True
+# Forward order: the LoRA term first and the base GEMM accumulated onto it (True), or the base
+# GEMM first and the LoRA term added by a second GEMM (False; the bench's `+basefirst`).
+LORA_TERM_FIRST = True
 
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
@@ -133,14 +136,14 @@ class LoraOnFrozenLinear(torch.autograd.Function):
             ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
             xa = (dropout(x, p)[0] if p > 0 else x) @ a.t()
         w = base_weight(base, kind, dtype)
-        if fp8_grad is not None:
-            y = fp8_linear(x, w, dtype)
-            y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
-        else:
+        if fp8_grad is None and LORA_TERM_FIRST:
             # LoRA term first, base matmul accumulated onto it: the base GEMM reads the LoRA term
             # in its epilogue, where a separate add would read and write the whole output again
             y = torch.mm(xa, lora_b.to(dtype).t().mul(scaling))
             y.addmm_(x, w.t())
+        else:
+            y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
+            y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
         del w
         if base.bias is not None:
             y += base.bias.to(dtype)
