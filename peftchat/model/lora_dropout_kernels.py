@@ -18,7 +18,10 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     bits = tl.reshape(tl.join(u & 0xFFFF, u >> 16), (BM, BK))  # element j takes part j % 8
     return bits >= thr
 
-@triton.jit
+# The row count M changes with every packed batch: not specialised on (Triton would compile a new
+# variant whenever M's divisibility by 16 changes; round 5 saw one such compile stall a timed step
+# for about 3 s).
+@triton.jit(do_not_specialize=["M"])
 def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                 BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
@@ -37,7 +40,7 @@ def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
     tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "rows_per_split"])
 def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
@@ -59,7 +62,7 @@ def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr
     tl.store(part_ptr + (split * K + cols[:, None]).to(tl.int64) * BR + rr[None, :], acc,
              mask=cols[:, None] < K)
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
@@ -74,7 +77,7 @@ def grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
