@@ -74,11 +74,13 @@ def test_mask_drops_p_of_every_position():
     assert abs(halves.item()) < 0.02
 
 
-def test_fused_lora_function_through_the_kernels(monkeypatch):
-    """LoraOnFrozenLinear with the kernel dropout: output and every gradient equal the same
-    arithmetic in torch with the mask the kernels drew, also under checkpointing (recompute draws
-    the same seed from the restored generator)."""
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_fused_lora_function_through_the_kernels(monkeypatch, lora_first):
+    """LoraOnFrozenLinear with the kernel dropout, in either forward order: output and every
+    gradient equal the same arithmetic in torch with the mask the kernels drew, also under
+    checkpointing (recompute draws the same seed from the restored generator)."""
     monkeypatch.setattr(lora_dropout, "usable", lambda x, a, p: p > 0)
+    monkeypatch.setattr(frozen_linear, "LORA_TERM_FIRST", lora_first)
     torch.manual_seed(0)
     m, k, n, r, p, s = 48, 64, 40, 8, 0.2, 2.0
     base = torch.nn.Linear(k, n, bias=True).requires_grad_(False)
