@@ -56,8 +56,11 @@ def available(device: torch.device) -> bool:
 def usable(x: torch.Tensor, lora_a: torch.Tensor, p: float) -> bool:
     """Whether an (M, K) `x` with LoRA A (r, K) can take the kernels at dropout `p`."""
     m, k = x.shape
+    # under torch.compile (training.compile with fused_lora: true) torch's dropout stays: the
+    # kernels' launches are not traced or checked there
     return (0 < p < 1 and x.dtype in (torch.bfloat16, torch.float16) and lora_a.shape[0] <= 128
-            and k % GROUP == 0 and m * k < MAX_ELEMENTS and x.is_contiguous() and available(x.device))
+            and k % GROUP == 0 and m * k < MAX_ELEMENTS and x.is_contiguous() and available(x.device)
+            and not torch.compiler.is_compiling())
 
 
 def threshold(p: float) -> int:
@@ -116,8 +119,8 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float)
     br = _block_r(r)
     parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
     kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
-                                 BM=BM, BK=BK, BR=br, num_warps=4, num_stages=3)
-    return parts.sum(0)[:, :r].t().mul_(keep_scale(p))
+                                 keep_scale(p), BM=BM, BK=BK, BR=br, num_warps=4, num_stages=3)
+    return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
 def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float,

@@ -41,7 +41,7 @@ def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 @triton.jit(do_not_specialize=["M", "rows_per_split"])
-def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr,
+def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr, scale,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
     seed = tl.load(seed_ptr)
@@ -59,7 +59,7 @@ def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr
         g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R),
                     other=0.0)
         acc += tl.dot(tl.trans(x), g)
-    tl.store(part_ptr + (split * K + cols[:, None]).to(tl.int64) * BR + rr[None, :], acc,
+    tl.store(part_ptr + (split * K + cols[:, None]).to(tl.int64) * BR + rr[None, :], acc * scale,
              mask=cols[:, None] < K)
 
 @triton.jit(do_not_specialize=["M"])

@@ -41,7 +41,7 @@ def _seed(s: int) -> torch.Tensor:
     return torch.tensor([s], dtype=torch.int64)
 
 
-@pytest.mark.parametrize("m,k,r", [(96, 256, 16), (70, 136, 8)])  # ragged M, K not a multiple of the tile
+@pytest.mark.parametrize("m,k,r", [(96, 256, 16), (70, 136, 8), (40, 64, 16)])  # ragged M, K off the tile, one row split
 def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r):
     torch.manual_seed(0)
     x, a, g = torch.randn(m, k), torch.randn(r, k) * 0.1, torch.randn(m, r)
