@@ -14,25 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 
-def _time_ms(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _time_ms(fn) -> float:
+    from benchmarks.check_fp8 import cuda_time
+
+    return cuda_time(fn, warmup=3, iters=20) * 1e3
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
