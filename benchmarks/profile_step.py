@@ -4,7 +4,7 @@ time per category:
 
   matmul        base-weight GEMMs (forward, recompute, input-gradient backward) and the LM head's
   dequant       bitsandbytes NF4/int8 dequantization (each base weight, every time it is used)
-  lora          LoRA's own GEMMs (an operand of width r) and its dropout
+  lora          LoRA's own GEMMs (an operand of width r), its dropout, the lora_* Triton kernels
   norm/rope/swiglu  RMSNorm, rotary embedding, gated MLP activation (liger's or torch's)
   attention     scaled-dot-product attention kernels
   loss          the (fused linear) cross-entropy's own kernels
@@ -57,8 +57,8 @@ def classify(kernel: str, ops: list[str], shapes: Optional[list] = None, lora_r:
     if any(w in k for w in ("rms", "rope", "swiglu", "geglu", "silu", "rotary")) or \
             any(w in chain for w in ("rms_norm", "rmsnorm", "rope", "swiglu", "silu", "rotary")):
         return "norm/rope/swiglu"
-    if "dropout" in k or "bernoulli" in k or "dropout" in chain or "bernoulli" in chain:
-        return "lora"
+    if "dropout" in k or "bernoulli" in k or "dropout" in chain or "bernoulli" in chain or k.startswith("lora_"):
+        return "lora"  # lora_*: peftchat.model.lora_dropout's Triton kernels
     if _GEMM.search(k) or (ops and ops[0] in _MM_OPS):
         dims = [d for s in (shapes or []) if isinstance(s, (list, tuple)) for d in s if isinstance(d, int)]
         return "lora" if lora_r in dims else "matmul"

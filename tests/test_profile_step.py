@@ -19,6 +19,7 @@ MM = "aten::mm"
     ("liger_cross_entropy_kernel", ["aten::empty"], [], "loss"),
     ("Memcpy HtoD (Pinned -> Device)", ["aten::copy_", "aten::_to_copy"], [], "copies"),
     ("void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float>", ["aten::native_dropout"], [], "lora"),
+    ("lora_grad_input_kernel", ["LoraOnFrozenLinearBackward"], [], "lora"),
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...FusedAdamMathFunctor...>",
      ["aten::_fused_adamw_", "Optimizer.step#AdamW.step"], [], "optimizer"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>", ["aten::add"], [], "other"),

@@ -87,7 +87,7 @@ def _kernels():
     triton, _ = _triton()
     from peftchat.model import lora_dropout_kernels as k
 
-    return triton, k.down_kernel, k.grad_a_kernel, k.grad_input_kernel, k.mask_kernel
+    return triton, k.lora_down_kernel, k.lora_grad_a_kernel, k.lora_grad_input_kernel, k.lora_keep_mask_kernel
 
 
 # Tile sizes: BM rows by BK columns. 64 x 128 keeps 16 KB of bf16 x per loop step in flight on

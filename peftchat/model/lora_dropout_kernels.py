@@ -22,7 +22,7 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
 # variant whenever M's divisibility by 16 changes; round 5 saw one such compile stall a timed step
 # for about 3 s).
 @triton.jit(do_not_specialize=["M"])
-def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                 BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -41,7 +41,7 @@ def down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 @triton.jit(do_not_specialize=["M", "rows_per_split"])
-def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr, scale,
+def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr, scale,
                   BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
     seed = tl.load(seed_ptr)
@@ -63,7 +63,7 @@ def grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr
              mask=cols[:, None] < K)
 
 @triton.jit(do_not_specialize=["M"])
-def grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+def lora_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
@@ -78,7 +78,7 @@ def grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 @triton.jit(do_not_specialize=["M"])
-def mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
+def lora_keep_mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
