@@ -1,3 +1,14 @@
+# ---- Triton without a GPU: the interpreter, set before anything imports triton. Triton decides
+# interpreted or compiled when a function is decorated, and triton.language's own helpers
+# (tl.randint4x, which peftchat.model.lora_dropout's kernels call) are decorated when triton is
+# first imported (bitsandbytes imports it): set later, a kernel runs interpreted but calls a
+# compiled helper and fails (tests/model/test_lora_dropout.py after tests/infer/test_loading.py).
+import os as _os
+
+import torch as _torch
+
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ---- training engine (tests/train, tests/model): one tiny random-init Llama per session
 import pytest as _pytest_train

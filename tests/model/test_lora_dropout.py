@@ -1,19 +1,14 @@
 """LoRA dropout drawn inside the LoRA matmuls (peftchat.model.lora_dropout).
 
-Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the
-kernels are defined), in fp32: the interpreter's bf16 arithmetic is not the GPU's. The GPU run of
-the same checks is benchmarks/check_kernels.py.
+Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
+tests/conftest.py before anything imports triton), in fp32: the interpreter's bf16 arithmetic is
+not the GPU's. The GPU run of the same checks is benchmarks/check_lora_dropout.py.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from peftchat.model import frozen_linear, lora_dropout  # noqa: E402
+from peftchat.model import frozen_linear, lora_dropout
 
 triton = pytest.importorskip("triton")
 
