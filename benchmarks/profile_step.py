@@ -90,6 +90,30 @@ def kernel_records(events: Iterable[Any], cuda: bool) -> list[tuple[str, list[st
     return out
 
 
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time the GPU ran anything at all (copies on
+    their own stream overlap compute, so the summed kernel time overstates it)."""
+    total, cur = 0.0, None
+    for start, end in sorted(intervals):
+        if cur is None or start > cur[1]:
+            total += (cur[1] - cur[0]) if cur else 0.0
+            cur = [start, end]
+        else:
+            cur[1] = max(cur[1], end)
+    return total + ((cur[1] - cur[0]) if cur else 0.0)
+
+
+def device_intervals_ms(prof) -> list[tuple[float, float]]:
+    """(start, end) in ms of every GPU activity (kernels, copies) the profiler recorded; [] where
+    this torch's profiler does not expose them."""
+    try:
+        events = prof.profiler.kineto_results.events()
+        cuda = torch.autograd.DeviceType.CUDA
+        return [(e.start_ns() / 1e6, e.end_ns() / 1e6) for e in events if e.device_type() == cuda]
+    except (AttributeError, RuntimeError):
+        return []
+
+
 def summarize(records: list[tuple[str, list[str], list, float]], steps: int, wall_s_per_step: float,
               lora_r: int = 16) -> dict[str, Any]:
     per_cat = {c: 0.0 for c in CATEGORIES}
@@ -111,8 +135,12 @@ def summarize(records: list[tuple[str, list[str], list, float]], steps: int, wal
 def markdown(summary: dict[str, Any], title: str) -> str:
     lines = [f"# {title}", "",
              f"wall {summary['wall_ms_per_step']:.1f} ms/step, summed kernel time {summary['kernel_ms_per_step']:.1f} "
-             f"ms/step ({summary['steps']} profiled steps)", "",
-             "| category | ms/step | share of kernel time |", "|---|---:|---:|"]
+             f"ms/step ({summary['steps']} profiled steps)", ""]
+    busy = summary.get("gpu_busy_ms_per_step")
+    if busy:
+        lines += [f"GPU busy {busy:.1f} ms/step ({100 * busy / summary['wall_ms_per_step']:.0f} % of wall): the rest "
+                  "of the step the GPU waited for the host (the profiler's own host cost included)", ""]
+    lines += ["| category | ms/step | share of kernel time |", "|---|---:|---:|"]
     for cat, v in sorted(summary["categories"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
         lines.append(f"| {cat} | {v['ms_per_step']:.1f} | {100 * v['share']:.1f} % |")
     lines += ["", "| top kernels | category | ms/step |", "|---|---|---:|"]
@@ -160,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     deltas = [b - a for a, b in zip(step_times, step_times[1:])][-args.steps:]
     records = kernel_records(prof.events(), cuda)
     summary = summarize(records, args.steps, sum(deltas) / max(1, len(deltas)))
+    intervals = device_intervals_ms(prof)
+    summary["gpu_busy_ms_per_step"] = busy_ms(intervals) / args.steps if intervals else None
     summary.update(setting=args.setting, shape=args.shape, mode=args.mode, batch=args.batch, seq=args.seq,
                    device=args.device, applied=row.get("applied"), tokens_per_s=row.get("tokens_per_s"),
                    peak_alloc_gib=row.get("peak_alloc_gib"), wall_s=round(time.perf_counter() - t0, 1))

@@ -3,7 +3,7 @@ itself is the coordinator's; names below are real kernel/op names of such traces
 
 import pytest
 
-from benchmarks.profile_step import CATEGORIES, classify, markdown, summarize
+from benchmarks.profile_step import CATEGORIES, busy_ms, classify, markdown, summarize
 
 MM = "aten::mm"
 
@@ -37,3 +37,12 @@ def test_summary_per_step_and_shares():
     assert s["categories"]["lora"]["ms_per_step"] == 0.5 and s["kernel_ms_per_step"] == 2.5
     assert s["top_kernels"][0]["kernel"] == "nvjet_a"
     assert "| matmul | 1.5 | 60.0 % |" in markdown(s, "t")
+
+
+def test_gpu_busy_is_the_union_of_activity_intervals():
+    # a copy overlapping two kernels, a gap, a kernel inside another
+    assert busy_ms([(0, 4), (3, 6), (1, 2), (10, 12), (10.5, 11)]) == 8
+    assert busy_ms([]) == 0
+    s = summarize([("nvjet_a", [MM], [], 1000.0)], steps=1, wall_s_per_step=0.010)
+    s["gpu_busy_ms_per_step"] = 6.0
+    assert "GPU busy 6.0 ms/step (60 % of wall)" in markdown(s, "t")
