@@ -8,6 +8,11 @@ shapes (M = 4 x 2048 tokens, K = 4096 or 14336, r = 16):
   kernel  forward: down(x, A); backward: grad_a(x, G) and grad_input(G, A)
 
     python3 -m benchmarks.check_lora_dropout --out $OUT/lora_dropout.jsonl
+    python3 -m benchmarks.check_lora_dropout --out $OUT/ld.jsonl --sweep 64x128x4x3,128x128x8x3,32x256x4x4
+
+`--sweep BMxBKxWARPSxSTAGES,...` times each kernel under each launch shape (lora_dropout.TILES);
+every row also carries the host time to enqueue one call on a tiny input (launch-bound: Triton's
+Python launcher against torch's ops), the cost that makes a step host-bound.
 """
 
 from __future__ import annotations
@@ -65,19 +70,71 @@ def check(m: int, k: int, r: int, p: float) -> dict:
     return row
 
 
+def parse_sweep(text: str) -> list:
+    """"64x128x4x3,128x128x8x3" -> [Tiles(64, 128, 4, 3), Tiles(128, 128, 8, 3)]."""
+    from peftchat.model.lora_dropout import GROUP, Tiles
+
+    out = []
+    for item in filter(None, text.split(",")):
+        bm, bk, warps, stages = (int(v) for v in item.split("x"))
+        if bk % GROUP or bm < 16:
+            raise ValueError(f"{item}: BK must be a multiple of {GROUP} and BM at least 16")
+        out.append(Tiles(bm, bk, warps, stages))
+    return out
+
+
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """Host microseconds to enqueue one call (timed before the device is waited for)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def launch_costs(p: float = 0.05) -> dict:
+    from peftchat.model import lora_dropout as ld
+
+    dev = torch.device("cuda")
+    x = torch.randn(64, 4096, device=dev, dtype=torch.bfloat16)
+    a = torch.randn(16, 4096, device=dev, dtype=torch.bfloat16)
+    g = torch.randn(64, 16, device=dev, dtype=torch.bfloat16)
+    seed = ld.new_seed(dev)
+    return {"host_us_seed": host_us_per_call(lambda: ld.new_seed(dev)),
+            "host_us_down": host_us_per_call(lambda: ld.down(x, a, seed, p)),
+            "host_us_grad_a": host_us_per_call(lambda: ld.grad_a(x, g, seed, p)),
+            "host_us_grad_input": host_us_per_call(lambda: ld.grad_input(g, a, seed, p)),
+            "host_us_torch_dropout_mm": host_us_per_call(lambda: torch.native_dropout(x, p, True)[0] @ a.t())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--sweep", default="", help="launch shapes BMxBKxWARPSxSTAGES, comma-separated")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from peftchat.model import lora_dropout as ld
+
+    sweep = parse_sweep(args.sweep) if args.sweep else [None]
     with out.open("w") as f:
-        for k in (4096, 14336):
-            for r in (16, 64):
-                row = check(args.tokens, k, r, 0.05)
-                print(json.dumps(row), flush=True)
-                f.write(json.dumps(row) + "\n")
+        row = launch_costs()
+        print(json.dumps(row), flush=True)
+        f.write(json.dumps(row) + "\n")
+        for tiles in sweep:
+            if tiles is not None:
+                ld.TILES = {name: tiles for name in ld.TILES}
+            for k in (4096, 14336):
+                for r in (16, 64) if tiles is None else (16,):
+                    row = {**check(args.tokens, k, r, 0.05), "tiles": str(tiles or ld.TILES)}
+                    print(json.dumps(row), flush=True)
+                    f.write(json.dumps(row) + "\n")
     return 0
 
 

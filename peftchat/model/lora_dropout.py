@@ -27,6 +27,7 @@ checkpointed layer's recompute restores that generator, so it draws the same see
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -90,9 +91,20 @@ def _kernels():
     return triton, k.lora_down_kernel, k.lora_grad_a_kernel, k.lora_grad_input_kernel, k.lora_keep_mask_kernel
 
 
-# Tile sizes: BM rows by BK columns. 64 x 128 keeps 16 KB of bf16 x per loop step in flight on
-# each multiprocessor; BK is a multiple of GROUP (8) so every tile starts on a Philox group.
-BM, BK = 64, 128
+@dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch shape: BM rows by BK columns per program (BK a multiple of GROUP, so
+    every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages."""
+    bm: int = 64
+    bk: int = 128
+    warps: int = 4
+    stages: int = 3
+
+
+# 64 x 128 keeps 16 KB of bf16 x per loop step in flight on each multiprocessor. Not tuned yet:
+# benchmarks/check_lora_dropout.py --sweep times other shapes (round 5: the kernels ran at about
+# 5x the bandwidth bound).
+TILES = {"down": Tiles(), "grad_a": Tiles(), "grad_input": Tiles(stages=2)}
 
 
 def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -101,8 +113,9 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) ->
     m, k = x.shape
     r = lora_a.shape[0]
     out = torch.empty(m, r, device=x.device, dtype=x.dtype)
-    kernel[(triton.cdiv(m, BM),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p),
-                                  BM=BM, BK=BK, BR=_block_r(r), num_warps=4, num_stages=3)
+    t = TILES["down"]
+    kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p),
+                                    BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 
@@ -111,15 +124,16 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float)
     triton, _, kernel, *_ = _kernels()
     m, k = x.shape
     r = grad_xa.shape[1]
-    col_blocks = triton.cdiv(k, BK)
+    t = TILES["grad_a"]
+    col_blocks = triton.cdiv(k, t.bk)
     # rows are split across programs so that a narrow K (4096 / 128 = 32 blocks) still fills the GPU
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, col_blocks), triton.cdiv(m, BM)))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), BM) * BM
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, col_blocks), triton.cdiv(m, t.bm)))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), t.bm) * t.bm
     splits = triton.cdiv(m, rows_per_split)
     br = _block_r(r)
     parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
     kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
-                                 keep_scale(p), BM=BM, BK=BK, BR=br, num_warps=4, num_stages=3)
+                                 keep_scale(p), BM=t.bm, BK=t.bk, BR=br, num_warps=t.warps, num_stages=t.stages)
     return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
@@ -130,15 +144,17 @@ def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, 
     m, r = grad_xa.shape
     k = lora_a.shape[1]
     out = torch.empty(m, k, device=grad_xa.device, dtype=dtype or grad_xa.dtype)
-    kernel[(triton.cdiv(m, BM), triton.cdiv(k, BK))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k, r,
-                                                     threshold(p), keep_scale(p), BM=BM, BK=BK, BR=_block_r(r),
-                                                     num_warps=4, num_stages=2)
+    t = TILES["grad_input"]
+    kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
+                                                         r, threshold(p), keep_scale(p), BM=t.bm, BK=t.bk,
+                                                         BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 
-def keep_mask(seed: torch.Tensor, m: int, k: int, p: float) -> torch.Tensor:
+def keep_mask(seed: torch.Tensor, m: int, k: int, p: float, tiles: Tiles = Tiles()) -> torch.Tensor:
     """The (m, k) bool keep mask the kernels draw from `seed` (for tests and checks)."""
     triton, *_, kernel = _kernels()
     out = torch.empty(m, k, device=seed.device, dtype=torch.int8)
-    kernel[(triton.cdiv(m, BM), triton.cdiv(k, BK))](out, seed, m, k, threshold(p), BM=BM, BK=BK)
+    kernel[(triton.cdiv(m, tiles.bm), triton.cdiv(k, tiles.bk))](out, seed, m, k, threshold(p), BM=tiles.bm,
+                                                                 BK=tiles.bk)
     return out.bool()

@@ -36,8 +36,13 @@ def _seed(s: int) -> torch.Tensor:
     return torch.tensor([s], dtype=torch.int64)
 
 
-@pytest.mark.parametrize("m,k,r", [(96, 256, 16), (70, 136, 8), (40, 64, 16)])  # ragged M, K off the tile, one row split
-def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r):
+@pytest.mark.parametrize("m,k,r,tiles", [
+    (96, 256, 16, None), (70, 136, 8, None), (40, 64, 16, None),  # ragged M, K off the tile, one row split
+    (96, 256, 16, lora_dropout.Tiles(bm=32, bk=64, warps=2, stages=2)),  # kernels tiled unlike the mask
+])
+def test_kernels_match_a_torch_reference_with_the_same_mask(monkeypatch, m, k, r, tiles):
+    if tiles is not None:
+        monkeypatch.setattr(lora_dropout, "TILES", {name: tiles for name in lora_dropout.TILES})
     torch.manual_seed(0)
     x, a, g = torch.randn(m, k), torch.randn(r, k) * 0.1, torch.randn(m, r)
     p, seed = 0.25, _seed(42)
@@ -49,12 +54,10 @@ def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r):
                                (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
 
 
-def test_mask_depends_on_seed_and_place_not_on_tiles(monkeypatch):
+def test_mask_depends_on_seed_and_place_not_on_tiles():
     m, k, p = 64, 256, 0.3
     keep = lora_dropout.keep_mask(_seed(7), m, k, p)
-    monkeypatch.setattr(lora_dropout, "BM", 32)
-    monkeypatch.setattr(lora_dropout, "BK", 64)
-    assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p), keep)
+    assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p, lora_dropout.Tiles(bm=32, bk=64)), keep)
     other = lora_dropout.keep_mask(_seed(8), m, k, p)
     assert 0.5 < (other == keep).float().mean() < 0.7  # independent draws: 0.3² + 0.7² = 0.58 agree
 
