@@ -18,12 +18,13 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     bits = tl.reshape(tl.join(u & 0xFFFF, u >> 16), (BM, BK))  # element j takes part j % 8
     return bits >= thr
 
+
 # The row count M changes with every packed batch: not specialised on (Triton would compile a new
 # variant whenever M's divisibility by 16 changes; round 5 saw one such compile stall a timed step
 # for about 3 s).
 @triton.jit(do_not_specialize=["M"])
 def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
-                BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                     BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
@@ -40,9 +41,10 @@ def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
     tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
+
 @triton.jit(do_not_specialize=["M", "rows_per_split"])
 def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr, scale,
-                  BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                       BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
     seed = tl.load(seed_ptr)
     k0 = tl.program_id(0) * BK
@@ -62,9 +64,10 @@ def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split
     tl.store(part_ptr + (split * K + cols[:, None]).to(tl.int64) * BR + rr[None, :], acc * scale,
              mask=cols[:, None] < K)
 
+
 @triton.jit(do_not_specialize=["M"])
 def lora_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
-                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+                           BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
@@ -76,6 +79,7 @@ def lora_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
     out = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), out * scale, 0.0)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
+
 
 @triton.jit(do_not_specialize=["M"])
 def lora_keep_mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr):
