@@ -20,8 +20,8 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
 
 
 # The row count M changes with every packed batch: not specialised on (Triton would compile a new
-# variant whenever M's divisibility by 16 changes; round 5 saw one such compile stall a timed step
-# for about 3 s).
+# variant whenever M's divisibility by 16 changes; most likely what stalled a timed step of round
+# 5's packed run for about 3 s).
 @triton.jit(do_not_specialize=["M"])
 def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
