@@ -118,3 +118,50 @@ def test_kernel_dropout_switch_keeps_torch_masks(monkeypatch):
     a, b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
     frozen_linear.LoraOnFrozenLinear.apply(x, a, b, base, "dense", 1.0, 0.1, None).sum().backward()
     assert a.grad is not None
+
+
+def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypatch):
+    """The recipe path with the kernel dropout (interpreted, fp32 on CPU: `usable` widened): the run
+    reports it among its speed-ups, calls the kernels in forward, recompute and backward, and the
+    checkpointed run trains the very adapter the un-checkpointed one does (the recompute drew the
+    same seeds)."""
+    import json
+    from pathlib import Path
+
+    from peftchat.config import load_recipe
+    from peftchat.train import loop
+
+    monkeypatch.setattr(lora_dropout, "available", lambda device: True)
+    monkeypatch.setattr(lora_dropout, "usable", lambda x, a, p: 0 < p < 1 and x.shape[1] % lora_dropout.GROUP == 0)
+    calls = {"down": 0, "grad_a": 0}
+    for name in calls:
+        real = getattr(lora_dropout, name)
+        monkeypatch.setattr(lora_dropout, name, lambda *a, _real=real, _name=name: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a))
+    recipes = Path(__file__).resolve().parents[2] / "recipes"
+
+    def run(out, checkpointing: bool):
+        recipe = load_recipe(str(recipes / "demo.yaml"), [
+            f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
+            "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0.1",
+            "training.batch_size=2", "data.max_length=128", f"training.gradient_checkpointing={checkpointing}",
+            "training.fused_lora=true"])
+        applied = []
+        loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], applied
+
+    losses, applied = run(tmp_path / "ckpt", True)
+    assert "lora_dropout:in_matmul" in applied
+    layers = int(next(a for a in applied if a.startswith("fused_lora:")).split(":")[1].split()[0])
+    assert calls["down"] >= 2 * 2 * layers and calls["grad_a"] >= 2 * layers  # 2 steps: forward + recompute
+    plain, _ = run(tmp_path / "plain", False)
+    assert losses == pytest.approx(plain, rel=1e-5)
+    # Adam's first steps follow the gradients' signs, so the losses barely feel other masks; the
+    # adapters do: equal only where the recompute drew forward's very seeds
+    from safetensors.torch import load_file
+
+    ckpt, ref = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ckpt", "plain"))
+    assert ckpt.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(ckpt[key], ref[key], rtol=0, atol=1e-7, msg=key)
