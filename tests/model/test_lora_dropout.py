@@ -123,8 +123,8 @@ def test_kernel_dropout_switch_keeps_torch_masks(monkeypatch):
 def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypatch):
     """The recipe path with the kernel dropout (interpreted, fp32 on CPU: `usable` widened): the run
     reports it among its speed-ups, calls the kernels in forward, recompute and backward, and the
-    checkpointed run trains the very adapter the un-checkpointed one does (the recompute drew the
-    same seeds)."""
+    checkpointed runs (torch's checkpoint, lean's offloaded one) train the very adapter the
+    un-checkpointed one does (the recompute drew the same seeds)."""
     import json
     from pathlib import Path
 
@@ -140,12 +140,12 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
             _name, calls[_name] + 1) or _real(*a))
     recipes = Path(__file__).resolve().parents[2] / "recipes"
 
-    def run(out, checkpointing: bool):
+    def run(out, checkpointing: bool, offload: bool = False):
         recipe = load_recipe(str(recipes / "demo.yaml"), [
             f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
             "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0.1",
             "training.batch_size=2", "data.max_length=128", f"training.gradient_checkpointing={checkpointing}",
-            "training.fused_lora=true"])
+            f"training.checkpoint_offload={offload}", "training.fused_lora=true"])
         applied = []
         loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -156,12 +156,16 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
     layers = int(next(a for a in applied if a.startswith("fused_lora:")).split(":")[1].split()[0])
     assert calls["down"] >= 2 * 2 * layers and calls["grad_a"] >= 2 * layers  # 2 steps: forward + recompute
     plain, _ = run(tmp_path / "plain", False)
-    assert losses == pytest.approx(plain, rel=1e-5)
+    offloaded, applied = run(tmp_path / "offload", True, offload=True)  # lean's checkpoint restores the RNG too
+    assert any("offloaded" in a for a in applied)
+    assert losses == pytest.approx(plain, rel=1e-5) and offloaded == pytest.approx(plain, rel=1e-5)
     # Adam's first steps follow the gradients' signs, so the losses barely feel other masks; the
     # adapters do: equal only where the recompute drew forward's very seeds
     from safetensors.torch import load_file
 
-    ckpt, ref = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ckpt", "plain"))
-    assert ckpt.keys() == ref.keys()
-    for key in ref:
-        torch.testing.assert_close(ckpt[key], ref[key], rtol=0, atol=1e-7, msg=key)
+    ref = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
+    for run_dir in ("ckpt", "offload"):
+        got = load_file(str(tmp_path / run_dir / "adapter_model.safetensors"))
+        assert got.keys() == ref.keys()
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-7, msg=f"{run_dir}: {key}")
