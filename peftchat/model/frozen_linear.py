@@ -41,8 +41,7 @@ the adapter and the base compute in one dtype.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -101,19 +100,6 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
 def rng_state(device: torch.device) -> torch.Tensor:
     """The RNG state the next dropout mask on `device` is drawn from (no device sync)."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-@contextmanager
-def replayed_rng(device: torch.device, state: torch.Tensor) -> Iterator[None]:
-    """Run the body from RNG `state` on `device`, then put the generator back where it was."""
-    get, put = ((functools.partial(torch.cuda.get_rng_state, device), lambda s: torch.cuda.set_rng_state(s, device))
-                if device.type == "cuda" else (torch.get_rng_state, torch.set_rng_state))
-    saved = get()
-    put(state)
-    try:
-        yield
-    finally:
-        put(saved)
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,7 +174,12 @@ def _lora_input_grads(ctx, x: torch.Tensor, grad_xa: torch.Tensor,
         return lora_dropout.grad_a(x, grad_xa, ctx.seed, p), grad_x
     if p == 0:
         return grad_xa.t() @ x, (grad_xa @ a if need_x else None)
-    with replayed_rng(x.device, ctx.rng):
+    cuda = x.device.type == "cuda"
+    with torch.random.fork_rng(devices=[x.device] if cuda else []):  # the generator is put back after
+        if cuda:
+            torch.cuda.set_rng_state(ctx.rng, x.device)
+        else:
+            torch.set_rng_state(ctx.rng)
         lora_in, mask = dropout(x, p)  # forward's very mask: same RNG state, tensor and shape
     grad_a = grad_xa.t() @ lora_in
     del lora_in
@@ -265,10 +256,11 @@ def fusable(layer: nn.Module) -> bool:
 def fuse_lora_layers(model: nn.Module, fp8: bool = False, fp8_grad: torch.dtype = E4M3) -> dict[str, int]:
     """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear (bf16 or `fp8` base).
 
-    Returns counts: "fused" layers, and "fp8" of them whose shapes suit `_scaled_mm` (in and out
-    features multiples of 16; the others keep a bf16 base matmul).
+    Returns counts: "fused" layers, "fp8" of them whose shapes suit `_scaled_mm` (in and out
+    features multiples of 16; the others keep a bf16 base matmul), and "dropout" of them with
+    LoRA dropout > 0 (the ones the kernel dropout can serve).
     """
-    fused = fp8_count = 0
+    fused = fp8_count = with_dropout = 0
     for layer in model.modules():
         if not fusable(layer):
             continue
@@ -277,7 +269,8 @@ def fuse_lora_layers(model: nn.Module, fp8: bool = False, fp8_grad: torch.dtype 
         layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base), fp8_grad if fp8 else None)
         fused += 1
         fp8_count += fp8 and fp8_shapes_fit(base.in_features, base.out_features)
-    return {"fused": fused, "fp8": fp8_count}
+        with_dropout += any(isinstance(d, nn.Dropout) and d.p > 0 for d in layer.lora_dropout.values())
+    return {"fused": fused, "fp8": fp8_count, "dropout": with_dropout}
 
 
 def unfuse_lora_layers(model: nn.Module) -> int:

@@ -272,8 +272,8 @@ def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
     applied = [f"fused_lora:{counts['fused']} layers"]
     from peftchat.model import frozen_linear, lora_dropout
 
-    if counts["fused"] and frozen_linear.KERNEL_DROPOUT and lora_dropout.available(_model_device(model)):
-        applied.append("lora_dropout:in_matmul")  # where the layer's dropout > 0 (lora_dropout.usable)
+    if counts["dropout"] and frozen_linear.KERNEL_DROPOUT and lora_dropout.available(_model_device(model)):
+        applied.append(f"lora_dropout:in_matmul {counts['dropout']} layers")  # bf16/fp16 ones (lora_dropout.usable)
     if cfg.fp8:
         applied.append(f"fp8:base_linears {counts['fp8']}")
     return applied

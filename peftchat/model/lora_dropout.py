@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -139,13 +138,12 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float)
     return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
-def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float,
-               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
     """(grad_xa @ lora_a) * keep * scale: LoRA's part of the layer input's gradient (M, K)."""
     triton, _, _, kernel, _ = _kernels()
     m, r = grad_xa.shape
     k = lora_a.shape[1]
-    out = torch.empty(m, k, device=grad_xa.device, dtype=dtype or grad_xa.dtype)
+    out = torch.empty(m, k, device=grad_xa.device, dtype=grad_xa.dtype)
     t = TILES["grad_input"]
     kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
                                                          r, threshold(p), keep_scale(p), BM=t.bm, BK=t.bk,

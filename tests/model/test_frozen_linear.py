@@ -73,7 +73,7 @@ def test_fused_equals_peft_forward_and_gradients(kind, monkeypatch):
     x, g = _inputs()
     ref = _run(layer, x, g)
     calls = _counting(monkeypatch)
-    assert fl.fuse_lora_layers(layer) == {"fused": 1, "fp8": 0}
+    assert fl.fuse_lora_layers(layer) == {"fused": 1, "fp8": 0, "dropout": 0}
     got = _run(layer, x, g)
     assert calls == [1] and got[0].dtype == ref[0].dtype == torch.bfloat16
     # the same products in bf16; peft rounds the LoRA branch and its scaling separately before the
@@ -171,7 +171,7 @@ def test_fp8_mode_is_close_to_bf16(kind):
     fl.fuse_lora_layers(layer)
     bf16 = _run(layer, x, g)
     fl.unfuse_lora_layers(layer)
-    assert fl.fuse_lora_layers(layer, fp8=True) == {"fused": 1, "fp8": 1}
+    assert fl.fuse_lora_layers(layer, fp8=True) == {"fused": 1, "fp8": 1, "dropout": 0}
     got = _run(layer, x, g)
     # e4m3 keeps 3 mantissa bits (<= 6.25 % per value, ~2 % rms) on both operands of the base matmuls
     assert _rel(got[0], bf16[0]) < 0.05 and _rel(got[1], bf16[1]) < 0.05
@@ -182,7 +182,7 @@ def test_fp8_mode_is_close_to_bf16(kind):
 
 def test_fallbacks_to_peft(monkeypatch):
     layer = _lora_layer("dense", use_dora=True)
-    assert fl.fuse_lora_layers(layer) == {"fused": 0, "fp8": 0}  # DoRA stays with peft
+    assert fl.fuse_lora_layers(layer) == {"fused": 0, "fp8": 0, "dropout": 0}  # DoRA stays with peft
     layer = _lora_layer("dense", lora_dtype=torch.float32)
     fl.fuse_lora_layers(layer)
     x, _ = _inputs()
@@ -301,7 +301,7 @@ def test_fp8_tiny_model_stays_close_to_bf16(tiny_llama_dir):
     for use_fp8 in (False, True):
         model = with_lora(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16), dropout=0.0)
         counts = fl.fuse_lora_layers(model, fp8=use_fp8)
-        assert counts == {"fused": 14, "fp8": 14 if use_fp8 else 0}  # hidden 64, mlp 128, kv 32: all fit
+        assert counts == {"fused": 14, "fp8": 14 if use_fp8 else 0, "dropout": 0}  # hidden 64, mlp 128, kv 32: all fit
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(loss_and_grads(model))
     (loss16, grads16), (loss8, grads8) = results

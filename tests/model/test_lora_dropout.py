@@ -152,8 +152,8 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
         return [r["loss"] for r in rows if "loss" in r], applied
 
     losses, applied = run(tmp_path / "ckpt", True)
-    assert "lora_dropout:in_matmul" in applied
     layers = int(next(a for a in applied if a.startswith("fused_lora:")).split(":")[1].split()[0])
+    assert f"lora_dropout:in_matmul {layers} layers" in applied
     assert calls["down"] >= 2 * 2 * layers and calls["grad_a"] >= 2 * layers  # 2 steps: forward + recompute
     plain, _ = run(tmp_path / "plain", False)
     offloaded, applied = run(tmp_path / "offload", True, offload=True)  # lean's checkpoint restores the RNG too
@@ -169,3 +169,24 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
         assert got.keys() == ref.keys()
         for key in ref:
             torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-7, msg=f"{run_dir}: {key}")
+
+
+def test_kernel_dropout_reported_only_for_layers_with_dropout(monkeypatch):
+    from types import SimpleNamespace
+
+    from lora_helpers import with_lora
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftchat.model import kernels
+    from peftchat.model.frozen_linear import unfuse_lora_layers
+
+    monkeypatch.setattr(lora_dropout, "available", lambda device: True)
+    cfg = SimpleNamespace(fp8=False, fused_lora=True, compile=False)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64)
+    for dropout, expected in ((0.0, None), (0.1, "lora_dropout:in_matmul 7 layers")):
+        model = with_lora(LlamaForCausalLM(config), dropout=dropout)
+        applied = kernels.apply_fused_lora(model, cfg)
+        assert "fused_lora:7 layers" in applied
+        assert [a for a in applied if a.startswith("lora_dropout")] == ([expected] if expected else [])
+        unfuse_lora_layers(model)
