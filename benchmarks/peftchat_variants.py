@@ -166,9 +166,11 @@ def _no_varlen() -> None:
     load.flash_varlen_available = lambda device: False
 
 
-def run(spec: dict[str, Any], after_step: Optional[Callable] = None) -> dict[str, Any]:
+def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
+        after_model_load: Optional[Callable] = None) -> dict[str, Any]:
     """Train the spec's setting through peftchat.train.loop.train; return the bench row.
-    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler)."""
+    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler);
+    `after_model_load(model)`: called with the base model once loaded (host_lag.py's hooks)."""
     from peftchat.model.tokenizer import load_tokenizer
     from peftchat.train import loop
 
@@ -235,6 +237,8 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None) -> dict[str
             torch.cuda.reset_peak_memory_stats()
             if spec.get("memsnap"):
                 torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+        if after_model_load is not None:
+            after_model_load(model)
 
     t0 = time.perf_counter()
     loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend,

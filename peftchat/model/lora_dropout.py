@@ -95,11 +95,13 @@ def _kernels():
 @dataclass(frozen=True)
 class Tiles:
     """One kernel's launch shape: BM rows by BK columns per program (BK a multiple of GROUP, so
-    every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages."""
+    every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages,
+    and for `down` the number of parts K is split into (fp32 partial sums, added after)."""
     bm: int = 64
     bk: int = 128
     warps: int = 4
     stages: int = 3
+    splits: int = 1
 
 
 # 64 x 128 keeps 16 KB of bf16 x per loop step in flight on each multiprocessor. Not tuned yet:
@@ -113,11 +115,14 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) ->
     triton, kernel, *_ = _kernels()
     m, k = x.shape
     r = lora_a.shape[0]
-    out = torch.empty(m, r, device=x.device, dtype=x.dtype)
     t = TILES["down"]
-    kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p),
-                                    BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
-    return out
+    k_per_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
+    splits = triton.cdiv(k, k_per_split)
+    out = torch.empty(splits, m, r, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
+    kernel[(triton.cdiv(m, t.bm), splits)](x, lora_a.contiguous(), out, seed, m, k, r, k_per_split, threshold(p),
+                                           keep_scale(p), BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps,
+                                           num_stages=t.stages)
+    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
 
 def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:

@@ -22,14 +22,17 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
 # The row count M changes with every packed batch: not specialised on (Triton would compile a new
 # variant whenever M's divisibility by 16 changes; most likely what stalled a timed step of round
 # 5's packed run for about 3 s).
-@triton.jit(do_not_specialize=["M"])
-def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+@triton.jit(do_not_specialize=["M", "k_per_split"])
+def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, k_per_split, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # program (i, s): rows i*BM.., columns s*k_per_split.. of K; out is (splits, M, R), one part per s
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    split = tl.program_id(1)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    first = split * k_per_split
+    for k0 in range(first, tl.minimum(first + k_per_split, K), BK):
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -38,7 +41,7 @@ def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
                       other=0.0)  # (BK, BR): A.T's tile
         acc += tl.dot(x, a_t)
     acc = acc * scale
-    tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (split * M + rows[:, None]).to(tl.int64) * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 

@@ -1,0 +1,175 @@
+"""Is a training step host-bound, and where? The real loop (a peftchat setting, default `fast`
+on the 8B NF4 shape, 4 x 2048) with timestamps taken at fixed points of each step, no profiler:
+
+  S       step start (the previous step ended with a device sync, so the GPU is idle here)
+  F<i>    decoder layer i's forward begins
+  R<i>    decoder layer i's recompute begins (checkpointed layers, in backward)
+  O       the optimizer step begins (backward and gradient clipping enqueued)
+  P       the optimizer step is enqueued
+
+At each point the host's clock is read and a CUDA event is recorded on the current stream. After
+the step, `slack` = (when the GPU reached the point) - (when the host enqueued it), both from S.
+A slack near zero means the GPU had run out of work and was waiting for the host there; a
+growing slack means the host is ahead and the GPU is the limit. The profiler (profile_step.py)
+cannot answer this: its own host cost (wall 954 against 718 ms/step, round 5) is the question.
+
+    python3 -m benchmarks.host_lag --out $OUT/lag --setting fast
+    python -m benchmarks.host_lag --device cpu --shape tiny --seq 64 --out /tmp/lag   # plumbing only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+STARVED_MS = 0.2  # slack below this: the GPU reached the point about as soon as it was enqueued
+
+
+class Clock:
+    """Host time and a device marker at named points of one step."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.points: list[tuple[str, float, Any]] = []
+        self.backward = False  # set by the first recompute-side point of a step
+
+    def mark(self, name: str) -> None:
+        event = None
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        self.points.append((name, time.perf_counter(), event))
+
+    def take(self) -> list[dict[str, Any]]:
+        """The step's points as rows (host_ms, gpu_ms, slack_ms from S), then start afresh."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        rows = []
+        if self.points:
+            _, host0, event0 = self.points[0]
+            for name, host, event in self.points:
+                gpu = event0.elapsed_time(event) if self.cuda else (host - host0) * 1e3
+                rows.append({"point": name, "host_ms": (host - host0) * 1e3, "gpu_ms": gpu,
+                             "slack_ms": gpu - (host - host0) * 1e3})
+        self.points, self.backward = [], False
+        return rows
+
+
+def attach(model: torch.nn.Module, clock: Clock, handles: list) -> None:
+    """A forward pre-hook on each decoder layer's first norm: F<i> in forward, R<i> when the layer
+    runs again in backward (on the norm, not the layer: transformers' checkpointing recomputes
+    the layer's `forward` directly, without the module call that runs hooks)."""
+    from peftchat.model.kernels import decoder_layers
+
+    layers = decoder_layers(model)
+    seen: set[int] = set()
+
+    def pre_hook(i: int):
+        def hook(module, args) -> None:
+            if i in seen:  # a layer's second forward in a step is its recompute
+                clock.mark(f"R{i}")
+            else:
+                seen.add(i)
+                clock.mark(f"F{i}")
+        return hook
+
+    for i, layer in enumerate(layers):
+        first = getattr(layer, "input_layernorm", None) or next(layer.children())
+        handles.append(first.register_forward_pre_hook(pre_hook(i)))
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    # global hooks (every optimizer): removed by the caller through `handles` after the run
+    handles.append(register_optimizer_step_pre_hook(lambda opt, args, kwargs: clock.mark("O")))
+    handles.append(register_optimizer_step_post_hook(lambda opt, args, kwargs: clock.mark("P")))
+    clock.seen = seen  # cleared with each step
+
+
+def summarize(steps: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per phase (forward, backward, the rest): host and GPU ms and the share of points starved."""
+    last = steps[-1]
+    by_phase: dict[str, list[dict]] = {"forward": [], "backward": []}
+    for row in last:
+        if row["point"].startswith("F"):
+            by_phase["forward"].append(row)
+        elif row["point"].startswith("R") or row["point"] in ("O", "P"):
+            by_phase["backward"].append(row)
+    out: dict[str, Any] = {"points": last}
+    for phase, rows in by_phase.items():
+        if rows:
+            out[phase] = {"starved_share": sum(r["slack_ms"] < STARVED_MS for r in rows) / len(rows),
+                          "slack_ms_min": min(r["slack_ms"] for r in rows),
+                          "slack_ms_max": max(r["slack_ms"] for r in rows)}
+    return out
+
+
+def markdown(summary: dict[str, Any], title: str) -> str:
+    lines = [f"# {title}", "", "slack = when the GPU reached the point - when the host enqueued it "
+             f"(ms from step start); below {STARVED_MS} ms the GPU was waiting for the host", ""]
+    for phase in ("forward", "backward"):
+        if phase in summary:
+            s = summary[phase]
+            lines.append(f"- {phase}: {100 * s['starved_share']:.0f} % of points starved, slack "
+                         f"{s['slack_ms_min']:.2f} .. {s['slack_ms_max']:.2f} ms")
+    lines += ["", "| point | host ms | GPU ms | slack ms |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['point']} | {r['host_ms']:.2f} | {r['gpu_ms']:.2f} | {r['slack_ms']:.2f} |"
+              for r in summary["points"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="8b")
+    p.add_argument("--mode", default="nf4")
+    p.add_argument("--setting", default="fast", help="peftchat setting, with +OPTS as in peftchat:SETTING+OPTS")
+    p.add_argument("--dropout", type=float, default=0.05)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "peftchat_bench_models"))
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    from benchmarks import peftchat_variants
+    from benchmarks.shapes import bench_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.device(args.device).type == "cuda"
+    clock = Clock(cuda)
+    steps: list[list[dict[str, Any]]] = []
+
+    def after_step(run) -> None:
+        steps.append(clock.take())
+        clock.seen.clear()
+        clock.mark("S")
+
+    spec = {"shape": args.shape, "mode": args.mode, "variant": f"peftchat:{args.setting}", "batch": args.batch,
+            "seq": args.seq, "warmup": 0, "steps": args.steps, "device": args.device, "dropout": args.dropout,
+            "model_dir": str(bench_model(args.shape, args.models_dir, args.device)),
+            "work_dir": str(Path(tempfile.gettempdir()) / "peftchat_host_lag")}
+    handles: list = []
+    try:
+        row = peftchat_variants.run(spec, after_step=after_step, after_model_load=lambda m: attach(m, clock, handles))
+    finally:
+        for handle in handles:
+            handle.remove()
+    timed = [s for s in steps[1:] if s and s[0]["point"] == "S"]  # step 1 has no S (and compiles)
+    summary = summarize(timed or steps)
+    summary.update(setting=args.setting, shape=args.shape, mode=args.mode, tokens_per_s=row.get("tokens_per_s"),
+                   applied=row.get("applied"))
+    (out / "host_lag.json").write_text(json.dumps(summary, indent=1))
+    title = f"host lag, peftchat {args.setting}, {args.shape} {args.mode}, {args.batch} x {args.seq} ({args.device})"
+    (out / "host_lag.md").write_text(markdown(summary, title))
+    print(markdown(summary, title).split("| point")[0], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
