@@ -116,10 +116,10 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) ->
     m, k = x.shape
     r = lora_a.shape[0]
     t = TILES["down"]
-    k_per_split = triton.cdiv(triton.cdiv(k, t.splits), t.bk) * t.bk
-    splits = triton.cdiv(k, k_per_split)
+    blocks_per_split = triton.cdiv(triton.cdiv(k, t.bk), t.splits)
+    splits = triton.cdiv(triton.cdiv(k, t.bk), blocks_per_split)
     out = torch.empty(splits, m, r, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-    kernel[(triton.cdiv(m, t.bm), splits)](x, lora_a.contiguous(), out, seed, m, k, r, k_per_split, threshold(p),
+    kernel[(triton.cdiv(m, t.bm), splits)](x, lora_a.contiguous(), out, seed, m, k, r, blocks_per_split, threshold(p),
                                            keep_scale(p), BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps,
                                            num_stages=t.stages)
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)

@@ -10,29 +10,39 @@ import triton.language as tl
 
 @triton.jit
 def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
-    # (BM, BK) keep mask of rows `rows`, columns k0 .. k0 + BK (k0 a multiple of 8)
-    groups = (k0 // 8 + tl.arange(0, BK // 8))
-    counter = (rows[:, None].to(tl.int64) * (K // 8) + groups[None, :]).to(tl.uint32)
+    # (BM, BK) keep mask of rows `rows`, columns k0 .. k0 + BK (k0 a multiple of 8). Built as
+    # (BM, BK / 8, 8), each Philox call's eight parts along the last axis, then merged: drawn as
+    # (BM, BK / 8) and spread by tl.join/reshape (round 5), the mask forced x's tile into a layout
+    # of one bf16 per thread (scalar loads, no cp.async pipelining, 80 scalar shared-memory
+    # stores per loop step in the sm_90 PTX); built this way x loads 16 bytes per thread through cp.async.
+    G: tl.constexpr = BK // 8
+    groups = k0 // 8 + tl.arange(0, G)
+    counter = (rows[:, None, None].to(tl.int64) * (K // 8) + groups[None, :, None]).to(tl.uint32)  # (BM, G, 1)
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
-    u = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BM, BK // 8, 4))
-    bits = tl.reshape(tl.join(u & 0xFFFF, u >> 16), (BM, BK))  # element j takes part j % 8
-    return bits >= thr
+    part = tl.arange(0, 8)[None, None, :]
+    # element 8g + e takes 16 bits of word e // 2 of (r0, r2, r1, r3), the low half for even e
+    word = tl.where(part < 4, tl.where(part < 2, r0, r2), tl.where(part < 6, r1, r3))
+    bits = (word >> ((part % 2) * 16).to(tl.uint32)) & 0xFFFF
+    return tl.reshape(bits >= thr, (BM, BK))
 
 
 # The row count M changes with every packed batch: not specialised on (Triton would compile a new
 # variant whenever M's divisibility by 16 changes; most likely what stalled a timed step of round
 # 5's packed run for about 3 s).
-@triton.jit(do_not_specialize=["M", "k_per_split"])
-def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, k_per_split, thr, scale,
+@triton.jit(do_not_specialize=["M"])
+def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, blocks_per_split, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    # program (i, s): rows i*BM.., columns s*k_per_split.. of K; out is (splits, M, R), one part per s
+    # program (i, s): rows i*BM.., column blocks s*blocks_per_split.. of K; out is (splits, M, R),
+    # one part per s. Columns as block * BK, so that the compiler knows they are BK-aligned (a
+    # start of split * k_per_split lost that: scalar loads of x, no cp.async; found in the sm_90 PTX).
     seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     split = tl.program_id(1)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    first = split * k_per_split
-    for k0 in range(first, tl.minimum(first + k_per_split, K), BK):
+    first = split * blocks_per_split
+    for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BK))):
+        k0 = block * BK
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
