@@ -13,7 +13,12 @@ A slack near zero means the GPU had run out of work and was waiting for the host
 growing slack means the host is ahead and the GPU is the limit. The profiler (profile_step.py)
 cannot answer this: its own host cost (wall 954 against 718 ms/step, round 5) is the question.
 
-    python3 -m benchmarks.host_lag --out $OUT/lag --setting fast
+`--sample`: where the host's time goes, by a thread that samples every Python thread's stack
+(`sys._current_frames`) about every millisecond during the steps after the first; the frames
+seen most often (inclusive) per thread go to host_lag_stacks.md. Time in C++ with no Python
+frame on a thread (the autograd engine between Python functions) is not seen.
+
+    python3 -m benchmarks.host_lag --out $OUT/lag --setting fast [--sample]
     python -m benchmarks.host_lag --device cpu --shape tiny --seq 64 --out /tmp/lag   # plumbing only
 """
 
@@ -23,7 +28,9 @@ import argparse
 import json
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,6 +67,54 @@ class Clock:
                              "slack_ms": gpu - (host - host0) * 1e3})
         self.points, self.backward = [], False
         return rows
+
+
+class StackSampler(threading.Thread):
+    """Counts, per thread, the Python frames on its stack at each sample (see the module doc)."""
+
+    def __init__(self, interval_s: float = 0.001) -> None:
+        super().__init__(daemon=True)
+        self.interval_s, self.active, self.samples = interval_s, False, 0
+        self.frames: dict[int, Counter] = {}  # inclusive: the frame anywhere on the stack
+        self.leaves: dict[int, Counter] = {}  # the innermost frame (a C++ call shows as its Python line)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        me = threading.get_ident()
+        while not self.done.is_set():
+            if self.active:
+                self.samples += 1
+                for tid, frame in sys._current_frames().items():
+                    if tid != me:
+                        stack = _stack(frame)
+                        self.frames.setdefault(tid, Counter()).update(set(stack))
+                        self.leaves.setdefault(tid, Counter())[stack[0]] += 1
+            time.sleep(self.interval_s)
+
+    def markdown(self, top: int = 30) -> str:
+        names = {t.ident: t.name for t in threading.enumerate()}
+        lines = [f"# host stacks: {self.samples} samples", "",
+                 "share of samples with the frame on the thread's stack (inclusive)", ""]
+        for tid, counts in sorted(self.frames.items(), key=lambda kv: -sum(kv[1].values())):
+            lines += [f"## thread {names.get(tid, tid)}", "", "| share | frame |", "|---:|---|"]
+            lines += [f"| {100 * n / max(1, self.samples):.1f} % | `{f}` |" for f, n in counts.most_common(top)]
+            lines += ["", "| share | innermost frame |", "|---:|---|"]
+            lines += [f"| {100 * n / max(1, self.samples):.1f} % | `{f}` |" for f, n in self.leaves[tid].most_common(top)]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _stack(frame) -> list[str]:
+    out = []
+    while frame is not None and len(out) < 60:
+        path = frame.f_code.co_filename
+        for root in ("site-packages/", "peftchat/", "benchmarks/"):
+            if root in path:
+                path = path[path.index(root) + (len(root) if root == "site-packages/" else 0):]
+                break
+        out.append(f"{path}:{frame.f_lineno} {frame.f_code.co_name}")
+        frame = frame.f_back
+    return out
 
 
 def attach(model: torch.nn.Module, clock: Clock, handles: list) -> None:
@@ -133,6 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--sample", action="store_true", help="sample the host threads' stacks (host_lag_stacks.md)")
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "peftchat_bench_models"))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -145,10 +201,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     clock = Clock(cuda)
     steps: list[list[dict[str, Any]]] = []
 
+    sampler = StackSampler() if args.sample else None
+    if sampler is not None:
+        sys.setswitchinterval(0.0005)  # let the sampler in between other threads' bytecodes
+        sampler.start()
+
     def after_step(run) -> None:
+        if sampler is not None:
+            sampler.active = False  # the sync and bookkeeping between steps stay out
         steps.append(clock.take())
         clock.seen.clear()
         clock.mark("S")
+        if sampler is not None:
+            sampler.active = run.state.step < run.total_steps  # not the run's wrap-up after the last
 
     spec = {"shape": args.shape, "mode": args.mode, "variant": f"peftchat:{args.setting}", "batch": args.batch,
             "seq": args.seq, "warmup": 0, "steps": args.steps, "device": args.device, "dropout": args.dropout,
@@ -160,6 +225,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         for handle in handles:
             handle.remove()
+        if sampler is not None:
+            sampler.done.set()
+            sampler.join()
+            (out / "host_lag_stacks.md").write_text(sampler.markdown())
     timed = [s for s in steps[1:] if s and s[0]["point"] == "S"]  # step 1 has no S (and compiles)
     summary = summarize(timed or steps)
     summary.update(setting=args.setting, shape=args.shape, mode=args.mode, tokens_per_s=row.get("tokens_per_s"),
