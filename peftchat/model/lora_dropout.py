@@ -104,10 +104,11 @@ class Tiles:
     splits: int = 1
 
 
-# 64 x 128 keeps 16 KB of bf16 x per loop step in flight on each multiprocessor. Not tuned yet:
-# benchmarks/check_lora_dropout.py --sweep times other shapes (round 5: the kernels ran at about
-# 5x the bandwidth bound).
-TILES = {"down": Tiles(), "grad_a": Tiles(), "grad_input": Tiles(stages=2)}
+# The fastest of ten launch shapes per kernel in round 6's sweep on the H200 (M = 8192, r = 16;
+# benchmarks/check_lora_dropout.py --sweep; ms at K = 4096 / 14336): down 32 x 128, 4 warps, 4
+# stages 0.074 / 0.158 (round 5's 64 x 128: 0.094 / 0.234); grad_a 64 x 128, 8 warps 0.084 /
+# 0.175 (0.090 / 0.195); grad_input kept at 64 x 128, 4 warps, 2 stages, 0.073 / 0.173.
+TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
 
 
 def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -156,10 +157,11 @@ def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, 
     return out
 
 
-def keep_mask(seed: torch.Tensor, m: int, k: int, p: float, tiles: Tiles = Tiles()) -> torch.Tensor:
-    """The (m, k) bool keep mask the kernels draw from `seed` (for tests and checks)."""
+def keep_mask(seed: torch.Tensor, m: int, k: int, p: float, tiles: Tiles = Tiles(), joined: bool = False) -> torch.Tensor:
+    """The (m, k) bool keep mask the kernels draw from `seed` (for tests and checks); `joined`:
+    through grad_input's way of drawing it (the same bits)."""
     triton, *_, kernel = _kernels()
     out = torch.empty(m, k, device=seed.device, dtype=torch.int8)
     kernel[(triton.cdiv(m, tiles.bm), triton.cdiv(k, tiles.bk))](out, seed, m, k, threshold(p), BM=tiles.bm,
-                                                                 BK=tiles.bk)
+                                                                 BK=tiles.bk, JOINED=joined)
     return out.bool()

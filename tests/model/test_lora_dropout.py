@@ -59,6 +59,7 @@ def test_mask_depends_on_seed_and_place_not_on_tiles():
     m, k, p = 64, 256, 0.3
     keep = lora_dropout.keep_mask(_seed(7), m, k, p)
     assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p, lora_dropout.Tiles(bm=32, bk=64)), keep)
+    assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p, joined=True), keep)  # grad_input's way
     other = lora_dropout.keep_mask(_seed(8), m, k, p)
     assert 0.5 < (other == keep).float().mean() < 0.7  # independent draws: 0.3² + 0.7² = 0.58 agree
 
