@@ -44,7 +44,7 @@ def check(m: int, k: int, r: int, p: float) -> dict:
     a = torch.randn(r, k, device=dev, dtype=torch.bfloat16) * 0.02
     g = torch.randn(m, r, device=dev, dtype=torch.bfloat16)
     seed = ld.new_seed(dev)
-    keep = ld.keep_mask(seed, m, k, p)
+    keep = ld.keep_mask(seed, m, k, p, device=dev)
     dropped = x.float() * keep * ld.keep_scale(p)
     row = {"m": m, "k": k, "r": r, "p": p, "dropped_share": 1 - keep.float().mean().item(),
            "down_rel_err": _rel(ld.down(x, a, seed, p), dropped @ a.float().t()),

@@ -120,25 +120,27 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8_grad):  # type: ignore[override]
         dtype = x.dtype
-        a = lora_a.to(dtype)
         ctx.rng = ctx.seed = None
-        if p > 0 and KERNEL_DROPOUT and lora_dropout.usable(x, a, p):
-            ctx.seed = lora_dropout.new_seed(x.device)  # the kernels draw the mask from it
-            xa = lora_dropout.down(x, a, ctx.seed, p)
+        if p > 0 and KERNEL_DROPOUT and lora_dropout.usable(x, lora_a, p):
+            # the kernels draw the mask from the seed; x @ A.T comes back (and is saved) times the
+            # scaling, which no other kernel then multiplies in (forward or backward)
+            ctx.seed = lora_dropout.new_seed(x.device)
+            xa = lora_dropout.down(x, lora_a, ctx.seed, p, scale=scaling)
         else:
             ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
-            xa = (dropout(x, p)[0] if p > 0 else x) @ a.t()
+            xa = (dropout(x, p)[0] if p > 0 else x) @ lora_a.to(dtype).t()
         w = base_weight(base, kind, dtype)
+        b = lora_b.to(dtype)
         if fp8_grad is None and LORA_TERM_FIRST and ctx.seed is not None:
             # LoRA term first, base matmul accumulated onto it: the base GEMM reads the LoRA term
             # in its epilogue, where a separate add would read and write the whole output again.
             # Measured with the kernel dropout only (r16: lean 10,583 tok/s, base first 10,467);
             # torch's dropout keeps r14's base-first order (r15 saw 9,098 with LoRA first).
-            y = torch.mm(xa, lora_b.to(dtype).t().mul(scaling))
+            y = torch.mm(xa, b.t())
             y.addmm_(x, w.t())
         else:
             y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
-            y.addmm_(xa, lora_b.to(dtype).t(), alpha=scaling)
+            y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
         del w
         if base.bias is not None:
             y += base.bias.to(dtype)
@@ -149,11 +151,14 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, xa, lora_a, lora_b = ctx.saved_tensors
-        dtype, s, p = x.dtype, ctx.scaling, ctx.p
+        dtype, s = x.dtype, ctx.scaling
         grad = grad.to(dtype).contiguous()
-        grad_xa = (grad @ lora_b.to(dtype)).mul_(s)  # (M, r)
-        grad_b = (grad.t() @ xa).mul_(s)
-        grad_a, grad_x = _lora_input_grads(ctx, x, grad_xa, lora_a.to(dtype))
+        grad_xa = grad @ lora_b.to(dtype)  # (M, r), without the scaling
+        grad_b = grad.t() @ xa
+        if ctx.seed is None:  # else the scaling is in xa and in the kernels' scale
+            grad_xa.mul_(s)
+            grad_b.mul_(s)
+        grad_a, grad_x = _lora_input_grads(ctx, x, grad_xa, lora_a)
         if grad_x is not None:  # LoRA part first, so its mask is freed before the base weight is dequantized
             w = base_weight(ctx.base, ctx.kind, dtype)
             if ctx.fp8_grad is not None:
@@ -166,12 +171,16 @@ class LoraOnFrozenLinear(torch.autograd.Function):
 
 
 def _lora_input_grads(ctx, x: torch.Tensor, grad_xa: torch.Tensor,
-                      a: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(LoRA A's gradient, LoRA's part of x's gradient or None) through forward's dropout mask."""
+                      lora_a: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(LoRA A's gradient, LoRA's part of x's gradient or None) through forward's dropout mask.
+    `grad_xa`: the gradient of x @ A.T, times the scaling except on the kernel path (whose kernels
+    multiply it in)."""
     p, need_x = ctx.p, ctx.needs_input_grad[0]
     if ctx.seed is not None:
-        grad_x = lora_dropout.grad_input(grad_xa, a, ctx.seed, p) if need_x else None
-        return lora_dropout.grad_a(x, grad_xa, ctx.seed, p), grad_x
+        s = ctx.scaling
+        grad_x = lora_dropout.grad_input(grad_xa, lora_a, ctx.seed, p, scale=s) if need_x else None
+        return lora_dropout.grad_a(x, grad_xa, ctx.seed, p, scale=s), grad_x
+    a = lora_a.to(x.dtype)
     if p == 0:
         return grad_xa.t() @ x, (grad_xa @ a if need_x else None)
     cuda = x.device.type == "cuda"

@@ -21,8 +21,14 @@ drop probability is that threshold / 65536 (0.05 -> 0.0500031) and kept values a
 65536 / (65536 - threshold), so the expectation is exact. The masks are other draws than torch's
 dropout (peft's layers): same distribution, not the same bits.
 
-The seed is one int64 drawn from torch's CUDA generator on the device (no host sync). A
-checkpointed layer's recompute restores that generator, so it draws the same seed and masks.
+The seed is an int64 taken from torch's CUDA generator on the host: its Philox offset, advanced
+by 4 as a kernel drawing four numbers would (no device work: round 5 drew it with a
+`torch.randint` launch per LoRA call). A checkpointed layer's recompute restores that
+generator's state, so it takes the same seed and draws the same masks.
+
+The LoRA scaling goes into the kernels' scale too (x @ A.T is saved for backward with it), so no
+separate kernel multiplies by it, and A is read in its own dtype (fp32 adapters are cast in
+the kernel, not by a copy per call).
 
 Measured (benchmarks/RESULTS.md round 5, r16, one run): lean 8B NF4 10,583 tok/s against 10,030
 with torch's dropout, peak 7.64 GiB against 7.86; loss within 0.025 % of peft's layers.
@@ -76,9 +82,20 @@ def keep_scale(p: float) -> float:
     return THRESHOLD_SCALE / (THRESHOLD_SCALE - threshold(p))
 
 
-def new_seed(device: torch.device) -> torch.Tensor:
-    """One int64 seed on `device`, from torch's generator there (restored by checkpointing)."""
-    return torch.randint(0, 2 ** 31 - 1, (1,), device=device, dtype=torch.int64)
+SEED_TAG = 1 << 62  # every seed >= 2**32: Triton types the argument int64 every call (one compiled variant)
+
+
+def new_seed(device: torch.device) -> int:
+    """A seed for one LoRA call's masks, from torch's generator on `device` (restored by
+    checkpointing, so a recompute gets the same one). CUDA: the generator's Philox offset, which
+    this advances by 4, with its initial seed; no device work. CPU (Triton's interpreter, tests):
+    a draw from torch's CPU generator."""
+    if device.type == "cuda":
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return SEED_TAG | ((gen.initial_seed() & 0x3FFFFFFF) << 32) | ((offset // 4) & 0xFFFFFFFF)
+    return SEED_TAG | int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 
 
 def _block_r(r: int) -> int:
@@ -111,8 +128,8 @@ class Tiles:
 TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
 
 
-def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """(x * keep * scale) @ lora_a.T for (M, K) x and (r, K) lora_a, in x's dtype."""
+def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
+    """(x * keep * keep_scale) @ lora_a.T * scale for (M, K) x and (r, K) lora_a, in x's dtype."""
     triton, kernel, *_ = _kernels()
     m, k = x.shape
     r = lora_a.shape[0]
@@ -121,13 +138,13 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) ->
     splits = triton.cdiv(triton.cdiv(k, t.bk), blocks_per_split)
     out = torch.empty(splits, m, r, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
     kernel[(triton.cdiv(m, t.bm), splits)](x, lora_a.contiguous(), out, seed, m, k, r, blocks_per_split, threshold(p),
-                                           keep_scale(p), BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps,
+                                           keep_scale(p) * scale, BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps,
                                            num_stages=t.stages)
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)
 
 
-def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """grad_xa.T @ (x * keep * scale): LoRA A's gradient (r, K), in fp32."""
+def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
+    """grad_xa.T @ (x * keep * keep_scale) * scale: LoRA A's gradient (r, K), in fp32."""
     triton, _, kernel, *_ = _kernels()
     m, k = x.shape
     r = grad_xa.shape[1]
@@ -140,28 +157,30 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: torch.Tensor, p: float)
     br = _block_r(r)
     parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
     kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
-                                 keep_scale(p), BM=t.bm, BK=t.bk, BR=br, num_warps=t.warps, num_stages=t.stages)
+                                 keep_scale(p) * scale, BM=t.bm, BK=t.bk, BR=br, num_warps=t.warps, num_stages=t.stages)
     return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
-def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
-    """(grad_xa @ lora_a) * keep * scale: LoRA's part of the layer input's gradient (M, K)."""
+def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
+    """(grad_xa @ lora_a) * keep * keep_scale * scale: LoRA's part of the layer input's gradient
+    (M, K), in grad_xa's dtype."""
     triton, _, _, kernel, _ = _kernels()
     m, r = grad_xa.shape
     k = lora_a.shape[1]
     out = torch.empty(m, k, device=grad_xa.device, dtype=grad_xa.dtype)
     t = TILES["grad_input"]
     kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
-                                                         r, threshold(p), keep_scale(p), BM=t.bm, BK=t.bk,
+                                                         r, threshold(p), keep_scale(p) * scale, BM=t.bm, BK=t.bk,
                                                          BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 
-def keep_mask(seed: torch.Tensor, m: int, k: int, p: float, tiles: Tiles = Tiles(), joined: bool = False) -> torch.Tensor:
-    """The (m, k) bool keep mask the kernels draw from `seed` (for tests and checks); `joined`:
-    through grad_input's way of drawing it (the same bits)."""
+def keep_mask(seed: int, m: int, k: int, p: float, tiles: Tiles = Tiles(), joined: bool = False,
+              device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The (m, k) bool keep mask the kernels draw from `seed` on `device` (for tests and checks);
+    `joined`: through grad_input's way of drawing it (the same bits)."""
     triton, *_, kernel = _kernels()
-    out = torch.empty(m, k, device=seed.device, dtype=torch.int8)
+    out = torch.empty(m, k, device=device, dtype=torch.int8)
     kernel[(triton.cdiv(m, tiles.bm), triton.cdiv(k, tiles.bk))](out, seed, m, k, threshold(p), BM=tiles.bm,
                                                                  BK=tiles.bk, JOINED=joined)
     return out.bool()

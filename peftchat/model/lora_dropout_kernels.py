@@ -41,14 +41,13 @@ def keep_tile_joined(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr)
 
 # The row count M changes with every packed batch: not specialised on (Triton would compile a new
 # variant whenever M's divisibility by 16 changes; most likely what stalled a timed step of round
-# 5's packed run for about 3 s).
-@triton.jit(do_not_specialize=["M"])
-def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, blocks_per_split, thr, scale,
+# 5's packed run for about 3 s). Nor the seed, a new int64 each call (lora_dropout.new_seed).
+@triton.jit(do_not_specialize=["M", "seed"])
+def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, blocks_per_split, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # program (i, s): rows i*BM.., column blocks s*blocks_per_split.. of K; out is (splits, M, R),
     # one part per s. Columns as block * BK, so that the compiler knows they are BK-aligned (a
     # start of split * k_per_split lost that: scalar loads of x, no cp.async; found in the sm_90 PTX).
-    seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     split = tl.program_id(1)
     rr = tl.arange(0, BR)
@@ -62,17 +61,16 @@ def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, blocks_per_split,
         x = tl.where(keep_tile(seed, rows, k0, K, thr, BM, BK), x, tl.zeros_like(x))
         a_t = tl.load(a_ptr + rr[None, :] * K + cols[:, None], mask=(rr[None, :] < R) & (cols[:, None] < K),
                       other=0.0)  # (BK, BR): A.T's tile
-        acc += tl.dot(x, a_t)
+        acc += tl.dot(x, a_t.to(x.dtype))  # A in its own dtype (fp32 adapters): no cast kernel per call
     acc = acc * scale
     tl.store(out_ptr + (split * M + rows[:, None]).to(tl.int64) * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 
-@triton.jit(do_not_specialize=["M", "rows_per_split"])
-def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split, thr, scale,
+@triton.jit(do_not_specialize=["M", "rows_per_split", "seed"])
+def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed, M, K, R, rows_per_split, thr, scale,
                        BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # partial sums of G.T @ dropped x over one slice of rows; fp32 (split, K, BR) parts
-    seed = tl.load(seed_ptr)
     k0 = tl.program_id(0) * BK
     split = tl.program_id(1)
     cols = k0 + tl.arange(0, BK)
@@ -91,25 +89,23 @@ def lora_grad_a_kernel(x_ptr, g_ptr, part_ptr, seed_ptr, M, K, R, rows_per_split
              mask=cols[:, None] < K)
 
 
-@triton.jit(do_not_specialize=["M"])
-def lora_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed_ptr, M, K, R, thr, scale,
+@triton.jit(do_not_specialize=["M", "seed"])
+def lora_grad_input_kernel(g_ptr, a_ptr, out_ptr, seed, M, K, R, thr, scale,
                            BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    seed = tl.load(seed_ptr)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)
     rr = tl.arange(0, BR)
     g = tl.load(g_ptr + rows[:, None] * R + rr[None, :], mask=(rows[:, None] < M) & (rr[None, :] < R), other=0.0)
     a = tl.load(a_ptr + rr[:, None] * K + cols[None, :], mask=(rr[:, None] < R) & (cols[None, :] < K), other=0.0)
-    out = tl.dot(g, a)
+    out = tl.dot(g, a.to(g.dtype))
     out = tl.where(keep_tile_joined(seed, rows, k0, K, thr, BM, BK), out * scale, 0.0)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-@triton.jit(do_not_specialize=["M"])
-def lora_keep_mask_kernel(out_ptr, seed_ptr, M, K, thr, BM: tl.constexpr, BK: tl.constexpr, JOINED: tl.constexpr):
-    seed = tl.load(seed_ptr)
+@triton.jit(do_not_specialize=["M", "seed"])
+def lora_keep_mask_kernel(out_ptr, seed, M, K, thr, BM: tl.constexpr, BK: tl.constexpr, JOINED: tl.constexpr):
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     k0 = tl.program_id(1) * BK
     cols = k0 + tl.arange(0, BK)

@@ -32,8 +32,8 @@ def test_usable_only_where_the_kernels_apply(monkeypatch):
     assert not lora_dropout.usable(x.t().contiguous().t(), a, 0.05)
 
 
-def _seed(s: int) -> torch.Tensor:
-    return torch.tensor([s], dtype=torch.int64)
+def _seed(s: int) -> int:
+    return lora_dropout.SEED_TAG | s
 
 
 @pytest.mark.parametrize("m,k,r,tiles", [
@@ -53,6 +53,12 @@ def test_kernels_match_a_torch_reference_with_the_same_mask(monkeypatch, m, k, r
     torch.testing.assert_close(lora_dropout.grad_a(x, g, seed, p), g.t() @ dropped, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(lora_dropout.grad_input(g, a, seed, p),
                                (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
+    # the LoRA scaling multiplied in by the kernels (frozen_linear passes it; no kernel of its own)
+    torch.testing.assert_close(lora_dropout.down(x, a, seed, p, scale=2.5), 2.5 * dropped @ a.t(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_dropout.grad_a(x, g, seed, p, scale=2.5), 2.5 * g.t() @ dropped, rtol=1e-5,
+                               atol=1e-4)
+    torch.testing.assert_close(lora_dropout.grad_input(g, a, seed, p, scale=2.5),
+                               2.5 * (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
 
 
 def test_mask_depends_on_seed_and_place_not_on_tiles():
@@ -62,6 +68,34 @@ def test_mask_depends_on_seed_and_place_not_on_tiles():
     assert torch.equal(lora_dropout.keep_mask(_seed(7), m, k, p, joined=True), keep)  # grad_input's way
     other = lora_dropout.keep_mask(_seed(8), m, k, p)
     assert 0.5 < (other == keep).float().mean() < 0.7  # independent draws: 0.3² + 0.7² = 0.58 agree
+
+
+class _FakeCudaGenerator:
+    def __init__(self) -> None:
+        self.offset = 8
+
+    def get_offset(self) -> int:
+        return self.offset
+
+    def set_offset(self, offset: int) -> None:
+        self.offset = offset
+
+    def initial_seed(self) -> int:
+        return 1234
+
+
+def test_cuda_seed_comes_from_the_generator_offset_without_device_work(monkeypatch):
+    """On CUDA the seed is the generator's initial seed and Philox offset (advanced by 4, as a
+    four-number draw would): a restored generator state (checkpoint recompute) gives the same
+    seed, every seed is an int64 over 2**32 (one Triton variant), and successive calls differ."""
+    gen = _FakeCudaGenerator()
+    monkeypatch.setattr(torch.cuda, "default_generators", (gen,))
+    dev = torch.device("cuda", 0)
+    first, second = lora_dropout.new_seed(dev), lora_dropout.new_seed(dev)
+    assert first != second and gen.offset == 16
+    assert min(first, second) >= 2 ** 32 and max(first, second) < 2 ** 63
+    gen.offset = 8  # what restoring the RNG state before a recompute does
+    assert lora_dropout.new_seed(dev) == first
 
 
 def test_mask_drops_p_of_every_position():
@@ -138,8 +172,8 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
     calls = {"down": 0, "grad_a": 0}
     for name in calls:
         real = getattr(lora_dropout, name)
-        monkeypatch.setattr(lora_dropout, name, lambda *a, _real=real, _name=name: calls.__setitem__(
-            _name, calls[_name] + 1) or _real(*a))
+        monkeypatch.setattr(lora_dropout, name, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **kw))
     recipes = Path(__file__).resolve().parents[2] / "recipes"
 
     def run(out, checkpointing: bool, offload: bool = False):
