@@ -71,16 +71,15 @@ def check(m: int, k: int, r: int, p: float) -> dict:
 
 
 def parse_sweep(text: str) -> list:
-    """"64x128x4x3,128x128x8x3x4" -> [Tiles(64, 128, 4, 3), Tiles(128, 128, 8, 3, splits=4)]
-    (the fifth number, K splits, applies to `down` only)."""
+    """"64x128x4x3,128x128x8x3" -> [Tiles(64, 128, 4, 3), Tiles(128, 128, 8, 3)]."""
     from peftchat.model.lora_dropout import GROUP, Tiles
 
     out = []
     for item in filter(None, text.split(",")):
-        bm, bk, warps, stages, *splits = (int(v) for v in item.split("x"))
-        if bk % GROUP or bm < 16 or len(splits) > 1:
-            raise ValueError(f"{item}: BMxBKxWARPSxSTAGES[xSPLITS], BK a multiple of {GROUP}, BM at least 16")
-        out.append(Tiles(bm, bk, warps, stages, *splits))
+        bm, bk, warps, stages = (int(v) for v in item.split("x"))
+        if bk % GROUP or bm < 16:
+            raise ValueError(f"{item}: BK must be a multiple of {GROUP} and BM at least 16")
+        out.append(Tiles(bm, bk, warps, stages))
     return out
 
 

@@ -112,19 +112,18 @@ def _kernels():
 @dataclass(frozen=True)
 class Tiles:
     """One kernel's launch shape: BM rows by BK columns per program (BK a multiple of GROUP, so
-    every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages,
-    and for `down` the number of parts K is split into (fp32 partial sums, added after)."""
+    every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages."""
     bm: int = 64
     bk: int = 128
     warps: int = 4
     stages: int = 3
-    splits: int = 1
 
 
 # The fastest of ten launch shapes per kernel in round 6's sweep on the H200 (M = 8192, r = 16;
 # benchmarks/check_lora_dropout.py --sweep; ms at K = 4096 / 14336): down 32 x 128, 4 warps, 4
 # stages 0.074 / 0.158 (round 5's 64 x 128: 0.094 / 0.234); grad_a 64 x 128, 8 warps 0.084 /
-# 0.175 (0.090 / 0.195); grad_input kept at 64 x 128, 4 warps, 2 stages, 0.073 / 0.173.
+# 0.175 (0.090 / 0.195); grad_input kept at 64 x 128, 4 warps, 2 stages, 0.073 / 0.173. Splitting
+# down's K over two or four programs (fp32 partial sums) was no faster (0.118-0.134 at 4096).
 TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
 
 
@@ -134,13 +133,10 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: floa
     m, k = x.shape
     r = lora_a.shape[0]
     t = TILES["down"]
-    blocks_per_split = triton.cdiv(triton.cdiv(k, t.bk), t.splits)
-    splits = triton.cdiv(triton.cdiv(k, t.bk), blocks_per_split)
-    out = torch.empty(splits, m, r, device=x.device, dtype=x.dtype if splits == 1 else torch.float32)
-    kernel[(triton.cdiv(m, t.bm), splits)](x, lora_a.contiguous(), out, seed, m, k, r, blocks_per_split, threshold(p),
-                                           keep_scale(p) * scale, BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps,
-                                           num_stages=t.stages)
-    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
+    out = torch.empty(m, r, device=x.device, dtype=x.dtype)
+    kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p) * scale,
+                                    BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
+    return out
 
 
 def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:

@@ -43,18 +43,12 @@ def keep_tile_joined(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr)
 # variant whenever M's divisibility by 16 changes; most likely what stalled a timed step of round
 # 5's packed run for about 3 s). Nor the seed, a new int64 each call (lora_dropout.new_seed).
 @triton.jit(do_not_specialize=["M", "seed"])
-def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, blocks_per_split, thr, scale,
+def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-    # program (i, s): rows i*BM.., column blocks s*blocks_per_split.. of K; out is (splits, M, R),
-    # one part per s. Columns as block * BK, so that the compiler knows they are BK-aligned (a
-    # start of split * k_per_split lost that: scalar loads of x, no cp.async; found in the sm_90 PTX).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    split = tl.program_id(1)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)
-    first = split * blocks_per_split
-    for block in range(first, tl.minimum(first + blocks_per_split, tl.cdiv(K, BK))):
-        k0 = block * BK
+    for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
@@ -63,7 +57,7 @@ def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, blocks_per_split, thr
                       other=0.0)  # (BK, BR): A.T's tile
         acc += tl.dot(x, a_t.to(x.dtype))  # A in its own dtype (fp32 adapters): no cast kernel per call
     acc = acc * scale
-    tl.store(out_ptr + (split * M + rows[:, None]).to(tl.int64) * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + rows[:, None] * R + rr[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (rr[None, :] < R))
 
 
