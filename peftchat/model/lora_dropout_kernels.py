@@ -11,10 +11,9 @@ import triton.language as tl
 @triton.jit
 def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     # (BM, BK) keep mask of rows `rows`, columns k0 .. k0 + BK (k0 a multiple of 8). Built as
-    # (BM, BK / 8, 8), each Philox call's eight parts along the last axis, then merged: drawn as
-    # (BM, BK / 8) and spread by tl.join/reshape (round 5), the mask forced x's tile into a layout
-    # of one bf16 per thread (scalar loads, no cp.async pipelining, 80 scalar shared-memory
-    # stores per loop step in the sm_90 PTX); built this way x loads 16 bytes per thread through cp.async.
+    # (BM, BK / 8, 8), each Philox call's eight parts along the last axis, then merged, with no
+    # tl.join shuffle of the four words: the way down and grad_a were measured at their TILES in
+    # round 6 (down 0.069 ms at K = 4096). keep_tile_joined draws the same bits the round-5 way.
     G: tl.constexpr = BK // 8
     groups = k0 // 8 + tl.arange(0, G)
     counter = (rows[:, None, None].to(tl.int64) * (K // 8) + groups[None, :, None]).to(tl.uint32)  # (BM, G, 1)
@@ -45,6 +44,9 @@ def keep_tile_joined(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr)
 @triton.jit(do_not_specialize=["M", "seed"])
 def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+    # K is walked from 0 in steps of BK, so the compiler sees every column start 16-aligned: a
+    # start at a runtime multiple (round 6's K split, since removed) made it load x one bf16 per
+    # thread with no cp.async pipelining in the sm_90 PTX (tests/test_kernel_ptx.py guards this)
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)

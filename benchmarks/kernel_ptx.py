@@ -1,0 +1,96 @@
+"""What the LoRA dropout kernels compile to, without a GPU: each kernel of
+peftchat.model.lora_dropout_kernels compiled by Triton for a CUDA target (default sm_90, the
+H200) at the launch shapes in `lora_dropout.TILES`, and the instructions that decide its speed
+counted in the PTX:
+
+  cp.async     16-byte asynchronous global->shared copies (pipelined tile loads)
+  ld.global.*  register loads by width (ld.global.b16: one bf16 per thread, unvectorised)
+  st.shared.*  shared-memory stores by width (layout conversions go through shared memory)
+  mma          tensor-core instructions (mma.sync / wgmma)
+
+Round 6 found this way that a K split starting at a runtime offset had turned `down`'s x loads
+into scalar 2-byte loads with no cp.async (benchmarks/RESULTS.md); tests/test_kernel_ptx.py keeps
+that from coming back.
+
+Needs Triton's compiler and its bundled ptxas, no GPU and no CUDA driver; run with
+TRITON_INTERPRET unset (under the interpreter, @triton.jit gives functions that cannot be compiled).
+
+    python -m benchmarks.kernel_ptx [--arch 90] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+
+_COUNTED = re.compile(r"\b(cp\.async\.c[ag]\.shared\.global|ld\.global(?:\.[a-z0-9]+)*|st\.shared(?:\.[a-z0-9]+)*|"
+                      r"wgmma\.mma_async|mma\.sync|ldmatrix)")
+
+# per kernel: argument types in order (constexprs are given at compile time) and which pointers
+# and sizes Triton would see as 16-aligned at a real launch (bf16 activations, fp32 adapters,
+# K a multiple of 16 on every model this runs for)
+SIGNATURES = {
+    "down": ("lora_down_kernel", {"x_ptr": "*bf16", "a_ptr": "*fp32", "out_ptr": "*bf16", "seed": "i64", "M": "i32",
+                                  "K": "i32", "R": "i32", "thr": "i32", "scale": "fp32"},
+             ("x_ptr", "a_ptr", "out_ptr", "K")),
+    "grad_a": ("lora_grad_a_kernel", {"x_ptr": "*bf16", "g_ptr": "*bf16", "part_ptr": "*fp32", "seed": "i64",
+                                      "M": "i32", "K": "i32", "R": "i32", "rows_per_split": "i32", "thr": "i32",
+                                      "scale": "fp32"},
+               ("x_ptr", "g_ptr", "part_ptr", "K")),
+    "grad_input": ("lora_grad_input_kernel", {"g_ptr": "*bf16", "a_ptr": "*fp32", "out_ptr": "*bf16", "seed": "i64",
+                                              "M": "i32", "K": "i32", "R": "i32", "thr": "i32", "scale": "fp32"},
+                   ("g_ptr", "a_ptr", "out_ptr", "K")),
+}
+
+
+def instruction_counts(ptx: str) -> dict[str, int]:
+    """Counts of the instructions listed in the module docstring in one kernel's PTX."""
+    counts = Counter(m.group(1) for m in _COUNTED.finditer(ptx))
+    out = dict(sorted(counts.items()))
+    out["cp.async"] = sum(n for k, n in counts.items() if k.startswith("cp.async"))
+    out["mma"] = counts["mma.sync"] + counts["wgmma.mma_async"]
+    return out
+
+
+def compile_kernel(name: str, arch: int = 90, r: int = 16) -> dict:
+    """Compile one kernel at its TILES shape for sm_`arch`; its instruction counts and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from peftchat.model import lora_dropout, lora_dropout_kernels
+
+    fn_name, signature, aligned = SIGNATURES[name]
+    tiles = lora_dropout.TILES[name]
+    constexprs = {"BM": tiles.bm, "BK": tiles.bk, "BR": lora_dropout._block_r(r)}
+    names = list(signature) + list(constexprs)
+    src = ASTSource(fn=getattr(lora_dropout_kernels, fn_name),
+                    signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
+                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": tiles.warps, "num_stages": tiles.stages})
+    return {"kernel": name, "tiles": str(tiles), "arch": arch, "shared_bytes": compiled.metadata.shared,
+            "convert_layouts": compiled.asm["ttgir"].count("convert_layout"),
+            "instructions": instruction_counts(compiled.asm["ptx"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = [compile_kernel(name, args.arch) for name in SIGNATURES]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            print(f"{row['kernel']} {row['tiles']} sm_{row['arch']}: {row['shared_bytes']} B shared, "
+                  f"{row['convert_layouts']} layout conversions, {row['instructions']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

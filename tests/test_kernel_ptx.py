@@ -1,0 +1,44 @@
+"""benchmarks/kernel_ptx.py: the LoRA dropout kernels compiled for sm_90 on the CPU (Triton's
+compiler and ptxas, no GPU): `down` must load x in 16-byte asynchronous copies, never one bf16
+per thread, as it did for a while in round 6 when its column offsets were not provably aligned
+(benchmarks/RESULTS.md, round 6)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    # its own process: tests/conftest.py sets TRITON_INTERPRET, under which kernels cannot be compiled
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.kernel_ptx", "--json"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return {row["kernel"]: row for row in json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def test_down_loads_x_through_cp_async_not_one_bf16_per_thread(compiled):
+    ins = compiled["down"]["instructions"]
+    assert ins["cp.async"] >= 16 and ins["mma"] > 0
+    assert "ld.global.b16" not in ins  # the symptom of unaligned column starts (80 per loop step)
+    assert ins.get("st.shared.b16", 0) == 0
+
+
+def test_grad_a_pipelines_its_x_tiles(compiled):
+    assert compiled["grad_a"]["instructions"]["cp.async"] > 0 and compiled["grad_a"]["instructions"]["mma"] > 0
+
+
+def test_instruction_counts_parse_ptx_lines():
+    from benchmarks.kernel_ptx import instruction_counts
+
+    ptx = "\tcp.async.cg.shared.global [%r1], [%rd2], 16;\n\tld.global.b16 {%rs1}, [%rd3];\n\tmma.sync.aligned.m16n8k16;\n"
+    counts = instruction_counts(ptx)
+    assert counts["cp.async"] == 1 and counts["ld.global.b16"] == 1 and counts["mma"] == 1
