@@ -179,18 +179,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from benchmarks.profile_step import add_run_args
+
     p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", default="8b")
-    p.add_argument("--mode", default="nf4")
-    p.add_argument("--setting", default="fast", help="peftchat setting, with +OPTS as in peftchat:SETTING+OPTS")
-    p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=4)
+    add_run_args(p, setting="fast", steps=4)
     p.add_argument("--sample", action="store_true", help="sample the host threads' stacks (host_lag_stacks.md)")
-    p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "peftchat_bench_models"))
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from benchmarks import peftchat_variants
     from benchmarks.shapes import bench_model

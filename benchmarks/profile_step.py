@@ -148,19 +148,24 @@ def markdown(summary: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser()
+def add_run_args(p: argparse.ArgumentParser, setting: str, steps: int) -> None:
+    """The arguments naming the run a step tool watches (this one and host_lag.py)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="8b")
     p.add_argument("--mode", default="nf4")
-    p.add_argument("--setting", default="lean", help="peftchat setting, with +OPTS as in peftchat:SETTING+OPTS")
+    p.add_argument("--setting", default=setting, help="peftchat setting, with +OPTS as in peftchat:SETTING+OPTS")
     p.add_argument("--dropout", type=float, default=0.05)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--models-dir", default=str(Path(tempfile.gettempdir()) / "peftchat_bench_models"))
     p.add_argument("--out", required=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    add_run_args(p, setting="lean", steps=2)
+    p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
     from benchmarks import peftchat_variants
     from benchmarks.shapes import bench_model
