@@ -25,6 +25,7 @@ frame on a thread (the autograd engine between Python functions) is not seen.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -45,7 +46,21 @@ class Clock:
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
         self.points: list[tuple[str, float, Any]] = []
-        self.backward = False  # set by the first recompute-side point of a step
+        self.seen: set[int] = set()  # decoder layers whose forward ran this step (a second run is the recompute)
+        self.step = 0
+        # Python's garbage collections while steps run (gc.callbacks): a full one stops the host for
+        # as long as it scans every tracked object (313 ms after a tiny CPU run here, 580k objects),
+        # which the GPU feels where its queue is short (early in the forward)
+        self.collections: list[dict[str, Any]] = []
+        self._gc_start: Optional[float] = None
+
+    def on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        elif self._gc_start is not None:
+            self.collections.append({"step": self.step, "generation": info["generation"],
+                                     "ms": (time.perf_counter() - self._gc_start) * 1e3,
+                                     "after": self.points[-1][0] if self.points else "-"})
 
     def mark(self, name: str) -> None:
         event = None
@@ -65,7 +80,9 @@ class Clock:
                 gpu = event0.elapsed_time(event) if self.cuda else (host - host0) * 1e3
                 rows.append({"point": name, "host_ms": (host - host0) * 1e3, "gpu_ms": gpu,
                              "slack_ms": gpu - (host - host0) * 1e3})
-        self.points, self.backward = [], False
+        self.points = []
+        self.seen.clear()
+        self.step += 1
         return rows
 
 
@@ -124,14 +141,13 @@ def attach(model: torch.nn.Module, clock: Clock, handles: list) -> None:
     from peftchat.model.kernels import decoder_layers
 
     layers = decoder_layers(model)
-    seen: set[int] = set()
 
     def pre_hook(i: int):
         def hook(module, args) -> None:
-            if i in seen:  # a layer's second forward in a step is its recompute
+            if i in clock.seen:  # a layer's second forward in a step is its recompute
                 clock.mark(f"R{i}")
             else:
-                seen.add(i)
+                clock.seen.add(i)
                 clock.mark(f"F{i}")
         return hook
 
@@ -143,7 +159,6 @@ def attach(model: torch.nn.Module, clock: Clock, handles: list) -> None:
     # global hooks (every optimizer): removed by the caller through `handles` after the run
     handles.append(register_optimizer_step_pre_hook(lambda opt, args, kwargs: clock.mark("O")))
     handles.append(register_optimizer_step_post_hook(lambda opt, args, kwargs: clock.mark("P")))
-    clock.seen = seen  # cleared with each step
 
 
 def summarize(steps: list[list[dict[str, Any]]]) -> dict[str, Any]:
@@ -172,6 +187,11 @@ def markdown(summary: dict[str, Any], title: str) -> str:
             s = summary[phase]
             lines.append(f"- {phase}: {100 * s['starved_share']:.0f} % of points starved, slack "
                          f"{s['slack_ms_min']:.2f} .. {s['slack_ms_max']:.2f} ms")
+    collections = summary.get("collections", [])
+    full = [c for c in collections if c["generation"] == 2]
+    lines.append(f"- Python garbage collections during the steps after the first: {len(collections)}, "
+                 f"{sum(c['ms'] for c in collections):.1f} ms in all; full (generation 2): "
+                 + (", ".join(f"{c['ms']:.0f} ms in step {c['step'] + 1} after {c['after']}" for c in full) or "none"))
     lines += ["", "| point | host ms | GPU ms | slack ms |", "|---|---:|---:|---:|"]
     lines += [f"| {r['point']} | {r['host_ms']:.2f} | {r['gpu_ms']:.2f} | {r['slack_ms']:.2f} |"
               for r in summary["points"]]
@@ -203,7 +223,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if sampler is not None:
             sampler.active = False  # the sync and bookkeeping between steps stay out
         steps.append(clock.take())
-        clock.seen.clear()
         clock.mark("S")
         if sampler is not None:
             sampler.active = run.state.step < run.total_steps  # not the run's wrap-up after the last
@@ -213,9 +232,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             "model_dir": str(bench_model(args.shape, args.models_dir, args.device)),
             "work_dir": str(Path(tempfile.gettempdir()) / "peftchat_host_lag")}
     handles: list = []
+    gc.callbacks.append(clock.on_gc)
     try:
         row = peftchat_variants.run(spec, after_step=after_step, after_model_load=lambda m: attach(m, clock, handles))
     finally:
+        gc.callbacks.remove(clock.on_gc)
         for handle in handles:
             handle.remove()
         if sampler is not None:
@@ -224,6 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             (out / "host_lag_stacks.md").write_text(sampler.markdown())
     timed = [s for s in steps[1:] if s and s[0]["point"] == "S"]  # step 1 has no S (and compiles)
     summary = summarize(timed or steps)
+    # step 0 is the first (compiling) one; collections after the last step are the run's wrap-up
+    summary["collections"] = [c for c in clock.collections if 1 <= c["step"] < len(steps)]
     summary.update(setting=args.setting, shape=args.shape, mode=args.mode, tokens_per_s=row.get("tokens_per_s"),
                    applied=row.get("applied"))
     (out / "host_lag.json").write_text(json.dumps(summary, indent=1))

@@ -15,6 +15,8 @@ def test_points_follow_the_step_in_order(tmp_path):
     assert hosts == sorted(hosts) and hosts[-1] > 0
     assert summary["forward"]["starved_share"] == 1.0  # on the CPU the "GPU" clock is the host's
     assert "| R0 |" in (tmp_path / "host_lag.md").read_text()
+    assert "garbage collections" in (tmp_path / "host_lag.md").read_text()
+    assert all(c["generation"] in (0, 1, 2) and c["ms"] >= 0 for c in summary["collections"])
     stacks = (tmp_path / "host_lag_stacks.md").read_text()
     assert "peftchat/train/loop.py" in stacks and "innermost frame" in stacks  # the steps were sampled
     assert "write_training_curves" not in stacks  # not the run's wrap-up after the last step
