@@ -114,7 +114,8 @@ class LoraOnFrozenLinear(torch.autograd.Function):
 
     `fp8_grad`: None for a base matmul in x's dtype; else the fp8 dtype of the incoming gradient
     in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: x,
-    x @ A.T, A and B, and at p > 0 the RNG state the dropout mask was drawn from.
+    dropout(x) @ A.T (times the scaling on the kernel-dropout path, whose kernels multiply it in),
+    A and B, and at p > 0 the seed (kernel path) or RNG state (torch's dropout) of the mask.
     """
 
     @staticmethod
