@@ -162,7 +162,8 @@ def attach(model: torch.nn.Module, clock: Clock, handles: list) -> None:
 
 
 def summarize(steps: list[list[dict[str, Any]]]) -> dict[str, Any]:
-    """Per phase (forward, backward, the rest): host and GPU ms and the share of points starved."""
+    """The last step's points, and per phase (forward; backward with the optimizer step) the share
+    of points where the GPU was starved and the range of the slack."""
     last = steps[-1]
     by_phase: dict[str, list[dict]] = {"forward": [], "backward": []}
     for row in last:

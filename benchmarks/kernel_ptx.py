@@ -65,7 +65,7 @@ def compile_kernel(name: str, arch: int = 90, r: int = 16) -> dict:
 
     fn_name, signature, aligned = SIGNATURES[name]
     tiles = lora_dropout.TILES[name]
-    constexprs = {"BM": tiles.bm, "BK": tiles.bk, "BR": lora_dropout._block_r(r)}
+    constexprs = {"BM": tiles.bm, "BK": tiles.bk, "BR": lora_dropout.block_r(r)}
     names = list(signature) + list(constexprs)
     src = ASTSource(fn=getattr(lora_dropout_kernels, fn_name),
                     signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,

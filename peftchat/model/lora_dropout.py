@@ -98,7 +98,8 @@ def new_seed(device: torch.device) -> int:
     return SEED_TAG | int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
 
 
-def _block_r(r: int) -> int:
+def block_r(r: int) -> int:
+    """The kernels' tile width for LoRA rank `r` (benchmarks/kernel_ptx.py compiles at it too)."""
     return max(16, 1 << (r - 1).bit_length())  # tl.dot wants every dimension >= 16
 
 
@@ -135,7 +136,7 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: floa
     t = TILES["down"]
     out = torch.empty(m, r, device=x.device, dtype=x.dtype)
     kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p) * scale,
-                                    BM=t.bm, BK=t.bk, BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
+                                    BM=t.bm, BK=t.bk, BR=block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 
@@ -150,7 +151,7 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: f
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, col_blocks), triton.cdiv(m, t.bm)))
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), t.bm) * t.bm
     splits = triton.cdiv(m, rows_per_split)
-    br = _block_r(r)
+    br = block_r(r)
     parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
     kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
                                  keep_scale(p) * scale, BM=t.bm, BK=t.bk, BR=br, num_warps=t.warps, num_stages=t.stages)
@@ -167,7 +168,7 @@ def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float,
     t = TILES["grad_input"]
     kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
                                                          r, threshold(p), keep_scale(p) * scale, BM=t.bm, BK=t.bk,
-                                                         BR=_block_r(r), num_warps=t.warps, num_stages=t.stages)
+                                                         BR=block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 

@@ -19,8 +19,9 @@ training since round 3) lean measured 8.51 and the budgets 16 / 24 GiB peaked at
 round 4 the fused function keeps no dropout copy or mask for backward: lean measured 7.86, fast
 (skip 8) 16.5, so an un-checkpointed layer costs about 0.9 GiB, not 1.375. Round 5 (LoRA dropout
 drawn inside the LoRA matmuls): lean 7.64, fast 16.27 (skip 8) and 18.27 (skip 10), 1.0 GiB per
-layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. The estimate is kept as it was (it errs on the safe side) until budgets are measured again. Without any checkpointing it says 52 GiB where 57.9 was
-measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
+layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. The estimate is kept
+as it was (it errs on the safe side) until budgets are measured again. Without any checkpointing
+it says 52 GiB where 57.9 was measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
 weights, LoRA state and one layer's recompute already take ~7.7): the policy says so, and the
 lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumulation_steps`). Choices are
 ranked by speed: fewer recomputed layers first (each one costs a forward), no offload before
