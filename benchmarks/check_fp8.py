@@ -100,6 +100,7 @@ def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any
     import bitsandbytes.functional as bf
 
     from peftchat.model import fp8
+    from peftchat.model.fp8 import Fp8Passes
     from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
 
     layer = nf4_lora_layer(k, n, 0.0, device)
@@ -130,6 +131,8 @@ def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any
         "fp8_grad_input_with_quant": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E4M3, bf16)),
         "fp8_grad_input_with_quant_e5m2": ms(lambda: fp8.fp8_grad_input(g, w, fp8.E5M2, bf16)),
     }}
+    row["ms"].update(triton_pass_times(w_nf4, x, g, ms))
+    row["kernel_mismatch"] = triton_pass_mismatch(w_nf4, x, g)
     xr = x.view(1, m, k).detach().requires_grad_(True)
     for dropout in (0.0, 0.05):
         layer.lora_dropout["default"] = torch.nn.Dropout(dropout) if dropout else torch.nn.Identity()
@@ -137,13 +140,72 @@ def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any
         fuse_lora_layers(layer)
         row["ms"][f"layer_fused_bf16_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
         unfuse_lora_layers(layer)
-        fuse_lora_layers(layer, fp8=True)
-        row["ms"][f"layer_fused_fp8_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
-        unfuse_lora_layers(layer)
+        for label, passes in (("fp8", None), ("fp8all", Fp8Passes(forward=True))):  # recipe's passes; all three
+            fuse_lora_layers(layer, fp8=True, passes=passes)
+            row["ms"][f"layer_fused_{label}_d{dropout}"] = ms(_fwd_bwd(layer, xr, g.view(1, m, n)))
+            unfuse_lora_layers(layer)
     flops = 2.0 * m * k * n
     row["tflops"] = {key: round(flops / (v / 1e3) / 1e12, 1) for key, v in row["ms"].items()
                      if key.startswith(("bf16_matmul", "scaled_mm"))}
     return row
+
+
+def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> dict[str, float]:
+    """ms of the Triton passes (round 7) and of the FP8 base matmuls built on them, against the
+    bf16 path's dequant + matmul, for one NF4 weight."""
+    import bitsandbytes.functional as bf
+
+    from peftchat.model import fp8
+
+    data, state = w_nf4.data, w_nf4.quant_state
+    _, w_t, row_scale = fp8.nf4_to_fp8(data, state, rows=False, transposed=True)
+    w_rows = fp8.nf4_to_fp8(data, state)[0]
+    xq, xs = fp8.quantize_rows(x)
+    gq, gs = fp8.quantize_rows(g, fp8.E4M3, row_scale)
+    ones = fp8.ones_row(w_t.shape[0], x.device)
+    bf16 = torch.bfloat16
+
+    def fwd():
+        w8, _, _ = fp8.nf4_to_fp8(data, state)
+        a, a_scale = fp8.quantize_rows(x)
+        return fp8.scaled_matmul(a, a_scale, w8.t(), row_scale.view(1, -1), bf16)
+
+    def grad_input():
+        _, wt, _ = fp8.nf4_to_fp8(data, state, rows=False, transposed=True)
+        a, a_scale = fp8.quantize_rows(g, fp8.E4M3, row_scale)
+        return fp8.scaled_matmul(a, a_scale, wt.t(), ones, bf16)
+
+    return {
+        "quantize_x_triton": ms(lambda: fp8.quantize_rows(x)),
+        "quantize_grad_triton_colscale": ms(lambda: fp8.quantize_rows(g, fp8.E4M3, row_scale)),
+        "nf4_to_fp8_rows": ms(lambda: fp8.nf4_to_fp8(data, state)),
+        "nf4_to_fp8_transposed": ms(lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True)),
+        "nf4_to_fp8_both": ms(lambda: fp8.nf4_to_fp8(data, state, rows=True, transposed=True)),
+        "scaled_mm_fwd_rows": ms(lambda: fp8.scaled_matmul(xq, xs, w_rows.t(), row_scale.view(1, -1), bf16)),
+        "scaled_mm_grad_folded": ms(lambda: fp8.scaled_matmul(gq, gs, w_t.t(), ones, bf16)),
+        "fp8_fwd_triton_total": ms(fwd),
+        "fp8_grad_input_triton_total": ms(grad_input),
+        "bf16_fwd_with_dequant": ms(lambda: x @ bf.dequantize_4bit(data, state).to(bf16).t()),
+        "bf16_grad_input_with_dequant": ms(lambda: g @ bf.dequantize_4bit(data, state).to(bf16)),
+    }
+
+
+def triton_pass_mismatch(w_nf4, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:
+    """Share of fp8 values the Triton passes write differently from the torch reference on this
+    device (the GPU's fp32 division may differ from torch's by an ulp, moving a rounding)."""
+    from peftchat.model import fp8
+
+    data, state = w_nf4.data, w_nf4.quant_state
+    rows, _, row_scale = fp8.nf4_to_fp8(data, state)
+    out = {}
+    for name, t, col in (("x", x, None), ("grad_colscale", g, row_scale)):
+        q, s = fp8.quantize_rows(t, fp8.E4M3, col)
+        rq, rs = fp8.quantize(t.float() * col if col is not None else t, 1)
+        out[name] = (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean().item()
+        out[name + "_scale_max_rel"] = ((s - rs).abs() / rs).max().item()
+    ref_scale = fp8.nf4_row_scales(data, state)
+    out["weight_scale_equal"] = float(torch.equal(ref_scale, row_scale))
+    return out
 
 
 def accepted_formats(device: str) -> dict[str, str]:

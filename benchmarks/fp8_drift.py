@@ -1,6 +1,7 @@
-"""Which side of FP8 moves the loss curve: a small bf16 Llama trained with the fused LoRA function in
-four modes from the same init and data — bf16, fp8 (forward and input gradient), fp8 forward only,
-fp8 input gradient only — and each curve's largest relative distance from the bf16 one.
+"""Which pass of FP8 moves the loss curve: a small bf16 Llama, every layer checkpointed, trained with
+the fused LoRA function from the same init and data in bf16 and with FP8 in several passes (the
+recipe's, all, both forwards, the input gradient, the recompute), and each curve's largest
+relative distance from the bf16 one.
 
 Written after round 3's 8B rows (benchmarks/RESULTS.md): lean + fp8 left the eager curve by 1.7 %
 within 6 steps. Cheap enough for CPU (eager FP8 path, `torch._scaled_mm` runs there) and for the
@@ -23,39 +24,38 @@ import torch
 
 def train_curve(model_state: dict, cfg, data: list[torch.Tensor], mode: str, steps: int, lr: float,
                 device: str) -> list[float]:
+    """Losses of `steps` steps with every decoder layer checkpointed (so a recompute exists) and
+    FP8 in the passes of `mode`: "bf16", "fp8" (the recipe's FP8_PASSES) or a FP8_PASS_TOKENS key."""
     import peftchat.model.frozen_linear as fl
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from benchmarks.peftchat_variants import _fp8_one_side
+    from benchmarks.peftchat_variants import FP8_PASS_TOKENS
+    from peftchat.model.fp8 import Fp8Passes
 
-    linear, grad_input = fl.fp8_linear, fl.fp8_grad_input
-    try:
-        if mode in ("fp8_forward_only", "fp8_grad_only"):
-            _fp8_one_side(forward=mode == "fp8_forward_only")
-        model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
-        model.load_state_dict(model_state)
-        torch.manual_seed(2)  # the same LoRA init in every mode
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:
-            p.data = p.data.float()  # fp32 adapter under bf16 autocast, as peftchat trains
-        model.train()
-        fl.fuse_lora_layers(model, fp8=mode != "bf16")
-        opt = torch.optim.AdamW(params, lr=lr)
-        losses = []
-        for step in range(steps):
-            ids = data[step % len(data)].to(device)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
-        return losses
-    finally:
-        fl.fp8_linear, fl.fp8_grad_input = linear, grad_input
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    model.load_state_dict(model_state)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(2)  # the same LoRA init in every mode
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 adapter under bf16 autocast, as peftchat trains
+    model.train()
+    passes = Fp8Passes(**FP8_PASS_TOKENS[mode]) if mode in FP8_PASS_TOKENS else None
+    fl.fuse_lora_layers(model, fp8=mode != "bf16", passes=passes)
+    opt = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for step in range(steps):
+        ids = data[step % len(data)].to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g) for _ in range(8)]
     curves = {mode: train_curve(state, cfg, data, mode, args.steps, args.lr, args.device)
-              for mode in ("bf16", "fp8", "fp8_forward_only", "fp8_grad_only")}
+              for mode in ("bf16", "fp8", "fp8all", "fp8fwd", "fp8grad", "fp8rec")}
     ref = curves["bf16"]
     report = {"args": vars(args), "curves": curves,
               "max_rel_diff_vs_bf16": {m: max(abs(a - b) / abs(b) for a, b in zip(c, ref)) for m, c in curves.items()}}

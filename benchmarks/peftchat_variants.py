@@ -148,15 +148,22 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
             "timed_steps": len(timed), "step_s_median": time_s / len(timed), "real_tokens_timed": tokens}
 
 
-def _fp8_one_side(forward: bool) -> None:
-    """`training.fp8` with only the forward base matmul (`forward`) or only the input-gradient one
-    in FP8: which side moves the loss curve (benchmarks/fp8_drift.py asks the same on small models)."""
-    import peftchat.model.frozen_linear as fl
+# FP8 experiments: which base matmuls run in FP8 (the recipe's `training.fp8` runs FP8_PASSES).
+FP8_PASS_TOKENS = {
+    "fp8all": dict(forward=True, recompute=True, grad_input=True),
+    "fp8fwd": dict(forward=True, recompute=True, grad_input=False),  # both forwards, bf16 input gradient
+    "fp8grad": dict(forward=False, recompute=False, grad_input=True),
+    "fp8rec": dict(forward=False, recompute=True, grad_input=False),
+}
 
-    if forward:
-        fl.fp8_grad_input = lambda grad, w, grad_dtype, out_dtype: grad @ w
-    else:
-        fl.fp8_linear = lambda x, w, out_dtype: x @ w.t()
+
+def set_fp8_passes(tok: str) -> None:
+    """`training.fp8` with the passes of `FP8_PASS_TOKENS[tok]` (benchmarks/fp8_drift.py asks the same
+    on small models); one process per variant (worker.py)."""
+    import peftchat.model.frozen_linear as fl
+    from peftchat.model.fp8 import Fp8Passes
+
+    fl.FP8_PASSES = Fp8Passes(**FP8_PASS_TOKENS[tok])
 
 
 def _no_varlen() -> None:
@@ -190,9 +197,14 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
             from peftchat.model import offload
 
             offload.PREFETCH_NEXT_INPUT = False  # one process per variant (worker.py)
-        elif tok in ("fp8fwd", "fp8grad"):  # experiment: FP8 on one side only (the other bf16)
+        elif tok in FP8_PASS_TOKENS:  # experiment: FP8 in other passes than the recipe's
             overrides["training.fp8"] = True
-            _fp8_one_side(forward=tok == "fp8fwd")
+            set_fp8_passes(tok)
+        elif tok == "fp8mlp":  # experiment: FP8 only in the MLP's base linears
+            from peftchat.model import frozen_linear
+
+            overrides["training.fp8"] = True
+            frozen_linear.FP8_ONLY = ("gate_proj", "up_proj", "down_proj")
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
             _no_varlen()
         elif tok == "torchdropout":  # ablation: LoRA dropout by torch's kernel, not inside the LoRA matmuls

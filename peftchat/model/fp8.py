@@ -13,8 +13,10 @@ weight gradient at all. What remains is the four small functions below.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 E4M3 = torch.float8_e4m3fn  # activations and weights: 3 mantissa bits, max 448
 E5M2 = torch.float8_e5m2  # wider range (max 57344), 2 mantissa bits: the usual gradient format
@@ -23,6 +25,21 @@ FP8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 AMAX_FLOOR = 1e-12
 # `_scaled_mm` on CUDA wants both matrix dimensions it reduces over / writes along divisible by 16.
 FP8_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class Fp8Passes:
+    """Which of a frozen base linear's three matmuls run in FP8.
+
+    `forward`: the forward whose output the loss sees. `recompute`: a checkpointed layer's
+    forward replayed in backward, whose outputs only feed that layer's own backward.
+    `grad_input`: the input gradient, its incoming gradient in `grad_dtype`.
+    """
+
+    forward: bool = False
+    recompute: bool = True
+    grad_input: bool = True
+    grad_dtype: torch.dtype = E4M3
 
 
 def amax(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -102,3 +119,139 @@ def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.d
     """`fp8_grad_input_eager`, compiled on CUDA (the same arithmetic)."""
     fn = _compiled(fp8_grad_input_eager) if grad.is_cuda else fp8_grad_input_eager
     return fn(grad, weight, grad_dtype, out_dtype)
+
+
+# --- Triton passes (peftchat.model.fp8_kernels): quantization in one read and one write -------
+#
+# Round 3's per-kernel timings on the H200 (benchmarks/results/checks/check_fp8_call2.json, 8192
+# rows): quantizing x compiled took 0.106 ms at K = 4096 and 0.318 at 14,336; the NF4 dequant plus
+# the weight's quantization 0.28 ms for gate/up and the transposed copy for the input gradient
+# 0.37 ms, against a `_scaled_mm` saving of 0.12 (q/o) to 0.48 ms (down) over bf16: the FP8 layer
+# ran no faster than bf16. The kernels below read each operand once and write it once.
+
+# (mantissa bits, smallest normal, subnormal rounding constant, largest finite) per format
+FP8_GRID = {E4M3: (3, 2.0 ** -6, 1.5 * 2.0 ** 14, 448.0), E5M2: (2, 2.0 ** -14, 1.5 * 2.0 ** 7, 57344.0)}
+
+
+@functools.cache
+def _kernels():
+    try:
+        from peftchat.model import fp8_kernels
+    except ImportError:  # no Triton: the torch passes above
+        return None
+    return fp8_kernels
+
+
+def kernels_on(t: torch.Tensor) -> bool:
+    """Whether the Triton passes serve tensors like `t` (CUDA with Triton; the tests also run them
+    on the CPU through Triton's interpreter)."""
+    return t.is_cuda and _kernels() is not None
+
+
+def quantize_rows(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(t * col_scale, 1, fp8_dtype)` of an (M, K) `t` (fp32 (K,) `col_scale` or None):
+    one Triton pass on CUDA, else torch."""
+    if kernels_on(t):
+        return quantize_rows_triton(t, fp8_dtype, col_scale)
+    return quantize(t.float() * col_scale if col_scale is not None else t, 1, fp8_dtype)
+
+
+def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` by `fp8_kernels.quantize_rows_kernel` (also in Triton's CPU interpreter)."""
+    import triton
+
+    t = t.contiguous()
+    m, k = t.shape
+    q = torch.empty((m, k), dtype=fp8_dtype, device=t.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=t.device)
+    mbits, min_normal, sub_magic, fmax = FP8_GRID[fp8_dtype]
+    block = triton.next_power_of_2(k)
+    if m:
+        _kernels().quantize_rows_kernel[(m,)](
+            t, col_scale if col_scale is not None else t, q, scale, m, k, AMAX_FLOOR,
+            HAS_COL_SCALE=col_scale is not None, MBITS=mbits, MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic,
+            FMAX=fmax, BK=block, num_warps=8 if block >= 8192 else 4)
+    return q, scale
+
+
+def nf4_kernel_fits(weight: torch.Tensor, quant_state) -> bool:
+    """Whether `nf4_to_fp8` takes this bitsandbytes 4-bit weight: packed uint8 for a 2-D shape
+    whose rows hold whole absmax blocks (NF4 or FP4: the code table is read, not assumed)."""
+    shape = getattr(quant_state, "shape", None)
+    return (weight.dtype == torch.uint8 and shape is not None and len(shape) == 2
+            and shape[1] % quant_state.blocksize == 0 and weight.numel() * 2 == shape[0] * shape[1]
+            and not getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def _absmax_fp32(quant_state) -> torch.Tensor:
+    """Each block's absmax in fp32 (decoding double quantization as bitsandbytes does)."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    s2 = quant_state.state2
+    per_block = s2.absmax.repeat_interleave(s2.blocksize)[: quant_state.absmax.numel()]
+    return s2.code[quant_state.absmax.long()] * per_block + quant_state.offset
+
+
+# weight tensor -> its row scales (torch's weak dictionary: tensors compare elementwise, not by identity)
+_ROW_SCALES = WeakTensorKeyDictionary()
+
+
+def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """(N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) weight. An NF4/FP4 code table
+    holds ±1, so a row's largest |value| is its largest block absmax: no pass over the weight.
+    Cached per weight tensor (frozen) once computed."""
+    cached = _ROW_SCALES.get(weight)
+    if cached is None:
+        n = quant_state.shape[0]
+        row_amax = _absmax_fp32(quant_state).view(n, -1).amax(dim=1)
+        cached = _ROW_SCALES[weight] = dequant_scale(row_amax, E4M3).contiguous()
+    return cached
+
+
+def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
+    bitsandbytes 4-bit weight, from its codes in one pass (`nf4_kernel_fits` must hold)."""
+    n, k = quant_state.shape
+    row_scale = nf4_row_scales(weight, quant_state)
+    out = torch.empty((n, k), dtype=E4M3, device=weight.device) if rows else None
+    out_t = torch.empty((k, n), dtype=E4M3, device=weight.device) if transposed else None
+    nested = bool(quant_state.nested)
+    s2 = quant_state.state2 if nested else None
+    bn, bk = 64, 128
+    _kernels().nf4_to_fp8_kernel[((n + bn - 1) // bn, (k + bk - 1) // bk)](
+        weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
+        s2.code if nested else row_scale, float(quant_state.offset) if nested else 0.0, row_scale,
+        out if rows else out_t, out_t if transposed else out, n, k,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
+        WRITE_ROWS=rows, WRITE_T=transposed, BN=bn, BK=bk)
+    return out, out_t, row_scale
+
+
+@functools.cache
+def ones_row(n: int, device: torch.device) -> torch.Tensor:
+    """A (1, n) fp32 scale of ones (`_scaled_mm` wants a scale per output column)."""
+    return torch.ones((1, n), dtype=torch.float32, device=device)
+
+
+class LastQuantized:
+    """The last (x, e4m3 rows of x) pair: q, k and v take the same x, as gate and up do, so it is
+    quantized once. The entry keeps x alive, so no other tensor can take its memory while it is
+    held: the same address, shape, strides and version counter mean the same values."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.version = -1
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        held = self.x
+        if (held is None or held.data_ptr() != x.data_ptr() or held.shape != x.shape
+                or held.stride() != x.stride() or held.dtype != x.dtype or x._version != self.version):
+            self.x, self.version, self.value = x, x._version, quantize_rows(x)
+        return self.value
+
+    def clear(self) -> None:
+        self.x = self.value = None

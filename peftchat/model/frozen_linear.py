@@ -41,13 +41,15 @@ the adapter and the base compute in one dtype.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from peftchat.model import lora_dropout
-from peftchat.model.fp8 import E4M3, fp8_grad_input, fp8_linear, fp8_shapes_fit
+from peftchat.model import fp8 as fp8_ops
+from peftchat.model.fp8 import Fp8Passes, fp8_grad_input, fp8_linear, fp8_shapes_fit
 
 # At dropout > 0 on CUDA with Triton, LoRA's dropout is drawn inside its matmuls (lora_dropout);
 # the bench's `+torchdropout` ablation turns it off (one process per variant).
@@ -57,7 +59,20 @@ KERNEL_DROPOUT = True
 # bench's `+basefirst`).
 LORA_TERM_FIRST = True
 
+# Which base matmuls `training.fp8` runs in FP8. Not the forward the loss sees: FP8 there moved
+# the 8B lean curve 1.65 % from eager in 6 steps (r11), FP8 input gradients alone 0.05 %.
+# The bench's `+fp8all` / `+fp8fwd` / `+fp8grad` set other passes (one process per variant).
+FP8_PASSES = Fp8Passes()
+# Ablation: only base linears whose module name ends in one of these run in FP8 (None: all).
+FP8_ONLY: Optional[tuple[str, ...]] = None
+
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
+
+
+def in_recompute() -> bool:
+    """Whether this forward runs inside backward: a checkpointed layer's recomputation, whose
+    outputs feed only its own backward (torch's checkpoint and `offload` both replay there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 @functools.cache
@@ -112,14 +127,14 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
 class LoraOnFrozenLinear(torch.autograd.Function):
     """y = base(x) + scaling * (dropout(x) @ A.T) @ B.T for a 2-D x in its compute dtype.
 
-    `fp8_grad`: None for a base matmul in x's dtype; else the fp8 dtype of the incoming gradient
-    in backward (the forward base matmul then runs in e4m3 as well). Saved for backward: x,
+    `fp8`: None for base matmuls in x's dtype, else which of them run in FP8 (e4m3 operands,
+    the incoming gradient in `fp8.grad_dtype`). Saved for backward: x,
     dropout(x) @ A.T (times the scaling on the kernel-dropout path, whose kernels multiply it in),
     A and B, and at p > 0 the seed (kernel path) or RNG state (torch's dropout) of the mask.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8_grad):  # type: ignore[override]
+    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes]):  # type: ignore[override]
         dtype = x.dtype
         ctx.rng = ctx.seed = None
         if p > 0 and KERNEL_DROPOUT and lora_dropout.usable(x, lora_a, p):
@@ -130,23 +145,25 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         else:
             ctx.rng = rng_state(x.device) if p > 0 else None  # the mask is drawn again in backward
             xa = (dropout(x, p)[0] if p > 0 else x) @ lora_a.to(dtype).t()
-        w = base_weight(base, kind, dtype)
         b = lora_b.to(dtype)
-        if fp8_grad is None and LORA_TERM_FIRST and ctx.seed is not None:
+        ctx.base, ctx.kind, ctx.scaling, ctx.p = base, kind, scaling, p
+        ctx.fp8_grad = fp8.grad_dtype if fp8 is not None and fp8.grad_input else None
+        if fp8 is not None and (fp8.recompute if in_recompute() else fp8.forward):
+            y = _fp8_base_matmul(ctx, x, dtype)
+            y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
+        elif LORA_TERM_FIRST and ctx.seed is not None:
             # LoRA term first, base matmul accumulated onto it: the base GEMM reads the LoRA term
             # in its epilogue, where a separate add would read and write the whole output again.
             # Measured with the kernel dropout only (r16: lean 10,583 tok/s, base first 10,467);
             # torch's dropout keeps r14's base-first order (r15 saw 9,098 with LoRA first).
             y = torch.mm(xa, b.t())
-            y.addmm_(x, w.t())
+            y.addmm_(x, base_weight(base, kind, dtype).t())
         else:
-            y = fp8_linear(x, w, dtype) if fp8_grad is not None else x @ w.t()
+            y = x @ base_weight(base, kind, dtype).t()
             y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
-        del w
         if base.bias is not None:
             y += base.bias.to(dtype)
         ctx.save_for_backward(x, xa, lora_a, lora_b)
-        ctx.base, ctx.kind, ctx.scaling, ctx.p, ctx.fp8_grad = base, kind, scaling, p, fp8_grad
         return y
 
     @staticmethod
@@ -161,14 +178,50 @@ class LoraOnFrozenLinear(torch.autograd.Function):
             grad_b.mul_(s)
         grad_a, grad_x = _lora_input_grads(ctx, x, grad_xa, lora_a)
         if grad_x is not None:  # LoRA part first, so its mask is freed before the base weight is dequantized
-            w = base_weight(ctx.base, ctx.kind, dtype)
             if ctx.fp8_grad is not None:
-                grad_x += fp8_grad_input(grad, w, ctx.fp8_grad, dtype)
+                grad_x += _fp8_input_grad(ctx, grad, dtype)
             else:
-                grad_x.addmm_(grad, w)
-            del w
+                grad_x.addmm_(grad, base_weight(ctx.base, ctx.kind, dtype))
         ctx.base = ctx.rng = ctx.seed = None
         return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
+
+
+# q, k and v (gate and up) quantize one x: the last one quantized is kept (fp8.LastQuantized)
+_LAST_INPUT = fp8_ops.LastQuantized()
+# base linear -> (transposed e4m3 weight, row scales) written by its recompute for its backward.
+# Not on ctx: torch's non-reentrant checkpoint runs the backward of the *first* forward's nodes and
+# recomputes only to refill their saved tensors (offload's recompute builds nodes of its own).
+_RECOMPUTED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ W.T with both in e4m3. A 4-bit base on CUDA goes from its codes to fp8 in one kernel;
+    in a recompute, whose backward comes next, that kernel also writes the transposed copy the
+    input gradient needs (`_RECOMPUTED_WEIGHTS`: one decoder layer's worth at a time)."""
+    base, kind = ctx.base, ctx.kind
+    w = base.weight
+    if kind == "nf4" and fp8_ops.kernels_on(x) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
+        keep_t = ctx.fp8_grad is not None and in_recompute()
+        w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w.data, w.quant_state, rows=True, transposed=keep_t)
+        if keep_t:
+            _RECOMPUTED_WEIGHTS[base] = (w_t, row_scale)
+        xq, xs = _LAST_INPUT.quantize(x)
+        return fp8_ops.scaled_matmul(xq, xs, w_rows.t(), row_scale.view(1, -1), dtype)
+    return fp8_linear(x, base_weight(base, kind, dtype), dtype)
+
+
+def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """grad @ W in FP8: the weight's per-row scales are folded into the gradient before it is
+    quantized per row, so the e4m3 weight needs no scales of its own along its columns."""
+    _LAST_INPUT.clear()  # backward has begun: forward's quantized input is of no more use
+    base, kind = ctx.base, ctx.kind
+    w = base.weight
+    if kind == "nf4" and fp8_ops.kernels_on(grad) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
+        kept = _RECOMPUTED_WEIGHTS.pop(base, None)
+        w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w.data, w.quant_state, rows=False, transposed=True)[1:]
+        gq, gs = fp8_ops.quantize_rows(grad, ctx.fp8_grad, col_scale=row_scale)
+        return fp8_ops.scaled_matmul(gq, gs, w_t.t(), fp8_ops.ones_row(w_t.shape[0], grad.device), dtype)
+    return fp8_grad_input(grad, base_weight(base, kind, dtype), ctx.fp8_grad, dtype)
 
 
 def _lora_input_grads(ctx, x: torch.Tensor, grad_xa: torch.Tensor,
@@ -218,7 +271,7 @@ def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
     return name
 
 
-def fused_lora_forward(layer: nn.Module, kind: str, fp8_grad: Optional[torch.dtype], x: torch.Tensor, *args: Any,
+def fused_lora_forward(layer: nn.Module, kind: str, fp8: Optional[Fp8Passes], x: torch.Tensor, *args: Any,
                        **kwargs: Any) -> torch.Tensor:
     """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward. `kind`:
     the base's `base_kind`, found once by `fuse_lora_layers` (it is fixed per layer; this runs
@@ -240,8 +293,7 @@ def fused_lora_forward(layer: nn.Module, kind: str, fp8_grad: Optional[torch.dty
     dropout = layer.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     out_features, in_features = lora_b.shape[0], lora_a.shape[1]
-    use_fp8 = fp8_grad if (fp8_grad is not None and dtype == torch.bfloat16
-                           and fp8_shapes_fit(in_features, out_features)) else None
+    use_fp8 = fp8 if (fp8 is not None and dtype == torch.bfloat16 and fp8_shapes_fit(in_features, out_features)) else None
     x2d = x.reshape(-1, in_features).to(dtype)
     y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, kind, float(layer.scaling[name]), p, use_fp8)
     # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under
@@ -263,22 +315,25 @@ def fusable(layer: nn.Module) -> bool:
     return base_kind(layer.get_base_layer()) is not None
 
 
-def fuse_lora_layers(model: nn.Module, fp8: bool = False, fp8_grad: torch.dtype = E4M3) -> dict[str, int]:
-    """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear (bf16 or `fp8` base).
+def fuse_lora_layers(model: nn.Module, fp8: bool = False, passes: Optional[Fp8Passes] = None) -> dict[str, int]:
+    """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear (bf16 or `fp8` base,
+    the FP8 matmuls `passes`, by default `FP8_PASSES`).
 
     Returns counts: "fused" layers, "fp8" of them whose shapes suit `_scaled_mm` (in and out
     features multiples of 16; the others keep a bf16 base matmul), and "dropout" of them with
     LoRA dropout > 0 (the ones the kernel dropout can serve).
     """
     fused = fp8_count = with_dropout = 0
-    for layer in model.modules():
+    for name, layer in model.named_modules():
         if not fusable(layer):
             continue
         base = layer.get_base_layer()
+        layer_fp8 = fp8 and (FP8_ONLY is None or name.endswith(FP8_ONLY))
         setattr(layer, _WRAPPED_FORWARD, layer.forward)
-        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base), fp8_grad if fp8 else None)
+        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base),
+                                          (passes or FP8_PASSES) if layer_fp8 else None)
         fused += 1
-        fp8_count += fp8 and fp8_shapes_fit(base.in_features, base.out_features)
+        fp8_count += layer_fp8 and fp8_shapes_fit(base.in_features, base.out_features)
         with_dropout += any(isinstance(d, nn.Dropout) and d.p > 0 for d in layer.lora_dropout.values())
     return {"fused": fused, "fp8": fp8_count, "dropout": with_dropout}
 

@@ -63,3 +63,79 @@ def test_fp8_linear_and_input_gradient_match_float64_within_the_e4m3_bound():
 
 def test_shapes_fit_needs_multiples_of_16():
     assert fp8.fp8_shapes_fit(4096, 14336) and not fp8.fp8_shapes_fit(4096, 100)
+
+
+# --- the Triton passes, run here by Triton's CPU interpreter (conftest sets TRITON_INTERPRET) ---
+
+@pytest.mark.parametrize("fp8_dtype", [fp8.E4M3, fp8.E5M2])
+@pytest.mark.parametrize("with_col_scale", [False, True])
+def test_quantize_rows_kernel_equals_quantize_bit_for_bit(fp8_dtype, with_col_scale):
+    # K = 300 is no power of two (the row block is masked); magnitudes over 10 decades reach the
+    # subnormals, whose rounding the kernel writes out itself (fp8_kernels.round_to_fp8)
+    gen = torch.Generator().manual_seed(4)
+    t = (torch.randn(37, 300, generator=gen) * torch.logspace(-5, 5, 300)).to(torch.bfloat16)
+    t[3] = 0.0
+    col = torch.rand(300, generator=gen) + 0.5 if with_col_scale else None
+    q, scale = fp8.quantize_rows_triton(t, fp8_dtype, col)
+    ref_q, ref_scale = fp8.quantize(t.float() * col if col is not None else t, 1, fp8_dtype)
+    assert torch.equal(scale, ref_scale)
+    assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))  # -0.0 included
+
+
+def _nf4(n, k, nested, quant_type="nf4", seed=5):
+    import bitsandbytes.functional as bf
+
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]).to(torch.bfloat16)
+    packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    nibbles = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], 1).flatten().long()
+    absmax = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if nested else state.absmax
+    exact = (state.code[nibbles] * absmax.float().repeat_interleave(64)).view(n, k)  # fp32, before any bf16 rounding
+    assert torch.equal(exact.to(torch.bfloat16), bf.dequantize_4bit(packed, state))  # the reference is bitsandbytes'
+    return packed, state, exact
+
+
+@pytest.mark.parametrize("nested,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
+def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type):
+    packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows: a partial 64-row tile
+    assert fp8.nf4_kernel_fits(packed, state)
+    rows, transposed, row_scale = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
+    ref_q, ref_scale = fp8.quantize(exact, 1)
+    assert torch.equal(row_scale, ref_scale.flatten())  # from the block absmaxes alone
+    assert torch.equal(rows.view(torch.uint8), ref_q.view(torch.uint8))
+    assert torch.equal(transposed.view(torch.uint8), ref_q.view(torch.uint8).t())
+    only_t = fp8.nf4_to_fp8(packed, state, rows=False, transposed=True)
+    assert only_t[0] is None and torch.equal(only_t[1].view(torch.uint8), transposed.view(torch.uint8))
+
+
+def test_nf4_kernel_refuses_rows_that_split_a_block():
+    import bitsandbytes.functional as bf
+
+    packed, state = bf.quantize_4bit(torch.randn(16, 96, dtype=torch.bfloat16), blocksize=64)
+    assert not fp8.nf4_kernel_fits(packed, state)
+
+
+def test_folded_weight_scales_give_the_input_gradient():
+    # grad @ W with W = rows * row_scale: the scales go into the gradient before it is quantized
+    packed, state, exact = _nf4(64, 128, True)
+    _, w_t, row_scale = fp8.nf4_to_fp8(packed, state, rows=False, transposed=True)
+    grad = torch.randn(32, 64, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    gq, gs = fp8.quantize_rows_triton(grad, fp8.E4M3, row_scale)
+    got = fp8.scaled_matmul(gq, gs, w_t.t(), fp8.ones_row(128, grad.device)).double()
+    ref = grad.double() @ exact.double()
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05  # e4m3 on both sides, as the eager path
+
+
+def test_last_quantized_reuses_only_the_same_values(monkeypatch):
+    calls = []
+    quantize_rows = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda t: calls.append(1) or quantize_rows(t))
+    cache = fp8.LastQuantized()
+    x = torch.randn(8, 32).to(torch.bfloat16)
+    first = cache.quantize(x)
+    assert cache.quantize(x.view(8, 32)) is first and len(calls) == 1  # q, k, v: one quantization
+    x.mul_(2)  # the version counter moves
+    assert cache.quantize(x) is not first and len(calls) == 2
+    assert cache.quantize(x.clone()) is not None and len(calls) == 3  # other memory
+    cache.clear()
+    assert cache.x is None and cache.value is None

@@ -10,6 +10,7 @@ from lora_helpers import with_lora, loss_and_grads
 from torch import nn
 
 from peftchat.model import frozen_linear as fl
+from peftchat.model.fp8 import Fp8Passes
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -165,19 +166,67 @@ def test_backward_redraws_the_forward_mask_and_leaves_the_rng_alone():
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4", "int8"])
-def test_fp8_mode_is_close_to_bf16(kind):
+@pytest.mark.parametrize("passes", [None, Fp8Passes(forward=True)])
+def test_fp8_mode_is_close_to_bf16(kind, passes):
     layer = _lora_layer(kind)
     x, g = _inputs()
     fl.fuse_lora_layers(layer)
     bf16 = _run(layer, x, g)
     fl.unfuse_lora_layers(layer)
-    assert fl.fuse_lora_layers(layer, fp8=True) == {"fused": 1, "fp8": 1, "dropout": 0}
+    assert fl.fuse_lora_layers(layer, fp8=True, passes=passes) == {"fused": 1, "fp8": 1, "dropout": 0}
     got = _run(layer, x, g)
     # e4m3 keeps 3 mantissa bits (<= 6.25 % per value, ~2 % rms) on both operands of the base matmuls
-    assert _rel(got[0], bf16[0]) < 0.05 and _rel(got[1], bf16[1]) < 0.05
+    assert 0 < _rel(got[1], bf16[1]) < 0.05
+    if passes is None:  # the recipe's passes: the forward the loss sees stays bf16 (no recompute here)
+        assert torch.equal(got[0], bf16[0])
+    else:
+        assert 0 < _rel(got[0], bf16[0]) < 0.05
     # LoRA gradients take the incoming gradient and x in bf16: fp8 touches only the base matmuls
     torch.testing.assert_close(got[2], bf16[2])
     torch.testing.assert_close(got[3], bf16[3])
+
+
+def _checkpointed_run(layer, x, g):
+    from torch.utils.checkpoint import checkpoint
+
+    x = x.detach().requires_grad_(True)
+    y = checkpoint(layer, x, use_reentrant=False)
+    y.backward(g)
+    return y.detach(), x.grad
+
+
+def test_fp8_recompute_takes_the_nf4_kernels_and_keeps_the_transposed_weight(monkeypatch):
+    from peftchat.model import fp8
+
+    layer = _lora_layer("nf4")
+    x, g = _inputs()
+    fl.fuse_lora_layers(layer)
+    bf16 = _checkpointed_run(layer, x, g)
+    fl.unfuse_lora_layers(layer)
+    fl.fuse_lora_layers(layer, fp8=True)
+    generic = _checkpointed_run(layer, x, g)  # on CPU: the eager FP8 passes from the bf16 weight
+    monkeypatch.setattr(fp8, "kernels_on", lambda t: True)  # the Triton passes, in the interpreter
+    calls = []
+    nf4_to_fp8 = fp8.nf4_to_fp8
+    monkeypatch.setattr(fp8, "nf4_to_fp8", lambda *a, **k: calls.append(k) or nf4_to_fp8(*a, **k))
+    y, grad_x = _checkpointed_run(layer, x, g)
+    # one pass over the codes, in the recompute, writing both layouts; backward reuses the transposed one
+    assert calls == [{"rows": True, "transposed": True}]
+    assert torch.equal(y, bf16[0])  # the forward the loss sees is bf16
+    # no less accurate than the eager FP8 path (which scales the weight per column instead)
+    assert 0 < _rel(grad_x, bf16[1]) < 1.25 * _rel(generic[1], bf16[1]) < 0.05
+    layer.zero_grad()
+    calls.clear()
+    _run(layer, x, g)  # not checkpointed: no recompute, the input gradient writes the transposed copy alone
+    assert calls == [{"rows": False, "transposed": True}]
+
+
+def test_fp8_only_ablation_picks_layers_by_name(tiny_llama_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(fl, "FP8_ONLY", ("gate_proj", "up_proj", "down_proj"))
+    model = with_lora(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16), dropout=0.0)
+    assert fl.fuse_lora_layers(model, fp8=True) == {"fused": 14, "fp8": 6, "dropout": 0}
 
 
 def test_fallbacks_to_peft(monkeypatch):
