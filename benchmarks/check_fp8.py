@@ -203,9 +203,26 @@ def triton_pass_mismatch(w_nf4, x: torch.Tensor, g: torch.Tensor) -> dict[str, f
         rq, rs = fp8.quantize(t.float() * col if col is not None else t, 1)
         out[name] = (q.view(torch.uint8) != rq.view(torch.uint8)).float().mean().item()
         out[name + "_scale_max_rel"] = ((s - rs).abs() / rs).max().item()
-    ref_scale = fp8.nf4_row_scales(data, state)
-    out["weight_scale_equal"] = float(torch.equal(ref_scale, row_scale))
+    out["weight_rows"], out["weight_transposed"] = nf4_kernel_mismatch(data, state)
     return out
+
+
+def nf4_kernel_mismatch(data: torch.Tensor, state) -> tuple[float, float]:
+    """Share of e4m3 weight values `nf4_to_fp8` writes (rows, transposed) unlike quantizing the fp32
+    dequantized weight, which is rebuilt here from the codes as bitsandbytes defines them."""
+    import bitsandbytes.functional as bf
+
+    from peftchat.model import fp8
+
+    n, k = state.shape
+    packed = data.flatten()
+    nibbles = torch.stack([packed >> 4, packed & 15], 1).flatten().long()
+    absmax = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax
+    exact = (state.code[nibbles] * absmax.float().repeat_interleave(state.blocksize)).view(n, k)
+    ref = fp8.quantize(exact, 1)[0].view(torch.uint8)
+    rows, transposed, _ = fp8.nf4_to_fp8(data, state, rows=True, transposed=True)
+    return ((rows.view(torch.uint8) != ref).float().mean().item(),
+            (transposed.view(torch.uint8).t() != ref).float().mean().item())
 
 
 def accepted_formats(device: str) -> dict[str, str]:
@@ -225,20 +242,29 @@ def accepted_formats(device: str) -> dict[str, str]:
 
 
 def numerics_row(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any]:
-    """Relative error of output and input gradient of each path against fp32 on the same codes."""
+    """Relative error of output, input gradient and LoRA gradients of each path against fp32 on the
+    same codes: peft's bf16 layer, the fused one in bf16, and the fused one in FP8 with the recipe's
+    passes (alone: input gradient only; checkpointed: recompute and input gradient) and all passes."""
+    from torch.utils.checkpoint import checkpoint
+
+    from peftchat.model.fp8 import Fp8Passes
     from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
 
     layer = nf4_lora_layer(k, n, 0.0, device)
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(1, m, k, device=device, generator=gen, dtype=torch.bfloat16)
     g = torch.randn(1, m, n, device=device, generator=gen, dtype=torch.bfloat16)
+    lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
 
-    def run(fp32: bool = False):
+    def run(fp32: bool = False, ckpt: bool = False):
         xr = x.float().requires_grad_(True) if fp32 else x.clone().requires_grad_(True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=not fp32):
-            y = layer(xr)
+            y = checkpoint(layer, xr, use_reentrant=False) if ckpt else layer(xr)
         y.backward(g.float() if fp32 else g)
-        return y.detach().double(), xr.grad.double()
+        grads = [p.grad.double() for p in lora]
+        for p in lora:
+            p.grad = None
+        return (y.detach().double(), xr.grad.double(), *grads)
 
     base = layer.get_base_layer()
     base.compute_dtype = torch.float32
@@ -246,12 +272,14 @@ def numerics_row(name: str, k: int, n: int, m: int, device: str) -> dict[str, An
     base.compute_dtype = torch.bfloat16
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     out: dict[str, Any] = {"linear": name}
-    for path in ("peft_bf16", "fused_bf16", "fused_fp8"):
-        if path != "peft_bf16":
-            fuse_lora_layers(layer, fp8=path == "fused_fp8")
-        y, gx = run()
+    paths = {"peft_bf16": None, "fused_bf16": (False, None, False), "fused_fp8": (True, None, False),
+             "fused_fp8_ckpt": (True, None, True), "fused_fp8all": (True, Fp8Passes(forward=True), False)}
+    for path, how in paths.items():
+        if how is not None:
+            fuse_lora_layers(layer, fp8=how[0], passes=how[1])
+        got = run(ckpt=how is not None and how[2])
         unfuse_lora_layers(layer)
-        out[path] = {"out_rel_err": rel(y, ref[0]), "grad_x_rel_err": rel(gx, ref[1])}
+        out[path] = {key: rel(a, b) for key, a, b in zip(("out", "grad_x", "grad_a", "grad_b"), got, ref)}
     return out
 
 

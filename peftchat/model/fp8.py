@@ -171,7 +171,7 @@ def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_sca
     if m:
         _kernels().quantize_rows_kernel[(m,)](
             t, col_scale if col_scale is not None else t, q, scale, m, k, AMAX_FLOOR,
-            HAS_COL_SCALE=col_scale is not None, MBITS=mbits, MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic,
+            HAS_COL_SCALE=col_scale is not None, SOFT_ROUND=not t.is_cuda, MBITS=mbits, MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic,
             FMAX=fmax, BK=block, num_warps=8 if block >= 8192 else 4)
     return q, scale
 
@@ -226,7 +226,7 @@ def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed:
         s2.code if nested else row_scale, float(quant_state.offset) if nested else 0.0, row_scale,
         out if rows else out_t, out_t if transposed else out, n, k,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-        WRITE_ROWS=rows, WRITE_T=transposed, BN=bn, BK=bk)
+        WRITE_ROWS=rows, WRITE_T=transposed, SOFT_ROUND=not weight.is_cuda, BN=bn, BK=bk)
     return out, out_t, row_scale
 
 
