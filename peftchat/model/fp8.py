@@ -22,7 +22,10 @@ E4M3 = torch.float8_e4m3fn  # activations and weights: 3 mantissa bits, max 448
 E5M2 = torch.float8_e5m2  # wider range (max 57344), 2 mantissa bits: the usual gradient format
 FP8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 # An all-zero row (padding) would give a zero scale and 0/0 = NaN; its values are all 0 anyway.
-AMAX_FLOOR = 1e-12
+# Far below any real row: the input gradient's rows, times the weight's per-row scales folded into
+# them, fell under the 1e-12 this was once and were flushed to zero (8B runs r23/r24 stopped
+# learning). 1e-30 / 57344 is still a normal fp32 scale.
+AMAX_FLOOR = 1e-30
 # `_scaled_mm` on CUDA wants both matrix dimensions it reduces over / writes along divisible by 16.
 FP8_ALIGN = 16
 

@@ -139,3 +139,15 @@ def test_last_quantized_reuses_only_the_same_values(monkeypatch):
     assert cache.quantize(x.clone()) is not None and len(calls) == 3  # other memory
     cache.clear()
     assert cache.x is None and cache.value is None
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e-12, 1e-24])
+def test_tiny_rows_keep_their_precision(magnitude):
+    # an 8B model's input gradients times the weight's folded scales reach 1e-12 and below
+    # (r23/r24: under a 1e-12 amax floor they were flushed and the run stopped learning)
+    gen = torch.Generator().manual_seed(7)
+    t = (torch.randn(8, 64, generator=gen, dtype=torch.float64) * magnitude).to(torch.bfloat16)
+    col = torch.rand(64, generator=gen) * 1e-3 + 1e-4  # e.g. amax / 448 of weight rows
+    for q, scale in (fp8.quantize_rows_triton(t, fp8.E4M3, col), fp8.quantize(t.float() * col, 1)):
+        back, ref = q.double() * scale.double(), t.double() * col.double()
+        assert ((back - ref).norm() / ref.norm()).item() < 0.05
