@@ -200,6 +200,11 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
         elif tok in FP8_PASS_TOKENS:  # experiment: FP8 in other passes than the recipe's
             overrides["training.fp8"] = True
             set_fp8_passes(tok)
+        elif tok == "fp8tk":  # experiment: the transposed e4m3 weight from its own kernel (fp8.TRANSPOSE_KERNEL)
+            from peftchat.model import fp8
+
+            overrides["training.fp8"] = True
+            fp8.TRANSPOSE_KERNEL = True
         elif tok == "fp8mlp":  # experiment: FP8 only in the MLP's base linears
             from peftchat.model import frozen_linear
 

@@ -64,36 +64,53 @@ def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floo
 
 
 @triton.jit
-def nf4_to_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr,
-                      out_ptr, out_t_ptr, N, K,
-                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                      WRITE_ROWS: tl.constexpr, WRITE_T: tl.constexpr, SOFT_ROUND: tl.constexpr,
-                      BN: tl.constexpr, BK: tl.constexpr):
-    # bitsandbytes' NF4 layout: the (N, K) weight flattened row-major, two codes a byte (the even
-    # element in the high nibble), one absmax per BLOCKSIZE elements; with NESTED (double
-    # quantization) each absmax is itself a uint8 code into code2, times absmax2 per BLOCKSIZE2
-    # absmax values, plus offset. Element (n, k) = code[nibble] * absmax, here divided by its
-    # row's fp8 scale. K is a multiple of BLOCKSIZE (the caller checks), so rows start on a byte.
-    # Each element loads its own byte (the pair's second load hits the cache): a tl.join of the
-    # two nibbles, exact in the interpreter, gave a weight under which the 8B run stopped
-    # learning on the GPU (r23; not isolated further).
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    n64 = n.to(tl.int64)
-    inside = (n[:, None] < N) & (k[None, :] < K)
-    byte = tl.load(packed_ptr + n64[:, None] * (K // 2) + k[None, :] // 2, mask=inside, other=0)
-    nibble = (byte >> ((1 - k[None, :] % 2) * 4).to(tl.uint8)) & 15  # the even element is the high nibble
-    block = (n64[:, None] * K + k[None, :]) // BLOCKSIZE
+def nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    # Elements (n, k) (broadcast index tensors, int64 n) of a bitsandbytes 4-bit weight in e4m3,
+    # divided by their row's scale. The layout: the (N, K) weight flattened row-major, two codes a
+    # byte (the even element in the high nibble), one absmax per BLOCKSIZE elements; with NESTED
+    # (double quantization) each absmax is itself a uint8 code into code2, times absmax2 per
+    # BLOCKSIZE2 absmax values, plus offset. K is a multiple of BLOCKSIZE (the caller checks), so
+    # rows start on a byte. Each element loads its own byte (the pair's second load hits the
+    # cache): a tl.join of the two nibbles, exact in the interpreter, gave a weight under which
+    # the 8B run stopped learning on the GPU (r23; not isolated further).
+    byte = tl.load(packed_ptr + n * (K // 2) + k // 2, mask=inside, other=0)
+    nibble = (byte >> ((1 - k % 2) * 4).to(tl.uint8)) & 15
+    block = (n * K + k) // BLOCKSIZE
     if NESTED:
         absmax_code = tl.load(absmax_ptr + block, mask=inside, other=0)
         absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
                   + offset)
     else:
         absmax = tl.load(absmax_ptr + block, mask=inside, other=0.0)
-    v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax
-    v = v / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)[:, None]
-    q = to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
-    if WRITE_ROWS:
-        tl.store(out_ptr + n64[:, None] * K + k[None, :], q, mask=inside)
-    if WRITE_T:
-        tl.store(out_t_ptr + k[None, :].to(tl.int64) * N + n[:, None], q, mask=inside)
+    v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=inside, other=1.0)
+    return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
+
+
+@triton.jit
+def nf4_to_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr, N, K,
+                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                      SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # the (N, K) e4m3 weight, a (BN, BK) tile per program
+    n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]
+    k = (tl.program_id(1) * BK + tl.arange(0, BK))[None, :]
+    inside = (n < N) & (k < K)
+    q = nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
+                 BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
+    tl.store(out_ptr + n * K + k, q, mask=inside)
+
+
+@triton.jit
+def nf4_to_fp8_t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr,
+                        N, K, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                        SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # the transposed (K, N) e4m3 weight, a (BK, BN) tile per program, stored along its rows.
+    # One kernel writing both layouts (the (BN, BK) tile also stored transposed) was bit-exact
+    # alone on the GPU, yet 1B/8B runs using it blew their gradients up (r25 and debug runs of
+    # round 7; not explained), so each layout has its own kernel and store.
+    k = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
+    n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)[None, :]
+    inside = (n < N) & (k < K)
+    q = nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
+                 BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
+    tl.store(out_ptr + k * N + n, q, mask=inside)

@@ -96,8 +96,10 @@ def _nf4(n, k, nested, quant_type="nf4", seed=5):
 
 
 @pytest.mark.parametrize("nested,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
-def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type):
-    packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows: a partial 64-row tile
+@pytest.mark.parametrize("transpose_kernel", [False, True])
+def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type, transpose_kernel, monkeypatch):
+    monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", transpose_kernel)
+    packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows, 320 columns: partial tiles
     assert fp8.nf4_kernel_fits(packed, state)
     rows, transposed, row_scale = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
     ref_q, ref_scale = fp8.quantize(exact, 1)
