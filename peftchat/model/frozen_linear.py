@@ -13,8 +13,9 @@ and A, B; never the dropped copy and bool mask that peft keeps. On the 8B NF4 le
 0.05 the seven LoRA layers of a decoder layer held 912 MiB of copies and masks at the step's
 memory peak (benchmarks/memory_peak.py, round 4). The base weight W is dequantized (NF4/FP4 via
 bitsandbytes, int8 rows times their scales) once in forward and once in backward, as
-bitsandbytes' own matmul does, and gets no gradient. With `fp8` the two base matmuls (forward,
-input gradient) go through `torch._scaled_mm` in e4m3 with per-row / per-channel scales
+bitsandbytes' own matmul does, and gets no gradient. With `fp8` the base matmuls of the passes
+`FP8_PASSES` names (by default a checkpointed layer's recompute and the input gradient, not the
+forward the loss sees) go through `torch._scaled_mm` in e4m3 with per-row / per-channel scales
 (peftchat.model.fp8); LoRA stays in the compute dtype. Weights stay stored as they are, so
 checkpoints, merge and export do not change.
 
@@ -59,8 +60,9 @@ KERNEL_DROPOUT = True
 # bench's `+basefirst`).
 LORA_TERM_FIRST = True
 
-# Which base matmuls `training.fp8` runs in FP8. Not the forward the loss sees: FP8 there moved
-# the 8B lean curve 1.65 % from eager in 6 steps (r11), FP8 input gradients alone 0.05 %.
+# Which base matmuls `training.fp8` runs in FP8. Not the forward the loss sees: FP8 in both
+# forwards moved the 8B lean curve 1.65 % from eager in 6 steps (r11), in the recompute alone
+# 0.11 % (r24), in the input gradient alone 0.05 % (r11).
 # The bench's `+fp8all` / `+fp8fwd` / `+fp8grad` set other passes (one process per variant).
 FP8_PASSES = Fp8Passes()
 # Ablation: only base linears whose module name ends in one of these run in FP8 (None: all).
