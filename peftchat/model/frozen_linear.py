@@ -68,6 +68,12 @@ FP8_PASSES = Fp8Passes()
 # Ablation: only base linears whose module name ends in one of these run in FP8 (None: all).
 FP8_ONLY: Optional[tuple[str, ...]] = None
 
+# Keep a recompute's dequantized weight for its own backward instead of dequantizing it again:
+# one NF4 dequant less per linear and step (about 0.6 ms per 8B decoder layer by check_fp8's
+# per-call times, r24), for one layer's bf16 weights (0.41 GiB at 8B) held through its backward.
+# Off until measured on the GPU (the bench's `+keepw`); results are bit-identical (tested).
+KEEP_RECOMPUTED_WEIGHT = False
+
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
 
@@ -159,9 +165,9 @@ class LoraOnFrozenLinear(torch.autograd.Function):
             # Measured with the kernel dropout only (r16: lean 10,583 tok/s, base first 10,467);
             # torch's dropout keeps r14's base-first order (r15 saw 9,098 with LoRA first).
             y = torch.mm(xa, b.t())
-            y.addmm_(x, base_weight(base, kind, dtype).t())
+            y.addmm_(x, _forward_weight(ctx, dtype).t())
         else:
-            y = x @ base_weight(base, kind, dtype).t()
+            y = x @ _forward_weight(ctx, dtype).t()
             y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
         if base.bias is not None:
             y += base.bias.to(dtype)
@@ -172,6 +178,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, xa, lora_a, lora_b = ctx.saved_tensors
         dtype, s = x.dtype, ctx.scaling
+        kept = _RECOMPUTED_WEIGHTS.pop(ctx.base, None)  # what this layer's recompute kept, if anything
         grad = grad.to(dtype).contiguous()
         grad_xa = grad @ lora_b.to(dtype)  # (M, r), without the scaling
         grad_b = grad.t() @ xa
@@ -181,19 +188,30 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         grad_a, grad_x = _lora_input_grads(ctx, x, grad_xa, lora_a)
         if grad_x is not None:  # LoRA part first, so its mask is freed before the base weight is dequantized
             if ctx.fp8_grad is not None:
-                grad_x += _fp8_input_grad(ctx, grad, dtype)
+                grad_x += _fp8_input_grad(ctx, grad, dtype, kept)
             else:
-                grad_x.addmm_(grad, base_weight(ctx.base, ctx.kind, dtype))
+                grad_x.addmm_(grad, kept if kept is not None else base_weight(ctx.base, ctx.kind, dtype))
         ctx.base = ctx.rng = ctx.seed = None
         return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
 
 
 # q, k and v (gate and up) quantize one x: the last one quantized is kept (fp8.LastQuantized)
 _LAST_INPUT = fp8_ops.LastQuantized()
-# base linear -> (transposed e4m3 weight, row scales) written by its recompute for its backward.
-# Not on ctx: torch's non-reentrant checkpoint runs the backward of the *first* forward's nodes and
-# recomputes only to refill their saved tensors (offload's recompute builds nodes of its own).
-_RECOMPUTED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# base linear -> what its recompute kept for its backward: (transposed e4m3 weight, row scales)
+# with FP8 input gradients, else (KEEP_RECOMPUTED_WEIGHT) the dequantized weight. Not on ctx:
+# torch's non-reentrant checkpoint runs the backward of the *first* forward's nodes and recomputes
+# only to refill their saved tensors (offload's recompute builds nodes of its own).
+_RECOMPUTED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+
+
+def _forward_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight in `dtype` for a bf16 forward; a recompute of a quantized base keeps it for
+    its own backward when KEEP_RECOMPUTED_WEIGHT is on (no second dequantization there)."""
+    w = base_weight(ctx.base, ctx.kind, dtype)
+    if (KEEP_RECOMPUTED_WEIGHT and ctx.kind != "dense" and ctx.fp8_grad is None and ctx.needs_input_grad[0]
+            and in_recompute()):
+        _RECOMPUTED_WEIGHTS[ctx.base] = w
+    return w
 
 
 def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -212,14 +230,14 @@ def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return fp8_linear(x, base_weight(base, kind, dtype), dtype)
 
 
-def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype, kept: Any) -> torch.Tensor:
     """grad @ W in FP8: the weight's per-row scales are folded into the gradient before it is
-    quantized per row, so the e4m3 weight needs no scales of its own along its columns."""
+    quantized per row, so the e4m3 weight needs no scales of its own along its columns. `kept`:
+    the recompute's (transposed e4m3 weight, row scales), or None."""
     _LAST_INPUT.clear()  # backward has begun: forward's quantized input is of no more use
     base, kind = ctx.base, ctx.kind
     w = base.weight
     if kind == "nf4" and fp8_ops.kernels_on(grad) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
-        kept = _RECOMPUTED_WEIGHTS.pop(base, None)
         w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w.data, w.quant_state, rows=False, transposed=True)[1:]
         gq, gs = fp8_ops.quantize_rows(grad, ctx.fp8_grad, col_scale=row_scale)
         return fp8_ops.scaled_matmul(gq, gs, w_t.t(), fp8_ops.ones_row(w_t.shape[0], grad.device), dtype)

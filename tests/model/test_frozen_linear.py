@@ -412,3 +412,56 @@ def test_fp8_model_gradients_stay_near_bf16_when_gradients_are_tiny(monkeypatch)
     first_layer = [n for n in grads[0] if ".layers.0." in n]
     worst = max(_rel(grads[1][n], grads[0][n]) for n in first_layer)
     assert 0 < worst < 0.15  # measured 0.074 (bf16 against fp8 in e4m3 at scale 1: 0.054)
+
+
+@pytest.mark.parametrize("kind,dropout", [("nf4", 0.0), ("int8", 0.0), ("nf4", 0.2)])
+def test_kept_recompute_weight_saves_a_dequantization_and_changes_nothing(kind, dropout, monkeypatch):
+    layer = _lora_layer(kind, dropout=dropout)
+    x, g = _inputs()
+    fl.fuse_lora_layers(layer)
+    calls = []
+    base_weight = fl.base_weight
+    monkeypatch.setattr(fl, "base_weight", lambda *a: calls.append(1) or base_weight(*a))
+    results = []
+    for keep in (False, True):
+        monkeypatch.setattr(fl, "KEEP_RECOMPUTED_WEIGHT", keep)
+        calls.clear()
+        torch.manual_seed(5)  # the same dropout mask both times
+        y, grad_x = _checkpointed_run(layer, x, g)
+        lora = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+        results.append((y, grad_x, *[p.grad.clone() for p in lora], len(calls)))
+        layer.zero_grad(set_to_none=True)
+        assert len(fl._RECOMPUTED_WEIGHTS) == 0  # popped by the backward
+    (*off, n_off), (*on, n_on) = results
+    assert (n_off, n_on) == (3, 2)  # forward, recompute, backward; the backward reuses the recompute's
+    for a, b in zip(off, on):
+        assert torch.equal(a, b)
+    calls.clear()
+    _run(layer, x, g)  # not checkpointed: no recompute, nothing kept
+    assert len(calls) == 2 and len(fl._RECOMPUTED_WEIGHTS) == 0
+
+
+@pytest.mark.parametrize("checkpointing", [dict(), dict(checkpoint_offload=True)])
+def test_kept_recompute_weight_in_a_checkpointed_model(checkpointing, monkeypatch):
+    from peftchat.config import TrainingConfig
+    from peftchat.model import kernels
+
+    ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
+    calls = []
+    base_weight = fl.base_weight
+    monkeypatch.setattr(fl, "base_weight", lambda *a: calls.append(1) or base_weight(*a))
+    results = []
+    for keep in (False, True):
+        monkeypatch.setattr(fl, "KEEP_RECOMPUTED_WEIGHT", keep)
+        calls.clear()
+        model = _nf4_lora_llama(layers=2)
+        kernels.apply_checkpoint_policy(model, TrainingConfig(**checkpointing))  # torch's, or offload's recompute
+        fl.fuse_lora_layers(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters() if p.requires_grad], len(calls)))
+        assert len(fl._RECOMPUTED_WEIGHTS) == 0
+    (loss_off, grads_off, n_off), (loss_on, grads_on, n_on) = results
+    assert (n_off, n_on) == (3 * 14, 2 * 14)  # 2 layers x 7 linears: no dequantization in backward
+    assert torch.equal(loss_off, loss_on) and all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
