@@ -7,7 +7,9 @@ are *dequantization* scales (`t ≈ q * scale`), what `torch._scaled_mm` multipl
 Written here rather than taken from torchao: torchao's Float8Linear converts trainable
 `nn.Linear` modules (and their weight gradients); peftchat's frozen base is bitsandbytes NF4/int8
 (or a frozen bf16 weight) wrapped by peft, which Float8Linear does not take, and the base needs no
-weight gradient at all. What remains is the four small functions below.
+weight gradient at all. What remains is small: the torch functions below (also the reference the
+tests hold the kernels to), the Triton passes that replace them on CUDA (one read and one write
+each, `fp8_kernels`), and `Fp8Passes`, which says which matmuls run in FP8.
 """
 
 from __future__ import annotations
