@@ -414,14 +414,20 @@ def test_fp8_model_gradients_stay_near_bf16_when_gradients_are_tiny(monkeypatch)
     assert 0 < worst < 0.15  # measured 0.074 (bf16 against fp8 in e4m3 at scale 1: 0.054)
 
 
+def _counting_dequant(monkeypatch):
+    """A list that grows by one at each `base_weight` call (a dequantization for 4-bit/int8 bases)."""
+    calls = []
+    base_weight = fl.base_weight
+    monkeypatch.setattr(fl, "base_weight", lambda *a: calls.append(1) or base_weight(*a))
+    return calls
+
+
 @pytest.mark.parametrize("kind,dropout", [("nf4", 0.0), ("int8", 0.0), ("nf4", 0.2)])
 def test_kept_recompute_weight_saves_a_dequantization_and_changes_nothing(kind, dropout, monkeypatch):
     layer = _lora_layer(kind, dropout=dropout)
     x, g = _inputs()
     fl.fuse_lora_layers(layer)
-    calls = []
-    base_weight = fl.base_weight
-    monkeypatch.setattr(fl, "base_weight", lambda *a: calls.append(1) or base_weight(*a))
+    calls = _counting_dequant(monkeypatch)
     results = []
     for keep in (False, True):
         monkeypatch.setattr(fl, "KEEP_RECOMPUTED_WEIGHT", keep)
@@ -447,9 +453,7 @@ def test_kept_recompute_weight_in_a_checkpointed_model(checkpointing, monkeypatc
     from peftchat.model import kernels
 
     ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
-    calls = []
-    base_weight = fl.base_weight
-    monkeypatch.setattr(fl, "base_weight", lambda *a: calls.append(1) or base_weight(*a))
+    calls = _counting_dequant(monkeypatch)
     results = []
     for keep in (False, True):
         monkeypatch.setattr(fl, "KEEP_RECOMPUTED_WEIGHT", keep)
