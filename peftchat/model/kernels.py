@@ -276,6 +276,10 @@ def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
         applied.append(f"lora_dropout:in_matmul {counts['dropout']} layers")  # bf16/fp16 ones (lora_dropout.usable)
     if cfg.fp8:
         applied.append(f"fp8:base_linears {counts['fp8']}")
+        # said where the run is logged, not only in the README: round 7's FP8 runs stopped
+        # learning with finite losses, and this version has not run on a GPU yet
+        print("training.fp8 is experimental: watch that the loss falls as it does without it "
+              "(README, 'training.fp8')", flush=True)
     return applied
 
 

@@ -469,3 +469,16 @@ def test_kept_recompute_weight_in_a_checkpointed_model(checkpointing, monkeypatc
     (loss_off, grads_off, n_off), (loss_on, grads_on, n_on) = results
     assert (n_off, n_on) == (3 * 14, 2 * 14)  # 2 layers x 7 linears: no dequantization in backward
     assert torch.equal(loss_off, loss_on) and all(torch.equal(a, b) for a, b in zip(grads_off, grads_on))
+
+
+def test_fp8_run_says_it_is_experimental(tiny_llama_dir, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from peftchat.config import TrainingConfig
+    from peftchat.model import kernels
+
+    monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU
+    model = with_lora(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16), dropout=0.0)
+    applied = kernels.apply_fused_lora(model, TrainingConfig(fp8=True))
+    assert "fp8:base_linears 14" in applied
+    assert "training.fp8 is experimental" in capsys.readouterr().out
