@@ -43,7 +43,7 @@ def _weight_from_bitsandbytes(weight, quant_state, rows: bool = True, transposed
 
     from peftchat.model import fp8
 
-    row_scale = fp8.nf4_row_scales(weight, quant_state)
+    row_scale = fp8.nf4_stats(weight, quant_state)[0]
     q = (bf.dequantize_4bit(weight, quant_state).float() / row_scale[:, None]).clamp(-448, 448).to(fp8.E4M3)
     return (q if rows else None), (q.t().contiguous() if transposed else None), row_scale
 
@@ -60,7 +60,7 @@ def ablate(mode: str) -> None:
     elif mode == "nokeep":
         fl._RECOMPUTED_WEIGHTS = _Discard()
     elif mode == "noscalecache":
-        fp8._ROW_SCALES = _Discard()
+        fp8._NF4_STATS = _Discard()
     elif mode == "rec_keep":
         fl._fp8_input_grad = lambda ctx, grad, dtype: (fl._RECOMPUTED_WEIGHTS.pop(ctx.base, None),
                                                        grad @ fl.base_weight(ctx.base, ctx.kind, dtype))[1]

@@ -190,28 +190,27 @@ def nf4_kernel_fits(weight: torch.Tensor, quant_state) -> bool:
             and not getattr(quant_state, "packing_format_for_cpu", False))
 
 
-def _absmax_fp32(quant_state) -> torch.Tensor:
-    """Each block's absmax in fp32 (decoding double quantization as bitsandbytes does)."""
-    if not quant_state.nested:
-        return quant_state.absmax.float()
-    s2 = quant_state.state2
-    per_block = s2.absmax.repeat_interleave(s2.blocksize)[: quant_state.absmax.numel()]
-    return s2.code[quant_state.absmax.long()] * per_block + quant_state.offset
+# weight tensor -> (row scales, double quantization's offset as a float), computed once per frozen
+# weight: the offset lives on the device, and reading it on every call would wait for the GPU.
+# torch's weak dictionary, because tensors compare elementwise, not by identity; the key must be
+# the weight itself (the Parameter), not `.data`, which is a new tensor at every access.
+_NF4_STATS = WeakTensorKeyDictionary()
 
 
-# weight tensor -> its row scales (torch's weak dictionary: tensors compare elementwise, not by identity)
-_ROW_SCALES = WeakTensorKeyDictionary()
-
-
-def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
-    """(N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) weight. An NF4/FP4 code table
-    holds ±1, so a row's largest |value| is its largest block absmax: no pass over the weight.
-    Cached per weight tensor (frozen) once computed."""
-    cached = _ROW_SCALES.get(weight)
+def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
+    """((N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) `weight`, double
+    quantization's offset or 0.0). An NF4/FP4 code table holds ±1, so a row's largest |value| is
+    its largest block absmax (decoded by bitsandbytes): no pass over the weight."""
+    cached = _NF4_STATS.get(weight)
     if cached is None:
-        n = quant_state.shape[0]
-        row_amax = _absmax_fp32(quant_state).view(n, -1).amax(dim=1)
-        cached = _ROW_SCALES[weight] = dequant_scale(row_amax, E4M3).contiguous()
+        absmax, offset = quant_state.absmax, 0.0
+        if quant_state.nested:
+            import bitsandbytes.functional as bnb_f
+
+            offset = float(quant_state.offset)
+            absmax = bnb_f.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
+        row_amax = absmax.float().view(quant_state.shape[0], -1).amax(dim=1)
+        cached = _NF4_STATS[weight] = (dequant_scale(row_amax, E4M3).contiguous(), offset)
     return cached
 
 
@@ -223,29 +222,28 @@ TRANSPOSE_KERNEL = False
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
-    bitsandbytes 4-bit weight, from its codes (`nf4_kernel_fits` must hold)."""
+    bitsandbytes 4-bit `weight` (the Parameter, which `nf4_stats` caches on), from its codes
+    (`nf4_kernel_fits` must hold)."""
+    from triton import cdiv
+
     n, k = quant_state.shape
-    row_scale = nf4_row_scales(weight, quant_state)
+    row_scale, offset = nf4_stats(weight, quant_state)
     nested = bool(quant_state.nested)
     s2 = quant_state.state2 if nested else None
     args = (weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
-            s2.code if nested else row_scale, float(quant_state.offset) if nested else 0.0, row_scale)
+            s2.code if nested else row_scale, offset, row_scale)
     meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
                 SOFT_ROUND=not weight.is_cuda, BN=64, BK=128)
     out = out_t = None
     if rows or (transposed and not TRANSPOSE_KERNEL):
         out = torch.empty((n, k), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_kernel[(triton_cdiv(n, 64), triton_cdiv(k, 128))](*args, out, n, k, **meta)
+        _kernels().nf4_to_fp8_kernel[(cdiv(n, 64), cdiv(k, 128))](*args, out, n, k, **meta)
     if transposed and TRANSPOSE_KERNEL:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[(triton_cdiv(k, 128), triton_cdiv(n, 64))](*args, out_t, n, k, **meta)
+        _kernels().nf4_to_fp8_t_kernel[(cdiv(k, 128), cdiv(n, 64))](*args, out_t, n, k, **meta)
     elif transposed:
         out_t = out.t().contiguous()
     return (out if rows else None), out_t, row_scale
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 @functools.cache

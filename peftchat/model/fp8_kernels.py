@@ -5,8 +5,8 @@ Two memory-bound passes the FP8 base matmuls need, each one read and one write:
 - `quantize_rows_kernel`: an (M, K) bf16 matrix to fp8 with one scale per row, optionally
   multiplied first by one factor per column (the weight's per-channel scales, folded into the
   incoming gradient so that one fp8 weight serves forward and backward).
-- `nf4_to_fp8_kernel`: a bitsandbytes NF4 weight straight to fp8, rows (N, K) and/or transposed
-  (K, N), with no bf16 copy in between.
+- `nf4_to_fp8_kernel` / `nf4_to_fp8_t_kernel`: a bitsandbytes NF4 weight straight to fp8, rows
+  (N, K) or transposed (K, N), with no bf16 copy in between.
 
 On the GPU the cast to fp8 is the hardware's (`cvt.rn.satfinite`: nearest even). In Triton's
 CPU interpreter (the tests) it is not: it mis-rounds values that carry into the next power of two

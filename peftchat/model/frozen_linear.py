@@ -179,6 +179,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         x, xa, lora_a, lora_b = ctx.saved_tensors
         dtype, s = x.dtype, ctx.scaling
         kept = _RECOMPUTED_WEIGHTS.pop(ctx.base, None)  # what this layer's recompute kept, if anything
+        _LAST_INPUT.clear()  # backward has begun: forward's quantized input is of no more use
         grad = grad.to(dtype).contiguous()
         grad_xa = grad @ lora_b.to(dtype)  # (M, r), without the scaling
         grad_b = grad.t() @ xa
@@ -216,13 +217,13 @@ def _forward_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
 
 def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x @ W.T with both in e4m3. A 4-bit base on CUDA goes from its codes to fp8 in one kernel;
-    in a recompute, whose backward comes next, that kernel also writes the transposed copy the
-    input gradient needs (`_RECOMPUTED_WEIGHTS`: one decoder layer's worth at a time)."""
+    a recompute, whose backward comes next, also makes the transposed copy the input gradient
+    needs and keeps it (`_RECOMPUTED_WEIGHTS`: one decoder layer's worth at a time)."""
     base, kind = ctx.base, ctx.kind
     w = base.weight
     if kind == "nf4" and fp8_ops.kernels_on(x) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
         keep_t = ctx.fp8_grad is not None and in_recompute()
-        w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w.data, w.quant_state, rows=True, transposed=keep_t)
+        w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w, w.quant_state, rows=True, transposed=keep_t)
         if keep_t:
             _RECOMPUTED_WEIGHTS[base] = (w_t, row_scale)
         xq, xs = _LAST_INPUT.quantize(x)
@@ -234,11 +235,10 @@ def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype, kept: Any) -> t
     """grad @ W in FP8: the weight's per-row scales are folded into the gradient before it is
     quantized per row, so the e4m3 weight needs no scales of its own along its columns. `kept`:
     the recompute's (transposed e4m3 weight, row scales), or None."""
-    _LAST_INPUT.clear()  # backward has begun: forward's quantized input is of no more use
     base, kind = ctx.base, ctx.kind
     w = base.weight
     if kind == "nf4" and fp8_ops.kernels_on(grad) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
-        w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w.data, w.quant_state, rows=False, transposed=True)[1:]
+        w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w, w.quant_state, rows=False, transposed=True)[1:]
         gq, gs = fp8_ops.quantize_rows(grad, ctx.fp8_grad, col_scale=row_scale)
         return fp8_ops.scaled_matmul(gq, gs, w_t.t(), fp8_ops.ones_row(w_t.shape[0], grad.device), dtype)
     return fp8_grad_input(grad, base_weight(base, kind, dtype), ctx.fp8_grad, dtype)

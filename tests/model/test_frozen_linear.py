@@ -212,6 +212,9 @@ def test_fp8_recompute_takes_the_nf4_kernels_and_keeps_the_transposed_weight(mon
     y, grad_x = _checkpointed_run(layer, x, g)
     # one pass over the codes, in the recompute, writing both layouts; backward reuses the transposed one
     assert calls == [{"rows": True, "transposed": True}]
+    stats = fp8._NF4_STATS.get(layer.get_base_layer().weight)  # cached on the Parameter, not a `.data` view
+    assert stats is not None and _checkpointed_run(layer, x, g) and fp8._NF4_STATS.get(layer.get_base_layer().weight) is stats
+    layer.zero_grad()
     assert torch.equal(y, bf16[0])  # the forward the loss sees is bf16
     # no less accurate than the eager FP8 path (which scales the weight per column instead)
     assert 0 < _rel(grad_x, bf16[1]) < 1.25 * _rel(generic[1], bf16[1]) < 0.05
@@ -482,3 +485,20 @@ def test_fp8_run_says_it_is_experimental(tiny_llama_dir, monkeypatch, capsys):
     applied = kernels.apply_fused_lora(model, TrainingConfig(fp8=True))
     assert "fp8:base_linears 14" in applied
     assert "training.fp8 is experimental" in capsys.readouterr().out
+
+
+def test_backward_lets_go_of_the_quantized_input(monkeypatch):
+    # with FP8 only in the recompute the backward runs no FP8 code, yet must drop the x (and its
+    # e4m3 copy) the recompute's last linear quantized: at 8B, down's input is 0.34 GiB
+    from torch.utils.checkpoint import checkpoint
+
+    from peftchat.model import fp8
+
+    monkeypatch.setattr(fp8, "kernels_on", lambda t: True)
+    layer = _lora_layer("nf4")
+    x, g = _inputs()
+    fl.fuse_lora_layers(layer, fp8=True, passes=Fp8Passes(recompute=True, grad_input=False))
+
+    xr = x.detach().requires_grad_(True)
+    checkpoint(layer, xr, use_reentrant=False).backward(g)  # the recompute quantizes x, in backward
+    assert fl._LAST_INPUT.x is None and fl._LAST_INPUT.value is None
