@@ -219,6 +219,23 @@ def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
 TRANSPOSE_KERNEL = False
 
 
+# (rows, columns) of the (N, K) weight tile one program of the weight kernels converts
+NF4_TILE = (64, 128)
+
+
+def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
+    """The weight kernels' arguments before the output (the codes, absmaxes, code tables, offset,
+    row scales) and their meta-parameters, for a bitsandbytes 4-bit `weight`."""
+    row_scale, offset = nf4_stats(weight, quant_state)
+    nested = bool(quant_state.nested)
+    s2 = quant_state.state2 if nested else None
+    args = (weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
+            s2.code if nested else row_scale, offset, row_scale)
+    meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
+                SOFT_ROUND=not weight.is_cuda, BN=NF4_TILE[0], BK=NF4_TILE[1])
+    return args, meta
+
+
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
@@ -227,23 +244,18 @@ def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed:
     from triton import cdiv
 
     n, k = quant_state.shape
-    row_scale, offset = nf4_stats(weight, quant_state)
-    nested = bool(quant_state.nested)
-    s2 = quant_state.state2 if nested else None
-    args = (weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
-            s2.code if nested else row_scale, offset, row_scale)
-    meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-                SOFT_ROUND=not weight.is_cuda, BN=64, BK=128)
+    args, meta = nf4_kernel_args(weight, quant_state)
+    bn, bk = NF4_TILE
     out = out_t = None
     if rows or (transposed and not TRANSPOSE_KERNEL):
         out = torch.empty((n, k), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_kernel[(cdiv(n, 64), cdiv(k, 128))](*args, out, n, k, **meta)
+        _kernels().nf4_to_fp8_kernel[(cdiv(n, bn), cdiv(k, bk))](*args, out, n, k, **meta)
     if transposed and TRANSPOSE_KERNEL:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[(cdiv(k, 128), cdiv(n, 64))](*args, out_t, n, k, **meta)
+        _kernels().nf4_to_fp8_t_kernel[(cdiv(k, bk), cdiv(n, bn))](*args, out_t, n, k, **meta)
     elif transposed:
         out_t = out.t().contiguous()
-    return (out if rows else None), out_t, row_scale
+    return (out if rows else None), out_t, args[-1]
 
 
 @functools.cache
