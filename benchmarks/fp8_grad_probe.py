@@ -10,7 +10,8 @@ step, each LoRA parameter's gradient norm and largest |value|.
     python3 -m benchmarks.fp8_grad_probe --out $OUT bf16 fp8 generic c_torchweight   # one process each
 
 Modes: bf16 (lean, no fp8), fp8 (the recipe's fp8), generic (no Triton passes), nocache (x
-quantized per call), nokeep (the recompute's transposed weight not kept), noscalecache,
+quantized per call), rec (FP8 in the recompute only: r24's healthy 8B fp8rec row, the control
+for rec_keep at 1B), nokeep (the recompute's transposed weight not kept), noscalecache,
 rec_keep (fp8 recompute keeping the transposed weight, bf16 input gradient), torchquant (torch's
 quantization of x and gradients), torchweight (the e4m3 weight from bitsandbytes' dequant),
 tk (`fp8.TRANSPOSE_KERNEL`). Writes probe_<mode>.json under --out; prints one line per mode.
@@ -25,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("bf16", "fp8", "generic", "nocache", "nokeep", "noscalecache", "rec_keep", "torchquant", "torchweight", "tk")
+MODES = ("bf16", "fp8", "rec", "generic", "nocache", "nokeep", "noscalecache", "rec_keep", "torchquant", "torchweight", "tk")
 
 
 class _Discard(dict):
@@ -61,9 +62,11 @@ def ablate(mode: str) -> None:
         fl._RECOMPUTED_WEIGHTS = _Discard()
     elif mode == "noscalecache":
         fp8._NF4_STATS = _Discard()
+    elif mode == "rec":
+        fl.FP8_PASSES = fp8.Fp8Passes(recompute=True, grad_input=False)
     elif mode == "rec_keep":
-        fl._fp8_input_grad = lambda ctx, grad, dtype: (fl._RECOMPUTED_WEIGHTS.pop(ctx.base, None),
-                                                       grad @ fl.base_weight(ctx.base, ctx.kind, dtype))[1]
+        # backward has already popped what the recompute kept (`kept`): the input gradient in bf16
+        fl._fp8_input_grad = lambda ctx, grad, dtype, kept: grad @ fl.base_weight(ctx.base, ctx.kind, dtype)
     elif mode == "torchquant":
         fp8.quantize_rows = lambda t, dt=fp8.E4M3, col_scale=None: fp8.quantize(
             t.float() * col_scale if col_scale is not None else t, 1, dt)
