@@ -179,6 +179,9 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
         "quantize_x_triton": ms(lambda: fp8.quantize_rows(x)),
         "quantize_grad_triton_colscale": ms(lambda: fp8.quantize_rows(g, fp8.E4M3, row_scale)),
         "nf4_to_fp8_rows": ms(lambda: fp8.nf4_to_fp8(data, state)),
+        "nf4_to_fp8_rows_tiled": ms(lambda: _with_weight_tiles(lambda: fp8.nf4_to_fp8(data, state))),
+        "nf4_to_fp8_transposed_tiled": ms(lambda: _with_weight_tiles(
+            lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True))),
         "nf4_to_fp8_transposed": ms(lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True)),
         "nf4_to_fp8_both": ms(lambda: fp8.nf4_to_fp8(data, state, rows=True, transposed=True)),
         "scaled_mm_fwd_rows": ms(lambda: fp8.scaled_matmul(xq, xs, w_rows.t(), row_scale.view(1, -1), bf16)),
@@ -188,6 +191,19 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
         "bf16_fwd_with_dequant": ms(lambda: x @ bf.dequantize_4bit(data, state).to(bf16).t()),
         "bf16_grad_input_with_dequant": ms(lambda: g @ bf.dequantize_4bit(data, state).to(bf16)),
     }
+
+
+def _with_weight_tiles(fn: Callable[[], Any]) -> Any:
+    """`fn()` with the weight kernels reading a tile at a time (fp8.WEIGHT_TILES) and their
+    transposed copy from its own kernel (fp8.TRANSPOSE_KERNEL)."""
+    from peftchat.model import fp8
+
+    saved = fp8.WEIGHT_TILES, fp8.TRANSPOSE_KERNEL
+    fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = True
+    try:
+        return fn()
+    finally:
+        fp8.WEIGHT_TILES, fp8.TRANSPOSE_KERNEL = saved
 
 
 def triton_pass_mismatch(w_nf4, x: torch.Tensor, g: torch.Tensor) -> dict[str, float]:

@@ -7,14 +7,15 @@ were finite but ~1e7 too large, so clipping shrank every update to nothing. Buil
 model, trains 3 steps through `peftchat_variants.run` and records, before the first optimizer
 step, each LoRA parameter's gradient norm and largest |value|.
 
-    python3 -m benchmarks.fp8_grad_probe --out $OUT bf16 fp8 generic c_torchweight   # one process each
+    python3 -m benchmarks.fp8_grad_probe --out $OUT bf16 fp8 rec rec_keep   # one process each
 
 Modes: bf16 (lean, no fp8), fp8 (the recipe's fp8), generic (no Triton passes), nocache (x
 quantized per call), rec (FP8 in the recompute only: r24's healthy 8B fp8rec row, the control
 for rec_keep at 1B), nokeep (the recompute's transposed weight not kept), noscalecache,
 rec_keep (fp8 recompute keeping the transposed weight, bf16 input gradient), torchquant (torch's
 quantization of x and gradients), torchweight (the e4m3 weight from bitsandbytes' dequant),
-tk (`fp8.TRANSPOSE_KERNEL`). Writes probe_<mode>.json under --out; prints one line per mode.
+tk (`fp8.TRANSPOSE_KERNEL`), tiles (`fp8.WEIGHT_TILES`), tiles_tk (both). Writes probe_<mode>.json under --out;
+prints one line per mode.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODES = ("bf16", "fp8", "rec", "generic", "nocache", "nokeep", "noscalecache", "rec_keep", "torchquant", "torchweight", "tk")
+MODES = ("bf16", "fp8", "rec", "generic", "nocache", "nokeep", "noscalecache", "rec_keep", "torchquant", "torchweight", "tk", "tiles",
+         "tiles_tk")
 
 
 class _Discard(dict):
@@ -74,6 +76,10 @@ def ablate(mode: str) -> None:
         fp8.nf4_to_fp8 = _weight_from_bitsandbytes
     elif mode == "tk":
         fp8.TRANSPOSE_KERNEL = True
+    elif mode == "tiles":
+        fp8.WEIGHT_TILES = True
+    elif mode == "tiles_tk":
+        fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = True
 
 
 def probe(mode: str, out: Path) -> dict:

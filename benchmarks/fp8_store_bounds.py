@@ -8,9 +8,9 @@ alone cannot see one. Here each kernel writes into a view in the middle of a buf
 a sentinel byte, and the check counts bytes changed outside the view, bytes inside never written,
 values unlike the reference, and changed input bytes (codes, absmaxes, tables, row scales).
 
-Kernels: `rows` and `transposed` (peftchat.model.fp8_kernels, what the tree runs and the
-`+fp8tk` ablation) and `both` (round 7's kernel, rebuilt below from commit baa9780^ so that the
-suspect itself is checked; delete it once fault 2 is settled).
+Kernels: `rows`, `transposed`, `rows_tiled`, `transposed_tiled` (peftchat.model.fp8_kernels:
+what the tree runs, the `+fp8tk` and `+fp8tiles` ablations) and `both` (round 7's kernel, rebuilt below from
+commit baa9780^ so that the suspect itself is checked; delete it once fault 2 is settled).
 
     python3 -m benchmarks.fp8_store_bounds --out $OUT/bounds                   # 1B and 8B linears, CUDA
     python -m benchmarks.fp8_store_bounds --out /tmp/b --device cpu --shapes 96x320   # interpreter
@@ -35,7 +35,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from peftchat.model import fp8  # noqa: E402
-from peftchat.model.fp8_kernels import nf4_e4m3  # noqa: E402
+from peftchat.model.fp8_kernels import nf4_codes, nf4_e4m3  # noqa: E402
 
 # (out features N, in features K) of the 1B and 8B Llama shapes' linears (benchmarks/shapes.py)
 SHAPES = {"1b_q_o": (2048, 2048), "1b_k_v": (512, 2048), "1b_gate_up": (8192, 2048), "1b_down": (2048, 8192),
@@ -55,8 +55,9 @@ def both_layouts_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     n64 = n.to(tl.int64)
     inside = (n[:, None] < N) & (k[None, :] < K)
-    q = nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n64[:, None],
-                 k[None, :], inside, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
+    q = nf4_e4m3(nf4_codes(packed_ptr, n64[:, None], k[None, :], inside, K), absmax_ptr, code_ptr, absmax2_ptr,
+                 code2_ptr, offset, row_scale_ptr, n64[:, None], k[None, :], inside, K, BLOCKSIZE, BLOCKSIZE2, NESTED,
+                 SOFT_ROUND)
     tl.store(out_ptr + n64[:, None] * K + k[None, :], q, mask=inside)
     tl.store(out_t_ptr + k[None, :].to(tl.int64) * N + n[:, None], q, mask=inside)
 
@@ -85,14 +86,16 @@ def _launch(kernel: str, args: tuple, meta: dict, views: dict[str, torch.Tensor]
     from peftchat.model import fp8_kernels
 
     bn, bk = fp8.NF4_TILE
-    if kernel == "rows":
-        fp8_kernels.nf4_to_fp8_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](*args, views["rows"], n, k, **meta)
-    elif kernel == "transposed":
-        fp8_kernels.nf4_to_fp8_t_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
-            *args, views["transposed"], n, k, **meta)
+    grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
+    tiled = kernel.endswith("_tiled")
+    meta = {**meta, "TILED": tiled}
+    if kernel.startswith("rows"):
+        fp8_kernels.nf4_to_fp8_kernel[grid](*args, views["rows"], n, k, **meta)
+    elif kernel.startswith("transposed"):
+        fp8_kernels.nf4_to_fp8_t_kernel[grid](*args, views["transposed"], n, k, **meta)
     else:
-        both_layouts_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-            *args, views["rows"], views["transposed"], n, k, **meta)
+        meta = {key: v for key, v in meta.items() if key not in ("TILED", "SPAN")}
+        both_layouts_kernel[grid](*args, views["rows"], views["transposed"], n, k, **meta)
 
 
 def check(n: int, k: int, kernel: str, device: str) -> dict[str, Any]:
@@ -102,7 +105,7 @@ def check(n: int, k: int, kernel: str, device: str) -> dict[str, Any]:
     args, meta = fp8.nf4_kernel_args(packed, state)
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
     before = [a.clone() for a in inputs]
-    layouts = ["rows", "transposed"] if kernel == "both" else [kernel]
+    layouts = ["rows", "transposed"] if kernel == "both" else [kernel.removesuffix("_tiled")]
     buffers = {name: guarded(n * k, device) for name in layouts}
     views = {"rows": None, "transposed": None}
     views.update({name: view.view(n, k) if name == "rows" else view.view(k, n) for name, (_, view) in buffers.items()})
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda")
     p.add_argument("--shapes", default=",".join(SHAPES))
-    p.add_argument("--kernels", default="rows,transposed,both")
+    p.add_argument("--kernels", default="rows,transposed,rows_tiled,transposed_tiled,both")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

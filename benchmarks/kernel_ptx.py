@@ -1,16 +1,19 @@
-"""What the LoRA dropout kernels compile to, without a GPU: each kernel of
-peftchat.model.lora_dropout_kernels compiled by Triton for a CUDA target (default sm_90, the
-H200) at the launch shapes in `lora_dropout.TILES`, and the instructions that decide its speed
-counted in the PTX:
+"""What peftchat's Triton kernels compile to, without a GPU: each kernel of
+peftchat.model.lora_dropout_kernels (at the launch shapes in `lora_dropout.TILES`) and of
+peftchat.model.fp8_kernels (the NF4 -> e4m3 weight kernels per element and tiled, at the 8B
+shapes' meta-parameters) compiled by Triton for a CUDA target (default sm_90, the H200), and the
+instructions that decide its speed counted in the PTX:
 
   cp.async     16-byte asynchronous global->shared copies (pipelined tile loads)
   ld.global.*  register loads by width (ld.global.b16: one bf16 per thread, unvectorised)
+  st.global.*  register stores by width
   st.shared.*  shared-memory stores by width (layout conversions go through shared memory)
   mma          tensor-core instructions (mma.sync / wgmma)
 
 Round 6 found this way that a K split starting at a runtime offset had turned `down`'s x loads
 into scalar 2-byte loads with no cp.async (benchmarks/RESULTS.md); tests/test_kernel_ptx.py keeps
-that from coming back.
+that from coming back. The counts are per thread and static (no loop here runs more than once
+per program), so for the weight kernels they are the loads each thread issues per tile.
 
 Needs Triton's compiler and its bundled ptxas, no GPU and no CUDA driver; run with
 TRITON_INTERPRET unset (under the interpreter, @triton.jit gives functions that cannot be compiled).
@@ -27,6 +30,7 @@ import sys
 from collections import Counter
 
 _COUNTED = re.compile(r"\b(cp\.async\.c[ag]\.shared\.global|ld\.global(?:\.[a-z0-9]+)*|st\.shared(?:\.[a-z0-9]+)*|"
+                      r"st\.global(?:\.[a-z0-9]+)*|"
                       r"wgmma\.mma_async|mma\.sync|ldmatrix)")
 
 # per kernel: argument types in order (constexprs are given at compile time) and which pointers
@@ -55,24 +59,49 @@ def instruction_counts(ptx: str) -> dict[str, int]:
     return out
 
 
-def compile_kernel(name: str, arch: int = 90, r: int = 16) -> dict:
-    """Compile one kernel at its TILES shape for sm_`arch`; its instruction counts and shared memory."""
-    import triton
-    from triton.backends.compiler import GPUTarget
+# the NF4 -> e4m3 weight kernels: the arguments `fp8.nf4_kernel_args` passes for a double-quantized
+# bitsandbytes weight (blocksize 64, nested 256), then the output and (N, K)
+NF4_SIGNATURE = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "absmax2_ptr": "*fp32",
+                 "code2_ptr": "*fp32", "offset": "fp32", "row_scale_ptr": "*fp32", "out_ptr": "*fp8e4nv",
+                 "N": "i32", "K": "i32"}
+WEIGHT_KERNELS = {"nf4_rows": ("nf4_to_fp8_kernel", False), "nf4_rows_tiled": ("nf4_to_fp8_kernel", True),
+                  "nf4_transposed": ("nf4_to_fp8_t_kernel", False),
+                  "nf4_transposed_tiled": ("nf4_to_fp8_t_kernel", True)}
+KERNELS = [*SIGNATURES, *WEIGHT_KERNELS]
+
+
+def _source(name: str, r: int):
+    """(Triton ASTSource, launch options, tile description) of kernel `name`."""
     from triton.compiler import ASTSource
 
-    from peftchat.model import lora_dropout, lora_dropout_kernels
+    from peftchat.model import fp8, fp8_kernels, lora_dropout, lora_dropout_kernels
 
-    fn_name, signature, aligned = SIGNATURES[name]
-    tiles = lora_dropout.TILES[name]
-    constexprs = {"BM": tiles.bm, "BK": tiles.bk, "BR": lora_dropout.block_r(r)}
+    if name in WEIGHT_KERNELS:
+        fn_name, tiled = WEIGHT_KERNELS[name]
+        module, signature, aligned = fp8_kernels, NF4_SIGNATURE, [a for a in NF4_SIGNATURE if a != "offset"]
+        bn, bk = fp8.NF4_TILE
+        constexprs = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "SOFT_ROUND": False, "BN": bn, "BK": bk,
+                      "TILED": tiled, "SPAN": min(64, bk)}
+        options, tiles = {"num_warps": 4}, f"{bn}x{bk}"
+    else:
+        fn_name, signature, aligned = SIGNATURES[name]
+        module, t = lora_dropout_kernels, lora_dropout.TILES[name]
+        constexprs = {"BM": t.bm, "BK": t.bk, "BR": lora_dropout.block_r(r)}
+        options, tiles = {"num_warps": t.warps, "num_stages": t.stages}, str(t)
     names = list(signature) + list(constexprs)
-    src = ASTSource(fn=getattr(lora_dropout_kernels, fn_name),
-                    signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
-                    attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": tiles.warps, "num_stages": tiles.stages})
-    return {"kernel": name, "tiles": str(tiles), "arch": arch, "shared_bytes": compiled.metadata.shared,
+    src = ASTSource(fn=getattr(module, fn_name), signature={**signature, **{k: "constexpr" for k in constexprs}},
+                    constexprs=constexprs, attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
+    return src, options, tiles
+
+
+def compile_kernel(name: str, arch: int = 90, r: int = 16) -> dict:
+    """Compile one kernel (a name of KERNELS) for sm_`arch`; its instruction counts and shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    src, options, tiles = _source(name, r)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    return {"kernel": name, "tiles": tiles, "arch": arch, "shared_bytes": compiled.metadata.shared,
             "convert_layouts": compiled.asm["ttgir"].count("convert_layout"),
             "instructions": instruction_counts(compiled.asm["ptx"])}
 
@@ -82,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    rows = [compile_kernel(name, args.arch) for name in SIGNATURES]
+    rows = [compile_kernel(name, args.arch) for name in KERNELS]
     if args.json:
         print(json.dumps(rows))
     else:

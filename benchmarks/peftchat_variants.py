@@ -209,6 +209,11 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
 
             overrides["training.fp8"] = True
             fp8.TRANSPOSE_KERNEL = True
+        elif tok == "fp8tiles":  # experiment: the weight kernels read a tile at a time (fp8.WEIGHT_TILES)
+            from peftchat.model import fp8
+
+            overrides["training.fp8"] = True
+            fp8.WEIGHT_TILES = True
         elif tok == "fp8mlp":  # experiment: FP8 only in the MLP's base linears
             from peftchat.model import frozen_linear
 

@@ -7,7 +7,7 @@ import torch
 from benchmarks import fp8_store_bounds as bounds
 
 
-@pytest.mark.parametrize("kernel", ["rows", "transposed", "both"])
+@pytest.mark.parametrize("kernel", ["rows", "transposed", "rows_tiled", "transposed_tiled", "both"])
 def test_weight_kernels_write_all_of_their_output_and_nothing_else(kernel):
     row = bounds.check(96, 320, kernel, "cpu")  # partial tiles on both axes (64 x 128 tiles)
     assert row == {"n": 96, "k": 320, "kernel": kernel, "outside_written": 0, "inside_unwritten": 0,

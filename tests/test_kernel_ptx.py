@@ -1,7 +1,8 @@
 """benchmarks/kernel_ptx.py: the LoRA dropout kernels compiled for sm_90 on the CPU (Triton's
 compiler and ptxas, no GPU): `down` must load x in 16-byte asynchronous copies, never one bf16
 per thread, as it did for a while in round 6 when its column offsets were not provably aligned
-(benchmarks/RESULTS.md, round 6)."""
+(benchmarks/RESULTS.md, round 6). The NF4 -> e4m3 weight kernels: tiled, a fraction of the
+per-element loads, and 16-byte stores in every layout."""
 
 import json
 import os
@@ -42,3 +43,17 @@ def test_instruction_counts_parse_ptx_lines():
     ptx = "\tcp.async.cg.shared.global [%r1], [%rd2], 16;\n\tld.global.b16 {%rs1}, [%rd3];\n\tmma.sync.aligned.m16n8k16;\n"
     counts = instruction_counts(ptx)
     assert counts["cp.async"] == 1 and counts["ld.global.b16"] == 1 and counts["mma"] == 1
+
+
+def _global_loads(row: dict) -> int:
+    return sum(n for k, n in row["instructions"].items() if k.startswith("ld.global"))
+
+
+def test_tiled_weight_kernels_issue_a_fraction_of_the_per_element_loads(compiled):
+    # per thread and 64 x 128 tile: the per-element kernels load each code byte and each absmax
+    # (code, its code2 entry, absmax2) per element, 336 loads; tiled, 75 (Triton 3.9)
+    assert 3 * _global_loads(compiled["nf4_rows_tiled"]) < _global_loads(compiled["nf4_rows"])
+    assert 3 * _global_loads(compiled["nf4_transposed_tiled"]) < _global_loads(compiled["nf4_transposed"])
+    for name in ("nf4_rows", "nf4_rows_tiled", "nf4_transposed", "nf4_transposed_tiled"):
+        ins = compiled[name]["instructions"]
+        assert ins.get("st.global.v4.b32", 0) > 0 and "st.global.b8" not in ins  # 16-byte stores, never a byte each

@@ -200,7 +200,7 @@ _NF4_STATS = WeakTensorKeyDictionary()
 def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
     """((N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) `weight`, double
     quantization's offset or 0.0). An NF4/FP4 code table holds ±1, so a row's largest |value| is
-    its largest block absmax (decoded by bitsandbytes): no pass over the weight."""
+    its largest block |absmax| (decoded by bitsandbytes): no pass over the weight."""
     cached = _NF4_STATS.get(weight)
     if cached is None:
         absmax, offset = quant_state.absmax, 0.0
@@ -209,7 +209,9 @@ def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
 
             offset = float(quant_state.offset)
             absmax = bnb_f.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
-        row_amax = absmax.float().view(quant_state.shape[0], -1).amax(dim=1)
+        # |absmax|: a decoded nested absmax can be negative (small blocks under a large offset;
+        # bitsandbytes' dequantization then flips the codes' signs, and so do the kernels)
+        row_amax = absmax.float().abs().view(quant_state.shape[0], -1).amax(dim=1)
         cached = _NF4_STATS[weight] = (dequant_scale(row_amax, E4M3).contiguous(), offset)
     return cached
 
@@ -217,6 +219,13 @@ def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
 # How `nf4_to_fp8` writes the transposed copy: its own kernel (True) or torch's transpose of the
 # rows (False: 0.36 ms for a 14336 x 4096 weight in round 3, known good). The bench's `+fp8tk`.
 TRANSPOSE_KERNEL = False
+
+
+# How the weight kernels read the 4-bit weight: a tile at a time, codes split from a byte tile and
+# one absmax per block (True, fp8_kernels.nf4_tile_e4m3: a fraction of the loads, not yet run on
+# the GPU), or every element its own code byte and absmax (False: r24's rows kernel). The
+# bench's `+fp8tiles`.
+WEIGHT_TILES = False
 
 
 # (rows, columns) of the (N, K) weight tile one program of the weight kernels converts
@@ -232,7 +241,8 @@ def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
     args = (weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
             s2.code if nested else row_scale, offset, row_scale)
     meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-                SOFT_ROUND=not weight.is_cuda, BN=NF4_TILE[0], BK=NF4_TILE[1])
+                SOFT_ROUND=not weight.is_cuda, BN=NF4_TILE[0], BK=NF4_TILE[1], TILED=WEIGHT_TILES,
+                SPAN=min(quant_state.blocksize, NF4_TILE[1]))
     return args, meta
 
 
@@ -252,7 +262,7 @@ def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed:
         _kernels().nf4_to_fp8_kernel[(cdiv(n, bn), cdiv(k, bk))](*args, out, n, k, **meta)
     if transposed and TRANSPOSE_KERNEL:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[(cdiv(k, bk), cdiv(n, bn))](*args, out_t, n, k, **meta)
+        _kernels().nf4_to_fp8_t_kernel[(cdiv(n, bn), cdiv(k, bk))](*args, out_t, n, k, **meta)
     elif transposed:
         out_t = out.t().contiguous()
     return (out if rows else None), out_t, args[-1]

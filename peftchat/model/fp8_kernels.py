@@ -6,7 +6,8 @@ Two memory-bound passes the FP8 base matmuls need, each one read and one write:
   multiplied first by one factor per column (the weight's per-channel scales, folded into the
   incoming gradient so that one fp8 weight serves forward and backward).
 - `nf4_to_fp8_kernel` / `nf4_to_fp8_t_kernel`: a bitsandbytes NF4 weight straight to fp8, rows
-  (N, K) or transposed (K, N), with no bf16 copy in between.
+  (N, K) or transposed (K, N), with no bf16 copy in between: per element, or (TILED,
+  `fp8.WEIGHT_TILES`) a tile at a time with one absmax per block (`nf4_tile_e4m3`).
 
 On the GPU the cast to fp8 is the hardware's (`cvt.rn.satfinite`: nearest even). In Triton's
 CPU interpreter (the tests) it is not: it mis-rounds values that carry into the next power of two
@@ -40,7 +41,9 @@ def round_to_fp8(v, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl
     lsb = (bits >> DROP) & 1
     normal = (((bits + ((1 << (DROP - 1)) - 1) + lsb) >> DROP) << DROP).to(tl.float32, bitcast=True)
     sub = (tl.abs(v) + SUB_MAGIC) - SUB_MAGIC
-    sub = tl.where(v < 0, -sub, sub)  # keeps the sign of values that round to zero, as a cast does
+    # the sign from the sign bit, as a cast keeps it: of values that round to zero, and of -0.0
+    # (a code 0 times a negative absmax; `v < 0` would lose it)
+    sub = tl.where((bits >> 31) != 0, -sub, sub)
     r = tl.where(tl.abs(v) < MIN_NORMAL, sub, normal)
     return tl.minimum(tl.maximum(r, -FMAX), FMAX)
 
@@ -64,19 +67,22 @@ def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floo
 
 
 @triton.jit
-def nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
-             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr):
-    # Elements (n, k) (broadcast index tensors, int64 n) of a bitsandbytes 4-bit weight in e4m3,
-    # divided by their row's scale. The layout: the (N, K) weight flattened row-major, two codes a
-    # byte (the even element in the high nibble), one absmax per BLOCKSIZE elements; with NESTED
-    # (double quantization) each absmax is itself a uint8 code into code2, times absmax2 per
-    # BLOCKSIZE2 absmax values, plus offset. K is a multiple of BLOCKSIZE (the caller checks), so
-    # rows start on a byte. Each element loads its own byte (the pair's second load hits the
-    # cache). r23 spread each byte's two nibbles with tl.join instead, 2.6x faster (gate/up rows
-    # 0.15 ms against r24's 0.40); r23's runs stopped learning, but they also had the two faults
-    # round 7 fixed (amax floor, the two-layout store), so whether the join was wrong is not known.
+def nf4_codes(packed_ptr, n, k, inside, K):
+    # The 4-bit codes of elements (n, k) (broadcast index tensors, int64 n) of a bitsandbytes
+    # 4-bit (N, K) weight: flattened row-major, two codes a byte, the even element in the high
+    # nibble; K is a multiple of the absmax block (the caller checks), so rows start on a byte.
+    # Each element loads its own byte (the pair's second load hits the cache).
     byte = tl.load(packed_ptr + n * (K // 2) + k // 2, mask=inside, other=0)
-    nibble = (byte >> ((1 - k % 2) * 4).to(tl.uint8)) & 15
+    return (byte >> ((1 - k % 2) * 4).to(tl.uint8)) & 15
+
+
+@triton.jit
+def nf4_e4m3(nibble, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
+             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    # Elements (n, k) with codes `nibble` of a bitsandbytes 4-bit weight in e4m3, divided by their
+    # row's scale: code[nibble] times the absmax of their BLOCKSIZE block; with NESTED (double
+    # quantization) each absmax is itself a uint8 code into code2, times absmax2 per BLOCKSIZE2
+    # absmax values, plus offset.
     block = (n * K + k) // BLOCKSIZE
     if NESTED:
         absmax_code = tl.load(absmax_ptr + block, mask=inside, other=0)
@@ -89,29 +95,76 @@ def nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, r
 
 
 @triton.jit
+def nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, pid_k, N, K,
+                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
+    # `nf4_e4m3` of the (BN, BK) tile of rows n ((BN, 1) int64) and columns from pid_k * BK, the same
+    # values in fewer loads. Per element, a thread of the per-element path issues a byte load for
+    # its code and three more (absmax code, its code2 entry, absmax2) for an absmax that 64
+    # elements share: compiled for sm_90, 128 one-byte and 192 four-byte loads per thread for a
+    # 64 x 128 tile (benchmarks/kernel_ptx.py). Here the codes come from one load of the tile's
+    # bytes, each byte's two nibbles joined side by side (r23 timed that alone 2.6x faster, gate/up
+    # 0.15 ms against 0.40), and the absmax once per block (SPAN = min(BLOCKSIZE, BK) columns),
+    # broadcast over its columns. The arithmetic is the per-element path's, so the bits are too.
+    half = pid_k * (BK // 2) + tl.arange(0, BK // 2)
+    byte = tl.load(packed_ptr + n * (K // 2) + half[None, :], mask=(n < N) & (half[None, :] < K // 2), other=0)
+    nibble = tl.reshape(tl.join(byte >> 4, byte & 15), (BN, BK))  # the even element is the high nibble
+    span = pid_k * BK + tl.arange(0, BK // SPAN) * SPAN  # first column of each block part in the tile
+    block_ok = (n < N) & (span[None, :] < K)
+    block = (n * K + span[None, :]) // BLOCKSIZE  # (BN, BK // SPAN)
+    if NESTED:
+        absmax_code = tl.load(absmax_ptr + block, mask=block_ok, other=0)
+        absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_ok, other=0.0)
+                  + offset)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+    absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BN, BK // SPAN, SPAN)), (BN, BK))
+    v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)
+    return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
+
+
+@triton.jit
 def nf4_to_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr, N, K,
                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                      SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # the (N, K) e4m3 weight, a (BN, BK) tile per program
+                      SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILED: tl.constexpr,
+                      SPAN: tl.constexpr):
+    # the (N, K) e4m3 weight, a (BN, BK) tile per program: per element, or TILED (nf4_tile_e4m3)
     n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]
     k = (tl.program_id(1) * BK + tl.arange(0, BK))[None, :]
     inside = (n < N) & (k < K)
-    q = nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
-                 BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
+    if TILED:
+        q = nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n,
+                          tl.program_id(1), N, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND, BN, BK, SPAN)
+    else:
+        q = nf4_e4m3(nf4_codes(packed_ptr, n, k, inside, K), absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+                     row_scale_ptr, n, k, inside, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
     tl.store(out_ptr + n * K + k, q, mask=inside)
 
 
 @triton.jit
 def nf4_to_fp8_t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr,
                         N, K, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                        SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    # the transposed (K, N) e4m3 weight, a (BK, BN) tile per program, stored along its rows.
+                        SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TILED: tl.constexpr,
+                        SPAN: tl.constexpr):
+    # the transposed (K, N) e4m3 weight, the (BN, BK) weight tile per program stored as its (BK, BN)
+    # transpose: per element, index tensors in the transposed orientation (each element loads
+    # its byte along a column of the codes), or TILED, the rows tile transposed in registers
+    # (tl.trans) so that both the loads and the stores run along contiguous memory.
     # One kernel writing both layouts (the (BN, BK) tile also stored transposed) was bit-exact
     # alone on the GPU, yet 1B/8B runs using it blew their gradients up (r25 and debug runs of
     # round 7; not explained), so each layout has its own kernel and store.
-    k = (tl.program_id(0) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
-    n = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)[None, :]
-    inside = (n < N) & (k < K)
-    q = nf4_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
-                 BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
+    if TILED:
+        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]
+        q = nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n,
+                          tl.program_id(1), N, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND, BN, BK, SPAN)
+        q = tl.trans(q)
+        n = tl.trans(n)  # (1, BN)
+        k = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
+        inside = (n < N) & (k < K)
+    else:
+        k = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]
+        n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[None, :]
+        inside = (n < N) & (k < K)
+        q = nf4_e4m3(nf4_codes(packed_ptr, n, k, inside, K), absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset,
+                     row_scale_ptr, n, k, inside, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND)
     tl.store(out_ptr + k * N + n, q, mask=inside)

@@ -82,23 +82,26 @@ def test_quantize_rows_kernel_equals_quantize_bit_for_bit(fp8_dtype, with_col_sc
     assert torch.equal(q.view(torch.uint8), ref_q.view(torch.uint8))  # -0.0 included
 
 
-def _nf4(n, k, nested, quant_type="nf4", seed=5):
+def _nf4(n, k, nested, quant_type="nf4", seed=5, blocksize=64):
     import bitsandbytes.functional as bf
 
     gen = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=gen) * torch.logspace(-2, 1, n)[:, None]).to(torch.bfloat16)
-    packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    packed, state = bf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     nibbles = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], 1).flatten().long()
     absmax = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if nested else state.absmax
-    exact = (state.code[nibbles] * absmax.float().repeat_interleave(64)).view(n, k)  # fp32, before any bf16 rounding
+    exact = (state.code[nibbles] * absmax.float().repeat_interleave(blocksize)).view(n, k)  # fp32, before any bf16 rounding
     assert torch.equal(exact.to(torch.bfloat16), bf.dequantize_4bit(packed, state))  # the reference is bitsandbytes'
     return packed, state, exact
 
 
 @pytest.mark.parametrize("nested,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
 @pytest.mark.parametrize("transpose_kernel", [False, True])
-def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type, transpose_kernel, monkeypatch):
+@pytest.mark.parametrize("weight_tiles", [False, True])
+def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type, transpose_kernel, weight_tiles,
+                                                             monkeypatch):
     monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", transpose_kernel)
+    monkeypatch.setattr(fp8, "WEIGHT_TILES", weight_tiles)
     packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows, 320 columns: partial tiles
     assert fp8.nf4_kernel_fits(packed, state)
     rows, transposed, row_scale = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
@@ -109,6 +112,18 @@ def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type,
     assert torch.equal(transposed.view(torch.uint8), ref_q.view(torch.uint8).t())
     only_t = fp8.nf4_to_fp8(packed, state, rows=False, transposed=True)
     assert only_t[0] is None and torch.equal(only_t[1].view(torch.uint8), transposed.view(torch.uint8))
+
+
+@pytest.mark.parametrize("blocksize", [128, 256])  # one absmax block per tile row, and blocks wider than the tile
+def test_tiled_weight_kernels_take_other_block_sizes(blocksize, monkeypatch):
+    # at 256 the small rows' decoded absmaxes are negative (offset 4.5 against 0.12): the row
+    # scales take |absmax| (with the signed maximum they were the 1e-30 floor, every value ±448)
+    monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", True)
+    monkeypatch.setattr(fp8, "WEIGHT_TILES", True)
+    packed, state, exact = _nf4(96, 512, True, blocksize=blocksize)
+    rows, transposed, _ = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
+    ref_q = fp8.quantize(exact, 1)[0].view(torch.uint8)
+    assert torch.equal(rows.view(torch.uint8), ref_q) and torch.equal(transposed.view(torch.uint8), ref_q.t())
 
 
 def test_nf4_kernel_refuses_rows_that_split_a_block():
