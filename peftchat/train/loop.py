@@ -26,6 +26,7 @@ exits (a second Ctrl-C quits at once).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import signal
@@ -750,9 +751,29 @@ def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE) -> 
           f"accumulation {cfg.gradient_accumulation_steps}{ranks}) on {run.device}", flush=True)
     run.metrics = MetricsLogger(run.out, tensorboard=cfg.tensorboard) if dist.is_main else _Muted()
     run.progress = Progress(run.total_steps, state.step) if dist.is_main else _Muted()
-    train_steps(run)
+    with setup_objects_frozen():
+        train_steps(run)
     finish(run)
     return run.out
+
+
+@contextmanager
+def setup_objects_frozen() -> Iterator[None]:
+    """Keep what exists now out of Python's full garbage collections while the steps run.
+
+    A full collection walks every tracked object with the host stopped: 532k objects after the
+    demo recipe's setup (mostly the imported libraries), 198 ms here on the CPU; after
+    `gc.freeze()`, 0.00 ms (a setup and two timed collections, 2026-12-03). On a GPU such a pause
+    drains the launch queue and the GPU waits (round 6's candidate for r22's uneven steps, not yet
+    confirmed there). What setup built lives as long as the run anyway; the frozen objects go back
+    to the collector afterwards, so a process that trains again can free this run's.
+    """
+    gc.collect()  # setup's garbage is freed, not frozen
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _fmt(x: float | None) -> str:

@@ -192,3 +192,15 @@ def test_epochs_decide_the_length_when_max_steps_is_unset(tiny_llama_dir, tmp_pa
     assert summary["data"]["samples"] == 22 and summary["data"]["eval"]["samples"] == 2
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-3"]  # save_steps 0: at the end only
     assert [x["step"] for x in _rows(out) if "eval_loss" in x] == [3]  # eval_steps 0: at the end only
+
+
+def test_setup_objects_stay_out_of_full_collections_while_the_steps_run(tiny_llama_dir, tmp_path):
+    import gc
+
+    frozen = []
+    hooks = loop.TrainHooks(after_step=lambda run: frozen.append(gc.get_freeze_count()))
+    train(_recipe(tiny_llama_dir, tmp_path / "run", "training.max_steps=2"), hooks)
+    # the model, data and optimizer were frozen during the steps (hundreds of thousands of objects
+    # with the libraries), and handed back to the collector when the steps ended
+    assert len(frozen) == 2 and min(frozen) > 10_000
+    assert gc.get_freeze_count() == 0
