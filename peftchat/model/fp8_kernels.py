@@ -77,19 +77,25 @@ def nf4_codes(packed_ptr, n, k, inside, K):
 
 
 @triton.jit
+def block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+    # The absmax of blocks `block`: stored as is, or with NESTED (double quantization) a uint8 code
+    # into code2, times absmax2 per BLOCKSIZE2 absmax values, plus offset (can come out negative).
+    if NESTED:  # a constexpr branch: only one is compiled, so one return (Triton types every return)
+        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0)
+        absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
+                  + offset)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
 def nf4_e4m3(nibble, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr):
     # Elements (n, k) with codes `nibble` of a bitsandbytes 4-bit weight in e4m3, divided by their
-    # row's scale: code[nibble] times the absmax of their BLOCKSIZE block; with NESTED (double
-    # quantization) each absmax is itself a uint8 code into code2, times absmax2 per BLOCKSIZE2
-    # absmax values, plus offset.
-    block = (n * K + k) // BLOCKSIZE
-    if NESTED:
-        absmax_code = tl.load(absmax_ptr + block, mask=inside, other=0)
-        absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside, other=0.0)
-                  + offset)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+    # row's scale: code[nibble] times the absmax of their BLOCKSIZE block (`block_absmax`).
+    absmax = block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, (n * K + k) // BLOCKSIZE, inside, BLOCKSIZE2,
+                          NESTED)
     v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=inside, other=1.0)
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
 
@@ -111,13 +117,8 @@ def nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offs
     nibble = tl.reshape(tl.join(byte >> 4, byte & 15), (BN, BK))  # the even element is the high nibble
     span = pid_k * BK + tl.arange(0, BK // SPAN) * SPAN  # first column of each block part in the tile
     block_ok = (n < N) & (span[None, :] < K)
-    block = (n * K + span[None, :]) // BLOCKSIZE  # (BN, BK // SPAN)
-    if NESTED:
-        absmax_code = tl.load(absmax_ptr + block, mask=block_ok, other=0)
-        absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=block_ok, other=0.0)
-                  + offset)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=block_ok, other=0.0)
+    absmax = block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, (n * K + span[None, :]) // BLOCKSIZE, block_ok,
+                          BLOCKSIZE2, NESTED)  # (BN, BK // SPAN)
     absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BN, BK // SPAN, SPAN)), (BN, BK))
     v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
