@@ -287,6 +287,11 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
     if cuda:
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        # Near its memory peak the caching allocator may free its cache and retry a cudaMalloc,
+        # a device-wide synchronisation: a suspect, with garbage collection, for r22's uneven
+        # fast+skip13 steps. Counted over the whole run (warm-up included).
+        stats = torch.cuda.memory_stats()
+        res["allocator"] = {key: stats.get(key) for key in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
     if cuda and spec.get("memsnap"):
         from benchmarks.memory_peak import report
 
