@@ -155,7 +155,7 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
     bf16 path's dequant + matmul, for one NF4 weight."""
     import bitsandbytes.functional as bf
 
-    from peftchat.model import fp8
+    from peftchat.model import fp8, nf4
 
     data, state = w_nf4.data, w_nf4.quant_state
     _, w_t, row_scale = fp8.nf4_to_fp8(data, state, rows=False, transposed=True)
@@ -188,6 +188,7 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
         "scaled_mm_grad_folded": ms(lambda: fp8.scaled_matmul(gq, gs, w_t.t(), ones, bf16)),
         "fp8_fwd_triton_total": ms(fwd),
         "fp8_grad_input_triton_total": ms(grad_input),
+        "nf4_dequant_triton": ms(lambda: nf4.dequantize(w_nf4, state, bf16)),  # frozen_linear.TRITON_DEQUANT
         "bf16_fwd_with_dequant": ms(lambda: x @ bf.dequantize_4bit(data, state).to(bf16).t()),
         "bf16_grad_input_with_dequant": ms(lambda: g @ bf.dequantize_4bit(data, state).to(bf16)),
     }

@@ -34,7 +34,7 @@ if not torch.cuda.is_available():  # Triton decides interpreted or compiled as i
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from peftchat.model import fp8  # noqa: E402
+from peftchat.model import fp8, nf4  # noqa: E402
 from peftchat.model.fp8_kernels import nf4_codes, nf4_e4m3  # noqa: E402
 
 # (out features N, in features K) of the 1B and 8B Llama shapes' linears (benchmarks/shapes.py)
@@ -85,10 +85,10 @@ def nf4_weight(n: int, k: int, device: str, seed: int = 0):
 def _launch(kernel: str, args: tuple, meta: dict, views: dict[str, torch.Tensor], n: int, k: int) -> None:
     from peftchat.model import fp8_kernels
 
-    bn, bk = fp8.NF4_TILE
+    bn, bk = nf4.TILE
     grid = (triton.cdiv(n, bn), triton.cdiv(k, bk))
     tiled = kernel.endswith("_tiled")
-    meta = {**meta, "TILED": tiled}
+    meta = {**meta, "TILED": tiled, "enable_fp_fusion": False}  # as fp8.nf4_to_fp8 launches them
     if kernel.startswith("rows"):
         fp8_kernels.nf4_to_fp8_kernel[grid](*args, views["rows"], n, k, **meta)
     elif kernel.startswith("transposed"):

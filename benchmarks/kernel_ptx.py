@@ -66,7 +66,8 @@ NF4_SIGNATURE = {"packed_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", 
                  "N": "i32", "K": "i32"}
 WEIGHT_KERNELS = {"nf4_rows": ("nf4_to_fp8_kernel", False), "nf4_rows_tiled": ("nf4_to_fp8_kernel", True),
                   "nf4_transposed": ("nf4_to_fp8_t_kernel", False),
-                  "nf4_transposed_tiled": ("nf4_to_fp8_t_kernel", True)}
+                  "nf4_transposed_tiled": ("nf4_to_fp8_t_kernel", True),
+                  "nf4_dequant": ("nf4_dequant_kernel", True)}
 KERNELS = [*SIGNATURES, *WEIGHT_KERNELS]
 
 
@@ -74,15 +75,21 @@ def _source(name: str, r: int):
     """(Triton ASTSource, launch options, tile description) of kernel `name`."""
     from triton.compiler import ASTSource
 
-    from peftchat.model import fp8, fp8_kernels, lora_dropout, lora_dropout_kernels
+    from peftchat.model import fp8_kernels, lora_dropout, lora_dropout_kernels, nf4, nf4_kernels
 
     if name in WEIGHT_KERNELS:
         fn_name, tiled = WEIGHT_KERNELS[name]
-        module, signature, aligned = fp8_kernels, NF4_SIGNATURE, [a for a in NF4_SIGNATURE if a != "offset"]
-        bn, bk = fp8.NF4_TILE
-        constexprs = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "SOFT_ROUND": False, "BN": bn, "BK": bk,
-                      "TILED": tiled, "SPAN": min(64, bk)}
-        options, tiles = {"num_warps": 4}, f"{bn}x{bk}"
+        bn, bk = nf4.TILE
+        constexprs = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "BN": bn, "BK": bk, "SPAN": min(64, bk),
+                      "SOFT_ROUND": False}
+        if name == "nf4_dequant":  # the bf16 weight (frozen_linear.TRITON_DEQUANT): no row scales
+            module = nf4_kernels
+            signature = {k: ("*bf16" if k == "out_ptr" else v) for k, v in NF4_SIGNATURE.items() if k != "row_scale_ptr"}
+        else:
+            module, signature = fp8_kernels, NF4_SIGNATURE
+            constexprs["TILED"] = tiled
+        aligned = [a for a in signature if a != "offset"]
+        options, tiles = {"num_warps": 4, "enable_fp_fusion": False}, f"{bn}x{bk}"
     else:
         fn_name, signature, aligned = SIGNATURES[name]
         module, t = lora_dropout_kernels, lora_dropout.TILES[name]

@@ -200,6 +200,10 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
         elif tok in FP8_PASS_TOKENS:  # experiment: FP8 in other passes than the recipe's
             overrides["training.fp8"] = True
             set_fp8_passes(tok)
+        elif tok == "tdq":  # experiment: NF4 bases dequantized by peftchat's Triton kernel (frozen_linear.TRITON_DEQUANT)
+            from peftchat.model import frozen_linear
+
+            frozen_linear.TRITON_DEQUANT = True
         elif tok == "keepw":  # experiment: a recompute's dequantized weight kept for its backward
             from peftchat.model import frozen_linear
 

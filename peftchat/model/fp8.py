@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from peftchat.model import nf4
+
 E4M3 = torch.float8_e4m3fn  # activations and weights: 3 mantissa bits, max 448
 E5M2 = torch.float8_e5m2  # wider range (max 57344), 2 mantissa bits: the usual gradient format
 FP8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
@@ -181,19 +183,9 @@ def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_sca
     return q, scale
 
 
-def nf4_kernel_fits(weight: torch.Tensor, quant_state) -> bool:
-    """Whether `nf4_to_fp8` takes this bitsandbytes 4-bit weight: packed uint8 for a 2-D shape
-    whose rows hold whole absmax blocks (NF4 or FP4: the code table is read, not assumed)."""
-    shape = getattr(quant_state, "shape", None)
-    return (weight.dtype == torch.uint8 and shape is not None and len(shape) == 2
-            and shape[1] % quant_state.blocksize == 0 and weight.numel() * 2 == shape[0] * shape[1]
-            and not getattr(quant_state, "packing_format_for_cpu", False))
-
-
-# weight tensor -> (row scales, double quantization's offset as a float), computed once per frozen
-# weight: the offset lives on the device, and reading it on every call would wait for the GPU.
-# torch's weak dictionary, because tensors compare elementwise, not by identity; the key must be
-# the weight itself (the Parameter), not `.data`, which is a new tensor at every access.
+# weight -> its e4m3 rows' scales, computed once per frozen weight. torch's weak dictionary
+# (tensors compare elementwise, not by identity); the key is the weight itself (the Parameter),
+# not `.data`, which is a new tensor at every access.
 _NF4_STATS = WeakTensorKeyDictionary()
 
 
@@ -201,19 +193,18 @@ def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
     """((N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) `weight`, double
     quantization's offset or 0.0). An NF4/FP4 code table holds ±1, so a row's largest |value| is
     its largest block |absmax| (decoded by bitsandbytes): no pass over the weight."""
-    cached = _NF4_STATS.get(weight)
-    if cached is None:
-        absmax, offset = quant_state.absmax, 0.0
+    row_scale = _NF4_STATS.get(weight)
+    if row_scale is None:
+        absmax = quant_state.absmax
         if quant_state.nested:
             import bitsandbytes.functional as bnb_f
 
-            offset = float(quant_state.offset)
             absmax = bnb_f.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
         # |absmax|: a decoded nested absmax can be negative (small blocks under a large offset;
         # bitsandbytes' dequantization then flips the codes' signs, and so do the kernels)
         row_amax = absmax.float().abs().view(quant_state.shape[0], -1).amax(dim=1)
-        cached = _NF4_STATS[weight] = (dequant_scale(row_amax, E4M3).contiguous(), offset)
-    return cached
+        row_scale = _NF4_STATS[weight] = dequant_scale(row_amax, E4M3).contiguous()
+    return row_scale, nf4.nested_offset(weight, quant_state)
 
 
 # How `nf4_to_fp8` writes the transposed copy: its own kernel (True) or torch's transpose of the
@@ -228,41 +219,32 @@ TRANSPOSE_KERNEL = False
 WEIGHT_TILES = False
 
 
-# (rows, columns) of the (N, K) weight tile one program of the weight kernels converts
-NF4_TILE = (64, 128)
-
-
 def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
-    """The weight kernels' arguments before the output (the codes, absmaxes, code tables, offset,
-    row scales) and their meta-parameters, for a bitsandbytes 4-bit `weight`."""
-    row_scale, offset = nf4_stats(weight, quant_state)
-    nested = bool(quant_state.nested)
-    s2 = quant_state.state2 if nested else None
-    args = (weight, quant_state.absmax, quant_state.code, s2.absmax if nested else row_scale,
-            s2.code if nested else row_scale, offset, row_scale)
-    meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-                SOFT_ROUND=not weight.is_cuda, BN=NF4_TILE[0], BK=NF4_TILE[1], TILED=WEIGHT_TILES,
-                SPAN=min(quant_state.blocksize, NF4_TILE[1]))
-    return args, meta
+    """The weight kernels' arguments before the output (`nf4.decode_args`, then the row scales)
+    and their meta-parameters, for a bitsandbytes 4-bit `weight`."""
+    args, meta = nf4.decode_args(weight, quant_state)
+    meta.update(SOFT_ROUND=not weight.is_cuda, TILED=WEIGHT_TILES)
+    return (*args, nf4_stats(weight, quant_state)[0]), meta
 
 
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
     bitsandbytes 4-bit `weight` (the Parameter, which `nf4_stats` caches on), from its codes
-    (`nf4_kernel_fits` must hold)."""
+    (`nf4.kernel_fits` must hold). Without FP fusion, as `nf4.dequantize`: bitsandbytes' absmaxes
+    bit for bit."""
     from triton import cdiv
 
     n, k = quant_state.shape
     args, meta = nf4_kernel_args(weight, quant_state)
-    bn, bk = NF4_TILE
+    grid = (cdiv(n, nf4.TILE[0]), cdiv(k, nf4.TILE[1]))
     out = out_t = None
     if rows or (transposed and not TRANSPOSE_KERNEL):
         out = torch.empty((n, k), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_kernel[(cdiv(n, bn), cdiv(k, bk))](*args, out, n, k, **meta)
+        _kernels().nf4_to_fp8_kernel[grid](*args, out, n, k, **meta, enable_fp_fusion=False)
     if transposed and TRANSPOSE_KERNEL:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[(cdiv(n, bn), cdiv(k, bk))](*args, out_t, n, k, **meta)
+        _kernels().nf4_to_fp8_t_kernel[grid](*args, out_t, n, k, **meta, enable_fp_fusion=False)
     elif transposed:
         out_t = out.t().contiguous()
     return (out if rows else None), out_t, args[-1]

@@ -7,7 +7,8 @@ Two memory-bound passes the FP8 base matmuls need, each one read and one write:
   incoming gradient so that one fp8 weight serves forward and backward).
 - `nf4_to_fp8_kernel` / `nf4_to_fp8_t_kernel`: a bitsandbytes NF4 weight straight to fp8, rows
   (N, K) or transposed (K, N), with no bf16 copy in between: per element, or (TILED,
-  `fp8.WEIGHT_TILES`) a tile at a time with one absmax per block (`nf4_tile_e4m3`).
+  `fp8.WEIGHT_TILES`) a tile at a time with one absmax per block (`nf4_tile_e4m3`). The 4-bit
+  decode is peftchat.model.nf4_kernels'.
 
 On the GPU the cast to fp8 is the hardware's (`cvt.rn.satfinite`: nearest even). In Triton's
 CPU interpreter (the tests) it is not: it mis-rounds values that carry into the next power of two
@@ -18,6 +19,8 @@ bits with torch's casts.
 
 import triton
 import triton.language as tl
+
+from peftchat.model.nf4_kernels import block_absmax, nf4_codes, nf4_tile_values
 
 
 @triton.jit
@@ -67,29 +70,6 @@ def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floo
 
 
 @triton.jit
-def nf4_codes(packed_ptr, n, k, inside, K):
-    # The 4-bit codes of elements (n, k) (broadcast index tensors, int64 n) of a bitsandbytes
-    # 4-bit (N, K) weight: flattened row-major, two codes a byte, the even element in the high
-    # nibble; K is a multiple of the absmax block (the caller checks), so rows start on a byte.
-    # Each element loads its own byte (the pair's second load hits the cache).
-    byte = tl.load(packed_ptr + n * (K // 2) + k // 2, mask=inside, other=0)
-    return (byte >> ((1 - k % 2) * 4).to(tl.uint8)) & 15
-
-
-@triton.jit
-def block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, block, mask, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
-    # The absmax of blocks `block`: stored as is, or with NESTED (double quantization) a uint8 code
-    # into code2, times absmax2 per BLOCKSIZE2 absmax values, plus offset (can come out negative).
-    if NESTED:  # a constexpr branch: only one is compiled, so one return (Triton types every return)
-        absmax_code = tl.load(absmax_ptr + block, mask=mask, other=0)
-        absmax = (tl.load(code2_ptr + absmax_code.to(tl.int32)) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=mask, other=0.0)
-                  + offset)
-    else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    return absmax
-
-
-@triton.jit
 def nf4_e4m3(nibble, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, k, inside, K,
              BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr):
     # Elements (n, k) with codes `nibble` of a bitsandbytes 4-bit weight in e4m3, divided by their
@@ -104,23 +84,12 @@ def nf4_e4m3(nibble, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_s
 def nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, pid_k, N, K,
                   BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
-    # `nf4_e4m3` of the (BN, BK) tile of rows n ((BN, 1) int64) and columns from pid_k * BK, the same
-    # values in fewer loads. Per element, a thread of the per-element path issues a byte load for
-    # its code and three more (absmax code, its code2 entry, absmax2) for an absmax that 64
-    # elements share: compiled for sm_90, 128 one-byte and 192 four-byte loads per thread for a
-    # 64 x 128 tile (benchmarks/kernel_ptx.py). Here the codes come from one load of the tile's
-    # bytes, each byte's two nibbles joined side by side (r23 timed that alone 2.6x faster, gate/up
-    # 0.15 ms against 0.40), and the absmax once per block (SPAN = min(BLOCKSIZE, BK) columns),
-    # broadcast over its columns. The arithmetic is the per-element path's, so the bits are too.
-    half = pid_k * (BK // 2) + tl.arange(0, BK // 2)
-    byte = tl.load(packed_ptr + n * (K // 2) + half[None, :], mask=(n < N) & (half[None, :] < K // 2), other=0)
-    nibble = tl.reshape(tl.join(byte >> 4, byte & 15), (BN, BK))  # the even element is the high nibble
-    span = pid_k * BK + tl.arange(0, BK // SPAN) * SPAN  # first column of each block part in the tile
-    block_ok = (n < N) & (span[None, :] < K)
-    absmax = block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, (n * K + span[None, :]) // BLOCKSIZE, block_ok,
-                          BLOCKSIZE2, NESTED)  # (BN, BK // SPAN)
-    absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BN, BK // SPAN, SPAN)), (BN, BK))
-    v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)
+    # `nf4_e4m3` of the (BN, BK) tile of rows n ((BN, 1) int64) and columns from pid_k * BK, from
+    # `nf4_tile_values` (a fraction of the per-element path's loads; the same arithmetic, so the
+    # same bits)
+    v = nf4_tile_values(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, n, pid_k, N, K,
+                        BLOCKSIZE, BLOCKSIZE2, NESTED, BN, BK, SPAN)
+    v = v / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
 
 

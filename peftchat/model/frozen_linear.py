@@ -48,7 +48,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from peftchat.model import lora_dropout
+from peftchat.model import lora_dropout, nf4
 from peftchat.model import fp8 as fp8_ops
 from peftchat.model.fp8 import Fp8Passes, fp8_grad_input, fp8_linear, fp8_shapes_fit
 
@@ -73,6 +73,12 @@ FP8_ONLY: Optional[tuple[str, ...]] = None
 # per-call times, r24), for one layer's bf16 weights (0.41 GiB at 8B) held through its backward.
 # Off until measured on the GPU (the bench's `+keepw`); results are bit-identical (tested).
 KEEP_RECOMPUTED_WEIGHT = False
+
+# NF4 bases dequantized by peftchat's Triton kernel (nf4.dequantize: bitsandbytes' values bit for
+# bit, one launch where bitsandbytes makes three, the codes read once) instead of bitsandbytes'
+# dequantize_4bit, three times per linear and step. Off until measured on the GPU (the bench's
+# `+tdq`); round 5's profile put bitsandbytes' weight kernel at 22-25 ms of an 8B step.
+TRITON_DEQUANT = False
 
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
@@ -111,7 +117,13 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
     if kind == "nf4":
         import bitsandbytes.functional as bf
 
-        return bf.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        qs = w.quant_state
+        # bitsandbytes dequantizes to the weight's original dtype, then .to(dtype): the same values
+        # as the kernel's one rounding when that dtype is `dtype` or fp32 (exact products)
+        exact = qs.dtype in (dtype, torch.float32)
+        if TRITON_DEQUANT and exact and nf4.kernels_on(w) and nf4.kernel_fits(w.data, qs):
+            return nf4.dequantize(w, qs, dtype)
+        return bf.dequantize_4bit(w.data, qs).to(dtype)
     if kind == "int8":
         # bitsandbytes moves CB/SCB from the weight to `base.state` on the layer's first forward
         scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB
@@ -221,7 +233,7 @@ def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     needs and keeps it (`_RECOMPUTED_WEIGHTS`: one decoder layer's worth at a time)."""
     base, kind = ctx.base, ctx.kind
     w = base.weight
-    if kind == "nf4" and fp8_ops.kernels_on(x) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
+    if kind == "nf4" and fp8_ops.kernels_on(x) and nf4.kernel_fits(w.data, w.quant_state):
         keep_t = ctx.fp8_grad is not None and in_recompute()
         w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w, w.quant_state, rows=True, transposed=keep_t)
         if keep_t:
@@ -237,7 +249,7 @@ def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype, kept: Any) -> t
     the recompute's (transposed e4m3 weight, row scales), or None."""
     base, kind = ctx.base, ctx.kind
     w = base.weight
-    if kind == "nf4" and fp8_ops.kernels_on(grad) and fp8_ops.nf4_kernel_fits(w.data, w.quant_state):
+    if kind == "nf4" and fp8_ops.kernels_on(grad) and nf4.kernel_fits(w.data, w.quant_state):
         w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w, w.quant_state, rows=False, transposed=True)[1:]
         gq, gs = fp8_ops.quantize_rows(grad, ctx.fp8_grad, col_scale=row_scale)
         return fp8_ops.scaled_matmul(gq, gs, w_t.t(), fp8_ops.ones_row(w_t.shape[0], grad.device), dtype)

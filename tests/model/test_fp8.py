@@ -4,7 +4,7 @@ quantization error within the format's rounding bound, and the two scaled matmul
 import pytest
 import torch
 
-from peftchat.model import fp8
+from peftchat.model import fp8, nf4
 
 
 def _random(shape, seed):
@@ -103,7 +103,7 @@ def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type,
     monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", transpose_kernel)
     monkeypatch.setattr(fp8, "WEIGHT_TILES", weight_tiles)
     packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows, 320 columns: partial tiles
-    assert fp8.nf4_kernel_fits(packed, state)
+    assert nf4.kernel_fits(packed, state)
     rows, transposed, row_scale = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
     ref_q, ref_scale = fp8.quantize(exact, 1)
     assert torch.equal(row_scale, ref_scale.flatten())  # from the block absmaxes alone
@@ -130,7 +130,7 @@ def test_nf4_kernel_refuses_rows_that_split_a_block():
     import bitsandbytes.functional as bf
 
     packed, state = bf.quantize_4bit(torch.randn(16, 96, dtype=torch.bfloat16), blocksize=64)
-    assert not fp8.nf4_kernel_fits(packed, state)
+    assert not nf4.kernel_fits(packed, state)
 
 
 def test_folded_weight_scales_give_the_input_gradient():
