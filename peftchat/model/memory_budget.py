@@ -8,8 +8,13 @@ budget) so the choice is testable without a GPU. The estimate (bytes, bf16 activ
   LoRA        r * (in + out) per targeted linear, fp32 weight + grad + two AdamW moments (16 B)
   per layer   a checkpointed layer keeps its input (tokens * d * 2 B) on the GPU, or nothing with
               `checkpoint_offload` (two inputs in flight: the double buffer); a layer left out of
-              checkpointing keeps all its activations, 2 B * (8 d + 4 ff) per token
-  transient   the layer being recomputed in backward plus the loss: 1.7 x one layer's activations
+              checkpointing keeps all its activations: through peft's LoRA layers 2 B * (8 d + 4 ff)
+              per token, through the fused LoRA function (`training.fused_lora`, on by default for
+              CUDA training) 2 B * (7 d + 3 ff): it keeps no dropout copy or mask
+  transient   the layer being recomputed in backward: 1.7 x one layer's activations. peft's
+              layers: added to everything kept. Fused: the peak is the larger of the recompute
+              (with only the inputs kept) and the end of the forward (all kept activations, plus
+              the loss: 0.25 x one layer's activations)
 
 Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/RESULTS.md, 2026-11-29, dropout
 0.05): estimated 8.49 / 10.36 / 20.86 GiB for offload / checkpoint all / skip 8, measured 8.21
@@ -19,8 +24,9 @@ training since round 3) lean measured 8.51 and the budgets 16 / 24 GiB peaked at
 round 4 the fused function keeps no dropout copy or mask for backward: lean measured 7.86, fast
 (skip 8) 16.5, so an un-checkpointed layer costs about 0.9 GiB, not 1.375. Round 5 (LoRA dropout
 drawn inside the LoRA matmuls): lean 7.64, fast 16.27 (skip 8) and 18.27 (skip 10), 1.0 GiB per
-layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. The estimate is kept
-as it was (it errs on the safe side) until budgets are measured again. Without any checkpointing
+layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. Round 8 fitted the
+fused terms to those five peaks (lean, skip 8, 10, 12, 13): estimated 8.02 / 16.55 / 18.62 /
+20.68 / 21.72, each 2-5 % above what was measured. peft's terms stay round 2's. Without any checkpointing
 it says 52 GiB where 57.9 was measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
 weights, LoRA state and one layer's recompute already take ~7.7): the policy says so, and the
 lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumulation_steps`). Choices are
@@ -81,34 +87,44 @@ def _linears(s: ModelShape) -> list[tuple[int, int]]:
             (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
 
 
-def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool) -> float:
-    """Estimated peak GiB of one training step (see the module docstring for the terms)."""
+def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool,
+                 fused: bool = False) -> float:
+    """Estimated peak GiB of one training step (see the module docstring for the terms); `fused`:
+    the LoRA layers run through the fused LoRA function."""
     linears = _linears(s)
     base = s.layers * sum(i * o for i, o in linears) * WEIGHT_BYTES[quantization]
     embed = s.vocab * s.hidden * 2 * (1 if s.tied_embeddings else 2)
     lora = s.layers * sum(lora_r * (i + o) for i, o in linears) * 16
     layer_input = tokens * s.hidden * 2
-    layer_acts = tokens * 2 * (8 * s.hidden + 4 * s.intermediate)
     checkpointed = s.layers - skip
     kept_inputs = 2 * layer_input if offload else checkpointed * layer_input
-    total = base + embed + lora + kept_inputs + skip * layer_acts + 1.7 * layer_acts
-    return total / GIB
+    if fused:
+        layer_acts = tokens * 2 * (7 * s.hidden + 3 * s.intermediate)
+        transient = max(skip * layer_acts + 0.25 * layer_acts, 1.7 * layer_acts)
+    else:
+        layer_acts = tokens * 2 * (8 * s.hidden + 4 * s.intermediate)
+        transient = skip * layer_acts + 1.7 * layer_acts
+    return (base + embed + lora + kept_inputs + transient) / GIB
 
 
 def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq: int, budget_gib: float,
-                  allow_offload: bool = True) -> MemoryPolicy:
-    """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest."""
+                  allow_offload: bool = True, fused: bool = False) -> MemoryPolicy:
+    """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest;
+    `fused` as for `estimate_gib`."""
     if budget_gib <= 0:
         raise ValueError(f"budget must be > 0 GiB, got {budget_gib}")
     tokens = batch * seq
     ranked = [(skip, offload) for skip in range(s.layers, -1, -1)
               for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
+    def estimate(skip: int, offload: bool) -> float:
+        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused)
+
     for skip, offload in ranked:
-        est = estimate_gib(s, quantization, lora_r, tokens, skip, offload)
+        est = estimate(skip, offload)
         if est <= HEADROOM * budget_gib:
             return MemoryPolicy(skip, offload, est, True)
-    smallest = min(ranked, key=lambda so: estimate_gib(s, quantization, lora_r, tokens, *so))
-    return MemoryPolicy(smallest[0], smallest[1], estimate_gib(s, quantization, lora_r, tokens, *smallest), False)
+    smallest = min(ranked, key=lambda so: estimate(*so))
+    return MemoryPolicy(smallest[0], smallest[1], estimate(*smallest), False)
 
 
 def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
@@ -118,10 +134,12 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
     if not cfg.max_memory_gib or not cfg.gradient_checkpointing:
         return cfg
     from peftchat.model.adapters import unwrap_peft
+    from peftchat.model.kernels import fused_lora_enabled
 
     budget = float(cfg.max_memory_gib)
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
-                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget)
+                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
+                           fused=fused_lora_enabled(model, cfg))
     print(policy.describe(budget), flush=True)
     return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
                    checkpoint_offload=policy.checkpoint_offload)

@@ -24,6 +24,30 @@ def test_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, 
     assert abs(one_more - 1.375) <= 0.07  # measured: 1.36-1.39 GiB per un-checkpointed layer (RESULTS.md)
 
 
+# through the fused LoRA function (CUDA's default): lean, skip 8 / 12 (r21), skip 13 (r22), skip 10
+# (round 5), 8B NF4 4 x 2048 at dropout 0.05, RESULTS.md rounds 5-7
+@pytest.mark.parametrize("skip,offload,measured", [(0, True, 7.64), (8, False, 16.27), (10, False, 18.27),
+                                                   (12, False, 20.28), (13, False, 21.28)])
+def test_fused_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
+    est = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload, fused=True)
+    assert measured <= est <= measured * 1.06
+    assert est < estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload)  # peft's layers keep more
+
+
+def test_fused_budgets_leave_out_more_layers_than_peft_budgets():
+    for budget in (16, 22, 24):
+        fused = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, budget, fused=True)
+        peft = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, budget)
+        assert fused.fits and fused.estimated_gib <= 0.95 * budget
+        assert fused.checkpoint_skip_layers > peft.checkpoint_skip_layers
+        # the fastest that fits: one more un-checkpointed layer would not
+        more = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, fused.checkpoint_skip_layers + 1,
+                            fused.checkpoint_offload, fused=True)
+        assert more > 0.95 * budget
+    # 22 GiB (the tuned peer's 21.67 rounded up): 13 layers left out, r22 measured 21.28 there
+    assert choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 22, fused=True).checkpoint_skip_layers == 13
+
+
 def test_8b_budgets_pick_the_fastest_policy_that_fits():
     at = {b: choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, b) for b in (8, 9, 16, 24, 64)}
     assert not at[8].fits and at[8].checkpoint_offload and at[8].checkpoint_skip_layers == 0  # smallest, said so
@@ -74,3 +98,20 @@ def test_budget_overrides_the_recipe_policy_and_prints_it(tiny_llama_dir, capsys
     # nothing fits: the smallest policy (2 layers: offload saves nothing)
     assert any(a.startswith("max_memory_gib 0.0001 -> checkpointed 2/2 layers") for a in applied(1e-4))
     assert "NOTHING FITS, smallest policy used; a smaller training.batch_size" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fused_lora", [True, False])
+def test_budget_estimates_the_lora_path_the_run_will_take(tiny_llama_dir, monkeypatch, fused_lora):
+    from transformers import AutoModelForCausalLM
+
+    from peftchat.model import memory_budget
+
+    seen = []
+    choose = memory_budget.choose_policy
+    monkeypatch.setattr(memory_budget, "choose_policy", lambda *a, **k: seen.append(k["fused"]) or choose(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    recipe = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "quantization": "none"},
+                               "data": {"train": "x.jsonl", "max_length": 64},
+                               "training": {"fused_lora": fused_lora, "max_memory_gib": 16}})
+    budgeted_training_config(model, recipe)
+    assert seen == [fused_lora]
