@@ -9,6 +9,7 @@ instructions that decide its speed counted in the PTX:
   st.global.*  register stores by width
   st.shared.*  shared-memory stores by width (layout conversions go through shared memory)
   mma          tensor-core instructions (mma.sync / wgmma)
+  div.*.f32    fp32 divisions: div.rn is IEEE (torch's), div.full / div.approx are not
 
 Round 6 found this way that a K split starting at a runtime offset had turned `down`'s x loads
 into scalar 2-byte loads with no cp.async (benchmarks/RESULTS.md); tests/test_kernel_ptx.py keeps
@@ -28,9 +29,10 @@ import json
 import re
 import sys
 from collections import Counter
+from typing import Any
 
 _COUNTED = re.compile(r"\b(cp\.async\.c[ag]\.shared\.global|ld\.global(?:\.[a-z0-9]+)*|st\.shared(?:\.[a-z0-9]+)*|"
-                      r"st\.global(?:\.[a-z0-9]+)*|"
+                      r"st\.global(?:\.[a-z0-9]+)*|div\.(?:full|approx|rn)\.f32|"
                       r"wgmma\.mma_async|mma\.sync|ldmatrix)")
 
 # per kernel: argument types in order (constexprs are given at compile time) and which pointers
@@ -68,35 +70,61 @@ WEIGHT_KERNELS = {"nf4_rows": ("nf4_to_fp8_kernel", False), "nf4_rows_tiled": ("
                   "nf4_transposed": ("nf4_to_fp8_t_kernel", False),
                   "nf4_transposed_tiled": ("nf4_to_fp8_t_kernel", True),
                   "nf4_dequant": ("nf4_dequant_kernel", True)}
-KERNELS = [*SIGNATURES, *WEIGHT_KERNELS]
+# fp8.quantize_rows_triton of a bf16 gradient with the weight's row scales folded in (K = 4096)
+QUANTIZE_SIGNATURE = {"x_ptr": "*bf16", "col_scale_ptr": "*fp32", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                      "M": "i32", "K": "i32", "amax_floor": "fp32"}
+KERNELS = [*SIGNATURES, *WEIGHT_KERNELS, "quantize_rows"]
+
+
+def _lora_source(name: str, r: int) -> tuple[Any, dict, dict, list, dict, str]:
+    from peftchat.model import lora_dropout, lora_dropout_kernels
+
+    fn_name, signature, aligned = SIGNATURES[name]
+    t = lora_dropout.TILES[name]
+    constexprs = {"BM": t.bm, "BK": t.bk, "BR": lora_dropout.block_r(r)}
+    return (getattr(lora_dropout_kernels, fn_name), signature, constexprs, list(aligned),
+            {"num_warps": t.warps, "num_stages": t.stages}, str(t))
+
+
+def _weight_source(name: str) -> tuple[Any, dict, dict, list, dict, str]:
+    from peftchat.model import fp8_kernels, nf4, nf4_kernels
+
+    fn_name, tiled = WEIGHT_KERNELS[name]
+    bn, bk = nf4.TILE
+    constexprs = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "BN": bn, "BK": bk, "SPAN": min(64, bk),
+                  "SOFT_ROUND": False}
+    if name == "nf4_dequant":  # the bf16 weight (frozen_linear.TRITON_DEQUANT): no row scales
+        module = nf4_kernels
+        signature = {k: ("*bf16" if k == "out_ptr" else v) for k, v in NF4_SIGNATURE.items() if k != "row_scale_ptr"}
+    else:
+        module, signature = fp8_kernels, NF4_SIGNATURE
+        constexprs["TILED"] = tiled
+    aligned = [a for a in signature if a != "offset"]
+    return getattr(module, fn_name), signature, constexprs, aligned, {"num_warps": 4, "enable_fp_fusion": False}, f"{bn}x{bk}"
+
+
+def _quantize_source() -> tuple[Any, dict, dict, list, dict, str]:
+    from peftchat.model import fp8, fp8_kernels
+
+    mbits, min_normal, sub_magic, fmax = fp8.FP8_GRID[fp8.E4M3]
+    constexprs = {"HAS_COL_SCALE": True, "SOFT_ROUND": False, "MBITS": mbits, "MIN_NORMAL": min_normal,
+                  "SUB_MAGIC": sub_magic, "FMAX": fmax, "BK": 4096}
+    aligned = ["x_ptr", "col_scale_ptr", "q_ptr", "scale_ptr", "K"]  # M is not specialised
+    return fp8_kernels.quantize_rows_kernel, QUANTIZE_SIGNATURE, constexprs, aligned, {"num_warps": 4}, "1x4096"
 
 
 def _source(name: str, r: int):
     """(Triton ASTSource, launch options, tile description) of kernel `name`."""
     from triton.compiler import ASTSource
 
-    from peftchat.model import fp8_kernels, lora_dropout, lora_dropout_kernels, nf4, nf4_kernels
-
     if name in WEIGHT_KERNELS:
-        fn_name, tiled = WEIGHT_KERNELS[name]
-        bn, bk = nf4.TILE
-        constexprs = {"BLOCKSIZE": 64, "BLOCKSIZE2": 256, "NESTED": True, "BN": bn, "BK": bk, "SPAN": min(64, bk),
-                      "SOFT_ROUND": False}
-        if name == "nf4_dequant":  # the bf16 weight (frozen_linear.TRITON_DEQUANT): no row scales
-            module = nf4_kernels
-            signature = {k: ("*bf16" if k == "out_ptr" else v) for k, v in NF4_SIGNATURE.items() if k != "row_scale_ptr"}
-        else:
-            module, signature = fp8_kernels, NF4_SIGNATURE
-            constexprs["TILED"] = tiled
-        aligned = [a for a in signature if a != "offset"]
-        options, tiles = {"num_warps": 4, "enable_fp_fusion": False}, f"{bn}x{bk}"
+        fn, signature, constexprs, aligned, options, tiles = _weight_source(name)
+    elif name == "quantize_rows":
+        fn, signature, constexprs, aligned, options, tiles = _quantize_source()
     else:
-        fn_name, signature, aligned = SIGNATURES[name]
-        module, t = lora_dropout_kernels, lora_dropout.TILES[name]
-        constexprs = {"BM": t.bm, "BK": t.bk, "BR": lora_dropout.block_r(r)}
-        options, tiles = {"num_warps": t.warps, "num_stages": t.stages}, str(t)
+        fn, signature, constexprs, aligned, options, tiles = _lora_source(name, r)
     names = list(signature) + list(constexprs)
-    src = ASTSource(fn=getattr(module, fn_name), signature={**signature, **{k: "constexpr" for k in constexprs}},
+    src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}},
                     constexprs=constexprs, attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned})
     return src, options, tiles
 

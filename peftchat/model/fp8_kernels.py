@@ -10,6 +10,8 @@ Two memory-bound passes the FP8 base matmuls need, each one read and one write:
   `fp8.WEIGHT_TILES`) a tile at a time with one absmax per block (`nf4_tile_e4m3`). The 4-bit
   decode is peftchat.model.nf4_kernels'.
 
+Divisions are `tl.math.div_rn` (IEEE, as torch divides): Triton's `/` on fp32 compiles to
+div.full.f32, 2 ulp off, which moved 2-3e-5 of r24's quantized gradient values from torch's.
 On the GPU the cast to fp8 is the hardware's (`cvt.rn.satfinite`: nearest even). In Triton's
 CPU interpreter (the tests) it is not: it mis-rounds values that carry into the next power of two
 (7.88 -> 4 instead of 8 in e4m3), so with SOFT_ROUND the kernels round to the fp8 grid themselves
@@ -63,8 +65,8 @@ def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floo
     v = tl.load(x_ptr + row * K + cols, mask=inside, other=0.0).to(tl.float32)
     if HAS_COL_SCALE:
         v = v * tl.load(col_scale_ptr + cols, mask=inside, other=0.0)
-    scale = tl.maximum(tl.max(tl.abs(v), axis=0), amax_floor) / FMAX
-    q = to_fp8_grid(v / scale, SOFT_ROUND, MBITS, MIN_NORMAL, SUB_MAGIC, FMAX)
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(v), axis=0), amax_floor), FMAX)
+    q = to_fp8_grid(tl.math.div_rn(v, scale), SOFT_ROUND, MBITS, MIN_NORMAL, SUB_MAGIC, FMAX)
     tl.store(q_ptr + row * K + cols, q.to(q_ptr.dtype.element_ty), mask=inside)
     tl.store(scale_ptr + row, scale)
 
@@ -76,7 +78,7 @@ def nf4_e4m3(nibble, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_s
     # row's scale: code[nibble] times the absmax of their BLOCKSIZE block (`block_absmax`).
     absmax = block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, (n * K + k) // BLOCKSIZE, inside, BLOCKSIZE2,
                           NESTED)
-    v = tl.load(code_ptr + nibble.to(tl.int32)) * absmax / tl.load(row_scale_ptr + n, mask=inside, other=1.0)
+    v = tl.math.div_rn(tl.load(code_ptr + nibble.to(tl.int32)) * absmax, tl.load(row_scale_ptr + n, mask=inside, other=1.0))
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
 
 
@@ -89,7 +91,7 @@ def nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offs
     # same bits)
     v = nf4_tile_values(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, n, pid_k, N, K,
                         BLOCKSIZE, BLOCKSIZE2, NESTED, BN, BK, SPAN)
-    v = v / tl.load(row_scale_ptr + n, mask=n < N, other=1.0)
+    v = tl.math.div_rn(v, tl.load(row_scale_ptr + n, mask=n < N, other=1.0))
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
 
 
