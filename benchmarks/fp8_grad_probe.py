@@ -14,7 +14,9 @@ quantized per call), rec (FP8 in the recompute only: r24's healthy 8B fp8rec row
 for rec_keep at 1B), nokeep (the recompute's transposed weight not kept), noscalecache,
 rec_keep (fp8 recompute keeping the transposed weight, bf16 input gradient), torchquant (torch's
 quantization of x and gradients), torchweight (the e4m3 weight from bitsandbytes' dequant),
-tk (`fp8.TRANSPOSE_KERNEL`), tiles (`fp8.WEIGHT_TILES`), tiles_tk (both). Writes probe_<mode>.json under --out;
+tk (`fp8.TRANSPOSE_KERNEL`), tiles (`fp8.WEIGHT_TILES`), tiles_tk (both flags), both (round 7's
+one kernel storing both layouts in the recompute, as r25 ran it: does fault 2 come back with
+today's code?). Writes probe_<mode>.json under --out;
 prints one line per mode.
 """
 
@@ -28,7 +30,7 @@ import sys
 from pathlib import Path
 
 MODES = ("bf16", "fp8", "rec", "generic", "nocache", "nokeep", "noscalecache", "rec_keep", "torchquant", "torchweight", "tk", "tiles",
-         "tiles_tk")
+         "tiles_tk", "both")
 
 
 class _Discard(dict):
@@ -49,6 +51,30 @@ def _weight_from_bitsandbytes(weight, quant_state, rows: bool = True, transposed
     row_scale = fp8.nf4_stats(weight, quant_state)[0]
     q = (bf.dequantize_4bit(weight, quant_state).float() / row_scale[:, None]).clamp(-448, 448).to(fp8.E4M3)
     return (q if rows else None), (q.t().contiguous() if transposed else None), row_scale
+
+
+def _weight_from_both_layouts_kernel(weight, quant_state, rows: bool = True, transposed: bool = False):
+    """Both layouts from round 7's one-kernel store (`fp8_store_bounds.both_layouts_kernel`) where a
+    recompute asks for both, as r25 ran; the tree's kernels otherwise."""
+    import torch
+    import triton
+
+    from benchmarks.fp8_store_bounds import both_layouts_kernel
+    from peftchat.model import fp8, nf4
+
+    if not (rows and transposed):
+        return _TREE_NF4_TO_FP8(weight, quant_state, rows, transposed)
+    n, k = quant_state.shape
+    args, meta = fp8.nf4_kernel_args(weight, quant_state)
+    meta = {key: v for key, v in meta.items() if key not in ("TILED", "SPAN")}
+    out = torch.empty((n, k), dtype=fp8.E4M3, device=weight.device)
+    out_t = torch.empty((k, n), dtype=fp8.E4M3, device=weight.device)
+    grid = (triton.cdiv(n, nf4.TILE[0]), triton.cdiv(k, nf4.TILE[1]))
+    both_layouts_kernel[grid](*args, out, out_t, n, k, **meta, enable_fp_fusion=False)
+    return out, out_t, args[-1]
+
+
+_TREE_NF4_TO_FP8 = None  # the tree's fp8.nf4_to_fp8, kept by ablate("both")
 
 
 def ablate(mode: str) -> None:
@@ -80,6 +106,10 @@ def ablate(mode: str) -> None:
         fp8.WEIGHT_TILES = True
     elif mode == "tiles_tk":
         fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = True
+    elif mode == "both":
+        global _TREE_NF4_TO_FP8
+        _TREE_NF4_TO_FP8 = fp8.nf4_to_fp8
+        fp8.nf4_to_fp8 = _weight_from_both_layouts_kernel
 
 
 def probe(mode: str, out: Path) -> dict:
