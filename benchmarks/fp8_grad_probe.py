@@ -48,7 +48,7 @@ def _weight_from_bitsandbytes(weight, quant_state, rows: bool = True, transposed
 
     from peftchat.model import fp8
 
-    row_scale = fp8.nf4_stats(weight, quant_state)[0]
+    row_scale = fp8.nf4_row_scales(weight, quant_state)
     q = (bf.dequantize_4bit(weight, quant_state).float() / row_scale[:, None]).clamp(-448, 448).to(fp8.E4M3)
     return (q if rows else None), (q.t().contiguous() if transposed else None), row_scale
 
@@ -65,13 +65,13 @@ def _weight_from_both_layouts_kernel(weight, quant_state, rows: bool = True, tra
     if not (rows and transposed):
         return _TREE_NF4_TO_FP8(weight, quant_state, rows, transposed)
     n, k = quant_state.shape
-    args, meta = fp8.nf4_kernel_args(weight, quant_state)
-    meta = {key: v for key, v in meta.items() if key not in ("TILED", "SPAN")}
+    rest, meta = fp8.nf4_kernel_args(weight, quant_state)
+    meta = {key: v for key, v in meta.items() if key != "SPAN"}
     out = torch.empty((n, k), dtype=fp8.E4M3, device=weight.device)
     out_t = torch.empty((k, n), dtype=fp8.E4M3, device=weight.device)
     grid = (triton.cdiv(n, nf4.TILE[0]), triton.cdiv(k, nf4.TILE[1]))
-    both_layouts_kernel[grid](*args, out, out_t, n, k, **meta, enable_fp_fusion=False)
-    return out, out_t, args[-1]
+    both_layouts_kernel[grid](weight, *rest, out, out_t, n, k, **meta, enable_fp_fusion=False)
+    return out, out_t, rest[-1]
 
 
 _TREE_NF4_TO_FP8 = None  # the tree's fp8.nf4_to_fp8, kept by ablate("both")
@@ -89,7 +89,7 @@ def ablate(mode: str) -> None:
     elif mode == "nokeep":
         fl._RECOMPUTED_WEIGHTS = _Discard()
     elif mode == "noscalecache":
-        fp8._NF4_STATS = _Discard()
+        fp8._NF4_ARGS = _Discard()
     elif mode == "rec":
         fl.FP8_PASSES = fp8.Fp8Passes(recompute=True, grad_input=False)
     elif mode == "rec_keep":

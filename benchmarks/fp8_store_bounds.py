@@ -102,7 +102,8 @@ def check(n: int, k: int, kernel: str, device: str) -> dict[str, Any]:
     """Counts for one kernel on one (N, K) weight: bytes written outside the outputs, output bytes
     never written, values unlike the reference, input bytes changed."""
     packed, state, exact = nf4_weight(n, k, device)
-    args, meta = fp8.nf4_kernel_args(packed, state)
+    rest, meta = fp8.nf4_kernel_args(packed, state)
+    args = (packed, *rest)
     inputs = [a for a in args if isinstance(a, torch.Tensor)]
     before = [a.clone() for a in inputs]
     layouts = ["rows", "transposed"] if kernel == "both" else [kernel.removesuffix("_tiled")]

@@ -11,7 +11,7 @@ from benchmarks.check_fp8 import nf4_lora_layer
 from peftchat.model import fp8
 from peftchat.model import frozen_linear as fl
 
-PATCHED = {fp8: ["kernels_on", "_NF4_STATS", "quantize_rows", "nf4_to_fp8", "TRANSPOSE_KERNEL", "WEIGHT_TILES"],
+PATCHED = {fp8: ["kernels_on", "_NF4_ARGS", "quantize_rows", "nf4_to_fp8", "TRANSPOSE_KERNEL", "WEIGHT_TILES"],
            fl: ["_RECOMPUTED_WEIGHTS", "_fp8_input_grad", "FP8_PASSES"]}
 
 

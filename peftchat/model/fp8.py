@@ -183,28 +183,41 @@ def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_sca
     return q, scale
 
 
-# weight -> its e4m3 rows' scales, computed once per frozen weight. torch's weak dictionary
-# (tensors compare elementwise, not by identity); the key is the weight itself (the Parameter),
-# not `.data`, which is a new tensor at every access.
-_NF4_STATS = WeakTensorKeyDictionary()
+# weight -> (the weight kernels' arguments after the codes: `nf4.decode_args`' and the e4m3 rows'
+# scales; their meta-parameters), built once per frozen weight: one lookup per call on the hot
+# path. Keyed as nf4's cache is (the Parameter itself, weakly).
+_NF4_ARGS = WeakTensorKeyDictionary()
 
 
-def nf4_stats(weight: torch.Tensor, quant_state) -> tuple[torch.Tensor, float]:
-    """((N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) `weight`, double
-    quantization's offset or 0.0). An NF4/FP4 code table holds ±1, so a row's largest |value| is
-    its largest block |absmax| (decoded by bitsandbytes): no pass over the weight."""
-    row_scale = _NF4_STATS.get(weight)
-    if row_scale is None:
-        absmax = quant_state.absmax
-        if quant_state.nested:
-            import bitsandbytes.functional as bnb_f
+def _row_scales(quant_state) -> torch.Tensor:
+    """(N,) fp32 dequant scales of the e4m3 rows of a 4-bit (N, K) weight. An NF4/FP4 code table
+    holds ±1, so a row's largest |value| is its largest block |absmax| (decoded by bitsandbytes):
+    no pass over the weight."""
+    absmax = quant_state.absmax
+    if quant_state.nested:
+        import bitsandbytes.functional as bnb_f
 
-            absmax = bnb_f.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
-        # |absmax|: a decoded nested absmax can be negative (small blocks under a large offset;
-        # bitsandbytes' dequantization then flips the codes' signs, and so do the kernels)
-        row_amax = absmax.float().abs().view(quant_state.shape[0], -1).amax(dim=1)
-        row_scale = _NF4_STATS[weight] = dequant_scale(row_amax, E4M3).contiguous()
-    return row_scale, nf4.nested_offset(weight, quant_state)
+        absmax = bnb_f.dequantize_blockwise(absmax, quant_state.state2) + quant_state.offset
+    # |absmax|: a decoded nested absmax can be negative (small blocks under a large offset;
+    # bitsandbytes' dequantization then flips the codes' signs, and so do the kernels)
+    row_amax = absmax.float().abs().view(quant_state.shape[0], -1).amax(dim=1)
+    return dequant_scale(row_amax, E4M3).contiguous()
+
+
+def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
+    """(the weight kernels' arguments after the codes: `nf4.decode_args`' then the rows' scales,
+    their meta-parameters but TILED) for a bitsandbytes 4-bit `weight`, cached on it. The meta
+    dict is shared: pass it on, never change it."""
+    cached = _NF4_ARGS.get(weight)
+    if cached is None:
+        rest, meta = nf4.decode_args(weight, quant_state)
+        cached = _NF4_ARGS[weight] = ((*rest, _row_scales(quant_state)), {**meta, "SOFT_ROUND": not weight.is_cuda})
+    return cached
+
+
+def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
+    """The (N,) e4m3 rows' scales of a 4-bit `weight` (cached with its kernel arguments)."""
+    return nf4_kernel_args(weight, quant_state)[0][-1]
 
 
 # How `nf4_to_fp8` writes the transposed copy: its own kernel (True) or torch's transpose of the
@@ -219,35 +232,28 @@ TRANSPOSE_KERNEL = False
 WEIGHT_TILES = False
 
 
-def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
-    """The weight kernels' arguments before the output (`nf4.decode_args`, then the row scales)
-    and their meta-parameters, for a bitsandbytes 4-bit `weight`."""
-    args, meta = nf4.decode_args(weight, quant_state)
-    meta.update(SOFT_ROUND=not weight.is_cuda, TILED=WEIGHT_TILES)
-    return (*args, nf4_stats(weight, quant_state)[0]), meta
-
-
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
-    bitsandbytes 4-bit `weight` (the Parameter, which `nf4_stats` caches on), from its codes
+    bitsandbytes 4-bit `weight` (the Parameter, which `nf4_kernel_args` caches on), from its codes
     (`nf4.kernel_fits` must hold). Without FP fusion, as `nf4.dequantize`: bitsandbytes' absmaxes
     bit for bit."""
     from triton import cdiv
 
     n, k = quant_state.shape
-    args, meta = nf4_kernel_args(weight, quant_state)
+    rest, meta = nf4_kernel_args(weight, quant_state)
     grid = (cdiv(n, nf4.TILE[0]), cdiv(k, nf4.TILE[1]))
     out = out_t = None
     if rows or (transposed and not TRANSPOSE_KERNEL):
         out = torch.empty((n, k), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_kernel[grid](*args, out, n, k, **meta, enable_fp_fusion=False)
+        _kernels().nf4_to_fp8_kernel[grid](weight, *rest, out, n, k, **meta, TILED=WEIGHT_TILES, enable_fp_fusion=False)
     if transposed and TRANSPOSE_KERNEL:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[grid](*args, out_t, n, k, **meta, enable_fp_fusion=False)
+        _kernels().nf4_to_fp8_t_kernel[grid](weight, *rest, out_t, n, k, **meta, TILED=WEIGHT_TILES,
+                                             enable_fp_fusion=False)
     elif transposed:
         out_t = out.t().contiguous()
-    return (out if rows else None), out_t, args[-1]
+    return (out if rows else None), out_t, rest[-1]
 
 
 @functools.cache

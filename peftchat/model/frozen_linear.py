@@ -120,8 +120,8 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
         qs = w.quant_state
         # bitsandbytes dequantizes to the weight's original dtype, then .to(dtype): the same values
         # as the kernel's one rounding when that dtype is `dtype` or fp32 (exact products)
-        exact = qs.dtype in (dtype, torch.float32)
-        if TRITON_DEQUANT and exact and nf4.kernels_on(w) and nf4.kernel_fits(w.data, qs):
+        if (TRITON_DEQUANT and qs.dtype in (dtype, torch.float32) and nf4.kernels_on(w)
+                and nf4.kernel_fits(w.data, qs)):
             return nf4.dequantize(w, qs, dtype)
         return bf.dequantize_4bit(w.data, qs).to(dtype)
     if kind == "int8":

@@ -25,8 +25,8 @@ round 4 the fused function keeps no dropout copy or mask for backward: lean meas
 (skip 8) 16.5, so an un-checkpointed layer costs about 0.9 GiB, not 1.375. Round 5 (LoRA dropout
 drawn inside the LoRA matmuls): lean 7.64, fast 16.27 (skip 8) and 18.27 (skip 10), 1.0 GiB per
 layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. Round 8 fitted the
-fused terms to those five peaks (lean, skip 8, 10, 12, 13): estimated 8.02 / 16.55 / 18.62 /
-20.68 / 21.72, each 2-5 % above what was measured. peft's terms stay round 2's. Without any checkpointing
+fused terms to those five peaks (lean, skip 8, 10, 12, 13): estimated 8.01 / 16.55 / 18.61 /
+20.68 / 21.71, each 2-5 % above what was measured. peft's terms stay round 2's. Without any checkpointing
 it says 52 GiB where 57.9 was measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
 weights, LoRA state and one layer's recompute already take ~7.7): the policy says so, and the
 lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumulation_steps`). Choices are
@@ -116,6 +116,7 @@ def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq
     tokens = batch * seq
     ranked = [(skip, offload) for skip in range(s.layers, -1, -1)
               for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
+
     def estimate(skip: int, offload: bool) -> float:
         return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused)
 

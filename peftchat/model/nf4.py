@@ -20,11 +20,12 @@ from torch.utils.weak import WeakTensorKeyDictionary
 # (rows, columns) of the (N, K) weight tile one program of the weight kernels converts
 TILE = (64, 128)
 
-# weight -> double quantization's offset as a float, read once per frozen weight: it lives on the
-# device, and reading it on every call would wait for the GPU. torch's weak dictionary (tensors
-# compare elementwise, not by identity); the key is the weight itself (the Parameter), not
-# `.data`, which is a new tensor at every access.
-_OFFSETS = WeakTensorKeyDictionary()
+# weight -> (the kernels' arguments after the codes, their meta-parameters), built once per frozen
+# weight, on the hot path of every LoRA linear: the offset lives on the device, and reading it on
+# every call would wait for the GPU. torch's weak dictionary (tensors compare elementwise, not by
+# identity); the key is the weight itself (the Parameter), not `.data`, which is a new tensor at
+# every access. The value must not hold the weight: it would keep its own entry alive.
+_DECODE = WeakTensorKeyDictionary()
 
 
 @functools.cache
@@ -52,28 +53,22 @@ def kernel_fits(weight: torch.Tensor, quant_state) -> bool:
             and not getattr(quant_state, "packing_format_for_cpu", False))
 
 
-def nested_offset(weight: torch.Tensor, quant_state) -> float:
-    """Double quantization's offset (0.0 without it), cached on `weight`."""
-    if not quant_state.nested:
-        return 0.0
-    cached = _OFFSETS.get(weight)
-    if cached is None:
-        cached = _OFFSETS[weight] = float(quant_state.offset)
-    return cached
-
-
 def decode_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
-    """The kernels' first arguments (codes, absmaxes, code table, absmax2, code2, offset; the
-    nested ones stand in with the absmaxes when there is no double quantization) and the
-    meta-parameters they share."""
-    nested = bool(quant_state.nested)
-    s2 = quant_state.state2 if nested else None
-    absmax = quant_state.absmax
-    args = (weight, absmax, quant_state.code, s2.absmax if nested else absmax, s2.code if nested else absmax,
-            nested_offset(weight, quant_state))
-    meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-                BN=TILE[0], BK=TILE[1], SPAN=min(quant_state.blocksize, TILE[1]))
-    return args, meta
+    """((absmaxes, code table, absmax2, code2, offset), meta-parameters): the kernels' arguments
+    after the codes (`weight`, which they take first), cached on `weight`. Without double
+    quantization the nested ones stand in with the absmaxes and the offset is 0.0. The cached
+    meta dict is shared: callers pass it on (`**meta`), never change it."""
+    cached = _DECODE.get(weight)
+    if cached is None:
+        nested = bool(quant_state.nested)
+        s2 = quant_state.state2 if nested else None
+        absmax = quant_state.absmax
+        rest = (absmax, quant_state.code, s2.absmax if nested else absmax, s2.code if nested else absmax,
+                float(quant_state.offset) if nested else 0.0)
+        meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
+                    BN=TILE[0], BK=TILE[1], SPAN=min(quant_state.blocksize, TILE[1]))
+        cached = _DECODE[weight] = (rest, meta)
+    return cached
 
 
 def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -84,9 +79,9 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     from triton import cdiv
 
     n, k = quant_state.shape
-    args, meta = decode_args(weight, quant_state)
+    rest, meta = decode_args(weight, quant_state)
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
     soft_round = not weight.is_cuda and dtype == torch.bfloat16  # the interpreter's bf16 cast truncates
-    _kernels().nf4_dequant_kernel[(cdiv(n, TILE[0]), cdiv(k, TILE[1]))](*args, out, n, k, **meta, SOFT_ROUND=soft_round,
-                                                                          enable_fp_fusion=False)
+    _kernels().nf4_dequant_kernel[(cdiv(n, TILE[0]), cdiv(k, TILE[1]))](
+        weight, *rest, out, n, k, **meta, SOFT_ROUND=soft_round, enable_fp_fusion=False)
     return out

@@ -212,8 +212,8 @@ def test_fp8_recompute_takes_the_nf4_kernels_and_keeps_the_transposed_weight(mon
     y, grad_x = _checkpointed_run(layer, x, g)
     # one pass over the codes, in the recompute, writing both layouts; backward reuses the transposed one
     assert calls == [{"rows": True, "transposed": True}]
-    stats = fp8._NF4_STATS.get(layer.get_base_layer().weight)  # cached on the Parameter, not a `.data` view
-    assert stats is not None and _checkpointed_run(layer, x, g) and fp8._NF4_STATS.get(layer.get_base_layer().weight) is stats
+    stats = fp8._NF4_ARGS.get(layer.get_base_layer().weight)  # cached on the Parameter, not a `.data` view
+    assert stats is not None and _checkpointed_run(layer, x, g) and fp8._NF4_ARGS.get(layer.get_base_layer().weight) is stats
     layer.zero_grad()
     assert torch.equal(y, bf16[0])  # the forward the loss sees is bf16
     # no less accurate than the eager FP8 path (which scales the weight per column instead)

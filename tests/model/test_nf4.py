@@ -28,12 +28,14 @@ def test_dequantize_is_bitsandbytes_bit_for_bit(dtype, nested, quant_type, block
     assert torch.equal(nf4.dequantize(packed, state, dtype), bf.dequantize_4bit(packed, state))
 
 
-def test_offset_is_read_once_per_weight(monkeypatch):
+def test_offset_is_read_once_per_weight():
     packed, state = _quantized(torch.bfloat16, True, "nf4", 64)
-    first = nf4.nested_offset(packed, state)
+    offset = float(state.offset)
+    first = nf4.decode_args(packed, state)
     state.offset = state.offset + 1  # a second read would see this
-    assert nf4.nested_offset(packed, state) == first
-    assert nf4.nested_offset(packed, _quantized(torch.bfloat16, False, "nf4", 64)[1]) == 0.0
+    assert nf4.decode_args(packed, state) is first and first[0][-1] == offset
+    other, _ = _quantized(torch.bfloat16, False, "nf4", 64)
+    assert nf4.decode_args(other, _)[0][-1] == 0.0
 
 
 def test_kernel_refuses_rows_that_split_a_block():
