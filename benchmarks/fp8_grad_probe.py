@@ -23,6 +23,7 @@ prints one line per mode.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import subprocess
@@ -53,9 +54,10 @@ def _weight_from_bitsandbytes(weight, quant_state, rows: bool = True, transposed
     return (q if rows else None), (q.t().contiguous() if transposed else None), row_scale
 
 
-def _weight_from_both_layouts_kernel(weight, quant_state, rows: bool = True, transposed: bool = False):
+def _weight_from_both_layouts_kernel(tree_nf4_to_fp8, weight, quant_state, rows: bool = True,
+                                     transposed: bool = False):
     """Both layouts from round 7's one-kernel store (`fp8_store_bounds.both_layouts_kernel`) where a
-    recompute asks for both, as r25 ran; the tree's kernels otherwise."""
+    recompute asks for both, as r25 ran; the tree's `nf4_to_fp8` otherwise."""
     import torch
     import triton
 
@@ -63,7 +65,7 @@ def _weight_from_both_layouts_kernel(weight, quant_state, rows: bool = True, tra
     from peftchat.model import fp8, nf4
 
     if not (rows and transposed):
-        return _TREE_NF4_TO_FP8(weight, quant_state, rows, transposed)
+        return tree_nf4_to_fp8(weight, quant_state, rows, transposed)
     n, k = quant_state.shape
     rest, meta = fp8.nf4_kernel_args(weight, quant_state)
     meta = {key: v for key, v in meta.items() if key != "SPAN"}
@@ -72,9 +74,6 @@ def _weight_from_both_layouts_kernel(weight, quant_state, rows: bool = True, tra
     grid = (triton.cdiv(n, nf4.TILE[0]), triton.cdiv(k, nf4.TILE[1]))
     both_layouts_kernel[grid](weight, *rest, out, out_t, n, k, **meta, enable_fp_fusion=False)
     return out, out_t, rest[-1]
-
-
-_TREE_NF4_TO_FP8 = None  # the tree's fp8.nf4_to_fp8, kept by ablate("both")
 
 
 def ablate(mode: str) -> None:
@@ -107,9 +106,7 @@ def ablate(mode: str) -> None:
     elif mode == "tiles_tk":
         fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = True
     elif mode == "both":
-        global _TREE_NF4_TO_FP8
-        _TREE_NF4_TO_FP8 = fp8.nf4_to_fp8
-        fp8.nf4_to_fp8 = _weight_from_both_layouts_kernel
+        fp8.nf4_to_fp8 = functools.partial(_weight_from_both_layouts_kernel, fp8.nf4_to_fp8)
 
 
 def probe(mode: str, out: Path) -> dict:
