@@ -325,7 +325,7 @@ def memory_rows() -> dict[str, Any]:
 
 # What the quality check compares: (label, recipe overrides) for "off" and "on".
 QUALITY_COMPARISONS = {
-    "fp8": (("bf16", {}), ("fp8", {"training.fp8": True})),
+    "fp8": (("bf16", {"training.fp8": False}), ("fp8", {"training.fp8": True})),  # False beats an fp8 option's True
     "fusedlora": (("peft", {"training.fused_lora": False}), ("fused", {"training.fused_lora": True})),
 }
 
@@ -362,10 +362,12 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
     model_dir = bench_model(shape, args.model_root, args.device)
     work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
     work.mkdir(parents=True, exist_ok=True)
-    spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
-            "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
+    setting, _, options = args.quality_setting.partition("+")  # e.g. lean+fp8tiles+fp8tk: the kernels' flags
+    spec = peftchat_variants.apply_options(
+        {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
+         "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}, options)
     files = (work / "train.jsonl", work / "eval.jsonl")
-    tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, args.quality_setting,
+    tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, setting,
                                                               files[0], work / "tmp"))
     write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
     write_sessions(files[1], tokenizer, n=64, seed=4321)  # other sessions: held out
@@ -373,7 +375,8 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
                                "compare": args.quality_compare}
     (off, off_overrides), (on, on_overrides) = QUALITY_COMPARISONS[args.quality_compare]
     for label, overrides in ((off, off_overrides), (on, on_overrides)):
-        results[label] = quality_run({**spec, "work_dir": str(work / label)}, args.quality_setting, overrides, files)
+        results[label] = quality_run({**spec, "work_dir": str(work / label)}, setting,
+                                     {**spec["overrides"], **overrides}, files)
     b, f = results[off], results[on]
     results["train_loss_rel_diff"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
     if b["eval_loss_bf16_path"] and f["eval_loss_bf16_path"]:
@@ -388,7 +391,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=8192, help="rows M of the kernel timings (batch x seq)")
     p.add_argument("--linears", default=",".join(SHAPES_8B), help=f"subset of {','.join(SHAPES_8B)}")
     p.add_argument("--quality-shapes", default="1b:300,8b:100", help="shape:steps,...")
-    p.add_argument("--quality-setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py")
+    p.add_argument("--quality-setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py, with its +options")
     p.add_argument("--quality-compare", default="fp8", choices=sorted(QUALITY_COMPARISONS))
     p.add_argument("--device", default="cuda", help="quality section only (cpu: a smoke run of the tiny shape)")
     p.add_argument("--batch", type=int, default=4)

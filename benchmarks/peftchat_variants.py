@@ -176,18 +176,12 @@ def _no_varlen() -> None:
     load.flash_varlen_available = lambda device: False
 
 
-def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
-        after_model_load: Optional[Callable] = None) -> dict[str, Any]:
-    """Train the spec's setting through peftchat.train.loop.train; return the bench row.
-    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler);
-    `after_model_load(model)`: called with the base model once loaded (host_lag.py's hooks)."""
-    from peftchat.model.tokenizer import load_tokenizer
-    from peftchat.train import loop
-
-    _, _, name = spec["variant"].partition(":")
-    setting, _, extra = name.partition("+")
+def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
+    """The spec with a setting's `+`-joined options applied (`fast+compile+skip6` -> "compile+skip6"):
+    recipe overrides go into spec["overrides"]; experiment flags are set on their modules, which is
+    why each variant runs in its own process (worker.py)."""
     overrides = dict(spec.get("overrides", {}))
-    for tok in filter(None, extra.split("+")):  # e.g. peftchat:fast+compile+skip6, peftchat:lean+mb2
+    for tok in filter(None, options.split("+")):  # e.g. peftchat:fast+compile+skip6, peftchat:lean+mb2
         if tok.startswith("mb"):
             spec = {**spec, "micro_batch": int(tok[2:])}
         elif tok.startswith("skip"):
@@ -241,7 +235,20 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
             overrides[key] = value
         else:
             raise ValueError(f"unknown peftchat option {tok!r}")
-    spec = {**spec, "overrides": overrides}
+    return {**spec, "overrides": overrides}
+
+
+def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
+        after_model_load: Optional[Callable] = None) -> dict[str, Any]:
+    """Train the spec's setting through peftchat.train.loop.train; return the bench row.
+    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler);
+    `after_model_load(model)`: called with the base model once loaded (host_lag.py's hooks)."""
+    from peftchat.model.tokenizer import load_tokenizer
+    from peftchat.train import loop
+
+    _, _, name = spec["variant"].partition(":")
+    setting, _, options = name.partition("+")
+    spec = apply_options(spec, options)
     if setting == "ref":  # the gate's reference: plain sdpa, packed rows through its mask
         _no_varlen()
     if setting not in SETTINGS:
