@@ -178,15 +178,17 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
     return {
         "quantize_x_triton": ms(lambda: fp8.quantize_rows(x)),
         "quantize_grad_triton_colscale": ms(lambda: fp8.quantize_rows(g, fp8.E4M3, row_scale)),
-        "nf4_to_fp8_rows": ms(lambda: fp8.nf4_to_fp8(data, state)),
+        "nf4_to_fp8_rows": ms(lambda: _with_weight_tiles(lambda: fp8.nf4_to_fp8(data, state), False)),
         "nf4_to_fp8_rows_tiled": ms(lambda: _with_weight_tiles(lambda: fp8.nf4_to_fp8(data, state))),
         "nf4_to_fp8_transposed_tiled": ms(lambda: _with_weight_tiles(
             lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True))),
-        "nf4_to_fp8_transposed": ms(lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True)),
-        "nf4_to_fp8_both": ms(lambda: fp8.nf4_to_fp8(data, state, rows=True, transposed=True)),
+        "nf4_to_fp8_transposed": ms(lambda: _with_weight_tiles(
+            lambda: fp8.nf4_to_fp8(data, state, rows=False, transposed=True), False)),
+        "nf4_to_fp8_both": ms(lambda: _with_weight_tiles(
+            lambda: fp8.nf4_to_fp8(data, state, rows=True, transposed=True), False)),
         "scaled_mm_fwd_rows": ms(lambda: fp8.scaled_matmul(xq, xs, w_rows.t(), row_scale.view(1, -1), bf16)),
         "scaled_mm_grad_folded": ms(lambda: fp8.scaled_matmul(gq, gs, w_t.t(), ones, bf16)),
-        "fp8_fwd_triton_total": ms(fwd),
+        "fp8_fwd_triton_total": ms(fwd),  # the tree's default kernels (per element before round 9)
         "fp8_grad_input_triton_total": ms(grad_input),
         "nf4_dequant_triton": ms(lambda: nf4.dequantize(w_nf4, state, bf16)),  # frozen_linear.TRITON_DEQUANT
         "bf16_fwd_with_dequant": ms(lambda: x @ bf.dequantize_4bit(data, state).to(bf16).t()),
@@ -194,13 +196,14 @@ def triton_pass_times(w_nf4, x: torch.Tensor, g: torch.Tensor, ms: Callable) -> 
     }
 
 
-def _with_weight_tiles(fn: Callable[[], Any]) -> Any:
+def _with_weight_tiles(fn: Callable[[], Any], tiles: bool = True) -> Any:
     """`fn()` with the weight kernels reading a tile at a time (fp8.WEIGHT_TILES) and their
-    transposed copy from its own kernel (fp8.TRANSPOSE_KERNEL)."""
+    transposed copy from its own kernel (fp8.TRANSPOSE_KERNEL), or (`tiles` False) r24's
+    per-element kernels with torch's transpose."""
     from peftchat.model import fp8
 
     saved = fp8.WEIGHT_TILES, fp8.TRANSPOSE_KERNEL
-    fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = True
+    fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = tiles
     try:
         return fn()
     finally:

@@ -197,7 +197,16 @@ def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
         elif tok in FP8_PASS_TOKENS:  # experiment: FP8 in other passes than the recipe's
             overrides["training.fp8"] = True
             set_fp8_passes(tok)
-        elif tok == "tdq":  # experiment: NF4 bases dequantized by peftchat's Triton kernel (frozen_linear.TRITON_DEQUANT)
+        elif tok == "bnbdq":  # ablation: NF4 bases dequantized by bitsandbytes (frozen_linear.TRITON_DEQUANT off)
+            from peftchat.model import frozen_linear
+
+            frozen_linear.TRITON_DEQUANT = False
+        elif tok == "fp8elem":  # ablation: r24's per-element FP8 weight kernels, torch's transpose
+            from peftchat.model import fp8
+
+            overrides["training.fp8"] = True
+            fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = False
+        elif tok == "tdq":  # the default since round 9 (r26 rows): frozen_linear.TRITON_DEQUANT
             from peftchat.model import frozen_linear
 
             frozen_linear.TRITON_DEQUANT = True
@@ -205,12 +214,12 @@ def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
             from peftchat.model import frozen_linear
 
             frozen_linear.KEEP_RECOMPUTED_WEIGHT = True
-        elif tok == "fp8tk":  # experiment: the transposed e4m3 weight from its own kernel (fp8.TRANSPOSE_KERNEL)
+        elif tok == "fp8tk":  # the default since round 9 (r26 rows): fp8.TRANSPOSE_KERNEL
             from peftchat.model import fp8
 
             overrides["training.fp8"] = True
             fp8.TRANSPOSE_KERNEL = True
-        elif tok == "fp8tiles":  # experiment: the weight kernels read a tile at a time (fp8.WEIGHT_TILES)
+        elif tok == "fp8tiles":  # the default since round 9 (r26 rows): fp8.WEIGHT_TILES
             from peftchat.model import fp8
 
             overrides["training.fp8"] = True

@@ -221,15 +221,17 @@ def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
 
 
 # How `nf4_to_fp8` writes the transposed copy: its own kernel (True) or torch's transpose of the
-# rows (False: 0.36 ms for a 14336 x 4096 weight in round 3, known good). The bench's `+fp8tk`.
-TRANSPOSE_KERNEL = False
+# rows (False). For a 14336 x 4096 NF4 weight (check_fp8 r9, H200): the tiled transposed kernel
+# 0.194 ms, against 0.37 ms for torch's transpose of the rows. The bench's `+fp8elem` turns it off.
+TRANSPOSE_KERNEL = True
 
 
 # How the weight kernels read the 4-bit weight: a tile at a time, codes split from a byte tile and
-# one absmax per block (True, fp8_kernels.nf4_tile_e4m3: a fraction of the loads, not yet run on
-# the GPU), or every element its own code byte and absmax (False: r24's rows kernel). The
-# bench's `+fp8tiles`.
-WEIGHT_TILES = False
+# one absmax per block (True, fp8_kernels.nf4_tile_e4m3), or every element its own code byte and
+# absmax (False: r24's kernel). For a 14336 x 4096 weight, 0.198 ms against 0.551 (check_fp8 r9);
+# with both flags lean + fp8 went from 11,273 to 12,106 tok/s at 8B in one run, loss gate 0.0019
+# (r26). The bench's `+fp8elem` turns it off.
+WEIGHT_TILES = True
 
 
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False

@@ -69,16 +69,17 @@ FP8_PASSES = Fp8Passes()
 FP8_ONLY: Optional[tuple[str, ...]] = None
 
 # Keep a recompute's dequantized weight for its own backward instead of dequantizing it again:
-# one NF4 dequant less per linear and step (about 0.6 ms per 8B decoder layer by check_fp8's
-# per-call times, r24), for one layer's bf16 weights (0.41 GiB at 8B) held through its backward.
-# Off until measured on the GPU (the bench's `+keepw`); results are bit-identical (tested).
+# one NF4 dequant less per linear and step, for one layer's bf16 weights (0.30 GiB more at 8B,
+# r26) held through its backward. Off: with the Triton dequant above it bought 1 % (lean 10,955
+# -> 11,058 tok/s, r26), within what separates runs; results are bit-identical (tested).
 KEEP_RECOMPUTED_WEIGHT = False
 
 # NF4 bases dequantized by peftchat's Triton kernel (nf4.dequantize: bitsandbytes' values bit for
 # bit, one launch where bitsandbytes makes three, the codes read once) instead of bitsandbytes'
-# dequantize_4bit, three times per linear and step. Off until measured on the GPU (the bench's
-# `+tdq`); round 5's profile put bitsandbytes' weight kernel at 22-25 ms of an 8B step.
-TRITON_DEQUANT = False
+# dequantize_4bit, three times per linear and step. For a 14336 x 4096 weight 0.095 ms against
+# 0.136 (check_fp8 r9, H200); at 8B, lean 10,810 -> 10,955 tok/s and fast 12,210 -> 12,478 in
+# one run, loss gate held (r26). The bench's `+bnbdq` turns it off.
+TRITON_DEQUANT = True
 
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
