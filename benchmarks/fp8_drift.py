@@ -10,6 +10,7 @@ the question on the 8B bench itself (`peftchat:lean+fp8fwd` / `+fp8grad`, RESULT
 side (1.65 %); the input gradient alone stays at 0.05 %. Small CPU models show neither (< 0.1 %).
 
     python -m benchmarks.fp8_drift --steps 20                      # CPU: 4 layers, hidden 512
+    python -m benchmarks.fp8_drift --steps 300 --modes bf16,peft,fp8,fp8grad,fp8rec   # round 9: a long run
     python3 -m benchmarks.fp8_drift --device cuda --layers 32 --hidden 2048 --seq 2048 --steps 10
 """
 
@@ -25,7 +26,8 @@ import torch
 def train_curve(model_state: dict, cfg, data: list[torch.Tensor], mode: str, steps: int, lr: float,
                 device: str) -> list[float]:
     """Losses of `steps` steps with every decoder layer checkpointed (so a recompute exists) and
-    FP8 in the passes of `mode`: "bf16", "fp8" (the recipe's FP8_PASSES) or a FP8_PASS_TOKENS key."""
+    FP8 in the passes of `mode`: "bf16", "fp8" (the recipe's FP8_PASSES) or a FP8_PASS_TOKENS key;
+    "peft" trains through peft's layers in bf16: how far rounding differences alone carry a curve."""
     import peftchat.model.frozen_linear as fl
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -43,7 +45,8 @@ def train_curve(model_state: dict, cfg, data: list[torch.Tensor], mode: str, ste
         p.data = p.data.float()  # fp32 adapter under bf16 autocast, as peftchat trains
     model.train()
     passes = Fp8Passes(**FP8_PASS_TOKENS[mode]) if mode in FP8_PASS_TOKENS else None
-    fl.fuse_lora_layers(model, fp8=mode != "bf16", passes=passes)
+    if mode != "peft":  # "peft": peft's own LoRA layers in bf16, the same sums rounded otherwise (the noise floor)
+        fl.fuse_lora_layers(model, fp8=mode != "bf16", passes=passes)
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []
     for step in range(steps):

@@ -1,0 +1,36 @@
+"""benchmarks.peftchat_variants.apply_options: a setting's `+options` as the bench and check_fp8's
+quality check apply them."""
+
+import pytest
+
+from benchmarks import peftchat_variants
+from peftchat.model import fp8, frozen_linear
+
+
+def test_options_become_recipe_overrides_and_spec_fields():
+    spec = peftchat_variants.apply_options({"batch": 4, "overrides": {"training.lr": 1e-4}}, "skip13+mem16+mb2")
+    assert spec["overrides"] == {"training.lr": 1e-4, "training.checkpoint_skip_layers": 13,
+                                 "training.max_memory_gib": 16.0}
+    assert spec["micro_batch"] == 2
+    assert peftchat_variants.apply_options({"batch": 4}, "") == {"batch": 4, "overrides": {}}
+
+
+def test_kernel_ablations_set_their_flags(monkeypatch):
+    for module, name in ((fp8, "WEIGHT_TILES"), (fp8, "TRANSPOSE_KERNEL"), (frozen_linear, "TRITON_DEQUANT")):
+        monkeypatch.setattr(module, name, True)  # the defaults since round 9; restored after the test
+    spec = peftchat_variants.apply_options({}, "fp8elem+bnbdq")
+    assert spec["overrides"] == {"training.fp8": True}
+    assert (fp8.WEIGHT_TILES, fp8.TRANSPOSE_KERNEL, frozen_linear.TRITON_DEQUANT) == (False, False, False)
+
+
+def test_an_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="unknown peftchat option 'nosuch'"):
+        peftchat_variants.apply_options({}, "skip2+nosuch")
+
+
+def test_the_quality_checks_bf16_run_turns_fp8_off_whatever_the_options_say():
+    from benchmarks.check_fp8 import QUALITY_COMPARISONS
+
+    (_, off), (_, on) = QUALITY_COMPARISONS["fp8"]
+    options = peftchat_variants.apply_options({}, "fp8tiles")["overrides"]
+    assert {**options, **off}["training.fp8"] is False and {**options, **on}["training.fp8"] is True
