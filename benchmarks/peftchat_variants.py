@@ -156,6 +156,8 @@ FP8_PASS_TOKENS = {
     "fp8all": dict(forward=True, recompute=True, grad_input=True),
     "fp8fwd": dict(forward=True, recompute=True, grad_input=False),  # both forwards, bf16 input gradient
     "fp8grad": dict(forward=False, recompute=False, grad_input=True),
+    "fp8grad5": dict(forward=False, recompute=False, grad_input=True, grad_dtype=torch.float8_e5m2),
+    "fp8e5": dict(forward=False, recompute=True, grad_input=True, grad_dtype=torch.float8_e5m2),  # the recipe's, e5m2 gradients
     "fp8rec": dict(forward=False, recompute=True, grad_input=False),
 }
 
