@@ -70,7 +70,7 @@ FP8_ONLY: Optional[tuple[str, ...]] = None
 
 # Keep a recompute's dequantized weight for its own backward instead of dequantizing it again:
 # one NF4 dequant less per linear and step, for one layer's bf16 weights (0.30 GiB more at 8B,
-# r26) held through its backward. Off: with the Triton dequant above it bought 1 % (lean 10,955
+# r26) held through its backward. Off: with the Triton dequant (below) it bought 1 % (lean 10,955
 # -> 11,058 tok/s, r26), within what separates runs; results are bit-identical (tested).
 KEEP_RECOMPUTED_WEIGHT = False
 
