@@ -26,7 +26,9 @@ round 4 the fused function keeps no dropout copy or mask for backward: lean meas
 drawn inside the LoRA matmuls): lean 7.64, fast 16.27 (skip 8) and 18.27 (skip 10), 1.0 GiB per
 layer. Round 6 (r21, r22): skip 12 20.28, skip 13 21.28, lean 7.64 again. Round 8 fitted the
 fused terms to those five peaks (lean, skip 8, 10, 12, 13): estimated 8.01 / 16.55 / 18.61 /
-20.68 / 21.71, each 2-5 % above what was measured. peft's terms stay round 2's. Without any checkpointing
+20.68 / 21.71, each 2-5 % above what was measured. Round 9 added `training.fp8`'s copies to the
+recompute moment (fused path only, where FP8 runs): lean + fp8 estimated 8.34, measured 7.99;
+skip 12 + fp8 20.68, measured 20.47 (r26). peft's terms stay round 2's. Without any checkpointing
 it says 52 GiB where 57.9 was measured: budgets that large leave room anyway. At 4 x 2048 no checkpoint policy fits 8 GiB (the
 weights, LoRA state and one layer's recompute already take ~7.7): the policy says so, and the
 lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumulation_steps`). Choices are
@@ -88,9 +90,9 @@ def _linears(s: ModelShape) -> list[tuple[int, int]]:
 
 
 def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool,
-                 fused: bool = False) -> float:
+                 fused: bool = False, fp8: bool = False) -> float:
     """Estimated peak GiB of one training step (see the module docstring for the terms); `fused`:
-    the LoRA layers run through the fused LoRA function."""
+    the LoRA layers run through the fused LoRA function; `fp8`: `training.fp8` on."""
     linears = _linears(s)
     base = s.layers * sum(i * o for i, o in linears) * WEIGHT_BYTES[quantization]
     embed = s.vocab * s.hidden * 2 * (1 if s.tied_embeddings else 2)
@@ -100,7 +102,11 @@ def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, ski
     kept_inputs = 2 * layer_input if offload else checkpointed * layer_input
     if fused:
         layer_acts = tokens * 2 * (7 * s.hidden + 3 * s.intermediate)
-        transient = max(skip * layer_acts + 0.25 * layer_acts, 1.7 * layer_acts)
+        # FP8 (recompute and input gradient only) adds e4m3 copies of the widest input and gradient
+        # and of a weight during the recompute: 3 B x tokens x ff, 0.33 GiB at 8B 4 x 2048, where
+        # r26 measured +0.35 on lean and +0.19 on skip 12 (whose peak is the forward's end)
+        recompute_fp8 = 3 * tokens * s.intermediate if fp8 else 0
+        transient = max(skip * layer_acts + 0.25 * layer_acts, 1.7 * layer_acts + recompute_fp8)
     else:
         layer_acts = tokens * 2 * (8 * s.hidden + 4 * s.intermediate)
         transient = skip * layer_acts + 1.7 * layer_acts
@@ -108,9 +114,9 @@ def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, ski
 
 
 def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq: int, budget_gib: float,
-                  allow_offload: bool = True, fused: bool = False) -> MemoryPolicy:
+                  allow_offload: bool = True, fused: bool = False, fp8: bool = False) -> MemoryPolicy:
     """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest;
-    `fused` as for `estimate_gib`."""
+    `fused` and `fp8` as for `estimate_gib`."""
     if budget_gib <= 0:
         raise ValueError(f"budget must be > 0 GiB, got {budget_gib}")
     tokens = batch * seq
@@ -118,7 +124,7 @@ def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq
               for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
 
     def estimate(skip: int, offload: bool) -> float:
-        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused)
+        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8 and fused)
 
     for skip, offload in ranked:
         est = estimate(skip, offload)
@@ -140,7 +146,7 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
     budget = float(cfg.max_memory_gib)
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
                            recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
-                           fused=fused_lora_enabled(model, cfg))
+                           fused=fused_lora_enabled(model, cfg), fp8=bool(cfg.fp8))
     print(policy.describe(budget), flush=True)
     return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
                    checkpoint_offload=policy.checkpoint_offload)
