@@ -335,7 +335,8 @@ QUALITY_COMPARISONS = {
 
 def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, Any], files: tuple[Path, Path]
                 ) -> dict[str, Any]:
-    """One training run through the recipe path; its losses and the final held-out eval loss."""
+    """One training run through the recipe path (`overrides` on top of `recipe_spec`'s own, a setting's
+    +options); its losses and the final held-out eval loss."""
     from benchmarks import peftchat_variants
     from peftchat.train import loop
 
@@ -343,7 +344,7 @@ def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, 
     out_dir = Path(recipe_spec["work_dir"]) / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # a rerun starts fresh (the loop refuses a used run dir)
     spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
-                                         "training.log_steps": 10, **overrides}}
+                                         "training.log_steps": 10, **recipe_spec.get("overrides", {}), **overrides}}
     recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
     applied: list[str] = []
     t0 = time.perf_counter()
@@ -378,8 +379,7 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
                                "compare": args.quality_compare}
     (off, off_overrides), (on, on_overrides) = QUALITY_COMPARISONS[args.quality_compare]
     for label, overrides in ((off, off_overrides), (on, on_overrides)):
-        results[label] = quality_run({**spec, "work_dir": str(work / label)}, setting,
-                                     {**spec["overrides"], **overrides}, files)
+        results[label] = quality_run({**spec, "work_dir": str(work / label)}, setting, overrides, files)
     b, f = results[off], results[on]
     results["train_loss_rel_diff"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
     if b["eval_loss_bf16_path"] and f["eval_loss_bf16_path"]:

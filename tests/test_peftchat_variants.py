@@ -34,3 +34,18 @@ def test_the_quality_checks_bf16_run_turns_fp8_off_whatever_the_options_say():
     (_, off), (_, on) = QUALITY_COMPARISONS["fp8"]
     options = peftchat_variants.apply_options({}, "fp8tiles")["overrides"]
     assert {**options, **off}["training.fp8"] is False and {**options, **on}["training.fp8"] is True
+
+
+def test_the_quality_check_trains_both_runs_with_the_settings_options(tmp_path):
+    import json
+
+    from benchmarks import check_fp8
+
+    check_fp8.main(["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--sections", "quality",
+                    "--model-root", str(tmp_path / "models"),
+                    "--quality-shapes", "tiny:2", "--device", "cpu", "--quality-compare", "fusedlora",
+                    "--batch", "2", "--seq", "128", "--quality-setting", "lean+skip1"])
+    (result,) = json.loads((tmp_path / "out" / "check_fp8.json").read_text())["quality"]
+    for label in ("peft", "fused"):  # skip1: one of the tiny model's two layers left out of checkpointing
+        assert "checkpointed 1/2 layers (inputs offloaded)" in result[label]["applied"]
+    assert "fused_lora:14 layers" in result["fused"]["applied"]

@@ -124,7 +124,7 @@ def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq
               for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
 
     def estimate(skip: int, offload: bool) -> float:
-        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8 and fused)
+        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8)
 
     for skip, offload in ranked:
         est = estimate(skip, offload)
