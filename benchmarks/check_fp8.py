@@ -14,16 +14,18 @@ Sections (`--sections`, comma-separated):
   memory   bytes of the frozen linears of the 1B and 8B shapes stored NF4 vs an FP8 copy per layer
            (one orientation for forward, a second per-input-channel copy for the input gradient).
   quality  the real recipe path (peftchat.train.loop via benchmarks.peftchat_variants), same
-           initialisation and data, `training.fp8` off and on (`--quality-compare fusedlora`:
-           peft's LoRA layers vs the fused function): final train loss (mean of the last
-           3 logged rows, 10 steps each) and held-out eval loss. The loop evaluates in eval mode, where LoRA layers
+           initialisation and data, one process per run, `--quality-runs` (default "bf16,fp8":
+           `training.fp8` off, then on; "peft" trains peft's own LoRA layers in bf16, whose
+           distance from "bf16" is the rounding noise floor; "fp8+fp8rec" adds a run's own
+           options): final train loss (mean of the last 3 logged rows, 10 steps each) and held-out
+           eval loss, each against the first run's. The loop evaluates in eval mode, where LoRA layers
            run peft's own bf16 forward, so the fp8 run's eval loss *is* the fp8-trained adapter in
            the bf16 inference path. `--quality-shapes 1b:300,8b:100` (shape:steps).
 
     python3 -m benchmarks.check_fp8 --out $OUT/fp8 --sections kernels,numerics,memory
     python3 -m benchmarks.check_fp8 --out $OUT/fp8q --sections quality --quality-shapes 1b:300 --model-root /tmp/models
     python -m benchmarks.check_fp8 --out /tmp/q --work-dir /tmp/q/work --sections quality --quality-shapes tiny:4 --device cpu \
-        --quality-compare fusedlora --batch 2 --seq 128      # CPU smoke of the quality path
+        --quality-runs peft,fused --batch 2 --seq 128      # CPU smoke of the quality path
 
 Writes `check_fp8.json` under --out after every section (a run cut short keeps what it measured).
 """
@@ -326,25 +328,31 @@ def memory_rows() -> dict[str, Any]:
     return rows
 
 
-# What the quality check compares: (label, recipe overrides) for "off" and "on".
-QUALITY_COMPARISONS = {
-    "fp8": (("bf16", {"training.fp8": False}), ("fp8", {"training.fp8": True})),  # False beats an fp8 option's True
-    "fusedlora": (("peft", {"training.fused_lora": False}), ("fused", {"training.fused_lora": True})),
+# The quality runs' bases: their recipe overrides. A run is a base with optional `+options` of
+# benchmarks/peftchat_variants.py on top of `--quality-setting`'s (e.g. "fp8+fp8rec"); the base's
+# overrides come last, so "bf16" trains without FP8 whatever an option says.
+QUALITY_BASES = {
+    "bf16": {"training.fp8": False},
+    "fp8": {"training.fp8": True},
+    "peft": {"training.fp8": False, "training.fused_lora": False},  # peft's own LoRA layers: the noise floor
+    "fused": {"training.fp8": False, "training.fused_lora": True},
 }
 
 
-def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, Any], files: tuple[Path, Path]
-                ) -> dict[str, Any]:
-    """One training run through the recipe path (`overrides` on top of `recipe_spec`'s own, a setting's
-    +options); its losses and the final held-out eval loss."""
+def quality_run(recipe_spec: dict[str, Any], setting: str, run: str, files: tuple[Path, Path]) -> dict[str, Any]:
+    """One training run through the recipe path (`run`'s base overrides and options on top of
+    `recipe_spec`'s); its losses and the final held-out eval loss."""
     from benchmarks import peftchat_variants
     from peftchat.train import loop
 
+    base, _, options = run.partition("+")
+    recipe_spec = peftchat_variants.apply_options(recipe_spec, options)  # module flags: hence one process per run
     train_file, eval_file = files
     out_dir = Path(recipe_spec["work_dir"]) / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # a rerun starts fresh (the loop refuses a used run dir)
     spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
-                                         "training.log_steps": 10, **recipe_spec.get("overrides", {}), **overrides}}
+                                         "training.log_steps": 10, **recipe_spec.get("overrides", {}),
+                                         **QUALITY_BASES[base]}}
     recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
     applied: list[str] = []
     t0 = time.perf_counter()
@@ -356,9 +364,36 @@ def quality_run(recipe_spec: dict[str, Any], setting: str, overrides: dict[str, 
             "final_train_loss": statistics.fmean(losses[-3:]), "eval_loss_bf16_path": evals[-1] if evals else None}
 
 
-def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, Any]:
-    """`--quality-compare` off vs on through the recipe path: same seed, data and held-out sessions."""
-    from benchmarks import peftchat_variants
+def run_quality_jobs(jobs: dict[str, tuple], parallel: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
+    """`quality_run(*args)` for each labelled job, each in a fresh process (options set module flags:
+    FP8 passes, kernels, which must not leak into the next run), `parallel` at a time on one GPU
+    (a 1B run uses about 2 GiB and leaves the H200 partly idle: two at once took 137-155 s each
+    against 118 s alone, three at once 152-170 s: round 10)."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(max_workers=parallel) as threads:  # each thread waits on its run's process
+        futures = {threads.submit(_in_fresh_process, quality_run, job): label for label, job in jobs.items()}
+        for future in as_completed(futures):
+            on_done(futures[future], future.result())
+
+
+def _in_fresh_process(fn: Callable[..., Any], args: tuple) -> Any:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def rel_diff(a: float | None, ref: float | None) -> float | None:
+    return abs(a - ref) / ref if a is not None and ref else None
+
+
+def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict[str, Any],
+                 after_run: Callable[[], None]) -> None:
+    """`--quality-runs` (each `--quality-repeats` times) through the recipe path, same seed, data and
+    held-out sessions, into `results` (`after_run` saves it after each run): each run's final train
+    and eval loss against the first run's, and with repeats each kind's statistics (quality_stats)."""
+    from benchmarks import peftchat_variants, quality_stats
     from benchmarks.chat_sessions import write_sessions
     from benchmarks.shapes import bench_model
     from peftchat.model.tokenizer import load_tokenizer
@@ -366,25 +401,38 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace) -> dict[str, 
     model_dir = bench_model(shape, args.model_root, args.device)
     work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
     work.mkdir(parents=True, exist_ok=True)
-    setting, _, options = args.quality_setting.partition("+")  # e.g. lean+fp8tiles+fp8tk: the kernels' flags
-    spec = peftchat_variants.apply_options(
-        {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
-         "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}, options)
+    setting, _, options = args.quality_setting.partition("+")  # e.g. lean+skip4: options every run shares
+    spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
+            "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
     files = (work / "train.jsonl", work / "eval.jsonl")
     tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, setting,
                                                               files[0], work / "tmp"))
     write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
     write_sessions(files[1], tokenizer, n=64, seed=4321)  # other sessions: held out
-    results: dict[str, Any] = {"shape": shape, "steps": steps, "setting": args.quality_setting,
-                               "compare": args.quality_compare}
-    (off, off_overrides), (on, on_overrides) = QUALITY_COMPARISONS[args.quality_compare]
-    for label, overrides in ((off, off_overrides), (on, on_overrides)):
-        results[label] = quality_run({**spec, "work_dir": str(work / label)}, setting, overrides, files)
-    b, f = results[off], results[on]
-    results["train_loss_rel_diff"] = abs(f["final_train_loss"] - b["final_train_loss"]) / b["final_train_loss"]
-    if b["eval_loss_bf16_path"] and f["eval_loss_bf16_path"]:
-        results["eval_loss_rel_diff"] = abs(f["eval_loss_bf16_path"] - b["eval_loss_bf16_path"]) / b["eval_loss_bf16_path"]
-    return results
+    kinds = args.quality_runs.split(",")
+    labels = [kind if i == 0 else f"{kind}#{i + 1}" for i in range(args.quality_repeats) for kind in kinds]
+    results.update({"shape": shape, "steps": steps, "setting": args.quality_setting, "runs": labels,
+                    "reference": labels[0], "dropout": args.dropout})
+    jobs = {}
+    for label in labels:
+        base, _, kind_options = label.partition("#")[0].partition("+")
+        run = f"{base}+{'+'.join(filter(None, (options, kind_options)))}"
+        jobs[label] = ({**spec, "work_dir": str(work / label.replace("+", "_").replace("#", "_"))}, setting, run, files)
+
+    def done(label: str, result: dict[str, Any]) -> None:
+        results[label] = result
+        print(json.dumps({"run": label, **{k: v for k, v in result.items() if k != "losses_logged"}}), flush=True)
+        after_run()
+
+    run_quality_jobs(jobs, args.quality_parallel, done)
+    ref = results[labels[0]]
+    for label in labels:
+        results[label]["train_loss_rel_diff"] = rel_diff(results[label]["final_train_loss"], ref["final_train_loss"])
+        results[label]["eval_loss_rel_diff"] = rel_diff(results[label]["eval_loss_bf16_path"], ref["eval_loss_bf16_path"])
+    if args.quality_repeats > 1:
+        results["summary"] = quality_stats.summarize(quality_stats.pooled_runs([{"quality": [results]}]).popitem()[1],
+                                                     kinds[0])
+    after_run()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -395,7 +443,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--linears", default=",".join(SHAPES_8B), help=f"subset of {','.join(SHAPES_8B)}")
     p.add_argument("--quality-shapes", default="1b:300,8b:100", help="shape:steps,...")
     p.add_argument("--quality-setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py, with its +options")
-    p.add_argument("--quality-compare", default="fp8", choices=sorted(QUALITY_COMPARISONS))
+    p.add_argument("--quality-runs", default="bf16,fp8",
+                   help=f"comma list of {'|'.join(QUALITY_BASES)}[+options], the first the reference")
+    p.add_argument("--quality-repeats", type=int, default=1,
+                   help="train each run this many times (labels KIND#2, ...) and summarize each kind's spread")
+    p.add_argument("--quality-parallel", type=int, default=1, help="runs at once on the one device")
     p.add_argument("--device", default="cuda", help="quality section only (cpu: a smoke run of the tiny shape)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=2048)
@@ -437,9 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         report["quality"] = []
         for item in args.quality_shapes.split(","):
             shape, steps = item.split(":")
-            report["quality"].append(quality_runs(shape, int(steps), args))
-            print(json.dumps({k: v for k, v in report["quality"][-1].items()}), flush=True)
-            save()
+            report["quality"].append({})
+            quality_runs(shape, int(steps), args, report["quality"][-1], save)
     return 0
 
 

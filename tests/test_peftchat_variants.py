@@ -29,23 +29,31 @@ def test_an_unknown_option_is_refused():
 
 
 def test_the_quality_checks_bf16_run_turns_fp8_off_whatever_the_options_say():
-    from benchmarks.check_fp8 import QUALITY_COMPARISONS
+    from benchmarks.check_fp8 import QUALITY_BASES
 
-    (_, off), (_, on) = QUALITY_COMPARISONS["fp8"]
     options = peftchat_variants.apply_options({}, "fp8tiles")["overrides"]
-    assert {**options, **off}["training.fp8"] is False and {**options, **on}["training.fp8"] is True
+    assert {**options, **QUALITY_BASES["bf16"]}["training.fp8"] is False
+    assert {**options, **QUALITY_BASES["fp8"]}["training.fp8"] is True
 
 
-def test_the_quality_check_trains_both_runs_with_the_settings_options(tmp_path):
+def test_the_quality_check_trains_each_run_with_the_settings_and_its_own_options(tmp_path):
     import json
 
     from benchmarks import check_fp8
 
     check_fp8.main(["--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--sections", "quality",
-                    "--model-root", str(tmp_path / "models"),
-                    "--quality-shapes", "tiny:2", "--device", "cpu", "--quality-compare", "fusedlora",
+                    "--model-root", str(tmp_path / "models"), "--quality-shapes", "tiny:2", "--device", "cpu",
+                    "--quality-runs", "peft,fused+skip2", "--quality-repeats", "2", "--quality-parallel", "2",
                     "--batch", "2", "--seq", "128", "--quality-setting", "lean+skip1"])
     (result,) = json.loads((tmp_path / "out" / "check_fp8.json").read_text())["quality"]
-    for label in ("peft", "fused"):  # skip1: one of the tiny model's two layers left out of checkpointing
+    assert result["runs"] == ["peft", "fused+skip2", "peft#2", "fused+skip2#2"]
+    assert result["reference"] == "peft" and result["peft"]["train_loss_rel_diff"] == 0
+    for label in ("peft", "peft#2"):  # skip1: one of the tiny model's two layers left out of checkpointing
         assert "checkpointed 1/2 layers (inputs offloaded)" in result[label]["applied"]
-    assert "fused_lora:14 layers" in result["fused"]["applied"]
+        assert not any(a.startswith("fused_lora") for a in result[label]["applied"])
+    for label in ("fused+skip2", "fused+skip2#2"):  # the run's own option comes after the setting's
+        assert "checkpointed 0/2 layers (inputs offloaded)" in result[label]["applied"]
+        assert "fused_lora:14 layers" in result[label]["applied"]
+        assert result[label]["train_loss_rel_diff"] is not None
+    assert result["summary"]["peft"]["n"] == result["summary"]["fused+skip2"]["n"] == 2
+    assert result["summary"]["peft"]["train_mean_rel_diff"] == 0

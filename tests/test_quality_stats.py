@@ -1,0 +1,43 @@
+"""benchmarks.quality_stats: check_fp8's quality runs pooled by kind across reports."""
+
+import json
+
+import pytest
+
+from benchmarks import quality_stats
+
+
+def _report(shape: str, runs: dict[str, tuple[float, float | None]]) -> dict:
+    entry = {"shape": shape, "steps": 300, "setting": "lean", "dropout": 0.05, "runs": list(runs) + ["cut#9"]}
+    for label, (train, evl) in runs.items():
+        entry[label] = {"final_train_loss": train, "eval_loss_bf16_path": evl}
+    return {"quality": [entry]}
+
+
+def test_runs_pool_by_kind_across_reports_and_repeats():
+    reports = [_report("1b", {"bf16": (1.0, 2.0), "fp8": (1.03, 2.02)}),
+               _report("1b", {"fp8": (1.01, 2.04), "bf16#2": (1.2, 2.2), "bf16#3": (1.1, 2.1)}),
+               _report("8b", {"bf16": (3.0, 4.0)})]
+    pooled = quality_stats.pooled_runs(reports)
+    assert sorted(pooled) == ["1b:300:lean@dropout 0.05", "8b:300:lean@dropout 0.05"]
+    one_b = pooled["1b:300:lean@dropout 0.05"]
+    assert [r["final_train_loss"] for r in one_b["bf16"]] == [1.0, 1.2, 1.1]  # "cut#9" never finished: absent
+    summary = quality_stats.summarize(one_b, "bf16")
+    assert summary["bf16"]["n"] == 3 and summary["fp8"]["n"] == 2
+    assert summary["bf16"]["train_loss"]["mean"] == pytest.approx(1.1)
+    assert summary["bf16"]["train_loss"]["spread_rel"] == pytest.approx(0.2 / 1.1)
+    assert summary["fp8"]["train_mean_rel_diff"] == pytest.approx(1.02 / 1.1 - 1)  # signed: FP8 below here
+    assert summary["fp8"]["eval_mean_rel_diff"] == pytest.approx(2.03 / 2.1 - 1)
+    assert summary["bf16"]["train_mean_rel_diff"] == 0
+
+
+def test_a_missing_reference_leaves_the_diffs_out_and_the_cli_writes_its_summary(tmp_path, capsys):
+    summary = quality_stats.summarize({"fp8": [{"final_train_loss": 1.0, "eval_loss_bf16_path": None}]}, "bf16")
+    assert summary == {"fp8": {"n": 1, "train_loss": {"mean": 1.0, "stdev": 0.0, "min": 1.0, "max": 1.0,
+                                                      "spread_rel": 0.0}, "eval_loss": None}}
+    f = tmp_path / "check_fp8.json"
+    f.write_text(json.dumps(_report("1b", {"bf16": (1.0, 2.0), "fp8": (1.05, 2.1)})))
+    assert quality_stats.main([str(f), "--out", str(tmp_path / "s.json")]) == 0
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["summary"]["1b:300:lean@dropout 0.05"]["fp8"]["train_mean_rel_diff"] == pytest.approx(0.05)
+    assert json.loads(capsys.readouterr().out) == written
