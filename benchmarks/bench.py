@@ -229,6 +229,9 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+VARIANT_KINDS = ("peftchat", "peer", "probe")  # benchmarks/worker.py runs these
+
+
 def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """(scenario, shape, mode, variant) jobs: `--plan` items are `shape/mode/variant` or
     `scenario/shape/mode/variant`; otherwise every scenario x shape x mode x variant."""
@@ -236,7 +239,13 @@ def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
         out = []
         for item in filter(None, args.plan.split(",")):
             parts = item.split("/")
-            out.append(tuple(parts) if len(parts) == 4 else ("dense", *parts))
+            job = tuple(parts) if len(parts) == 4 else ("dense", *parts)
+            # checked before any job runs: round 10's "dense/8b/nf4/ref" (for peftchat:ref) failed only
+            # once its turn came, and the run had no loss gate
+            if len(job) != 4 or job[3].partition(":")[0] not in VARIANT_KINDS or ":" not in job[3]:
+                raise ValueError(f"--plan item {item!r}: expected [scenario/]shape/mode/KIND:VARIANT, "
+                                 f"KIND one of {', '.join(VARIANT_KINDS)}")
+            out.append(job)
         return out  # type: ignore[return-value]
     plan = []
     for scenario in args.scenarios.split(","):
@@ -376,13 +385,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.isolate is None:
         args.isolate = True
     args.run_label = args.run_label or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    try:
+        plan = parse_plan(args)
+    except ValueError as e:
+        p.error(str(e))
     runner = Runner(args)
     if args.device.startswith("cuda") and not args.no_ceiling:
         res = runner.job({"job": "ceiling", "device": args.device}, 120)
         runner.doc["meta"].update({k: v for k, v in res.items() if k != "wall_s"})
         runner.save()
     if not args.seqlen_only:
-        for scenario, shape, mode, variant in parse_plan(args):
+        for scenario, shape, mode, variant in plan:
             if not ensure_model(runner, shape):
                 continue
             spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps, scenario)

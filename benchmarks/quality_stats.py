@@ -43,9 +43,17 @@ def _describe(values: list[float]) -> dict[str, float]:
             "min": min(values), "max": max(values), "spread_rel": (max(values) - min(values)) / mean}
 
 
+def _mean_diff(stats: dict[str, float], n: int, ref: dict[str, float], ref_n: int) -> dict[str, float | None]:
+    """Signed relative distance of the means and its standard error (Welch's, both relative to the
+    reference mean; None unless both kinds have 2+ runs): how far apart, and how sure."""
+    se = ((stats["stdev"] ** 2 / n + ref["stdev"] ** 2 / ref_n) ** 0.5 / ref["mean"]
+          if n > 1 and ref_n > 1 else None)
+    return {"rel_diff": stats["mean"] / ref["mean"] - 1, "rel_diff_se": se}
+
+
 def summarize(runs_by_kind: dict[str, list[dict[str, Any]]], reference: str) -> dict[str, Any]:
     """Per kind: n, train and eval loss statistics, and its means' signed relative distance from
-    the reference kind's means."""
+    the reference kind's means, with its standard error."""
     out: dict[str, Any] = {}
     for kind, runs in runs_by_kind.items():
         train = [r["final_train_loss"] for r in runs]
@@ -55,9 +63,11 @@ def summarize(runs_by_kind: dict[str, list[dict[str, Any]]], reference: str) -> 
     for kind, stats in out.items():
         if ref is None:
             break
-        stats["train_mean_rel_diff"] = stats["train_loss"]["mean"] / ref["train_loss"]["mean"] - 1
-        if stats["eval_loss"] and ref["eval_loss"]:
-            stats["eval_mean_rel_diff"] = stats["eval_loss"]["mean"] / ref["eval_loss"]["mean"] - 1
+        diff = _mean_diff(stats["train_loss"], stats["n"], ref["train_loss"], ref["n"])
+        stats["train_mean_rel_diff"], stats["train_mean_rel_diff_se"] = diff["rel_diff"], diff["rel_diff_se"]
+        if stats["eval_loss"] and ref["eval_loss"]:  # eval runs count as the train runs do (one per run)
+            diff = _mean_diff(stats["eval_loss"], stats["n"], ref["eval_loss"], ref["n"])
+            stats["eval_mean_rel_diff"], stats["eval_mean_rel_diff_se"] = diff["rel_diff"], diff["rel_diff_se"]
     return out
 
 

@@ -52,3 +52,15 @@ def test_flops_per_token_formula_for_the_8b_shape():
     assert linear_params(cfg) == 32 * per_layer + 128256 * 4096
     assert flops_per_token(cfg, 2048) == 4 * linear_params(cfg) + 12 * 32 * 2048 * 4096
     assert 33.2e9 < flops_per_token(cfg, 2048) < 33.3e9
+
+
+def test_a_plan_item_without_a_variant_kind_is_refused_before_any_job_runs(tmp_path):
+    """Round 10 wrote `dense/8b/nf4/ref` for `peftchat:ref`: the row failed only when its turn came,
+    after the ceiling and the model build, and that run had no loss gate."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--device", "cpu", "--out", str(out),
+                           "--plan", "dense/tiny/nf4/peftchat:lean,dense/tiny/nf4/ref"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--plan item 'dense/tiny/nf4/ref': expected [scenario/]shape/mode/KIND:VARIANT" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "results.json").exists()

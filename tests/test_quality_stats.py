@@ -29,12 +29,16 @@ def test_runs_pool_by_kind_across_reports_and_repeats():
     assert summary["fp8"]["train_mean_rel_diff"] == pytest.approx(1.02 / 1.1 - 1)  # signed: FP8 below here
     assert summary["fp8"]["eval_mean_rel_diff"] == pytest.approx(2.03 / 2.1 - 1)
     assert summary["bf16"]["train_mean_rel_diff"] == 0
+    # Welch: sqrt(stdev_fp8^2 / 2 + stdev_bf16^2 / 3) / mean_bf16, stdevs 0.01414 and 0.1
+    assert summary["fp8"]["train_mean_rel_diff_se"] == pytest.approx((0.0002 / 2 + 0.01 / 3) ** 0.5 / 1.1)
 
 
 def test_a_missing_reference_leaves_the_diffs_out_and_the_cli_writes_its_summary(tmp_path, capsys):
     summary = quality_stats.summarize({"fp8": [{"final_train_loss": 1.0, "eval_loss_bf16_path": None}]}, "bf16")
     assert summary == {"fp8": {"n": 1, "train_loss": {"mean": 1.0, "stdev": 0.0, "min": 1.0, "max": 1.0,
                                                       "spread_rel": 0.0}, "eval_loss": None}}
+    one_each = quality_stats.summarize({"bf16": [{"final_train_loss": 1.0}], "fp8": [{"final_train_loss": 1.1}]}, "bf16")
+    assert one_each["fp8"]["train_mean_rel_diff"] == pytest.approx(0.1) and one_each["fp8"]["train_mean_rel_diff_se"] is None
     f = tmp_path / "check_fp8.json"
     f.write_text(json.dumps(_report("1b", {"bf16": (1.0, 2.0), "fp8": (1.05, 2.1)})))
     assert quality_stats.main([str(f), "--out", str(tmp_path / "s.json")]) == 0
