@@ -197,3 +197,28 @@ def test_force_keeps_the_old_export_until_the_new_one_is_complete(make_adapter, 
     merge_adapter(adapter, out, dtype="fp32", verify=False, force=True)
     assert (out / "config.json").is_file() and not (out / "old.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_adapter_trained_with_fp8_merges_with_the_same_parity(tiny_llama_dir, tmp_path, monkeypatch):
+    """Issue 16: FP8 changes only how training computes the frozen base matmuls; the adapter it
+    saves is an ordinary one, and its merge into the dequantized base keeps k-bit parity."""
+    from pathlib import Path
+
+    from peftchat.model import kernels
+    from peftchat.train import loop
+
+    monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    out = tmp_path / "run"
+    recipe = load_recipe(str(recipes / "demo_qlora.yaml"), [
+        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu", "training.max_steps=3",
+        "training.lr=1e-2", "training.tensorboard=false", "adapter.dropout=0", "training.gradient_checkpointing=true",
+        "training.fused_lora=true", "training.fp8=true"])
+    applied: list[str] = []
+    loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
+    assert "fp8:base_linears 14" in applied
+    merged_dir = merge_adapter(out, tmp_path / "merged", dtype="fp32", verify=True)
+    merged, trained = _merged_logits(merged_dir), _trained_logits(out)
+    base = _logits(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)).eval())
+    assert (trained - base).abs().max() > 1e-2  # three FP8 steps moved the adapter: the test can fail
+    assert (merged - trained).abs().max() < 1e-4
