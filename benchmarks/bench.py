@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.shapes import flops_per_token, shape_dict  # noqa: E402
-from benchmarks.worker import RESULT_TAG  # noqa: E402
+from benchmarks.worker import RESULT_TAG, VARIANT_KINDS  # noqa: E402
 
 DEFAULT_VARIANTS = {
     "nf4": ["peer:tutorial", "peer:tuned", "peer:tuned_liger", "peftchat:fast", "peftchat:lean"],
@@ -229,9 +229,6 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-VARIANT_KINDS = ("peftchat", "peer", "probe")  # benchmarks/worker.py runs these
-
-
 def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     """(scenario, shape, mode, variant) jobs: `--plan` items are `shape/mode/variant` or
     `scenario/shape/mode/variant`; otherwise every scenario x shape x mode x variant."""
@@ -242,7 +239,8 @@ def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             job = tuple(parts) if len(parts) == 4 else ("dense", *parts)
             # checked before any job runs: round 10's "dense/8b/nf4/ref" (for peftchat:ref) failed only
             # once its turn came, and the run had no loss gate
-            if len(job) != 4 or job[3].partition(":")[0] not in VARIANT_KINDS or ":" not in job[3]:
+            kind, colon, _ = job[-1].partition(":")
+            if len(job) != 4 or not colon or kind not in VARIANT_KINDS:
                 raise ValueError(f"--plan item {item!r}: expected [scenario/]shape/mode/KIND:VARIANT, "
                                  f"KIND one of {', '.join(VARIANT_KINDS)}")
             out.append(job)

@@ -367,7 +367,7 @@ def quality_run(recipe_spec: dict[str, Any], setting: str, run: str, files: tupl
 def run_quality_jobs(jobs: dict[str, tuple], parallel: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
     """`quality_run(*args)` for each labelled job, each in a fresh process (options set module flags:
     FP8 passes, kernels, which must not leak into the next run), `parallel` at a time on one GPU
-    (a 1B run uses about 2 GiB and leaves the H200 partly idle: two at once took 137-155 s each
+    (a 1B run uses about 2 GiB and leaves the H200 partly idle: two at once took 123-155 s each
     against 118 s alone, three at once 152-170 s: round 10)."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -415,7 +415,7 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict
                     "reference": labels[0], "dropout": args.dropout})
     jobs = {}
     for label in labels:
-        base, _, kind_options = label.partition("#")[0].partition("+")
+        base, _, kind_options = quality_stats.kind_of(label).partition("+")
         run = f"{base}+{'+'.join(filter(None, (options, kind_options)))}"
         jobs[label] = ({**spec, "work_dir": str(work / label.replace("+", "_").replace("#", "_"))}, setting, run, files)
 
@@ -430,8 +430,7 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict
         results[label]["train_loss_rel_diff"] = rel_diff(results[label]["final_train_loss"], ref["final_train_loss"])
         results[label]["eval_loss_rel_diff"] = rel_diff(results[label]["eval_loss_bf16_path"], ref["eval_loss_bf16_path"])
     if args.quality_repeats > 1:
-        results["summary"] = quality_stats.summarize(quality_stats.pooled_runs([{"quality": [results]}]).popitem()[1],
-                                                     kinds[0])
+        results["summary"] = quality_stats.summarize(quality_stats.runs_by_kind(results), kinds[0])
     after_run()
 
 

@@ -25,15 +25,23 @@ def kind_of(label: str) -> str:
     return label.partition("#")[0]
 
 
+def runs_by_kind(entry: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """{kind: [run results]} of one check_fp8 quality entry, in its run order."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for label in entry.get("runs", []):
+        if label in entry:  # a run cut short by a timeout has no entry
+            out.setdefault(kind_of(label), []).append(entry[label])
+    return out
+
+
 def pooled_runs(reports: Iterable[dict[str, Any]]) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """{"SHAPE:STEPS:SETTING@dropout D": {kind: [run results]}} over check_fp8 reports' quality entries."""
     pooled: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for report in reports:
         for entry in report.get("quality", []):
             key = f"{entry['shape']}:{entry['steps']}:{entry['setting']}@dropout {entry.get('dropout')}"
-            for label in entry.get("runs", []):
-                if label in entry:  # a run cut short by a timeout has no entry
-                    pooled.setdefault(key, {}).setdefault(kind_of(label), []).append(entry[label])
+            for kind, runs in runs_by_kind(entry).items():
+                pooled.setdefault(key, {}).setdefault(kind, []).extend(runs)
     return pooled
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 RESULT_TAG = "BENCH_RESULT "
+VARIANT_KINDS = ("peer", "probe", "peftchat")  # `run_train` runs `KIND:NAME` variants of these kinds
 GIB = 1024 ** 3
 
 
