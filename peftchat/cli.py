@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -74,7 +75,8 @@ def _build_missing_tiny_model(recipe) -> None:
     from pathlib import Path
 
     arch, path = recipe.model.tiny_if_missing, Path(recipe.model.path).expanduser()
-    if arch is None or path.exists():
+    # `org/name` is a hub id (a copied demo pointed at a real model): load it, never build over it
+    if arch is None or path.exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", recipe.model.path):
         return
     from peftchat.demo_assets import build_tiny_model
 

@@ -40,7 +40,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: Optional[str] = None
     # Demo recipes: a peftchat.demo_assets.TINY_ARCHS name; `peftchat train` builds a random-init
-    # tiny model of it at `path` when nothing is there, so the demo runs from an empty directory.
+    # tiny model of it at `path` when nothing is there (and `path` is no hub id), so the demo runs
+    # from an empty directory.
     tiny_if_missing: Optional[str] = None
 
 

@@ -112,6 +112,14 @@ def test_tiny_if_missing_names_a_tiny_arch(tmp_path) -> None:
         load_recipe(RECIPES_DIR / "demo.yaml", ["model.tiny_if_missing=gpt9"])
 
 
+def test_no_tiny_model_is_built_over_a_hub_id(tmp_path, monkeypatch) -> None:
+    from peftchat.cli import _build_missing_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    _build_missing_tiny_model(load_recipe("demo", ["model.path=Qwen/Qwen2.5-0.5B"]))
+    assert os.listdir(tmp_path) == []
+
+
 def test_the_demo_runs_from_an_empty_directory(tmp_path, monkeypatch, capsys) -> None:
     """`peftchat train demo` builds its tiny model, writes under ./runs/, and the adapter answers."""
     monkeypatch.chdir(tmp_path)
