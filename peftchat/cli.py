@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -50,6 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun only process 0 writes (peftchat.train.distributed)
         check_writable_dir(recipe.training.output_dir, "training.output_dir")
+        _build_missing_tiny_model(recipe)
     if args.nproc_per_node is not None:  # start the torchrun processes here; each runs this command
         _check_count("--nproc-per-node", args.nproc_per_node, 1)
         from peftchat.train.distributed import check_launch, launch_local
@@ -65,6 +67,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         hooks.eval_scores = eval_generate_hook(recipe)
     train(recipe, hooks)
     return 0
+
+
+def _build_missing_tiny_model(recipe) -> None:
+    """A demo recipe's base is a tiny model it can build (model.tiny_if_missing): build it where
+    model.path points when nothing is there yet; an existing path is never touched."""
+    from pathlib import Path
+
+    arch, path = recipe.model.tiny_if_missing, Path(recipe.model.path).expanduser()
+    # `org/name` is a hub id (a copied demo pointed at a real model): load it, never build over it
+    if arch is None or path.exists() or re.fullmatch(r"[\w.-]+/[\w.-]+", recipe.model.path):
+        return
+    from peftchat.demo_assets import build_tiny_model
+
+    print(f"peftchat: {path} does not exist; building a random-init tiny {arch} model there "
+          f"(model.tiny_if_missing)", file=sys.stderr, flush=True)
+    # built beside it and renamed into place, so an interrupted build never leaves a half model
+    # at model.path that the next run would take as built
+    building = path.parent / f".{path.name}.building-{os.getpid()}"
+    build_tiny_model(building, arch=arch)
+    os.replace(building, path)
 
 
 def cmd_data_dump(args: argparse.Namespace) -> int:
@@ -185,8 +207,36 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from peftchat.shipped_recipes import RECIPES_DIR, copy_recipe, require, shipped_names, summary
+
+    if args.recipes_command == "show":
+        sys.stdout.write(require(args.name).read_text(encoding="utf-8"))
+    elif args.recipes_command == "copy":
+        target = copy_recipe(args.name, args.dest)
+        print(f"wrote {target}; edit it, then: peftchat train {target}")
+    else:
+        names = shipped_names()
+        width = max(map(len, names), default=0)
+        for name in names:
+            print(f"{name:<{width}}  {summary(require(name))}")
+        print(f"(in {RECIPES_DIR.resolve()}; peftchat recipes show NAME | copy NAME [DEST])", file=sys.stderr)
+    return 0
+
+
+def _add_recipes_command(sub) -> None:
+    p = sub.add_parser("recipes", help="list the shipped recipes; show or copy one")
+    p.set_defaults(func=cmd_recipes, recipes_command=None)
+    recipes_sub = p.add_subparsers(dest="recipes_command")
+    s = recipes_sub.add_parser("show", help="print a shipped recipe")
+    s.add_argument("name", help="a name from `peftchat recipes`")
+    s = recipes_sub.add_parser("copy", help="write an editable copy of a shipped recipe (never overwrites)")
+    s.add_argument("name", help="a name from `peftchat recipes`")
+    s.add_argument("dest", nargs="?", default=None, help="file or existing dir (default: ./NAME.yaml)")
+
+
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("recipe", help="recipe YAML file, or the name of a shipped recipe (`peftchat recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
 
 
@@ -306,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge)
 
     _add_model_use_commands(sub)
+    _add_recipes_command(sub)
 
     p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")

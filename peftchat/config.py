@@ -20,7 +20,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from peftchat.demo_assets import TINY_ARCHS
 from peftchat.errors import ConfigError
+from peftchat.shipped_recipes import resolve_recipe_name, shipped_path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -37,6 +39,10 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | sdpa_varlen | eager | flash_attention_2 | flash_attention_3 | flex_attention
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # Demo recipes: a peftchat.demo_assets.TINY_ARCHS name; `peftchat train` builds a random-init
+    # tiny model of it at `path` when nothing is there (and `path` is no hub id), so the demo runs
+    # from an empty directory.
+    tiny_if_missing: Optional[str] = None
 
 
 @dataclass
@@ -314,7 +320,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"recipe file not found: {path}") from None
+        raise ConfigError(f"recipe file not found: {path} (`peftchat recipes` lists the shipped ones)") from None
     except IsADirectoryError:
         raise ConfigError(f"recipe path is a directory, not a YAML file: {path}") from None
     try:
@@ -353,6 +359,9 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, di
             if not isinstance(parent, str):
                 raise ConfigError(f"{path}: 'extends' must be a path or a list of paths")
             parent_path = (path.parent / os.path.expanduser(parent))
+            if not parent_path.exists() and shipped_path(parent) is not None:
+                # a copied recipe (`peftchat recipes copy`) still extends its shipped parent
+                parent_path = resolve_recipe_name(parent, f"{path}: extends")
             if not parent_path.exists():
                 raise ConfigError(f"{path}: extends '{parent}', which is not found at {parent_path}")
             layers.extend(_load_layers(parent_path, (*chain, path)))
@@ -398,6 +407,9 @@ def _validate(recipe: Recipe) -> None:
     tm = recipe.adapter.target_modules
     if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"'adapter.target_modules' must be 'all-linear' or a list of names, got {tm!r}")
+    tiny = recipe.model.tiny_if_missing
+    if tiny is not None and tiny not in TINY_ARCHS:
+        raise ConfigError(f"'model.tiny_if_missing' is {tiny!r}; expected one of {', '.join(TINY_ARCHS)}")
     data_sources(recipe.data.train, "data.train")
     if recipe.data.eval is not None:
         data_sources(recipe.data.eval, "data.eval")
@@ -556,7 +568,8 @@ def quant_storage(recipe: Recipe, sharded: bool) -> str:
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe file, its `extends` chain and `key=value` overrides into a validated Recipe."""
     cfg: DictConfig = OmegaConf.structured(Recipe)
-    for source, raw in _load_layers(Path(path)):
+    path = resolve_recipe_name(path)  # `demo` names the shipped recipe when no file of that name exists
+    for source, raw in _load_layers(path):
         cfg = _merge_layer(cfg, raw, source)
     cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:

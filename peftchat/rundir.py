@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Optional
 
 from peftchat.config import Recipe, load_recipe, recipe_from_dict
 from peftchat.errors import UserError
+from peftchat.shipped_recipes import resolve_recipe_name
 
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -386,7 +387,7 @@ def adapter_source(adapter_dir: Path, overrides: Iterable[str] = (), base: Optio
 
 def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> ChatSource:
     """Tell a recipe file, an adapter or checkpoint dir and a merged model dir apart, and read its recipe."""
-    path = Path(source).expanduser()
+    path = resolve_recipe_name(source, "source")  # `demo`: the shipped recipe, unless ./demo exists
     if not path.exists():
         raise UserError(f"not found: {source} (expected a recipe file, an adapter dir or a model dir)")
     if path.is_file():

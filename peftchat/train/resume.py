@@ -38,6 +38,7 @@ RUNTIME_KEYS = (
     "training.fused_lora", "training.fp8",
     "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
     "data.cache_dir", "data.max_record_bytes", "distributed",
+    "model.tiny_if_missing",  # acts only before a model exists at model.path
 )
 
 

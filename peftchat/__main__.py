@@ -1,0 +1,7 @@
+"""`python -m peftchat`: the same command as the `peftchat` script."""
+
+import sys
+
+from peftchat.cli import main
+
+sys.exit(main())
