@@ -147,12 +147,15 @@ def check_new_file(path: str | os.PathLike, flag: str, force: bool) -> None:
     check_writable_dir(target.parent, f"{flag} {path}: its directory")
 
 
-def _fsync_path(path: Path) -> None:
+def _fsync_path(path: Path, is_dir: bool = False) -> None:
+    """Flush `path` to disk. A file's error (a full disk found at flush time) is raised; a dir's
+    is not: some filesystems cannot sync a dir, and the rename is atomic all the same."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems cannot sync a dir; the rename is still atomic
-        pass
+    except OSError:
+        if not is_dir:
+            raise
     finally:
         os.close(fd)
 
@@ -189,6 +192,6 @@ def atomic_output(path: str | os.PathLike, flag: str, force: bool = False) -> It
         yield tmp
         _fsync_path(tmp)
         _publish(tmp, target, flag, force)
-        _fsync_path(target.parent)
+        _fsync_path(target.parent, is_dir=True)
     finally:
         tmp.unlink(missing_ok=True)
