@@ -182,10 +182,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from peftchat.rundir import METRICS_FILE
-
-    _check_out_file(args.out, [(f"the metrics of {d}", os.path.join(d, METRICS_FILE)) for d in args.run_dirs],
-                    args.force)
     from peftchat.train.curves import plot_runs
 
     plot_runs(args.run_dirs, args.out, force=args.force)

@@ -401,7 +401,7 @@ def trained_adapter(recipe: Recipe) -> Optional[Path]:
         return out
     latest = latest_intact_checkpoint(out) if _CHECK_INTEGRITY.get() else latest_checkpoint(out)
     if latest is not None and is_adapter_dir(latest):
-        note(f"note: {out} is an unfinished run (no final adapter); using its newest complete checkpoint {latest.name}")
+        note(f"note: no final adapter in {out}; using the newest checkpoint {latest.name}")
         return latest
     return None
 

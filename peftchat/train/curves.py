@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from peftchat.errors import UserError
-from peftchat.paths import atomic_output
+from peftchat.paths import atomic_output, check_new_file, check_outputs
 
 CURVES_FILE = "training_curves.png"
 METRICS_FILE = "metrics.jsonl"
@@ -102,6 +102,8 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, for
     existing `out` only with `force`)."""
     for d in run_dirs:
         read_metrics(d)  # a wrong dir is a clear error before anything is drawn
+    check_outputs([("--out", out)], [(f"the metrics of {d}", Path(d) / METRICS_FILE) for d in run_dirs])
+    check_new_file(out, "--out", force)
     path = draw(run_dirs, out, force=force)
     if path is None:
         raise UserError(f"peftchat plot: {MISSING_EXTRA}")
