@@ -142,9 +142,16 @@ def check_new_file(path: str | os.PathLike, flag: str, force: bool) -> None:
     target = Path(path).expanduser()
     if target.is_dir():
         raise UserError(f"{flag} {path} is a directory; expected a file path")
+    if _is_stream(target):
+        return
     if (target.exists() or target.is_symlink()) and not force:
         raise UserError(f"{flag} {path} exists; pass --force to replace it")
     check_writable_dir(target.parent, f"{flag} {path}: its directory")
+
+
+def _is_stream(target: Path) -> bool:
+    """/dev/stdout, /dev/null, a FIFO: written in place, as a stream (there is no file to replace)."""
+    return target.exists() and not target.is_file() and not target.is_dir()
 
 
 def _fsync_path(path: Path, is_dir: bool = False) -> None:
@@ -185,6 +192,9 @@ def atomic_output(path: str | os.PathLike, flag: str, force: bool = False) -> It
     renamed onto `path` (an existing file only with `force`), so a kill or a full disk leaves the
     previous file as it was. On failure the temp file goes."""
     target = Path(path).expanduser()
+    if _is_stream(target):
+        yield target
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target.parent)
     tmp = temp_path(target)

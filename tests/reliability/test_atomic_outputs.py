@@ -168,3 +168,13 @@ def test_two_merges_at_once_one_wins_never_a_mix(tmp_path, trained_run):
 
     AutoModelForCausalLM.from_pretrained(str(out))  # one whole model dir
     assert not [p for p in tmp_path.iterdir() if p.name != "merged"]  # no partial or lock left
+
+
+def test_a_stream_target_is_written_in_place(tmp_path):
+    """/dev/null, /dev/stdout, a FIFO: nothing to replace, so no --force and no temp file."""
+    from peftchat.paths import atomic_output, check_new_file
+
+    check_new_file("/dev/null", "--out", force=False)
+    with atomic_output("/dev/null", "--out") as target:
+        assert target == Path("/dev/null")
+        target.write_text("discarded")
