@@ -135,13 +135,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     stream=not args.no_stream, system=args.system)
 
 
-def _check_out_file(path: str, inputs: Sequence = (), force: bool = False, flag: str = "--out") -> None:
-    """Before any slow work: the output is none of the command's inputs, and it can be written
-    (its dir writable; an existing file only with --force)."""
+def _check_out_file(path: str, inputs: Sequence = (), force: bool = False) -> None:
+    """Before any slow work: --out is none of the command's inputs, and it can be written (its
+    dir writable; an existing file only with --force)."""
     from peftchat.paths import check_new_file, check_outputs
 
-    check_outputs([(flag, path)], inputs)
-    check_new_file(path, flag, force)
+    check_outputs([("--out", path)], inputs)
+    check_new_file(path, "--out", force)
 
 
 def _source_inputs(args: argparse.Namespace) -> list:
