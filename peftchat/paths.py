@@ -78,7 +78,7 @@ def _collision(out: Path, inp: Path) -> str | None:
 
 _LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".jinja", ".yaml", ".yml", ".txt", ".gguf")
 _LOADED_JSON = ("config.json", "tokenizer.json", "_map.json", "tokens.json", "vocab.json", "checksums.json",
-                "index.json", "state.json")
+                "index.json", "state.json", "summary.json")
 
 
 def _loaded_from_dir(name: str) -> bool:
