@@ -157,7 +157,7 @@ def test_a_merge_into_an_out_being_written_is_refused(tmp_path, trained_run, cap
 
 def test_two_merges_at_once_one_wins_never_a_mix(tmp_path, trained_run):
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "peftchat.cli", "merge", "--adapter", str(trained_run), "--out", str(out)]
+    cmd = [sys.executable, "-m", "peftchat.cli", "merge", "--adapter", str(trained_run), "--out", str(out), "--no-verify"]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]

@@ -6,10 +6,12 @@ the user's own state (else cache) dir."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from reliability_helpers import run_cli
@@ -37,13 +39,35 @@ def test_stale_temps_of_dead_commands_go_live_ones_and_others_stay(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
 
 
-def test_export_merges_beside_its_output_and_cleans_a_killed_exports_leftovers(tmp_path, trained_run, capsys,
-                                                                              monkeypatch):
+def _killed_during_export(trained_run: Path, gguf: Path) -> Path:
+    """Start `peftchat export` in another process, kill -9 it once its fp32 merge is being
+    written beside the output; the temp dir it leaves behind."""
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen([sys.executable, "-m", "peftchat.cli", "export", str(trained_run), "--gguf", str(gguf)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            left = [p for p in gguf.parent.glob(f".peftchat-tmp-{proc.pid}-*") if any(p.rglob("*.safetensors"))]
+            if left:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return left[0]
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    raise AssertionError("the export ended before its temp dir was seen")
+
+
+def test_a_killed_export_leaves_its_temp_beside_the_output_and_the_next_export_removes_it(
+        tmp_path, trained_run, capsys, monkeypatch):
     import peftchat.export
 
-    stale = tmp_path / f".peftchat-tmp-{_dead_pid()}-0123abcd-m.merged"  # a kill -9 during the fp32 merge
-    (stale / "merged").mkdir(parents=True)
-    (stale / "merged" / "model.safetensors").write_bytes(b"\0" * 4096)
+    gguf = tmp_path / "m.gguf"
+    stale = _killed_during_export(trained_run, gguf)
+    assert stale.parent == tmp_path and not gguf.exists()  # beside the output, never in /tmp
     merge_dirs = []
     real_merge = peftchat.export.merge_adapter
 
@@ -54,7 +78,7 @@ def test_export_merges_beside_its_output_and_cleans_a_killed_exports_leftovers(t
     monkeypatch.setattr(peftchat.export, "merge_adapter", spy)
     shared_tmp = Path(tempfile.gettempdir())
     before = {p.name for p in shared_tmp.iterdir() if p.name.startswith(("peftchat", ".peftchat"))}
-    rc, err = run_cli(["export", trained_run, "--gguf", tmp_path / "m.gguf"], capsys)
+    rc, err = run_cli(["export", trained_run, "--gguf", gguf], capsys)
     assert rc == 0, err
     assert f"removed {stale}" in err
     assert merge_dirs[0].parent == tmp_path and merge_dirs[0].name.startswith(f".peftchat-tmp-{os.getpid()}-")
