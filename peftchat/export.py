@@ -1,8 +1,9 @@
 """`peftchat export SOURCE --gguf OUT.gguf`: a GGUF file for llama.cpp from an adapter or merged dir.
 
 An adapter (a training output dir, a checkpoint, or a recipe whose run left one) is first merged
-by `peftchat merge`'s code into a temporary fp32 model dir beside the output (`.peftchat-tmp-PID-*`) — fp32 so that the merge itself adds no
-rounding and the only loss is the f16 / q8_0 storage — which is then written by `model.to_gguf`.
+by `peftchat merge`'s code into a temporary fp32 model dir beside the output (in a
+`.peftchat-tmp-PID-*` dir) — fp32 so that the merge itself adds no rounding and the only loss is
+the f16 / q8_0 storage — which is then written by `model.to_gguf`.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
         return write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force)
-    # The fp32 merge lives beside the output, never in a shared /tmp; a kill -9 leaves it under
-    # `.peftchat-tmp-PID-*`, which the next export (or any atomic write there) removes.
+    # The fp32 merge lives beside the output, never in a shared /tmp; everything it writes (its
+    # partial dir and lock too) is inside one `.peftchat-tmp-PID-*` dir, so what a kill -9 leaves
+    # is removed whole by the next export (or any atomic write there).
     target = Path(out).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in remove_stale_temps(target.parent):
         say(f"note: removed {stale}, left by a peftchat command that was killed")
-    tmp = temp_path(target.with_suffix(".merged"))
+    tmp = temp_path(target.with_suffix(".merge"))
+    tmp.mkdir()
     try:
         say(f"merging {adapter_dir} into its base (fp32) for export ...")
-        merge_adapter(adapter_dir, tmp, dtype="fp32", force=True)  # verified as `peftchat merge` verifies
-        return write_gguf(tmp, out, outtype, name=name, say=say, force=force)
+        merge_adapter(adapter_dir, tmp / "merged", dtype="fp32", force=True)  # verified as `peftchat merge` verifies
+        return write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
