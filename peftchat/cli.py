@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from peftchat.train.distributed import check_launch, launch_local
 
         check_launch(recipe, launching=True)
-        flags = ["--into-nonempty-dir"] if args.into_nonempty else []
+        flags = ["--into-nonempty-dir"] * args.into_nonempty + ["--no-integrity-check"] * args.no_integrity_check
         return launch_local(args.nproc_per_node, ["train", args.recipe, *args.overrides, *flags])
     from peftchat.train.loop import TrainHooks, train
 
@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--into-nonempty-dir", dest="into_nonempty", action="store_true",
                    help="let a new run add its files to a non-empty training.output_dir that holds no run "
                         "(a file there with a name the run writes is still refused)")
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the fully resolved recipe as YAML")

@@ -312,6 +312,11 @@ def integrity_unchecked() -> Iterator[None]:
         _CHECK_INTEGRITY.reset(token)
 
 
+def integrity_checked() -> bool:
+    """False inside `integrity_unchecked()`."""
+    return _CHECK_INTEGRITY.get()
+
+
 def check_usable_adapter_dir(adapter_dir: Path) -> None:
     """UserError for a checkpoint without its marker, a run dir whose final outputs were not all
     written (training stopped or crashed before the end: its newest intact checkpoint is named),

@@ -121,3 +121,19 @@ def test_the_final_outputs_carry_a_manifest_of_every_file(trained_run):
                  "tokenizer_config.json"):
         assert name in files
     assert "metrics.jsonl" not in files and "complete" not in files  # live / the marker itself
+
+
+def test_resume_checks_its_checkpoint_and_the_opt_out_resumes_from_it(tmp_path, trained_run, capsys):
+    """training.resume=PATH to a changed checkpoint: one line naming the file; with
+    --no-integrity-check the run resumes from it (the user edited it on purpose)."""
+    run = _world(tmp_path, trained_run)
+    state = run / "checkpoint-1" / "trainer_state.json"
+    state.write_text(state.read_text() + " ")  # same meaning, other bytes
+    argv = ["train", run / "recipe.yaml", f"training.output_dir={run}", f"training.resume={run / 'checkpoint-1'}",
+            "training.max_steps=3"]
+    rc, err = run_cli(argv, capsys)
+    assert rc == 2, err
+    assert "trainer_state.json" in error_line(err) and "--no-integrity-check" in error_line(err)
+    rc, err = run_cli(argv + ["--no-integrity-check"], capsys)
+    assert rc == 0, err
+    assert (run / "complete").is_file() and (run / "checkpoint-3").is_dir()
