@@ -51,13 +51,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun only process 0 writes (peftchat.train.distributed)
         check_writable_dir(recipe.training.output_dir, "training.output_dir")
+        from peftchat.train.outputs import check_train_outputs
+
+        check_train_outputs(recipe, args.recipe, args.into_nonempty)
         _build_missing_tiny_model(recipe)
     if args.nproc_per_node is not None:  # start the torchrun processes here; each runs this command
         _check_count("--nproc-per-node", args.nproc_per_node, 1)
         from peftchat.train.distributed import check_launch, launch_local
 
         check_launch(recipe, launching=True)
-        return launch_local(args.nproc_per_node, ["train", args.recipe, *args.overrides])
+        flags = ["--into-nonempty-dir"] * args.into_nonempty + ["--no-integrity-check"] * args.no_integrity_check
+        return launch_local(args.nproc_per_node, ["train", args.recipe, *args.overrides, *flags])
     from peftchat.train.loop import TrainHooks, train
 
     hooks = TrainHooks()
@@ -91,12 +95,14 @@ def _build_missing_tiny_model(recipe) -> None:
 
 def cmd_data_dump(args: argparse.Namespace) -> int:
     _check_count("--limit", args.limit, 0)
-    _check_out_file(args.out)
     recipe = _recipe(args)
+    from peftchat.train.outputs import recipe_inputs
+
+    _check_out_file(args.out, recipe_inputs(recipe, args.recipe), args.force)
     from peftchat.data.inspect import dump_samples
     from peftchat.model.tokenizer import load_tokenizer
 
-    dump_samples(recipe, load_tokenizer(recipe), args.out, limit=args.limit, split=args.split)
+    dump_samples(recipe, load_tokenizer(recipe), args.out, limit=args.limit, split=args.split, force=args.force)
     return 0
 
 
@@ -151,24 +157,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
                     stream=not args.no_stream, system=args.system)
 
 
-def _check_out_file(path: str) -> None:
-    """An output file's dir must be writable before any slow work is done."""
-    from pathlib import Path
+def _check_out_file(path: str, inputs: Sequence = (), force: bool = False) -> None:
+    """Before any slow work: --out is none of the command's inputs, and it can be written (its
+    dir writable; an existing file only with --force)."""
+    from peftchat.paths import check_new_file, check_outputs
 
-    from peftchat.paths import check_writable_dir
+    check_outputs([("--out", path)], inputs)
+    check_new_file(path, "--out", force)
 
-    if Path(path).is_dir():
-        raise UserError(f"--out {path} is a directory; expected a file path")
-    check_writable_dir(Path(path).expanduser().parent, f"--out {path}: its directory")
+
+def _source_inputs(args: argparse.Namespace) -> list:
+    from peftchat.rundir import source_paths
+
+    return source_paths(args.source, args.overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     overrides = args.overrides + _decoding_flags(args)
-    _check_out_file(args.out)
+    _check_out_file(args.out, [("--in", args.inp)] + _source_inputs(args), args.force)
     from peftchat.infer.generate import run_generate
 
     run_generate(args.source, args.inp, args.out, overrides,
-                 batch_size=args.batch_size)
+                 batch_size=args.batch_size, force=args.force)
     return 0
 
 
@@ -181,20 +191,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from peftchat.export import export_gguf
 
-    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides)
+    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        _check_out_file(args.out, [("--data", args.data)] + _source_inputs(args), args.force)
     from peftchat.infer.evaluate import run_eval
 
-    return run_eval(args.source, args.data, args.overrides, limit=args.limit, out=args.out)
+    return run_eval(args.source, args.data, args.overrides, limit=args.limit, out=args.out, force=args.force)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from peftchat.train.curves import plot_runs
 
-    plot_runs(args.run_dirs, args.out)
+    plot_runs(args.run_dirs, args.out, force=args.force)
     print(f"training curves written to {args.out}")
     return 0
 
@@ -245,6 +257,16 @@ def _add_split_arg(p: argparse.ArgumentParser) -> None:
                    help="train: every record of data.train (default); eval: what evaluation uses")
 
 
+def _add_force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output file (written beside it, then renamed over it)")
+
+
+def _add_integrity_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-integrity-check", dest="no_integrity_check", action="store_true",
+                   help="load a run dir or checkpoint even when unfinished or changed since it was written")
+
+
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     p.add_argument("--temperature", type=float, help="0 = greedy")
@@ -270,6 +292,7 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system message for the session (default: data.meta_instruction, as in training)")
     _add_decoding_args(p)
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="batched generation over a JSONL file of prompts")
@@ -279,6 +302,8 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output .jsonl")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
     _add_decoding_args(p)
+    _add_force_arg(p)
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a trained or merged model")
@@ -287,6 +312,7 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", dest="model_name", default=None, help="model id in the API (default: the source's name)")
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp")
@@ -294,6 +320,8 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--gguf", required=True, help="output .gguf file")
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0"])
+    _add_force_arg(p)
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="greedy generations on held-out conversations, scored with BLEU-4 and ROUGE")
@@ -302,11 +330,14 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--data", required=True, help="conversations in a format the recipe reads (data.format)")
     p.add_argument("--limit", type=int, default=None, help="score the first N answers only")
     p.add_argument("--out", default=None, help="write the scores and per-sample predictions to this JSON file")
+    _add_force_arg(p)
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plot", help="loss, eval loss and lr curves of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--out", required=True, help="output .png")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_plot)
 
 
@@ -321,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=None, metavar="N",
                    help="train with N processes on this machine, one per GPU (torchrun; README 'Several GPUs')")
+    p.add_argument("--into-nonempty-dir", dest="into_nonempty", action="store_true",
+                   help="let a new run add its files to a non-empty training.output_dir that holds no run "
+                        "(a file there with a name the run writes is still refused)")
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("config", help="print the fully resolved recipe as YAML")
@@ -333,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(d)
     d.add_argument("--out", required=True, help="output .jsonl file")
     d.add_argument("--limit", type=int, default=None, help="at most N samples")
+    _add_force_arg(d)
     _add_split_arg(d)
     d.set_defaults(func=cmd_data_dump)
     d = data_sub.add_parser("inspect", help="show decoded samples with loss-bearing tokens marked")
@@ -353,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
     p.add_argument("--onto-original", action="store_true",
                    help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)")
+    _add_integrity_arg(p)
     p.set_defaults(func=cmd_merge)
 
     _add_model_use_commands(sub)
@@ -390,6 +427,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UserError(f"unrecognized argument(s): {' '.join(extras)}")
             args.overrides = list(args.overrides) + _split_overrides(extras, f"peftchat {args.command}")
         func: Callable[[argparse.Namespace], int] = args.func
+        if getattr(args, "no_integrity_check", False):
+            from peftchat.rundir import integrity_unchecked
+
+            with integrity_unchecked():
+                return func(args)
         return func(args)
     except UserError as e:
         print(f"peftchat: error: {e}", file=sys.stderr)

@@ -16,7 +16,9 @@ import os
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -57,7 +59,7 @@ def replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +79,7 @@ def remove_stale_partials(target: Path) -> list[Path]:
         return done
     for path in sorted(target.parent.iterdir()):
         m = pattern.match(path.name)
-        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+        if not m or int(m.group(2)) == os.getpid() or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "replaced" and not target.exists():
             os.replace(path, target)
@@ -85,3 +87,29 @@ def remove_stale_partials(target: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
         done.append(path)
     return done
+
+
+@contextmanager
+def sole_writer_of(target: Path, what: str) -> Iterator[None]:
+    """Hold `target` for this process while it is written: a second writer of the same path is
+    refused at once (UserError) instead of mixing its files in. The lock is filelock's flock on a
+    hidden file beside `target`, dropped by the kernel when the holder dies (kill -9 too)."""
+    from filelock import FileLock, Timeout
+
+    from peftchat.errors import UserError
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.peftchat-writer.lock"
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{what} {target} is being written by another peftchat process; "
+                        f"wait for it to end, or choose another {what}") from None
+    try:
+        yield
+    finally:
+        # Unlinked while still held, as peftchat.train.lock does: filelock's acquire retries when
+        # the inode it locked has lost its name, so a racing writer never holds a dead file.
+        path.unlink(missing_ok=True)
+        lock.release()

@@ -1,25 +1,28 @@
 """`peftchat export SOURCE --gguf OUT.gguf`: a GGUF file for llama.cpp from an adapter or merged dir.
 
 An adapter (a training output dir, a checkpoint, or a recipe whose run left one) is first merged
-by `peftchat merge`'s code into a temporary fp32 model dir — fp32 so that the merge itself adds no
-rounding and the only loss is the f16 / q8_0 storage — which is then written by `model.to_gguf`.
+by `peftchat merge`'s code into a temporary fp32 model dir beside the output (in a
+`.peftchat-tmp-PID-*` dir) — fp32 so that the merge itself adds no rounding and the only loss is
+the f16 / q8_0 storage — which is then written by `model.to_gguf`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Iterable
 
 from peftchat.errors import UserError
 from peftchat.rundir import note as say
-from peftchat.rundir import resolve_source
+from peftchat.rundir import resolve_source, source_paths
 from peftchat.merge import merge_adapter
+from peftchat.paths import check_new_file, check_outputs, remove_stale_temps, temp_path
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
-                overrides: Iterable[str] = ()) -> Path:
+                overrides: Iterable[str] = (), force: bool = False) -> Path:
+    """Write `out` (refused when it exists, unless `force`; replaced atomically) from `source`."""
     from peftchat.model.to_gguf import OUTTYPES, write_gguf
 
     try:
@@ -28,17 +31,27 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         raise UserError("peftchat export needs the gguf package: pip install 'peftchat[export]'") from None
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
-    if Path(out).is_dir():
-        raise UserError(f"--gguf {out} is a directory; give a file name such as model.gguf")
+    check_outputs([("--gguf", out)], source_paths(source, overrides))
+    check_new_file(out, "--gguf", force)
     resolved = resolve_source(source, overrides)
     recipe, adapter_dir = resolved.recipe, resolved.adapter_dir
     name = Path(source).expanduser().resolve().stem
     if adapter_dir is None:
         if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
-        return write_gguf(recipe.model.path, out, outtype, name=name, say=say)
-    with tempfile.TemporaryDirectory(prefix="peftchat-export-", dir=Path(out).expanduser().resolve().parent) as tmp:
-        merged = Path(tmp) / "merged"
+        return write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force)
+    # The fp32 merge lives beside the output, never in a shared /tmp; everything it writes (its
+    # partial dir and lock too) is inside one `.peftchat-tmp-PID-*` dir, so what a kill -9 leaves
+    # is removed whole by the next export (or any atomic write there).
+    target = Path(out).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in remove_stale_temps(target.parent):
+        say(f"note: removed {stale}, left by a peftchat command that was killed")
+    tmp = temp_path(target.with_suffix(".merge"))
+    tmp.mkdir()
+    try:
         say(f"merging {adapter_dir} into its base (fp32) for export ...")
-        merge_adapter(adapter_dir, merged, dtype="fp32", force=True)  # verified as `peftchat merge` verifies
-        return write_gguf(merged, out, outtype, name=name, say=say)
+        merge_adapter(adapter_dir, tmp / "merged", dtype="fp32", force=True)  # verified as `peftchat merge` verifies
+        return write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,6 @@ import datetime
 import errno
 import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -102,20 +101,37 @@ def log_dir() -> Path:
     return Path(state) / "peftchat" / "crash"
 
 
+def _cache_log_dir() -> Path:
+    """$XDG_CACHE_HOME/peftchat/crash (default ~/.cache/peftchat/crash): the fallback, still the user's own."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "peftchat" / "crash"
+
+
 def write_crash_log(exc: BaseException, argv: Sequence[str]) -> Optional[Path]:
     """Write the command line and the traceback of `exc` to a new file; its path, or None when no
-    location was writable. Tries the XDG state dir, then the temp dir."""
+    location was writable. Tries the XDG state dir, then the XDG cache dir: never a shared /tmp,
+    since the command line and the frames may name private paths or values. The file is new
+    (O_EXCL: nothing of the user's is ever written over) and readable by its owner only (0600)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     text = (f"peftchat {' '.join(argv)}\npython {sys.version.split()[0]}\n\n"
             + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-    for root in (log_dir(), Path(tempfile.gettempdir()) / "peftchat-crash"):
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            path = root / f"crash-{stamp}-{os.getpid()}.log"
-            path.write_text(text, encoding="utf-8")
+    for root in (log_dir(), _cache_log_dir()):
+        for n in range(100):
+            path = root / f"crash-{stamp}-{os.getpid()}{f'-{n}' if n else ''}.log"
+            try:
+                root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            except (OSError, ValueError):  # ValueError: a path with a NUL byte in $XDG_STATE_HOME
+                break
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
+                    f.write(text)
+            except OSError:  # a full disk: try the next place
+                path.unlink(missing_ok=True)
+                break
             return path
-        except OSError:
-            continue
     return None
 
 

@@ -24,12 +24,12 @@ from typing import Optional
 import torch
 
 from peftchat.config import Recipe, save_recipe
-from peftchat.dirswap import partial_dir, remove_stale_partials, replace_dir
+from peftchat.dirswap import partial_dir, remove_stale_partials, replace_dir, sole_writer_of
 from peftchat.errors import UserError
 from peftchat.infer.loading import load_adapter, load_tokenizer_for
 from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
-from peftchat.paths import check_writable_dir, looks_local
-from peftchat.rundir import ADAPTER_WEIGHTS, MODEL_CONFIG, RECIPE_FILE, adapter_source, read_adapter_config
+from peftchat.paths import check_outputs, check_writable_dir, looks_local
+from peftchat.rundir import ADAPTER_WEIGHTS, MODEL_CONFIG, RECIPE_FILE, adapter_source, read_adapter_config, source_paths
 from peftchat.rundir import note as say
 
 VERIFY_MAX_PARAMS = 3_000_000_000  # verification is on by default below this size
@@ -60,17 +60,13 @@ PROBE_TEXTS = (
 # ------------------------------------------------------------------------------------ checks
 
 
-def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
+def _check_out_dir(out_dir: Path, force: bool, inputs: list) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} exists and is not a directory")
+    # --force replaces the dir: never let that be the adapter, the base or a dir holding them.
+    check_outputs([("--out", out_dir)], inputs)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise UserError(f"--out {out_dir} exists and is not empty (use --force to overwrite it)")
-    # --force replaces the dir: never let that be the adapter, the base or a dir holding them.
-    resolved = out_dir.resolve()
-    for p in protected:
-        p = p.resolve()
-        if resolved == p or resolved in p.parents:
-            raise UserError(f"--out {out_dir} would overwrite {p}; choose another output dir")
 
 
 def _skeleton(recipe: Recipe):
@@ -349,12 +345,19 @@ def merge_adapter(
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{adapter_path} holds a {adapter_config.get('peft_type')} adapter; merge handles LoRA/DoRA")
     source = adapter_source(adapter_path, base=base)
+    inputs = [("--adapter", adapter_path), ("--base", base)] + source_paths(adapter_path)[1:]
+    _check_out_dir(out, force, inputs)
+    check_writable_dir(out.parent, f"--out {out}: its parent")  # the export is written beside it, then moved
+    with sole_writer_of(out, "--out"):
+        _check_out_dir(out, force, inputs)  # again, held: another merge may have written it meanwhile
+        return _merge(source, adapter_path, adapter_config, out, dtype, verify, onto_original)
+
+
+def _merge(source, adapter_path: Path, adapter_config: dict, out: Path, dtype: str, verify: Optional[bool],
+           onto_original: bool) -> Path:
+    """merge_adapter once its inputs are checked and `out` is held."""
     recipe = source.recipe
     export_dtype = torch_dtype(dtype)
-    base_path = Path(recipe.model.path).expanduser()
-    _check_out_dir(out, force, [adapter_path] + ([base_path] if base_path.exists() else []))
-    check_writable_dir(out.parent, f"--out {out}: its parent")  # the export is written beside it, then moved
-
     skeleton = _skeleton(recipe)
     check_adapter_fits(adapter_path, skeleton, adapter_config)
     n_params = sum(p.numel() for p in skeleton.parameters())

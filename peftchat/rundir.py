@@ -9,10 +9,13 @@ a dir handed to merge / chat / generate is.
                                (written last; only marked checkpoints are resumed from or loaded)
     metrics.jsonl              one JSON row per log / eval / resume event, appended live
     adapter_config.json, adapter_model.safetensors, tokenizer files, recipe.yaml,
-    training_summary.json      the final outputs, written as a set:
+    training_summary.json, checksums.json (of those)
+                               the final outputs, written as a set:
     complete                   ... into a hidden `.tmp-final-*` dir first, moved in file by file,
                                this marker last. A dir whose marker is missing is an unfinished
-                               run: merge and chat refuse it (its checkpoints stay usable).
+                               run: every reader refuses it (its checkpoints stay usable), and
+                               every reader checks the files against checksums.json
+                               (`check_usable_adapter_dir`; --no-integrity-check skips both).
 
 A checkpoint is written into a hidden `.tmp-*` dir, flushed, marked and renamed into place, so a
 crash leaves the old set of checkpoints or the new one, never a half-written `checkpoint-STEP`.
@@ -32,9 +35,11 @@ import re
 import shutil
 import sys
 import uuid
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from peftchat.config import Recipe, load_recipe, recipe_from_dict
 from peftchat.errors import UserError
@@ -233,6 +238,7 @@ def publish_final_outputs(output_dir: str | os.PathLike, fill: Callable[[Path], 
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
+        write_checksums(tmp)  # readers (merge, chat, export, ...) check the final files against it
         _fsync_tree(tmp)
         for item in sorted(tmp.iterdir()):
             target = root / item.name
@@ -291,17 +297,47 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise UserError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
+NO_CHECK_FLAG = "--no-integrity-check"
+# Off only inside `integrity_unchecked()` (the CLI's --no-integrity-check): a context variable
+# rather than a parameter, because every reader reaches the check through resolve_source.
+_CHECK_INTEGRITY: ContextVar[bool] = ContextVar("peftchat_check_integrity", default=True)
+
+
+@contextmanager
+def integrity_unchecked() -> Iterator[None]:
+    """Load run dirs and checkpoints without their marker and checksums (files edited on purpose)."""
+    token = _CHECK_INTEGRITY.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_INTEGRITY.reset(token)
+
+
+def integrity_checked() -> bool:
+    """False inside `integrity_unchecked()`."""
+    return _CHECK_INTEGRITY.get()
+
+
 def check_usable_adapter_dir(adapter_dir: Path) -> None:
-    """UserError for a checkpoint without its marker, or a run dir whose final outputs were not
-    all written (training stopped or crashed before the end)."""
+    """UserError for a checkpoint without its marker, a run dir whose final outputs were not all
+    written (training stopped or crashed before the end: its newest intact checkpoint is named),
+    or a file that no longer matches the run's `checksums.json`. An adapter dir not written by a
+    run (no manifest) is taken as it is; so is anything inside `integrity_unchecked()`."""
+    if not _CHECK_INTEGRITY.get():
+        note(f"note: {NO_CHECK_FLAG}: {adapter_dir} used without checking its '{COMPLETE_MARKER}' marker and checksums")
+        return
+    opt_out = f"({NO_CHECK_FLAG} loads it anyway)"
     if checkpoint_step(adapter_dir) is not None:
         if not is_complete(adapter_dir):
-            raise UserError(f"{adapter_dir} is an incomplete checkpoint (no '{COMPLETE_MARKER}' marker)")
-        return
-    if is_run_dir(adapter_dir) and not is_complete(adapter_dir):
-        latest = latest_checkpoint(adapter_dir)
-        hint = f"; use {latest} or resume the run with training.resume=true" if latest else ""
-        raise UserError(f"{adapter_dir} is an unfinished run (no '{COMPLETE_MARKER}' marker){hint}")
+            raise UserError(f"{adapter_dir} is an incomplete checkpoint (no '{COMPLETE_MARKER}' marker) {opt_out}")
+    elif is_run_dir(adapter_dir) and not is_complete(adapter_dir):
+        latest = latest_intact_checkpoint(adapter_dir)
+        hint = f"; use its newest complete checkpoint {latest} or resume the run with training.resume=true" if latest else ""
+        raise UserError(f"{adapter_dir} is an unfinished run (no '{COMPLETE_MARKER}' marker){hint} {opt_out}")
+    damage = checkpoint_damage(adapter_dir)
+    if damage is not None:
+        raise UserError(f"{adapter_dir}: {damage}; use another checkpoint of the run, or pass {NO_CHECK_FLAG} "
+                        f"if it was changed on purpose")
 
 
 @dataclass
@@ -367,8 +403,9 @@ def trained_adapter(recipe: Recipe) -> Optional[Path]:
     """The final adapter of `training.output_dir`, else its newest complete checkpoint, else None."""
     out = Path(recipe.training.output_dir).expanduser()
     if is_adapter_dir(out) and (is_complete(out) or not is_run_dir(out)):
+        check_usable_adapter_dir(out)
         return out
-    latest = latest_checkpoint(out)
+    latest = latest_intact_checkpoint(out) if _CHECK_INTEGRITY.get() else latest_checkpoint(out)
     if latest is not None and is_adapter_dir(latest):
         note(f"note: no final adapter in {out}; using the newest checkpoint {latest.name}")
         return latest
@@ -383,6 +420,28 @@ def adapter_source(adapter_dir: Path, overrides: Iterable[str] = (), base: Optio
     tok_dir = next((d for d in (adapter_dir, adapter_dir.parent) if has_tokenizer(d)), None)
     kind = "checkpoint" if checkpoint_step(adapter_dir) is not None and is_complete(adapter_dir) else "adapter"
     return ChatSource(kind, recipe, adapter_dir, tok_dir)
+
+
+def source_paths(source: str | os.PathLike, overrides: Iterable[str] = ()) -> list[tuple[str, str | os.PathLike | None]]:
+    """What a command reads through `source`, as `paths.check_outputs` takes it, found without
+    loading anything or printing notes: the source itself, the base model and tokenizer its
+    recipe names, and for a recipe file the run dir whose adapter it would load. A source that
+    does not resolve gives what it can (resolve_source names the problem)."""
+    path = Path(source).expanduser()
+    found: list[tuple[str, str | os.PathLike | None]] = [("the source", path)]
+    recipe_file = path if path.is_file() else next(
+        (c for c in (path / RECIPE_FILE, path.parent / RECIPE_FILE) if c.is_file()), None)
+    try:
+        if recipe_file is not None:
+            recipe = load_recipe(recipe_file, overrides)
+            found += [("model.path", recipe.model.path), ("model.tokenizer", recipe.model.tokenizer)]
+            if recipe_file == path:
+                found.append(("training.output_dir", recipe.training.output_dir))
+        elif is_adapter_dir(path):
+            found.append(("the adapter's base model", read_adapter_config(path).get("base_model_name_or_path")))
+    except UserError:
+        pass
+    return found
 
 
 def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> ChatSource:

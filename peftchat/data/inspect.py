@@ -21,6 +21,7 @@ from peftchat.config import Recipe
 from peftchat.data.pipeline import build_datasets
 from peftchat.data.report import DataReport
 from peftchat.errors import UserError
+from peftchat.paths import atomic_output
 from peftchat.formats.samples import IGNORE_INDEX
 
 SPLITS = ("train", "eval")
@@ -43,16 +44,17 @@ def _build(recipe: Recipe, tokenizer, split: str) -> tuple[Any, DataReport]:
     return bundle.eval, bundle.report.eval
 
 
-def dump_samples(recipe: Recipe, tokenizer, out: str | Path, limit: int | None = None, split: str = "train") -> int:
+def dump_samples(recipe: Recipe, tokenizer, out: str | Path, limit: int | None = None, split: str = "train",
+                 force: bool = False) -> int:
     """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per sample of `split`,
-    data-set order; print the data report to stderr; return the number of samples written."""
+    data-set order; print the data report to stderr; return the number of samples written. `out`
+    is written whole beside itself and renamed into place (an existing file only with `force`)."""
     if limit is not None and limit < 0:
         raise UserError(f"--limit must be >= 0, got {limit}")
     samples, report = _build(recipe, tokenizer, split)
     n = len(samples) if limit is None else min(limit, len(samples))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
+    with atomic_output(out, "--out", force) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in samples.select(range(n)):
             ids = row["input_ids"]
             fh.write(json.dumps({"input_ids": ids, "labels": row["labels"], "attention_mask": [1] * len(ids)}) + "\n")

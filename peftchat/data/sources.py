@@ -37,7 +37,7 @@ from typing import Any, Iterator
 
 from peftchat.config import DataConfig, DataSource, data_sources
 from peftchat.data.formats import detect_format, prune
-from peftchat.errors import DataError
+from peftchat.errors import DataError, UserError
 from peftchat.paths import looks_local
 
 JSON_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -437,6 +437,29 @@ def _load_dataset_source(entry: DataSource, fmt: str, index: int, cfg: DataConfi
     with quiet_datasets():
         return ds.map(_ToRows(fmt, label, index, cfg), with_indices=True, batched=True, remove_columns=ds.column_names,
                       features=record_features(), desc=f"reading {label}")
+
+
+def local_data_files(spec: Any, key: str) -> list[Path]:
+    """Every local file or dataset dir `spec` names (globs and dirs expanded), without reading any:
+    what an output must never overwrite. A spec that does not resolve gives what it can (loading
+    names the problem later)."""
+    if spec in (None, ""):
+        return []
+    try:
+        entries = data_sources(spec, key)
+    except UserError:
+        return []
+    found: list[Path] = []
+    for entry in entries:
+        path = Path(entry.path).expanduser()
+        if path.is_dir():
+            found.append(path)  # the whole dir is read (a saved dataset or a dir of JSON files)
+            continue
+        try:
+            found += _expand(entry.path, key)
+        except UserError:
+            continue
+    return found
 
 
 def load_records(spec: Any, cfg: DataConfig, *, key: str = "data.train") -> RecordSource:

@@ -28,6 +28,7 @@ from peftchat.formats.registry import make_format
 from peftchat.infer.decoding import context_budget
 from peftchat.infer.generate import generate_replies
 from peftchat.infer.loading import load_chat_model, say
+from peftchat.paths import atomic_output
 
 METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 MISSING_EXTRA = "scoring needs jieba, rouge-chinese and nltk: pip install 'peftchat[eval]'"
@@ -218,7 +219,7 @@ def eval_generate_hook(recipe: Recipe):
 
 
 def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[int] = None,
-             out: Optional[str] = None, batch_size: int = 8) -> int:
+             out: Optional[str] = None, batch_size: int = 8, force: bool = False) -> int:
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     _scorers()  # a missing extra answers before the model loads
@@ -235,8 +236,9 @@ def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[i
         scorers = _scorers()
         rows = [s.row() | {"prediction": p} | score_pair(p, s.reference, scorers) for s, p in zip(samples, predictions)]
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        with atomic_output(path, "--out", force) as tmp:
+            tmp.write_text(json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n",
+                           encoding="utf-8")
         say(f"scores and {len(rows)} predictions written to {path}")
     print(json.dumps(scores, ensure_ascii=False))
     return 0

@@ -27,6 +27,7 @@ from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
 from peftchat.infer.decoding import context_budget, generation_config, logits_processors
 from peftchat.infer.loading import load_chat_model, say
+from peftchat.paths import atomic_output
 
 
 @dataclass
@@ -144,9 +145,10 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
     return replies  # type: ignore[return-value]
 
 
-def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_size: int = 8) -> int:
+def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_size: int = 8, force: bool = False) -> int:
     """Generate a reply for every row of `inp` with the model of `source` (recipe, adapter dir or
-    merged model dir) and write `{"prompt", "reply"}` rows to `out` in input order."""
+    merged model dir) and write `{"prompt", "reply"}` rows to `out` in input order (written whole
+    beside it and renamed into place; an existing `out` only with `force`)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -171,8 +173,7 @@ def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_si
     with tqdm(total=len(prompts), unit="prompt", desc="generating") as bar:
         replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar, fmt=fmt)
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("w", encoding="utf-8") as f:
+    with atomic_output(out_path, "--out", force) as tmp, tmp.open("w", encoding="utf-8") as f:
         for r, reply in zip(requests, replies):
             row = ({"id": r.id} if r.id is not None else {}) | {"prompt": r.query, "reply": reply}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from peftchat.errors import UserError
+from peftchat.paths import atomic_output
 
 OUTTYPES = ("f16", "q8_0")
 ARCHES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -171,9 +172,10 @@ def _store(writer, name: str, data: np.ndarray, outtype: str) -> str:
 
 
 def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
-               name: Optional[str] = None, say: Callable[[str], None] = print) -> Path:
+               name: Optional[str] = None, say: Callable[[str], None] = print, force: bool = False) -> Path:
     """Write the model in `model_dir` (a plain transformers dir: config.json, safetensors,
-    tokenizer.json) to `out_path` as GGUF, 2-D tensors in `outtype` (f16 | q8_0)."""
+    tokenizer.json) to `out_path` as GGUF, 2-D tensors in `outtype` (f16 | q8_0): into a temp
+    file beside it, renamed onto it at the end (an existing file only with `force`)."""
     import gguf
 
     if outtype not in OUTTYPES:
@@ -184,14 +186,19 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtyp
     arch = next((ARCHES[a] for a in archs if a in ARCHES), None)
     if arch is None:
         raise UserError(f"{model_dir}: GGUF export handles {', '.join(ARCHES)}; this model is {archs or 'unknown'}")
+    out = Path(out_path)
+    with atomic_output(out, "--gguf", force=force) as tmp:
+        counts = _write_file(gguf, tmp, arch, model_dir, config, outtype, name)
+    say(f"GGUF ({arch}, {outtype}) written to {out}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors")
+    return out
+
+
+def _write_file(gguf, tmp: Path, arch: str, model_dir: Path, config: dict, outtype: str, name) -> dict[str, int]:
+    """The GGUF file at `tmp`; returns how many tensors of each stored type it holds."""
     n_head, n_kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
     vocab_size = int(config["vocab_size"])
-
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(name or model_dir.name)
@@ -226,10 +233,6 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtyp
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
     finally:
         writer.close()
-        tmp.unlink(missing_ok=True)
-    say(f"GGUF ({arch}, {outtype}) written to {out}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors")
-    return out
+    return counts

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from peftchat.errors import UserError
+from peftchat.paths import atomic_output, check_new_file, check_outputs
 
 CURVES_FILE = "training_curves.png"
 METRICS_FILE = "metrics.jsonl"
@@ -55,8 +56,9 @@ def _label(run_dir: Path, all_dirs: Sequence[Path]) -> str:
     return run_dir.name if names.count(run_dir.name) == 1 else str(run_dir)
 
 
-def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Optional[Path]:
-    """Plot the runs' curves side by side into `out`; None when matplotlib is missing."""
+def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = True) -> Optional[Path]:
+    """Plot the runs' curves side by side into `out` (an existing file only with `force`; replaced
+    atomically, so a reader never sees half a picture); None when matplotlib is missing."""
     plt = _pyplot()
     if plt is None:
         return None
@@ -87,19 +89,22 @@ def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Optio
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False)
     fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)  # a reader never sees half a picture
+    try:
+        with atomic_output(out, "--out", force) as tmp:
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """`peftchat plot`: overlay the runs' curves in `out` (UserError without matplotlib)."""
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, force: bool = False) -> Path:
+    """`peftchat plot`: overlay the runs' curves in `out` (UserError without matplotlib; an
+    existing `out` only with `force`)."""
     for d in run_dirs:
         read_metrics(d)  # a wrong dir is a clear error before anything is drawn
-    path = draw(run_dirs, out)
+    check_outputs([("--out", out)], [(f"the metrics of {d}", Path(d) / METRICS_FILE) for d in run_dirs])
+    check_new_file(out, "--out", force)
+    path = draw(run_dirs, out, force=force)
     if path is None:
         raise UserError(f"peftchat plot: {MISSING_EXTRA}")
     return path

@@ -23,7 +23,15 @@ from omegaconf import OmegaConf
 
 from peftchat.config import Recipe, load_recipe, recipe_to_yaml
 from peftchat.errors import ConfigError, UserError
-from peftchat.rundir import RECIPE_FILE, checkpoint_damage, existing_run, is_complete, latest_checkpoint, latest_intact_checkpoint
+from peftchat.rundir import (
+    RECIPE_FILE,
+    checkpoint_damage,
+    existing_run,
+    integrity_checked,
+    is_complete,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+)
 
 SCHEDULE_KEYS = (
     "training.max_steps", "training.epochs", "training.save_steps", "training.eval_steps", "training.log_steps",
@@ -49,7 +57,7 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
     out = Path(recipe.training.output_dir)
     resume = recipe.training.resume
     if resume is True:
-        latest = latest_intact_checkpoint(out)
+        latest = latest_intact_checkpoint(out) if integrity_checked() else latest_checkpoint(out)
         if latest is None:
             damaged = " (the complete ones are damaged, see above)" if latest_checkpoint(out) is not None else ""
             raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from{damaged}")
@@ -60,10 +68,11 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
             raise UserError(f"training.resume: checkpoint {resume} not found")
         if not is_complete(path):
             raise UserError(f"training.resume: {resume} is not a complete checkpoint (no 'complete' marker)")
-        damage = checkpoint_damage(path)
+        damage = checkpoint_damage(path) if integrity_checked() else None
         if damage is not None:
             raise UserError(f"training.resume: checkpoint {resume} is damaged: {damage}; "
-                            f"resume from an older checkpoint, or with training.resume=true (the newest intact one)")
+                            f"resume from an older checkpoint, or with training.resume=true (the newest intact one); "
+                            f"--no-integrity-check resumes from it anyway")
         return path
     what = existing_run(out)
     if what is not None:
