@@ -329,6 +329,33 @@ def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -
     return 1
 
 
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues a stopped `train`, runnable from any directory: this one
+    with `training.resume=true` in place of any `training.resume=...` it had."""
+    import shlex
+
+    kept = [a for a in argv if not a.startswith("training.resume=")]
+    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["peftchat", *kept, "training.resume=true"])
+
+
+def _stopped(exc: KeyboardInterrupt, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """A signal stopped the command: one line, exit 128 + the signal (130 for a plain Ctrl-C)."""
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    line = f"peftchat: stopped by {signal.Signals(signum).name}"
+    detail = getattr(exc, "detail", "")
+    if detail:
+        line += f": {detail}"
+    if getattr(exc, "checkpoint", None) is not None and getattr(args, "command", None) == "train":
+        line += f"; resume with: {_resume_command(argv)}"
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # SIGHUP: the terminal is gone
+        pass
+    return 128 + signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -343,9 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"peftchat: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftchat: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _stopped(e, args, argv)
     except BrokenPipeError:  # `peftchat data dump ... | head` closed stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
