@@ -40,7 +40,7 @@ def _recipe(args: argparse.Namespace):
 def cmd_config(args: argparse.Namespace) -> int:
     from peftchat.config import recipe_to_yaml
 
-    sys.stdout.write(recipe_to_yaml(_recipe(args)))
+    sys.stdout.write(recipe_to_yaml(_recipe(args), resolve_env=True))
     return 0
 
 
@@ -357,6 +357,9 @@ def _stopped(exc: KeyboardInterrupt, args: argparse.Namespace, argv: Sequence[st
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a message naming a non-UTF-8 path prints, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)

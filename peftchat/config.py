@@ -371,6 +371,13 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     for item in items:
         if not is_override(item):
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as e:  # a path of bytes that are not UTF-8: a recipe is UTF-8 YAML
+            key = item.split("=", 1)[0]
+            raise ConfigError(f"override '{key}': its value is not UTF-8 text (byte "
+                              f"{ord(item[e.start]) - 0xDC00:#04x} at position {e.start - len(key) - 1}); "
+                              f"recipes and the run's recipe.yaml are UTF-8, so use a UTF-8 name") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -553,6 +560,42 @@ def quant_storage(recipe: Recipe, sharded: bool) -> str:
     return recipe.model.compute_dtype if sharded else "uint8"
 
 
+# A value read from the environment is saved as the interpolation that read it, never resolved:
+# it is how a recipe passes a secret (a token, a password in a URL), and recipe.yaml is copied
+# with every run dir and checkpoint.
+SECRET_INTERPOLATION = "${oc.env:"
+SECRETS_ATTR = "_env_interpolations"  # on a loaded Recipe: {(key, ...): (the raw text, its value)}
+
+
+def _env_interpolations(node: Any, at: tuple = ()) -> dict[tuple, str]:
+    """{path: raw text} of every string under `node` (an unresolved container) that reads `oc.env`."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return {at: node} if isinstance(node, str) and SECRET_INTERPOLATION in node.replace(" ", "") else {}
+    found: dict[tuple, str] = {}
+    for k, v in items:
+        found.update(_env_interpolations(v, (*at, k)))
+    return found
+
+
+def _get(container: Any, at: tuple) -> Any:
+    for k in at:
+        container = container[k]
+    return container
+
+
+def _to_recipe(cfg: DictConfig) -> Recipe:
+    """The typed Recipe of a merged config, remembering which values came from the environment."""
+    recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    setattr(recipe, SECRETS_ATTR, {at: (raw, _get(resolved, at)) for at, raw in
+                                   _env_interpolations(OmegaConf.to_container(cfg, resolve=False)).items()})
+    return recipe
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe file, its `extends` chain and `key=value` overrides into a validated Recipe."""
     cfg: DictConfig = OmegaConf.structured(Recipe)
@@ -560,7 +603,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         cfg = _merge_layer(cfg, raw, source)
     cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        recipe = _to_recipe(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{path}: required key '{e.full_key}' is not set") from None
     except OmegaConfBaseException as e:
@@ -577,7 +620,7 @@ def recipe_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "r
     cfg = _merge_layer(OmegaConf.structured(Recipe), data, source)
     cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        recipe = _to_recipe(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{source}: required key '{e.full_key}' is not set") from None
     _validate(recipe)
@@ -585,8 +628,18 @@ def recipe_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "r
     return recipe
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+def recipe_to_yaml(recipe: Recipe, resolve_env: bool = False) -> str:
+    """The recipe as YAML; values read from the environment stay `${oc.env:...}` unless
+    `resolve_env` (`peftchat config`, which prints the resolved recipe on the user's own terminal)."""
+    data = OmegaConf.to_container(OmegaConf.structured(recipe))
+    for at, (raw, value) in ({} if resolve_env else getattr(recipe, SECRETS_ATTR, {})).items():
+        try:
+            node = _get(data, at[:-1])
+            if node[at[-1]] == value:  # else the key was set after loading (merge, a test): no longer the env's
+                node[at[-1]] = raw
+        except (KeyError, IndexError, TypeError):
+            continue
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:

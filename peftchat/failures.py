@@ -112,9 +112,11 @@ def write_crash_log(exc: BaseException, argv: Sequence[str]) -> Optional[Path]:
         try:
             root.mkdir(parents=True, exist_ok=True)
             path = root / f"crash-{stamp}-{os.getpid()}.log"
-            path.write_text(text, encoding="utf-8")
+            # backslashreplace: the command line may hold bytes that are not UTF-8 (a path), and the
+            # log must not fail on the very thing it reports
+            path.write_text(text, encoding="utf-8", errors="backslashreplace")
             return path
-        except OSError:
+        except (OSError, UnicodeError):
             continue
     return None
 
