@@ -122,6 +122,8 @@ def _check_count(flag: str, value: int | None, least: int) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.message is not None and not args.message.strip():
+        raise UserError("--message is empty; give the text to send, or leave --message out to chat turn by turn")
     overrides = args.overrides + _decoding_flags(args)
     from peftchat.infer.chat import run_chat
 
@@ -178,6 +180,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    if not 0 <= args.seed <= 2**64 - 1:  # torch.manual_seed's range (beyond it: an OverflowError)
+        raise UserError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
     from peftchat.demo_assets import build_tiny_model
 
     path = build_tiny_model(args.out, arch=args.arch, seed=args.seed)
@@ -329,6 +333,31 @@ def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -
     return 1
 
 
+# argparse destinations that are paths, as the user wrote them (a --message or --system may hold lines)
+PATH_ARGS = {"recipe": "recipe", "source": "source", "out": "--out", "inp": "--in", "adapter": "--adapter",
+             "base": "--base", "data": "--data", "gguf": "--gguf", "run_dirs": "RUN_DIR"}
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Every argument must be text: a path of bytes that are not UTF-8 reaches libraries that
+    cannot take it (tokenizers' save_pretrained, YAML) and the recipe.yaml a run saves. A path
+    holds no line break (`config.check_path_text`)."""
+    from peftchat.config import check_path_text
+
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or name == "overrides":  # overrides: config.parse_overrides names the key
+                continue
+            if name in PATH_ARGS:
+                check_path_text(PATH_ARGS[name], item)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+                raise UserError(f"argument '{shown}' is not UTF-8 text; peftchat reads and writes UTF-8 names "
+                                "only: rename it") from None
+
+
 def _resume_command(argv: Sequence[str]) -> str:
     """The command line that continues a stopped `train`, runnable from any directory: this one
     with `training.resume=true` in place of any `training.resume=...` it had."""
@@ -364,6 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     try:
+        _check_text_args(args)
         if extras:
             if not hasattr(args, "overrides"):
                 raise UserError(f"unrecognized argument(s): {' '.join(extras)}")

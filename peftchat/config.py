@@ -9,6 +9,7 @@ error names the file (or the override) it came from.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import warnings
 import dataclasses
@@ -224,8 +225,9 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
             close = difflib.get_close_matches(str(fmt), formats, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"'{where}.format' is {fmt!r}; expected one of {', '.join(formats)}{hint}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
-            raise ConfigError(f"'{where}.weight' must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+            raise ConfigError(f"'{where}.weight' must be a number in (0, {MAX_WEIGHT:g}] (0 takes nothing: leave "
+                              f"the source out), got {weight!r}")
         out.append(DataSource(path, fmt, float(weight)))
     return out
 
@@ -373,11 +375,21 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
             item.encode("utf-8")
-        except UnicodeEncodeError as e:  # a path of bytes that are not UTF-8: a recipe is UTF-8 YAML
-            key = item.split("=", 1)[0]
-            raise ConfigError(f"override '{key}': its value is not UTF-8 text (byte "
-                              f"{ord(item[e.start]) - 0xDC00:#04x} at position {e.start - len(key) - 1}); "
-                              f"recipes and the run's recipe.yaml are UTF-8, so use a UTF-8 name") from None
+        except UnicodeEncodeError:  # a path of bytes that are not UTF-8: a recipe is UTF-8 YAML
+            shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+            raise ConfigError(f"override '{shown}' is not UTF-8 text; recipes and the run's recipe.yaml are "
+                              "UTF-8, so use a UTF-8 name") from None
+        key, value = item.split("=", 1)
+        if key in PATH_KEYS or key.startswith(("data.train", "data.eval")):  # before YAML folds a line break
+            check_path_text(key, value)
+        try:  # one at a time, so that the error names the override
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:  # a value that is not YAML, say an unclosed `[`
+            what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            raise ConfigError(f"override '{key}': its value {value!r} is not valid YAML ({what or e}); "
+                              "a list is written [a, b], quoted when it holds spaces or commas") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{key}': {str(e).splitlines()[0]}") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -394,6 +406,16 @@ def _merge_layer(base: DictConfig, raw: dict, source: str) -> DictConfig:
         raise ConfigError(f"{source}: wrong value for '{key}': {msg}") from None
 
 
+PATH_KEYS = ("model.path", "model.tokenizer", "data.cache_dir", "training.output_dir", "training.resume")
+
+
+def check_path_text(name: str, value: Any) -> None:
+    """ConfigError for a path holding a line break or NUL: no file a user means is named so (a
+    pasted line ending, a script's bad quoting), and it would split the one-line messages."""
+    if isinstance(value, str) and any(c in value for c in "\n\r\0"):
+        raise ConfigError(f"'{name}' is {value!r}: a path with a line break or NUL; remove it")
+
+
 def _validate(recipe: Recipe) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -405,10 +427,18 @@ def _validate(recipe: Recipe) -> None:
     tm = recipe.adapter.target_modules
     if not (isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"'adapter.target_modules' must be 'all-linear' or a list of names, got {tm!r}")
-    data_sources(recipe.data.train, "data.train")
-    if recipe.data.eval is not None:
-        data_sources(recipe.data.eval, "data.eval")
+    paths = {"model.path": recipe.model.path, "model.tokenizer": recipe.model.tokenizer,
+             "data.cache_dir": recipe.data.cache_dir, "training.output_dir": recipe.training.output_dir}
+    for key in ("data.train", "data.eval"):
+        value = getattr(recipe.data, key.split(".")[1])
+        if value is not None:
+            for i, source in enumerate(data_sources(value, key)):
+                paths[f"{key}[{i}]" if isinstance(value, list) else key] = source.path
     _validate_training(recipe.training)
+    if isinstance(recipe.training.resume, str):
+        paths["training.resume"] = recipe.training.resume
+    for key, value in paths.items():
+        check_path_text(key, value)
     _validate_distributed(recipe)
 
 
@@ -433,14 +463,26 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: Optional[float]) -> str:
+    """A bound as written: whole numbers in full (the seed's 4294967295, not 4.29497e+09)."""
+    return str(int(x)) if x is not None and float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+# Bounds of what a run can mean, for keys without a high bound of their own: an integer key above
+# MAX_COUNT (a step count, a batch, a length, ...) would not finish or fit in any run (torch and
+# numpy take such counts as int32 or int64 in places, and 2**70 trains or fails deep inside), and
+# a float key must be finite. A source weight or `epochs` repeats the data that many times.
+MAX_COUNT = 2**31 - 1
+MAX_EPOCHS = MAX_WEIGHT = 1e6
 SHARE = Range(0, 1, high_open=True)  # a probability or fraction that must leave something
 
 # Every numeric key of the schema and the values it accepts. This table is the documentation of
@@ -462,7 +504,7 @@ RANGES: dict[str, Range] = {
     "training.weight_decay": NON_NEGATIVE,
     "training.warmup_steps": NON_NEGATIVE,
     "training.warmup_ratio": Range(0, 1),
-    "training.epochs": POSITIVE,
+    "training.epochs": Range(0, MAX_EPOCHS, low_open=True),
     "training.max_steps": Range(-1),  # -1 or 0: train `epochs`; > 0: exactly this many steps
     "training.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
     "training.eval_generate": NON_NEGATIVE,  # 0 = off; N: score greedy answers to N eval samples
@@ -493,6 +535,10 @@ def range_error(key: str, value: Any) -> Optional[str]:
         return None
     if value not in allowed:
         return f"must be {allowed}, got {value}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and allowed.high is None and abs(value) > MAX_COUNT:
+        return f"must be at most {MAX_COUNT} (no run reaches more), got {value}"
     if key == "data.eval_split" and value >= 1 and value != int(value):
         return f"must be a share below 1 or a whole number of sessions, got {value}"
     return None
