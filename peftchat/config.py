@@ -9,8 +9,10 @@ error names the file (or the override) it came from.
 from __future__ import annotations
 
 import difflib
+import errno
 import math
 import os
+import stat
 import warnings
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -343,6 +345,7 @@ def _read_yaml(path: Path) -> dict:
 
 def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
     """Return (source, raw dict) layers for `path` and its `extends` ancestors, parents first."""
+    check_regular_file(path, "recipe", ConfigError)
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -409,6 +412,23 @@ def _merge_layer(base: DictConfig, raw: dict, source: str) -> DictConfig:
 PATH_KEYS = ("model.path", "model.tokenizer", "data.cache_dir", "training.output_dir", "training.resume")
 
 
+def check_regular_file(path: Path, what: str, error: type[Exception]) -> None:
+    """`error` for a `what` path that exists but is no file that can be read to its end: a FIFO
+    (read blocks until someone writes), a device (/dev/zero never ends), a socket, or a symlink
+    loop. A missing path and a directory pass: the reader says those in its own words."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{what} {path}: a loop of symbolic links; point it at a file") from None
+        return  # permission and the like: the read names it
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise error(f"{what} {path} is {kind}, not a regular file; give a file") from None
+
+
 def check_path_text(name: str, value: Any) -> None:
     """ConfigError for a path holding a line break or NUL: no file a user means is named so (a
     pasted line ending, a script's bad quoting), and it would split the one-line messages."""
@@ -473,7 +493,9 @@ class Range:
 
 def _number(x: Optional[float]) -> str:
     """A bound as written: whole numbers in full (the seed's 4294967295, not 4.29497e+09)."""
-    return str(int(x)) if x is not None and float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
