@@ -321,11 +321,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _newest_checkpoint(args: argparse.Namespace):
+    """For a failed `train`: the newest complete checkpoint of its output dir, or None."""
+    if getattr(args, "command", None) != "train":
+        return None
+    try:
+        from peftchat.config import load_recipe
+        from peftchat.rundir import latest_checkpoint
+
+        return latest_checkpoint(load_recipe(args.recipe, args.overrides).training.output_dir)
+    except Exception:  # noqa: BLE001 - only a hint for the message: none is "none saved"
+        return None
+
+
 def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """The last resort: one line on stderr, never a traceback (that goes to the crash log)."""
     from peftchat.failures import crash_line, explain, write_crash_log
 
-    reason = explain(exc, getattr(args, "command", None))
+    reason = explain(exc, getattr(args, "command", None), _newest_checkpoint(args))
     if reason is not None:
         print(f"peftchat: error: {reason}", file=sys.stderr)
         return 2

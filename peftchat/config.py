@@ -8,6 +8,7 @@ error names the file (or the override) it came from.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import errno
 import math
@@ -711,7 +712,42 @@ def recipe_to_yaml(recipe: Recipe, resolve_env: bool = False) -> str:
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
-    Path(path).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    Path(path).write_text(recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")
+
+
+def _absolute(value: Any, data: bool = False) -> Any:
+    """`value` made absolute when it is a relative local path (relative to the working dir, as
+    every reader takes it); a hub id (`org/name`) stays. `data`: a data source, where a glob or a
+    JSON file name is local too (`peftchat.data.sources`)."""
+    from peftchat.paths import looks_local
+
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    local = looks_local(value) or (data and (value.endswith((".json", ".jsonl")) or any(c in value for c in "*?[")))
+    return os.path.abspath(value) if local else value
+
+
+def _absolute_sources(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_absolute_sources(v) for v in value]
+    if isinstance(value, dict) and "path" in value:
+        return {**value, "path": _absolute(value["path"], data=True)}
+    return _absolute(value, data=True)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy of `recipe` whose local paths are absolute: what a run saves as recipe.yaml, so
+    that merge, chat and resume read the same files from any directory."""
+    out = copy.deepcopy(recipe)  # keeps the record of values read from the environment
+    out.model.path = _absolute(out.model.path)
+    out.model.tokenizer = _absolute(out.model.tokenizer)
+    out.data.train = _absolute_sources(out.data.train)
+    out.data.eval = _absolute_sources(out.data.eval)
+    out.data.cache_dir = _absolute(out.data.cache_dir)
+    out.training.output_dir = os.path.abspath(os.path.expanduser(out.training.output_dir))
+    if isinstance(out.training.resume, str):  # a checkpoint path (true/false are bools by now)
+        out.training.resume = os.path.abspath(os.path.expanduser(out.training.resume))
+    return out
 
 
 def tokenizer_source(recipe: Recipe) -> str:

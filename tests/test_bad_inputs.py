@@ -496,11 +496,11 @@ MACHINE_ROWS = [
      lambda: OSError(errno.ENOSPC, "No space left on device", "/data/d.jsonl"),
      ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["no space left on the device writing /data/d.jsonl"]),
     ("disk-full-safetensors", "peftchat.train.loop.train", _safetensors_full, ["train", "{R}"], 2,
-     ["no space left on the device", "training.resume=true"]),
+     ["no space left on the device", "no complete checkpoint was saved: free space, then run it again"]),
     ("disk-full-torch-save", "peftchat.train.loop.train",
      lambda: RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
                           "PytorchStreamWriter failed writing file data/0: file write failed"),
-     ["train", "{R}"], 2, ["writing a file failed", "is the disk full?", "training.resume=true"]),
+     ["train", "{R}"], 2, ["writing a file failed", "is the disk full?", "no complete checkpoint was saved"]),
     ("permission-denied", "peftchat.data.inspect.dump_samples",
      lambda: PermissionError(errno.EACCES, "Permission denied", "/data/x.jsonl"),
      ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["permission denied: /data/x.jsonl"]),
