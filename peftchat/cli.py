@@ -41,7 +41,7 @@ def _recipe(args: argparse.Namespace):
 def cmd_config(args: argparse.Namespace) -> int:
     from peftchat.config import recipe_to_yaml
 
-    sys.stdout.write(recipe_to_yaml(_recipe(args)))
+    sys.stdout.write(recipe_to_yaml(_recipe(args), resolve_env=True))
     return 0
 
 
@@ -150,6 +150,8 @@ def _check_count(flag: str, value: int | None, least: int) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    if args.message is not None and not args.message.strip():
+        raise UserError("--message is empty; give the text to send, or leave --message out to chat turn by turn")
     overrides = args.overrides + _decoding_flags(args)
     from peftchat.infer.chat import run_chat
 
@@ -212,6 +214,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
+    if not 0 <= args.seed <= 2**64 - 1:  # torch.manual_seed's range (beyond it: an OverflowError)
+        raise UserError(f"--seed must be in [0, 2**64 - 1], got {args.seed}")
     from peftchat.demo_assets import build_tiny_model
 
     path = build_tiny_model(args.out, arch=args.arch, seed=args.seed)
@@ -405,11 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _newest_checkpoint(args: argparse.Namespace):
+    """For a failed `train`: the newest complete checkpoint of its output dir, or None."""
+    if getattr(args, "command", None) != "train":
+        return None
+    try:
+        from peftchat.config import load_recipe
+        from peftchat.rundir import latest_checkpoint
+
+        return latest_checkpoint(load_recipe(args.recipe, args.overrides).training.output_dir)
+    except Exception:  # noqa: BLE001 - only a hint for the message: none is "none saved"
+        return None
+
+
 def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -> int:
     """The last resort: one line on stderr, never a traceback (that goes to the crash log)."""
     from peftchat.failures import crash_line, explain, write_crash_log
 
-    reason = explain(exc, getattr(args, "command", None))
+    reason = explain(exc, getattr(args, "command", None), _newest_checkpoint(args))
     if reason is not None:
         print(f"peftchat: error: {reason}", file=sys.stderr)
         return 2
@@ -417,11 +434,67 @@ def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -
     return 1
 
 
+# argparse destinations that are paths, as the user wrote them (a --message or --system may hold lines)
+PATH_ARGS = {"recipe": "recipe", "source": "source", "out": "--out", "inp": "--in", "adapter": "--adapter",
+             "base": "--base", "data": "--data", "gguf": "--gguf", "run_dirs": "RUN_DIR"}
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Every argument must be text: a path of bytes that are not UTF-8 reaches libraries that
+    cannot take it (tokenizers' save_pretrained, YAML) and the recipe.yaml a run saves. A path
+    holds no line break (`config.check_path_text`)."""
+    from peftchat.config import check_path_text
+
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if not isinstance(item, str) or name == "overrides":  # overrides: config.parse_overrides names the key
+                continue
+            if name in PATH_ARGS:
+                check_path_text(PATH_ARGS[name], item)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+                raise UserError(f"argument '{shown}' is not UTF-8 text; peftchat reads and writes UTF-8 names "
+                                "only: rename it") from None
+
+
+def _resume_command(argv: Sequence[str]) -> str:
+    """The command line that continues a stopped `train`, runnable from any directory: this one
+    with `training.resume=true` in place of any `training.resume=...` it had."""
+    import shlex
+
+    kept = [a for a in argv if not a.startswith("training.resume=")]
+    return f"cd {shlex.quote(os.getcwd())} && " + shlex.join(["peftchat", *kept, "training.resume=true"])
+
+
+def _stopped(exc: KeyboardInterrupt, args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """A signal stopped the command: one line, exit 128 + the signal (130 for a plain Ctrl-C)."""
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    line = f"peftchat: stopped by {signal.Signals(signum).name}"
+    detail = getattr(exc, "detail", "")
+    if detail:
+        line += f": {detail}"
+    if getattr(exc, "checkpoint", None) is not None and getattr(args, "command", None) == "train":
+        line += f"; resume with: {_resume_command(argv)}"
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:  # SIGHUP: the terminal is gone
+        pass
+    return 128 + signum
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a message naming a non-UTF-8 path prints, escaped
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extras = parser.parse_known_args(argv)
     try:
+        _check_text_args(args)
         if extras:
             if not hasattr(args, "overrides"):
                 raise UserError(f"unrecognized argument(s): {' '.join(extras)}")
@@ -436,9 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as e:
         print(f"peftchat: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("peftchat: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _stopped(e, args, argv)
     except BrokenPipeError:  # `peftchat data dump ... | head` closed stdout
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -8,8 +8,12 @@ error names the file (or the override) it came from.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import errno
+import math
 import os
+import stat
 import warnings
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -230,8 +234,9 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
             close = difflib.get_close_matches(str(fmt), formats, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"'{where}.format' is {fmt!r}; expected one of {', '.join(formats)}{hint}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0 or weight != weight:
-            raise ConfigError(f"'{where}.weight' must be a number >= 0, got {weight!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
+            raise ConfigError(f"'{where}.weight' must be a number in (0, {MAX_WEIGHT:g}] (0 takes nothing: leave "
+                              f"the source out), got {weight!r}")
         out.append(DataSource(path, fmt, float(weight)))
     return out
 
@@ -347,6 +352,7 @@ def _read_yaml(path: Path) -> dict:
 
 def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
     """Return (source, raw dict) layers for `path` and its `extends` ancestors, parents first."""
+    check_regular_file(path, "recipe", ConfigError)
     path = path.resolve()
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
@@ -380,6 +386,23 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     for item in items:
         if not is_override(item):
             raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # a path of bytes that are not UTF-8: a recipe is UTF-8 YAML
+            shown = os.fsencode(item).decode("utf-8", "backslashreplace")
+            raise ConfigError(f"override '{shown}' is not UTF-8 text; recipes and the run's recipe.yaml are "
+                              "UTF-8, so use a UTF-8 name") from None
+        key, value = item.split("=", 1)
+        if key in PATH_KEYS or key.startswith(("data.train", "data.eval")):  # before YAML folds a line break
+            check_path_text(key, value)
+        try:  # one at a time, so that the error names the override
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:  # a value that is not YAML, say an unclosed `[`
+            what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+            raise ConfigError(f"override '{key}': its value {value!r} is not valid YAML ({what or e}); "
+                              "a list is written [a, b], quoted when it holds spaces or commas") from None
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{key}': {str(e).splitlines()[0]}") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(items))  # type: ignore[return-value]
     except OmegaConfBaseException as e:
@@ -396,6 +419,33 @@ def _merge_layer(base: DictConfig, raw: dict, source: str) -> DictConfig:
         raise ConfigError(f"{source}: wrong value for '{key}': {msg}") from None
 
 
+PATH_KEYS = ("model.path", "model.tokenizer", "data.cache_dir", "training.output_dir", "training.resume")
+
+
+def check_regular_file(path: Path, what: str, error: type[Exception]) -> None:
+    """`error` for a `what` path that exists but is no file that can be read to its end: a FIFO
+    (read blocks until someone writes), a device (/dev/zero never ends), a socket, or a symlink
+    loop. A missing path and a directory pass: the reader says those in its own words."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise error(f"{what} {path}: a loop of symbolic links; point it at a file") from None
+        return  # permission and the like: the read names it
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise error(f"{what} {path} is {kind}, not a regular file; give a file") from None
+
+
+def check_path_text(name: str, value: Any) -> None:
+    """ConfigError for a path holding a line break or NUL: no file a user means is named so (a
+    pasted line ending, a script's bad quoting), and it would split the one-line messages."""
+    if isinstance(value, str) and any(c in value for c in "\n\r\0"):
+        raise ConfigError(f"'{name}' is {value!r}: a path with a line break or NUL; remove it")
+
+
 def _validate(recipe: Recipe) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
@@ -410,10 +460,18 @@ def _validate(recipe: Recipe) -> None:
     tiny = recipe.model.tiny_if_missing
     if tiny is not None and tiny not in TINY_ARCHS:
         raise ConfigError(f"'model.tiny_if_missing' is {tiny!r}; expected one of {', '.join(TINY_ARCHS)}")
-    data_sources(recipe.data.train, "data.train")
-    if recipe.data.eval is not None:
-        data_sources(recipe.data.eval, "data.eval")
+    paths = {"model.path": recipe.model.path, "model.tokenizer": recipe.model.tokenizer,
+             "data.cache_dir": recipe.data.cache_dir, "training.output_dir": recipe.training.output_dir}
+    for key in ("data.train", "data.eval"):
+        value = getattr(recipe.data, key.split(".")[1])
+        if value is not None:
+            for i, source in enumerate(data_sources(value, key)):
+                paths[f"{key}[{i}]" if isinstance(value, list) else key] = source.path
     _validate_training(recipe.training)
+    if isinstance(recipe.training.resume, str):
+        paths["training.resume"] = recipe.training.resume
+    for key, value in paths.items():
+        check_path_text(key, value)
     _validate_distributed(recipe)
 
 
@@ -438,14 +496,28 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {low}"
         if self.low is None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'<' if self.high_open else '<='} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: Optional[float]) -> str:
+    """A bound as written: whole numbers in full (the seed's 4294967295, not 4.29497e+09)."""
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 POSITIVE, NON_NEGATIVE, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+# Bounds of what a run can mean, for keys without a high bound of their own: an integer key above
+# MAX_COUNT (a step count, a batch, a length, ...) would not finish or fit in any run (torch and
+# numpy take such counts as int32 or int64 in places, and 2**70 trains or fails deep inside), and
+# a float key must be finite. A source weight or `epochs` repeats the data that many times.
+MAX_COUNT = 2**31 - 1
+MAX_EPOCHS = MAX_WEIGHT = 1e6
 SHARE = Range(0, 1, high_open=True)  # a probability or fraction that must leave something
 
 # Every numeric key of the schema and the values it accepts. This table is the documentation of
@@ -467,7 +539,7 @@ RANGES: dict[str, Range] = {
     "training.weight_decay": NON_NEGATIVE,
     "training.warmup_steps": NON_NEGATIVE,
     "training.warmup_ratio": Range(0, 1),
-    "training.epochs": POSITIVE,
+    "training.epochs": Range(0, MAX_EPOCHS, low_open=True),
     "training.max_steps": Range(-1),  # -1 or 0: train `epochs`; > 0: exactly this many steps
     "training.max_grad_norm": NON_NEGATIVE,  # 0 = no clipping
     "training.eval_generate": NON_NEGATIVE,  # 0 = off; N: score greedy answers to N eval samples
@@ -498,6 +570,10 @@ def range_error(key: str, value: Any) -> Optional[str]:
         return None
     if value not in allowed:
         return f"must be {allowed}, got {value}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and allowed.high is None and abs(value) > MAX_COUNT:
+        return f"must be at most {MAX_COUNT} (no run reaches more), got {value}"
     if key == "data.eval_split" and value >= 1 and value != int(value):
         return f"must be a share below 1 or a whole number of sessions, got {value}"
     return None
@@ -565,6 +641,42 @@ def quant_storage(recipe: Recipe, sharded: bool) -> str:
     return recipe.model.compute_dtype if sharded else "uint8"
 
 
+# A value read from the environment is saved as the interpolation that read it, never resolved:
+# it is how a recipe passes a secret (a token, a password in a URL), and recipe.yaml is copied
+# with every run dir and checkpoint.
+SECRET_INTERPOLATION = "${oc.env:"
+SECRETS_ATTR = "_env_interpolations"  # on a loaded Recipe: {(key, ...): (the raw text, its value)}
+
+
+def _env_interpolations(node: Any, at: tuple = ()) -> dict[tuple, str]:
+    """{path: raw text} of every string under `node` (an unresolved container) that reads `oc.env`."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return {at: node} if isinstance(node, str) and SECRET_INTERPOLATION in node.replace(" ", "") else {}
+    found: dict[tuple, str] = {}
+    for k, v in items:
+        found.update(_env_interpolations(v, (*at, k)))
+    return found
+
+
+def _get(container: Any, at: tuple) -> Any:
+    for k in at:
+        container = container[k]
+    return container
+
+
+def _to_recipe(cfg: DictConfig) -> Recipe:
+    """The typed Recipe of a merged config, remembering which values came from the environment."""
+    recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    setattr(recipe, SECRETS_ATTR, {at: (raw, _get(resolved, at)) for at, raw in
+                                   _env_interpolations(OmegaConf.to_container(cfg, resolve=False)).items()})
+    return recipe
+
+
 def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
     """Load a recipe file, its `extends` chain and `key=value` overrides into a validated Recipe."""
     cfg: DictConfig = OmegaConf.structured(Recipe)
@@ -573,7 +685,7 @@ def load_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recip
         cfg = _merge_layer(cfg, raw, source)
     cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        recipe = _to_recipe(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{path}: required key '{e.full_key}' is not set") from None
     except OmegaConfBaseException as e:
@@ -590,7 +702,7 @@ def recipe_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "r
     cfg = _merge_layer(OmegaConf.structured(Recipe), data, source)
     cfg = _merge_layer(cfg, parse_overrides(overrides), "command-line override")
     try:
-        recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        recipe = _to_recipe(cfg)
     except MissingMandatoryValue as e:
         raise ConfigError(f"{source}: required key '{e.full_key}' is not set") from None
     _validate(recipe)
@@ -598,12 +710,57 @@ def recipe_from_dict(data: dict, overrides: Iterable[str] = (), source: str = "r
     return recipe
 
 
-def recipe_to_yaml(recipe: Recipe) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+def recipe_to_yaml(recipe: Recipe, resolve_env: bool = False) -> str:
+    """The recipe as YAML; values read from the environment stay `${oc.env:...}` unless
+    `resolve_env` (`peftchat config`, which prints the resolved recipe on the user's own terminal)."""
+    data = OmegaConf.to_container(OmegaConf.structured(recipe))
+    for at, (raw, value) in ({} if resolve_env else getattr(recipe, SECRETS_ATTR, {})).items():
+        try:
+            node = _get(data, at[:-1])
+            if node[at[-1]] == value:  # else the key was set after loading (merge, a test): no longer the env's
+                node[at[-1]] = raw
+        except (KeyError, IndexError, TypeError):
+            continue
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
-    Path(path).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    Path(path).write_text(recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")
+
+
+def _absolute(value: Any, data: bool = False) -> Any:
+    """`value` made absolute when it is a relative local path (relative to the working dir, as
+    every reader takes it); a hub id (`org/name`) stays. `data`: a data source, where a glob or a
+    JSON file name is local too (`peftchat.data.sources`)."""
+    from peftchat.paths import looks_local
+
+    if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    local = looks_local(value) or (data and (value.endswith((".json", ".jsonl")) or any(c in value for c in "*?[")))
+    return os.path.abspath(value) if local else value
+
+
+def _absolute_sources(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_absolute_sources(v) for v in value]
+    if isinstance(value, dict) and "path" in value:
+        return {**value, "path": _absolute(value["path"], data=True)}
+    return _absolute(value, data=True)
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """A copy of `recipe` whose local paths are absolute: what a run saves as recipe.yaml, so
+    that merge, chat and resume read the same files from any directory."""
+    out = copy.deepcopy(recipe)  # keeps the record of values read from the environment
+    out.model.path = _absolute(out.model.path)
+    out.model.tokenizer = _absolute(out.model.tokenizer)
+    out.data.train = _absolute_sources(out.data.train)
+    out.data.eval = _absolute_sources(out.data.eval)
+    out.data.cache_dir = _absolute(out.data.cache_dir)
+    out.training.output_dir = os.path.abspath(os.path.expanduser(out.training.output_dir))
+    if isinstance(out.training.resume, str):  # a checkpoint path (true/false are bools by now)
+        out.training.resume = os.path.abspath(os.path.expanduser(out.training.resume))
+    return out
 
 
 def tokenizer_source(recipe: Recipe) -> str:

@@ -73,9 +73,19 @@ def _where(exc: BaseException) -> str:
     return f" writing {name}" if name else ""
 
 
-def explain(exc: BaseException, command: Optional[str] = None) -> Optional[str]:
+def _after_train(checkpoint: Optional[Path]) -> str:
+    """What a failed `train` leaves to continue from: only what is on disk (`checkpoint`: its
+    newest complete checkpoint, None when it has none)."""
+    if checkpoint is None:
+        return "; no complete checkpoint was saved: free space, then run it again"
+    return f"; {checkpoint} is complete: free space, then continue with training.resume=true"
+
+
+def explain(exc: BaseException, command: Optional[str] = None,
+            checkpoint: Optional[Path] = None) -> Optional[str]:
     """One line for a failure the user fixes by a setting or by freeing a resource; None when
-    `exc` is not one (a bug, for the crash log)."""
+    `exc` is not one (a bug, for the crash log). `checkpoint`: for `train`, the run's newest
+    complete checkpoint (None: it has none)."""
     for e in _chain(exc):
         if _is_out_of_memory(e):
             where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
@@ -83,12 +93,11 @@ def explain(exc: BaseException, command: Optional[str] = None) -> Optional[str]:
             return (f"out of {where} memory ({first or type(e).__name__}); settings that lower memory: "
                     + "; ".join(MEMORY_SETTINGS))
         if _full_disk(e):
-            then = ("; complete checkpoints are kept: free space, then continue with training.resume=true"
-                    if command == "train" else "; free space and run it again")
+            then = _after_train(checkpoint) if command == "train" else "; free space and run it again"
             return f"no space left on the device{_where(e)}{then}"
         if _torch_write_failed(e):
-            return (f"writing a file failed ({(str(e).splitlines() or [''])[-1].strip()[:120]}); is the disk full? "
-                    "free space and run it again" + (" with training.resume=true" if command == "train" else ""))
+            then = _after_train(checkpoint) if command == "train" else "; free space and run it again"
+            return f"writing a file failed ({(str(e).splitlines() or [''])[-1].strip()[:120]}); is the disk full?{then}"
         if isinstance(e, OSError) and e.errno in READ_ONLY:
             name = getattr(e, "filename", None) or "a file"
             return f"{os.strerror(e.errno).lower()}: {name}; fix its permissions or choose another location"
@@ -123,7 +132,7 @@ def write_crash_log(exc: BaseException, argv: Sequence[str]) -> Optional[Path]:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 continue
-            except (OSError, ValueError):  # ValueError: a path with a NUL byte in $XDG_STATE_HOME
+            except (OSError, ValueError, UnicodeError):  # UnicodeError: a non-UTF-8 path; ValueError: a path with a NUL byte in $XDG_STATE_HOME
                 break
             try:
                 with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:

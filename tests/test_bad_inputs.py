@@ -146,8 +146,15 @@ def _p_held_output_dir(t, make_adapter):
 
 
 RANGE_ROWS = [
-    ("training.epochs=0", "'training.epochs' must be > 0"),
-    ("training.epochs=-1", "'training.epochs' must be > 0"),
+    ("training.epochs=0", "'training.epochs' must be in (0, 1000000], got 0"),
+    ("training.epochs=-1", "'training.epochs' must be in (0, 1000000]"),
+    ("training.epochs=.inf", "'training.epochs' must be in (0, 1000000], got inf"),
+    ("training.epochs=1e308", "'training.epochs' must be in (0, 1000000], got 1e+308"),
+    ("training.lr=.nan", "'training.lr' must be > 0, got nan"),
+    ("training.lr=.inf", "'training.lr' must be a finite number, got inf"),
+    (f"training.max_steps={2**70}", f"'training.max_steps' must be at most 2147483647 (no run reaches more), got {2**70}"),
+    (f"training.batch_size={2**70}", "'training.batch_size' must be at most 2147483647"),
+    ("training.seed=4294967296", "'training.seed' must be in [0, 4294967295], got 4294967296"),
     ("training.warmup_steps=-1", "'training.warmup_steps' must be >= 0"),
     ("training.warmup_ratio=1.5", "'training.warmup_ratio' must be in [0, 1]"),
     ("training.save_steps=-5", "'training.save_steps' must be >= 0"),
@@ -165,7 +172,7 @@ RANGE_ROWS = [
     ("training.adam_beta2=-0.5", "'training.adam_beta2' must be in [0, 1)"),
     ("training.adam_eps=0", "'training.adam_eps' must be > 0"),
     ("training.checkpoint_skip_layers=-1", "'training.checkpoint_skip_layers' must be >= 0"),
-    ("training.seed=-1", "'training.seed' must be in [0, 4.29497e+09]"),
+    ("training.seed=-1", "'training.seed' must be in [0, 4294967295]"),
     ("data.eval_split=-0.1", "'data.eval_split' must be >= 0"),
     ("data.eval_split=2.5", "'data.eval_split' must be a share below 1 or a whole number"),
     ("data.num_proc=0", "'data.num_proc' must be >= 1"),
@@ -215,6 +222,10 @@ TYPE_ROWS = [
     ("training.resume=3", "'training.resume' must be false, true or a checkpoint path"),
     ("data.train=[]", "'data.train' is an empty list"),
     ("model.path=${nope}", "cannot resolve"),
+    ("data.train=[a.jsonl, b.jsonl", "override 'data.train': its value '[a.jsonl, b.jsonl' is not valid YAML"),
+    ("data.train=[{path: a.jsonl, weight: 0}]", "'data.train[0].weight' must be a number in (0, 1e+06] (0 takes nothing"),
+    ("data.train=[{path: a.jsonl, weight: .inf}]", "'data.train[0].weight' must be a number in (0, 1e+06]"),
+    ("training.output_dir=runs/a\nb", "'training.output_dir' is 'runs/a\\nb': a path with a line break or NUL"),
 ]
 
 DUMP_B = ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.jsonl"]
@@ -276,6 +287,12 @@ ROWS = (
         ("cli:merge-no-out", ["merge", "--adapter", "{T}/old"], 2, "the following arguments are required: --out", None),
         ("cli:merge-dtype", ["merge", "--adapter", "{T}/old", "--out", "{T}/x", "--dtype", "int8"], 2, "invalid choice: 'int8'", None),
         ("cli:tiny-model-arch", ["tiny-model", "{T}/m", "--arch", "gpt9"], 2, "invalid choice: 'gpt9'", None),
+        ("cli:tiny-model-seed", ["tiny-model", "{T}/m", "--seed", str(2**64)], 2, "--seed must be in [0, 2**64 - 1]", None),
+        ("cli:chat-empty-message", ["chat", "{R}", "--message", " \n"], 2, "--message is empty", None),
+        ("cli:dump-out-newline", ["data", "dump", "{R}", "--out", "{T}/d\n.jsonl"], 2,
+         "'--out' is", None),
+        ("cli:out-not-utf8", ["data", "dump", "{R}", "--out", "{T}/d\udcff.jsonl"], 2,
+         "d\\xff.jsonl' is not UTF-8 text", None),
         # ---- the output dir of a training run (checked before the model is loaded)
         ("train:output-dir-is-a-file", ["train", "{R}", "training.output_dir={T}/afile"], 2, "exists and is not a directory", None),
         ("train:output-dir-under-a-file", ["train", "{R}", "training.output_dir={T}/afile/run"], 2,
@@ -496,11 +513,11 @@ MACHINE_ROWS = [
      lambda: OSError(errno.ENOSPC, "No space left on device", "/data/d.jsonl"),
      ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["no space left on the device writing /data/d.jsonl"]),
     ("disk-full-safetensors", "peftchat.train.loop.train", _safetensors_full, ["train", "{R}"], 2,
-     ["no space left on the device", "training.resume=true"]),
+     ["no space left on the device", "no complete checkpoint was saved: free space, then run it again"]),
     ("disk-full-torch-save", "peftchat.train.loop.train",
      lambda: RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
                           "PytorchStreamWriter failed writing file data/0: file write failed"),
-     ["train", "{R}"], 2, ["writing a file failed", "is the disk full?", "training.resume=true"]),
+     ["train", "{R}"], 2, ["writing a file failed", "is the disk full?", "no complete checkpoint was saved"]),
     ("permission-denied", "peftchat.data.inspect.dump_samples",
      lambda: PermissionError(errno.EACCES, "Permission denied", "/data/x.jsonl"),
      ["data", "dump", "{R}", "--out", "{T}/d.jsonl"], 2, ["permission denied: /data/x.jsonl"]),

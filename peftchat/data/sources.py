@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from peftchat.config import DataConfig, DataSource, data_sources
+from peftchat.config import DataConfig, DataSource, check_regular_file, data_sources
 from peftchat.data.formats import detect_format, prune
 from peftchat.errors import DataError, UserError
 from peftchat.paths import looks_local
@@ -102,6 +102,10 @@ def quiet_datasets(show_progress: bool = False) -> Iterator[None]:
         (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
 
 
+# The name start of `peftchat.train.lock`'s files (this layer cannot import train): never data.
+RUN_FILES_PREFIX = ".peftchat-train."
+
+
 def _looks_local(spec: str) -> bool:
     return looks_local(spec) or spec.endswith(JSON_SUFFIXES) or any(c in spec for c in "*?[")
 
@@ -118,8 +122,11 @@ def _expand(spec: Any, key: str) -> list[Path]:
         if not isinstance(item, str):
             raise DataError(f"'{key}': expected a path or a list of paths, got {item!r}")
         path = Path(item).expanduser()
+        check_regular_file(path, f"'{key}':", DataError)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in JSON_SUFFIXES and p.is_file())
+            # hidden files are no data: a run's own `.peftchat-train.holder.json`, editors' swap files
+            found = sorted(p for p in path.iterdir() if p.suffix in JSON_SUFFIXES and p.is_file()
+                           and not p.name.startswith("."))
             if not found:
                 raise DataError(f"'{key}': directory {path} holds no .jsonl/.json files")
             files += found
@@ -135,7 +142,22 @@ def _expand(spec: Any, key: str) -> list[Path]:
     for f in files:
         if f.suffix not in JSON_SUFFIXES:
             raise DataError(f"{f}: unsupported data file type {f.suffix!r}; expected .jsonl or .json")
-    return files
+        if f.name.startswith(RUN_FILES_PREFIX):
+            raise DataError(f"'{key}': {f} is a file of peftchat's own (a run's lock), not data")
+    return _distinct(files)
+
+
+def _distinct(files: list[Path]) -> list[Path]:
+    """`files` less repeats of one file under other names: a recursive glob follows symlinked dirs,
+    and a symlink loop under the globbed dir named one file 41 times."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for f in files:
+        st = f.stat()
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            out.append(f)
+    return out
 
 
 def _problem(e: json.JSONDecodeError) -> str:
@@ -472,6 +494,7 @@ def load_records(spec: Any, cfg: DataConfig, *, key: str = "data.train") -> Reco
         fmt = entry.format or cfg.format
         info = SourceInfo(name=entry.path, weight=entry.weight)
         infos.append(info)
+        check_regular_file(Path(entry.path).expanduser(), f"'{key}':", DataError)  # before a hub name is guessed
         is_saved = _is_saved_dataset(Path(entry.path).expanduser())
         if is_saved or not _looks_local(entry.path):
             parts.append(_load_dataset_source(entry, fmt, index, cfg, key, info))

@@ -20,8 +20,10 @@ is never trained over from scratch: the run stops with an error that suggests
 
 Resume is exact: a checkpoint holds the data position (epoch, micro-batch index, step) and every
 RNG state, so a run stopped at step k and resumed ends with the same adapter, bit for bit on CPU,
-as one that never stopped. Ctrl-C finishes the optimizer step under way, writes a checkpoint and
-exits (a second Ctrl-C quits at once).
+as one that never stopped. Ctrl-C, SIGTERM and SIGHUP finish the optimizer step under way, write a
+checkpoint, release the lock and raise `peftchat.errors.Interrupted` (the CLI: exit 128 + signal,
+with the command that resumes); a second Ctrl-C quits at once, except while a checkpoint is written
+(`GracefulInterrupt`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 
 from peftchat.config import Recipe
 from peftchat.data.batching import Batches, MicroBatch, Window
-from peftchat.errors import DataError, UserError
+from peftchat.errors import DataError, Interrupted, UserError
 from peftchat.rundir import (
     METRICS_FILE,
     RECIPE_FILE,
@@ -129,7 +131,7 @@ class Run:
     unverified: list = field(default_factory=list)
     dist: Dist = SINGLE  # torchrun: this process's place in the job (peftchat.train.distributed)
     wrapped: Any = None  # torchrun: the model's loss under DDP / FSDP2 (distributed.wrap_for_training)
-    interrupt: Any = None  # the GracefulInterrupt of the step loop
+    interrupt: Any = None  # the run's GracefulInterrupt (signals), or None
     interrupt_seen: bool = False  # torchrun: some process was interrupted (agreed on by all)
 
 
@@ -438,30 +440,75 @@ def evaluate(run: Run) -> tuple[float, int]:
 
 
 class GracefulInterrupt:
-    """While active, the first SIGINT only sets `requested` (the loop checkpoints at the end of
-    the step under way and raises KeyboardInterrupt); a second one raises at once. The handler
-    found on entry (whatever it was: default, ignored, a caller's) is put back on exit."""
+    """SIGINT, SIGTERM and SIGHUP (what Ctrl-C, Slurm, Kubernetes and systemd send before a kill)
+    stop the run with its work saved.
+
+    Before the steps start (`deferring` false) a signal stops at once: nothing is trained yet.
+    While the steps run, the first signal only sets `signum` (the loop finishes the step under way,
+    checkpoints and raises `Interrupted`). A second Ctrl-C while a step runs quits at once (as
+    documented); any other second signal, and every signal while a checkpoint is written
+    (`saving`), waits for the save: a kill mid-save would throw away the one complete state the
+    run is about to have. After the stop has begun, further signals are only noted, so the lock
+    and the temp dirs are still cleaned up. A signal the process inherited as ignored (SIGHUP
+    under `nohup`, SIGINT of a background job) stays ignored. The handlers found on entry are put
+    back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-        self._installed = False
+        self.signum: Optional[int] = None
+        self.deferring = False
+        self.stopping = False
+        self._saving = 0
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @staticmethod
+    def _say(text: str) -> None:
+        try:
+            print(text, file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # SIGHUP: the terminal may be gone
+            pass
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+        name = signal.Signals(signum).name
+        if self.stopping:
+            self._say(f"{name}: stopping already")
+            return
+        if not self.deferring:  # nothing trained yet: nothing to save
+            self.stopping = True
+            raise Interrupted(signum, "before training started; nothing to save")
+        if self.signum is None:
+            self.signum = signum
+            again = " (Ctrl-C again to quit now)" if signum == signal.SIGINT else ""
+            self._say(f"\n{name}: saving a checkpoint after this step{again}")
+        elif signum == signal.SIGINT and self.signum == signal.SIGINT and not self._saving:
+            self.stopping = True
+            raise Interrupted(signum, "quit at once; the last saved checkpoint is kept")
+        else:
+            self._say(f"{name}: a checkpoint is being saved; stopping when it is complete")
+
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
 
     def __enter__(self) -> "GracefulInterrupt":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-            self._installed = True
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 @contextmanager
@@ -616,9 +663,10 @@ def save(run: Run) -> None:
         ranks = distributed.gather_to_main(dist, capture_rng())
         rng = {**ranks[0], "ranks": ranks} if dist.is_main else None
     if dist.is_main:
-        save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer, recipe=run.recipe,
-                        grad_scaler=run.scaler, keep=cfg.save_total_limit, rng=rng, adapter_state=adapter_state,
-                        optimizer_state=optimizer_state)
+        with run.interrupt.saving() if run.interrupt is not None else nullcontext():  # a signal waits for it
+            save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer,
+                            recipe=run.recipe, grad_scaler=run.scaler, keep=cfg.save_total_limit, rng=rng,
+                            adapter_state=adapter_state, optimizer_state=optimizer_state)
     barrier(dist)
     run.saved_step = run.state.step
 
@@ -637,8 +685,9 @@ def train_steps(run: Run) -> None:
     windows = run.train.windows(run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps * world,
                                 part=(run.dist.rank, world))
     run.model.train()
-    with GracefulInterrupt() as interrupt, out_of_memory_as_user_error(run):
-        run.interrupt = interrupt
+    interrupt = run.interrupt or GracefulInterrupt()
+    interrupt.deferring = True  # from here a signal saves the run
+    with out_of_memory_as_user_error(run):
         while run.state.step < run.total_steps:
             lr, grad_norm = training_step(run, next(windows), meter, params)
             run.progress.advance()
@@ -655,13 +704,15 @@ def train_steps(run: Run) -> None:
 
 
 def stop_for_interrupt(run: Run) -> None:
+    """Checkpoint the step just done (unless saved already) and raise `Interrupted` naming it."""
     if run.saved_step != run.state.step:
         save(run)
     run.progress.close()
     run.metrics.close()
-    print(f"saved {checkpoint_dir(run.out, run.state.step)}; continue with training.resume=true",
-          file=sys.stderr, flush=True)
-    raise KeyboardInterrupt
+    signum = run.interrupt.signum or signal.SIGINT  # torchrun: another process got the signal
+    run.interrupt.stopping = True  # from here further signals are only noted: the lock is released
+    checkpoint = checkpoint_dir(run.out, run.state.step)
+    raise Interrupted(signum, f"saved {checkpoint} (step {run.state.step} of {run.total_steps})", checkpoint)
 
 
 # ------------------------------------------------------------------------------ finish
@@ -723,9 +774,10 @@ def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
     """Train the recipe's adapter; returns `training.output_dir`. The dir has one writer: a
     second run (or resume) while this one lives is refused, naming this one. Under torchrun the
     processes form one job (`peftchat.train.distributed`): process 0 holds the dir and writes."""
-    with distributed.process_group(recipe) as dist:
+    # the signal handlers span the lock, so that a SIGTERM at any point still releases it
+    with GracefulInterrupt() as interrupt, distributed.process_group(recipe) as dist:
         with sole_writer(recipe.training.output_dir) if dist.is_main else nullcontext():
-            return _train(recipe, hooks, dist)
+            return _train(recipe, hooks, dist, interrupt)
 
 
 class _Muted:
@@ -735,8 +787,10 @@ class _Muted:
         return lambda *args, **kwargs: None
 
 
-def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE) -> Path:
+def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE,
+           interrupt: Optional[GracefulInterrupt] = None) -> Path:
     run = setup(recipe, hooks or TrainHooks(), dist)
+    run.interrupt = interrupt
     state = run.state
     if state.step >= run.total_steps and is_complete(run.out):
         print(f"{run.out} is already trained to step {state.step} of {run.total_steps}; nothing to do", flush=True)
@@ -753,7 +807,11 @@ def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE) -> 
     run.progress = Progress(run.total_steps, state.step) if dist.is_main else _Muted()
     with setup_objects_frozen():
         train_steps(run)
-    finish(run)
+    with interrupt.saving() if interrupt is not None else nullcontext():  # a signal waits for the outputs
+        finish(run)
+    if interrupt is not None and interrupt.requested:
+        interrupt.stopping = True
+        print("the run completed before the signal could stop it; nothing to resume", file=sys.stderr, flush=True)
     return run.out
 
 

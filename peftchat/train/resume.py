@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peftchat.config import Recipe, load_recipe, recipe_to_yaml
+from peftchat.config import Recipe, load_recipe, recipe_to_yaml, with_absolute_paths
 from peftchat.errors import ConfigError, UserError
 from peftchat.rundir import (
     RECIPE_FILE,
@@ -106,7 +106,7 @@ def key_kind(key: str) -> str:
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, list]:
     """`{key: [old value, new value]}` for every key that differs, runtime keys left out."""
-    a, b = _flat(old), _flat(new)
+    a, b = _flat(with_absolute_paths(old)), _flat(with_absolute_paths(new))  # saved recipes hold absolute paths
     return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and key_kind(k) != "runtime"}
 
@@ -133,4 +133,4 @@ def save_recipe_with_history(recipe: Recipe, history: list, path: str | os.PathL
     for entry in history:
         changed = ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry["changes"].items())
         lines.append(f"# resumed at step {entry['step']} with changes: {changed}\n")
-    Path(path).write_text("".join(lines) + recipe_to_yaml(recipe), encoding="utf-8")
+    Path(path).write_text("".join(lines) + recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")

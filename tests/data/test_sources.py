@@ -114,8 +114,8 @@ def test_weighted_rows():
 
 @pytest.mark.parametrize("entry,message", [
     ({"path": "a.jsonl", "wieght": 2}, r"'data.train\[0\].wieght': unknown key \(did you mean 'weight'\?\)"),
-    ({"path": "a.jsonl", "weight": -1}, r"'data.train\[0\].weight' must be a number >= 0, got -1"),
-    ({"path": "a.jsonl", "weight": "2"}, r"'data.train\[0\].weight' must be a number >= 0"),
+    ({"path": "a.jsonl", "weight": -1}, r"'data.train\[0\].weight' must be a number in \(0, 1e\+06\].*, got -1"),
+    ({"path": "a.jsonl", "weight": "2"}, r"'data.train\[0\].weight' must be a number in \(0"),
     ({"path": "a.jsonl", "format": "alpacca"}, r"'data.train\[0\].format' is 'alpacca'.*did you mean 'alpaca'"),
     ({"format": "moss"}, r"'data.train\[0\].path' must be"),
     (3, r"'data.train\[0\]' must be a path"),
@@ -123,4 +123,7 @@ def test_weighted_rows():
 def test_source_mapping_is_validated(entry, message):
     with pytest.raises(ConfigError, match=message):
         recipe(train=[entry])
-    assert data_sources([{"path": "x", "weight": 0}], "data.eval")[0].weight == 0.0
+    for weight in (0, float("inf"), float("nan"), 1e308):  # no run can mean these (issue 29)
+        with pytest.raises(ConfigError, match=r"weight' must be a number in \(0, 1e\+06\] \(0 takes nothing"):
+            data_sources([{"path": "x", "weight": weight}], "data.eval")
+    assert data_sources([{"path": "x", "weight": 1e6}], "data.eval")[0].weight == 1e6
