@@ -83,7 +83,8 @@ def test_the_runs_own_lock_files_are_never_data(tiny_llama_dir, tmp_path, capsys
     assert HOLDER_FILE.startswith(".peftchat-train.") and LOCK_FILE.startswith(".peftchat-train.")
     rc, out = _dump(tmp_path, tiny_llama_dir, run, capsys)  # a dir: its hidden files are left out
     assert rc == 0 and f"wrote {SESSIONS} samples" in out.out + out.err, out.err
-    rc, out = _dump(tmp_path, tiny_llama_dir, run / HOLDER_FILE, capsys)
+    (tmp_path / "second").mkdir()  # a new --out: the first dump's file is not replaced without --force
+    rc, out = _dump(tmp_path / "second", tiny_llama_dir, run / HOLDER_FILE, capsys)
     assert rc == 2 and out.err.strip() == (f"peftchat: error: 'data.train': {run / HOLDER_FILE} is a file of "
                                            "peftchat's own (a run's lock), not data")
 
