@@ -39,7 +39,7 @@ from peftchat.formats.samples import IGNORE_INDEX
 TOKENIZATION_KEYS = (
     "collator", "max_length", "max_source_length", "max_target_length", "prompt_column", "response_column",
     "history_column", "source_prefix", "chatglm_style", "separator_tokens", "truncation", "loss_on",
-    "meta_instruction", "on_error",
+    "meta_instruction", "on_error", "roles",
 )
 SHOW_PROGRESS_ABOVE = 50_000  # records; smaller maps finish before a progress bar is worth it
 
