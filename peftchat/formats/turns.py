@@ -45,7 +45,7 @@ def _json_value(value: Any, origin: str, where: str) -> Any:
         raise DataError(f"{origin}: {where} is not valid JSON ({e.msg} at column {e.colno})") from None
 
 
-def tools_from(value: Any, origin: str, where: str = "tools") -> Optional[list[dict[str, Any]]]:
+def tools_from(value: Any, origin: str, where: str = "field 'tools'") -> Optional[list[dict[str, Any]]]:
     """A record's tool list (a list, or a JSON string of one, as LLaMA-Factory's ShareGPT files
     hold it); None when there is none (absent, empty)."""
     if value is None or value == "":
