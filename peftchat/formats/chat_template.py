@@ -9,6 +9,12 @@ tool messages get no loss, nor does an assistant message marked ``"train": false
 ``data.loss_on: last_assistant`` trains the last assistant message only; the history rounds of a
 chatglm row are never trained.
 
+Tools: a conversation's tool list goes to the template as ``tools=`` and its assistant
+``tool_calls`` / ``tool`` messages as they are (`peftchat.formats.turns` shapes them), so the ids are
+``apply_chat_template(messages, tools=...)``'s; loss on the assistant's calls and answers, none on
+tool results. A template that does not write a record's tool list or calls (probed once with a
+dummy tool, `renders_tools`) is a DataError naming the template and the record, never silent text.
+
 System message: the conversation's own, else `data.meta_instruction` (when set), in training and
 in chat alike — so a chat prompt holds exactly the system message training showed.
 
@@ -32,13 +38,15 @@ render when the conversation fits, O(log n) otherwise. Chat prompts drop oldest 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from peftchat.config import DataConfig
 from peftchat.errors import ConfigError, DataError
-from peftchat.formats.base import EMPTY_ANSWER_DROPPED, ChatPrompt, SessionFormat, fewest_to_drop, too_long
+from peftchat.formats.base import EMPTY_ANSWER_DROPPED, ChatPrompt, Reply, SessionFormat, fewest_to_drop, too_long
 from peftchat.formats.conversation import Conversation, is_empty_answer
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample, encode_text
+from peftchat.formats.turns import parse_tool_calls
 
 Span = tuple[int, int]
 Messages = list[dict[str, Any]]
@@ -219,6 +227,15 @@ class ChatTemplateFormat(SessionFormat):
         if all(x == IGNORE_INDEX for x in labels):
             return Encoded(dropped=["no loss tokens left after truncation"])
         return Encoded(samples=[Sample(ids, labels, truncated)])
+
+    def add_round(self, history: Conversation, query: str, reply: Reply) -> Conversation:
+        """The history after the reply; with tools, calls in the reply's `<tool_call>` syntax become
+        the assistant's `tool_calls`, so later prompts render the turn as training rendered calls."""
+        text, calls = parse_tool_calls(reply.text) if history.tools else (reply.text, [])
+        if not calls:
+            return history.with_round(query, reply.text)
+        answer = {"role": "assistant", **({"content": text} if text else {}), "tool_calls": calls}
+        return dataclasses.replace(history, messages=[*history.messages, {"role": "user", "content": query}, answer])
 
     def prompt(self, history: Conversation, query: str, budget: Optional[int] = None) -> ChatPrompt:
         """The rendering of the history (oldest rounds left out to fit) and `query`, followed by
