@@ -86,7 +86,7 @@ def fields_read(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
     if fmt == "moss":
         return ("meta_instruction", "num_turns", "chat")
     if fmt == "chatglm":
-        return tuple(c for c in (cfg.prompt_column, cfg.response_column, cfg.history_column) if c)
+        return tuple(c for c in (cfg.prompt_column, cfg.response_column, cfg.history_column, "tools") if c)
     if fmt == "messages":
         return ("messages", "tools")
     if fmt == "sharegpt":
@@ -183,6 +183,9 @@ def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conve
         if not isinstance(value, str):
             raise _bad(origin, f"field {col!r} must be a string, got {type(value).__name__}")
         values[what] = value
+    if tools_from(record.get("tools"), origin) and "tools" not in cols.values():
+        raise _bad(origin, "field 'tools': a chatglm row (query, answer, history) has no place for a tool list "
+                           "(use the messages or sharegpt format with data.collator=chat_template)")
     history = record.get(cfg.history_column) if cfg.history_column else None
     pairs: list[tuple[str, str]] = []
     if history is not None:

@@ -244,6 +244,13 @@ def test_chatglm_rows_of_a_tool_record_are_an_error_not_dropped_tools(ttok):
         ChatGLMFormat(recipe(collator="chatglm").data, ttok).encode(conv)
 
 
+def test_a_chatglm_row_with_a_tool_list_is_a_bad_record_naming_the_field():
+    row = {"prompt": "q", "response": "a", "tools": TOOLS}
+    with pytest.raises(DataError, match=r"^x:1: field 'tools': a chatglm row .* has no place for a tool list"):
+        normalize(row, "chatglm", recipe().data, "x:1")
+    assert normalize({**row, "tools": []}, "chatglm", recipe().data, "x:1").messages[-1]["content"] == "a"
+
+
 def test_parse_tool_calls_reads_back_the_templates_syntax(ttok):
     conv, s = encode_one(ttok, sharegpt_record(), "sharegpt")
     first = [t for t, lab in zip(s.input_ids, s.labels) if lab != -100]
