@@ -241,6 +241,7 @@ class ChatTemplateFormat(SessionFormat):
         """The rendering of the history (oldest rounds left out to fit) and `query`, followed by
         the template's assistant generation prompt."""
         budget = self.cfg.max_length if budget is None else budget
+        self.check_tools(history)
         messages = self.with_system(history)
         head = 1 if messages and messages[0]["role"] == "system" else 0
         starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]

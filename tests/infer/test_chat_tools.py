@@ -85,3 +85,16 @@ def test_a_bad_tools_file_is_exit_2_before_the_model_loads(tmp_path, capsys, tex
         path.write_text(text, encoding="utf-8")
     assert main(["chat", str(tmp_path / "no-such-model"), "--tools", str(path), "--message", "hi"]) == 2
     assert f"peftchat: error: --tools {path}: {problem}" in capsys.readouterr().err
+
+
+def test_eval_scores_answers_not_tool_calls_and_keeps_the_tool_list():
+    from peftchat.infer.evaluate import eval_rounds
+
+    record = {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": [CALL]},
+        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]}
+    conv = normalize(record, "messages", recipe().data, "t:1")
+    ((history, query, reference),) = eval_rounds(conv)
+    assert (query, reference) == ("Thanks", "Welcome.") and history.tools == TOOLS
+    assert history.messages == conv.messages[:4]
