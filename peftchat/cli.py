@@ -156,7 +156,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from peftchat.infer.chat import run_chat
 
     return run_chat(args.source, overrides, message=args.message,
-                    stream=not args.no_stream, system=args.system)
+                    stream=not args.no_stream, system=args.system, tools=args.tools)
 
 
 def _check_out_file(path: str, inputs: Sequence = (), force: bool = False) -> None:
@@ -295,6 +295,8 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--no-stream", action="store_true", help="print replies whole")
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system message for the session (default: data.meta_instruction, as in training)")
+    p.add_argument("--tools", default=None, metavar="FILE.json",
+                   help="a JSON list of tools the chat template renders, as training rendered a record's tools")
     _add_decoding_args(p)
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_chat)

@@ -18,7 +18,7 @@ import warnings
 import dataclasses
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -81,6 +81,9 @@ class DataConfig:
     loss_on: str = "all_assistant"  # chat_template: all_assistant | last_assistant
     meta_instruction: Optional[str] = None  # system message when a record has none (training and chat)
     on_error: str = "stop"  # stop | skip: what a bad record does
+    # messages/sharegpt: role spellings beyond the documented ones -> system | user | assistant | tool |
+    # function_call (e.g. {bot: assistant}); any other spelling is a bad record
+    roles: Optional[Dict[str, str]] = None
     # A JSON record (a line, or an item of a .json array) longer than this many bytes is bad: it is
     # skipped or stops the run (on_error) before it is parsed. null = max(1 MiB, 256 bytes per
     # token of the format's sample limit): far more than any sample can hold, so only runaway records hit it.
@@ -203,9 +206,11 @@ class DataSource:
     path: str
     format: Optional[str] = None
     weight: float = 1.0
+    tools: Optional[tuple] = None  # messages/sharegpt: the tool list of records that have none
 
 
-SOURCE_KEYS = ("path", "format", "weight")
+SOURCE_KEYS = ("path", "format", "weight", "tools")
+ROLE_TARGETS = ("system", "user", "assistant", "tool", "function_call")  # what data.roles maps to
 
 
 def data_sources(value: Any, key: str) -> list[DataSource]:
@@ -237,7 +242,10 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
             raise ConfigError(f"'{where}.weight' must be a number in (0, {MAX_WEIGHT:g}] (0 takes nothing: leave "
                               f"the source out), got {weight!r}")
-        out.append(DataSource(path, fmt, float(weight)))
+        tools = entry.get("tools")
+        if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise ConfigError(f"'{where}.tools' must be a list of tool objects, got {tools!r:.60}")
+        out.append(DataSource(path, fmt, float(weight), tuple(tools) if tools else None))
     return out
 
 
@@ -467,6 +475,9 @@ def _validate(recipe: Recipe) -> None:
         if value is not None:
             for i, source in enumerate(data_sources(value, key)):
                 paths[f"{key}[{i}]" if isinstance(value, list) else key] = source.path
+    for spelling, role in (recipe.data.roles or {}).items():
+        if role not in ROLE_TARGETS:
+            raise ConfigError(f"'data.roles.{spelling}' is {role!r}; expected one of {', '.join(ROLE_TARGETS)}")
     _validate_training(recipe.training)
     if isinstance(recipe.training.resume, str):
         paths["training.resume"] = recipe.training.resume

@@ -344,6 +344,20 @@ ROWS = (
         ("data:json-array-duplicate-key", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.json"], 2,
          "b.json[1]: duplicate key 'messages' in a JSON object (only one value would be kept) (line 3)",
          _p_files({"b.json": "[\n" + messages_line() + ',\n{"messages": [], "messages": []}\n]\n'})),
+        ("data:two-user-turns-in-a-row", DUMP_B, 2, "b.jsonl:2: messages[1]: two user turns in a row",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}\n'})),
+        ("data:tool-result-with-no-call", DUMP_B, 2, "b.jsonl:2: messages[2]: a tool result with no tool call before it",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "assistant", "content": "b"}, {"role": "tool", "content": "t"}, '
+                   '{"role": "assistant", "content": "c"}]}\n'})),
+        ("data:role-spelling-not-mapped", DUMP_B, 2, "b.jsonl:2: messages[1].role is 'bot'; expected one of",
+         _p_files({"b.jsonl": messages_line() + '\n{"messages": [{"role": "user", "content": "a"}, '
+                   '{"role": "bot", "content": "b"}]}\n'})),
+        ("data:tools-the-template-cannot-render", DUMP_B, 2,
+         "b.jsonl:2: the conversation has a tool list, but the chat template of",
+         _p_files({"b.jsonl": messages_line() + '\n{"tools": [{"name": "f"}], "messages": [{"role": "user", '
+                   '"content": "a"}, {"role": "assistant", "content": "b"}]}\n'})),
         ("data:empty-file", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.jsonl"], 2,
          "b.jsonl: no records", _p_files({"b.jsonl": "\n"})),
         ("data:unsupported-type", ["data", "dump", "{R}", "--out", "{T}/d.jsonl", "data.train={T}/b.csv"], 2,
@@ -437,7 +451,9 @@ def test_bad_input(world, make_adapter, capsys, row_id, argv, code, message, pre
 
 SKIPPABLE = ["data:invalid-json", "data:not-utf8", "data:nested-100000-deep",
              "data:duplicate-json-key", "data:lone-surrogate", "data:invalid-utf8-in-a-string", "data:nan-literal",
-             "data:record-over-size-limit", "data:json-array-duplicate-key"]
+             "data:record-over-size-limit", "data:json-array-duplicate-key",
+             "data:two-user-turns-in-a-row", "data:tool-result-with-no-call", "data:role-spelling-not-mapped",
+             "data:tools-the-template-cannot-render"]
 
 
 @pytest.mark.parametrize("row_id", SKIPPABLE)

@@ -11,8 +11,15 @@ Formats (`data.format`):
 * ``messages``: OpenAI style ``{"messages": [{"role": system|user|assistant|tool, "content"}]}``.
   ``content`` may also be a list of OpenAI content parts; the text parts are joined with a newline
   (as vLLM does) and any other part (an image, audio) is a bad record. An assistant message may
-  carry ``"train": false`` (a bool): it stays in the context but the collators put no loss on it.
-* ``sharegpt``: ``{"conversations": [{"from": human|gpt|system|…, "value"}], "system"?: str}``.
+  carry ``"train": false`` (a bool): it stays in the context but the collators put no loss on it,
+  and ``tool_calls``; the record may carry ``tools``.
+* ``sharegpt``: ``{"conversations": [{"from": human|gpt|system|function_call|observation, "value"}],
+  "system"?: str, "tools"?: list or JSON string}`` (LLaMA-Factory's shape): a ``function_call``
+  value is a JSON call ``{"name", "arguments"}`` (or a list of them), an ``observation`` a tool result.
+* tools (``messages`` and ``sharegpt``): a record's ``tools`` list reaches the chat template as
+  ``tools=``; an assistant message's ``tool_calls`` (OpenAI's) are its calls; ``tool`` messages are
+  results. Turn order and tool structures are checked in one place, `peftchat.formats.turns`.
+  Role spellings other than the format's own are accepted only through ``data.roles``.
 * ``alpaca``: ``instruction``, optional ``input`` (appended to the instruction after a newline, as
   Alpaca and LLaMA-Factory do), ``output``, optional ``system`` and ``history`` ``[[q, a], ...]``
   (earlier rounds, trained like the last one: history is part of the conversation here).
@@ -39,26 +46,18 @@ from peftchat.errors import DataError
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
 from peftchat.formats.moss import strip_markup as _strip_markup
+from peftchat.formats.turns import check_turn_order, tool_calls_from, tools_from, without_empty_system
 
 FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca")
 
 MOSS_REQUIRED = ("Human", "MOSS")
 
-ROLES = ("system", "user", "assistant", "tool")
+# The role spellings each format knows; any other needs an entry in `data.roles` (so a file gives
+# the same turns as in other tools unless the recipe says otherwise). ShareGPT's are LLaMA-Factory's
+# (`function_call` = an assistant tool call, `observation` = a tool result) plus OpenAI's names.
+MESSAGE_ROLES: dict[str, str] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES: dict[str, str] = {
-    "system": "system",
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-    "function_call": "assistant",
-    "observation": "tool",
-    "tool": "tool",
-    "function": "tool",
+    **MESSAGE_ROLES, "human": "user", "gpt": "assistant", "function_call": "function_call", "observation": "tool",
 }
 
 
@@ -87,11 +86,11 @@ def fields_read(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
     if fmt == "moss":
         return ("meta_instruction", "num_turns", "chat")
     if fmt == "chatglm":
-        return tuple(c for c in (cfg.prompt_column, cfg.response_column, cfg.history_column) if c)
+        return tuple(c for c in (cfg.prompt_column, cfg.response_column, cfg.history_column, "tools") if c)
     if fmt == "messages":
-        return ("messages",)
+        return ("messages", "tools")
     if fmt == "sharegpt":
-        return ("conversations", "system")
+        return ("conversations", "system", "tools")
     if fmt == "alpaca":
         return ALPACA_FIELDS
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -109,9 +108,9 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) ->
     if fmt == "chatglm":
         return _from_chatglm(record, cfg, origin)
     if fmt == "messages":
-        return _from_messages(record, origin)
+        return _from_messages(record, cfg, origin)
     if fmt == "sharegpt":
-        return _from_sharegpt(record, origin)
+        return _from_sharegpt(record, cfg, origin)
     if fmt == "alpaca":
         return _from_alpaca(record, origin)
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -184,6 +183,9 @@ def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conve
         if not isinstance(value, str):
             raise _bad(origin, f"field {col!r} must be a string, got {type(value).__name__}")
         values[what] = value
+    if tools_from(record.get("tools"), origin) and "tools" not in cols.values():
+        raise _bad(origin, "field 'tools': a chatglm row (query, answer, history) has no place for a tool list "
+                           "(use the messages or sharegpt format with data.collator=chat_template)")
     history = record.get(cfg.history_column) if cfg.history_column else None
     pairs: list[tuple[str, str]] = []
     if history is not None:
@@ -201,35 +203,47 @@ def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conve
     return Conversation(messages=messages, origin=origin, context_rounds=len(pairs), dropped=dropped)
 
 
-def _check_messages(
-    messages: list[dict[str, Any]], origin: str, name: str, offset: int = 0
-) -> list[dict[str, Any]]:
-    """Validate OpenAI-style messages; returns copies without None-valued keys.
+def _message(role: str, content: Any, extras: dict[str, Any], origin: str, where: str,
+             content_key: str) -> dict[str, Any]:
+    """One turn, checked and normalized (`turns` module): a `function_call` turn becomes an
+    assistant message with `tool_calls`; keys with a None value are dropped."""
+    text = _text_content(content, origin, f"{where}.{content_key}")
+    out = {k: v for k, v in extras.items() if v is not None}
+    train = out.get("train")
+    if train is not None and (not isinstance(train, bool) or role not in ("assistant", "function_call")):
+        raise _bad(origin, f"{where}.train must be true or false, on an assistant message only; got {train!r} on {role!r}")
+    if role == "function_call":
+        if text is None:
+            raise _bad(origin, f"{where} is missing '{content_key}'")
+        out["tool_calls"] = tool_calls_from(text, origin, f"{where}.{content_key}")
+        role, text = "assistant", None
+    elif "tool_calls" in out:
+        if role != "assistant":
+            raise _bad(origin, f"{where}.tool_calls: only an assistant turn makes tool calls, not a {role!r} one")
+        out["tool_calls"] = tool_calls_from(out["tool_calls"], origin, f"{where}.tool_calls")
+    if text is None and role != "assistant":
+        raise _bad(origin, f"{where} is missing '{content_key}'")
+    if text is None and not out.get("tool_calls"):
+        text = ""  # an assistant turn with neither text nor a call: an empty answer
+    return {"role": role, **({"content": text} if text is not None else {}), **out}
 
-    `offset` is subtracted from indices in messages (a sharegpt `system` key is prepended)."""
-    if not messages:
-        raise _bad(origin, f"'{name}' is empty")
-    out: list[dict[str, Any]] = []
-    for j, m in enumerate(messages):
-        i = j - offset
-        role = m.get("role")
-        if role not in ROLES:
-            raise _bad(origin, f"{name}[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
-        content = _text_content(m.get("content"), origin, f"{name}[{i}].content")
-        train = m.get("train")
-        if train is not None and (not isinstance(train, bool) or role != "assistant"):
-            raise _bad(origin, f"{name}[{i}].train must be true or false, on an assistant message only; got {train!r} on {role!r}")
-        if role == "system" and j != 0:
-            raise _bad(origin, f"{name}[{i}]: a system message may only come first")
-        if content is None and role != "assistant":
-            raise _bad(origin, f"{name}[{i}] is missing 'content'")
-        out.append({k: (content if k == "content" else v) for k, v in m.items() if v is not None})
-    body = out[1:] if out[0]["role"] == "system" else out
-    if not body or body[0]["role"] != "user":
-        raise _bad(origin, f"{name}: the first message after the system message must be the user's")
-    if out[-1]["role"] != "assistant":
-        raise _bad(origin, f"{name}: the last message is {out[-1]['role']!r}; it must be the assistant's answer")
-    return out
+
+def _role(spelling: Any, builtin: dict[str, str], cfg: DataConfig, origin: str, where: str) -> str:
+    """The role a turn's spelling stands for: the format's documented names, else `data.roles`."""
+    roles = {**builtin, **(cfg.roles or {})}
+    role = roles.get(spelling) if isinstance(spelling, str) else None
+    if role is None:
+        raise _bad(origin, f"{where} is {spelling!r}; expected one of {', '.join(builtin)} "
+                           "(map other spellings to one of these in data.roles)")
+    return role
+
+
+def _conversation(messages: list[dict[str, Any]], where: list[str], origin: str,
+                  tools: list[dict[str, Any]] | None = None) -> Conversation:
+    """The conversation of checked turns, in an order every format can train (`check_turn_order`)."""
+    messages, where = without_empty_system(messages, where)
+    check_turn_order(messages, where, origin)
+    return Conversation(messages=messages, origin=origin, tools=tools)
 
 
 def _text_content(content: Any, origin: str, where: str) -> str | None:
@@ -251,31 +265,42 @@ def _text_content(content: Any, origin: str, where: str) -> str | None:
     return "\n".join(texts)
 
 
-def _from_messages(record: dict[str, Any], origin: str) -> Conversation:
+def _from_messages(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:
     messages = record.get("messages")
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise _bad(origin, "missing field 'messages' (a list of {role, content} objects)")
-    return Conversation(messages=_check_messages(messages, origin, "messages"), origin=origin)
+    if not messages:
+        raise _bad(origin, "'messages' is empty")
+    out, where = [], []
+    for i, m in enumerate(messages):
+        where.append(f"messages[{i}]")
+        role = _role(m.get("role"), MESSAGE_ROLES, cfg, origin, f"messages[{i}].role")
+        extras = {k: v for k, v in m.items() if k not in ("role", "content")}
+        out.append(_message(role, m.get("content"), extras, origin, where[-1], "content"))
+    return _conversation(out, where, origin, tools_from(record.get("tools"), origin))
 
 
-def _from_sharegpt(record: dict[str, Any], origin: str) -> Conversation:
+def _from_sharegpt(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:
     convs = record.get("conversations")
     if not isinstance(convs, list) or not all(isinstance(m, dict) for m in convs):
         raise _bad(origin, "missing field 'conversations' (a list of {from, value} objects)")
+    if not convs:
+        raise _bad(origin, "'conversations' is empty")
     messages: list[dict[str, Any]] = []
+    where: list[str] = []
     system = record.get("system")
-    if isinstance(system, str) and system:
+    if system is not None:
+        if not isinstance(system, str):
+            raise _bad(origin, f"field 'system' must be a string, got {type(system).__name__}")
         messages.append({"role": "system", "content": system})
+        where.append("system")
     for i, turn in enumerate(convs):
-        who = turn.get("from")
-        role = SHAREGPT_ROLES.get(str(who).lower()) if who is not None else None
-        if role is None:
-            raise _bad(origin, f"conversations[{i}].from is {who!r}; expected one of {', '.join(SHAREGPT_ROLES)}")
-        if "value" not in turn or turn["value"] is None:
+        where.append(f"conversations[{i}]")
+        role = _role(turn.get("from"), SHAREGPT_ROLES, cfg, origin, f"conversations[{i}].from")
+        if turn.get("value") is None:
             raise _bad(origin, f"conversations[{i}] is missing 'value'")
-        messages.append({"role": role, "content": turn["value"]})
-    offset = 1 if messages and messages[0]["role"] == "system" and convs and convs[0].get("from") != "system" else 0
-    return Conversation(messages=_check_messages(messages, origin, "conversations", offset), origin=origin)
+        messages.append(_message(role, turn["value"], {}, origin, where[-1], "value"))
+    return _conversation(messages, where, origin, tools_from(record.get("tools"), origin))
 
 
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")
@@ -293,12 +318,14 @@ def _from_alpaca(record: dict[str, Any], origin: str) -> Conversation:
     history = record.get("history")
     if history is not None and not isinstance(history, list):
         raise _bad(origin, "field 'history' must be a list of [query, answer] pairs")
-    messages: list[dict[str, Any]] = [{"role": "system", "content": values["system"]}] if values["system"] else []
+    messages: list[dict[str, Any]] = [{"role": "system", "content": values["system"]}]
+    where = ["system"]
     for k, pair in enumerate(history or []):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise _bad(origin, f"history[{k}] must be a [query, answer] pair of strings, got {pair!r}")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        where += [f"history[{k}][0]", f"history[{k}][1]"]
     query = "\n".join(t for t in (values["instruction"], values["input"]) if t)
     messages += [{"role": "user", "content": query}, {"role": "assistant", "content": values["output"]}]
-    return Conversation(messages=_check_messages(messages, origin, "alpaca"), origin=origin)
+    return _conversation(messages, where + ["instruction", "output"], origin)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data.formats import FORMATS, normalize
-from peftchat.data.report import DROP, LEFT_OUT, SKIP, DataReport
+from peftchat.data.report import DROP, LEFT_OUT, DataReport, skip_note
 from peftchat.data.sources import RecordSource, load_records, quiet_datasets
 from peftchat.errors import DataError, UserError
 from peftchat.formats import registry
@@ -39,7 +39,7 @@ from peftchat.formats.samples import IGNORE_INDEX
 TOKENIZATION_KEYS = (
     "collator", "max_length", "max_source_length", "max_target_length", "prompt_column", "response_column",
     "history_column", "source_prefix", "chatglm_style", "separator_tokens", "truncation", "loss_on",
-    "meta_instruction", "on_error",
+    "meta_instruction", "on_error", "roles",
 )
 SHOW_PROGRESS_ABOVE = 50_000  # records; smaller maps finish before a progress bar is worth it
 
@@ -141,7 +141,7 @@ class _Encoder:
             except DataError as e:
                 if self.cfg.on_error == "stop":
                     raise
-                row(session, [], [], False, SKIP + str(e))
+                row(session, [], [], False, skip_note(str(e), getattr(e, "reason", None)))
                 continue
             for sample in encoded.samples:
                 row(session, sample.input_ids, sample.labels, sample.truncated, "")

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 DROP = "drop:"
 LEFT_OUT = "left-out:"  # a part of a conversation its format has no place for (samples still made)
 SKIP = "skip:"
+REASON_SEP = "\x1f"  # in a SKIP note, between a counted reason (a turn-order rule) and the message
+
+
+def skip_note(message: str, reason: str | None = None) -> str:
+    return SKIP + (f"{reason}{REASON_SEP}" if reason else "") + message
 MAX_EXAMPLES = 5
 
 
@@ -42,6 +47,7 @@ class DataReport:
     left_out: dict[str, int] = field(default_factory=dict)  # reason -> conversation parts not used
     skipped: int = 0  # bad records left out with data.on_error=skip
     skipped_examples: list[str] = field(default_factory=list)
+    skipped_reasons: dict[str, int] = field(default_factory=dict)  # turn-order rule -> records skipped
     sources: list[SourceCounts] = field(default_factory=list)
     eval: "DataReport | None" = None
 
@@ -54,6 +60,11 @@ class DataReport:
         return sum(self.dropped.values())
 
     def add_skipped(self, messages: list[str]) -> None:
+        """Count skipped records; a message may start with its reason (`skip_note`)."""
+        reasons = Counter(m.split(REASON_SEP, 1)[0] for m in messages if REASON_SEP in m)
+        for reason, n in reasons.items():
+            self.skipped_reasons[reason] = self.skipped_reasons.get(reason, 0) + n
+        messages = [m.split(REASON_SEP, 1)[-1] for m in messages]
         self.skipped += len(messages)
         room = MAX_EXAMPLES - len(self.skipped_examples)
         self.skipped_examples += messages[: max(room, 0)]
@@ -118,6 +129,8 @@ class DataReport:
             lines.append(f"  dropped {n}: {reason}")
         for reason, n in self.left_out.items():
             lines.append(f"  left out {n}: {reason}")
+        for reason, n in sorted(self.skipped_reasons.items()):
+            lines.append(f"  skipped {n}: {reason}")
         for message in self.skipped_examples:
             lines.append(f"  skipped: {message}")
         if self.skipped > len(self.skipped_examples):

@@ -70,6 +70,13 @@ class SourceInfo:
     formats: list[str] = field(default_factory=list)  # of its files, distinct, in order
     records: int = 0
     bad: list[str] = field(default_factory=list)  # malformed lines left out (on_error=skip)
+    tools: Any = None  # the entry's default tool list (messages/sharegpt records that have none)
+
+    def with_tools(self, record: dict, fmt: str) -> dict:
+        """`record` with the entry's default tool list when it has none of its own."""
+        if self.tools and fmt in ("messages", "sharegpt") and record.get("tools") in (None, "", []):
+            return {**record, "tools": list(self.tools)}
+        return record
 
 
 @dataclass
@@ -374,7 +381,7 @@ def _rows_file(path: Path, fmt: str, source: int, cfg: DataConfig, info: SourceI
             for origin, record in records:
                 if file_format == "auto":
                     file_format = detect_format(record, cfg, origin)
-                line = _row(record, file_format, origin, source, cfg)
+                line = _row(info.with_tools(record, file_format), file_format, origin, source, cfg)
                 digest.update(line.encode())
                 tmp.write(line)
                 count += 1
@@ -412,12 +419,12 @@ def _load_rows(files: list[Path], cache_dir: str | None, name: str) -> Any:
 class _ToRows:
     """Map function: rows of a saved or hub dataset -> `RECORD_COLUMNS` (a class, so it pickles)."""
 
-    def __init__(self, fmt: str, label: str, source: int, cfg: DataConfig) -> None:
-        self.fmt, self.label, self.source, self.cfg = fmt, label, source, cfg
+    def __init__(self, fmt: str, label: str, source: int, cfg: DataConfig, info: SourceInfo) -> None:
+        self.fmt, self.label, self.source, self.cfg, self.info = fmt, label, source, cfg, info
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         columns = list(batch)
-        records = [{c: batch[c][j] for c in columns} for j in range(len(indices))]
+        records = [self.info.with_tools({c: batch[c][j] for c in columns}, self.fmt) for j in range(len(indices))]
         return {
             "record": [json.dumps(prune(r, self.fmt, self.cfg), ensure_ascii=False, default=str) for r in records],
             "format": [self.fmt] * len(indices),
@@ -457,7 +464,7 @@ def _load_dataset_source(entry: DataSource, fmt: str, index: int, cfg: DataConfi
         fmt = detect_format(ds[0], cfg, f"{label}[0]")
     info.records, info.formats = len(ds), [fmt]
     with quiet_datasets():
-        return ds.map(_ToRows(fmt, label, index, cfg), with_indices=True, batched=True, remove_columns=ds.column_names,
+        return ds.map(_ToRows(fmt, label, index, cfg, info), with_indices=True, batched=True, remove_columns=ds.column_names,
                       features=record_features(), desc=f"reading {label}")
 
 
@@ -492,7 +499,7 @@ def load_records(spec: Any, cfg: DataConfig, *, key: str = "data.train") -> Reco
     infos: list[SourceInfo] = []
     for index, entry in enumerate(data_sources(spec, key)):
         fmt = entry.format or cfg.format
-        info = SourceInfo(name=entry.path, weight=entry.weight)
+        info = SourceInfo(name=entry.path, weight=entry.weight, tools=entry.tools)
         infos.append(info)
         check_regular_file(Path(entry.path).expanduser(), f"'{key}':", DataError)  # before a hub name is guessed
         is_saved = _is_saved_dataset(Path(entry.path).expanduser())

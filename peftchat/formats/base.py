@@ -30,6 +30,8 @@ from peftchat.formats.samples import Encoded
 # Counted in the data report (left out) for each empty assistant answer a session format keeps
 # without loss (`Conversation.with_empty_answers_untrained`); chatglm drops such a round instead.
 EMPTY_ANSWER = "empty answer (kept as context, no loss)"
+# Counted (dropped) for a conversation with no answer left to train because its answers are empty.
+EMPTY_ANSWER_DROPPED = "empty answer"
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,8 @@ class SessionFormat(ConversationFormat):
     def encode(self, conv: Conversation) -> Encoded:
         conv, empty = conv.with_empty_answers_untrained()
         out = self._encode(conv)
-        out.left_out += [EMPTY_ANSWER] * empty
+        if out.samples:  # a dropped conversation is counted once, by its drop reason
+            out.left_out += [EMPTY_ANSWER] * empty
         return out
 
     @abstractmethod

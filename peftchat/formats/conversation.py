@@ -9,6 +9,12 @@ from typing import Any, Optional, Sequence
 from peftchat.errors import DataError
 
 
+def is_empty_answer(message: dict[str, Any]) -> bool:
+    """An assistant message with neither text nor a tool call."""
+    return message["role"] == "assistant" and not (message.get("content") or "").strip() \
+        and not message.get("tool_calls")
+
+
 @dataclass
 class Conversation:
     """One session, normalized.
@@ -26,6 +32,7 @@ class Conversation:
     context_rounds: int = 0
     moss_turns: Optional[list[list[tuple[str, str]]]] = None
     dropped: Optional[str] = None
+    tools: Optional[list[dict[str, Any]]] = None  # the tool list the chat template renders (`formats.turns`)
 
     @classmethod
     def from_rounds(cls, rounds: Sequence[tuple[str, str]], system: Optional[str] = None,
@@ -54,6 +61,14 @@ class Conversation:
         user, assistant (tool messages are for the chat_template format only).
         """
         start = 1 if self.system is not None else 0
+        if self.tools or any(m.get("tool_calls") for m in self.messages):
+            # ChatGLM's rounds have no place for a tool list or a call; MOSS records carry theirs in
+            # their own Commands / Tool Responses fields. Dropping them silently would train other text.
+            raise DataError(
+                f"{self.origin}: the chatglm and moss collators have no place for tool definitions or "
+                "tool calls (MOSS records carry theirs in 'Commands' and 'Tool Responses'); "
+                "use data.collator=chat_template with a template that renders tools"
+            )
         expect = "user"
         for i in range(start, len(self.messages)):
             role = self.messages[i]["role"]
@@ -72,8 +87,7 @@ class Conversation:
         ``"train": False`` — kept as context, no loss — and how many there were. ChatGLM-6B drops
         such a round and keeps the rest of the data (spec §1); a session-level format cannot drop a
         round from the middle without changing the context of the later ones, so it trains none."""
-        empty = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"
-                 and not (m.get("content") or "").strip() and not m.get("tool_calls")]
+        empty = [i for i, m in enumerate(self.messages) if is_empty_answer(m)]
         if not empty:
             return self, 0
         messages = [dict(m, train=False) if i in empty else m for i, m in enumerate(self.messages)]

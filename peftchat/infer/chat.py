@@ -6,15 +6,22 @@ Replies stream as they are generated and stop at the format's stop tokens. `clea
 history (the system message / meta instruction stays: it is part of every prompt), `stop` ends the
 session. The history is kept within the context budget by dropping the oldest rounds.
 
+`--tools FILE.json` (chat_template format) gives the session a tool list, rendered by the template
+as training rendered a record's `tools`; a reply holding calls in the template's `<tool_call>` syntax
+is kept in the history as the assistant's `tool_calls`, as training showed such turns. peftchat runs
+no tools: the calls are printed as the model wrote them.
+
 On a terminal there is a banner and a `User:` prompt; otherwise every stdin line is one user turn
 and stdout carries only the replies, one after another, so sessions can be scripted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import Callable, Iterable, Optional, TextIO
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, TextIO
 
 from peftchat.config import Recipe
 from peftchat.errors import UserError
@@ -60,7 +67,7 @@ class ChatSession:
     building by the recipe's conversation format, generation."""
 
     def __init__(self, model, tokenizer, recipe: Recipe, system: Optional[str] = None,
-                 fmt: Optional[ConversationFormat] = None):
+                 fmt: Optional[ConversationFormat] = None, tools: Optional[list[dict[str, Any]]] = None):
         import torch
 
         self.model = model
@@ -71,6 +78,13 @@ class ChatSession:
             raise UserError(f"--system: the {self.format.name} format has no system message "
                             "(training never showed one; data.source_prefix is its counterpart)")
         self.system = system
+        self.tools = tools or None
+        if self.tools:
+            check_tools = getattr(self.format, "check_tools", None)
+            if check_tools is None:
+                raise UserError(f"--tools: the {self.format.name} format has no place for a tool list "
+                                "(training never showed one; use data.collator=chat_template)")
+            check_tools(Conversation([], origin="--tools", tools=self.tools))
         self.stop_ids = self.format.stop_ids
         self.generation_config = generation_config(recipe, tokenizer, self.stop_ids)
         self.logits_processor = logits_processors(self.format)
@@ -81,7 +95,9 @@ class ChatSession:
 
     def _empty(self) -> Conversation:
         """A history with no rounds: the --system message only (else the format adds its default)."""
-        return Conversation.from_rounds([], system=self.system, origin="chat")
+        empty = Conversation.from_rounds([], system=self.system, origin="chat")
+        empty.tools = self.tools
+        return empty
 
     def clear(self) -> None:
         self.history = self._empty()
@@ -170,18 +186,32 @@ def chat_loop(session: ChatSession, turns: Iterable[str], stdout: TextIO, stream
             say(f"error: {e}")
 
 
+def read_tools(path: str) -> list[dict[str, Any]]:
+    """The tool list of `--tools FILE.json`: a JSON list of tool objects (OpenAI's or bare)."""
+    try:
+        tools = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UserError(f"--tools {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"--tools {path}: not valid JSON ({e})") from None
+    if not isinstance(tools, list) or not tools or not all(isinstance(t, dict) for t in tools):
+        raise UserError(f"--tools {path}: expected a JSON list of tool objects")
+    return tools
+
+
 def run_chat(source: str, overrides: list[str], message: Optional[str] = None, stream: bool = True,
-             system: Optional[str] = None) -> int:
+             system: Optional[str] = None, tools: Optional[str] = None) -> int:
     """Chat with the model of `source` (recipe, adapter dir or merged model dir). `overrides`
     are `key=value` recipe overrides (sampling flags arrive as `decoding.*=`). `message`: answer
     this one message and return. `system`: the session's system message (default: the format's,
-    i.e. `data.meta_instruction`, as in training). Returns the exit code."""
+    i.e. `data.meta_instruction`, as in training). `tools`: a `--tools` JSON file. Returns the exit code."""
+    tool_list = read_tools(tools) if tools is not None else None  # before the slow model load
     # Bytes that are not valid in stdin's encoding (a pasted Latin-1 line, say) become U+FFFD
     # instead of ending the session with a UnicodeDecodeError.
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="replace")
     model, tokenizer, recipe = load_chat_model(source, overrides)
-    session = ChatSession(model, tokenizer, recipe, system=system)
+    session = ChatSession(model, tokenizer, recipe, system=system, tools=tool_list)
     interactive = message is None and sys.stdin.isatty()
     if message is not None:
         turns: Iterable[str] = [message]

@@ -97,8 +97,9 @@ def eval_rounds(conv: Conversation) -> list[tuple[Conversation, str, str]]:
         if message["role"] == "user":
             k += 1
         trained = message["role"] == "assistant" and message.get("train", True) is not False
-        if not trained or k < conv.context_rounds or i - 1 < head or conv.messages[i - 1]["role"] != "user":
-            continue  # (an answer after a tool message is no question/answer round)
+        if not trained or k < conv.context_rounds or i - 1 < head or conv.messages[i - 1]["role"] != "user" \
+                or message.get("tool_calls"):
+            continue  # (an answer after a tool message, or a tool call, is no question/answer round)
         turns = conv.moss_turns[:k] if conv.moss_turns is not None else None
         history = dataclasses.replace(conv, messages=conv.messages[:i - 1], moss_turns=turns, context_rounds=0)
         out.append((history, conv.messages[i - 1]["content"] or "", message["content"] or ""))

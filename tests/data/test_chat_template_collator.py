@@ -6,7 +6,7 @@ import pytest
 
 from data_helpers import E, conv, labelled, messages_record, recipe, tid, tok
 from peftchat.formats.chat_template import ChatTemplateFormat as ChatTemplateCollator, end_of_turn_ids
-from peftchat.errors import ConfigError
+from peftchat.errors import ConfigError, DataError
 
 IM_END = "<|im_end|>"
 PAIRS = [("What is 2+2?", "It is 4."), ("And 3+3?", "That is 6.")]
@@ -56,11 +56,18 @@ def test_last_assistant_only():
     assert labelled(s) == E("That is 6.") + [tid(IM_END)]
 
 
-def test_tool_and_user_messages_carry_no_loss():
-    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "Let me check."},
+def test_tool_calls_the_template_cannot_render_are_an_error_not_silent_text():
+    """The shipped ChatML template writes no tool list and no tool call (tests/data/test_tool_calls.py
+    trains them with a template that does)."""
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "tool_calls": [call]},
             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
-    (s,) = collator().encode(conv({"messages": msgs}, "messages")).samples
-    assert tok().decode(labelled(s)) == "Let me check.<|im_end|>It is sunny.<|im_end|>"
+    with pytest.raises(DataError, match=r"^test\[0\]: the conversation has tool calls, but the chat template of .*tokenizer"):
+        collator().encode(conv({"messages": msgs}, "messages"))
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
+    record = {**messages_record(PAIRS), "tools": tools}
+    with pytest.raises(DataError, match=r"has a tool list, but the chat template"):
+        collator().encode(conv(record, "messages"))
 
 
 def test_chatglm_row_history_gets_no_loss():

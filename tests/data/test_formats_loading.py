@@ -85,7 +85,7 @@ BAD = [
      r"history\[0\] must be a \[query, answer\] pair"),
     ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
      r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool"),
-    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}]}), "messages: the last message is 'user'; it must be the assistant's answer"),
+    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}]}), r"messages\[0\]: the conversation ends on a user turn; it must end with the assistant's"),
     ("moss", json.dumps({**moss_record([moss_turn("q", "a")]), "num_turns": 2}),
      r"num_turns is 2 but 'chat' holds \['turn_1'\]"),
     ("moss", json.dumps(moss_record([{**moss_turn("q", "a"), "Human": "q<eoh>\n"}])),
@@ -108,12 +108,14 @@ def test_bad_record_names_file_and_line(tmp_path, fmt, line, message):
     assert f"{path}:2: " in bundle.report.summary()
 
 
-def test_structure_the_collator_cannot_use_is_a_bad_record(tmp_path):
-    msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+@pytest.mark.parametrize("collator", ["moss", "chatglm"])
+def test_structure_the_collator_cannot_use_is_a_bad_record(tmp_path, collator):
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]},
                          {"role": "tool", "content": "t"}, {"role": "assistant", "content": "b"}]}
     path = write_jsonl(tmp_path / "t.jsonl", [msgs])
-    with pytest.raises(DataError, match=rf"{path}:1: .*found 'tool' at messages\[2\]"):
-        build(tmp_path, path, format="messages", collator="moss")
+    with pytest.raises(DataError, match=rf"{path}:1: the chatglm and moss collators have no place for tool"):
+        build(tmp_path, path, format="messages", collator=collator)
 
 
 def test_json_array_errors_name_the_record_index(tmp_path):
