@@ -36,9 +36,24 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     if adapter_dir is None:
         if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
-        return write_gguf(recipe.model.path, out, outtype, name=name, say=say)
+        return _check(recipe.model.path, write_gguf(recipe.model.path, out, outtype, name=name, say=say))
     with tempfile.TemporaryDirectory(prefix="peftchat-export-", dir=Path(out).expanduser().resolve().parent) as tmp:
         merged = Path(tmp) / "merged"
         say(f"merging {adapter_dir} into its base (fp32) for export ...")
         merge_adapter(adapter_dir, merged, dtype="fp32", force=True)  # verified as `peftchat merge` verifies
-        return write_gguf(merged, out, outtype, name=name, say=say)
+        return _check(merged, write_gguf(merged, out, outtype, name=name, say=say))
+
+
+def _check(model_dir: str | os.PathLike, written: Path) -> Path:
+    """Print how closely llama.cpp runs the file, when llama-cpp-python (extra `gguf-check`) is here."""
+    from peftchat.model.gguf_parity import gguf_parity, llama_cpp_available
+
+    if not llama_cpp_available():
+        say("llama.cpp parity not checked (pip install 'peftchat[gguf-check]' to measure it)")
+        return written
+    try:
+        parity = gguf_parity(model_dir, written)
+    except ValueError as e:  # llama-cpp-python's answer when llama.cpp refuses the file
+        raise UserError(f"{written} was written but llama.cpp cannot load it: {e}") from None
+    say(parity.line())
+    return written
