@@ -223,6 +223,20 @@ def _llama_cpp_tensor(hf_name: str, data: np.ndarray, arch: str, config: dict) -
     return data
 
 
+def _general_name(name: str, model_dir: Path) -> str:
+    """`general.name`, as llama.cpp can load it: llama.cpp sets attributes on Phi-3's SentencePiece
+    tokens (`<s>`, `</s>`, `<unk>`, `<|endoftext|>`) when the name contains "phi3" / "phi-3" and
+    aborts when one is missing (a byte-level BPE vocabulary such as the demo's); for such a
+    vocabulary the name is written with a space ("phi 3") so that llama.cpp skips the step."""
+    if not re.search(r"phi-?3", name, re.IGNORECASE):
+        return name
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = set(spec["model"].get("vocab", {})) | {t["content"] for t in spec.get("added_tokens", [])}
+    if {"<s>", "</s>", "<unk>", "<|endoftext|>"} <= vocab:
+        return name
+    return re.sub(r"(phi)-?(3)", r"\1 \2", name, flags=re.IGNORECASE)
+
+
 def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
                name: Optional[str] = None, say: Callable[[str], None] = print) -> Path:
     """Write the model in `model_dir` (a plain transformers dir: config.json, safetensors,
@@ -243,7 +257,7 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtyp
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch_name)
     try:
-        writer.add_name(name or model_dir.name)
+        writer.add_name(_general_name(name or model_dir.name, model_dir))
         _hyperparameters(writer, config, arch)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
