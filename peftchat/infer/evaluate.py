@@ -223,14 +223,14 @@ def _samples_to_score(source: str, data: Optional[str], overrides: Iterable[str]
     data.eval_split held out). Read with the recipe only: bad data answers before the model loads."""
     from peftchat.rundir import resolve_source
 
+    if data is not None and not Path(data).expanduser().exists():
+        raise UserError(f"--data {data}: no such file")
     recipe = resolve_source(source, overrides).recipe
     if data is None:
         samples = held_out_samples(recipe, limit)
         if not samples:
             raise UserError(f"{source}: the recipe has no eval data (data.eval or data.eval_split); pass --data FILE")
         return samples
-    if not Path(data).expanduser().exists():
-        raise UserError(f"--data {data}: no such file")
     samples = load_eval_samples(recipe, data, limit)
     if not samples:
         raise UserError(f"--data {data}: no answers to evaluate")
