@@ -7,6 +7,8 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from test_export import _read  # noqa: E402  (gguf's reader, tensors dequantized to float32)
+
 from peftchat.cli import main  # noqa: E402
 from peftchat.demo_assets import build_tiny_model  # noqa: E402
 from peftchat.model.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
@@ -31,21 +33,13 @@ def tiny(tmp_path_factory):
     return get
 
 
-def _read(path):
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items()}
-    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-               for t in reader.tensors}
-    return fields, tensors
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_tensor_lands_where_llama_cpp_reads_it(family, tiny, tmp_path):
     from safetensors.torch import load_file
 
     model_dir = tiny(family)
     out = write_gguf(model_dir, tmp_path / "m.gguf", "f16", say=lambda _: None)
-    fields, tensors = _read(out)
+    fields, tensors, _ = _read(out)
     assert fields["general.architecture"] == FAMILIES[family]
     hf = load_file(str(model_dir / "model.safetensors"))
     import json
