@@ -35,7 +35,23 @@ def _recipe(args: argparse.Namespace):
 
     recipe = load_recipe(args.recipe, args.overrides)
     format_class(recipe.data.collator)  # an unknown data.collator answers before anything loads
+    _offline_when_local(recipe)
     return recipe
+
+
+def _offline_when_local(recipe) -> None:
+    """A run whose model, tokenizer and data are all local paths never waits on the hub."""
+    from peftchat.quiet import offline_when_local
+
+    def paths(spec) -> list:
+        if isinstance(spec, (list, tuple)) or type(spec).__name__ == "ListConfig":
+            return [p for item in spec for p in paths(item)]
+        if isinstance(spec, dict) or hasattr(spec, "path"):
+            return [spec["path"] if isinstance(spec, dict) else spec.path]
+        return [spec] if spec else []
+
+    named = [recipe.model.path, *paths(recipe.model.tokenizer), *paths(recipe.data.train), *paths(recipe.data.eval)]
+    offline_when_local([str(p) for p in named])
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -333,7 +349,8 @@ def _add_model_use_commands(sub) -> None:
     p = sub.add_parser("eval", help="greedy generations on held-out conversations, scored with BLEU-4 and ROUGE")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--data", required=True, help="conversations in a format the recipe reads (data.format)")
+    p.add_argument("--data", default=None, help="conversations in a format the recipe reads (data.format); "
+                   "default: the run's held-out eval data (data.eval, else the data.eval_split sessions)")
     p.add_argument("--limit", type=int, default=None, help="score the first N answers only")
     p.add_argument("--out", default=None, help="write the scores and per-sample predictions to this JSON file")
     _add_force_arg(p)
@@ -352,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
     )
     parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' progress bars and notes (quiet by default); may come anywhere")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train an adapter from a recipe")
@@ -494,7 +513,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, extras = parser.parse_known_args(argv)
+    from peftchat.quiet import quiet_by_default
+
+    # --verbose may follow the subcommand too (argparse takes it only before)
+    quiet_by_default("--verbose" in argv)
+    args, extras = parser.parse_known_args(["--verbose"] * ("--verbose" in argv) + [a for a in argv if a != "--verbose"])
     try:
         _check_text_args(args)
         if extras:

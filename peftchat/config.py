@@ -78,7 +78,9 @@ class DataConfig:
     chatglm_style: str = "chatglm"  # chatglm (ChatGLM-6B) | chatglm2
     separator_tokens: Optional[List[str]] = None  # chatglm: tokens between prompt and answer
     truncation: str = "seed"  # seed | drop_oldest
-    loss_on: str = "all_assistant"  # chat_template: all_assistant | last_assistant
+    # auto (the format's own: moss trains the <|Human|> turns too, as MOSS's trainer; chatglm and
+    # chat_template the assistant answers) | all (moss only) | all_assistant (= assistant) | last_assistant
+    loss_on: str = "auto"
     meta_instruction: Optional[str] = None  # system message when a record has none (training and chat)
     on_error: str = "stop"  # stop | skip: what a bad record does
     # messages/sharegpt: role spellings beyond the documented ones -> system | user | assistant | tool |
@@ -181,7 +183,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca"),
     "data.chatglm_style": ("chatglm", "chatglm2"),
     "data.truncation": ("seed", "drop_oldest"),
-    "data.loss_on": ("all_assistant", "last_assistant"),
+    "data.loss_on": ("auto", "all", "all_assistant", "assistant", "last_assistant"),
     "data.on_error": ("stop", "skip"),
     "training.lr_scheduler": ("cosine", "linear", "constant"),
     "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),

@@ -39,7 +39,7 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     if adapter_dir is None:
         if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
-        return write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force)
+        return _check(recipe.model.path, write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force))
     # The fp32 merge lives beside the output, never in a shared /tmp; everything it writes (its
     # partial dir and lock too) is inside one `.peftchat-tmp-PID-*` dir, so what a kill -9 leaves
     # is removed whole by the next export (or any atomic write there).
@@ -52,6 +52,21 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     try:
         say(f"merging {adapter_dir} into its base (fp32) for export ...")
         merge_adapter(adapter_dir, tmp / "merged", dtype="fp32", force=True)  # verified as `peftchat merge` verifies
-        return write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force)
+        return _check(tmp / "merged", write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check(model_dir: str | os.PathLike, written: Path) -> Path:
+    """Print how closely llama.cpp runs the file, when llama-cpp-python (extra `gguf-check`) is here."""
+    from peftchat.model.gguf_parity import gguf_parity, llama_cpp_available
+
+    if not llama_cpp_available():
+        say("llama.cpp parity not checked (pip install 'peftchat[gguf-check]' to measure it)")
+        return written
+    try:
+        parity = gguf_parity(model_dir, written)
+    except ValueError as e:  # llama-cpp-python's answer when llama.cpp refuses the file
+        raise UserError(f"{written} was written but llama.cpp cannot load it: {e}") from None
+    say(parity.line())
+    return written

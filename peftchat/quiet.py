@@ -7,6 +7,10 @@ place that triggers it (never a blanket warnings filter).
   command printed it, quantized or not. peftchat does not use or install `kernels` (bitsandbytes
   falls back to its own CPU kernels), so that one record is dropped.
 * bitsandbytes logs on every LLM.int8 matmul that bf16 inputs are cast to fp16 (by design).
+* Without `peftchat --verbose` (`quiet_by_default`): transformers' and the hub's progress bars
+  (weight loading and shard writing take a blink for small models), matplotlib's one-time "building
+  the font cache" note, and hub look-ups for a run whose model, tokenizer and data are all local
+  paths (HF_HUB_OFFLINE is set for it, so nothing waits on an unreachable hub).
 * peft's `PeftModel.__init__` reads `model.is_gradient_checkpointing`, which transformers 5.2x
   deprecated (FutureWarning); peftchat's own code uses `is_activation_checkpointing`.
 """
@@ -14,6 +18,7 @@ place that triggers it (never a blanket warnings filter).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -33,6 +38,42 @@ def _not_int8_cast(record: logging.LogRecord) -> bool:
 def quiet_bitsandbytes_import() -> None:
     """Drop the `kernels`-probe record of bitsandbytes' CPU backend (call before peft is imported)."""
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_bnb_kernel_probe)
+
+
+_VERBOSE = False
+
+
+def verbose() -> bool:
+    return _VERBOSE
+
+
+def _not_font_cache_note(record: logging.LogRecord) -> bool:
+    return "building the font cache" not in str(record.msg)
+
+
+def quiet_by_default(verbose_on: bool) -> None:
+    """Called once by the CLI before any command runs; `--verbose` keeps every library message.
+    Environment variables are read by the libraries at import, which has not happened yet."""
+    global _VERBOSE
+    _VERBOSE = verbose_on
+    if verbose_on:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").removeFilter(_not_bnb_kernel_probe)
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the hub's and transformers' bars
+    import sys
+
+    if "transformers" in sys.modules:  # imported already (a test calling cli.main): tell it directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    logging.getLogger("matplotlib.font_manager").addFilter(_not_font_cache_note)
+
+
+def offline_when_local(paths: list[str]) -> None:
+    """HF_HUB_OFFLINE=1 for a run that names only existing local paths (model, tokenizer, data),
+    unless the user set it or asked for --verbose: then no library waits on the hub's retries."""
+    if _VERBOSE or "HF_HUB_OFFLINE" in os.environ:
+        return
+    if paths and all(os.path.exists(os.path.expanduser(p)) for p in paths):
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def quiet_int8_cast() -> None:

@@ -49,10 +49,10 @@ def test_the_quality_check_trains_each_run_with_the_settings_and_its_own_options
     assert result["runs"] == ["peft", "fused+skip2", "peft#2", "fused+skip2#2"]
     assert result["reference"] == "peft" and result["peft"]["train_loss_rel_diff"] == 0
     for label in ("peft", "peft#2"):  # skip1: one of the tiny model's two layers left out of checkpointing
-        assert "checkpointed 1/2 layers (inputs offloaded)" in result[label]["applied"]
+        assert "checkpointed 1/2 layers (checkpoint_offload: no GPU, inputs kept in memory)" in result[label]["applied"]
         assert not any(a.startswith("fused_lora") for a in result[label]["applied"])
     for label in ("fused+skip2", "fused+skip2#2"):  # the run's own option comes after the setting's
-        assert "checkpointed 0/2 layers (inputs offloaded)" in result[label]["applied"]
+        assert "checkpointed 0/2 layers (checkpoint_offload: no GPU, inputs kept in memory)" in result[label]["applied"]
         assert "fused_lora:14 layers" in result[label]["applied"]
         assert result[label]["train_loss_rel_diff"] is not None
     assert result["summary"]["peft"]["n"] == result["summary"]["fused+skip2"]["n"] == 2

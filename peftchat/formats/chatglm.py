@@ -25,6 +25,11 @@ With other than two separator tokens the budgets generalize so that ``len(ids) <
 the last separator counts toward the target, the others toward the source; the loss starts at the
 last separator) and ``len(ids) <= S + T + 1`` (ChatGLM2 style: all separators count toward S).
 
+Loss (`data.loss_on`): ``auto`` / ``all_assistant`` / ``assistant`` (the default: ChatGLM's own) put
+loss on each trained round's answer, one sample per round; ``last_assistant`` makes a sample of the
+last trained round only (the earlier ones are its history); ``all`` is refused: the prompt is
+context by ChatGLM's design.
+
 `data.history_column: null` means no history: the 6B-style prompt is the bare query (ChatGLM-6B's
 AdvertiseGen setup); the ChatGLM2 style still writes ``[Round 1]`` as ChatGLM2's own
 ``tokenizer.build_prompt(query, None)`` does.
@@ -76,6 +81,9 @@ def prompt_text(cfg: DataConfig, history: list[tuple[str, str]], query: str) -> 
 class ChatGLMFormat(ConversationFormat):
     name = "chatglm"
     has_system = False
+    loss_on_values = ("auto", "all_assistant", "assistant", "last_assistant")
+    loss_on_refusal = ("a chatglm sample is one round whose prompt (question and history) is context by "
+                       "ChatGLM's design, so there is no user turn to put loss on")
 
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
         if tokenizer.eos_token_id is None:
@@ -150,14 +158,17 @@ class ChatGLMFormat(ConversationFormat):
         rounds = conv.rounds()
         assistants = [m for m in conv.messages if m["role"] == "assistant"]
         out = Encoded(left_out=[SYSTEM_LEFT_OUT] if conv.system else [])
+        trained = []
         for k in range(conv.context_rounds, len(rounds)):
             query, answer = rounds[k]
             if not query or not answer:
                 out.dropped.append("empty query or answer")
                 continue
-            if assistants[k].get("train", True) is False:
-                continue
-            out.samples.append(self.encode_round(rounds[:k], query, answer))
+            if assistants[k].get("train", True) is not False:
+                trained.append(k)
+        if self.cfg.loss_on == "last_assistant":  # the earlier rounds stay in its history only
+            trained = trained[-1:]
+        out.samples += [self.encode_round(rounds[:k], *rounds[k]) for k in trained]
         return out
 
     def prompt(self, history: Conversation, query: str, budget: Optional[int] = None) -> ChatPrompt:

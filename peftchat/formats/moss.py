@@ -9,7 +9,11 @@
         a turn that would make len(ids) > data.max_length stops the session there
     labels = ids, -100 on the meta instruction and the tool-response bodies
 
-Everything else carries loss, the Human turns included, as in MOSS. The tool-response body is
+Everything else carries loss, the Human turns included, as in MOSS: that is ``data.loss_on: auto``
+(the default) and ``all``. ``all_assistant`` / ``assistant`` leave the Human fields out too (loss on
+the fields the model writes: inner thoughts, commands, the tool-response marker and end, the MOSS
+reply); ``last_assistant`` keeps that loss on the last turn still carrying loss after truncation
+only, the earlier turns becoming context. The tool-response body is
 found from the tokenizer's offset mapping (tokens lying wholly between the marker and `<eor>`),
 which reproduces MOSS's `[start + 5, end - 2)` for MOSS's own tokenizer without assuming how many
 tokens the marker takes. A token straddling the marker boundary keeps its loss. A turn whose
@@ -93,6 +97,7 @@ def split_fields(text: str) -> dict[str, str]:
 
 class MossFormat(SessionFormat):
     name = "moss"
+    loss_on_values = ("auto", "all", "all_assistant", "assistant", "last_assistant")
 
     def _stop_ids(self) -> list[int]:
         return [token_id(self.tokenizer, MOSS_STOP, "moss stop token")] + self._eos()
@@ -135,14 +140,15 @@ class MossFormat(SessionFormat):
         return (lo, hi) if hi > lo else (0, 0)
 
     def encode_turn(self, fields: list[tuple[str, str]], context: bool = False,
-                    trained: bool = True) -> tuple[list[int], list[Span]]:
+                    trained: bool = True, human_loss: bool = True) -> tuple[list[int], list[Span]]:
         """Ids of one turn (each field encoded alone) and its no-loss spans, relative to the turn.
-        `context`: no loss at all; `trained=False`: loss on the Human field only."""
+        `context`: no loss at all; `trained=False`: no loss on the fields the model wrote;
+        `human_loss=False`: none on the Human field (data.loss_on other than auto / all)."""
         ids: list[int] = []
         no_loss: list[Span] = []
         for name, value in fields:
             field_ids = encode_text(self.tokenizer, value)
-            if not trained and name != "Human":
+            if (name == "Human" and not human_loss) or (not trained and name != "Human"):
                 no_loss.append((len(ids), len(ids) + len(field_ids)))
             elif name == "Tool Responses":
                 lo, hi = self._tool_body(value, field_ids)
@@ -162,8 +168,10 @@ class MossFormat(SessionFormat):
         meta_ids = encode_text(self.tokenizer, self.meta_instruction(conv))
         fields = self.turn_fields(conv)
         trained = self._trained_turns(conv)
+        human_loss = self.cfg.loss_on in ("auto", "all")
         turns = [
-            self.encode_turn(f, context=k < conv.context_rounds, trained=trained[k] if k < len(trained) else True)
+            self.encode_turn(f, context=k < conv.context_rounds, trained=trained[k] if k < len(trained) else True,
+                             human_loss=human_loss)
             for k, f in enumerate(fields)
         ]
         limit = self.cfg.max_length
@@ -182,6 +190,8 @@ class MossFormat(SessionFormat):
                 total += len(turn_ids)
         if not kept:
             return Encoded(dropped=["no turn fits in data.max_length"])
+        if self.cfg.loss_on == "last_assistant":
+            kept = _last_trained_only(kept)
         ids = list(meta_ids)
         no_loss: list[Span] = [(0, len(meta_ids))]
         for turn_ids, spans in kept:
@@ -230,6 +240,17 @@ class MossFormat(SessionFormat):
 
     def reply_stream(self) -> ReplyStream:
         return MossReplyStream(self)
+
+
+def _last_trained_only(turns: list[tuple[list[int], list[Span]]]) -> list[tuple[list[int], list[Span]]]:
+    """data.loss_on: last_assistant — of the turns kept after truncation, only the last one that
+    still carries loss keeps it; the earlier ones become context (the whole turn without loss)."""
+    def has_loss_left(turn_ids: list[int], spans: list[Span]) -> bool:
+        masked = sum(hi - lo for lo, hi in spans)  # spans of one turn never overlap
+        return masked < len(turn_ids)
+
+    last = max((k for k, (ids, spans) in enumerate(turns) if has_loss_left(ids, spans)), default=None)
+    return [(ids, spans if k == last else [(0, len(ids))]) for k, (ids, spans) in enumerate(turns)]
 
 
 class MossReplyStream(ReplyStream):

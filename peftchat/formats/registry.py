@@ -26,11 +26,27 @@ def format_class(name: str) -> type[ConversationFormat]:
         raise ConfigError(f"'data.collator' is {name!r}; expected one of {', '.join(FORMATS)}") from None
 
 
+# data.loss_on values a format applies when it does not list its own (`loss_on_values`): every value
+# but `all`, the loss on the user turns too, which is MOSS's own training and the moss format's alone.
+DEFAULT_LOSS_ON = ("auto", "all_assistant", "assistant", "last_assistant")
+
+
+def checked_format_class(cfg: DataConfig) -> type[ConversationFormat]:
+    """The class of `data.collator`, after checking that it applies `data.loss_on` (no tokenizer needed)."""
+    cls = format_class(cfg.collator)
+    values = getattr(cls, "loss_on_values", DEFAULT_LOSS_ON)
+    if cfg.loss_on not in values:
+        why = getattr(cls, "loss_on_refusal", "")
+        raise ConfigError(f"'data.loss_on' is {cfg.loss_on!r}, which the {cls.name} collator cannot apply"
+                          f"{': ' + why if why else ''}; it takes {', '.join(values)}")
+    return cls
+
+
 def make_format(cfg: DataConfig, tokenizer) -> ConversationFormat:
     """The format named by `data.collator`, set up for this tokenizer."""
-    return format_class(cfg.collator)(cfg, tokenizer)
+    return checked_format_class(cfg)(cfg, tokenizer)
 
 
 def sample_limit(cfg: DataConfig) -> int:
     """The most tokens one training sample of the recipe's format can have (no tokenizer needed)."""
-    return format_class(cfg.collator).sample_limit(cfg)
+    return checked_format_class(cfg).sample_limit(cfg)

@@ -185,7 +185,7 @@ def eval_generation_scores(model, tokenizer, recipe: Recipe, samples: list[EvalS
     return {f"eval_{k}": v for k, v in scores.items() if k != "n"} | {"eval_generate_n": scores["n"]}
 
 
-def held_out_samples(recipe: Recipe, limit: int) -> list[EvalSample]:
+def held_out_samples(recipe: Recipe, limit: Optional[int]) -> list[EvalSample]:
     """The first `limit` eval samples of a training run: from `data.eval`, else from the sessions
     `data.eval_split` holds out of `data.train` (the same rows the training pipeline holds out)."""
     from peftchat.data.pipeline import _hold_out
@@ -219,17 +219,33 @@ def eval_generate_hook(recipe: Recipe):
     return hook
 
 
-def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[int] = None,
+def _samples_to_score(source: str, data: Optional[str], overrides: Iterable[str],
+                      limit: Optional[int]) -> list[EvalSample]:
+    """`--data`'s samples, or without it the run's held-out ones (data.eval, else the sessions
+    data.eval_split held out). Read with the recipe only: bad data answers before the model loads."""
+    from peftchat.rundir import resolve_source
+
+    if data is not None and not Path(data).expanduser().exists():
+        raise UserError(f"--data {data}: no such file")
+    recipe = resolve_source(source, overrides).recipe
+    if data is None:
+        samples = held_out_samples(recipe, limit)
+        if not samples:
+            raise UserError(f"{source}: the recipe has no eval data (data.eval or data.eval_split); pass --data FILE")
+        return samples
+    samples = load_eval_samples(recipe, data, limit)
+    if not samples:
+        raise UserError(f"--data {data}: no answers to evaluate")
+    return samples
+
+
+def run_eval(source: str, data: Optional[str], overrides: Iterable[str], limit: Optional[int] = None,
              out: Optional[str] = None, batch_size: int = 8, force: bool = False) -> int:
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     _scorers()  # a missing extra answers before the model loads
-    if not Path(data).expanduser().exists():
-        raise UserError(f"--data {data}: no such file")
+    samples = _samples_to_score(source, data, overrides, limit)
     model, tokenizer, recipe = load_chat_model(source, overrides)
-    samples = load_eval_samples(recipe, data, limit)
-    if not samples:
-        raise UserError(f"--data {data}: no answers to evaluate")
     say(f"generating {len(samples)} answers ...")
     predictions = generate_answers(model, tokenizer, recipe, samples, batch_size)
     scores = score_generations(predictions, [s.reference for s in samples])
@@ -241,5 +257,7 @@ def run_eval(source: str, data: str, overrides: Iterable[str], limit: Optional[i
             tmp.write_text(json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n",
                            encoding="utf-8")
         say(f"scores and {len(rows)} predictions written to {path}")
+    # the JSON object on stdout is the contract; the same scores as a line to read on the console
+    say(f"{scores['n']} answers: " + ", ".join(f"{k.upper()} {scores[k]:.1f}" for k in METRICS))
     print(json.dumps(scores, ensure_ascii=False))
     return 0

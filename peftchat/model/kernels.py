@@ -196,12 +196,15 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
         softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
         done.head_loss = partial(fused_linear_cross_entropy, softcap=softcap) if softcap else fused_linear_cross_entropy
         done.applied.append("liger:fused_linear_cross_entropy")
-    elif fused:
-        done.applied.append("loss:chunked")  # e.g. peft's modules_to_save wrapper around the head
+    else:  # causal_lm_loss's own chunked loss runs whenever no fused head loss does (CPU included)
+        done.applied.append("loss:chunked")
     done.applied += apply_fused_lora(model, cfg)
     n = apply_checkpoint_policy(model, cfg)
     if cfg.gradient_checkpointing:
-        offload = " (inputs offloaded)" if cfg.checkpoint_offload else ""
+        offload = ""
+        if cfg.checkpoint_offload:  # on CPU there is no GPU memory to free: the inputs stay as copies
+            on_gpu = next(model.parameters()).device.type == "cuda"
+            offload = " (inputs offloaded)" if on_gpu else " (checkpoint_offload: no GPU, inputs kept in memory)"
         budget = f"max_memory_gib {cfg.max_memory_gib:g} -> " if cfg.max_memory_gib else ""
         done.applied.append(f"{budget}checkpointed {n}/{len(decoder_layers(model))} layers{offload}")
     if cfg.compile:

@@ -134,11 +134,25 @@ def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq
     return MemoryPolicy(smallest[0], smallest[1], estimate(*smallest), False)
 
 
+def budget_applies(recipe: Recipe, device_type: str) -> bool:
+    """Whether `training.max_memory_gib` picks the policy of a run on `device_type`; says in one
+    line why not where it is set but ignored (the estimate is of GPU memory only)."""
+    budget = recipe.training.max_memory_gib
+    if budget and device_type != "cuda":
+        print(f"max_memory_gib {budget:g}: a GPU memory budget, ignored on this {device_type} run "
+              "(the recipe's checkpoint settings run as written)", flush=True)
+    return bool(budget) and device_type == "cuda"
+
+
 def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
     """`recipe.training` with the checkpoint policy `training.max_memory_gib` picks for `model`
     (printed as it is chosen); the recipe's own when no budget is set or checkpointing is off."""
     cfg = recipe.training
-    if not cfg.max_memory_gib or not cfg.gradient_checkpointing:
+    if not cfg.max_memory_gib:
+        return cfg
+    if not cfg.gradient_checkpointing:
+        print(f"max_memory_gib {cfg.max_memory_gib:g}: ignored, it picks a checkpointing policy and "
+              "training.gradient_checkpointing is false", flush=True)
         return cfg
     from peftchat.model.adapters import unwrap_peft
     from peftchat.model.kernels import fused_lora_enabled

@@ -1,15 +1,23 @@
-"""Write a plain transformers model dir (Llama or Qwen2 architecture) as one GGUF file for llama.cpp.
+"""Write a plain transformers model dir as one GGUF file for llama.cpp: Llama, Mistral, Qwen2,
+Qwen3, Gemma 2, GLM-4 (GLM-4-9B-chat-hf as llama.cpp's `chatglm`, GLM-4-0414 as `glm4`) and Phi-3.
 
 Written with `gguf`, llama.cpp's own writer library; what llama.cpp expects was read from its
-`convert_hf_to_gguf.py` and gguf-py's constants, the mapping below is ours:
+converter (`convert_hf_to_gguf.py` and its `conversion/` package, llama.cpp as vendored in
+llama-cpp-python 0.3.36); the code is ours:
 
-* tensors get llama.cpp's names (`blk.N.attn_q.weight`, ...), taken from gguf's `TENSOR_NAMES`;
-  2-D weights are stored f16 or q8_0 (q8_0 needs rows of a multiple of 32 values, else f16), 1-D
+* the llama.cpp architecture is the one its converter picks for the HF class (`ARCHES`); tensor
+  names come from gguf's `TensorNameMap` for that architecture, so fused tensors (Phi-3's qkv_proj,
+  Phi-3 / GLM's gate_up_proj) keep llama.cpp's fused names and Qwen3's q/k norms, Gemma 2's and
+  GLM-4-0414's extra norms land where llama.cpp reads them;
+* 2-D weights are stored f16 or q8_0 (q8_0 needs rows of a multiple of 32 values, else f16), 1-D
   ones (norms, biases) f32, as llama.cpp's converter does;
 * llama.cpp runs Llama's rotary embedding on interleaved pairs (rope type NORM) while transformers
-  rotates the two halves of each head, so the q and k projections of the `llama` architecture are
-  permuted per head (`rope_permute`); Qwen2 uses llama.cpp's NEOX rope, which is transformers'
-  layout, so nothing is permuted there;
+  rotates the two halves of each head, so the q and k projections of the `llama` architecture
+  (Llama, Mistral) are permuted per head (`rope_permute`); Qwen2/Qwen3/Phi-3/Gemma 2 use NEOX rope
+  (transformers' layout) and GLM's transformers code is interleaved already: not permuted;
+* Gemma 2: norm weights stored as 1 + w (transformers' Gemma RMSNorm scales by 1 + w), the two
+  soft-caps and the sliding window as keys, the tied lm_head left out (llama.cpp reuses the
+  embedding); GLM: the rotary dimension count is head_dim × partial_rotary_factor;
 * hyper-parameters under `{arch}.*`; the tokenizer as a `gpt2` (byte-level BPE) vocabulary with its
   merges, special token ids, chat template and `tokenizer.ggml.pre`: llama.cpp recognises a
   pre-tokenizer by a hash of sample encodings and refuses unknown ones; for a plain GPT-2 byte-level
@@ -30,22 +38,16 @@ from peftchat.errors import UserError
 from peftchat.paths import atomic_output
 
 OUTTYPES = ("f16", "q8_0")
-ARCHES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
-# HF name inside a decoder layer -> gguf MODEL_TENSOR member name.
-_LAYER_TENSORS = {
-    "input_layernorm": "ATTN_NORM",
-    "self_attn.q_proj": "ATTN_Q",
-    "self_attn.k_proj": "ATTN_K",
-    "self_attn.v_proj": "ATTN_V",
-    "self_attn.o_proj": "ATTN_OUT",
-    "post_attention_layernorm": "FFN_NORM",
-    "mlp.gate_proj": "FFN_GATE",
-    "mlp.up_proj": "FFN_UP",
-    "mlp.down_proj": "FFN_DOWN",
-}
+# HF architecture -> gguf's MODEL_ARCH member: the llama.cpp architecture llama.cpp's own converter
+# writes for it (Mistral is written as `llama`, GLM-4-9B-chat-hf as `chatglm`, GLM-4-0414 as `glm4`).
+# Tensor names come from gguf's TensorNameMap of that architecture, not from a table of ours.
+ARCHES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2",
+          "Qwen3ForCausalLM": "QWEN3", "Gemma2ForCausalLM": "GEMMA2", "GlmForCausalLM": "CHATGLM",
+          "Glm4ForCausalLM": "GLM4", "Phi3ForCausalLM": "PHI3"}
+# llama.cpp runs these with rope type NORM (interleaved pairs) while transformers rotates halves:
+# q/k rows are permuted. GLM's transformers code is interleaved already, so chatglm/glm4 are not.
+_PERMUTED_ROPE = ("LLAMA",)
 _GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
-_GLOBAL_TENSORS = {"model.embed_tokens": "TOKEN_EMBD", "model.norm": "OUTPUT_NORM", "lm_head": "OUTPUT"}
 
 
 def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -58,22 +60,29 @@ def rope_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_name(hf_name: str) -> Optional[str]:
-    """llama.cpp's name for an HF tensor name, None for tensors llama.cpp does not take
-    (the rotary tables some checkpoints store)."""
+def gguf_arch(config: dict, where: str = "the model") -> str:
+    """gguf's MODEL_ARCH member name for a config's `architectures`; UserError naming the family
+    when peftchat cannot write it for llama.cpp."""
+    archs = config.get("architectures") or []
+    arch = next((ARCHES[a] for a in archs if a in ARCHES), None)
+    if arch is None:
+        raise UserError(f"{where}: GGUF export handles {', '.join(sorted(set(ARCHES)))}; "
+                        f"this model is {', '.join(archs) or 'of unknown architecture'}, which peftchat "
+                        "cannot write in a layout llama.cpp loads")
+    return arch
+
+
+def gguf_tensor_name(hf_name: str, arch: str = "LLAMA", n_blocks: int = 512) -> Optional[str]:
+    """llama.cpp's name (from gguf's TensorNameMap for `arch`) for an HF tensor name, None for
+    tensors llama.cpp does not take (rotary tables, Gemma's tied lm_head)."""
     import gguf
 
-    module, _, kind = hf_name.rpartition(".")
-    if module in _GLOBAL_TENSORS:
-        return f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_GLOBAL_TENSORS[module]]]}.{kind}"
-    parts = module.split(".")
-    if len(parts) >= 4 and parts[:2] == ["model", "layers"]:
-        inner = ".".join(parts[3:])
-        if inner in _LAYER_TENSORS:
-            return f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[_LAYER_TENSORS[inner]]].format(bid=int(parts[2]))}.{kind}"
-    if "rotary_emb" in module:
+    if "rotary_emb" in hf_name or (arch == "GEMMA2" and hf_name.startswith("lm_head.")):
         return None
-    raise UserError(f"tensor {hf_name} has no place in llama.cpp's Llama/Qwen2 layout")
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch], n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise UserError(f"tensor {hf_name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]} layout")
+    return name
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -171,6 +180,64 @@ def _store(writer, name: str, data: np.ndarray, outtype: str) -> str:
     return "f16"
 
 
+def _hyperparameters(writer, config: dict, arch: str) -> None:
+    """The `{arch}.*` keys llama.cpp reads for this family (as its converter writes them)."""
+    n_head = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // n_head)
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
+    # GLM rotates only part of each head (partial_rotary_factor 0.5), Phi-3 may too
+    writer.add_rope_dimension_count(int(head_dim * float(params.get("partial_rotary_factor",
+                                                                     config.get("partial_rotary_factor", 1.0)))))
+    if head_dim != hidden // n_head or arch == "GEMMA2":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    if arch == "GEMMA2":
+        # llama.cpp applies both soft-caps and the alternating sliding window from these keys
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+        writer.add_sliding_window(int(config["sliding_window"]))
+    elif arch == "PHI3":
+        writer.add_rope_scaling_orig_ctx_len(int(config.get("original_max_position_embeddings")
+                                                 or config.get("max_position_embeddings", 4096)))
+        writer.add_sliding_window(int(config.get("sliding_window") or 0))
+
+
+def _llama_cpp_tensor(hf_name: str, data: np.ndarray, arch: str, config: dict) -> np.ndarray:
+    """A tensor as llama.cpp's kernels for `arch` expect it."""
+    if arch in _PERMUTED_ROPE and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+        n_head = int(config["num_attention_heads"])
+        heads = n_head if ".q_proj." in hf_name else int(config.get("num_key_value_heads") or n_head)
+        return rope_permute(data, heads)
+    if arch == "GEMMA2" and hf_name.endswith("norm.weight"):
+        # transformers' Gemma RMSNorm scales by (1 + w); llama.cpp's by w, so the +1 is stored
+        return data + 1.0
+    return data
+
+
+def _general_name(name: str, model_dir: Path) -> str:
+    """`general.name`, as llama.cpp can load it: llama.cpp sets attributes on Phi-3's SentencePiece
+    tokens (`<s>`, `</s>`, `<unk>`, `<|endoftext|>`) when the name contains "phi3" / "phi-3" and
+    aborts when one is missing (a byte-level BPE vocabulary such as the demo's); for such a
+    vocabulary the name is written with a space ("phi 3") so that llama.cpp skips the step."""
+    if not re.search(r"phi-?3", name, re.IGNORECASE):
+        return name
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = set(spec["model"].get("vocab", {})) | {t["content"] for t in spec.get("added_tokens", [])}
+    if {"<s>", "</s>", "<unk>", "<|endoftext|>"} <= vocab:
+        return name
+    return re.sub(r"(phi)-?(3)", r"\1 \2", name, flags=re.IGNORECASE)
+
+
 def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
                name: Optional[str] = None, say: Callable[[str], None] = print, force: bool = False) -> Path:
     """Write the model in `model_dir` (a plain transformers dir: config.json, safetensors,
@@ -182,53 +249,34 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtyp
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     model_dir = Path(model_dir)
     config = _read_config(model_dir)
-    archs = config.get("architectures") or []
-    arch = next((ARCHES[a] for a in archs if a in ARCHES), None)
-    if arch is None:
-        raise UserError(f"{model_dir}: GGUF export handles {', '.join(ARCHES)}; this model is {archs or 'unknown'}")
+    arch = gguf_arch(config, str(model_dir))
+    arch_name = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]
+    _rope_theta(config)  # refuse rope scaling before anything is written
     out = Path(out_path)
     with atomic_output(out, "--gguf", force=force) as tmp:
-        counts = _write_file(gguf, tmp, arch, model_dir, config, outtype, name)
-    say(f"GGUF ({arch}, {outtype}) written to {out}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors")
+        counts = _write_file(gguf, tmp, arch, arch_name, model_dir, config, outtype, name)
+    say(f"GGUF ({arch_name}, {outtype}) written to {out}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors")
     return out
 
 
-def _write_file(gguf, tmp: Path, arch: str, model_dir: Path, config: dict, outtype: str, name) -> dict[str, int]:
+def _write_file(gguf, tmp: Path, arch: str, arch_name: str, model_dir: Path, config: dict, outtype: str,
+                name: Optional[str]) -> dict[str, int]:
     """The GGUF file at `tmp`; returns how many tensors of each stored type it holds."""
-    n_head, n_kv = int(config["num_attention_heads"]), int(config.get("num_key_value_heads") or config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
-    head_dim = int(config.get("head_dim") or hidden // n_head)
-    vocab_size = int(config["vocab_size"])
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    n_blocks = int(config["num_hidden_layers"])
+    writer = gguf.GGUFWriter(str(tmp), arch_name)
     try:
-        writer.add_name(name or model_dir.name)
-        writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
-        writer.add_embedding_length(hidden)
-        writer.add_block_count(int(config["num_hidden_layers"]))
-        writer.add_feed_forward_length(int(config["intermediate_size"]))
-        writer.add_head_count(n_head)
-        writer.add_head_count_kv(n_kv)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != hidden // n_head:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_rope_freq_base(_rope_theta(config))
-        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-        writer.add_vocab_size(vocab_size)
+        writer.add_name(_general_name(name or model_dir.name, model_dir))
+        _hyperparameters(writer, config, arch)
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _tokenizer_metadata(writer, model_dir, vocab_size)
+        _tokenizer_metadata(writer, model_dir, int(config["vocab_size"]))
 
         counts: dict[str, int] = {}
         for hf_name, data in _hf_tensors(model_dir):
-            target = gguf_tensor_name(hf_name)
+            target = gguf_tensor_name(hf_name, arch, n_blocks)
             if target is None:
                 continue
-            if arch == "llama" and ".self_attn.q_proj." in hf_name:
-                data = rope_permute(data, n_head)
-            elif arch == "llama" and ".self_attn.k_proj." in hf_name:
-                data = rope_permute(data, n_kv)
-            stored = _store(writer, target, data, outtype)
+            stored = _store(writer, target, _llama_cpp_tensor(hf_name, data, arch, config), outtype)
             counts[stored] = counts.get(stored, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -28,6 +28,8 @@ with the command that resumes); a second Ctrl-C quits at once, except while a ch
 
 from __future__ import annotations
 
+import dataclasses
+
 import gc
 import json
 import math
@@ -164,14 +166,18 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     from peftchat.model.adapters import apply_lora, count_parameters
     from peftchat.model.kernels import apply_training_speedups
     from peftchat.model.load import load_base_model
-    from peftchat.model.memory_budget import budgeted_training_config
+    from peftchat.model.memory_budget import budget_applies, budgeted_training_config
     from peftchat.model.varlen import VARLEN_ATTENTION
 
     base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:
         hooks.after_model_load(base)
     model = apply_lora(base, recipe)
-    speedups = apply_training_speedups(model, budgeted_training_config(model, recipe))
+    if budget_applies(recipe, device.type):
+        cfg = budgeted_training_config(model, recipe)
+    else:  # nothing was budgeted: the speed-ups line must not say so
+        cfg = dataclasses.replace(recipe.training, max_memory_gib=None)
+    speedups = apply_training_speedups(model, cfg)
     applied = list(speedups.applied)
     if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
         applied.append("varlen attention for packed rows")

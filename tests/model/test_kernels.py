@@ -44,7 +44,7 @@ def test_fused_kernels_off_on_cpu(tiny_llama_dir):
     with pytest.raises(ConfigError, match="training.fused_kernels"):
         kernels.apply_fused_kernels(model, _training(fused_kernels=True))
     done = kernels.apply_training_speedups(model, _training(fused_kernels="auto"))
-    assert done.head_loss is None and done.applied == ["checkpointed 2/2 layers"]
+    assert done.head_loss is None and done.applied == ["loss:chunked", "checkpointed 2/2 layers"]
 
 
 def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
