@@ -57,6 +57,7 @@ class Scheduler:
         self.running: list[Job] = []
         self.cond = threading.Condition()
         self.stopping = False
+        self.largest_batch = 0  # the most jobs generated together so far (tests, benchmarks)
         self.thread = threading.Thread(target=self._loop, name="peftchat-batches", daemon=True)
         self.thread.start()
 
@@ -94,6 +95,7 @@ class Scheduler:
                 if self.stopping and not self.pending:
                     return
                 self.running = self._next_batch()
+                self.largest_batch = max(self.largest_batch, len(self.running))
             try:
                 self.engine.run_batch(self.running)
             except Exception:  # a bug or an out-of-memory: its requests get a 500, the server lives on

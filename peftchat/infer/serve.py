@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional
 
 from peftchat.errors import UserError
 from peftchat.formats.conversation import Conversation
@@ -41,6 +41,7 @@ from peftchat.infer.batching import QueueFull, Scheduler
 from peftchat.infer.engine import ChatEngine, ChatRequest, Job, RequestError
 from peftchat.infer.loading import load_chat_model, say
 from peftchat.infer.serve_guard import BodyTooLarge, Guard, error_body, log
+from peftchat.infer.serve_parse import BodyParser, models
 
 MISSING_EXTRA = "peftchat serve needs FastAPI and uvicorn: pip install 'peftchat[serve]'"
 
@@ -83,41 +84,6 @@ def _internal_error(rid: str):
     return _error(500, f"internal error (request id {rid})", "server_error")
 
 
-def _models():
-    """The request body models (pydantic), built lazily so the module imports without FastAPI."""
-    from pydantic import BaseModel, ConfigDict, Field
-
-    class TextPart(BaseModel):
-        type: Literal["text"]
-        text: str
-
-    class Message(BaseModel):
-        role: Literal["system", "developer", "user", "assistant"]
-        content: Union[str, list[TextPart]]
-
-        def text(self) -> str:
-            return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-    class StreamOptions(BaseModel):
-        include_usage: bool = False
-
-    class ChatCompletionRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")  # e.g. `user`, `logprobs=false`: harmless to drop
-        model: str
-        messages: list[Message] = Field(min_length=1)
-        temperature: Optional[float] = None
-        top_p: Optional[float] = None
-        max_tokens: Optional[int] = None
-        max_completion_tokens: Optional[int] = None
-        stop: Union[str, list[str], None] = None
-        stream: bool = False
-        stream_options: Optional[StreamOptions] = None
-        seed: Optional[int] = None
-        n: int = 1
-
-    return ChatCompletionRequest
-
-
 def to_chat_request(body) -> ChatRequest:
     """Messages → (history `Conversation`, query) for the format (RequestError when they do not
     form system? (user assistant)* user)."""
@@ -148,51 +114,26 @@ def to_chat_request(body) -> ChatRequest:
 
 
 
-def _validation_message(exc) -> tuple[str, Optional[str]]:
-    """A pydantic ValidationError as one message and the parameter it names."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
-    if first.get("type") == "json_invalid":
-        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
-    loc = ".".join(str(x) for x in first.get("loc", ()))
-    return f"invalid request: {loc + ': ' if loc else ''}{first.get('msg')}", loc or None
-
-
 class RequestParser:
-    """Body bytes → the request's jobs, all checks included; runs in a worker thread (JSON parse,
-    prompt building and tokenization never run on the event loop)."""
+    """A validated body's fields → the request's jobs (prompt built and tokenized): runs in a
+    worker thread, never on the event loop (`serve_parse` parsed the bytes)."""
 
     def __init__(self, engine: ChatEngine, model_name: str, options: ServeOptions) -> None:
         self.engine, self.model_name, self.options = engine, model_name, options
-        self.model = _models()
+        self.model = models()
         self.groups = itertools.count()
-        # No token decodes to more characters than this: a prompt longer than budget × it cannot
+        # No token decodes to more characters than this: a prompt longer than context × it cannot
         # fit, and is refused without tokenizing megabytes.
         vocab = engine.tokenizer.convert_ids_to_tokens(list(range(len(engine.tokenizer))))
-        self.max_token_chars = max((len(t) for t in vocab if t), default=1) + 1
+        self.max_chars = engine.context * (max((len(t) for t in vocab if t), default=1) + 1)
 
-    def __call__(self, raw: bytes) -> tuple[list[Job], bool, bool]:
+    def __call__(self, fields: dict) -> tuple[list[Job], bool, bool]:
         """(the request's jobs, one per choice; stream?; include usage in the stream?)"""
-        from pydantic import ValidationError
-
-        try:
-            body = self.model.model_validate_json(raw)
-        except ValidationError as e:
-            raise RequestError(*_validation_message(e)) from None
+        body = self.model.model_validate(fields)
         if body.model != self.model_name:
             raise ModelNotFound(f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
                                 "model", "model_not_found")
         self._check_ranges(body)
-        texts = [m.text() for m in body.messages]
-        for i, text in enumerate(texts):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError(f"messages[{i}].content is not valid Unicode (a lone surrogate)",
-                                   f"messages[{i}].content") from None
-        budget = self.engine.context * self.max_token_chars
-        if sum(len(t) for t in texts) > budget:
-            raise RequestError(f"the messages are far over the context of {self.engine.context} tokens",
-                               "messages", "context_length_exceeded")
         job = self.engine.prepare(to_chat_request(body))
         job.deadline = time.monotonic() + self.options.request_timeout
         group = next(self.groups)
@@ -210,12 +151,6 @@ class RequestParser:
             value = getattr(body, key)
             if value is not None and value > o.max_tokens:
                 raise RequestError(f"{key} {value} is over this server's cap of {o.max_tokens} (--max-tokens-cap)", key)
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        for s in stops:
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:
-                raise RequestError("stop is not valid Unicode (a lone surrogate)", "stop") from None
 
 
 def _usage(jobs: list[Job]) -> dict:
@@ -291,13 +226,16 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
 
     options = options or ServeOptions()
     parse = RequestParser(engine, model_name, options)
+    read = BodyParser(parse.max_chars)
     scheduler = Scheduler(engine, max_batch=options.max_batch, max_queued=options.max_queued)
     parse_slots = asyncio.Semaphore(options.parse_slots)
 
     @asynccontextmanager
     async def lifespan(app):
+        await asyncio.get_running_loop().run_in_executor(None, read.warm_up)
         yield
         scheduler.stop()
+        read.close()
 
     docs = options.docs
     app = FastAPI(title="peftchat", docs_url="/docs" if docs else None, redoc_url=None,
@@ -333,7 +271,7 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
                 return _error(413, f"the request body is over this server's limit of {options.max_body_bytes} bytes",
                               code="request_too_large")
             try:
-                parsed = await run_in_threadpool(parse, raw)
+                parsed = await run_in_threadpool(parse, await read(raw))
             except RequestError as e:
                 return _error(404 if isinstance(e, ModelNotFound) else 400, str(e), param=e.param, code=e.code)
         jobs, stream, include_usage = parsed
@@ -427,9 +365,9 @@ def check_exposure(host: str, api_key: Optional[str], insecure: bool) -> None:
     if _is_loopback(host):
         return
     if api_key:
-        say(f"warning: serving on {host}, reachable from the network; every /v1 request needs the API key")
+        say(f"peftchat: warning: serving on {host}, reachable from the network; every /v1 request needs the API key")
     elif insecure:
-        say(f"warning: serving on {host} WITHOUT an API key (--insecure-no-api-key): anyone who reaches it may use it")
+        say(f"peftchat: warning: serving on {host} WITHOUT an API key (--insecure-no-api-key): anyone who reaches it may use it")
     else:
         raise UserError(f"--host {host} is reachable from the network: give an API key (--api-key or the "
                         f"{API_KEY_ENV} environment variable), or pass --insecure-no-api-key if you mean it")
