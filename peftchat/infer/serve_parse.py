@@ -5,6 +5,9 @@ Parsing JSON (the stdlib's or pydantic's) is one C call that holds the GIL from 
 not, so `/health` and every stream would stall too. Bodies over `IN_PROCESS_BYTES` are therefore
 parsed in a helper process (one, started with the server); what comes back is small, since a body
 whose messages cannot fit the model's context is refused there. Small bodies parse in a thread.
+The helper is a plain `python -c` child speaking length-prefixed frames on its stdin/stdout, not a
+multiprocessing pool: "spawn" re-imports the parent's `__main__`, which re-runs any script that
+builds a server at import time, and "fork" copies a process holding a model and threads.
 The pydantic models are built lazily, so this module imports without FastAPI.
 """
 
@@ -12,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 
@@ -93,38 +100,74 @@ def parse_body(raw: bytes, max_chars: int) -> tuple:
     return ("ok", body.model_dump())
 
 
+def _read_frame(stream) -> Optional[bytes]:
+    head = stream.read(4)
+    if len(head) < 4:
+        return None
+    (size,) = struct.unpack(">I", head)
+    return stream.read(size)
+
+
+def _write_frame(stream, data: bytes, prefix: bytes = b"") -> None:
+    """A frame of `prefix + data`, written without joining them: copying megabytes holds the GIL."""
+    stream.write(struct.pack(">I", len(prefix) + len(data)) + prefix)
+    stream.flush()
+    view = memoryview(data)
+    while view:  # a raw pipe write may take part of it
+        view = view[os.write(stream.fileno(), view):]
+
+
+def helper_main() -> None:
+    """The helper process: frames of (max_chars, body) in, frames of parse_body's JSON out."""
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    while (frame := _read_frame(inp)) is not None:
+        (max_chars,) = struct.unpack(">Q", frame[:8])
+        _write_frame(out, json.dumps(parse_body(frame[8:], max_chars)).encode())
+
+
 class BodyParser:
     """`await parser(raw)` → the validated fields of a body (RequestError when it is not one)."""
 
     def __init__(self, max_chars: int) -> None:
         self.max_chars = max_chars
-        self.pool: Optional[ProcessPoolExecutor] = None
+        self.proc: Optional[subprocess.Popen] = None
+        self.lock = threading.Lock()  # one body at a time through the helper
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self.pool is None:  # spawn: forking a process that holds a model and threads is unsafe
-            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        return self.pool
+    def _helper(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            root = str(Path(__file__).resolve().parents[2])  # this peftchat, installed or not
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+            self.proc = subprocess.Popen([sys.executable, "-c", "from peftchat.infer.serve_parse import helper_main; "
+                                          "helper_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        return self.proc
+
+    def _in_helper(self, raw: bytes) -> tuple:
+        with self.lock:
+            proc = self._helper()
+            try:
+                _write_frame(proc.stdin, raw, prefix=struct.pack(">Q", self.max_chars))
+                reply = _read_frame(proc.stdout)
+            except OSError:
+                reply = None
+            if reply is None:  # it died (e.g. killed for memory): a new one next time
+                proc.kill()
+                raise RuntimeError("the request parser process died")
+            return tuple(json.loads(reply))
 
     async def __call__(self, raw: bytes) -> dict:
         from peftchat.infer.engine import RequestError  # here: the helper process need not import it
 
-        loop = asyncio.get_running_loop()
-        if len(raw) <= IN_PROCESS_BYTES:
-            result = await loop.run_in_executor(None, parse_body, raw, self.max_chars)
-        else:
-            try:
-                result = await loop.run_in_executor(self._pool(), parse_body, raw, self.max_chars)
-            except BrokenProcessPool:  # the helper died (e.g. killed for memory): start a new one next time
-                self.pool = None
-                raise
+        parse = self._in_helper if len(raw) > IN_PROCESS_BYTES else functools.partial(parse_body, max_chars=self.max_chars)
+        result = await asyncio.get_running_loop().run_in_executor(None, parse, raw)
         if result[0] == "error":
             raise RequestError(result[1], result[2], result[3])
         return result[1]
 
     def warm_up(self) -> None:
         """Start the helper process now, not on the first large request."""
-        self._pool().submit(parse_body, b"{}", 0).result()
+        self._in_helper(b"{}")
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
