@@ -221,7 +221,6 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import StreamingResponse
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     options = options or ServeOptions()
@@ -265,15 +264,9 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     async def chat_completions(request: Request):
         state = request.scope["state"]
         async with parse_slots:  # bounds the bodies held in memory at once
-            try:
-                raw = await request.body()
-            except BodyTooLarge:
-                return _error(413, f"the request body is over this server's limit of {options.max_body_bytes} bytes",
-                              code="request_too_large")
-            try:
-                parsed = await run_in_threadpool(parse, await read(raw))
-            except RequestError as e:
-                return _error(404 if isinstance(e, ModelNotFound) else 400, str(e), param=e.param, code=e.code)
+            parsed = await _read_request(request, read, parse, options.max_body_bytes)
+        if not isinstance(parsed, tuple):
+            return parsed  # an error response
         jobs, stream, include_usage = parsed
         events = _wire(jobs, stream)
         try:
@@ -298,6 +291,20 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     app.add_middleware(Guard, api_key=options.api_key, allowed_hosts=options.allowed_hosts,
                        max_body_bytes=options.max_body_bytes)
     return app
+
+
+async def _read_request(request, read: BodyParser, parse: RequestParser, max_body: int):
+    """The request's (jobs, stream, include_usage), or the error response to send instead."""
+    from starlette.concurrency import run_in_threadpool
+
+    try:
+        raw = await request.body()
+    except BodyTooLarge:
+        return _error(413, f"the request body is over this server's limit of {max_body} bytes", code="request_too_large")
+    try:
+        return await run_in_threadpool(parse, await read(raw))
+    except RequestError as e:
+        return _error(404 if isinstance(e, ModelNotFound) else 400, str(e), param=e.param, code=e.code)
 
 
 def _reply(jobs: list[Job], cid: str, model_name: str, state: dict):
