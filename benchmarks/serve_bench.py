@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -162,6 +164,9 @@ def bench_mode(mode: str, adapter_dir: Path, args, rows: list[dict], out: Path) 
         for clients in args.clients:
             prompts = chat_prompts(tokenizer, max(clients * args.rounds, args.min_requests), args.max_prompt_tokens)
             for scheduling, max_batch in (("sequential", 1), ("batched", args.max_batch)):
+                if args.budget_s is not None and time.monotonic() - args.t0 > args.budget_s:
+                    print(f"budget spent: skipped {mode} {scheduling} at {clients} clients", flush=True)
+                    continue
                 scheduler.max_batch = max_batch
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
@@ -188,7 +193,8 @@ def _write(out: Path, args, rows: list[dict]) -> None:
             if seq and seq["agg_tok_s"]:
                 speedups[f"{r['mode']}@{r['clients']}"] = round(r["agg_tok_s"] / seq["agg_tok_s"], 2)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": {k: v for k, v in vars(args).items() if k != "out"}, "rows": rows,
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "t0")}
+    out.write_text(json.dumps({"config": config, "rows": rows,
                                "batched_over_sequential_tok_s": speedups}, indent=2))
 
 
@@ -197,7 +203,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model, fp32 modes, few tokens")
     p.add_argument("--shape", default="8b", help="benchmarks.shapes shape of the random-init base (GPU)")
-    p.add_argument("--models-dir", default="/tmp/peftchat-bench-models")
+    p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"),
+                   help="where the random-init base (shared with benchmarks.bench) and the adapter are built once")
+    p.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     p.add_argument("--modes", default=None, help="default nf4_adapter,bf16_merged (tiny: fp32_adapter,fp32_merged)")
     p.add_argument("--clients", default=None, help="concurrency levels (default 1,4,16,64; tiny: 1,4)")
     p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
@@ -219,6 +227,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.t0 = time.monotonic()
     models = Path(args.models_dir)
     if args.tiny:
         from peftchat.demo_assets import build_tiny_model

@@ -25,8 +25,6 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from peftchat.cli import main  # noqa: E402
-from peftchat.infer.engine import ChatEngine  # noqa: E402
-from peftchat.infer.loading import load_chat_model  # noqa: E402
 from peftchat.infer.serve import ServeOptions, create_app  # noqa: E402
 
 NAME = "tiny-moss"
@@ -35,41 +33,16 @@ QUESTION = "番茄炒蛋怎么做？"
 REPO = Path(__file__).resolve().parents[2]
 
 
-class SlowEngine(ChatEngine):
-    delay = 0.0
-
-    def _advance(self, job, new_ids, on_text):
-        time.sleep(self.delay)
-        super()._advance(job, new_ids, on_text)
-
-
-@contextmanager
-def running(app):
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield srv.servers[0].sockets[0].getsockname()[1]
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def adapter(make_adapter):
     return make_adapter("moss")
 
 
 @pytest.fixture(scope="module")
-def server(adapter):
-    model, tokenizer, recipe = load_chat_model(adapter)
-    engine = SlowEngine(model, tokenizer, recipe)
+def server(adapter, uvicorn_app, slow_chat_engine):
+    engine = slow_chat_engine(adapter)
     app = create_app(engine, NAME, ServeOptions(api_key=KEY, max_body_bytes=24 << 20, max_n=4, max_tokens=200))
-    with running(app) as port:
+    with uvicorn_app(app) as port:
         yield {"base": f"http://127.0.0.1:{port}", "url": f"http://127.0.0.1:{port}/v1", "engine": engine,
                "scheduler": app.state.scheduler, "port": port}
 
