@@ -41,10 +41,11 @@ def adapter(make_adapter):
 @pytest.fixture(scope="module")
 def server(adapter, uvicorn_app, slow_chat_engine):
     engine = slow_chat_engine(adapter)
-    app = create_app(engine, NAME, ServeOptions(api_key=KEY, max_body_bytes=24 << 20, max_n=4, max_tokens=200))
+    options = ServeOptions(api_key=KEY, max_body_bytes=24 << 20, max_n=4, max_tokens=200)
+    app = create_app(engine, NAME, options)
     with uvicorn_app(app) as port:
         yield {"base": f"http://127.0.0.1:{port}", "url": f"http://127.0.0.1:{port}/v1", "engine": engine,
-               "scheduler": app.state.scheduler, "port": port}
+               "scheduler": app.state.scheduler, "port": port, "options": options}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,18 @@ def _send_raw(port, head: bytes, chunks, read_timeout=10.0) -> bytes:
                 s.sendall(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 break
-        return s.recv(4096)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < _length(reply):
+            data = s.recv(65536)
+            if not data:
+                break
+            reply += data
+        return reply
+
+
+def _length(reply: bytes) -> int:
+    found = re.search(rb"content-length: (\d+)", reply, re.I)
+    return int(found.group(1)) if found else 0
 
 
 def test_a_50_mb_body_is_413_before_it_is_read(server):
@@ -226,6 +238,19 @@ def test_disconnect_frees_the_slot_at_once(server, client):
             httpx.post(server["url"] + "/chat/completions", json=_body(max_tokens=190), headers=AUTH, timeout=1)
         _wait_idle(sched, timeout=3)
     assert engine.finished[-1].finish_reason == "cancelled" and len(engine.finished[-1].generated) < 60
+
+
+def test_per_request_wall_time_ends_a_long_generation(server, client):
+    server["options"].request_timeout = 1.0
+    try:
+        with slow(server["engine"], 0.05):
+            t = time.perf_counter()
+            resp = _ask(client, QUESTION, max_tokens=190)  # ~10 s of tokens
+            took = time.perf_counter() - t
+    finally:
+        server["options"].request_timeout = 600.0
+    assert resp.choices[0].finish_reason == "length" and resp.usage.completion_tokens < 100
+    assert took < 5 and server["engine"].finished[-1].timed_out
 
 
 QUESTIONS = ["Hello! Who are you?", QUESTION, "What is LoRA?", "请介绍一下你自己", "How do I cook rice?",
