@@ -201,9 +201,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from peftchat.infer.serve import run_serve
+    from peftchat.infer.serve import ServeOptions, run_serve
 
-    return run_serve(args.source, args.overrides, host=args.host, port=args.port, model_name=args.model_name)
+    options = ServeOptions(
+        api_key=args.api_key, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins, docs=args.docs,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_tokens_cap, max_n=args.max_n,
+        max_queued=args.max_queued, max_batch=args.max_batch_size, request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout)
+    return run_serve(args.source, args.overrides, host=args.host, port=args.port, model_name=args.model_name,
+                     options=options, insecure_no_api_key=args.insecure_no_api_key)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -335,6 +341,7 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", dest="model_name", default=None, help="model id in the API (default: the source's name)")
     _add_integrity_arg(p)
+    _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp")
@@ -362,6 +369,40 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output .png")
     _add_force_arg(p)
     p.set_defaults(func=cmd_plot)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    """serve's key, exposure and limits (README "Serve it for a team")."""
+    p.add_argument("--api-key", dest="api_key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (better: the PEFTCHAT_API_KEY environment variable)")
+    p.add_argument("--insecure-no-api-key", dest="insecure_no_api_key", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
+                   help="a Host header name to answer besides IP addresses and localhost (repeatable; * for any)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    p.add_argument("--max-body-mb", dest="max_body_mb", type=_positive(float), default=8.0)
+    p.add_argument("--max-tokens-cap", dest="max_tokens_cap", type=_positive(int), default=4096,
+                   help="the largest max_tokens a request may ask (default 4096)")
+    p.add_argument("--max-n", dest="max_n", type=_positive(int), default=8)
+    p.add_argument("--max-queued", dest="max_queued", type=_positive(int), default=64,
+                   help="choices waiting for a batch before requests get 429 (default 64)")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=_positive(int), default=16,
+                   help="choices generated together (default 16; 1 serves one at a time)")
+    p.add_argument("--request-timeout", dest="request_timeout", type=_positive(float), default=600.0,
+                   help="seconds from a request's arrival to its last token (default 600)")
+    p.add_argument("--drain-timeout", dest="drain_timeout", type=_positive(float), default=30.0,
+                   help="seconds SIGTERM waits for requests in flight (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:

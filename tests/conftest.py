@@ -95,3 +95,51 @@ def make_adapter(tmp_path_factory, tiny_llama_dir):
         return out
 
     return make
+
+
+# ---- serve (tests/infer/test_serve*.py): an ASGI app under a real uvicorn server
+@_pytest_train.fixture(scope="session")
+def uvicorn_app():
+    """`with uvicorn_app(app) as port:` serves `app` with uvicorn on 127.0.0.1 (an ephemeral port,
+    in a thread) until the block ends."""
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    @contextmanager
+    def running(app):
+        import uvicorn
+
+        srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not srv.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        try:
+            yield srv.servers[0].sockets[0].getsockname()[1]
+        finally:
+            srv.should_exit = True
+            thread.join(timeout=10)
+
+    return running
+
+
+@_pytest_train.fixture(scope="session")
+def slow_chat_engine():
+    """`f(adapter_dir) -> engine`: a ChatEngine for the saved adapter that sleeps `engine.delay`
+    seconds per token (0 until a test sets it), so a test can act in the middle of a generation."""
+    import time
+
+    from peftchat.infer.engine import ChatEngine
+    from peftchat.infer.loading import load_chat_model
+
+    class SlowEngine(ChatEngine):
+        delay = 0.0
+
+        def _advance(self, job, new_ids, on_text):
+            time.sleep(self.delay)
+            super()._advance(job, new_ids, on_text)
+
+    return lambda adapter_dir: SlowEngine(*load_chat_model(adapter_dir))

@@ -1,18 +1,21 @@
-"""One model answering chat requests one at a time, token by token, cancellable.
+"""One model answering chat requests token by token, several at once in a batch, cancellable.
 
 The server's `ChatEngine` builds each prompt with the recipe's conversation format (`peftchat.formats`,
 made once per engine), the code `peftchat chat` uses, so at temperature 0 its reply equals chat's.
-Requests queue on a lock (one model, one generation at a time); each runs `model.generate` in its
-own thread, hands every new piece of reply text to a callback — decoded incrementally by the
-format's `ReplyStream`, so a token costs a small decode, never a re-decode of the whole reply —
-and stops at the next token when its `cancel` event is set (a client that went away), so a
-disconnected client frees the model within one token.
+`run_batch` generates a batch of jobs (LEFT-padded prompts with an attention mask, as `peftchat
+generate` batches) in one `model.generate` under a lock; every new piece of a job's reply text goes
+to its `on_text` callback — decoded incrementally by the format's `ReplyStream`, so a token costs a
+small decode, never a re-decode of the whole reply. A job whose `cancel` event is set (a client
+that went away), that reached its own `max_tokens`, a stop string or its deadline leaves the batch
+at the next token; when no job is left the generation ends. Which jobs may share a batch is
+`peftchat.infer.batching`'s business.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -59,6 +62,24 @@ class Job:
     shown: int = 0  # characters of `text` handed out
     searched: int = 0  # `text` before this index holds no stop string
     finish_reason: Optional[str] = None
+    on_text: Callable[[str], None] = lambda text: None  # called in the generating thread
+    on_done: Callable[[], None] = lambda: None  # called once, when the job is finished
+    group: int = 0  # jobs of one request (n > 1) share it: a seeded sampled request batches only with itself
+    deadline: float = float("inf")  # time.monotonic() past which the job stops (finish_reason "length")
+    timed_out: bool = False
+    failed: bool = False  # the generation raised (the server log has why)
+    closed: bool = False  # left the batch: no more tokens are taken for it
+    started_at: Optional[float] = None  # time.monotonic() when its batch began
+    first_token_at: Optional[float] = None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.recipe.decoding.max_new_tokens
+
+    def fork(self, stream: ReplyStream, group: int) -> "Job":
+        """A fresh job for the same prompt and settings (another of a request's `n` choices)."""
+        return Job(prompt=self.prompt, recipe=self.recipe, stop=self.stop, seed=self.seed, stream=stream,
+                   deadline=self.deadline, group=group)
 
 
 def _cut_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
@@ -130,55 +151,76 @@ class ChatEngine:
                    stream=self.format.reply_stream())
 
     def run(self, job: Job, on_text: Callable[[str], None]) -> Job:
-        """Generate `job` (waiting for the model first); `on_text` gets each new piece of reply
-        text, in the generating thread. Returns the job with `finish_reason` set: "stop",
+        """Generate `job` alone (waiting for the model first); `on_text` gets each new piece of
+        reply text, in the generating thread. Returns the job with `finish_reason` set: "stop",
         "length" or "cancelled"."""
+        job.on_text = on_text
+        self.run_batch([job])
+        return job
+
+    def run_batch(self, jobs: list[Job]) -> None:
+        """Generate `jobs` together, in one left-padded batch: they must share their sampling
+        settings (all but `max_tokens`, stop strings and deadline, which are per job), and a
+        seeded sampled job must come alone or with its own forks (the seed is the RNG's for the
+        whole batch). Every job ends with `finish_reason` set and its `on_done` called."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        engine = self
-
-        class Streamer:  # transformers calls put() with the prompt first, then each new token
-            prompt_seen = False
-
-            def put(self, value) -> None:
-                if not self.prompt_seen:
-                    self.prompt_seen = True
-                    return
-                ids = [int(t) for t in value.reshape(-1).tolist()]
-                job.generated.extend(ids)
-                engine._advance(job, ids, on_text)
-
-            def end(self) -> None:
-                pass
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                done = job.cancel.is_set() or job.finish_reason == "stop"
-                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-        with self.lock:
-            if job.cancel.is_set():  # the client left while queued
-                job.finish_reason = "cancelled"
-                return self._done(job)
-            if job.seed is not None:
-                torch.manual_seed(job.seed)
-            config = generation_config(job.recipe, self.tokenizer, self.format.stop_ids)
-            input_ids = torch.tensor([job.prompt], device=self.device)
-            with torch.no_grad():
-                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    generation_config=config, streamer=Streamer(),
-                                    logits_processor=logits_processors(self.format),
-                                    stopping_criteria=StoppingCriteriaList([Stop()]))
-        if job.cancel.is_set():
-            job.finish_reason = "cancelled"
-        else:
-            self._finish(job, on_text)
-        return self._done(job)
+        live = []
+        for job in jobs:
+            if job.cancel.is_set() or time.monotonic() > job.deadline:  # gone or too late while queued
+                job.timed_out = not job.cancel.is_set()
+                job.finish_reason = "cancelled" if job.cancel.is_set() else "length"
+                self._done(job)
+            else:
+                live.append(job)
+        if not live:
+            return
+        try:
+            with self.lock:
+                lead = live[0]
+                if lead.seed is not None:
+                    torch.manual_seed(lead.seed)
+                recipe = copy.deepcopy(lead.recipe)
+                recipe.decoding.max_new_tokens = max(j.max_new_tokens for j in live)
+                config = generation_config(recipe, self.tokenizer, self.format.stop_ids)
+                input_ids, attention = pad_left([j.prompt for j in live], config.pad_token_id)
+                now = time.monotonic()
+                for job in live:
+                    job.started_at = now
+                with torch.no_grad():
+                    self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                        generation_config=config, streamer=_BatchStreamer(self, live),
+                                        logits_processor=logits_processors(self.format),
+                                        stopping_criteria=_rows_done(live))
+            for job in live:
+                if job.cancel.is_set():
+                    job.finish_reason = "cancelled"
+                else:
+                    self._finish(job, job.on_text)
+        finally:
+            for job in live:
+                if job.finish_reason is None:  # an exception ended the batch
+                    job.failed, job.finish_reason = True, "error"
+                self._done(job)
 
     def _done(self, job: Job) -> Job:
+        job.closed = True
         self.finished = self.finished[-15:] + [job]
+        job.on_done()
         return job
+
+    def _take(self, job: Job, token: int) -> None:
+        """One new token of `job` (in a batch): hand out its text and close the job when it is
+        done (end of reply, stop string, its own max_tokens, cancelled, past its deadline)."""
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
+        job.generated.append(token)
+        self._advance(job, [token], job.on_text)
+        if time.monotonic() > job.deadline:
+            job.timed_out = True
+        if (job.finish_reason == "stop" or job.stream.stopped or len(job.generated) >= job.max_new_tokens
+                or job.cancel.is_set() or job.timed_out):
+            job.closed = True
 
     def _advance(self, job: Job, new_ids: list[int], on_text: Callable[[str], None]) -> None:
         """Feed the newly generated ids to the job's reply stream, cut the reply at a stop string
@@ -217,3 +259,50 @@ class ChatEngine:
         if visible > job.shown:
             on_text(job.text[job.shown:visible])
             job.shown = visible
+
+
+def pad_left(batch: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) of `batch`, LEFT-padded so that every row's new tokens start
+    at the same position."""
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+class _BatchStreamer:
+    """transformers' streamer protocol: put() gets the prompt first, then each step's new token
+    of every row (a finished row's is padding, which a closed job ignores)."""
+
+    def __init__(self, engine: ChatEngine, jobs: list[Job]) -> None:
+        self.engine, self.jobs, self.prompt_seen = engine, jobs, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for job, token in zip(self.jobs, value.reshape(-1).tolist()):
+            if not job.closed:
+                self.engine._take(job, int(token))
+
+    def end(self) -> None:
+        pass
+
+
+def _rows_done(jobs: list[Job]):
+    """A stopping criterion per row: a closed or cancelled job leaves the batch at once (its row
+    is padded from then on) and the generation ends when none is left."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class RowsDone(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = [j.closed or j.cancel.is_set() for j in jobs]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([RowsDone()])

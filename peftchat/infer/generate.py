@@ -26,6 +26,7 @@ from peftchat.formats.base import ConversationFormat
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
 from peftchat.infer.decoding import context_budget, generation_config, logits_processors
+from peftchat.infer.engine import pad_left
 from peftchat.infer.loading import load_chat_model, say
 from peftchat.paths import atomic_output
 
@@ -109,18 +110,6 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
     return requests
 
 
-def _pad_left(batch: list[list[int]], pad_id: int):
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
-    return input_ids, attention
-
-
 def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_size: int = 8,
                      progress: Optional[Any] = None, fmt: Optional[ConversationFormat] = None) -> list[str]:
     """Replies to `prompts` (token ids), in their order, generated in left-padded batches."""
@@ -134,7 +123,7 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
     replies: list[Optional[str]] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        input_ids, attention = _pad_left([prompts[i] for i in rows], config.pad_token_id)
+        input_ids, attention = pad_left([prompts[i] for i in rows], config.pad_token_id)
         with torch.no_grad():
             out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
                                  generation_config=config, logits_processor=forced)

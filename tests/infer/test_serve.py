@@ -3,7 +3,6 @@
 streaming, usage, concurrency, disconnects, malformed and over-budget requests."""
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,22 +15,10 @@ uvicorn = pytest.importorskip("uvicorn")
 from peftchat.cli import main  # noqa: E402
 from peftchat.formats.conversation import Conversation  # noqa: E402
 from peftchat.infer.decoding import context_budget  # noqa: E402
-from peftchat.infer.engine import ChatEngine  # noqa: E402
-from peftchat.infer.loading import load_chat_model  # noqa: E402
 from peftchat.infer.serve import create_app  # noqa: E402
 
 NAME = "tiny-moss"
 QUESTION = "番茄炒蛋怎么做？"
-
-
-class SlowEngine(ChatEngine):
-    """Hands out text a little slower, so a test can leave in the middle of a stream."""
-
-    delay = 0.0
-
-    def _advance(self, job, new_ids, on_text):
-        time.sleep(self.delay)
-        super()._advance(job, new_ids, on_text)
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +27,10 @@ def adapter(make_adapter):
 
 
 @pytest.fixture(scope="module")
-def server(adapter):
-    model, tokenizer, recipe = load_chat_model(adapter)
-    engine = SlowEngine(model, tokenizer, recipe)
-    config = uvicorn.Config(create_app(engine, NAME), host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    yield {"url": f"http://127.0.0.1:{port}/v1", "engine": engine}
-    srv.should_exit = True
-    thread.join(timeout=10)
+def server(adapter, uvicorn_app, slow_chat_engine):
+    engine = slow_chat_engine(adapter)
+    with uvicorn_app(create_app(engine, NAME)) as port:
+        yield {"url": f"http://127.0.0.1:{port}/v1", "engine": engine}
 
 
 @pytest.fixture(scope="module")
