@@ -215,7 +215,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from peftchat.export import export_gguf
 
-    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force)
+    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force,
+                parity=args.parity)
     return 0
 
 
@@ -349,6 +350,8 @@ def _add_model_use_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--gguf", required=True, help="output .gguf file")
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0"])
+    p.add_argument("--parity", action="store_true", help="also run the file in llama.cpp (extra gguf-check) and "
+                   "print its top-1 agreement and largest logit difference against transformers")
     _add_force_arg(p)
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_export)

@@ -21,7 +21,7 @@ from peftchat.paths import check_new_file, check_outputs, remove_stale_temps, te
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
-                overrides: Iterable[str] = (), force: bool = False) -> Path:
+                overrides: Iterable[str] = (), force: bool = False, parity: bool = False) -> Path:
     """Write `out` (refused when it exists, unless `force`; replaced atomically) from `source`."""
     from peftchat.model.to_gguf import OUTTYPES, write_gguf
 
@@ -31,6 +31,11 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         raise UserError("peftchat export needs the gguf package: pip install 'peftchat[export]'") from None
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    if parity:
+        from peftchat.model.gguf_parity import llama_cpp_available
+
+        if not llama_cpp_available():  # said before anything is merged or written
+            raise UserError("export --parity needs llama-cpp-python: pip install 'peftchat[gguf-check]'")
     check_outputs([("--gguf", out)], source_paths(source, overrides))
     check_new_file(out, "--gguf", force)
     resolved = resolve_source(source, overrides)
@@ -39,7 +44,8 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     if adapter_dir is None:
         if resolved.kind != "model":
             raise UserError(f"{source}: no trained adapter to export (train first, or pass a merged model dir)")
-        return _check(recipe.model.path, write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force))
+        written = write_gguf(recipe.model.path, out, outtype, name=name, say=say, force=force)
+        return _check(recipe.model.path, written) if parity else written
     # The fp32 merge lives beside the output, never in a shared /tmp; everything it writes (its
     # partial dir and lock too) is inside one `.peftchat-tmp-PID-*` dir, so what a kill -9 leaves
     # is removed whole by the next export (or any atomic write there).
@@ -52,18 +58,17 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     try:
         say(f"merging {adapter_dir} into its base (fp32) for export ...")
         merge_adapter(adapter_dir, tmp / "merged", dtype="fp32", force=True)  # verified as `peftchat merge` verifies
-        return _check(tmp / "merged", write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force))
+        written = write_gguf(tmp / "merged", out, outtype, name=name, say=say, force=force)
+        return _check(tmp / "merged", written) if parity else written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check(model_dir: str | os.PathLike, written: Path) -> Path:
-    """Print how closely llama.cpp runs the file, when llama-cpp-python (extra `gguf-check`) is here."""
-    from peftchat.model.gguf_parity import gguf_parity, llama_cpp_available
+    """Print how closely llama.cpp runs the file (`--parity`: it loads the model twice more, so
+    an export does not pay for it unless asked)."""
+    from peftchat.model.gguf_parity import gguf_parity
 
-    if not llama_cpp_available():
-        say("llama.cpp parity not checked (pip install 'peftchat[gguf-check]' to measure it)")
-        return written
     try:
         parity = gguf_parity(model_dir, written)
     except ValueError as e:  # llama-cpp-python's answer when llama.cpp refuses the file

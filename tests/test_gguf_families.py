@@ -102,6 +102,16 @@ def test_llama_cpp_runs_the_export_like_transformers(family, outtype, tiny, tmp_
 
 @needs_llama_cpp
 def test_export_prints_the_parity_line(make_adapter, tmp_path, capsys):
-    assert main(["export", str(make_adapter("moss")), "--gguf", str(tmp_path / "a.gguf")]) == 0
+    assert main(["export", str(make_adapter("moss")), "--gguf", str(tmp_path / "a.gguf"), "--parity"]) == 0
     err = capsys.readouterr().err
     assert "llama.cpp parity: top-1 agreement " in err and "tokenizer matches transformers'" in err
+
+
+def test_parity_without_llama_cpp_is_one_line_before_anything_is_written(make_adapter, tmp_path, capsys, monkeypatch):
+    from peftchat.model import gguf_parity
+
+    monkeypatch.setattr(gguf_parity, "llama_cpp_available", lambda: False)
+    assert main(["export", str(make_adapter("moss")), "--gguf", str(tmp_path / "a.gguf"), "--parity"]) == 2
+    assert capsys.readouterr().err.strip() == ("peftchat: error: export --parity needs llama-cpp-python: "
+                                               "pip install 'peftchat[gguf-check]'")
+    assert not list(tmp_path.iterdir())
