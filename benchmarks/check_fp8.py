@@ -102,8 +102,8 @@ def kernel_rows(name: str, k: int, n: int, m: int, device: str) -> dict[str, Any
     import bitsandbytes.functional as bf
 
     from peftchat.model import fp8
-    from peftchat.model.fp8 import Fp8Passes
-    from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
+    from peftchat.kernels.fp8 import Fp8Passes
+    from peftchat.kernels.frozen_linear import fuse_lora_layers, unfuse_lora_layers
 
     layer = nf4_lora_layer(k, n, 0.0, device)
     w_nf4 = layer.get_base_layer().weight
@@ -269,8 +269,8 @@ def numerics_row(name: str, k: int, n: int, m: int, device: str) -> dict[str, An
     passes (alone: input gradient only; checkpointed: recompute and input gradient) and all passes."""
     from torch.utils.checkpoint import checkpoint
 
-    from peftchat.model.fp8 import Fp8Passes
-    from peftchat.model.frozen_linear import fuse_lora_layers, unfuse_lora_layers
+    from peftchat.kernels.fp8 import Fp8Passes
+    from peftchat.kernels.frozen_linear import fuse_lora_layers, unfuse_lora_layers
 
     layer = nf4_lora_layer(k, n, 0.0, device)
     gen = torch.Generator(device=device).manual_seed(1)

@@ -165,8 +165,8 @@ FP8_PASS_TOKENS = {
 def set_fp8_passes(tok: str) -> None:
     """`training.fp8` with the passes of `FP8_PASS_TOKENS[tok]` (benchmarks/fp8_drift.py asks the same
     on small models); one process per variant (worker.py)."""
-    import peftchat.model.frozen_linear as fl
-    from peftchat.model.fp8 import Fp8Passes
+    import peftchat.kernels.frozen_linear as fl
+    from peftchat.kernels.fp8 import Fp8Passes
 
     fl.FP8_PASSES = Fp8Passes(**FP8_PASS_TOKENS[tok])
 

@@ -213,7 +213,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peftchat.export import export_gguf
+    from peftchat.export.command import export_gguf
 
     export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force,
                 parity=args.parity)

@@ -1,6 +1,6 @@
 # ---- Triton without a GPU: the interpreter, set before anything imports triton. Triton decides
 # interpreted or compiled when a function is decorated, and triton.language's own helpers
-# (tl.randint4x, which peftchat.model.lora_dropout's kernels call) are decorated when triton is
+# (tl.randint4x, which peftchat.kernels.lora_dropout's kernels call) are decorated when triton is
 # first imported (bitsandbytes imports it): set later, a kernel runs interpreted but calls a
 # compiled helper and fails (tests/model/test_lora_dropout.py after tests/infer/test_loading.py).
 import os as _os

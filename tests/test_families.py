@@ -18,7 +18,7 @@ from peftchat.config import load_recipe
 from peftchat.demo_assets import TINY_ARCHS, asset_path, demo_tokenizer_dir
 from peftchat.infer.chat import ChatSession
 from peftchat.infer.loading import load_chat_model
-from peftchat.model import kernels
+from peftchat.train import speedups as kernels
 from peftchat.model.adapters import apply_lora
 from peftchat.model.load import load_base_model
 from peftchat.train.loss import causal_lm_loss
@@ -231,7 +231,7 @@ def test_packed_rows_through_varlen_attention(arch, family_dir, packing_samples,
     in every layer that has no sliding window (Gemma 2 soft-caps: it gets eager, no varlen). The
     loss equality holds for the fallback layers too: they take sdpa's block-diagonal mask."""
     from peftchat.data.batching import collate, with_loss_targets
-    from peftchat.model import varlen
+    from peftchat.kernels import varlen
     from peftchat.model.load import attention_for
 
     arch_dir = family_dir(arch)

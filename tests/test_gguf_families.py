@@ -11,8 +11,8 @@ from test_export import _read  # noqa: E402  (gguf's reader, tensors dequantized
 
 from peftchat.cli import main  # noqa: E402
 from peftchat.demo_assets import build_tiny_model  # noqa: E402
-from peftchat.model.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
-from peftchat.model.to_gguf import gguf_arch, gguf_tensor_name, rope_unpermute, write_gguf  # noqa: E402
+from peftchat.export.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
+from peftchat.export.gguf import gguf_arch, gguf_tensor_name, rope_unpermute, write_gguf  # noqa: E402
 
 # tiny-model arch -> llama.cpp architecture its export must carry
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
@@ -108,7 +108,7 @@ def test_export_prints_the_parity_line(make_adapter, tmp_path, capsys):
 
 
 def test_parity_without_llama_cpp_is_one_line_before_anything_is_written(make_adapter, tmp_path, capsys, monkeypatch):
-    from peftchat.model import gguf_parity
+    from peftchat.export import gguf_parity
 
     monkeypatch.setattr(gguf_parity, "llama_cpp_available", lambda: False)
     assert main(["export", str(make_adapter("moss")), "--gguf", str(tmp_path / "a.gguf"), "--parity"]) == 2

@@ -204,7 +204,7 @@ def test_an_adapter_trained_with_fp8_merges_with_the_same_parity(tiny_llama_dir,
     saves is an ordinary one, and its merge into the dequantized base keeps k-bit parity."""
     from pathlib import Path
 
-    from peftchat.model import kernels
+    from peftchat.train import speedups as kernels
     from peftchat.train import loop
 
     monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU

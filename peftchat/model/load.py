@@ -17,7 +17,7 @@ import torch
 
 from peftchat.config import Recipe, quant_storage
 from peftchat.errors import UserError
-from peftchat.model.varlen import VARLEN_ATTENTION, flash_varlen_available, register_varlen_attention
+from peftchat.kernels.varlen import VARLEN_ATTENTION, flash_varlen_available, register_varlen_attention
 from peftchat.paths import looks_local
 from peftchat.quiet import quiet_int8_cast
 from peftchat.rundir import MODEL_CONFIG
@@ -178,7 +178,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
 
     For training the weights are frozen, the KV cache is off and the model is in train mode
     (from_pretrained returns eval mode, in which transformers silently skips checkpointing);
-    checkpointing itself is `peftchat.model.kernels.apply_checkpoint_policy`'s, after LoRA.
+    checkpointing itself is `peftchat.train.speedups.apply_checkpoint_policy`'s, after LoRA.
     """
     from transformers import AutoModelForCausalLM
 

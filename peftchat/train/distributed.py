@@ -263,7 +263,7 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
         raise UserError(f"distributed.strategy=fsdp needs torch >= 2.6 (FSDP2's fully_shard), this is "
                         f"{torch.__version__}; use distributed.strategy=ddp") from None
 
-    from peftchat.model.kernels import decoder_layers
+    from peftchat.train.speedups import decoder_layers
 
     # the mesh of the rank's own device type (FSDP2's default follows CUDA's presence, not training.device)
     mesh = init_device_mesh(state.device.type, (state.world_size,))

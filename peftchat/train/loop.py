@@ -3,7 +3,7 @@ lora_finetune_single_device.py and litgpt's finetune/lora.py rather than HF Trai
 
 `setup` builds the run's one state object, `Run`: recipe -> tokenizer -> data batches
 (`peftchat.data.batching.Batches`) -> base model (`peftchat.model.load`) -> LoRA
-(`peftchat.model.adapters`) -> speed-ups and the loss they choose (`peftchat.model.kernels`) ->
+(`peftchat.model.adapters`) -> speed-ups and the loss they choose (`peftchat.train.speedups`) ->
 optimizer, optional resume (`peftchat.train.resume` says what a resume may change), lr schedule.
 `train_steps` runs optimizer steps: per step one accumulation window of micro-batches; the loss
 of the window is the mean over its loss-bearing tokens (not a mean of per-micro-batch means), so
@@ -89,6 +89,8 @@ class TrainHooks:
 
     `after_model_load(model)`: the base model is loaded, before LoRA (e.g. reset memory peaks).
     `speedups_applied(names)`: what `apply_training_speedups` applied.
+    `kernel_options(options) -> options`: the `KernelOptions` the run uses instead of those the
+    recipe and device give (a benchmark variant).
     `after_step(run)`: an optimizer step and its logging, eval and saving are done.
     `eval_scores(model, tokenizer) -> dict`: more fields for each evaluation row (the CLI passes
     `peftchat eval`'s generation scores here for `training.eval_generate`; train cannot import infer).
@@ -96,6 +98,7 @@ class TrainHooks:
 
     after_model_load: Optional[Callable[[Any], None]] = None
     speedups_applied: Optional[Callable[[list[str]], None]] = None
+    kernel_options: Optional[Callable[[Any], Any]] = None
     after_step: Optional[Callable[["Run"], None]] = None
     eval_scores: Optional[Callable[[Any, Any], dict]] = None
 
@@ -164,10 +167,10 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts);
     `sharded`: FSDP2 will shard it."""
     from peftchat.model.adapters import apply_lora, count_parameters
-    from peftchat.model.kernels import apply_training_speedups
+    from peftchat.train.speedups import apply_training_speedups, kernel_options
     from peftchat.model.load import load_base_model
-    from peftchat.model.memory_budget import budget_applies, budgeted_training_config
-    from peftchat.model.varlen import VARLEN_ATTENTION
+    from peftchat.train.memory_budget import budget_applies, budgeted_training_config
+    from peftchat.kernels.varlen import VARLEN_ATTENTION
 
     base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:
@@ -177,11 +180,13 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
         cfg = budgeted_training_config(model, recipe)
     else:  # nothing was budgeted: the speed-ups line must not say so
         cfg = dataclasses.replace(recipe.training, max_memory_gib=None)
-    speedups = apply_training_speedups(model, cfg)
+    kernels = kernel_options(model, cfg)
+    speedups = apply_training_speedups(model, cfg, hooks.kernel_options(kernels) if hooks.kernel_options else kernels)
     applied = list(speedups.applied)
     if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
         applied.append("varlen attention for packed rows")
     print("speed-ups: " + (", ".join(applied) or "none"), flush=True)
+    print("kernels: " + speedups.kernels.describe(), flush=True)
     if hooks.speedups_applied is not None:
         hooks.speedups_applied(applied)
     return model, make_loss(speedups.head_loss), count_parameters(model)
@@ -213,7 +218,7 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     """Build the run: data, model, optimizer, and the state (fresh, or from a checkpoint)."""
     from transformers import set_seed
 
-    from peftchat.model.kernels import check_fp8_device
+    from peftchat.train.speedups import check_fp8_device
     from peftchat.model.load import check_model_source, resolve_device
 
     cfg = recipe.training

@@ -9,7 +9,7 @@ takes full logits and peft has none; the result equals transformers' `ForCausalL
 
 `causal_lm_loss` is the one micro-batch loss of training and evaluation. A fused head loss
 (liger-kernel's fused linear cross-entropy on CUDA, `Speedups.head_loss` from
-`peftchat.model.kernels.apply_training_speedups`) plugs in through `make_loss`: it gets the
+`peftchat.train.speedups.apply_training_speedups`) plugs in through `make_loss`: it gets the
 hidden states, the head weight and the targets.
 """
 
@@ -25,8 +25,8 @@ from torch.utils.checkpoint import checkpoint
 
 from peftchat.data.batching import loss_targets
 from peftchat.model.adapters import unwrap_peft
-from peftchat.model.kernels import HeadLoss, fused_ce_supports_head
-from peftchat.model.varlen import VARLEN_ATTENTION, packed_kwargs
+from peftchat.train.speedups import HeadLoss, fused_ce_supports_head
+from peftchat.kernels.varlen import VARLEN_ATTENTION, packed_kwargs
 
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27

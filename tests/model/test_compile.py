@@ -8,7 +8,7 @@ import torch
 from lora_helpers import with_lora
 
 from peftchat.config import TrainingConfig, recipe_from_dict
-from peftchat.model import kernels
+from peftchat.train import speedups as kernels
 
 
 def _loss_and_grads(compiled: bool, **policy):

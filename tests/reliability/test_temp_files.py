@@ -67,19 +67,19 @@ def _killed_during_export(trained_run: Path, gguf: Path) -> Path:
 
 def test_a_killed_export_leaves_its_temp_beside_the_output_and_the_next_export_removes_it(
         tmp_path, trained_run, capsys, monkeypatch):
-    import peftchat.export
+    import peftchat.export.command
 
     gguf = tmp_path / "m.gguf"
     stale = _killed_during_export(trained_run, gguf)
     assert stale.parent == tmp_path and not gguf.exists()  # beside the output, never in /tmp
     merge_dirs = []
-    real_merge = peftchat.export.merge_adapter
+    real_merge = peftchat.export.command.merge_adapter
 
     def spy(adapter_dir, out, **kwargs):
         merge_dirs.append(Path(out))
         return real_merge(adapter_dir, out, **kwargs)
 
-    monkeypatch.setattr(peftchat.export, "merge_adapter", spy)
+    monkeypatch.setattr(peftchat.export.command, "merge_adapter", spy)
     shared_tmp = Path(tempfile.gettempdir())
     before = {p.name for p in shared_tmp.iterdir() if p.name.startswith(("peftchat", ".peftchat"))}
     rc, err = run_cli(["export", trained_run, "--gguf", gguf], capsys)

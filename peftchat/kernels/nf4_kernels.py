@@ -1,6 +1,6 @@
 """Triton kernels that read a bitsandbytes 4-bit (NF4 or FP4) weight from its codes: the decode
-shared by the FP8 weight kernels (peftchat.model.fp8_kernels) and the dequantization to bf16 /
-fp16 (`nf4_dequant_kernel`, peftchat.model.nf4).
+shared by the FP8 weight kernels (peftchat.kernels.fp8_kernels) and the dequantization to bf16 /
+fp16 (`nf4_dequant_kernel`, peftchat.kernels.nf4).
 
 The layout: the (N, K) weight flattened row-major, two codes a byte (the even element in the high
 nibble), one absmax per BLOCKSIZE elements; with double quantization (NESTED) each absmax is
@@ -10,16 +10,6 @@ element is code[nibble] * absmax, computed in fp32 as bitsandbytes computes it.
 
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def nf4_codes(packed_ptr, n, k, inside, K):
-    # The 4-bit codes of elements (n, k) (broadcast index tensors, int64 n) of a bitsandbytes
-    # 4-bit (N, K) weight: flattened row-major, two codes a byte, the even element in the high
-    # nibble; K is a multiple of the absmax block (the caller checks), so rows start on a byte.
-    # Each element loads its own byte (the pair's second load hits the cache).
-    byte = tl.load(packed_ptr + n * (K // 2) + k // 2, mask=inside, other=0)
-    return (byte >> ((1 - k % 2) * 4).to(tl.uint8)) & 15
 
 
 @triton.jit
@@ -40,12 +30,12 @@ def nf4_tile_values(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, of
                     BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                     BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
     # The fp32 values of the (BN, BK) tile of rows n ((BN, 1) int64) and columns from pid_k * BK.
-    # Per element, a thread of the per-element path (`nf4_codes` + `block_absmax` per element)
-    # issues a byte load for its code and three more (absmax code, its code2 entry, absmax2) for an
-    # absmax that 64 elements share: compiled for sm_90, 128 one-byte and 192 four-byte loads per
-    # thread for a 64 x 128 tile (benchmarks/kernel_ptx.py). Here the codes come from one load of
-    # the tile's bytes, each byte's two nibbles joined side by side (r23 timed that alone 2.6x
-    # faster, gate/up 0.15 ms against 0.40), and the absmax once per block (SPAN = min(BLOCKSIZE,
+    # Per element, a thread of a per-element kernel (deleted) issued a byte load for its code and
+    # three more (absmax code, its code2 entry, absmax2) for an absmax that 64 elements share:
+    # compiled for sm_90, 128 one-byte and 192 four-byte loads per thread for a 64 x 128 tile (the
+    # PTX, benchmarks/HISTORY.md). Here the codes come from one load of the tile's bytes, each
+    # byte's two nibbles joined side by side (2.6x faster alone on an H200, gate/up 0.15 ms against
+    # 0.40), and the absmax once per block (SPAN = min(BLOCKSIZE,
     # BK) columns), broadcast over its columns.
     half = pid_k * (BK // 2) + tl.arange(0, BK // 2)
     byte = tl.load(packed_ptr + n * (K // 2) + half[None, :], mask=(n < N) & (half[None, :] < K // 2), other=0)

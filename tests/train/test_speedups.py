@@ -1,4 +1,4 @@
-"""peftchat.model.kernels on CPU: typed recipe keys, the checkpoint policy, and the offloaded
+"""peftchat.train.speedups on CPU: typed recipe keys, the checkpoint policy, and the offloaded
 checkpoint's recompute path (same loss and LoRA gradients as no checkpointing, dropout included)."""
 
 import pytest
@@ -7,7 +7,7 @@ from lora_helpers import with_lora, loss_and_grads
 
 from peftchat.config import TrainingConfig, recipe_from_dict
 from peftchat.errors import ConfigError
-from peftchat.model import kernels
+from peftchat.train import speedups as kernels
 
 
 def _training(**kw):

@@ -11,21 +11,21 @@ node:
 keeping for backward only x (the tensor the layer was given, not a copy), x @ A.T (M x r, small)
 and A, B; never the dropped copy and bool mask that peft keeps. On the 8B NF4 lean row at dropout
 0.05 the seven LoRA layers of a decoder layer held 912 MiB of copies and masks at the step's
-memory peak (benchmarks/memory_peak.py, round 4). The base weight W is dequantized (NF4/FP4 via
+memory peak (benchmarks/memory_peak.py). The base weight W is dequantized (NF4/FP4 via
 bitsandbytes, int8 rows times their scales) once in forward and once in backward, as
 bitsandbytes' own matmul does, and gets no gradient. With `fp8` the base matmuls of the passes
-`FP8_PASSES` names (by default a checkpointed layer's recompute and the input gradient, not the
+`Fp8Passes` names (`KernelOptions.fp8`: by default a checkpointed layer's recompute and the input gradient, not the
 forward the loss sees) go through `torch._scaled_mm` in e4m3 with per-row / per-channel scales
-(peftchat.model.fp8); LoRA stays in the compute dtype. Weights stay stored as they are, so
+(peftchat.kernels.fp8); LoRA stays in the compute dtype. Weights stay stored as they are, so
 checkpoints, merge and export do not change.
 
 Dropout, two ways:
 - On CUDA with Triton, for bf16/fp16 (`lora_dropout.usable`), the mask is drawn inside the LoRA
-  matmuls from a seed (peftchat.model.lora_dropout): no dropped copy is ever written, and the
+  matmuls from a seed (peftchat.kernels.lora_dropout): no dropped copy is ever written, and the
   LoRA term is computed first with the base GEMM accumulated onto it. Lean 8B NF4: 10,583 tok/s
-  against 10,030 with torch's dropout (r16, one run). Other draws than peft's, same distribution;
-  the loss stays within 0.025 % of peft's layers (r16's loss gate).
-- Elsewhere (CPU, fp32, `KERNEL_DROPOUT` off), torch's native dropout (the kernel F.dropout
+  against 10,030 with torch's dropout (one run). Other draws than peft's, same distribution;
+  the loss stays within 0.025 % of peft's layers (the bench's loss gate).
+- Elsewhere (CPU, fp32), torch's native dropout (the kernel F.dropout
   uses) draws the very masks peft's layer would (tests/model/test_frozen_linear.py: same loss
   and LoRA gradients as peft with dropout, checkpointed or not, on CPU in fp32). Backward keeps
   the RNG state, not the mask, and draws the mask again from it.
@@ -48,38 +48,17 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from peftchat.model import lora_dropout, nf4
-from peftchat.model import fp8 as fp8_ops
-from peftchat.model.fp8 import Fp8Passes, fp8_grad_input, fp8_linear, fp8_shapes_fit
+from peftchat.kernels import fp8 as fp8_ops
+from peftchat.kernels import lora_dropout, nf4
+from peftchat.kernels.fp8 import Fp8Passes, fp8_grad_input, fp8_linear, fp8_shapes_fit
 
-# At dropout > 0 on CUDA with Triton, LoRA's dropout is drawn inside its matmuls (lora_dropout);
-# the bench's `+torchdropout` ablation turns it off (one process per variant).
-KERNEL_DROPOUT = True
-# Forward order where the kernel dropout runs: the LoRA term first and the base GEMM accumulated
-# onto it (True), or the base GEMM first and the LoRA term added by a second GEMM (False; the
-# bench's `+basefirst`).
-LORA_TERM_FIRST = True
-
-# Which base matmuls `training.fp8` runs in FP8. Not the forward the loss sees: FP8 in both
-# forwards moved the 8B lean curve 1.65 % from eager in 6 steps (r11), in the recompute alone
-# 0.11 % (r24), in the input gradient alone 0.05 % (r11).
-# The bench's `+fp8all` / `+fp8fwd` / `+fp8grad` set other passes (one process per variant).
-FP8_PASSES = Fp8Passes()
-# Ablation: only base linears whose module name ends in one of these run in FP8 (None: all).
-FP8_ONLY: Optional[tuple[str, ...]] = None
-
-# Keep a recompute's dequantized weight for its own backward instead of dequantizing it again:
-# one NF4 dequant less per linear and step, for one layer's bf16 weights (0.30 GiB more at 8B,
-# r26) held through its backward. Off: with the Triton dequant (below) it bought 1 % (lean 10,955
-# -> 11,058 tok/s, r26), within what separates runs; results are bit-identical (tested).
-KEEP_RECOMPUTED_WEIGHT = False
-
-# NF4 bases dequantized by peftchat's Triton kernel (nf4.dequantize: bitsandbytes' values bit for
-# bit, one launch where bitsandbytes makes three, the codes read once) instead of bitsandbytes'
-# dequantize_4bit, three times per linear and step. For a 14336 x 4096 weight 0.095 ms against
-# 0.136 (check_fp8 r9, H200); at 8B, lean 10,810 -> 10,955 tok/s and fast 12,210 -> 12,478 in
-# one run, loss gate held (r26). The bench's `+bnbdq` turns it off.
-TRITON_DEQUANT = True
+# Kernel choices are arguments (`Fp8Passes`, from `peftchat.kernels.options.KernelOptions`), never
+# module flags. Paths that lost their measurement were deleted, their numbers kept in
+# benchmarks/HISTORY.md: torch's dropout on CUDA where the kernels serve (lean 8B NF4 10,030 against
+# 10,583 tok/s), the base GEMM first under the kernel dropout (10,467), bitsandbytes' dequant where
+# the Triton one fits (lean 10,810 against 10,955), a recompute's dequantized weight kept for its
+# backward (11,058 against 10,955: within run-to-run spread, for 0.30 GiB more), FP8 for the MLP
+# only (1B final loss 0.6276, no better than all linears' 0.6233 mean).
 
 _WRAPPED_FORWARD = "_peftchat_peft_forward"
 
@@ -121,8 +100,7 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
         qs = w.quant_state
         # bitsandbytes dequantizes to the weight's original dtype, then .to(dtype): the same values
         # as the kernel's one rounding when that dtype is `dtype` or fp32 (exact products)
-        if (TRITON_DEQUANT and qs.dtype in (dtype, torch.float32) and nf4.kernels_on(w)
-                and nf4.kernel_fits(w.data, qs)):
+        if qs.dtype in (dtype, torch.float32) and nf4.kernels_on(w) and nf4.kernel_fits(w.data, qs):
             return nf4.dequantize(w, qs, dtype)
         return bf.dequantize_4bit(w.data, qs).to(dtype)
     if kind == "int8":
@@ -155,10 +133,12 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes]):  # type: ignore[override]
+    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes],  # type: ignore[override]
+                state: Optional["FusedState"] = None):
         dtype = x.dtype
         ctx.rng = ctx.seed = None
-        if p > 0 and KERNEL_DROPOUT and lora_dropout.usable(x, lora_a, p):
+        ctx.state = state if state is not None else FusedState()
+        if p > 0 and lora_dropout.usable(x, lora_a, p):
             # the kernels draw the mask from the seed; x @ A.T comes back (and is saved) times the
             # scaling, which no other kernel then multiplies in (forward or backward)
             ctx.seed = lora_dropout.new_seed(x.device)
@@ -172,15 +152,15 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         if fp8 is not None and (fp8.recompute if in_recompute() else fp8.forward):
             y = _fp8_base_matmul(ctx, x, dtype)
             y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
-        elif LORA_TERM_FIRST and ctx.seed is not None:
+        elif ctx.seed is not None:
             # LoRA term first, base matmul accumulated onto it: the base GEMM reads the LoRA term
             # in its epilogue, where a separate add would read and write the whole output again.
-            # Measured with the kernel dropout only (r16: lean 10,583 tok/s, base first 10,467);
-            # torch's dropout keeps r14's base-first order (r15 saw 9,098 with LoRA first).
+            # Measured with the kernel dropout only (8B NF4 lean: 10,583 tok/s, base first 10,467);
+            # torch's dropout keeps the base-first order (9,098 with LoRA first).
             y = torch.mm(xa, b.t())
-            y.addmm_(x, _forward_weight(ctx, dtype).t())
+            y.addmm_(x, base_weight(base, kind, dtype).t())
         else:
-            y = x @ _forward_weight(ctx, dtype).t()
+            y = x @ base_weight(base, kind, dtype).t()
             y.addmm_(xa, b.t(), alpha=1.0 if ctx.seed is not None else scaling)
         if base.bias is not None:
             y += base.bias.to(dtype)
@@ -191,8 +171,8 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, xa, lora_a, lora_b = ctx.saved_tensors
         dtype, s = x.dtype, ctx.scaling
-        kept = _RECOMPUTED_WEIGHTS.pop(ctx.base, None)  # what this layer's recompute kept, if anything
-        _LAST_INPUT.clear()  # backward has begun: forward's quantized input is of no more use
+        kept = ctx.state.recomputed.pop(ctx.base, None)  # what this layer's recompute kept, if anything
+        ctx.state.last_input.clear()  # backward has begun: forward's quantized input is of no more use
         grad = grad.to(dtype).contiguous()
         grad_xa = grad @ lora_b.to(dtype)  # (M, r), without the scaling
         grad_b = grad.t() @ xa
@@ -204,42 +184,39 @@ class LoraOnFrozenLinear(torch.autograd.Function):
             if ctx.fp8_grad is not None:
                 grad_x += _fp8_input_grad(ctx, grad, dtype, kept)
             else:
-                grad_x.addmm_(grad, kept if kept is not None else base_weight(ctx.base, ctx.kind, dtype))
-        ctx.base = ctx.rng = ctx.seed = None
-        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None
+                grad_x.addmm_(grad, base_weight(ctx.base, ctx.kind, dtype))
+        ctx.base = ctx.rng = ctx.seed = ctx.state = None
+        return grad_x, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), None, None, None, None, None, None
 
 
-# q, k and v (gate and up) quantize one x: the last one quantized is kept (fp8.LastQuantized)
-_LAST_INPUT = fp8_ops.LastQuantized()
-# base linear -> what its recompute kept for its backward: (transposed e4m3 weight, row scales)
-# with FP8 input gradients, else (KEEP_RECOMPUTED_WEIGHT) the dequantized weight. Not on ctx:
-# torch's non-reentrant checkpoint runs the backward of the *first* forward's nodes and recomputes
-# only to refill their saved tensors (offload's recompute builds nodes of its own).
-_RECOMPUTED_WEIGHTS: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+class FusedState:
+    """What the fused layers of one model share between calls, owned by those layers (one per
+    `fuse_lora_layers` call), never by this module.
 
+    `last_input`: q, k and v (gate and up) quantize one x: the last one quantized is kept
+    (fp8.LastQuantized). `recomputed`: base linear -> what its recompute kept for its backward,
+    (transposed e4m3 weight, row scales) with FP8 input gradients. Not on ctx: torch's
+    non-reentrant checkpoint runs the backward of the *first* forward's nodes and recomputes only
+    to refill their saved tensors (offload's recompute builds nodes of its own).
+    """
 
-def _forward_weight(ctx, dtype: torch.dtype) -> torch.Tensor:
-    """The base weight in `dtype` for a bf16 forward; a recompute of a quantized base keeps it for
-    its own backward when KEEP_RECOMPUTED_WEIGHT is on (no second dequantization there)."""
-    w = base_weight(ctx.base, ctx.kind, dtype)
-    if (KEEP_RECOMPUTED_WEIGHT and ctx.kind != "dense" and ctx.fp8_grad is None and ctx.needs_input_grad[0]
-            and in_recompute()):
-        _RECOMPUTED_WEIGHTS[ctx.base] = w
-    return w
+    def __init__(self) -> None:
+        self.last_input = fp8_ops.LastQuantized()
+        self.recomputed: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
 
 
 def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x @ W.T with both in e4m3. A 4-bit base on CUDA goes from its codes to fp8 in one kernel;
     a recompute, whose backward comes next, also makes the transposed copy the input gradient
-    needs and keeps it (`_RECOMPUTED_WEIGHTS`: one decoder layer's worth at a time)."""
+    needs and keeps it (`FusedState.recomputed`: one decoder layer's worth at a time)."""
     base, kind = ctx.base, ctx.kind
     w = base.weight
     if kind == "nf4" and fp8_ops.kernels_on(x) and nf4.kernel_fits(w.data, w.quant_state):
         keep_t = ctx.fp8_grad is not None and in_recompute()
         w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w, w.quant_state, rows=True, transposed=keep_t)
         if keep_t:
-            _RECOMPUTED_WEIGHTS[base] = (w_t, row_scale)
-        xq, xs = _LAST_INPUT.quantize(x)
+            ctx.state.recomputed[base] = (w_t, row_scale)
+        xq, xs = ctx.state.last_input.quantize(x)
         return fp8_ops.scaled_matmul(xq, xs, w_rows.t(), row_scale.view(1, -1), dtype)
     return fp8_linear(x, base_weight(base, kind, dtype), dtype)
 
@@ -304,8 +281,8 @@ def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
     return name
 
 
-def fused_lora_forward(layer: nn.Module, kind: str, fp8: Optional[Fp8Passes], x: torch.Tensor, *args: Any,
-                       **kwargs: Any) -> torch.Tensor:
+def fused_lora_forward(layer: nn.Module, kind: str, fp8: Optional[Fp8Passes], state: FusedState, x: torch.Tensor,
+                       *args: Any, **kwargs: Any) -> torch.Tensor:
     """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward. `kind`:
     the base's `base_kind`, found once by `fuse_lora_layers` (it is fixed per layer; this runs
     every forward of every LoRA layer)."""
@@ -328,7 +305,7 @@ def fused_lora_forward(layer: nn.Module, kind: str, fp8: Optional[Fp8Passes], x:
     out_features, in_features = lora_b.shape[0], lora_a.shape[1]
     use_fp8 = fp8 if (fp8 is not None and dtype == torch.bfloat16 and fp8_shapes_fit(in_features, out_features)) else None
     x2d = x.reshape(-1, in_features).to(dtype)
-    y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, kind, float(layer.scaling[name]), p, use_fp8)
+    y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, kind, float(layer.scaling[name]), p, use_fp8, state)
     # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under
     # autocast the autocast dtype (without autocast all three are `dtype` anyway)
     out_dtype = dtype if kind == "dense" else x.dtype
@@ -348,25 +325,24 @@ def fusable(layer: nn.Module) -> bool:
     return base_kind(layer.get_base_layer()) is not None
 
 
-def fuse_lora_layers(model: nn.Module, fp8: bool = False, passes: Optional[Fp8Passes] = None) -> dict[str, int]:
-    """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear (bf16 or `fp8` base,
-    the FP8 matmuls `passes`, by default `FP8_PASSES`).
+def fuse_lora_layers(model: nn.Module, fp8: Optional[Fp8Passes] = None) -> dict[str, int]:
+    """Route each eligible LoRA Linear of `model` through LoraOnFrozenLinear: base matmuls in the
+    compute dtype, or those `fp8` names in FP8 (`KernelOptions.fp8`).
 
     Returns counts: "fused" layers, "fp8" of them whose shapes suit `_scaled_mm` (in and out
     features multiples of 16; the others keep a bf16 base matmul), and "dropout" of them with
     LoRA dropout > 0 (the ones the kernel dropout can serve).
     """
     fused = fp8_count = with_dropout = 0
-    for name, layer in model.named_modules():
+    state = FusedState()
+    for layer in model.modules():
         if not fusable(layer):
             continue
         base = layer.get_base_layer()
-        layer_fp8 = fp8 and (FP8_ONLY is None or name.endswith(FP8_ONLY))
         setattr(layer, _WRAPPED_FORWARD, layer.forward)
-        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base),
-                                          (passes or FP8_PASSES) if layer_fp8 else None)
+        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base), fp8, state)
         fused += 1
-        fp8_count += layer_fp8 and fp8_shapes_fit(base.in_features, base.out_features)
+        fp8_count += fp8 is not None and fp8_shapes_fit(base.in_features, base.out_features)
         with_dropout += any(isinstance(d, nn.Dropout) and d.p > 0 for d in layer.lora_dropout.values())
     return {"fused": fused, "fp8": fp8_count, "dropout": with_dropout}
 

@@ -1,11 +1,11 @@
-"""peftchat.model.nf4 in Triton's interpreter: the tiled dequantization gives bitsandbytes' own
+"""peftchat.kernels.nf4 in Triton's interpreter: the tiled dequantization gives bitsandbytes' own
 values bit for bit, and a fused LoRA layer computes the same with it as with bitsandbytes'."""
 
 import pytest
 import torch
 
-from peftchat.model import frozen_linear as fl
-from peftchat.model import nf4
+from peftchat.kernels import frozen_linear as fl
+from peftchat.kernels import nf4
 
 
 def _quantized(dtype, nested, quant_type, blocksize, n=96, k=512):

@@ -1,4 +1,4 @@
-"""peftchat.model.varlen: packed rows through the variable-length attention path.
+"""peftchat.kernels.varlen: packed rows through the variable-length attention path.
 
 The flash kernel itself needs CUDA (benchmarks check it on the GPU against the eager reference's
 loss); here: the per-sample reference against sdpa with a block-diagonal mask, the call into
@@ -8,7 +8,7 @@ transformers registration end to end on a tiny Llama, and which implementation a
 import pytest
 import torch
 
-import peftchat.model.varlen as varlen
+import peftchat.kernels.varlen as varlen
 from peftchat.data.batching import collate, sample_bounds, with_loss_targets
 from peftchat.train.loss import causal_lm_loss
 

@@ -1,4 +1,4 @@
-"""Triton kernels of peftchat.model.lora_dropout (imported only where Triton is installed).
+"""Triton kernels of peftchat.kernels.lora_dropout (imported only where Triton is installed).
 
 Kept in a module of their own because Triton resolves the helpers a kernel calls (`keep_tile`)
 from the kernel's module globals, and this module needs Triton at import time.
@@ -13,7 +13,7 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     # (BM, BK) keep mask of rows `rows`, columns k0 .. k0 + BK (k0 a multiple of 8). Built as
     # (BM, BK / 8, 8), each Philox call's eight parts along the last axis, then merged, with no
     # tl.join shuffle of the four words: the way down and grad_a were measured at their TILES in
-    # round 6 (down 0.069 ms at K = 4096). keep_tile_joined draws the same bits the round-5 way.
+    # on the H200 (down 0.069 ms at K = 4096). keep_tile_joined draws the same bits the other way.
     G: tl.constexpr = BK // 8
     groups = k0 // 8 + tl.arange(0, G)
     counter = (rows[:, None, None].to(tl.int64) * (K // 8) + groups[None, :, None]).to(tl.uint32)  # (BM, G, 1)
@@ -29,7 +29,7 @@ def keep_tile(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
 def keep_tile_joined(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr):
     # keep_tile's very bits, drawn as (BM, BK / 8) and spread by tl.join/reshape: where the mask
     # meets a tl.dot result (grad_input) rather than a loaded tile, this layout ran faster on the
-    # H200 (K = 4096: 0.073 ms against 0.117 with keep_tile; round 6's check_lora_dropout sweep)
+    # H200 (K = 4096: 0.073 ms against 0.117 with keep_tile)
     groups = (k0 // 8 + tl.arange(0, BK // 8))
     counter = (rows[:, None].to(tl.int64) * (K // 8) + groups[None, :]).to(tl.uint32)
     r0, r1, r2, r3 = tl.randint4x(seed, counter)
@@ -45,8 +45,8 @@ def keep_tile_joined(seed, rows, k0, K, thr, BM: tl.constexpr, BK: tl.constexpr)
 def lora_down_kernel(x_ptr, a_ptr, out_ptr, seed, M, K, R, thr, scale,
                      BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     # K is walked from 0 in steps of BK, so the compiler sees every column start 16-aligned: a
-    # start at a runtime multiple (round 6's K split, since removed) made it load x one bf16 per
-    # thread with no cp.async pipelining in the sm_90 PTX (tests/test_kernel_ptx.py guards this)
+    # start at a runtime multiple (a K split, since removed) made it load x one bf16 per thread
+    # with no cp.async pipelining in the sm_90 PTX
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rr = tl.arange(0, BR)
     acc = tl.zeros((BM, BR), dtype=tl.float32)

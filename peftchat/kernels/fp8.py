@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from peftchat.model import nf4
+from peftchat.kernels import nf4
 
 E4M3 = torch.float8_e4m3fn  # activations and weights: 3 mantissa bits, max 448
 E5M2 = torch.float8_e5m2  # wider range (max 57344), 2 mantissa bits: the usual gradient format
 FP8_DTYPES = {"e4m3": E4M3, "e5m2": E5M2}
 # An all-zero row (padding) would give a zero scale and 0/0 = NaN; its values are all 0 anyway.
 # Far below any real row: the input gradient's rows, times the weight's per-row scales folded into
-# them, fell under the 1e-12 this was once and were flushed to zero (8B runs r23/r24 stopped
+# them, fell under the 1e-12 this was once and were flushed to zero (8B FP8 runs stopped
 # learning). 1e-30 / 57344 is still a normal fp32 scale.
 AMAX_FLOOR = 1e-30
 # `_scaled_mm` on CUDA wants both matrix dimensions it reduces over / writes along divisible by 16.
@@ -128,7 +128,7 @@ def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.d
     return fn(grad, weight, grad_dtype, out_dtype)
 
 
-# --- Triton passes (peftchat.model.fp8_kernels): quantization in one read and one write -------
+# --- Triton passes (peftchat.kernels.fp8_kernels): quantization in one read and one write -------
 #
 # Round 3's per-kernel timings on the H200 (benchmarks/results/checks/check_fp8_call2.json, 8192
 # rows): quantizing x compiled took 0.106 ms at K = 4096 and 0.318 at 14,336; the NF4 dequant plus
@@ -143,7 +143,7 @@ FP8_GRID = {E4M3: (3, 2.0 ** -6, 1.5 * 2.0 ** 14, 448.0), E5M2: (2, 2.0 ** -14, 
 @functools.cache
 def _kernels():
     try:
-        from peftchat.model import fp8_kernels
+        from peftchat.kernels import fp8_kernels
     except ImportError:  # no Triton: the torch passes above
         return None
     return fp8_kernels
@@ -206,7 +206,7 @@ def _row_scales(quant_state) -> torch.Tensor:
 
 def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
     """(the weight kernels' arguments after the codes: `nf4.decode_args`' then the rows' scales,
-    their meta-parameters but TILED) for a bitsandbytes 4-bit `weight`, cached on it. The meta
+    their meta-parameters) for a bitsandbytes 4-bit `weight`, cached on it. The meta
     dict is shared: pass it on, never change it."""
     cached = _NF4_ARGS.get(weight)
     if cached is None:
@@ -218,20 +218,6 @@ def nf4_kernel_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
 def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
     """The (N,) e4m3 rows' scales of a 4-bit `weight` (cached with its kernel arguments)."""
     return nf4_kernel_args(weight, quant_state)[0][-1]
-
-
-# How `nf4_to_fp8` writes the transposed copy: its own kernel (True) or torch's transpose of the
-# rows (False). For a 14336 x 4096 NF4 weight (check_fp8 r9, H200): the tiled transposed kernel
-# 0.194 ms, against 0.37 ms for torch's transpose of the rows. The bench's `+fp8elem` turns it off.
-TRANSPOSE_KERNEL = True
-
-
-# How the weight kernels read the 4-bit weight: a tile at a time, codes split from a byte tile and
-# one absmax per block (True, fp8_kernels.nf4_tile_e4m3), or every element its own code byte and
-# absmax (False: r24's kernel). For a 14336 x 4096 weight, 0.198 ms against 0.551 (check_fp8 r9);
-# with both flags lean + fp8 went from 11,273 to 12,106 tok/s at 8B in one run, loss gate 0.0019
-# (r26). The bench's `+fp8elem` turns it off.
-WEIGHT_TILES = True
 
 
 def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
@@ -246,16 +232,13 @@ def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed:
     rest, meta = nf4_kernel_args(weight, quant_state)
     grid = (cdiv(n, nf4.TILE[0]), cdiv(k, nf4.TILE[1]))
     out = out_t = None
-    if rows or (transposed and not TRANSPOSE_KERNEL):
+    if rows:
         out = torch.empty((n, k), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_kernel[grid](weight, *rest, out, n, k, **meta, TILED=WEIGHT_TILES, enable_fp_fusion=False)
-    if transposed and TRANSPOSE_KERNEL:
+        _kernels().nf4_to_fp8_kernel[grid](weight, *rest, out, n, k, **meta, enable_fp_fusion=False)
+    if transposed:
         out_t = torch.empty((k, n), dtype=E4M3, device=weight.device)
-        _kernels().nf4_to_fp8_t_kernel[grid](weight, *rest, out_t, n, k, **meta, TILED=WEIGHT_TILES,
-                                             enable_fp_fusion=False)
-    elif transposed:
-        out_t = out.t().contiguous()
-    return (out if rows else None), out_t, rest[-1]
+        _kernels().nf4_to_fp8_t_kernel[grid](weight, *rest, out_t, n, k, **meta, enable_fp_fusion=False)
+    return out, out_t, rest[-1]
 
 
 @functools.cache

@@ -155,7 +155,7 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
               "training.gradient_checkpointing is false", flush=True)
         return cfg
     from peftchat.model.adapters import unwrap_peft
-    from peftchat.model.kernels import fused_lora_enabled
+    from peftchat.train.speedups import fused_lora_enabled
 
     budget = float(cfg.max_memory_gib)
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,

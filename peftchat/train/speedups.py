@@ -1,6 +1,7 @@
 """Training-speed knobs applied to a loaded model: fused kernels, checkpoint policy, compilation.
 
-Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each one buys).
+Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each one buys). Which
+kernels run is one ``KernelOptions`` (peftchat.kernels.options), built here once per run.
 
 * ``apply_fused_kernels`` swaps RMSNorm, SwiGLU/GeGLU and RoPE (per family: ``LIGER_LAYER_KERNELS``)
   for liger-kernel's Triton versions when ``training.fused_kernels`` allows it, liger-kernel is
@@ -11,11 +12,11 @@ Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each on
 * ``apply_checkpoint_policy`` turns gradient checkpointing on for all decoder layers but the last
   ``training.checkpoint_skip_layers``: each layer left out trades its activations for one less
   forward recompute. ``training.checkpoint_offload`` parks the checkpointed layer inputs in
-  pinned host memory (``peftchat.model.offload``, double-buffered copies back).
+  pinned host memory (``peftchat.kernels.offload``, double-buffered copies back).
 * ``training.compile`` compiles each decoder layer with torch.compile (regional compilation), with
   random ops left to torch's generator so dropout masks are eager's (``compile_decoder_layers``).
 * ``training.fused_lora`` / ``training.fp8`` route each LoRA Linear through one autograd function
-  with the frozen base matmul (``peftchat.model.frozen_linear``), in bf16 or in FP8 on Hopper.
+  with the frozen base matmul (``peftchat.kernels.frozen_linear``), in bf16 or in FP8 on Hopper.
 * ``apply_training_speedups`` does all of the above in the right order and is the one place
   checkpointing is turned on; the training loop calls it once after LoRA is applied and gets back
   what was applied and the head loss to use.
@@ -36,8 +37,9 @@ import torch
 from peftchat.config import TrainingConfig
 from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
+from peftchat.kernels.offload import OffloadState, offloaded_checkpoint, run_layer
+from peftchat.kernels.options import KernelOptions
 from peftchat.model.adapters import unwrap_peft
-from peftchat.model.offload import offloaded_checkpoint, run_layer
 
 # (hidden (N, d), lm_head weight (V, d), targets (N,)) -> summed cross-entropy, no logits kept
 HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -46,10 +48,12 @@ HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class Speedups:
     """What `apply_training_speedups` did: `applied` for the log, `head_loss` for the loss
-    (liger's fused linear cross-entropy, or None for peftchat's chunked one)."""
+    (liger's fused linear cross-entropy, or None for peftchat's chunked one), `kernels` the
+    options the run's kernels were given (logged too)."""
 
     applied: list[str] = field(default_factory=list)
     head_loss: Optional[HeadLoss] = None
+    kernels: KernelOptions = field(default_factory=KernelOptions)
 
 
 def liger_installed() -> bool:
@@ -177,15 +181,22 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     return loss[0] if isinstance(loss, tuple) else loss
 
 
-def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Speedups:
+def kernel_options(model: torch.nn.Module, cfg: TrainingConfig) -> KernelOptions:
+    """The `KernelOptions` of training `model` with `cfg` on the device it is on."""
+    return KernelOptions.from_training(cfg, _model_device(model), fused_lora_enabled(model, cfg))
+
+
+def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig,
+                            kernels: Optional[KernelOptions] = None) -> Speedups:
     """Everything this module does to a model about to train: what was applied, for the log, and
     the head loss the training loss should use.
 
     Order: liger kernels (or, with `training.compile`, torch.compile of each decoder layer, whose
     own fusions replace liger's per-layer kernels; the fused CE is kept either way), then the
     checkpoint policy. With `training.max_memory_gib`, `cfg` is the one `memory_budget` resolved.
+    `kernels`: the kernel options (a benchmark's variant); by default `kernel_options(model, cfg)`.
     """
-    done = Speedups()
+    done = Speedups(kernels=kernels or kernel_options(model, cfg))
     if cfg.compile:
         fused = fused_kernels_enabled(model, cfg)
     else:
@@ -198,7 +209,7 @@ def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig) -> Spee
         done.applied.append("liger:fused_linear_cross_entropy")
     else:  # causal_lm_loss's own chunked loss runs whenever no fused head loss does (CPU included)
         done.applied.append("loss:chunked")
-    done.applied += apply_fused_lora(model, cfg)
+    done.applied += apply_fused_lora(model, cfg, done.kernels)
     n = apply_checkpoint_policy(model, cfg)
     if cfg.gradient_checkpointing:
         offload = ""
@@ -231,15 +242,12 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
     options = {"fallback_random": True} if eager_random else None
     body = None
     for layer in decoder_layers(model):
-        if layer.gradient_checkpointing and getattr(layer, "_gradient_checkpointing_func", None) is offloaded_checkpoint:
+        hook = getattr(layer, "_gradient_checkpointing_func", None)
+        if layer.gradient_checkpointing and isinstance(hook, partial) and hook.func is offloaded_checkpoint:
             body = body or torch.compile(run_layer, options=options)
-            layer._gradient_checkpointing_func = partial(offloaded_checkpoint, body=body)
+            layer._gradient_checkpointing_func = partial(hook, body=body)
         else:
             layer.compile(options=options)
-
-
-# `training.fused_lora: auto` turns the fused function on for CUDA training (see benchmarks/RESULTS.md).
-FUSED_LORA_AUTO_ON_CUDA = True
 
 
 def check_fp8_device(cfg: TrainingConfig, device: torch.device) -> None:
@@ -261,21 +269,21 @@ def fused_lora_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
         return True
     if cfg.fused_lora is False or cfg.compile:
         return False
-    return FUSED_LORA_AUTO_ON_CUDA and _model_device(model).type == "cuda"
+    # `auto`: on for CUDA training (lean 8B NF4 on an H200: 10,488 tok/s fused, 9,709 with
+    # peft's layers; benchmarks/HISTORY.md), off on the CPU, where peft's layers are the reference
+    return _model_device(model).type == "cuda"
 
 
-def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig) -> list[str]:
-    """Fuse each eligible LoRA Linear with its frozen base (FP8 base matmuls with `training.fp8`)."""
-    if not fused_lora_enabled(model, cfg):
+def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig, kernels: KernelOptions) -> list[str]:
+    """Fuse each eligible LoRA Linear with its frozen base (the FP8 base matmuls `kernels.fp8`)."""
+    if not kernels.fused_lora:
         return []
-    from peftchat.model.frozen_linear import fuse_lora_layers
+    from peftchat.kernels.frozen_linear import fuse_lora_layers
 
     check_fp8_device(cfg, _model_device(model))
-    counts = fuse_lora_layers(model, fp8=cfg.fp8)
+    counts = fuse_lora_layers(model, fp8=kernels.fp8)
     applied = [f"fused_lora:{counts['fused']} layers"]
-    from peftchat.model import frozen_linear, lora_dropout
-
-    if counts["dropout"] and frozen_linear.KERNEL_DROPOUT and lora_dropout.available(_model_device(model)):
+    if counts["dropout"] and kernels.triton:
         applied.append(f"lora_dropout:in_matmul {counts['dropout']} layers")  # bf16/fp16 ones (lora_dropout.usable)
     if cfg.fp8:
         applied.append(f"fp8:base_linears {counts['fp8']}")
@@ -320,10 +328,10 @@ def apply_checkpoint_policy(model: torch.nn.Module, cfg: TrainingConfig) -> int:
     if getattr(base.config, "use_cache", None):
         base.config.use_cache = False
     layers = decoder_layers(base)
-    offload = cfg.checkpoint_offload
+    hook = partial(offloaded_checkpoint, state=OffloadState()) if cfg.checkpoint_offload else None
     for i, layer in enumerate(layers):
         # The last layers run first in the backward pass, so their kept activations are freed first.
         layer.gradient_checkpointing = i < len(layers) - skip
-        if offload:
-            layer._gradient_checkpointing_func = offloaded_checkpoint
+        if hook is not None:
+            layer._gradient_checkpointing_func = hook
     return sum(layer.gradient_checkpointing for layer in layers)

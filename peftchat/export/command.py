@@ -23,7 +23,7 @@ from peftchat.paths import check_new_file, check_outputs, remove_stale_temps, te
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
                 overrides: Iterable[str] = (), force: bool = False, parity: bool = False) -> Path:
     """Write `out` (refused when it exists, unless `force`; replaced atomically) from `source`."""
-    from peftchat.model.to_gguf import OUTTYPES, write_gguf
+    from peftchat.export.gguf import OUTTYPES, write_gguf
 
     try:
         import gguf  # noqa: F401
@@ -32,7 +32,7 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
     if parity:
-        from peftchat.model.gguf_parity import llama_cpp_available
+        from peftchat.export.gguf_parity import llama_cpp_available
 
         if not llama_cpp_available():  # said before anything is merged or written
             raise UserError("export --parity needs llama-cpp-python: pip install 'peftchat[gguf-check]'")
@@ -67,7 +67,7 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
 def _check(model_dir: str | os.PathLike, written: Path) -> Path:
     """Print how closely llama.cpp runs the file (`--parity`: it loads the model twice more, so
     an export does not pay for it unless asked)."""
-    from peftchat.model.gguf_parity import gguf_parity
+    from peftchat.export.gguf_parity import gguf_parity
 
     try:
         parity = gguf_parity(model_dir, written)

@@ -1,4 +1,4 @@
-"""LoRA dropout drawn inside the LoRA matmuls (peftchat.model.lora_dropout).
+"""LoRA dropout drawn inside the LoRA matmuls (peftchat.kernels.lora_dropout).
 
 Without a GPU the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by
 tests/conftest.py before anything imports triton), in fp32: the interpreter's bf16 arithmetic is
@@ -8,7 +8,7 @@ not the GPU's. The GPU run of the same checks is benchmarks/check_lora_dropout.p
 import pytest
 import torch
 
-from peftchat.model import frozen_linear, lora_dropout
+from peftchat.kernels import frozen_linear, lora_dropout
 
 triton = pytest.importorskip("triton")
 
@@ -213,8 +213,8 @@ def test_kernel_dropout_reported_only_for_layers_with_dropout(monkeypatch):
     from lora_helpers import with_lora
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftchat.model import kernels
-    from peftchat.model.frozen_linear import unfuse_lora_layers
+    from peftchat.train import speedups as kernels
+    from peftchat.kernels.frozen_linear import unfuse_lora_layers
 
     monkeypatch.setattr(lora_dropout, "available", lambda device: True)
     cfg = SimpleNamespace(fp8=False, fused_lora=True, compile=False)

@@ -1,10 +1,10 @@
-"""peftchat.model.fp8 on CPU (torch._scaled_mm runs there too): scales against a float64 reference,
+"""peftchat.kernels.fp8 on CPU (torch._scaled_mm runs there too): scales against a float64 reference,
 quantization error within the format's rounding bound, and the two scaled matmuls."""
 
 import pytest
 import torch
 
-from peftchat.model import fp8, nf4
+from peftchat.kernels import fp8, nf4
 
 
 def _random(shape, seed):

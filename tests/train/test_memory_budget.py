@@ -8,8 +8,8 @@ import pytest
 
 from peftchat.config import recipe_from_dict
 from peftchat.errors import ConfigError
-from peftchat.model import kernels
-from peftchat.model.memory_budget import ModelShape, budgeted_training_config, choose_policy, estimate_gib
+from peftchat.train import speedups as kernels
+from peftchat.train.memory_budget import ModelShape, budgeted_training_config, choose_policy, estimate_gib
 
 LLAMA3_8B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=128256, heads=32, kv_heads=8)
 TOKENS = 4 * 2048
@@ -112,7 +112,7 @@ def test_budget_overrides_the_recipe_policy_and_prints_it(tiny_llama_dir, capsys
 def test_budget_estimates_the_lora_path_the_run_will_take(tiny_llama_dir, monkeypatch, fused_lora):
     from transformers import AutoModelForCausalLM
 
-    from peftchat.model import memory_budget
+    from peftchat.train import memory_budget
 
     seen = []
     choose = memory_budget.choose_policy

@@ -1,4 +1,4 @@
-"""peftchat.model.offload on CPU: the double buffer's bookkeeping (which input is fetched when, how
+"""peftchat.kernels.offload on CPU: the double buffer's bookkeeping (which input is fetched when, how
 many wait on the device), bit-identical gradients with and without the prefetch, gradient
 accumulation / evaluation / interleaved graphs, and dropout masks equal in forward and recompute."""
 
@@ -7,7 +7,8 @@ import torch
 from lora_helpers import with_lora
 
 from peftchat.config import TrainingConfig
-from peftchat.model import kernels, offload
+from peftchat.kernels import offload
+from peftchat.train import speedups as kernels
 
 CPU = torch.device("cpu")
 

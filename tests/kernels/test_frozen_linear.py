@@ -1,4 +1,4 @@
-"""peftchat.model.frozen_linear on CPU: the fused LoRA function against peft's own layers (bf16,
+"""peftchat.kernels.frozen_linear on CPU: the fused LoRA function against peft's own layers (bf16,
 NF4, int8 bases), dropout, FP8 mode, fallbacks, checkpointing, and a short fused training run."""
 
 import json
@@ -9,8 +9,8 @@ import torch
 from lora_helpers import with_lora, loss_and_grads
 from torch import nn
 
-from peftchat.model import frozen_linear as fl
-from peftchat.model.fp8 import Fp8Passes
+from peftchat.kernels import frozen_linear as fl
+from peftchat.kernels.fp8 import Fp8Passes
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -196,7 +196,7 @@ def _checkpointed_run(layer, x, g):
 
 
 def test_fp8_recompute_takes_the_nf4_kernels_and_keeps_the_transposed_weight(monkeypatch):
-    from peftchat.model import fp8
+    from peftchat.kernels import fp8
 
     layer = _lora_layer("nf4")
     x, g = _inputs()
@@ -255,7 +255,7 @@ def _tiny_lora_model(tiny_llama_dir, checkpointing, dropout=0.2):
     from transformers import AutoModelForCausalLM
 
     from peftchat.config import TrainingConfig
-    from peftchat.model import kernels
+    from peftchat.train import speedups as kernels
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     kernels.apply_checkpoint_policy(model, TrainingConfig(**checkpointing))
@@ -292,7 +292,7 @@ def test_fused_model_with_dropout_equals_peft_checkpointed_or_not(tiny_llama_dir
 def test_fp8_is_refused_without_a_hopper_gpu():
     from peftchat.config import recipe_from_dict
     from peftchat.errors import ConfigError
-    from peftchat.model.kernels import check_fp8_device
+    from peftchat.train.speedups import check_fp8_device
 
     recipe = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"fp8": True}})
     with pytest.raises(ConfigError, match="'training.fp8' needs a CUDA GPU of compute capability 9.0"):
@@ -399,7 +399,7 @@ def test_fp8_model_gradients_stay_near_bf16_when_gradients_are_tiny(monkeypatch)
     # An 8B step's input gradients times the folded weight scales are tiny; under round 7's first
     # amax floor (1e-12) they were flushed and the first layer's LoRA gradients were 66 % off
     # here (scale 1e-11). The Triton passes run in the interpreter.
-    from peftchat.model import fp8
+    from peftchat.kernels import fp8
 
     monkeypatch.setattr(fp8, "kernels_on", lambda t: True)
     ids = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(1))
@@ -453,7 +453,7 @@ def test_kept_recompute_weight_saves_a_dequantization_and_changes_nothing(kind, 
 @pytest.mark.parametrize("checkpointing", [dict(), dict(checkpoint_offload=True)])
 def test_kept_recompute_weight_in_a_checkpointed_model(checkpointing, monkeypatch):
     from peftchat.config import TrainingConfig
-    from peftchat.model import kernels
+    from peftchat.train import speedups as kernels
 
     ids = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(1))
     calls = _counting_dequant(monkeypatch)
@@ -478,7 +478,7 @@ def test_fp8_run_says_it_is_experimental(tiny_llama_dir, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     from peftchat.config import TrainingConfig
-    from peftchat.model import kernels
+    from peftchat.train import speedups as kernels
 
     monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU
     model = with_lora(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16), dropout=0.0)
@@ -492,7 +492,7 @@ def test_backward_lets_go_of_the_quantized_input(monkeypatch):
     # e4m3 copy) the recompute's last linear quantized: at 8B, down's input is 0.34 GiB
     from torch.utils.checkpoint import checkpoint
 
-    from peftchat.model import fp8
+    from peftchat.kernels import fp8
 
     monkeypatch.setattr(fp8, "kernels_on", lambda t: True)
     layer = _lora_layer("nf4")

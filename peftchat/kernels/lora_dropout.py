@@ -3,7 +3,7 @@
 Why by hand: at LoRA dropout > 0 the dropout of the layer input was the largest cost of LoRA in
 an 8B QLoRA step. torch's dropout reads x and writes a dropped copy and a bool mask, and a
 checkpointed layer draws it three times per step (forward, recompute, backward); the copies are
-then read again by the LoRA matmuls. Profiled on the H200 (lean, 8B NF4, 4 x 2048, round 5):
+then read again by the LoRA matmuls. Profiled on the H200 (lean, 8B NF4, 4 x 2048):
 66 of the 140 ms/step of LoRA kernels were `fused_dropout` and `masked_scale`. Neither torch,
 liger-kernel nor peft has a matmul that drops its input on the fly; this module is three small
 ones, each reading x (or writing the input gradient) once and drawing the mask in registers:
@@ -22,7 +22,7 @@ drop probability is that threshold / 65536 (0.05 -> 0.0500031) and kept values a
 dropout (peft's layers): same distribution, not the same bits.
 
 The seed is an int64 taken from torch's CUDA generator on the host: its Philox offset, advanced
-by 4 as a kernel drawing four numbers would (no device work: round 5 drew it with a
+by 4 as a kernel drawing four numbers would (no device work: the first kernels drew it with a
 `torch.randint` launch per LoRA call). A checkpointed layer's recompute restores that
 generator's state, so it takes the same seed and draws the same masks.
 
@@ -30,7 +30,7 @@ The LoRA scaling goes into the kernels' scale too (x @ A.T is saved for backward
 separate kernel multiplies by it, and A is read in its own dtype (fp32 adapters are cast in
 the kernel, not by a copy per call).
 
-Measured (benchmarks/RESULTS.md round 5, r16, one run): lean 8B NF4 10,583 tok/s against 10,030
+Measured (8B NF4 4 x 2048 on an H200, one run): lean 8B NF4 10,583 tok/s against 10,030
 with torch's dropout, peak 7.64 GiB against 7.86; loss within 0.025 % of peft's layers.
 """
 
@@ -99,13 +99,13 @@ def new_seed(device: torch.device) -> int:
 
 
 def block_r(r: int) -> int:
-    """The kernels' tile width for LoRA rank `r` (benchmarks/kernel_ptx.py compiles at it too)."""
+    """The kernels' tile width for LoRA rank `r` (a multiple of 16)."""
     return max(16, 1 << (r - 1).bit_length())  # tl.dot wants every dimension >= 16
 
 
 @functools.cache
 def _kernels():
-    from peftchat.model import lora_dropout_kernels as k
+    from peftchat.kernels import lora_dropout_kernels as k
 
     return _triton(), k.lora_down_kernel, k.lora_grad_a_kernel, k.lora_grad_input_kernel, k.lora_keep_mask_kernel
 
@@ -120,9 +120,9 @@ class Tiles:
     stages: int = 3
 
 
-# The fastest of ten launch shapes per kernel in round 6's sweep on the H200 (M = 8192, r = 16;
-# benchmarks/check_lora_dropout.py --sweep; ms at K = 4096 / 14336): down 32 x 128, 4 warps, 4
-# stages 0.074 / 0.158 (round 5's 64 x 128: 0.094 / 0.234); grad_a 64 x 128, 8 warps 0.084 /
+# The fastest of ten launch shapes per kernel in a sweep on the H200 (M = 8192, r = 16; ms at
+# K = 4096 / 14336; the sweep's numbers in benchmarks/HISTORY.md): down 32 x 128, 4 warps, 4
+# stages 0.074 / 0.158 (64 x 128: 0.094 / 0.234); grad_a 64 x 128, 8 warps 0.084 /
 # 0.175 (0.090 / 0.195); grad_input kept at 64 x 128, 4 warps, 2 stages, 0.073 / 0.173. Splitting
 # down's K over two or four programs (fp32 partial sums) was no faster (0.118-0.134 at 4096).
 TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
