@@ -5,13 +5,12 @@ own process (``benchmarks.worker``); this orchestrator plans the jobs, enforces 
 and writes ``results.json`` and ``results.md`` to --out after every job, so a run cut short still
 leaves what it measured.
 
-    python -m benchmarks.bench --shapes 1b,8b --modes nf4,int8,bf16 --out benchmarks/results
-    python -m benchmarks.bench --smoke          # CPU, tiny shapes, every path, no speed asserts
+    python -m benchmarks bench --shapes 1b,8b --modes nf4,int8,bf16 --out benchmarks/results
+    python -m benchmarks bench --smoke          # CPU, tiny shapes, every path, no speed asserts
 
 Variants are named KIND:NAME[@dropoutX]: ``peer:tutorial|tuned|tuned_liger|tuned_liger_nockpt``
 (plain libraries, benchmarks/peer_variants.py), ``peer:unsloth`` (unsloth's documented QLoRA path,
-benchmarks/unsloth_variant.py; dropout 0 unless named), ``probe:OPTIONS`` (tuned peer + single
-peftchat optimisations, benchmarks/probe_variants.py), ``peftchat:fast|lean|ref`` (peftchat's
+benchmarks/unsloth_variant.py; dropout 0 unless named), ``peftchat:fast|lean|ref`` (peftchat's
 recipe path, benchmarks/peftchat_variants.py). ``@dropoutX`` sets the LoRA dropout (default 0.05).
 
 Scenarios (``--scenarios``): ``dense`` (every row full, seq tokens) and ``chat`` (the seeded
@@ -75,10 +74,10 @@ class Runner:
         self.log = open(self.out / "bench_log.txt", "a", encoding="utf-8")
         self.doc: dict[str, Any] = {
             "meta": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.bench", *sys.argv[1:]]),
+                     "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", "bench", *sys.argv[1:]]),
                      "versions": versions(), "batch": args.batch, "seq": args.seq,
                      "warmup": args.warmup, "steps": args.steps, "device": args.device},
-            "builds": {}, "rows": [], "seqlen": []}
+            "builds": {}, "rows": []}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -219,13 +218,6 @@ def markdown(doc: dict[str, Any]) -> str:
             _fmt(r.get("pct_ceiling")), f"{_fmt(r.get('speed_vs_tuned'), 2)} / {_fmt(r.get('peak_vs_tuned'), 2)}",
             f"{_fmt(r.get('speed_vs_unsloth'), 2)} / {_fmt(r.get('peak_vs_unsloth'), 2)}",
             _fmt(r.get("loss_max_rel_diff"), 4), str(note).replace("|", "/")[:160]]) + " |")
-    if doc["seqlen"]:
-        lines += ["", "Longest sequence (batch 1) per variant: each length in its own process.", "",
-                  "| shape | mode | variant | seq | fits | peak alloc GiB | step s | note |", "|---|---|---|---:|---|---:|---:|---|"]
-        for r in doc["seqlen"]:
-            lines.append(f"| {r['shape']} | {r['mode']} | {r['variant']} | {r['seq']} | {'yes' if r.get('fits') else 'no'} "
-                         f"| {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('step_s_median'), 2)} "
-                         f"| {(r.get('error') or r.get('skipped') or '')[:80]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -293,56 +285,6 @@ def ensure_model(runner: Runner, shape: str) -> bool:
     return "error" not in res and "skipped" not in res
 
 
-def run_seqlen(runner: Runner) -> None:
-    """Ascending ladder of lengths per variant, then one bisection point between the last fit and first miss."""
-    args = runner.args
-    shape, mode = args.seqlen_shape, args.seqlen_mode
-    if not ensure_model(runner, shape):
-        return
-    ladders = seqlen_ladders(args.seqlen_ladder, args.seqlen_variants.split(","))
-    for variant, ladder in ladders.items():
-        fit, miss = 0, None
-        tried = []
-        for seq in ladder:
-            tried.append(seq)
-            ok = _seqlen_trial(runner, shape, mode, variant, seq)
-            if ok is None:
-                break
-            if not ok:
-                miss = seq
-                break
-            fit = seq
-        if fit and miss:  # one bisection step between the last fit and the first miss
-            mid = (fit + miss) // 2 // 1024 * 1024
-            if fit < mid < miss:
-                ok = _seqlen_trial(runner, shape, mode, variant, mid)
-                fit = mid if ok else fit
-
-
-def seqlen_ladders(spec: str, variants: list[str]) -> dict[str, list[int]]:
-    """`16384,32768` (one ladder for every variant) or `VARIANT=a,b;VARIANT=c,d` (one each)."""
-    if "=" not in spec:
-        return {v: [int(x) for x in spec.split(",")] for v in variants}
-    out = {}
-    for part in filter(None, spec.split(";")):
-        variant, _, lengths = part.partition("=")
-        out[variant.strip()] = [int(x) for x in lengths.split(",")]
-    return out
-
-
-def _seqlen_trial(runner: Runner, shape: str, mode: str, variant: str, seq: int) -> bool | None:
-    args = runner.args
-    spec = {**train_spec(args, shape, mode, variant, 1, seq, 0, 1), "fit_only": True}
-    res = runner.job(spec, args.seqlen_timeout)
-    row = {"shape": shape, "mode": mode, "variant": variant, "seq": seq, **res,
-           "fits": bool(res.get("step_s_median"))}
-    runner.doc["seqlen"].append(row)
-    runner.save()
-    if res.get("skipped"):
-        return None
-    return row["fits"]
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, every variant path, 2 steps")
@@ -369,14 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one process per job (default: on, off for --smoke)")
-    p.add_argument("--seqlen", action="store_true", help="also find the longest batch-1 sequence that fits")
-    p.add_argument("--seqlen-shape", default="8b")
-    p.add_argument("--seqlen-mode", default="nf4")
-    p.add_argument("--seqlen-variants", default="peer:tuned,peftchat:lean")
-    p.add_argument("--seqlen-ladder", default="peer:tuned=32768,49152,65536;peftchat:lean=65536,131072",
-                   help="lengths tried in order, one list for all variants or VARIANT=a,b;VARIANT=c,d")
-    p.add_argument("--seqlen-timeout", type=float, default=150.0)
-    p.add_argument("--seqlen-only", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         smoke_defaults(args)
@@ -392,26 +326,23 @@ def main(argv: list[str] | None = None) -> int:
         res = runner.job({"job": "ceiling", "device": args.device}, 120)
         runner.doc["meta"].update({k: v for k, v in res.items() if k != "wall_s"})
         runner.save()
-    if not args.seqlen_only:
-        for scenario, shape, mode, variant in plan:
-            if not ensure_model(runner, shape):
-                continue
-            spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps, scenario)
-            res = runner.job(spec, args.job_timeout)
-            row = {k: spec[k] for k in ("shape", "mode", "scenario", "variant", "batch", "seq")}
-            row["run"] = args.run_label
-            row.update(res)
-            if args.vocab_size:
-                row["vocab_size"] = args.vocab_size
-            enrich(row, runner.doc)
-            runner.doc["rows"].append(row)
-            ratios(runner.doc)
-            loss_gate(runner.doc)
-            runner.save()
-            print(f"{scenario}/{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
-                "tokens_per_s", "peak_alloc_gib", "loss_max_rel_diff", "error", "skipped", "wall_s")}), flush=True)
-    if args.seqlen:
-        run_seqlen(runner)
+    for scenario, shape, mode, variant in plan:
+        if not ensure_model(runner, shape):
+            continue
+        spec = train_spec(args, shape, mode, variant, args.batch, args.seq, args.warmup, args.steps, scenario)
+        res = runner.job(spec, args.job_timeout)
+        row = {k: spec[k] for k in ("shape", "mode", "scenario", "variant", "batch", "seq")}
+        row["run"] = args.run_label
+        row.update(res)
+        if args.vocab_size:
+            row["vocab_size"] = args.vocab_size
+        enrich(row, runner.doc)
+        runner.doc["rows"].append(row)
+        ratios(runner.doc)
+        loss_gate(runner.doc)
+        runner.save()
+        print(f"{scenario}/{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
+            "tokens_per_s", "peak_alloc_gib", "loss_max_rel_diff", "error", "skipped", "wall_s")}), flush=True)
     runner.save()
     print(markdown(runner.doc))
     return 0
@@ -430,10 +361,11 @@ def smoke_defaults(args: argparse.Namespace) -> None:
     if args.vocab_size is None:  # the shipped tokenizer's ids must fit the model for peftchat's data path
         args.vocab_size = max(512, len(AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))))
     if not args.variants and not args.plan:
-        dense = "peer:tutorial,peer:tuned,probe:chunk+ac+skip1+mb1,peftchat:fast+nocompile,peftchat:lean".split(",")
-        plan = [f"dense/tiny/{m}/{v}" for m in ("nf4", "int8", "bf16") for v in dense]
-        # the loss gate's reference, the named-dropout path, unsloth (skipped on CPU), the chat scenario
-        plan += ["dense/tiny/nf4/peftchat:ref", "dense/tiny/nf4/peer:unsloth@dropout0.05", "dense/tiny/nf4/peftchat:lean+mem64",
+        # each mode through the peer and peftchat's loop; the other paths once, on nf4
+        plan = [f"dense/tiny/{m}/{v}" for m in ("nf4", "int8", "bf16") for v in ("peer:tuned", "peftchat:lean")]
+        # the tutorial peer, fast, the loss gate's reference, the named-dropout path, unsloth (skipped on CPU), the chat scenario
+        plan += ["dense/tiny/nf4/peer:tutorial", "dense/tiny/nf4/peftchat:fast+nocompile", "dense/tiny/nf4/peftchat:ref",
+                 "dense/tiny/nf4/peer:unsloth@dropout0.05", "dense/tiny/nf4/peftchat:lean+mem64",
                  "chat/tiny/nf4/peer:tuned", "chat/tiny/nf4/peer:unsloth", "chat/tiny/nf4/peer:unsloth_sft",
                  "chat/tiny/nf4/peftchat:ref+packing", "chat/tiny/nf4/peftchat:lean+packing"]
         args.plan = ",".join(plan)

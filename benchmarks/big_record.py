@@ -1,6 +1,6 @@
 """Time and peak memory of reading data that holds one runaway record (docs/reliability.md §6).
 
-    python -m benchmarks.big_record [skip|stop] [MB]
+    python -m benchmarks big-record [skip|stop] [MB]
 
 Writes a JSON Lines file of two good messages records around one of MB megabytes (default 30),
 builds the datasets of a chat_template recipe (max_length 128, demo tokenizer) and prints the
@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 
 
-def main(on_error: str = "skip", megabytes: int = 30) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """`[skip|stop] [MB]` (default: skip 30)."""
+    argv = sys.argv[1:] if argv is None else argv
+    on_error, megabytes = (argv[:1] or ["skip"])[0], int((argv[1:2] or [30])[0])
     from transformers import AutoTokenizer
 
     from peftchat.config import recipe_from_dict
@@ -42,7 +45,8 @@ def main(on_error: str = "skip", megabytes: int = 30) -> None:
         print(f"{type(e).__name__}: {e}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"seconds {time.perf_counter() - start:.1f}  peak RSS MiB: {before / 1024:.0f} before, {peak / 1024:.0f} after")
+    return 0
 
 
 if __name__ == "__main__":
-    main(*(sys.argv[1:2] or ["skip"]), *(int(a) for a in sys.argv[2:3]))
+    sys.exit(main())

@@ -4,7 +4,7 @@ Each measured row keeps the run it came from; its ratios are against the tuned p
 shape and mode measured in *that* run when there is one, else in the latest run that has one
 (noted in the row). A later run's row replaces an earlier one of the same shape/mode/variant.
 
-    python -m benchmarks.collect benchmarks/results/r1 benchmarks/results/r2 ... --out benchmarks/results
+    python -m benchmarks collect benchmarks/results/r1 benchmarks/results/r2 ... --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ def load_runs(dirs: list[str]) -> list[tuple[str, dict]]:
 
 def merge(runs: list[tuple[str, dict]]) -> dict:
     rows: dict[tuple, dict] = {}
-    seqlen: list[dict] = []
     ceilings = {}
     for run_id, doc in runs:
         if doc["meta"].get("ceiling_tflops"):
@@ -41,7 +40,6 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
             if not r.get("tokens_per_s"):
                 continue
             rows[(r["shape"], r["mode"], r["variant"])] = {**r, "run": run_id}
-        seqlen += [{**r, "run": run_id} for r in doc.get("seqlen", [])]
     out = []
     for (shape, mode, variant), r in rows.items():
         ref_run = [x for x in runs if x[0] == r["run"]][0][1]
@@ -66,7 +64,7 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
         out.append(r)
     order = {"8b": 0, "1b": 1}, {"nf4": 0, "int8": 1, "bf16": 2}
     out.sort(key=lambda r: (order[0].get(r["shape"], 9), order[1].get(r["mode"], 9), r["variant"]))
-    return {"ceilings": ceilings, "rows": out, "seqlen": seqlen}
+    return {"ceilings": ceilings, "rows": out}
 
 
 def _overrides(r: dict) -> str:
@@ -74,12 +72,12 @@ def _overrides(r: dict) -> str:
     runs, so the table shows the overrides each row actually ran with)."""
     if "overrides" in r:
         return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "-"
-    return r["variant"].split(":", 1)[1] if r["variant"].startswith("probe:") else "-"
+    return "-"
 
 
 def markdown(doc: dict) -> str:
     lines = ["| shape | mode | variant | tok/s | step s | peak alloc GiB | peak reserved GiB | model TFLOP/s | % ceiling "
-             "| vs tuned: speed | vs tuned: peak | run | recipe overrides (peftchat) / options (probe) | applied |",
+             "| vs tuned: speed | vs tuned: peak | run | recipe overrides (peftchat) / options | applied |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in doc["rows"]:
         note = ", ".join(r.get("applied") or []) + (f" ({r['ref_note']})" if r.get("ref_note") else "")
@@ -97,8 +95,7 @@ def concat(runs: list[tuple[str, dict]]) -> tuple[dict, str]:
     from benchmarks.bench import markdown as run_markdown
 
     rows = [{**r, "run": r.get("run") or run_id} for run_id, doc in runs for r in doc["rows"]]
-    doc = {"runs": {run_id: d["meta"] for run_id, d in runs}, "rows": rows,
-           "seqlen": [r for _, d in runs for r in d.get("seqlen", [])]}
+    doc = {"runs": {run_id: d["meta"] for run_id, d in runs}, "rows": rows}
     text = "\n".join(f"## {run_id}\n\n" + run_markdown(d) for run_id, d in runs)
     return doc, text
 

@@ -16,8 +16,6 @@ Setting `ref` is the eager bf16 reference of the loss gate (bench.py): no compil
 kernels, no offload, every layer checkpointed, packed rows through sdpa's mask (no varlen); each peftchat row's `loss_max_rel_diff` is measured
 against the `ref` row of the same shape, mode, scenario, packing and dropout in the same run.
 
-`fit_only` specs (the longest-sequence search) run one step and report whether it fit.
-
 Settings (recipe overrides on top of the recipe defaults; SETTINGS below):
   fast  fastest setting whose peak stays within the tuned peer's
   lean  smallest memory at no less than the tuned peer's speed
@@ -37,19 +35,19 @@ GIB = 1024 ** 3
 QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
 
 # Per (shape, mode) overrides; "*" applies to every shape. checkpoint_skip_layers is sized so the
-# un-checkpointed layers' activations fit under the tuned peer's peak (benchmarks/RESULTS.md).
+# un-checkpointed layers' activations fit under the tuned peer's peak (benchmarks/HISTORY.md).
 # training.compile is kept out of every setting: its loss curve left the eager one by > 1 % on the
-# 8B shape (benchmarks/RESULTS.md, loss gate) before compiled layers drew eager's dropout masks
+# 8B shape (benchmarks/HISTORY.md, loss gate) before compiled layers drew eager's dropout masks
 # (kernels.compile_decoder_layers); `+compile` runs it for the gate to measure (lean+compile too).
 SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "fast": {
         "*": {"training.compile": False, "training.checkpoint_skip_layers": 0},
-        # the most layers out of checkpointing measured under the tuned peer's 21.67 GiB: r21 skip 12
+        # the most layers out of checkpointing measured under the tuned peer's 21.67 GiB: skip 12
         # 12,395 tok/s at 20.28 GiB against skip 8's 11,896 at 16.27 (skip 13, 21.28 GiB, ran
-        # unevenly in r22); "fast" was skip 8 until round 8
+        # unevenly)
         "8b/nf4": {"training.checkpoint_skip_layers": 12},
         "8b/bf16": {"training.checkpoint_skip_layers": 8},
-        # a full-checkpointing probe was faster than skip 6 (benchmarks/RESULTS.md): skip 0 is next to try
+        # a full-checkpointing probe was faster than skip 6 (benchmarks/HISTORY.md): skip 0 is next to try
         "8b/int8": {"training.checkpoint_skip_layers": 6},
         "1b/nf4": {"training.checkpoint_skip_layers": 10},
         "1b/bf16": {"training.checkpoint_skip_layers": 14},
@@ -123,7 +121,7 @@ def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: P
                  "max_length": spec["seq"], "packing": False, "shuffle": False,
                  "cache_dir": str(out_dir.parent / "hf_cache")},
         "training": {"output_dir": str(out_dir), "batch_size": micro, "gradient_accumulation_steps": batch // micro,
-                     "max_steps": 1 if spec.get("fit_only") else spec["warmup"] + spec["steps"],
+                     "max_steps": spec["warmup"] + spec["steps"],
                      "log_steps": 1, "save_steps": 0, "eval_steps": 0,
                      "lr": 2e-4, "warmup_steps": 0, "device": spec["device"], "tensorboard": False,
                      "gradient_checkpointing": True},
@@ -151,28 +149,16 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
             "timed_steps": len(timed), "step_s_median": time_s / len(timed), "real_tokens_timed": tokens}
 
 
-# FP8 experiments: which base matmuls run in FP8 (the recipe's `training.fp8` runs FP8_PASSES).
-FP8_PASS_TOKENS = {
-    "fp8all": dict(forward=True, recompute=True, grad_input=True),
-    "fp8fwd": dict(forward=True, recompute=True, grad_input=False),  # both forwards, bf16 input gradient
-    "fp8grad": dict(forward=False, recompute=False, grad_input=True),
-    "fp8grad5": dict(forward=False, recompute=False, grad_input=True, grad_dtype=torch.float8_e5m2),
-    "fp8e5": dict(forward=False, recompute=True, grad_input=True, grad_dtype=torch.float8_e5m2),  # the recipe's, e5m2 gradients
-    "fp8rec": dict(forward=False, recompute=True, grad_input=False),
-}
-
-
-def set_fp8_passes(tok: str) -> None:
-    """`training.fp8` with the passes of `FP8_PASS_TOKENS[tok]` (benchmarks/fp8_drift.py asks the same
-    on small models); one process per variant (worker.py)."""
-    import peftchat.kernels.frozen_linear as fl
-    from peftchat.kernels.fp8 import Fp8Passes
-
-    fl.FP8_PASSES = Fp8Passes(**FP8_PASS_TOKENS[tok])
+# Kernel variants: other `KernelOptions` than the recipe's (`TrainHooks.kernel_options`), never a
+# module flag. `fp8rec`: FP8 in the recompute only (8B NF4 lean: 11,952 tok/s at 7.65 GiB against
+# lean + fp8's 12,203 at 7.99). The other passes lost on the loss and were dropped as variants
+# (benchmarks/HISTORY.md: forward 1.65 % off eager in 6 steps, input gradient only +4.2 % at 1B).
+FP8_PASS_TOKENS = {"fp8rec": dict(forward=False, recompute=True, grad_input=False)}
 
 
 def _no_varlen() -> None:
-    """Packed training keeps sdpa (no `sdpa_varlen`); one process per variant (worker.py)."""
+    """Packed training keeps sdpa (no `sdpa_varlen`): the loss gate's reference, which no recipe
+    key selects (`sdpa` means varlen on CUDA); one process per variant (worker.py)."""
     from peftchat.model import load
 
     load.flash_varlen_available = lambda device: False
@@ -180,67 +166,21 @@ def _no_varlen() -> None:
 
 def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
     """The spec with a setting's `+`-joined options applied (`fast+compile+skip6` -> "compile+skip6"):
-    recipe overrides go into spec["overrides"]; experiment flags are set on their modules, which is
-    why each variant runs in its own process (worker.py)."""
+    recipe overrides go into spec["overrides"], kernel variants into spec["fp8_passes"] (turned
+    into the run's `KernelOptions` by `run`)."""
     overrides = dict(spec.get("overrides", {}))
     for tok in filter(None, options.split("+")):  # e.g. peftchat:fast+compile+skip6, peftchat:lean+mb2
         if tok.startswith("mb"):
             spec = {**spec, "micro_batch": int(tok[2:])}
         elif tok.startswith("skip"):
             overrides["training.checkpoint_skip_layers"] = int(tok[4:])
-        elif tok == "memsnap":  # diagnostic: what is alive at the memory peak (benchmarks/memory_peak.py)
-            spec = {**spec, "memsnap": True}
         elif tok.startswith("mem"):  # e.g. peftchat:lean+mem16: training.max_memory_gib 16 picks the policy
             overrides["training.max_memory_gib"] = float(tok[3:])
-        elif tok == "noprefetch":  # ablation: offloaded inputs come back synchronously (no double buffer)
-            from peftchat.model import offload
-
-            offload.PREFETCH_NEXT_INPUT = False  # one process per variant (worker.py)
-        elif tok in FP8_PASS_TOKENS:  # experiment: FP8 in other passes than the recipe's
+        elif tok in FP8_PASS_TOKENS:
             overrides["training.fp8"] = True
-            set_fp8_passes(tok)
-        elif tok == "bnbdq":  # ablation: NF4 bases dequantized by bitsandbytes (frozen_linear.TRITON_DEQUANT off)
-            from peftchat.model import frozen_linear
-
-            frozen_linear.TRITON_DEQUANT = False
-        elif tok == "fp8elem":  # ablation: r24's per-element FP8 weight kernels, torch's transpose
-            from peftchat.model import fp8
-
-            overrides["training.fp8"] = True
-            fp8.WEIGHT_TILES = fp8.TRANSPOSE_KERNEL = False
-        elif tok == "tdq":  # the default since round 9 (r26 rows): frozen_linear.TRITON_DEQUANT
-            from peftchat.model import frozen_linear
-
-            frozen_linear.TRITON_DEQUANT = True
-        elif tok == "keepw":  # experiment: a recompute's dequantized weight kept for its backward
-            from peftchat.model import frozen_linear
-
-            frozen_linear.KEEP_RECOMPUTED_WEIGHT = True
-        elif tok == "fp8tk":  # the default since round 9 (r26 rows): fp8.TRANSPOSE_KERNEL
-            from peftchat.model import fp8
-
-            overrides["training.fp8"] = True
-            fp8.TRANSPOSE_KERNEL = True
-        elif tok == "fp8tiles":  # the default since round 9 (r26 rows): fp8.WEIGHT_TILES
-            from peftchat.model import fp8
-
-            overrides["training.fp8"] = True
-            fp8.WEIGHT_TILES = True
-        elif tok == "fp8mlp":  # experiment: FP8 only in the MLP's base linears
-            from peftchat.model import frozen_linear
-
-            overrides["training.fp8"] = True
-            frozen_linear.FP8_ONLY = ("gate_proj", "up_proj", "down_proj")
+            spec = {**spec, "fp8_passes": tok}
         elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
-            _no_varlen()
-        elif tok == "torchdropout":  # ablation: LoRA dropout by torch's kernel, not inside the LoRA matmuls
-            from peftchat.model import frozen_linear
-
-            frozen_linear.KERNEL_DROPOUT = False  # one process per variant (worker.py)
-        elif tok == "basefirst":  # ablation: forward base GEMM first, LoRA term added onto it
-            from peftchat.model import frozen_linear
-
-            frozen_linear.LORA_TERM_FIRST = False
+            spec = {**spec, "novarlen": True}
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value
@@ -249,18 +189,27 @@ def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
     return {**spec, "overrides": overrides}
 
 
-def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
-        after_model_load: Optional[Callable] = None) -> dict[str, Any]:
-    """Train the spec's setting through peftchat.train.loop.train; return the bench row.
-    `after_step`: the loop's hook after each optimizer step (profile_step.py steps its profiler);
-    `after_model_load(model)`: called with the base model once loaded (host_lag.py's hooks)."""
+def kernel_variant(spec: dict[str, Any]) -> Optional[Callable]:
+    """`TrainHooks.kernel_options` for the spec's kernel variant, or None (the recipe's options)."""
+    if not spec.get("fp8_passes"):
+        return None
+    import dataclasses
+
+    from peftchat.kernels.fp8 import Fp8Passes
+
+    passes = Fp8Passes(**FP8_PASS_TOKENS[spec["fp8_passes"]])
+    return lambda options: dataclasses.replace(options, fused_lora=True, fp8=passes)
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train the spec's setting through peftchat.train.loop.train; return the bench row."""
     from peftchat.model.tokenizer import load_tokenizer
     from peftchat.train import loop
 
     _, _, name = spec["variant"].partition(":")
     setting, _, options = name.partition("+")
     spec = apply_options(spec, options)
-    if setting == "ref":  # the gate's reference: plain sdpa, packed rows through its mask
+    if setting == "ref" or spec.get("novarlen"):  # the gate's reference: plain sdpa, packed rows through its mask
         _no_varlen()
     if setting not in SETTINGS:
         raise ValueError(f"unknown peftchat setting {setting!r}; expected one of {', '.join(SETTINGS)}")
@@ -275,7 +224,7 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
     else:
         data_file = work / "chat.jsonl"
         recipe = build_recipe(spec, setting, data_file, out_dir)
-        n_records = spec["batch"] * (1 if spec.get("fit_only") else spec["warmup"] + spec["steps"]) + spec["batch"]
+        n_records = spec["batch"] * (spec["warmup"] + spec["steps"]) + spec["batch"]
         write_chat_data(data_file, load_tokenizer(recipe), spec["seq"], n_records)
 
     # Instrumentation through the loop's public hooks: reset the allocator peaks once the base
@@ -286,21 +235,17 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-            if spec.get("memsnap"):
-                torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
-        if after_model_load is not None:
-            after_model_load(model)
 
     t0 = time.perf_counter()
     loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend,
-                                             after_step=after_step))
+                                             kernel_options=kernel_variant(spec)))
     wall = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "tokens_per_s" in r]
     summary = json.loads((out_dir / "training_summary.json").read_text())
     res: dict[str, Any] = {
-        **timed_throughput(rows, 0 if spec.get("fit_only") else spec["warmup"], summary),
+        **timed_throughput(rows, spec["warmup"], summary),
         "losses": [round(r["loss"], 5) for r in rows],
         "applied": applied,
         "overrides": {**setting_overrides(setting, spec["shape"], spec["mode"]), **spec.get("overrides", {})},
@@ -313,13 +258,8 @@ def run(spec: dict[str, Any], after_step: Optional[Callable] = None,
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         # Near its memory peak the caching allocator may free its cache and retry a cudaMalloc,
-        # a device-wide synchronisation: a suspect, with garbage collection, for r22's uneven
-        # fast+skip13 steps. Counted over the whole run (warm-up included).
+        # a device-wide synchronisation: a suspect, with garbage collection, for uneven steps
+        # (8B fast at skip 13). Counted over the whole run (warm-up included).
         stats = torch.cuda.memory_stats()
         res["allocator"] = {key: stats.get(key) for key in ("num_alloc_retries", "num_device_alloc", "num_device_free")}
-    if cuda and spec.get("memsnap"):
-        from benchmarks.memory_peak import report
-
-        res["memory_peak_report"] = report(torch.cuda.memory._snapshot())
-        torch.cuda.memory._record_memory_history(enabled=None)
     return res

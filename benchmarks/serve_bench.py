@@ -10,8 +10,8 @@ token and inter-token latency (per request: (last chunk - first chunk) / (comple
 peak GPU memory. The model is random-init (`shapes.bench_model`, e.g. the 8B Llama shape), so
 replies run to max_tokens. Results: --out JSON, written after every row.
 
-    python -m benchmarks.serve_bench --tiny --out /tmp/serve.json            # CPU smoke, seconds
-    python -m benchmarks.serve_bench --shape 8b --out $OUT/serve_bench.json  # the GPU run
+    python -m benchmarks serve --tiny --out /tmp/serve.json            # CPU smoke, seconds
+    python -m benchmarks serve --shape 8b --out $OUT/serve_bench.json  # the GPU run
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model, fp32 modes, few tokens")
     p.add_argument("--shape", default="8b", help="benchmarks.shapes shape of the random-init base (GPU)")
     p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"),
-                   help="where the random-init base (shared with benchmarks.bench) and the adapter are built once")
+                   help="where the random-init base (shared with benchmarks bench) and the adapter are built once")
     p.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     p.add_argument("--modes", default=None, help="default nf4_adapter,bf16_merged (tiny: fp32_adapter,fp32_merged)")
     p.add_argument("--clients", default=None, help="concurrency levels (default 1,4,16,64; tiny: 1,4)")

@@ -1,7 +1,7 @@
 """One benchmark job in this process: a model build, the matmul ceiling, or one training variant.
 
 Run by bench.py as ``python -m benchmarks.worker '<json spec>'`` so each variant gets a fresh
-process (clean allocator, its own peak memory, no monkey patch leaking into the next variant).
+process (clean allocator, its own peak memory, nothing compiled or patched leaking into the next variant).
 The result is printed as the last line, prefixed with RESULT_TAG.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 RESULT_TAG = "BENCH_RESULT "
-VARIANT_KINDS = ("peer", "probe", "peftchat")  # `run_train` runs `KIND:NAME` variants of these kinds
+VARIANT_KINDS = ("peer", "peftchat")  # `run_train` runs `KIND:NAME` variants of these kinds
 GIB = 1024 ** 3
 
 
@@ -168,12 +168,6 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         model = peer_variants.build_peer(name, spec["mode"], spec["model_dir"], device,
                                          0.05 if dropout is None else dropout)
         step = peer_variants.peer_step_fn(model)
-    elif kind == "probe":
-        from benchmarks import probe_variants
-
-        if {"liger", "fce"} & set(name.split("+")) and not device.startswith("cuda"):
-            return {"skipped": "liger-kernel needs CUDA"}
-        model, step, applied = probe_variants.build_probe(name, spec["mode"], spec["model_dir"], device)
     elif kind == "peftchat":
         from benchmarks import peftchat_variants
 

@@ -27,3 +27,21 @@ def loss_and_grads(model, vocab: int = 200):
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def nf4_lora_layer(k: int, n: int, dropout: float, device: str, seed: int = 0, rank: int = 16):
+    """A peft LoRA Linear (rank `rank`, random non-zero B, fp32 adapter as peftchat keeps it) over
+    an NF4 bitsandbytes base of shape k -> n, on `device`."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig
+    from peft.tuners.lora import bnb as lora_bnb
+
+    torch.manual_seed(seed)
+    dense = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                             compress_statistics=True)
+    base.load_state_dict(dense.state_dict())
+    base = base.to(device)
+    kw = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights=False)
+    layer = lora_bnb.Linear4bit(base, "default", config=LoraConfig(**kw), **kw).to(device)
+    return layer.train()

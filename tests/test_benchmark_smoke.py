@@ -1,4 +1,4 @@
-"""The benchmark's CPU smoke mode runs every variant path (peer, probe, peftchat's recipe loop) on a
+"""The benchmark's CPU smoke mode runs every variant path (peer, peftchat's recipe loop) on a
 tiny model; speed is not asserted, only that each path trains and the report is written."""
 
 import json
@@ -12,14 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_smoke_runs_every_variant_path(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--smoke", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "bench", "--smoke", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     rows = doc["rows"]
     assert {r["mode"] for r in rows} == {"nf4", "int8", "bf16"}
     kinds = {r["variant"].split(":")[0] for r in rows}
-    assert kinds == {"peer", "probe", "peftchat"}
+    assert kinds == {"peer", "peftchat"}
     unsloth = [r for r in rows if r["variant"].startswith("peer:unsloth")]
     assert len(unsloth) == 3 and all("skipped" in r for r in unsloth)  # CUDA only: skipped with a note
     rows = [r for r in rows if r not in unsloth]
@@ -58,7 +58,7 @@ def test_a_plan_item_without_a_variant_kind_is_refused_before_any_job_runs(tmp_p
     """Round 10 wrote `dense/8b/nf4/ref` for `peftchat:ref`: the row failed only when its turn came,
     after the ceiling and the model build, and that run had no loss gate."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--device", "cpu", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "bench", "--device", "cpu", "--out", str(out),
                            "--plan", "dense/tiny/nf4/peftchat:lean,dense/tiny/nf4/ref"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

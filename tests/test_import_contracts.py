@@ -1,5 +1,5 @@
 """The layering contract of pyproject.toml ([tool.importlinter]) holds: config → formats → data →
-model → train / infer → cli, lower layers never import infer/train/cli, no import cycles."""
+kernels → model → train / infer → cli, lower layers never import infer/train/cli, no import cycles."""
 
 import os
 import shutil
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = ("layers: cli > export > merge > infer > train > model > data > formats > rundir",
+CONTRACTS = ("layers: cli > export > merge > infer > train > model > kernels > data > formats > rundir",
              "the lower layers never import infer, train or cli",
              "no import cycles between sibling modules or packages anywhere in peftchat")
 

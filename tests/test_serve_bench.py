@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_serve_bench_tiny_writes_sequential_and_batched_rows(tmp_path):
     out = tmp_path / "serve.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.serve_bench", "--tiny", "--modes", "fp32_merged",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "serve", "--tiny", "--modes", "fp32_merged",
                            "--clients", "2", "--models-dir", str(tmp_path / "models"), "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -11,7 +11,7 @@ node:
 keeping for backward only x (the tensor the layer was given, not a copy), x @ A.T (M x r, small)
 and A, B; never the dropped copy and bool mask that peft keeps. On the 8B NF4 lean row at dropout
 0.05 the seven LoRA layers of a decoder layer held 912 MiB of copies and masks at the step's
-memory peak (benchmarks/memory_peak.py). The base weight W is dequantized (NF4/FP4 via
+memory peak (an allocator snapshot; benchmarks/HISTORY.md). The base weight W is dequantized (NF4/FP4 via
 bitsandbytes, int8 rows times their scales) once in forward and once in backward, as
 bitsandbytes' own matmul does, and gets no gradient. With `fp8` the base matmuls of the passes
 `Fp8Passes` names (`KernelOptions.fp8`: by default a checkpointed layer's recompute and the input gradient, not the

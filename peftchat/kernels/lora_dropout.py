@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -128,24 +129,27 @@ class Tiles:
 TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
 
 
-def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
-    """(x * keep * keep_scale) @ lora_a.T * scale for (M, K) x and (r, K) lora_a, in x's dtype."""
+def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0,
+         tiles: Optional[Tiles] = None) -> torch.Tensor:
+    """(x * keep * keep_scale) @ lora_a.T * scale for (M, K) x and (r, K) lora_a, in x's dtype.
+    `tiles`: the launch shape (by default the measured `TILES`; the draws do not depend on it)."""
     triton, kernel, *_ = _kernels()
     m, k = x.shape
     r = lora_a.shape[0]
-    t = TILES["down"]
+    t = tiles or TILES["down"]
     out = torch.empty(m, r, device=x.device, dtype=x.dtype)
     kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p) * scale,
                                     BM=t.bm, BK=t.bk, BR=block_r(r), num_warps=t.warps, num_stages=t.stages)
     return out
 
 
-def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
+def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0,
+           tiles: Optional[Tiles] = None) -> torch.Tensor:
     """grad_xa.T @ (x * keep * keep_scale) * scale: LoRA A's gradient (r, K), in fp32."""
     triton, _, kernel, *_ = _kernels()
     m, k = x.shape
     r = grad_xa.shape[1]
-    t = TILES["grad_a"]
+    t = tiles or TILES["grad_a"]
     col_blocks = triton.cdiv(k, t.bk)
     # rows are split across programs so that a narrow K (4096 / 128 = 32 blocks) still fills the GPU
     splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, col_blocks), triton.cdiv(m, t.bm)))
@@ -158,14 +162,15 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: f
     return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
-def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0) -> torch.Tensor:
+def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0,
+               tiles: Optional[Tiles] = None) -> torch.Tensor:
     """(grad_xa @ lora_a) * keep * keep_scale * scale: LoRA's part of the layer input's gradient
     (M, K), in grad_xa's dtype."""
     triton, _, _, kernel, _ = _kernels()
     m, r = grad_xa.shape
     k = lora_a.shape[1]
     out = torch.empty(m, k, device=grad_xa.device, dtype=grad_xa.dtype)
-    t = TILES["grad_input"]
+    t = tiles or TILES["grad_input"]
     kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
                                                          r, threshold(p), keep_scale(p) * scale, BM=t.bm, BK=t.bk,
                                                          BR=block_r(r), num_warps=t.warps, num_stages=t.stages)

@@ -16,7 +16,7 @@ budget) so the choice is testable without a GPU. The estimate (bytes, bf16 activ
               (with only the inputs kept) and the end of the forward (all kept activations, plus
               the loss: 0.25 x one layer's activations)
 
-Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/RESULTS.md, 2026-11-29, dropout
+Calibrated on the 8B Llama shape, NF4, 4 x 2048 (benchmarks/HISTORY.md, 2026-11-29, dropout
 0.05): estimated 8.49 / 10.36 / 20.86 GiB for offload / checkpoint all / skip 8, measured 8.21
 (lean) / 10.3 (ref: eager, every layer checkpointed) / 20.8 (fast); one more un-checkpointed layer
 is estimated 1.375 GiB, measured 1.36-1.39. With the fused LoRA function (on by default for CUDA

@@ -1,6 +1,6 @@
 """Training-speed knobs applied to a loaded model: fused kernels, checkpoint policy, compilation.
 
-Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md for what each one buys). Which
+Both are measured in ``benchmarks/`` (see benchmarks/RESULTS.md and HISTORY.md for what each one buys). Which
 kernels run is one ``KernelOptions`` (peftchat.kernels.options), built here once per run.
 
 * ``apply_fused_kernels`` swaps RMSNorm, SwiGLU/GeGLU and RoPE (per family: ``LIGER_LAYER_KERNELS``)
@@ -232,7 +232,7 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
     kernels on torch's generator, so the compiled layer draws the very masks eager draws and the
     checkpoint recompute replays them (without it, on CPU, compiled gradients were 0.76 off eager's;
     tests/model/test_compile.py). It does not explain the 8B GPU divergence: with it the 8B run's
-    loss still leaves eager's by 2.7 % at dropout 0.05 (benchmarks/RESULTS.md, round 3, r8), so
+    loss still leaves eager's by 2.7 % at dropout 0.05 (benchmarks/HISTORY.md, round 3), so
     `training.compile` stays out of every measured setting. Random ops are a few elementwise
     kernels, so it costs little; with dropout 0 there are none.
     Layers checkpointed by `offloaded_checkpoint` (streams, host copies, RNG state: not traceable)

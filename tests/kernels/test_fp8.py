@@ -96,12 +96,7 @@ def _nf4(n, k, nested, quant_type="nf4", seed=5, blocksize=64):
 
 
 @pytest.mark.parametrize("nested,quant_type", [(False, "nf4"), (True, "nf4"), (True, "fp4")])
-@pytest.mark.parametrize("transpose_kernel", [False, True])
-@pytest.mark.parametrize("weight_tiles", [False, True])
-def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type, transpose_kernel, weight_tiles,
-                                                             monkeypatch):
-    monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", transpose_kernel)
-    monkeypatch.setattr(fp8, "WEIGHT_TILES", weight_tiles)
+def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type):
     packed, state, exact = _nf4(96, 320, nested, quant_type)  # 96 rows, 320 columns: partial tiles
     assert nf4.kernel_fits(packed, state)
     rows, transposed, row_scale = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
@@ -115,11 +110,9 @@ def test_nf4_to_fp8_equals_quantizing_the_dequantized_weight(nested, quant_type,
 
 
 @pytest.mark.parametrize("blocksize", [128, 256])  # one absmax block per tile row, and blocks wider than the tile
-def test_tiled_weight_kernels_take_other_block_sizes(blocksize, monkeypatch):
+def test_tiled_weight_kernels_take_other_block_sizes(blocksize):
     # at 256 the small rows' decoded absmaxes are negative (offset 4.5 against 0.12): the row
     # scales take |absmax| (with the signed maximum they were the 1e-30 floor, every value ±448)
-    monkeypatch.setattr(fp8, "TRANSPOSE_KERNEL", True)
-    monkeypatch.setattr(fp8, "WEIGHT_TILES", True)
     packed, state, exact = _nf4(96, 512, True, blocksize=blocksize)
     rows, transposed, _ = fp8.nf4_to_fp8(packed, state, rows=True, transposed=True)
     ref_q = fp8.quantize(exact, 1)[0].view(torch.uint8)

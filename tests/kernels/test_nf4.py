@@ -46,7 +46,7 @@ def test_kernel_refuses_rows_that_split_a_block():
 
 
 def test_fused_lora_layer_is_unchanged_by_the_triton_dequantization(monkeypatch):
-    from benchmarks.check_fp8 import nf4_lora_layer
+    from lora_helpers import nf4_lora_layer
 
     layer = nf4_lora_layer(128, 64, 0.0, "cpu")
     fl.fuse_lora_layers(layer)
@@ -68,7 +68,6 @@ def test_fused_lora_layer_is_unchanged_by_the_triton_dequantization(monkeypatch)
         dequantize = nf4.dequantize
         monkeypatch.setattr(nf4, "kernels_on", lambda t: True)  # the kernel, in the interpreter
         monkeypatch.setattr(nf4, "dequantize", lambda *a: calls.append(1) or dequantize(*a))
-        monkeypatch.setattr(fl, "TRITON_DEQUANT", True)
         ours = run()
     assert len(calls) == 2  # forward and backward
     for a, b in zip(ours, bnb):

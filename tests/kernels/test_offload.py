@@ -1,5 +1,5 @@
 """peftchat.kernels.offload on CPU: the double buffer's bookkeeping (which input is fetched when, how
-many wait on the device), bit-identical gradients with and without the prefetch, gradient
+many wait on the device), bit-identical gradients to torch's own checkpoint, gradient
 accumulation / evaluation / interleaved graphs, and dropout masks equal in forward and recompute."""
 
 import pytest
@@ -48,17 +48,17 @@ class RecordingTransfer(offload.CloneTransfer):
 @pytest.fixture
 def recorder(monkeypatch):
     rec = RecordingTransfer()
-    monkeypatch.setitem(offload._TRANSFERS, CPU, rec)
+    monkeypatch.setattr(offload.OffloadState, "transfer_for", lambda self, device: rec)
     return rec
 
 
-def _model(layers=4, skip=1, dropout=0.2):
+def _model(layers=4, skip=1, dropout=0.2, offloaded=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, checkpoint_offload=True,
+    kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, checkpoint_offload=offloaded,
                                                           checkpoint_skip_layers=skip))
     return with_lora(model, dropout)
 
@@ -96,15 +96,21 @@ def test_accumulation_and_evaluation_do_not_cross_passes(recorder):
                             ("prefetch", 0), ("wait", 0)] + \
                            [("park", 3), ("park", 4), ("park", 5), ("now", 5), ("prefetch", 4), ("wait", 4),
                             ("prefetch", 3), ("wait", 3)]
-    assert all(ref() is None for ref in offload._LAST_PARKED.values())  # nothing kept after backward
+    state = kernels.decoder_layers(model)[0]._gradient_checkpointing_func.keywords["state"]
+    assert all(ref() is None for ref in state.last_parked.values())  # nothing kept after backward
+
+
+def test_each_model_has_its_own_offload_state():
+    a, b = _model(layers=2, skip=0), _model(layers=2, skip=0)
+    hooks = [layer._gradient_checkpointing_func for m in (a, b) for layer in kernels.decoder_layers(m)]
+    assert hooks[0] is hooks[1] and hooks[2] is hooks[3]  # one hook, one state per model
+    assert hooks[0].keywords["state"] is not hooks[2].keywords["state"]
 
 
 @pytest.mark.parametrize("skip", [0, 2])
-def test_prefetch_gives_bit_identical_loss_and_gradients(monkeypatch, skip):
-    monkeypatch.setattr(offload, "PREFETCH_NEXT_INPUT", False)
-    ref = _model(skip=skip)
+def test_offload_gives_torch_checkpoints_loss_and_gradients_bit_for_bit(skip):
+    ref = _model(skip=skip, offloaded=False)
     ref_loss = _step(ref)
-    monkeypatch.setattr(offload, "PREFETCH_NEXT_INPUT", True)
     model = _model(skip=skip)
     loss = _step(model)
     assert torch.equal(loss, ref_loss)
@@ -161,15 +167,16 @@ def test_nested_checkpoints_in_the_recompute_give_plain_autograd_gradients(recor
         return torch.tanh(x @ wi)
 
     def layer(h, wi):  # a layer whose body checkpoints again (runs only in its recompute: grad on there)
-        return offload.offloaded_checkpoint(inner, h * 2, wi) + h
+        return offload.offloaded_checkpoint(inner, h * 2, wi, state=state) + h
 
     def plain(h, wi):
         return inner(h * 2, wi) + h
 
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(9))
     out = x
+    state = offload.OffloadState()
     for wi in w:
-        out = offload.offloaded_checkpoint(layer, out, wi)
+        out = offload.offloaded_checkpoint(layer, out, wi, state=state)
     out.sum().backward()
     got = [wi.grad.clone() for wi in w]
     for wi in w:

@@ -1,5 +1,5 @@
 """training.max_memory_gib: the policy choice as a pure function (8B Llama shape numbers, checked
-against the peaks measured on the H200: benchmarks/RESULTS.md), config validation, and the
+against the peaks measured on the H200: benchmarks/HISTORY.md), config validation, and the
 choice applied to a tiny model on CPU."""
 
 from types import SimpleNamespace
@@ -15,17 +15,17 @@ LLAMA3_8B = ModelShape(hidden=4096, layers=32, intermediate=14336, vocab=128256,
 TOKENS = 4 * 2048
 
 
-# lean, ref (eager, every layer checkpointed), fast (skip 8): 8B NF4 4 x 2048 peaks, RESULTS.md round 2
+# lean, ref (eager, every layer checkpointed), fast (skip 8): 8B NF4 4 x 2048 peaks, HISTORY.md round 2
 @pytest.mark.parametrize("skip,offload,measured", [(0, True, 8.21), (0, False, 10.3), (8, False, 20.79)])
 def test_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
     est = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload)
     assert measured <= est <= measured * 1.06
     one_more = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip + 1, offload) - est
-    assert abs(one_more - 1.375) <= 0.07  # measured: 1.36-1.39 GiB per un-checkpointed layer (RESULTS.md)
+    assert abs(one_more - 1.375) <= 0.07  # measured: 1.36-1.39 GiB per un-checkpointed layer (HISTORY.md)
 
 
 # through the fused LoRA function (CUDA's default): lean, skip 8 / 12 (r21), skip 13 (r22), skip 10
-# (round 5), 8B NF4 4 x 2048 at dropout 0.05, RESULTS.md rounds 5-7
+# (round 5), 8B NF4 4 x 2048 at dropout 0.05, HISTORY.md rounds 5-7
 @pytest.mark.parametrize("skip,offload,measured", [(0, True, 7.64), (8, False, 16.27), (10, False, 18.27),
                                                    (12, False, 20.28), (13, False, 21.28)])
 def test_fused_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
@@ -34,7 +34,7 @@ def test_fused_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, off
     assert est < estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload)  # peft's layers keep more
 
 
-# training.fp8 on the fused path: lean, skip 12 (r26), skip 8 (r25), 8B NF4 4 x 2048, RESULTS.md round 9
+# training.fp8 on the fused path: lean, skip 12 (r26), skip 8 (r25), 8B NF4 4 x 2048, HISTORY.md round 9
 @pytest.mark.parametrize("skip,offload,measured", [(0, True, 7.99), (8, False, 16.46), (12, False, 20.47)])
 def test_fp8_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
     est = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload, fused=True, fp8=True)
