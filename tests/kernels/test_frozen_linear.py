@@ -394,7 +394,8 @@ def test_fp8_model_gradients_stay_near_bf16_when_gradients_are_tiny(monkeypatch)
     from peftchat.kernels import fp8
 
     monkeypatch.setattr(fp8, "kernels_on", lambda t: True)
-    ids = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(1))
+    # 16 rows: the interpreter runs one program per row of each quantized matrix (128 rows took 54 s)
+    ids = torch.randint(0, 500, (1, 16), generator=torch.Generator().manual_seed(1))
     scale = 1e-11
     grads = []
     for use_fp8 in (False, True):
