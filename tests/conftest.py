@@ -2,7 +2,7 @@
 # interpreted or compiled when a function is decorated, and triton.language's own helpers
 # (tl.randint4x, which peftchat.kernels.lora_dropout's kernels call) are decorated when triton is
 # first imported (bitsandbytes imports it): set later, a kernel runs interpreted but calls a
-# compiled helper and fails (tests/model/test_lora_dropout.py after tests/infer/test_loading.py).
+# compiled helper and fails (tests/kernels/test_lora_dropout.py after tests/infer/test_loading.py).
 import os as _os
 
 import torch as _torch

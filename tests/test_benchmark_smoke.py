@@ -41,6 +41,14 @@ def test_bench_smoke_runs_every_variant_path(tmp_path):
     table = (out / "results.md").read_text()
     assert "| tiny | nf4 | dense | peer:tuned |" in table and "| tiny | bf16 | dense | peftchat:lean |" in table
     assert "| tiny | nf4 | chat | peftchat:lean+packing |" in table
+    # `collect` merges run dirs into one results.json (the spec's fields) and one table
+    from benchmarks import collect
+
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    assert collect.main([str(out), "--out", str(merged)]) == 0
+    rows = json.loads((merged / "results.json").read_text())["rows"]
+    assert len(rows) == len(doc["rows"]) and all({"shape", "mode", "variant", "run"} <= set(r) for r in rows)
 
 
 def test_flops_per_token_formula_for_the_8b_shape():

@@ -26,7 +26,7 @@ Dropout, two ways:
   against 10,030 with torch's dropout (one run). Other draws than peft's, same distribution;
   the loss stays within 0.025 % of peft's layers (the bench's loss gate).
 - Elsewhere (CPU, fp32), torch's native dropout (the kernel F.dropout
-  uses) draws the very masks peft's layer would (tests/model/test_frozen_linear.py: same loss
+  uses) draws the very masks peft's layer would (tests/kernels/test_frozen_linear.py: same loss
   and LoRA gradients as peft with dropout, checkpointed or not, on CPU in fp32). Backward keeps
   the RNG state, not the mask, and draws the mask again from it.
 

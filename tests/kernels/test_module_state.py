@@ -1,5 +1,5 @@
 """Kernel choices are data, not globals: a training run (fused LoRA with dropout, offloaded
-checkpoints, NF4 base, on the CPU) leaves every module-level value of `peftchat.kernels` and
+checkpoints, on the CPU) leaves every module-level value of `peftchat.kernels` and
 `peftchat.model` as it found it, and `peftchat train` prints the run's KernelOptions."""
 
 import importlib
@@ -53,10 +53,10 @@ def test_a_training_run_changes_no_module_level_state(tiny_llama_dir, tmp_path, 
 
     before = _snapshot()
     assert before, "no module-level values found: the snapshot looks at nothing"
-    recipe = load_recipe(str(RECIPES / "demo_qlora.yaml"), [
+    recipe = load_recipe(str(RECIPES / "demo.yaml"), [
         f"model.path={tiny_llama_dir}", f"training.output_dir={tmp_path / 'run'}", "training.device=cpu",
         "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0.1",
-        "training.batch_size=2", "data.max_length=64", "training.gradient_checkpointing=true",
+        "training.batch_size=1", "data.max_length=128", "training.gradient_checkpointing=true",
         "training.checkpoint_offload=true", "training.fused_lora=true"])
     applied = []
     loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
