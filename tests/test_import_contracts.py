@@ -16,7 +16,7 @@ CONTRACTS = ("layers: cli > export > merge > infer > train > model > kernels > d
 def lint(root: Path) -> subprocess.CompletedProcess:
     code = ("import sys; from importlinter.cli import lint_imports; "
             "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))")
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}  # a contract's name on one line
     return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
 
