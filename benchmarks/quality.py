@@ -118,7 +118,7 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict
     tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, setting,
                                                               files[0], work / "tmp"))
     write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
-    write_sessions(files[1], tokenizer, n=64, seed=4321)  # other sessions: held out
+    write_sessions(files[1], tokenizer, n=args.eval_sessions, seed=4321)  # other sessions: held out
     kinds = args.runs.split(",")
     labels = [kind if i == 0 else f"{kind}#{i + 1}" for i in range(args.repeats) for kind in kinds]
     results.update({"shape": shape, "steps": steps, "setting": args.setting, "runs": labels,
@@ -216,6 +216,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     r.add_argument("--batch", type=int, default=4)
     r.add_argument("--seq", type=int, default=2048)
     r.add_argument("--dropout", type=float, default=0.05)
+    r.add_argument("--eval-sessions", type=int, default=64, help="held-out sessions of the eval loss")
     r.add_argument("--model-root", default="/tmp/quality_models")
     r.add_argument("--work-dir", default="/tmp/quality_work", help="data, run dirs, adapters")
     q = sub.add_parser("pool", help="pool the runs of several quality.json (or older check_fp8.json) by kind")

@@ -57,7 +57,8 @@ def test_the_bf16_run_turns_fp8_off_whatever_the_options_say():
 def test_each_run_trains_with_the_setting_and_its_own_options(tmp_path):
     quality.main(["run", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
                   "--model-root", str(tmp_path / "models"), "--shapes", "tiny:1", "--device", "cpu",
-                  "--runs", "peft,fused+skip2", "--repeats", "2", "--batch", "2", "--seq", "64", "--setting", "lean+skip1"])
+                  "--runs", "peft,fused+skip2", "--repeats", "2", "--batch", "2", "--seq", "64", "--eval-sessions", "4",
+                  "--setting", "lean+skip1"])
     (result,) = json.loads((tmp_path / "out" / "quality.json").read_text())["quality"]
     assert result["runs"] == ["peft", "fused+skip2", "peft#2", "fused+skip2#2"]
     assert result["reference"] == "peft" and result["peft"]["train_loss_rel_diff"] == 0
