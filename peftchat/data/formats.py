@@ -48,7 +48,7 @@ from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
 from peftchat.formats.moss import strip_markup as _strip_markup
 from peftchat.formats.turns import check_turn_order, tool_calls_from, tools_from, without_empty_system
 
-FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca")
+FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca", "preference")
 
 MOSS_REQUIRED = ("Human", "MOSS")
 
@@ -64,6 +64,8 @@ SHAREGPT_ROLES: dict[str, str] = {
 def detect_format(record: dict[str, Any], cfg: DataConfig, origin: str) -> str:
     """The format of `record`, judged from its keys (the `auto` format)."""
     keys = {k for k, v in record.items() if v is not None}
+    if "chosen" in keys and "rejected" in keys:  # pairs (peftchat.data.preference), in any of their shapes
+        return "preference"
     if "chat" in keys and ("num_turns" in keys or "meta_instruction" in keys):
         return "moss"
     if "messages" in keys:
@@ -93,6 +95,10 @@ def fields_read(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
         return ("conversations", "system", "tools")
     if fmt == "alpaca":
         return ALPACA_FIELDS
+    if fmt == "preference":
+        from peftchat.data.preference import PAIR_FIELDS
+
+        return PAIR_FIELDS
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -113,6 +119,10 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) ->
         return _from_sharegpt(record, cfg, origin)
     if fmt == "alpaca":
         return _from_alpaca(record, origin)
+    if fmt == "preference":  # outside a preference objective: the chosen side trains (SFT on the chosen replies)
+        from peftchat.data.preference import chosen_conversation
+
+        return chosen_conversation(record, cfg, origin)
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
