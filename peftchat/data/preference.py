@@ -10,8 +10,8 @@ Record shapes (`data.format: preference`, or `auto`: any record with `chosen` an
 * ShareGPT / LLaMA-Factory: ``{"conversations": [{from, value}], "chosen": {"from": "gpt", "value"},
   "rejected": {...}, "system"?}``; also ``{"messages": [...], "chosen": ..., "rejected": ...}``.
 
-Each side becomes a whole `Conversation` (prompt + that reply) through the record normalizers
-SFT uses (`data.formats`: role maps, turn-order checks), and is encoded by the recipe's
+Each side becomes a whole `Conversation` (prompt + that reply; the record shapes are read by
+`data.formats.pair_sides`) through the record normalizers SFT uses (role maps, turn-order checks), and is encoded by the recipe's
 conversation format (`data.collator`: chatglm rounds, MOSS with its meta instruction, chat
 templates) with the loss on the last answer only, so a pair's prompt is token for token what
 `peftchat chat` puts in front of a reply. Hand-written rather than TRL's tokenization because
@@ -23,7 +23,7 @@ and rejected always share one prompt; if the bare question still leaves no room,
 are cut to what is left, and a question that alone fills the limit drops the pair (counted).
 Pairs whose replies are identical or empty are dropped and counted in the data report.
 
-Under `training.objective: sft` a preference record trains its chosen reply (`chosen_conversation`).
+Under `training.objective: sft` a preference record trains its chosen reply (`data.formats`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ from typing import Any, Optional
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data.batching import Batches, MicroBatch, collate, loss_targets
+from peftchat.data.formats import normalize, pair_sides
 from peftchat.errors import DataError
 from peftchat.formats.base import ConversationFormat, fewest_to_drop
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import IGNORE_INDEX, Encoded, Sample
 
-PAIR_FIELDS = ("prompt", "chosen", "rejected", "conversations", "messages", "system", "tools")
 PREFERENCE_OBJECTIVES = ("dpo", "orpo", "simpo")
 IDENTICAL = "identical chosen and rejected replies"
 EMPTY = "empty chosen or rejected reply"
@@ -55,73 +55,10 @@ def is_preference(recipe: Recipe) -> bool:
 # ------------------------------------------------------------------------------ records
 
 
-def _bad(origin: str, problem: str) -> DataError:
-    return DataError(f"{origin}: {problem}")
-
-
-def _reply(value: Any, origin: str, key: str) -> dict[str, Any]:
-    """A reply field as one assistant message (text, a message dict, or a list ending in one)."""
-    if isinstance(value, list):
-        if not value or not isinstance(value[-1], dict):
-            raise _bad(origin, f"'{key}' must be a text, a message or a non-empty list of messages")
-        value = value[-1]
-    if isinstance(value, str):
-        return {"role": "assistant", "content": value}
-    if isinstance(value, dict):
-        if "from" in value:  # ShareGPT's {from, value}
-            return {"role": "assistant", "content": value.get("value")}
-        return {**value, "role": value.get("role", "assistant")}
-    raise _bad(origin, f"'{key}' must be a text, a message or a list of messages, got {type(value).__name__}")
-
-
-def _implicit_prompt(record: dict[str, Any], origin: str) -> list[dict[str, Any]]:
-    """TRL's implicit prompt: the messages `chosen` and `rejected` share before their last."""
-    chosen, rejected = record["chosen"], record["rejected"]
-    if not (isinstance(chosen, list) and isinstance(rejected, list)) or len(chosen) < 2:
-        raise _bad(origin, "a preference record without 'prompt', 'conversations' or 'messages' needs "
-                           "'chosen' and 'rejected' as whole conversations (lists of messages)")
-    if chosen[:-1] != rejected[:-1]:
-        raise _bad(origin, "'chosen' and 'rejected' must share every message but the last (TRL's implicit prompt)")
-    return chosen[:-1]
-
-
-def _side_records(record: dict[str, Any], origin: str) -> tuple[str, dict, dict]:
-    """(record format, chosen-side record, rejected-side record), each a whole conversation."""
-    for key in ("chosen", "rejected"):
-        if record.get(key) is None:
-            raise _bad(origin, f"missing field '{key}' (a preference pair needs 'chosen' and 'rejected')")
-    chosen, rejected = _reply(record["chosen"], origin, "chosen"), _reply(record["rejected"], origin, "rejected")
-    if "conversations" in record:
-        extra = {k: record[k] for k in ("system", "tools") if record.get(k) is not None}
-        turns = list(record["conversations"]) if isinstance(record["conversations"], list) else record["conversations"]
-        if not isinstance(turns, list):
-            raise _bad(origin, "'conversations' must be a list of {from, value} objects")
-
-        def side(m: dict) -> dict:
-            return {**extra, "conversations": turns + [{"from": "gpt", "value": m.get("content")}]}
-        return "sharegpt", side(chosen), side(rejected)
-    prompt = record.get("prompt", record.get("messages"))
-    if prompt is None:
-        prompt = _implicit_prompt(record, origin)
-    if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": prompt}]
-    if not isinstance(prompt, list):
-        raise _bad(origin, f"'prompt' must be a text or a list of messages, got {type(prompt).__name__}")
-    extra = {"tools": record["tools"]} if record.get("tools") is not None else {}
-    return "messages", {**extra, "messages": prompt + [chosen]}, {**extra, "messages": prompt + [rejected]}
-
-
 def normalize_pair(record: dict[str, Any], cfg: DataConfig, origin: str) -> tuple[Conversation, Conversation]:
     """(chosen conversation, rejected conversation) of one preference record; DataError when bad."""
-    from peftchat.data.formats import normalize
-
-    fmt, chosen, rejected = _side_records(record, origin)
+    fmt, chosen, rejected = pair_sides(record, origin)
     return normalize(chosen, fmt, cfg, origin), normalize(rejected, fmt, cfg, origin + " (rejected)")
-
-
-def chosen_conversation(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversation:
-    """The conversation SFT trains on a preference record: its prompt and chosen reply."""
-    return normalize_pair(record, cfg, origin)[0]
 
 
 # ------------------------------------------------------------------------------ encoding
