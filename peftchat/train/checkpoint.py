@@ -129,17 +129,24 @@ def load_adapter_weights(path: str | os.PathLike, model) -> None:
         raise UserError(f"checkpoint {path} does not fit this adapter: unexpected {result.unexpected_keys[:3]}")
 
 
-def load_init_adapter(path: str | os.PathLike, model) -> None:
-    """`adapter.init_from`: a finished run's (or a checkpoint's) adapter weights as the starting
-    point (SFT then DPO); its files are checked as `merge` and `chat` check them."""
-    from peft import load_peft_weights, set_peft_model_state_dict
-
+def check_init_adapter(path: str | os.PathLike) -> Path:
+    """`adapter.init_from` checked before anything loads: an adapter dir whose files are intact
+    (as `merge` and `chat` check them)."""
     from peftchat.rundir import check_usable_adapter_dir, is_adapter_dir
 
     path = Path(path).expanduser()
     if not is_adapter_dir(path):
         raise UserError(f"adapter.init_from: {path} is not an adapter dir (a finished run dir or checkpoint)")
     check_usable_adapter_dir(path)
+    return path
+
+
+def load_init_adapter(path: str | os.PathLike, model) -> None:
+    """`adapter.init_from`: a finished run's (or a checkpoint's) adapter weights as the starting
+    point (SFT then DPO)."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    path = check_init_adapter(path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
         result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))

@@ -61,6 +61,7 @@ from peftchat.train import distributed
 from peftchat.train.checkpoint import (
     TrainState,
     capture_rng,
+    check_init_adapter,
     load_adapter_weights,
     load_init_adapter,
     load_training_state,
@@ -227,6 +228,8 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     cfg = recipe.training
     resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
     changes = check_resume_changes(recipe, resume_from) if resume_from is not None else {}
+    if resume_from is None and recipe.adapter.init_from:
+        check_init_adapter(recipe.adapter.init_from)
     check_model_source(recipe)
     device = dist.device or resolve_device(recipe)
     check_fp8_device(cfg, device)  # before the model loads

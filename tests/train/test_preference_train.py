@@ -61,3 +61,11 @@ def test_sft_then_dpo_with_cached_reference_resumes_and_merges(tiny_llama_dir, t
     assert max(r["step"] for r in _rows(out)) == 4
     merge_adapter(out, tmp_path / "merged", dtype="fp32", verify=True)  # the merged model equals adapter + base
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_bad_init_from_is_refused_before_the_model_loads(tiny_llama_dir, tmp_path, capsys):
+    from peftchat.errors import UserError
+
+    with pytest.raises(UserError, match="adapter.init_from: .* is not an adapter dir"):
+        train(_demo(tiny_llama_dir, tmp_path / "dpo", f"adapter.init_from={tmp_path / 'nope'}"))
+    assert "trainable params" not in capsys.readouterr().out
