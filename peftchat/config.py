@@ -59,6 +59,7 @@ class AdapterConfig:
     use_rslora: bool = False
     modules_to_save: Optional[List[str]] = None
     bias: str = "none"  # none | all | lora_only
+    init_from: Optional[str] = None  # a finished run dir or checkpoint: start from its adapter weights (SFT -> DPO)
 
 
 @dataclass
@@ -66,7 +67,7 @@ class DataConfig:
     train: Any = MISSING  # a file/glob/dataset dir/hub name, a {path, format, weight} mapping, or a list of those
     eval: Any = None  # same forms as `train`; when unset, `eval_split` carves one out of train
     eval_split: float = 0.0  # share (0..1) or, when >= 1, a number of sessions held out
-    format: str = "auto"  # auto | moss | chatglm | messages | sharegpt | alpaca: for sources naming none
+    format: str = "auto"  # auto | moss | chatglm | messages | sharegpt | alpaca | preference: for sources naming none
     collator: str = "chat_template"  # the conversation format; peftchat.formats.registry lists them
     max_length: int = 2048  # moss, chat_template
     max_source_length: int = 1024  # chatglm: S
@@ -134,6 +135,12 @@ class TrainingConfig:
     on_nan: str = "stop"  # stop | skip: a NaN/inf loss stops the run (exit 2), or its optimizer step is dropped and counted
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     tensorboard: bool = True  # when tensorboard is installed
+    # Preference tuning (README "Preference tuning"; the math: peftchat/train/preference.py).
+    objective: str = "sft"  # sft | dpo | orpo | simpo (dpo/orpo/simpo train on chosen/rejected pairs)
+    beta: float = 0.1  # dpo: KL strength; orpo: odds-ratio weight; simpo: reward scale
+    label_smoothing: float = 0.0  # dpo, simpo: conservative (cDPO) share of flipped labels
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    reference: str = "auto"  # dpo: base (adapter off) | precomputed (once, cached in the run dir) | auto
 
 
 @dataclass
@@ -180,7 +187,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.compute_dtype": ("bf16", "fp16", "fp32"),
     "model.attn_implementation": ("sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
     "adapter.bias": ("none", "all", "lora_only"),
-    "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca"),
+    "data.format": ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca", "preference"),
     "data.chatglm_style": ("chatglm", "chatglm2"),
     "data.truncation": ("seed", "drop_oldest"),
     "data.loss_on": ("auto", "all", "all_assistant", "assistant", "last_assistant"),
@@ -189,6 +196,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.optimizer": ("adamw", "paged_adamw_8bit", "adamw_8bit"),
     "training.resume_changes": ("refuse", "allow"),
     "training.on_nan": ("stop", "skip"),
+    "training.objective": ("sft", "dpo", "orpo", "simpo"),
+    "training.reference": ("auto", "base", "precomputed"),
     "distributed.strategy": ("ddp", "fsdp"),
     "distributed.quant_storage": ("auto", "uint8", "bf16", "fp16", "fp32"),
 }
@@ -471,7 +480,8 @@ def _validate(recipe: Recipe) -> None:
     if tiny is not None and tiny not in TINY_ARCHS:
         raise ConfigError(f"'model.tiny_if_missing' is {tiny!r}; expected one of {', '.join(TINY_ARCHS)}")
     paths = {"model.path": recipe.model.path, "model.tokenizer": recipe.model.tokenizer,
-             "data.cache_dir": recipe.data.cache_dir, "training.output_dir": recipe.training.output_dir}
+             "data.cache_dir": recipe.data.cache_dir, "training.output_dir": recipe.training.output_dir,
+             "adapter.init_from": recipe.adapter.init_from}
     for key in ("data.train", "data.eval"):
         value = getattr(recipe.data, key.split(".")[1])
         if value is not None:
@@ -481,6 +491,10 @@ def _validate(recipe: Recipe) -> None:
         if role not in ROLE_TARGETS:
             raise ConfigError(f"'data.roles.{spelling}' is {role!r}; expected one of {', '.join(ROLE_TARGETS)}")
     _validate_training(recipe.training)
+    if recipe.training.objective != "sft" and recipe.data.packing:
+        # a pair is scored as two whole rows (chosen, rejected) of one concatenated batch
+        raise ConfigError(f"'data.packing' does not apply to training.objective={recipe.training.objective}; "
+                          "set data.packing=false")
     if isinstance(recipe.training.resume, str):
         paths["training.resume"] = recipe.training.resume
     for key, value in paths.items():
@@ -573,6 +587,9 @@ RANGES: dict[str, Range] = {
     "decoding.max_context": POSITIVE,  # null = data.max_length
     "training.max_memory_gib": POSITIVE,  # null = no budget: the recipe's own checkpoint settings
     "distributed.timeout_s": POSITIVE,
+    "training.beta": POSITIVE,
+    "training.label_smoothing": Range(0, 0.5, high_open=True),
+    "training.simpo_gamma": NON_NEGATIVE,
 }
 
 
@@ -626,6 +643,9 @@ def _validate_training(t: TrainingConfig) -> None:
     if (t.fp8 or t.fused_lora is True) and t.compile:
         # the fused function dequantizes bitsandbytes weights, which torch.compile cannot trace
         raise ConfigError("'training.compile' cannot be combined with 'training.fp8' or 'training.fused_lora: true'")
+    if t.objective != "sft" and t.fp8:
+        # the reference forward (adapter off) and the pair loss were checked in bf16 only
+        raise ConfigError(f"'training.fp8' is for training.objective=sft; got objective {t.objective}")
     if t.checkpoint_skip_layers < 0:
         raise ConfigError(f"'training.checkpoint_skip_layers' must be >= 0, got {t.checkpoint_skip_layers}")
 
@@ -770,6 +790,7 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
     out.data.train = _absolute_sources(out.data.train)
     out.data.eval = _absolute_sources(out.data.eval)
     out.data.cache_dir = _absolute(out.data.cache_dir)
+    out.adapter.init_from = _absolute(out.adapter.init_from)
     out.training.output_dir = os.path.abspath(os.path.expanduser(out.training.output_dir))
     if isinstance(out.training.resume, str):  # a checkpoint path (true/false are bools by now)
         out.training.resume = os.path.abspath(os.path.expanduser(out.training.resume))

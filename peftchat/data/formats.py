@@ -23,6 +23,10 @@ Formats (`data.format`):
 * ``alpaca``: ``instruction``, optional ``input`` (appended to the instruction after a newline, as
   Alpaca and LLaMA-Factory do), ``output``, optional ``system`` and ``history`` ``[[q, a], ...]``
   (earlier rounds, trained like the last one: history is part of the conversation here).
+* ``preference``: chosen/rejected pairs (TRL's ``prompt``/``chosen``/``rejected``, plain or as
+  messages, or ShareGPT ``conversations`` + ``chosen`` + ``rejected``; `pair_sides`). Under
+  ``training.objective`` dpo/orpo/simpo `peftchat.data.preference` encodes both sides; otherwise a
+  pair normalizes to its chosen conversation (SFT on the chosen replies).
 * ``auto``: picked from the keys of the first record of each file or dataset (`detect_format`).
 
 `fields_read` names the top-level fields each format reads: the loader keeps only those, so columns
@@ -48,7 +52,7 @@ from peftchat.formats.moss import MOSS_ENDS, MOSS_FIELDS
 from peftchat.formats.moss import strip_markup as _strip_markup
 from peftchat.formats.turns import check_turn_order, tool_calls_from, tools_from, without_empty_system
 
-FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca")
+FORMATS = ("moss", "chatglm", "messages", "sharegpt", "alpaca", "preference")
 
 MOSS_REQUIRED = ("Human", "MOSS")
 
@@ -64,6 +68,8 @@ SHAREGPT_ROLES: dict[str, str] = {
 def detect_format(record: dict[str, Any], cfg: DataConfig, origin: str) -> str:
     """The format of `record`, judged from its keys (the `auto` format)."""
     keys = {k for k, v in record.items() if v is not None}
+    if "chosen" in keys and "rejected" in keys:  # pairs (peftchat.data.preference), in any of their shapes
+        return "preference"
     if "chat" in keys and ("num_turns" in keys or "meta_instruction" in keys):
         return "moss"
     if "messages" in keys:
@@ -93,6 +99,8 @@ def fields_read(fmt: str, cfg: DataConfig) -> tuple[str, ...]:
         return ("conversations", "system", "tools")
     if fmt == "alpaca":
         return ALPACA_FIELDS
+    if fmt == "preference":
+        return PAIR_FIELDS
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -113,6 +121,9 @@ def normalize(record: dict[str, Any], fmt: str, cfg: DataConfig, origin: str) ->
         return _from_sharegpt(record, cfg, origin)
     if fmt == "alpaca":
         return _from_alpaca(record, origin)
+    if fmt == "preference":  # outside a preference objective: the chosen side trains (SFT on the chosen replies)
+        side_format, chosen, _ = pair_sides(record, origin)
+        return normalize(chosen, side_format, cfg, origin)
     raise DataError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
@@ -329,3 +340,61 @@ def _from_alpaca(record: dict[str, Any], origin: str) -> Conversation:
     messages += [{"role": "user", "content": query}, {"role": "assistant", "content": values["output"]}]
     return _conversation(messages, where + ["instruction", "output"], origin)
 
+
+
+# ------------------------------------------------------------------------------ preference pairs
+# The record shapes of chosen/rejected pairs (the encoding and batching: `peftchat.data.preference`).
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected", "conversations", "messages", "system", "tools")
+
+
+def _reply(value: Any, origin: str, key: str) -> dict[str, Any]:
+    """A reply field as one assistant message (text, a message dict, or a list ending in one)."""
+    if isinstance(value, list):
+        if not value or not isinstance(value[-1], dict):
+            raise _bad(origin, f"'{key}' must be a text, a message or a non-empty list of messages")
+        value = value[-1]
+    if isinstance(value, str):
+        return {"role": "assistant", "content": value}
+    if isinstance(value, dict):
+        if "from" in value:  # ShareGPT's {from, value}
+            return {"role": "assistant", "content": value.get("value")}
+        return {**value, "role": value.get("role", "assistant")}
+    raise _bad(origin, f"'{key}' must be a text, a message or a list of messages, got {type(value).__name__}")
+
+
+def _implicit_prompt(record: dict[str, Any], origin: str) -> list[dict[str, Any]]:
+    """TRL's implicit prompt: the messages `chosen` and `rejected` share before their last."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)) or len(chosen) < 2:
+        raise _bad(origin, "a preference record without 'prompt', 'conversations' or 'messages' needs "
+                           "'chosen' and 'rejected' as whole conversations (lists of messages)")
+    if chosen[:-1] != rejected[:-1]:
+        raise _bad(origin, "'chosen' and 'rejected' must share every message but the last (TRL's implicit prompt)")
+    return chosen[:-1]
+
+
+def pair_sides(record: dict[str, Any], origin: str) -> tuple[str, dict, dict]:
+    """(record format, chosen-side record, rejected-side record), each a whole conversation."""
+    for key in ("chosen", "rejected"):
+        if record.get(key) is None:
+            raise _bad(origin, f"missing field '{key}' (a preference pair needs 'chosen' and 'rejected')")
+    chosen, rejected = _reply(record["chosen"], origin, "chosen"), _reply(record["rejected"], origin, "rejected")
+    if "conversations" in record:
+        extra = {k: record[k] for k in ("system", "tools") if record.get(k) is not None}
+        turns = list(record["conversations"]) if isinstance(record["conversations"], list) else record["conversations"]
+        if not isinstance(turns, list):
+            raise _bad(origin, "'conversations' must be a list of {from, value} objects")
+
+        def side(m: dict) -> dict:
+            return {**extra, "conversations": turns + [{"from": "gpt", "value": m.get("content")}]}
+        return "sharegpt", side(chosen), side(rejected)
+    prompt = record.get("prompt", record.get("messages"))
+    if prompt is None:
+        prompt = _implicit_prompt(record, origin)
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list):
+        raise _bad(origin, f"'prompt' must be a text or a list of messages, got {type(prompt).__name__}")
+    extra = {"tools": record["tools"]} if record.get("tools") is not None else {}
+    return "messages", {**extra, "messages": prompt + [chosen]}, {**extra, "messages": prompt + [rejected]}

@@ -57,7 +57,10 @@ def dump_samples(recipe: Recipe, tokenizer, out: str | Path, limit: int | None =
     with atomic_output(out, "--out", force) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for row in samples.select(range(n)):
             ids = row["input_ids"]
-            fh.write(json.dumps({"input_ids": ids, "labels": row["labels"], "attention_mask": [1] * len(ids)}) + "\n")
+            out_row = {"input_ids": ids, "labels": row["labels"], "attention_mask": [1] * len(ids)}
+            if "rejected_input_ids" in row:  # a preference pair
+                out_row.update(rejected_input_ids=row["rejected_input_ids"], rejected_labels=row["rejected_labels"])
+            fh.write(json.dumps(out_row) + "\n")
     print(report.summary(), file=sys.stderr)
     print(f"wrote {n} samples to {out}", file=sys.stderr)
     return n
@@ -95,10 +98,15 @@ def inspect_samples(recipe: Recipe, tokenizer, index: int | None = None, count: 
     marker = "highlighted" if color else "inside ⟦…⟧"
     for i in chosen:
         row = train[i]
-        ids, labels = row["input_ids"], row["labels"]
-        with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
-        stream.write(f"── sample {i}: {len(ids)} tokens, {with_loss} with loss ({marker}) ──\n")
-        stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
+        sides = [("", row["input_ids"], row["labels"])]
+        if "rejected_input_ids" in row:  # a preference pair: both sides, scored tokens marked
+            sides = [(" chosen", row["input_ids"], row["labels"]),
+                     (" rejected", row["rejected_input_ids"], row["rejected_labels"])]
+        for side, ids, labels in sides:
+            with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
+            what = "scored" if side else "with loss"
+            stream.write(f"── sample {i}{side}: {len(ids)} tokens, {with_loss} {what} ({marker}) ──\n")
+            stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
     stream.write(
         f"samples: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "
         f"truncated: {r.truncated}  dropped: {r.dropped_total}  skipped bad records: {r.skipped}\n"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from peftchat.config import DataConfig, Recipe
+from peftchat.data import preference
 from peftchat.data.formats import FORMATS, normalize
 from peftchat.data.report import DROP, LEFT_OUT, DataReport, skip_note
 from peftchat.data.sources import RecordSource, load_records, quiet_datasets
@@ -165,18 +166,23 @@ def _features():
 
 
 def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataConfig, tokenizer,
-                  split: str) -> tuple[Any, DataReport]:
-    """Tokenize one split (`raw`, whose row i is source row rows[i]); returns (dataset, report)."""
+                  split: str, pairs: bool = False) -> tuple[Any, DataReport]:
+    """Tokenize one split (`raw`, whose row i is source row rows[i]); returns (dataset, report).
+    `pairs`: preference pairs (`peftchat.data.preference`), one row per pair."""
     import numpy as np
     import pyarrow.compute as pc
 
-    key = _cache_key(raw, cfg, tokenizer, split)
+    key = _cache_key(raw, cfg, tokenizer, split + ("-pairs" if pairs else ""))
     cache_file = None
     if cfg.cache_dir:
         cache_root = Path(cfg.cache_dir).expanduser() / "peftchat-tokenized"
         cache_root.mkdir(parents=True, exist_ok=True)
         cache_file = str(cache_root / f"{split}-{key}.arrow")
-    encoder = _Encoder(cfg, tokenizer, rows)
+    if pairs:
+        encoder, features = preference.PairRows(cfg, tokenizer, rows, registry.sample_limit(cfg)), preference.pair_features()
+        columns = ["input_ids", "labels", *preference.REJECTED_COLUMNS]
+    else:
+        encoder, features, columns = _Encoder(cfg, tokenizer, rows), _features(), ["input_ids", "labels"]
     num_proc = cfg.num_proc if cfg.num_proc and cfg.num_proc > 1 and len(raw) >= 2 * cfg.num_proc else None
     with quiet_datasets(show_progress=len(raw) > SHOW_PROGRESS_ABOVE):
         mapped = raw.map(
@@ -185,7 +191,7 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
             batched=True,
             batch_size=256,
             remove_columns=raw.column_names,
-            features=_features(),
+            features=features,
             num_proc=num_proc,
             new_fingerprint=key,
             cache_file_name=cache_file,
@@ -204,7 +210,7 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
     report.count_sources([(i.name, "+".join(i.formats), i.weight, len(i.bad)) for i in source.sources],
                          [source_of[s] for s in sessions], sessions, notes)
     keep = np.flatnonzero(np.array([n == "" for n in notes], dtype=bool)) if notes else np.array([], dtype=int)
-    result = mapped.select_columns(["input_ids", "labels"])
+    result = mapped.select_columns(columns)
     if len(keep) != len(mapped):
         result = result.select(keep, new_fingerprint=f"{key}-samples")
     return result, report
@@ -286,6 +292,7 @@ def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> Dat
     if cfg.format not in ("auto", *FORMATS):
         raise UserError(f"'data.format' is {cfg.format!r}; expected auto or one of {', '.join(FORMATS)}")
     seed = recipe.training.seed
+    pairs = preference.is_preference(recipe)
     tokenizer = _without_length_warning(tokenizer)
     train_src = load_records(cfg.train, cfg, key="data.train")
     train_rows, eval_src, eval_rows = None, None, None
@@ -297,12 +304,12 @@ def build_datasets(recipe: Recipe, tokenizer, *, split_eval: bool = True) -> Dat
         eval_src = train_src
     train_rows = weighted_rows(train_src.dataset["source"], train_rows, [s.weight for s in train_src.sources], seed)
     raw_train = train_src.dataset if train_rows is None else train_src.dataset.select(train_rows)
-    train, report = _encode_split(raw_train, train_rows, train_src, cfg, tokenizer, "train")
+    train, report = _encode_split(raw_train, train_rows, train_src, cfg, tokenizer, "train", pairs)
     report.add_skipped(train_src.bad)
     evaluation = None
     if eval_src is not None:
         raw_eval = eval_src.dataset if eval_rows is None else eval_src.dataset.select(eval_rows)
-        evaluation, report.eval = _encode_split(raw_eval, eval_rows, eval_src, cfg, tokenizer, "eval")
+        evaluation, report.eval = _encode_split(raw_eval, eval_rows, eval_src, cfg, tokenizer, "eval", pairs)
         if eval_src is not train_src:
             report.eval.add_skipped(eval_src.bad)
     if len(train) == 0:

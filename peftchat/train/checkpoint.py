@@ -129,6 +129,37 @@ def load_adapter_weights(path: str | os.PathLike, model) -> None:
         raise UserError(f"checkpoint {path} does not fit this adapter: unexpected {result.unexpected_keys[:3]}")
 
 
+def check_init_adapter(path: str | os.PathLike) -> Path:
+    """`adapter.init_from` checked before anything loads: an adapter dir whose files are intact
+    (as `merge` and `chat` check them)."""
+    from peftchat.rundir import check_usable_adapter_dir, is_adapter_dir
+
+    path = Path(path).expanduser()
+    if not is_adapter_dir(path):
+        raise UserError(f"adapter.init_from: {path} is not an adapter dir (a finished run dir or checkpoint)")
+    check_usable_adapter_dir(path)
+    return path
+
+
+def load_init_adapter(path: str | os.PathLike, model) -> None:
+    """`adapter.init_from`: a finished run's (or a checkpoint's) adapter weights as the starting
+    point (SFT then DPO)."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    path = check_init_adapter(path)
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    try:
+        result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
+    except RuntimeError as e:  # another r, target or modules_to_save shape
+        raise UserError(f"adapter.init_from: {path} does not fit this recipe's adapter: {str(e).splitlines()[0]}") from None
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]
+    if getattr(result, "unexpected_keys", None) or missing:
+        what = result.unexpected_keys[:2] if result.unexpected_keys else missing[:2]
+        raise UserError(f"adapter.init_from: {path} does not fit this recipe's adapter (adapter.* must match "
+                        f"the run it comes from): {what}")
+    print(f"adapter initialized from {path}", flush=True)
+
+
 def load_training_state(path: str | os.PathLike, optimizer, *, grad_scaler=None, restore_rng_state: bool = True,
                         load_optimizer=None, rank: int = 0) -> TrainState:
     """Optimizer (and grad scaler) from checkpoint `path`, the RNG states last (rank `rank`'s

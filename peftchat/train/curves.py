@@ -18,6 +18,8 @@ CURVES_FILE = "training_curves.png"
 METRICS_FILE = "metrics.jsonl"
 MISSING_EXTRA = "matplotlib is not installed (pip install 'peftchat[plots]')"
 PANELS = (("loss", "train loss"), ("eval_loss", "eval loss"), ("lr", "learning rate"))
+# drawn when some run logged them (preference objectives: peftchat.train.preference)
+OPTIONAL_PANELS = (("rewards/margin", "reward margin"), ("rewards/accuracy", "reward accuracy"))
 
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
@@ -26,7 +28,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run_dir}: no {METRICS_FILE} (is it a training output dir?)")
-    series: dict[str, dict[int, float]] = {key: {} for key, _ in PANELS}
+    series: dict[str, dict[int, float]] = {key: {} for key, _ in PANELS + OPTIONAL_PANELS}
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
@@ -64,8 +66,9 @@ def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, force: b
         return None
     dirs = [Path(d) for d in run_dirs]
     data = [read_metrics(d) for d in dirs]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8))
-    for ax, (key, title) in zip(axes, PANELS):
+    panels = PANELS + tuple(p for p in OPTIONAL_PANELS if any(series[p[0]] for series in data))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, (key, title) in zip(axes, panels):
         for i, (d, series) in enumerate(zip(dirs, data)):
             points = series[key]
             if points:  # colour by run, so a run keeps its colour in panels where another has no data

@@ -61,7 +61,9 @@ from peftchat.train import distributed
 from peftchat.train.checkpoint import (
     TrainState,
     capture_rng,
+    check_init_adapter,
     load_adapter_weights,
+    load_init_adapter,
     load_training_state,
     save_checkpoint,
 )
@@ -79,6 +81,7 @@ from peftchat.train.metrics import (
     row_with,
 )
 from peftchat.train.curves import write_training_curves
+from peftchat.train.preference import attach_reference
 from peftchat.train.optim import build_optimizer, build_scheduler
 from peftchat.train.resume import check_resume_changes, resume_checkpoint, save_recipe_with_history
 
@@ -146,6 +149,7 @@ class Run:
 def setup_data(recipe: Recipe):
     """(tokenizer, data report, train Batches, eval Batches or None)."""
     from peftchat.data.pipeline import build_datasets, sample_limit
+    from peftchat.data.preference import PairBatches, is_preference
     from peftchat.model.tokenizer import load_tokenizer
 
     cfg = recipe.training
@@ -157,9 +161,10 @@ def setup_data(recipe: Recipe):
     # a packed row holds at most one sample's limit
     common = dict(batch_size=cfg.batch_size, max_length=sample_limit(recipe), pad_id=tokenizer.pad_token_id,
                   packing=recipe.data.packing)
-    train = Batches(data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle,
+    batches = PairBatches if is_preference(recipe) else Batches  # preference pairs: one concatenated batch each
+    train = batches(data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle,
                     seed=cfg.seed, **common)
-    evaluation = Batches(data.eval, **common) if data.eval is not None and len(data.eval) else None
+    evaluation = batches(data.eval, **common) if data.eval is not None and len(data.eval) else None
     return tokenizer, data.report, train, evaluation
 
 
@@ -189,7 +194,11 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     print("kernels: " + speedups.kernels.describe(), flush=True)
     if hooks.speedups_applied is not None:
         hooks.speedups_applied(applied)
-    return model, make_loss(speedups.head_loss), count_parameters(model)
+    from peftchat.data.preference import is_preference
+    from peftchat.train.preference import make_preference_loss
+
+    loss = make_preference_loss(recipe) if is_preference(recipe) else make_loss(speedups.head_loss)
+    return model, loss, count_parameters(model)
 
 
 def mixed_precision(recipe: Recipe, device: torch.device):
@@ -224,6 +233,8 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     cfg = recipe.training
     resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
     changes = check_resume_changes(recipe, resume_from) if resume_from is not None else {}
+    if resume_from is None and recipe.adapter.init_from:
+        check_init_adapter(recipe.adapter.init_from)
     check_model_source(recipe)
     device = dist.device or resolve_device(recipe)
     check_fp8_device(cfg, device)  # before the model loads
@@ -234,6 +245,8 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     model, loss_fn, counts = setup_model(recipe, device, hooks, sharded=dist.strategy == "fsdp")
     if resume_from is not None:
         load_adapter_weights(resume_from, model)  # before FSDP2 shards the weights
+    elif recipe.adapter.init_from:
+        load_init_adapter(recipe.adapter.init_from, model)
     wrapped = distributed.wrap_for_training(model, loss_fn, dist, recipe) if dist.active else None
     if dist.world_size > 1:
         torch.manual_seed(cfg.seed + dist.rank)  # the processes' dropout masks differ (all built the same LoRA init)
@@ -252,6 +265,7 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     elif dist.is_main:
         (run.out / METRICS_FILE).unlink(missing_ok=True)  # a run that died before its first checkpoint
     run.scheduler = build_scheduler(optimizer, cfg, total, start_step=run.state.step)
+    attach_reference(run)  # preference runs: the cached reference log-probs, when the recipe asks for them
     return run
 
 
@@ -643,8 +657,16 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
            "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
     if grad_norm is not None:  # FSDP2: a DTensor
         row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    extra = _loss_metrics(run, "train")
+    row.update(extra)
     run.metrics.log(row)
-    run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory))
+    run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory, extra))
+
+
+def _loss_metrics(run: Run, split: str) -> dict:
+    """What the loss tracks beside itself (preference runs: rewards, margin, accuracy; this process's pairs)."""
+    take = getattr(run.loss_fn, "take_metrics", None)
+    return take(split) if take is not None else {}
 
 
 def run_eval(run: Run) -> None:
@@ -652,12 +674,15 @@ def run_eval(run: Run) -> None:
     if run.eval is None:
         return
     loss, tokens = evaluate(run)
-    row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens}
+    row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens,
+           **_loss_metrics(run, "eval")}
     if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)
     run.eval_step = run.state.step
-    run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}")
+    margin = f" | eval margin {row['eval_rewards/margin']:.3f} | acc {row['eval_rewards/accuracy']:.2f}" \
+        if "eval_rewards/margin" in row else ""
+    run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}{margin}")
     if run.dist.is_main:
         write_training_curves(run.out)
 

@@ -59,9 +59,13 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 
 
-def format_postfix(loss: float, lr: float, tokens_per_s: float, memory_gb: float) -> str:
-    """Progress-bar text, e.g. `loss 2.314 | lr 1.9e-04 | 5,210 tok/s | mem 3.21 GiB`."""
-    return f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | mem {memory_gb:.2f} GiB"
+def format_postfix(loss: float, lr: float, tokens_per_s: float, memory_gb: float, extra: Optional[dict] = None) -> str:
+    """Progress-bar text, e.g. `loss 2.314 | lr 1.9e-04 | 5,210 tok/s | mem 3.21 GiB`; a preference
+    run adds `| margin 0.42 | acc 0.75` (`extra`: its reward metrics)."""
+    text = f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | mem {memory_gb:.2f} GiB"
+    if extra and "rewards/margin" in extra:
+        text += f" | margin {extra['rewards/margin']:.3f} | acc {extra['rewards/accuracy']:.2f}"
+    return text
 
 
 class MetricsLogger:

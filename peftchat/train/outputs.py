@@ -85,6 +85,8 @@ def check_train_outputs(recipe: Recipe, recipe_file: str | os.PathLike, into_non
         inputs = inputs[1:]
     if isinstance(resume, str) and not _under(Path(resume), out):
         inputs.append(("training.resume", resume))
+    if recipe.adapter.init_from:
+        inputs.append(("adapter.init_from", recipe.adapter.init_from))
     check_outputs([("training.output_dir", out)], inputs)
     check_output_dir_owner(out, into_nonempty)
 
