@@ -1,15 +1,15 @@
 """Resume rules: which checkpoint a run continues from, and which recipe changes it accepts.
 
-The resumed recipe is compared with the checkpoint's `recipe.yaml`, key by key:
+The resumed recipe is compared with the checkpoint's `recipe.yaml`, key by key, under each key's
+resume policy, declared with the key in `peftchat.config` (`peftchat config --explain` lists them):
 
-* keys that only shape the future (`SCHEDULE_KEYS`: the run's length and the save / eval / log
-  intervals) may change; a new length re-plans the lr schedule (`peftchat.train.optim`);
-* keys that say how the run is carried out, not what it learns (`RUNTIME_KEYS`: device, output
-  and speed knobs, decoding) may change;
-* every other key changes what is trained (data, format and collator, lengths, lr and schedule,
-  batch size, accumulation, adapter, model, quantization, seed, and any key added later): a
-  change stops the run (exit 2, the differences listed) unless `training.resume_changes=allow`,
-  and then it is recorded in `recipe.yaml` (a comment header) and `metrics.jsonl` (a row with
+* `schedule` keys only shape the future (the run's length and the save / eval / log intervals):
+  they may change; a new length re-plans the lr schedule (`peftchat.train.optim`);
+* `runtime` keys say how the run is carried out, not what it learns (device, output and speed
+  knobs, decoding): they may change;
+* `trained` keys (the default for a key declared without a policy) change what is trained: a change
+  stops the run (exit 2, the differences listed) unless `training.resume_changes=allow`, and then
+  it is recorded in `recipe.yaml` (a comment header) and `metrics.jsonl` (a row with
   `resume_changes` at the step it took effect).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from peftchat.config import Recipe, load_recipe, recipe_to_yaml, with_absolute_paths
+from peftchat.config import KEYS, TRAINED, Recipe, load_recipe, recipe_to_yaml, with_absolute_paths
 from peftchat.errors import ConfigError, UserError
 from peftchat.rundir import (
     RECIPE_FILE,
@@ -31,22 +31,6 @@ from peftchat.rundir import (
     is_complete,
     latest_checkpoint,
     latest_intact_checkpoint,
-)
-
-SCHEDULE_KEYS = (
-    "training.max_steps", "training.epochs", "training.save_steps", "training.eval_steps", "training.log_steps",
-    "training.save_total_limit",
-)
-# A key matches an entry equal to it or to one of its parent sections.
-RUNTIME_KEYS = (
-    "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
-    "training.on_nan",
-    "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
-    "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
-    "training.fused_lora", "training.fp8",
-    "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
-    "data.cache_dir", "data.max_record_bytes", "distributed",
-    "model.tiny_if_missing",  # acts only before a model exists at model.path
 )
 
 
@@ -95,13 +79,16 @@ def _flat(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
-def key_kind(key: str) -> str:
-    """`schedule`, `runtime` or `trained` (see the module docstring)."""
-    if key in SCHEDULE_KEYS:
-        return "schedule"
-    if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
-        return "runtime"
-    return "trained"
+def key_kind(name: str) -> str:
+    """`schedule`, `runtime` or `trained` (see the module docstring): the policy declared for
+    `name` or for the key it lies under (`data.roles.bot` is `data.roles`'s); a key the schema does
+    not have (a recipe of an older peftchat) counts as trained."""
+    while name:
+        info = KEYS.get(name)
+        if info is not None:
+            return info.spec.resume
+        name = name.rpartition(".")[0]
+    return TRAINED
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, list]:
