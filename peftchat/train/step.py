@@ -99,11 +99,12 @@ def setup_objects_frozen() -> Iterator[None]:
     """Keep what exists now out of Python's full garbage collections while the steps run.
 
     A full collection walks every tracked object with the host stopped: 532k objects after the
-    demo recipe's setup (mostly the imported libraries), 198 ms here on the CPU; after
-    `gc.freeze()`, 0.00 ms (a setup and two timed collections, 2026-12-03). On a GPU such a pause
-    drains the launch queue and the GPU waits (round 6's candidate for r22's uneven steps, not yet
-    confirmed there). What setup built lives as long as the run anyway; the frozen objects go back
-    to the collector afterwards, so a process that trains again can free this run's.
+    demo recipe's setup (mostly the imported libraries), 198 ms on a CPU; after `gc.freeze()`,
+    0.00 ms (a setup and two timed collections). On a GPU such a pause drains the launch queue and
+    the GPU waits: the one candidate found for an 8B NF4 run whose timed steps ranged from 10,917
+    to 12,770 tokens/s (up to ~100 ms lost a step), not measured on a GPU. What setup built lives as
+    long as the run anyway; the frozen objects go back to the collector afterwards, so a process
+    that trains again can free this run's.
     """
     gc.collect()  # setup's garbage is freed, not frozen
     gc.freeze()
