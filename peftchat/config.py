@@ -938,7 +938,8 @@ def select_keys(selector: str = "") -> list[KeyInfo]:
 def explain_text(selector: str = "", recipe: Optional[Recipe] = None) -> str:
     """Each selected key: its name (and value in `recipe`), its doc, then type, default, allowed
     values and resume policy; a legend of the resume policies first."""
-    lines = ["on resume (what a resumed run may change):", *(f"  {p}: {text}" for p, text in RESUME_POLICIES.items()), ""]
+    lines = ["on resume (what a resumed run may change):"]
+    lines += [*(f"  {p}: {text}" for p, text in RESUME_POLICIES.items()), ""]
     for info in select_keys(selector):
         head = info.name
         if recipe is not None:

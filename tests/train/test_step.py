@@ -44,7 +44,8 @@ def test_the_sharded_window_of_one_process_is_the_plain_window():
     def sharded(model):
         total, label_tokens, _, stop = backward_window_sharded(
             lambda b, normalizer: _loss(model, b, normalizer), window, SINGLE, batches=_Batches(), accumulation=4,
-            device=torch.device("cpu"), autocast=nullcontext, scaler=None, stop_requested=True, per_micro=sharded_losses)
+            device=torch.device("cpu"), autocast=nullcontext, scaler=None, stop_requested=True,
+            per_micro=sharded_losses)
         assert stop is True
         return total, label_tokens
 
