@@ -55,9 +55,20 @@ def _offline_when_local(recipe) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from peftchat.config import recipe_to_yaml
+    from peftchat.config import explain_text, markdown_table, recipe_to_yaml, select_keys
 
-    sys.stdout.write(recipe_to_yaml(_recipe(args), resolve_env=True))
+    if args.explain is None:
+        if args.recipe is None:
+            raise UserError("config: give a recipe to print, or --explain [KEY] to describe the recipe keys")
+        sys.stdout.write(recipe_to_yaml(_recipe(args), resolve_env=True))
+    elif args.markdown:
+        if args.explain or args.recipe is not None:
+            raise UserError("config --explain --markdown: the table has every key; give no KEY and no recipe")
+        sys.stdout.write(markdown_table())
+    else:
+        select_keys(args.explain)  # an unknown KEY answers before a recipe loads
+        recipe = _recipe(args) if args.recipe is not None else None
+        sys.stdout.write(explain_text(args.explain, recipe))
     return 0
 
 
@@ -427,8 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("config", help="print the fully resolved recipe as YAML")
-    _add_recipe_args(p)
+    p = sub.add_parser("config", help="print the fully resolved recipe as YAML, or describe the recipe keys")
+    p.add_argument("recipe", nargs="?", help="recipe YAML file, or the name of a shipped recipe (`peftchat recipes`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.add_argument("--explain", nargs="?", const="", default=None, metavar="KEY",
+                   help="each recipe key (or KEY, or a section such as `training`): doc, type, default, allowed "
+                        "values, what a resume may change; with a recipe, its value there too")
+    p.add_argument("--markdown", action="store_true", help="with --explain: every key as a Markdown table (README's)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="look at the training samples a recipe makes")

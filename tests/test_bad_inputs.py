@@ -473,7 +473,7 @@ def test_bad_record_is_skipped_and_counted(world, make_adapter, capsys, row_id):
 
 def test_nan_loss_is_one_line_and_saves_nothing(world, capsys):
     """A base whose embeddings are inf: the loss of step 1 is NaN; exit 2 naming the step and
-    micro-batch, no checkpoint and no final outputs (train/test_nan.py: later steps, and skip)."""
+    micro-batch, no checkpoint and no final outputs (train/test_nonfinite.py: later steps, and skip)."""
     import torch
     from safetensors.torch import load_file, save_file
 

@@ -2,7 +2,7 @@
 
 * `sources.load_records`    JSON/JSONL files, saved dataset dirs or hub names through `datasets`,
                              malformed lines named by file:line
-* `formats.normalize`       moss / chatglm / messages / sharegpt records -> `Conversation`
+* `readers.normalize`       moss / chatglm / messages / sharegpt records -> `Conversation`
 * `peftchat.formats`        the conversation formats (`data.collator`): `Conversation` -> samples
                              (and, for inference, chat prompts)
 * `pipeline.build_datasets` recipe + tokenizer -> `DataBundle(train, eval, report)`, cached

@@ -4,7 +4,7 @@ Steps: load the raw records of every source (`sources.load_records`: one row per
 format, ``auto`` resolved per file), hold out eval sessions (``data.eval`` sources, or
 ``data.eval_split`` of the train records, chosen by session with ``training.seed``), apply the
 sources' weights (`weighted_rows`), then one batched `Dataset.map` per split normalizes each record
-(`formats.normalize`) and encodes it with the recipe's conversation format (`peftchat.formats`).
+(`readers.normalize`) and encodes it with the recipe's conversation format (`peftchat.formats`).
 The map writes one row per
 sample — ``input_ids``, ``labels`` (unpadded, unshifted, -100 = no loss) — plus one row per
 dropped would-be sample, left-out part or skipped bad record carrying the reason, so the report can count them;
@@ -29,7 +29,7 @@ from typing import Any
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data import preference
-from peftchat.data.formats import FORMATS, normalize
+from peftchat.data.readers import FORMATS, normalize
 from peftchat.data.report import DROP, LEFT_OUT, DataReport, skip_note
 from peftchat.data.sources import RecordSource, load_records, quiet_datasets
 from peftchat.errors import DataError, UserError

@@ -11,7 +11,7 @@ Record shapes (`data.format: preference`, or `auto`: any record with `chosen` an
   "rejected": {...}, "system"?}``; also ``{"messages": [...], "chosen": ..., "rejected": ...}``.
 
 Each side becomes a whole `Conversation` (prompt + that reply; the record shapes are read by
-`data.formats.pair_sides`) through the record normalizers SFT uses (role maps, turn-order checks), and is encoded by the recipe's
+`data.readers.pair_sides`) through the record normalizers SFT uses (role maps, turn-order checks), and is encoded by the recipe's
 conversation format (`data.collator`: chatglm rounds, MOSS with its meta instruction, chat
 templates) with the loss on the last answer only, so a pair's prompt is token for token what
 `peftchat chat` puts in front of a reply. Hand-written rather than TRL's tokenization because
@@ -23,7 +23,7 @@ and rejected always share one prompt; if the bare question still leaves no room,
 are cut to what is left, and a question that alone fills the limit drops the pair (counted).
 Pairs whose replies are identical or empty are dropped and counted in the data report.
 
-Under `training.objective: sft` a preference record trains its chosen reply (`data.formats`).
+Under `training.objective: sft` a preference record trains its chosen reply (`data.readers`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data.batching import Batches, MicroBatch, collate, loss_targets
-from peftchat.data.formats import normalize, pair_sides
+from peftchat.data.readers import normalize, pair_sides
 from peftchat.errors import DataError
 from peftchat.formats.base import ConversationFormat, fewest_to_drop
 from peftchat.formats.conversation import Conversation

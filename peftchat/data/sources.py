@@ -7,7 +7,7 @@ name (train split; needs network), or a mapping ``{path, format, weight}`` namin
 from its first record, so files of different formats mix in one run.
 
 Every source becomes rows of one fixed schema (`RECORD_FEATURES`): ``record`` — the JSON text of
-only the fields its format reads (`formats.fields_read`) —, ``format``, ``origin`` (``file:LINE``,
+only the fields its format reads (`readers.fields_read`) —, ``format``, ``origin`` (``file:LINE``,
 1-based, or ``source[index]``) and ``source`` (the entry's index). A JSON file is read line by line
 by us (a bad line is named as ``file:LINE``; with ``data.on_error: skip`` it is left out and listed
 in `RecordSource.bad`), and what `datasets` then loads is a copy of those rows. Reading is strict
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from peftchat.config import DataConfig, DataSource, check_regular_file, data_sources
-from peftchat.data.formats import detect_format, prune
+from peftchat.data.readers import detect_format, prune
 from peftchat.errors import DataError, UserError
 from peftchat.paths import looks_local
 

@@ -119,7 +119,7 @@ def samples_from_records(recipe: Recipe, rows, limit: Optional[int] = None) -> l
     """Samples of record rows (`data.sources.RECORD_COLUMNS`: the record as JSON, its format and
     origin), a datasets.Dataset or a list of such dicts. A bad record is skipped under
     `data.on_error: skip`, else it stops the run."""
-    from peftchat.data.formats import normalize
+    from peftchat.data.readers import normalize
 
     samples: list[EvalSample] = []
     for j in range(len(rows)):

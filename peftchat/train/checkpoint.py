@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from peftchat.config import Recipe, recipe_to_yaml, with_absolute_paths
 from peftchat.errors import UserError
 from peftchat.rundir import (
     COMPLETE_MARKER,
@@ -81,6 +82,16 @@ def restore_rng(state: dict) -> None:
 # ------------------------------------------------------------------------------------ files
 
 
+def save_recipe_with_history(recipe: Recipe, history: list, path: str | os.PathLike) -> None:
+    """`recipe.yaml`, headed by one comment line per accepted resume change (YAML comments, so
+    the file still loads as a recipe)."""
+    lines = []
+    for entry in history:
+        changed = ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry["changes"].items())
+        lines.append(f"# resumed at step {entry['step']} with changes: {changed}\n")
+    Path(path).write_text("".join(lines) + recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")
+
+
 def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, optimizer, *, tokenizer=None,
                     recipe=None, grad_scaler=None, rng: dict | None = None, keep: int = 0,
                     adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
@@ -90,8 +101,6 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, opt
     replaced. `adapter_state` / `optimizer_state`: the trainable weights and the optimizer state
     when the live objects do not hold them whole (FSDP2 gathers them; default: read them live).
     """
-    from peftchat.train.resume import save_recipe_with_history
-
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), **({"state_dict": adapter_state} if adapter_state is not None else {}))
         if tokenizer is not None:

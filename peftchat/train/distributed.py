@@ -30,8 +30,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from peftchat.config import Recipe
+from peftchat.data.batching import Batches, MicroBatch, Window
 from peftchat.errors import ConfigError, UserError
 from peftchat.model.load import resolve_device
+from peftchat.train.step import to_device
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -330,3 +332,57 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
     for live, group in zip(optimizer.param_groups, saved["param_groups"]):  # as load_state_dict does
         live.update({k: v for k, v in group.items() if k != "params"})
+
+
+# ------------------------------------------------------------------------------ step windows
+
+
+def _spare_micro_batch(batches: Batches, window: Window) -> MicroBatch:
+    """A loss-bearing micro-batch of `window` (this process's own when it has one): what a process
+    runs, its loss times 0, for a pass it has no loss-bearing micro-batch for."""
+    for micro in window.micro_batches:
+        if micro.label_tokens:
+            return micro
+    for rows in window.rows:  # rare: this share has no loss-bearing sample
+        micro = batches.micro_batch(rows)
+        if micro.label_tokens:
+            return micro
+    raise AssertionError("a window with label tokens has a loss-bearing micro-batch")
+
+
+def backward_window_sharded(wrapped: torch.nn.Module, window: Window, state: Dist, *, batches: Batches,
+                            accumulation: int, device: torch.device, autocast: Callable[[], Any], scaler: Any,
+                            stop_requested: bool, per_micro: list) -> tuple[torch.Tensor, int, int, bool]:
+    """`step.backward_window` for one process of several: (this process's part of the window loss,
+    the window's label tokens, the window's input tokens, whether any process was asked to stop),
+    the counts and the stop over all processes, so every process stops after the same step.
+
+    Each micro-batch's summed loss is divided by (the window's label tokens over ALL processes) / N:
+    DDP and FSDP2 average gradients over the N processes, so the reduced gradient is that of the
+    one-process window. Every process makes the same number of passes, the last one reducing
+    gradients (FSDP2 gathers weights in each forward; DDP reduces in one backward per step); a
+    pass without a loss-bearing micro-batch of its own runs a spare one with its loss times 0."""
+    label_tokens, tokens, stop = sum_counts(state, [window.label_tokens, window.tokens, float(stop_requested)])
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if label_tokens == 0:  # nothing to learn anywhere: no pass, as one process skips them
+        per_micro.extend(None for _ in window.micro_batches)
+        return total, 0, int(tokens), stop > 0
+    normalizer = label_tokens / state.world_size
+    passes = min(accumulation, window.size)
+    spare = None
+    for i in range(passes):
+        micro = window.micro_batches[i] if i < len(window.micro_batches) else None
+        weight = 1.0 if micro is not None and micro.label_tokens else 0.0
+        if micro is not None and not weight:
+            per_micro.append(None)
+        if not weight:
+            spare = spare or _spare_micro_batch(batches, window)
+        batch = micro if weight else spare
+        with gradient_sync(wrapped, state, sync=i == passes - 1):
+            with autocast():
+                loss = wrapped(to_device(batch.tensors, device), normalizer) * weight
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if weight:
+            total += loss.detach().double()
+            per_micro.append(loss.detach())
+    return total, int(label_tokens), int(tokens), stop > 0

@@ -172,3 +172,11 @@ def last_row_value(output_dir: str | os.PathLike, key: str, first: bool = False)
     """`key` of the last (or first) row of `metrics.jsonl` that has it."""
     row = row_with(output_dir, key, first)
     return None if row is None else row[key]
+
+
+class Muted:
+    """The metrics logger and progress display of a process other than the main one (torchrun):
+    every method does nothing."""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        return lambda *args, **kwargs: None

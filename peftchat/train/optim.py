@@ -1,4 +1,5 @@
-"""Optimizer (torch AdamW or bitsandbytes 8-bit AdamW) and warmup + decay schedule."""
+"""Optimizer (torch AdamW or bitsandbytes 8-bit AdamW), the run's length in optimizer steps, and
+the warmup + decay schedule over it."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import math
 
 import torch
 
-from peftchat.config import TrainingConfig
+from peftchat.config import Recipe, TrainingConfig
+from peftchat.data.batching import Batches
 from peftchat.errors import UserError
 
 
@@ -86,3 +88,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total
             group["lr"] = lr
         scheduler._last_lr = lrs
     return scheduler
+
+
+def planned_steps(recipe: Recipe, train: Batches, world_size: int = 1) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); the last window of an epoch may be short. A step
+    of `world_size` processes takes `world_size` x accumulation micro-batches."""
+    cfg = recipe.training
+    per_epoch = math.ceil(train.per_epoch() / (cfg.gradient_accumulation_steps * world_size))
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * per_epoch))
+    return total, per_epoch

@@ -1,27 +1,33 @@
-"""Resume rules: which checkpoint a run continues from, and which recipe changes it accepts.
+"""Resume: which checkpoint a run continues from, which recipe changes it accepts, and loading
+the checkpoint into the run (`restore`).
 
-The resumed recipe is compared with the checkpoint's `recipe.yaml`, key by key:
+The resumed recipe is compared with the checkpoint's `recipe.yaml`, key by key, under each key's
+resume policy, declared with the key in `peftchat.config` (`peftchat config --explain` lists them):
 
-* keys that only shape the future (`SCHEDULE_KEYS`: the run's length and the save / eval / log
-  intervals) may change; a new length re-plans the lr schedule (`peftchat.train.optim`);
-* keys that say how the run is carried out, not what it learns (`RUNTIME_KEYS`: device, output
-  and speed knobs, decoding) may change;
-* every other key changes what is trained (data, format and collator, lengths, lr and schedule,
-  batch size, accumulation, adapter, model, quantization, seed, and any key added later): a
-  change stops the run (exit 2, the differences listed) unless `training.resume_changes=allow`,
-  and then it is recorded in `recipe.yaml` (a comment header) and `metrics.jsonl` (a row with
+* `schedule` keys only shape the future (the run's length and the save / eval / log intervals):
+  they may change; a new length re-plans the lr schedule (`peftchat.train.optim`);
+* `runtime` keys say how the run is carried out, not what it learns (device, output and speed
+  knobs, decoding): they may change;
+* `trained` keys (the default for a key declared without a policy) change what is trained: a change
+  stops the run (exit 2, the differences listed) unless `training.resume_changes=allow`, and then
+  it is recorded in `recipe.yaml` (a comment header) and `metrics.jsonl` (a row with
   `resume_changes` at the step it took effect).
+
+Output-dir policy: a dir that already holds a run (a complete checkpoint or a finished adapter)
+is never trained over from scratch: the run stops with an error that suggests
+`training.resume=true` (continue it) or another `training.output_dir`. Anything else in the dir
+(say, a `metrics.jsonl` of a run that died before its first checkpoint) is overwritten.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
-from peftchat.config import Recipe, load_recipe, recipe_to_yaml, with_absolute_paths
+from peftchat.config import KEYS, TRAINED, Recipe, load_recipe, with_absolute_paths
 from peftchat.errors import ConfigError, UserError
 from peftchat.rundir import (
     RECIPE_FILE,
@@ -32,22 +38,10 @@ from peftchat.rundir import (
     latest_checkpoint,
     latest_intact_checkpoint,
 )
-
-SCHEDULE_KEYS = (
-    "training.max_steps", "training.epochs", "training.save_steps", "training.eval_steps", "training.log_steps",
-    "training.save_total_limit",
-)
-# A key matches an entry equal to it or to one of its parent sections.
-RUNTIME_KEYS = (
-    "name", "description", "decoding", "training.output_dir", "training.resume", "training.resume_changes",
-    "training.on_nan",
-    "training.device", "training.tensorboard", "training.gradient_checkpointing", "training.checkpoint_skip_layers",
-    "training.checkpoint_offload", "training.fused_kernels", "training.autocast", "training.compile",
-    "training.fused_lora", "training.fp8",
-    "training.max_memory_gib", "training.eval_generate", "model.attn_implementation", "data.num_proc",
-    "data.cache_dir", "data.max_record_bytes", "distributed",
-    "model.tiny_if_missing",  # acts only before a model exists at model.path
-)
+from peftchat.train import distributed
+from peftchat.train.checkpoint import TrainState, load_training_state
+from peftchat.train.metrics import MetricsLogger, row_with
+from peftchat.train.run import Run
 
 
 def resume_checkpoint(recipe: Recipe) -> Path | None:
@@ -95,13 +89,16 @@ def _flat(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
-def key_kind(key: str) -> str:
-    """`schedule`, `runtime` or `trained` (see the module docstring)."""
-    if key in SCHEDULE_KEYS:
-        return "schedule"
-    if any(key == k or key.startswith(k + ".") for k in RUNTIME_KEYS):
-        return "runtime"
-    return "trained"
+def key_kind(name: str) -> str:
+    """`schedule`, `runtime` or `trained` (see the module docstring): the policy declared for
+    `name` or for the key it lies under (`data.roles.bot` is `data.roles`'s); a key the schema does
+    not have (a recipe of an older peftchat) counts as trained."""
+    while name:
+        info = KEYS.get(name)
+        if info is not None:
+            return info.spec.resume
+        name = name.rpartition(".")[0]
+    return TRAINED
 
 
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, list]:
@@ -126,11 +123,58 @@ def check_resume_changes(recipe: Recipe, checkpoint: Path) -> dict[str, list]:
     return changes
 
 
-def save_recipe_with_history(recipe: Recipe, history: list, path: str | os.PathLike) -> None:
-    """`recipe.yaml`, headed by one comment line per accepted resume change (YAML comments, so
-    the file still loads as a recipe)."""
-    lines = []
-    for entry in history:
-        changed = ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in entry["changes"].items())
-        lines.append(f"# resumed at step {entry['step']} with changes: {changed}\n")
-    Path(path).write_text("".join(lines) + recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")
+def restore(run: Run, checkpoint: Path, changes: dict) -> None:
+    """Load the checkpoint into the run (its adapter weights are in already: `loop.setup`); re-plan
+    the schedule and record accepted recipe changes."""
+    load_sharded = None
+    if run.dist.strategy == "fsdp":
+        def load_sharded(saved: dict) -> None:
+            distributed.load_full_optimizer_state(run.model, run.optimizer, saved)
+    state = load_training_state(checkpoint, run.optimizer, grad_scaler=run.scaler, load_optimizer=load_sharded,
+                                rank=run.dist.rank)
+    _apply_optimizer_settings(run.optimizer, run.recipe)
+    if run.dist.is_main:
+        MetricsLogger.truncate_after(run.out, state.step)
+    distributed.barrier(run.dist)  # every process reads the truncated metrics below
+    _note_world_size(run, state)
+    run.saved_step = state.step
+    last_eval = row_with(run.out, "eval_loss")
+    if last_eval is not None and last_eval["step"] == state.step:
+        run.eval_step = state.step  # a resume after the last step: its eval is done already
+    print(f"resuming from {checkpoint} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})", flush=True)
+    if state.total_steps and state.total_steps != run.total_steps and state.step < run.total_steps:
+        print(f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
+              f"{state.step + 1}..{run.total_steps} follow the curve of a {run.total_steps}-step run", flush=True)
+    state.total_steps = run.total_steps
+    if changes and not (state.step >= run.total_steps and is_complete(run.out)):  # a no-op resume changes nothing
+        state.changes.append({"step": state.step, "changes": changes})
+        if run.dist.is_main:
+            with MetricsLogger(run.out) as metrics:
+                metrics.log({"step": state.step, "resume_changes": changes})
+        print("recipe changes from step " + f"{state.step + 1}: " +
+              ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()), flush=True)
+    run.state = state
+
+
+def _note_world_size(run: Run, state: TrainState) -> None:
+    """A resume with another number of processes is allowed; it changes the global batch."""
+    now, then = run.dist.world_size, state.world_size
+    if now != then:
+        g = run.recipe.training.gradient_accumulation_steps
+        print(f"note: {run.resumed_from} was written by {then} process(es), this run has {now}: from step "
+              f"{state.step + 1} an optimizer step takes {now * g} micro-batches (was {then * g}); "
+              f"resume with {then} process(es) to continue the run exactly", flush=True)
+        if run.dist.is_main:
+            with MetricsLogger(run.out) as metrics:
+                metrics.log({"step": state.step, "world_size_change": [then, now]})
+    state.world_size = now
+
+
+def _apply_optimizer_settings(optimizer: torch.optim.Optimizer, recipe: Recipe) -> None:
+    """The recipe's Adam settings over those a loaded optimizer state carries (they differ only
+    after a change accepted with `training.resume_changes=allow`; lr is the schedule's)."""
+    cfg = recipe.training
+    for i, group in enumerate(optimizer.param_groups):
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"] = cfg.adam_eps
+        group["weight_decay"] = cfg.weight_decay if i == 0 else 0.0  # optim.parameter_groups' order

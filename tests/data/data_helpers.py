@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from peftchat.config import recipe_from_dict
-from peftchat.data.formats import normalize
+from peftchat.data.readers import normalize
 from peftchat.formats.conversation import Conversation
 from peftchat.demo_assets import demo_tokenizer_dir
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_helpers import META, messages_record, moss_record, moss_turn, recipe, tok, write_jsonl
-from peftchat.data.formats import detect_format, normalize
+from peftchat.data.readers import detect_format, normalize
 from peftchat.data.pipeline import build_datasets
 from peftchat.data.sources import load_records
 from peftchat.errors import DataError

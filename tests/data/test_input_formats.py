@@ -4,7 +4,7 @@ tokenizer length warning for sessions the collator truncates."""
 import pytest
 
 from data_helpers import conv, messages_record, recipe, tok, write_jsonl
-from peftchat.data.formats import detect_format
+from peftchat.data.readers import detect_format
 from peftchat.data.pipeline import build_datasets
 from peftchat.errors import DataError
 

@@ -13,7 +13,7 @@ import pytest
 
 from data_helpers import TOKENIZER_DIR, recipe, write_jsonl
 from peftchat.cli import main
-from peftchat.data.formats import normalize
+from peftchat.data.readers import normalize
 from peftchat.data.pipeline import build_datasets
 from peftchat.errors import DataError
 from peftchat.formats.chat_template import ChatTemplateFormat

@@ -9,7 +9,7 @@ import pytest
 
 from data_helpers import TOKENIZER_DIR, tok
 from peftchat.config import load_recipe
-from peftchat.data.formats import normalize
+from peftchat.data.readers import normalize
 from peftchat.demo_assets import asset_path
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format

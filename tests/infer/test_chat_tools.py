@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from peftchat.cli import main
 from peftchat.config import recipe_from_dict
-from peftchat.data.formats import normalize
+from peftchat.data.readers import normalize
 from peftchat.demo_assets import demo_tokenizer_dir
 from peftchat.errors import UserError
 from peftchat.formats.registry import make_format

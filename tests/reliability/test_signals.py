@@ -19,7 +19,7 @@ from untouched import DEMO_RECIPE, digest, one_line_error, peftchat
 
 from peftchat.cli import main
 from peftchat.train.lock import HOLDER_FILE, LOCK_FILE
-from peftchat.train.loop import GracefulInterrupt
+from peftchat.train.signals import GracefulInterrupt
 
 # dropout so that the restored RNG matters, accumulation over an epoch boundary (22 samples, batch 5)
 ARGS = ["training.device=cpu", "training.tensorboard=false", "adapter.dropout=0.2", "training.batch_size=5",

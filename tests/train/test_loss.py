@@ -7,7 +7,7 @@ from peftchat.config import recipe_from_dict
 from peftchat.model.adapters import apply_lora
 from peftchat.model.load import load_base_model
 from peftchat.data.batching import MicroBatch, count_label_tokens, loss_targets, with_loss_targets
-from peftchat.train.loop import backward_window
+from peftchat.train.step import backward_window
 from peftchat.train.loss import LOGIT_SCALING_ATTRIBUTES, causal_lm_loss
 
 IGN = -100

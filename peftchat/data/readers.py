@@ -1,6 +1,7 @@
-"""Record formats: turn one raw record (a dict from `datasets`) into a `Conversation`.
+"""Raw record readers: turn one raw record (a dict from `datasets`) into a `Conversation`, by its
+record format (`data.format`; the conversation formats of `data.collator` are `peftchat.formats`).
 
-Formats (`data.format`):
+Record formats (`data.format`):
 
 * ``moss``: ``meta_instruction``, ``num_turns``, ``chat.turn_1 … turn_N``, each turn holding
   ``Human``, ``Inner Thoughts``, ``Commands``, ``Tool Responses``, ``MOSS`` (the last three
