@@ -265,7 +265,7 @@ class ChatTemplateFormat(SessionFormat):
             return rendered[s]
 
         # tool results answer the calls of the history's last round, which must stay
-        most = len(starts) - (0 if isinstance(query, str) else 1)
+        most = max(len(starts) - (0 if isinstance(query, str) else 1), 0)
         dropped = fewest_to_drop(most, lambda s: len(ids_from(s)) <= budget)
         if dropped is None:
             raise too_long(len(ids_from(most)), budget)
