@@ -317,7 +317,8 @@ def run_chat(source: str, overrides: list[str], message: Optional[str] = None, s
             sampling = "greedy" if d.temperature <= 0 else f"temperature {d.temperature}, top_k {d.top_k}, top_p {d.top_p}"
             print(f"peftchat chat: {os.fspath(source)} ({recipe.data.collator} format, {sampling})\n"
                   f"Type a message; 'clear' resets the history, 'stop' (or Ctrl-D) quits."
-                  + (f" A tool call waits for its result ('{TOOL} RESULT' gives one)." if tool_list else ""), flush=True)
+                  + (f" A tool call waits for its result ('{TOOL} RESULT' gives one)." if tool_list else ""),
+                  flush=True)
 
         def label() -> str:
             calls = session.pending_calls()

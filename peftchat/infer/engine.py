@@ -8,7 +8,9 @@ to its `on_text` callback — decoded incrementally by the format's `ReplyStream
 small decode, never a re-decode of the whole reply. A job whose `cancel` event is set (a client
 that went away), that reached its own `max_tokens`, a stop string or its deadline leaves the batch
 at the next token; when no job is left the generation ends. Which jobs may share a batch is
-`peftchat.infer.batching`'s business.
+`peftchat.infer.batching`'s business. A job with `parse_tools` (a request with tools) never hands
+out text from a `<tool_call>` on: the finished reply is parsed (`formats.turns.parse_tool_calls`)
+into `tool_calls` and the text around them, so a call never reaches a client as text.
 """
 
 from __future__ import annotations
