@@ -179,11 +179,13 @@ def _check_count(flag: str, value: int | None, least: int) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     if args.message is not None and not args.message.strip():
         raise UserError("--message is empty; give the text to send, or leave --message out to chat turn by turn")
+    if args.message is not None and args.messages is not None:
+        raise UserError("--message and --messages: give one (the last user message goes into the --messages file)")
     overrides = args.overrides + _decoding_flags(args)
     from peftchat.infer.chat import run_chat
 
     return run_chat(args.source, overrides, message=args.message,
-                    stream=not args.no_stream, system=args.system, tools=args.tools)
+                    stream=not args.no_stream, system=args.system, tools=args.tools, messages=args.messages)
 
 
 def _check_out_file(path: str, inputs: Sequence = (), force: bool = False) -> None:
@@ -331,6 +333,9 @@ def _add_model_use_commands(sub) -> None:
                    help="system message for the session (default: data.meta_instruction, as in training)")
     p.add_argument("--tools", default=None, metavar="FILE.json",
                    help="a JSON list of tools the chat template renders, as training rendered a record's tools")
+    p.add_argument("--messages", default=None, metavar="FILE.json",
+                   help="answer this conversation (OpenAI messages, optionally with tools, tool calls and tool "
+                        "results: a JSON list, or {\"messages\": [...], \"tools\": [...]}) and exit")
     _add_decoding_args(p)
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_chat)

@@ -82,6 +82,9 @@ def too_long(n_tokens: int, budget: int) -> UserError:
 class ConversationFormat(ABC):
     name: ClassVar[str]
     has_system: ClassVar[bool] = True  # False: the format has no place for a system message
+    # True: a tool list, assistant `tool_calls` and `tool` results can be rendered (chat_template);
+    # `prompt`'s query may then be the results of the history's last calls (a list of `tool` messages)
+    has_tools: ClassVar[bool] = False
 
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
         self.cfg = cfg

@@ -39,7 +39,7 @@ render when the conversation fits, O(log n) otherwise. Chat prompts drop oldest 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from peftchat.config import DataConfig
 from peftchat.errors import ConfigError, DataError
@@ -51,6 +51,11 @@ from peftchat.formats.turns import parse_tool_calls
 Span = tuple[int, int]
 Messages = list[dict[str, Any]]
 Tools = list[dict[str, Any]]
+Query = Union[str, Messages]  # a user message, or the `tool` results of the history's last calls
+
+
+def _asked(query: Query) -> Messages:
+    return [{"role": "user", "content": query}] if isinstance(query, str) else list(query)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -110,6 +115,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 class ChatTemplateFormat(SessionFormat):
     name = "chat_template"
+    has_tools = True
 
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
         if not getattr(tokenizer, "chat_template", None):
@@ -228,24 +234,28 @@ class ChatTemplateFormat(SessionFormat):
             return Encoded(dropped=["no loss tokens left after truncation"])
         return Encoded(samples=[Sample(ids, labels, truncated)])
 
-    def add_round(self, history: Conversation, query: str, reply: Reply) -> Conversation:
+    def add_round(self, history: Conversation, query: Query, reply: Reply) -> Conversation:
         """The history after the reply; with tools, calls in the reply's `<tool_call>` syntax become
-        the assistant's `tool_calls`, so later prompts render the turn as training rendered calls."""
+        the assistant's `tool_calls`, so later prompts render the turn as training rendered calls.
+        `query` is a user message, or the `tool` results the reply answers."""
         text, calls = parse_tool_calls(reply.text) if history.tools else (reply.text, [])
-        if not calls:
+        asked = _asked(query)
+        if not calls and isinstance(query, str):
             return history.with_round(query, reply.text)
-        answer = {"role": "assistant", **({"content": text} if text else {}), "tool_calls": calls}
-        return dataclasses.replace(history, messages=[*history.messages, {"role": "user", "content": query}, answer])
+        answer = {"role": "assistant", **({"content": text} if text or not calls else {}),
+                  **({"tool_calls": calls} if calls else {})}
+        return dataclasses.replace(history, messages=[*history.messages, *asked, answer])
 
-    def prompt(self, history: Conversation, query: str, budget: Optional[int] = None) -> ChatPrompt:
+    def prompt(self, history: Conversation, query: Query, budget: Optional[int] = None) -> ChatPrompt:
         """The rendering of the history (oldest rounds left out to fit) and `query`, followed by
-        the template's assistant generation prompt."""
+        the template's assistant generation prompt. `query` is a user message, or the `tool`
+        results of the calls that end the history (whose round is then never left out)."""
         budget = self.cfg.max_length if budget is None else budget
         self.check_tools(history)
         messages = self.with_system(history)
         head = 1 if messages and messages[0]["role"] == "system" else 0
         starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
-        asked = [{"role": "user", "content": query}]
+        asked = _asked(query)
         rendered: dict[int, list[int]] = {}
 
         def ids_from(s: int) -> list[int]:
@@ -254,7 +264,9 @@ class ChatTemplateFormat(SessionFormat):
                 rendered[s] = self.render(messages[:head] + rest + asked, add_generation_prompt=True, tools=history.tools)
             return rendered[s]
 
-        dropped = fewest_to_drop(len(starts), lambda s: len(ids_from(s)) <= budget)
+        # tool results answer the calls of the history's last round, which must stay
+        most = max(len(starts) - (0 if isinstance(query, str) else 1), 0)
+        dropped = fewest_to_drop(most, lambda s: len(ids_from(s)) <= budget)
         if dropped is None:
-            raise too_long(len(ids_from(len(starts))), budget)
+            raise too_long(len(ids_from(most)), budget)
         return ChatPrompt(ids_from(dropped), dropped)

@@ -31,9 +31,10 @@ from peftchat.errors import DataError
 class TurnOrderError(DataError):
     """A record whose turns are not in a trainable order; `reason` is its count key in the data report."""
 
-    def __init__(self, message: str, reason: str) -> None:
+    def __init__(self, message: str, reason: str, index: Optional[int] = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.index = index  # the turn it names (the server's error `param`)
 
 
 def _json_value(value: Any, origin: str, where: str) -> Any:
@@ -90,12 +91,14 @@ def without_empty_system(messages: list[dict[str, Any]], where: list[str]) -> tu
     return messages, where
 
 
-def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: str) -> None:
+def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: str,
+                     awaiting_reply: bool = False) -> None:
     """Raise `TurnOrderError` naming the first turn out of order (`where[i]` names turn i as the
-    record spells it, e.g. ``conversations[3]``)."""
+    record spells it, e.g. ``conversations[3]``). `awaiting_reply`: a chat request, which ends
+    where the assistant is to answer (a user turn, or the results of its last calls) instead."""
 
     def bad(i: int, problem: str, reason: str) -> TurnOrderError:
-        return TurnOrderError(f"{origin}: {where[i]}: {problem}", reason)
+        return TurnOrderError(f"{origin}: {where[i]}: {problem}", reason, i)
 
     for i, m in enumerate(messages):
         role, prev = m["role"], messages[i - 1] if i else None
@@ -116,6 +119,11 @@ def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: s
                       "tool result not answered")
         elif role == "user" and prev.get("tool_calls"):
             raise bad(i, "a user turn right after a tool call (its result must come first)", "tool call with no result")
+    if awaiting_reply:
+        if messages and messages[-1]["role"] not in ("user", "tool"):
+            raise bad(len(messages) - 1, f"the last message is the {messages[-1]['role']}'s; it must be a user "
+                      "message or the results of the assistant's tool calls", "nothing to answer")
+        return
     if messages and messages[-1]["role"] != "assistant":
         role = messages[-1]["role"]
         raise bad(len(messages) - 1, f"the conversation ends on a {role} turn; it must end with the assistant's",
@@ -124,7 +132,22 @@ def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: s
 
 # The tool-call syntax of Qwen2.5/Hermes-style templates (`<tool_call>{json}</tool_call>`), the one
 # most tool-aware templates on the hub write.
+TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_RE = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def before_tool_call(text: str) -> int:
+    """How much of a reply being generated is surely text, not a call: up to the first
+    `TOOL_CALL_OPEN`, less a tail that may still grow into one and the whitespace before it (which
+    the parsed reply strips); a streaming server holds the rest back until the reply is parsed."""
+    cut = text.find(TOOL_CALL_OPEN)
+    if cut < 0:
+        cut = len(text)
+        for k in range(min(len(TOOL_CALL_OPEN) - 1, len(text)), 0, -1):
+            if text.endswith(TOOL_CALL_OPEN[:k]):
+                cut -= k
+                break
+    return len(text[:cut].rstrip())
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:

@@ -8,7 +8,9 @@ to its `on_text` callback — decoded incrementally by the format's `ReplyStream
 small decode, never a re-decode of the whole reply. A job whose `cancel` event is set (a client
 that went away), that reached its own `max_tokens`, a stop string or its deadline leaves the batch
 at the next token; when no job is left the generation ends. Which jobs may share a batch is
-`peftchat.infer.batching`'s business.
+`peftchat.infer.batching`'s business. A job with `parse_tools` (a request with tools) never hands
+out text from a `<tool_call>` on: the finished reply is parsed (`formats.turns.parse_tool_calls`)
+into `tool_calls` and the text around them, so a call never reaches a client as text.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import copy
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from peftchat.config import Recipe
-from peftchat.errors import UserError
+from peftchat.errors import DataError, UserError
 from peftchat.formats.base import ReplyStream
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
+from peftchat.formats.turns import before_tool_call, parse_tool_calls
 from peftchat.infer.decoding import context_budget, generation_config, logits_processors
 
 
@@ -38,13 +41,14 @@ class RequestError(UserError):
 
 @dataclass
 class ChatRequest:
-    history: Conversation  # the finished rounds before `query`, with the request's system message
-    query: str
+    history: Conversation  # the finished rounds before `query`, with the request's system message and tools
+    query: Union[str, list[dict[str, Any]]]  # a user message, or the results of the history's last tool calls
     max_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    parse_tools: bool = False  # read tool calls back from the reply (tools given, tool_choice "auto")
 
 
 @dataclass
@@ -71,6 +75,8 @@ class Job:
     closed: bool = False  # left the batch: no more tokens are taken for it
     started_at: Optional[float] = None  # time.monotonic() when its batch began
     first_token_at: Optional[float] = None
+    parse_tools: bool = False  # hold back text from a `<tool_call>` on, parse the calls when finished
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # the finished reply's calls (`formats.turns`)
 
     @property
     def max_new_tokens(self) -> int:
@@ -79,7 +85,7 @@ class Job:
     def fork(self, stream: ReplyStream, group: int) -> "Job":
         """A fresh job for the same prompt and settings (another of a request's `n` choices)."""
         return Job(prompt=self.prompt, recipe=self.recipe, stop=self.stop, seed=self.seed, stream=stream,
-                   deadline=self.deadline, group=group)
+                   deadline=self.deadline, group=group, parse_tools=self.parse_tools)
 
 
 def _cut_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
@@ -136,8 +142,11 @@ class ChatEngine:
         """Validate `request` against the model's context and build its prompt (RequestError)."""
         recipe = self._decoding(request)
         budget = context_budget(recipe)  # as `peftchat chat` budgets its prompts
+        self._check_tools(request)
         try:
             prompt = self.format.prompt(request.history, request.query, budget)
+        except DataError as e:  # the chat template refuses the conversation
+            raise RequestError(str(e), "messages") from None
         except UserError as e:
             raise RequestError(f"this request is over the context budget: {e}", "messages",
                                "context_length_exceeded") from None
@@ -148,7 +157,25 @@ class ChatEngine:
                 f"({self.context} context tokens minus max_tokens {recipe.decoding.max_new_tokens}); send fewer "
                 f"or shorter messages or a smaller max_tokens", "messages", "context_length_exceeded")
         return Job(prompt=prompt.ids, recipe=recipe, stop=[s for s in request.stop if s], seed=request.seed,
-                   stream=self.format.reply_stream())
+                   stream=self.format.reply_stream(), parse_tools=request.parse_tools)
+
+    def _check_tools(self, request: ChatRequest) -> None:
+        """A 400 for tools the format or its template cannot render: the model would otherwise
+        answer a prompt without them, which is not how it was trained."""
+        history = request.history
+        uses = bool(history.tools) or not isinstance(request.query, str) or any(
+            m.get("tool_calls") or m["role"] == "tool" for m in history.messages)
+        if not uses:
+            return
+        param = "tools" if history.tools else "messages"
+        if not self.format.has_tools:
+            raise RequestError(f"this model was trained with the {self.format.name} format, which has no place for "
+                               "tools, tool calls or tool results (only data.collator=chat_template renders them)",
+                               param)
+        try:
+            self.format.check_tools(history)  # type: ignore[attr-defined]  (has_tools: ChatTemplateFormat)
+        except DataError as e:
+            raise RequestError(str(e).removeprefix("request: "), param) from None
 
     def run(self, job: Job, on_text: Callable[[str], None]) -> Job:
         """Generate `job` alone (waiting for the model first); `on_text` gets each new piece of
@@ -238,6 +265,8 @@ class ChatEngine:
             if hit_stop_string:
                 job.finish_reason = "stop"
             visible = len(job.text) if hit_stop_string else _safe_length(job.text, job.stop)
+            if job.parse_tools:  # a call is shown as `tool_calls` once the reply is parsed, never as text
+                visible = min(visible, before_tool_call(job.text))
             self._show(job, visible, on_text)
 
     def _finish(self, job: Job, on_text: Callable[[str], None]) -> None:
@@ -248,6 +277,10 @@ class ChatEngine:
         if hit_stop_string or job.stream.stopped:
             job.finish_reason = "stop"
         job.finish_reason = job.finish_reason or "length"
+        if job.parse_tools:
+            text, job.tool_calls = parse_tool_calls(text)
+            if job.tool_calls and job.finish_reason == "stop":
+                job.finish_reason = "tool_calls"
         if not text.startswith(job.text[:job.shown]):
             job.text = text  # the parse differs from what was streamed: the whole reply is the final one
             return

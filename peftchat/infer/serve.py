@@ -1,7 +1,11 @@
 """`peftchat serve`: an OpenAI-compatible HTTP API (FastAPI + uvicorn, the `serve` extra).
 
 `GET /v1/models` and `POST /v1/chat/completions` (`messages`, `temperature`, `top_p`,
-`max_tokens`, `stop`, `seed`, `stream` with `stream_options.include_usage`). Prompts are the
+`max_tokens`, `stop`, `seed`, `stream` with `stream_options.include_usage`, `tools` with
+`tool_choice` "auto" or "none"). With tools (chat_template format only), the request's tool list,
+assistant `tool_calls` and `tool` results are rendered as training rendered a tool record, and a
+reply in the template's `<tool_call>` syntax comes back as `tool_calls` with finish_reason
+"tool_calls" (`engine` parses it; a stream holds text from `<tool_call>` on until it is parsed). Prompts are the
 training prompts of the run's conversation format (see `engine`); a system message goes where the
 format puts one (the chatglm format has no place for it and leaves it out, as training does); a request that omits
 `temperature` / `top_p` / `max_tokens` gets the recipe's `decoding.*`. Errors have OpenAI's shape,
@@ -36,10 +40,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from peftchat.errors import UserError
-from peftchat.formats.conversation import Conversation
 from peftchat.infer.batching import QueueFull, Scheduler
 from peftchat.infer.engine import ChatEngine, ChatRequest, Job, RequestError
 from peftchat.infer.loading import load_chat_model, say
+from peftchat.infer.messages import openai_tool_calls, split_messages
 from peftchat.infer.serve_guard import BodyTooLarge, Guard, error_body, log
 from peftchat.infer.serve_parse import BodyParser, models
 
@@ -85,33 +89,25 @@ def _internal_error(rid: str):
 
 
 def to_chat_request(body) -> ChatRequest:
-    """Messages → (history `Conversation`, query) for the format (RequestError when they do not
-    form system? (user assistant)* user)."""
-    rounds: list[tuple[str, str]] = []
-    system, pending = None, None
-    for i, m in enumerate(body.messages):
-        role = "system" if m.role == "developer" else m.role
-        if role == "system" and i == 0:
-            system = m.text()
-        elif role == "user" and pending is None:
-            pending = m.text()
-        elif role == "assistant" and pending is not None:
-            rounds.append((pending, m.text()))
-            pending = None
-        else:
-            raise RequestError(f"messages[{i}] has role '{m.role}'; expected an optional first system message, "
-                               "then user and assistant messages in turn, ending with a user message",
-                               f"messages[{i}].role")
-    if pending is None:
-        raise RequestError("the last message must be a user message", "messages")
+    """A validated body → the engine's request: messages checked and split by `messages` (the
+    rules training data follows, ending where the assistant answers), the tool list and whether
+    the reply is read back as tool calls (`tool_choice` "auto", the default with tools; "none"
+    keeps the tools in the prompt, as training showed them, and returns the reply as text, as vLLM
+    does; "required" and a named function would need constrained decoding: refused)."""
+    choice = body.tool_choice
+    if choice is not None and choice not in ("auto", "none"):
+        shown = choice if isinstance(choice, str) else f"a named function ({choice.function.name!r})"
+        raise RequestError(f"tool_choice {shown} is not supported by this server (it cannot force a tool call); "
+                           "use \"auto\" or \"none\"", "tool_choice")
+    tools = [t.model_dump() for t in body.tools] if body.tools else None
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    history, query = split_messages(messages, tools)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4:
         raise RequestError("stop takes at most 4 sequences", "stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    history = Conversation.from_rounds(rounds, system=system, origin="request")
-    return ChatRequest(history, pending, max_tokens, body.temperature, body.top_p, stop, body.seed)
-
-
+    return ChatRequest(history, query, max_tokens, body.temperature, body.top_p, stop, body.seed,
+                       parse_tools=bool(tools) and choice != "none")
 
 
 class RequestParser:
@@ -314,9 +310,16 @@ def _reply(jobs: list[Job], cid: str, model_name: str, state: dict):
         return _error(503, "the request waited longer than this server's --request-timeout; retry later",
                       "server_error", code="timeout", headers={"Retry-After": "1"})
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": j.text},
-                         "finish_reason": j.finish_reason} for i, j in enumerate(jobs)],
+            "choices": [{"index": i, "message": _message(j), "finish_reason": j.finish_reason}
+                        for i, j in enumerate(jobs)],
             "usage": _usage(jobs)}
+
+
+def _message(job: Job) -> dict:
+    """A choice's message: OpenAI's content is null when the reply is calls only."""
+    if not job.tool_calls:
+        return {"role": "assistant", "content": job.text}
+    return {"role": "assistant", "content": job.text or None, "tool_calls": openai_tool_calls(job.tool_calls)}
 
 
 async def _stream(jobs: list[Job], events: asyncio.Queue, cid: str, model_name: str, include_usage: bool,
@@ -341,6 +344,11 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, cid: str, model_name: 
             if jobs[i].failed:
                 yield _sse(error_body(f"internal error (request id {state['request_id']})", "server_error"))
                 break
+            # The calls come whole, once the reply is parsed (the text from `<tool_call>` on was held
+            # back): a call is never streamed as content and then taken back. One delta per call,
+            # its arguments in one piece, is what OpenAI's clients accumulate as its split deltas.
+            for k, call in enumerate(openai_tool_calls(jobs[i].tool_calls)):
+                yield chunk(i, {"tool_calls": [{"index": k, **call}]})
             yield chunk(i, {}, jobs[i].finish_reason)
         if include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),

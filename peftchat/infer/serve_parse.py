@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 
 IN_PROCESS_BYTES = 256 << 10  # parses in a few ms
@@ -37,12 +37,42 @@ def models():
         type: Literal["text"]
         text: str
 
+    class FunctionCall(BaseModel):
+        name: str
+        arguments: Union[str, dict[str, Any]]  # OpenAI sends a JSON string; `formats.turns` parses it
+
+    class ToolCall(BaseModel):
+        id: Optional[str] = None
+        type: Literal["function"] = "function"
+        function: FunctionCall
+
     class Message(BaseModel):
-        role: Literal["system", "developer", "user", "assistant"]
-        content: Union[str, list[TextPart]]
+        role: Literal["system", "developer", "user", "assistant", "tool"]
+        content: Union[str, list[TextPart], None] = None  # None: an assistant turn of tool calls only
+        tool_calls: Optional[list[ToolCall]] = None
+        tool_call_id: Optional[str] = None
+        name: Optional[str] = None
 
         def text(self) -> str:
+            if self.content is None:
+                return ""
             return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    class FunctionDef(BaseModel):
+        model_config = ConfigDict(extra="allow")  # description, parameters, strict: the template's to show
+        name: str = Field(min_length=1)
+
+    class ToolDef(BaseModel):
+        model_config = ConfigDict(extra="allow")
+        type: Literal["function"]
+        function: FunctionDef
+
+    class NamedFunction(BaseModel):
+        name: str
+
+    class NamedToolChoice(BaseModel):
+        type: Literal["function"]
+        function: NamedFunction
 
     class StreamOptions(BaseModel):
         include_usage: bool = False
@@ -60,6 +90,8 @@ def models():
         stream_options: Optional[StreamOptions] = None
         seed: Optional[int] = None
         n: int = 1
+        tools: Optional[list[ToolDef]] = None
+        tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
 
     return ChatCompletionRequest
 
@@ -91,11 +123,16 @@ def parse_body(raw: bytes, max_chars: int) -> tuple:
     except ValidationError as e:
         return ("error", *_validation_message(e), None)
     texts = [m.text() for m in body.messages]
+    # tool calls and tool lists reach the prompt too: counted against the context, checked as text
+    calls = [c.function.arguments if isinstance(c.function.arguments, str) else json.dumps(c.function.arguments)
+             for m in body.messages for c in m.tool_calls or []]
+    tools = [json.dumps(t.model_dump(), ensure_ascii=False) for t in body.tools or []]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    bad = _unicode_error(texts, "messages[{}].content") or _unicode_error(stops, "stop")
+    bad = _unicode_error(texts, "messages[{}].content") or _unicode_error(stops, "stop") \
+        or _unicode_error(calls, "a tool call's arguments") or _unicode_error(tools, "tools[{}]")
     if bad:
         return bad
-    if sum(len(t) for t in texts) > max_chars:
+    if sum(len(t) for t in texts + calls + tools) > max_chars:
         return ("error", "the messages are far over the model's context", "messages", "context_length_exceeded")
     return ("ok", body.model_dump())
 

@@ -259,3 +259,38 @@ def test_parse_tool_calls_reads_back_the_templates_syntax(ttok):
     assert calls == EXPECTED[1]["tool_calls"] and text == ""
     text, calls = parse_tool_calls('Let me see. <tool_call>\n{"name": "time", "arguments": "{}"}\n</tool_call> <tool_call>oops</tool_call>')
     assert calls == [call("time")] and text == "Let me see.  <tool_call>oops</tool_call>"
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("Let me check.", "Let me check."),
+    ("Let me check.\n<tool", "Let me check."),  # may become a call: held back with the whitespace before it
+    ("Let me check. <tool_call>\n{", "Let me check."),
+    ("a < b", "a < b"),
+    ("a <tool_x", "a <tool_x"),  # can no longer become `<tool_call>`
+    ("<", ""),
+])
+def test_before_tool_call_shows_only_text_that_cannot_become_a_call(text, shown):
+    from peftchat.formats.turns import before_tool_call
+
+    assert text[:before_tool_call(text)] == shown
+
+
+@pytest.mark.parametrize("turns, index, says", [
+    ([("user", "q")], None, None),
+    ([("user", "q"), ("assistant", "calls"), ("tool", "r"), ("tool", "r2")], None, None),
+    ([("user", "q"), ("assistant", "a")], 1, "must be a user message or the results"),
+    ([("user", "q"), ("assistant", "calls")], 1, "must be a user message or the results"),
+    ([("system", "s")], 0, "must be a user message or the results"),
+])
+def test_a_chat_request_must_end_where_the_assistant_answers(turns, index, says):
+    from peftchat.formats.turns import TurnOrderError, check_turn_order
+
+    messages = [{"role": r, "tool_calls": [call("time")]} if c == "calls" else {"role": r, "content": c}
+                for r, c in turns]
+    where = [f"messages[{i}]" for i in range(len(messages))]
+    if says is None:
+        check_turn_order(messages, where, "request", awaiting_reply=True)
+        return
+    with pytest.raises(TurnOrderError, match=says) as e:
+        check_turn_order(messages, where, "request", awaiting_reply=True)
+    assert e.value.index == index

@@ -2,6 +2,7 @@
 list is rendered by the template as training rendered a record's `tools`, and a reply holding a
 call is kept as the assistant's `tool_calls` (issue 36)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,110 @@ def test_eval_scores_answers_not_tool_calls_and_keeps_the_tool_list():
     ((history, query, reference),) = eval_rounds(conv)
     assert (query, reference) == ("Thanks", "Welcome.") and history.tools == TOOLS
     assert history.messages == conv.messages[:4]
+
+
+# --- feeding tool results back: the model continues as training rendered the results ---------
+
+TWO_CALLS = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}},
+             {"type": "function", "function": {"name": "weather", "arguments": {"city": "Bergen"}}}]
+
+
+def _tool_record(calls, results):
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": calls},
+        *({"role": "tool", "content": r} for r in results), {"role": "assistant", "content": "Sunny."}]}
+
+
+def _replaying_session(ttok, record):
+    r = recipe()
+    fmt = make_format(r.data, ttok)
+    (sample,) = fmt.encode(normalize(record, "messages", r.data, "t:1")).samples
+    return ChatSession(ReplaysTraining(sample.input_ids, fmt.stop_ids), ttok, r, tools=TOOLS)
+
+
+def test_a_tool_result_goes_into_the_history_and_the_model_continues(ttok):
+    record = _tool_record([CALL], ["sunny"])
+    session = _replaying_session(ttok, record)
+    session.reply("Weather in Oslo?")
+    assert session.pending_calls() == [CALL]
+    with pytest.raises(UserError, match="the model called weather: give the result first"):
+        session.reply("Hello?")
+    assert session.tool_result("sunny") == "Sunny."  # ReplaysTraining: the prompt is training's
+    assert session.history.messages == record["messages"] and not session.pending_calls()
+    with pytest.raises(UserError, match="the last reply called no tool"):
+        session.tool_result("late")
+
+
+def test_piped_tool_lines_answer_every_call_before_the_model_continues(ttok, capsys):
+    import io
+
+    from peftchat.infer.chat import chat_loop
+
+    record = _tool_record(TWO_CALLS, ["sunny", "rain"])
+    session = _replaying_session(ttok, record)
+    out = io.StringIO()
+    chat_loop(session, ["Weather in Oslo?", "/tool sunny", "/tool rain"], out, stream=True, interactive=False)
+    assert out.getvalue().endswith("</tool_call>\nSunny.\n")  # replies only, one per line
+    assert 'tool call: weather({"city": "Oslo"}); weather({"city": "Bergen"})' in capsys.readouterr().err
+    assert session.history.messages == record["messages"]
+
+
+def test_on_a_terminal_the_line_after_a_call_is_its_result(ttok):
+    import io
+
+    from peftchat.infer.chat import chat_loop
+
+    record = _tool_record([CALL], ["sunny"])
+    session = _replaying_session(ttok, record)
+    out = io.StringIO()
+    chat_loop(session, ["Weather in Oslo?", "sunny"], out, stream=False, interactive=True)
+    shown = out.getvalue()
+    assert '(tool call: weather({"city": "Oslo"}))' in shown and shown.endswith("Assistant: Sunny.\n")
+    assert session.history.messages == record["messages"]
+
+
+def test_a_messages_file_is_answered_as_serve_answers_a_request(ttok):
+    from peftchat.infer.chat import _respond
+
+    record = _tool_record([CALL], ["sunny"])
+    session = _replaying_session(ttok, record)
+    oa_call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
+    given = [record["messages"][0], {"role": "assistant", "content": None, "tool_calls": [oa_call]},
+             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    query = session.load_messages(given, None, "--messages m.json")
+    written = []
+    _respond(session, query, written.append, stream=False, interactive=False)
+    assert written == ["Sunny.\n"]
+    with pytest.raises(UserError, match=r"--messages m.json: messages\[1\]: a tool result with no tool call"):
+        session.load_messages([given[0], given[2]], None, "--messages m.json")
+
+
+@pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ('{"x": 1}', "expected a JSON list of messages")])
+def test_a_bad_messages_file_is_exit_2_before_the_model_loads(tmp_path, capsys, text, problem):
+    path = tmp_path / "m.json"
+    path.write_text(text, encoding="utf-8")
+    assert main(["chat", str(tmp_path / "no-such-model"), "--messages", str(path)]) == 2
+    assert f"peftchat: error: --messages {path}: {problem}" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "no-such-model"), "--messages", str(path), "--message", "hi"]) == 2
+    assert "--message and --messages: give one" in capsys.readouterr().err
+
+
+def test_chat_messages_end_to_end_with_a_tool_template(make_adapter, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(make_adapter("chat_template"), adapter)
+    tok = AutoTokenizer.from_pretrained(str(adapter))
+    tok.chat_template = TEMPLATE.read_text(encoding="utf-8")
+    tok.save_pretrained(str(adapter))
+    record = _tool_record([CALL], ["sunny"])
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"tools": TOOLS, "messages": record["messages"][:3]}), encoding="utf-8")
+    assert main(["chat", str(adapter), "data.max_length=512", "--messages", str(path), "--no-stream"]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")  # the reply (a random model: its text says nothing)
+    shipped = tmp_path / "shipped.json"  # the demo's ChatML writes no tools: exit 2 naming it
+    shutil.copytree(make_adapter("chat_template"), tmp_path / "plain")
+    shipped.write_text(json.dumps({"tools": TOOLS, "messages": record["messages"][:1]}), encoding="utf-8")
+    assert main(["chat", str(tmp_path / "plain"), "--messages", str(shipped)]) == 2
+    assert "does not render them" in capsys.readouterr().err
