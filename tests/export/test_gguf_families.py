@@ -33,19 +33,34 @@ def tiny(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """`f(family, outtype)`: the family's tiny model written as GGUF, once per module: the tensor
+    test and the llama.cpp run of f16 read the same file."""
+    made = {}
+
+    def get(family, outtype):
+        if (family, outtype) not in made:
+            out = tmp_path_factory.mktemp(f"gguf-{family}-{outtype}") / f"{family}.gguf"
+            made[family, outtype] = write_gguf(tiny(family), out, outtype, say=lambda _: None)
+        return made[family, outtype]
+
+    return get
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_every_tensor_lands_where_llama_cpp_reads_it(family, tiny, tmp_path):
+def test_every_tensor_lands_where_llama_cpp_reads_it(family, tiny, exported):
     from safetensors.torch import load_file
 
     model_dir = tiny(family)
-    out = write_gguf(model_dir, tmp_path / "m.gguf", "f16", say=lambda _: None)
+    out = exported(family, "f16")
     fields, tensors, _ = _read(out)
     assert fields["general.architecture"] == FAMILIES[family]
     hf = load_file(str(model_dir / "model.safetensors"))
     import json
 
     arch = gguf_arch(json.loads((model_dir / "config.json").read_text()))
-    named = {k: gguf_tensor_name(k, arch) for k in hf}
+    named = {k: gguf_tensor_name(k, arch, n_blocks=2) for k in hf}  # 2 blocks: the default 512 costs ~0.5 s a call
     assert set(tensors) == {n for n in named.values() if n is not None}
     for hf_name, name in named.items():
         if name is None:
@@ -85,9 +100,9 @@ def test_a_family_llama_cpp_cannot_take_is_refused_by_name(tiny, tmp_path, capsy
 @needs_llama_cpp
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_llama_cpp_runs_the_export_like_transformers(family, outtype, tiny, tmp_path):
+def test_llama_cpp_runs_the_export_like_transformers(family, outtype, tiny, exported):
     model_dir = tiny(family)
-    out = write_gguf(model_dir, tmp_path / f"{family}.gguf", outtype, say=lambda _: None)
+    out = exported(family, outtype)
     p = gguf_parity(model_dir, out)
     print(f"| {family} | {outtype} | loads | {p.top1_agree}/{p.positions} | {p.max_logit_diff:.2e} |")
     # qwen2: llama.cpp splits " 1" of the demo tokenizer as one token where transformers gives two
