@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from peftchat.config import recipe_from_dict  # noqa: E402
-from peftchat.data.formats import normalize  # noqa: E402
+from peftchat.data.readers import normalize  # noqa: E402
 from peftchat.formats.chat_template import ChatTemplateFormat  # noqa: E402
 from peftchat.formats.conversation import Conversation  # noqa: E402
 from peftchat.formats.samples import encode_text  # noqa: E402
