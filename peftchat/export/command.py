@@ -3,7 +3,7 @@
 An adapter (a training output dir, a checkpoint, or a recipe whose run left one) is first merged
 by `peftchat merge`'s code into a temporary fp32 model dir beside the output (in a
 `.peftchat-tmp-PID-*` dir) — fp32 so that the merge itself adds no rounding and the only loss is
-the f16 / q8_0 storage — which is then written by `model.to_gguf`.
+the f16 / q8_0 storage — which is then written by `export.gguf`.
 """
 
 from __future__ import annotations

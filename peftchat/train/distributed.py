@@ -242,7 +242,7 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
                       recipe: Recipe) -> torch.nn.Module:
     """The LossModule under DDP or FSDP2 (`state.strategy`). DDP: only trainable parameters are
     reduced (frozen ones have no gradient); gradient checkpointing is non-reentrant
-    (model.kernels), which DDP allows without static_graph; buffers are not broadcast (every rank
+    (train.speedups), which DDP allows without static_graph; buffers are not broadcast (every rank
     loads the same ones, and a broadcast per forward would tie eval forwards together)."""
     wrapped = LossModule(model, loss_fn)
     if state.strategy == "ddp":

@@ -33,7 +33,7 @@ LOGITS_PER_CHUNK = 2**27
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Model-config attributes of the scaling some architectures apply to the logits after lm_head, in
 # their forward; the loss applies them too (`_logits_transform`), and a fused head loss, which
-# cannot do (model.kernels.UNFUSED_LOGIT_TRANSFORMS), is skipped when a config sets one. Add a
+# cannot do (train.speedups.UNFUSED_LOGIT_TRANSFORMS), is skipped when a config sets one. Add a
 # family's attribute here and to the transform.
 LOGIT_SCALING_ATTRIBUTES = (
     "logit_scale",  # Cohere: multiplies
