@@ -4,6 +4,7 @@
     collect   merge runs' results.json into one table (collect.py)
     quality   FP8 against bf16 training quality, runs pooled by kind (quality.py)
     serve     `peftchat serve` under streaming clients (serve_bench.py)
+    dpo       DPO steps: peftchat against TRL's DPOTrainer and unsloth's patched one (dpo_bench.py)
     checks    GPU checks: `peftchat train` + `merge --verify`, model families, torchrun (checks.py)
     big-record  reading data with one runaway record: time and peak RSS (big_record.py, docs/reliability.md)
 
@@ -17,7 +18,7 @@ import importlib
 import sys
 
 COMMANDS = {"bench": "bench", "collect": "collect", "quality": "quality", "serve": "serve_bench",
-            "checks": "checks", "big-record": "big_record"}
+            "dpo": "dpo_bench", "checks": "checks", "big-record": "big_record"}
 
 
 def main(argv: list[str]) -> int:
