@@ -72,11 +72,13 @@ from peftchat.train.metrics import (
     Muted,
     Progress,
     format_postfix,
+    loss_metrics,
     peak_memory_gb,
     perplexity,
 )
 from peftchat.train.nonfinite import step_dropped, verify_finite
-from peftchat.train.preference import attach_reference
+from peftchat.data.preference import is_preference
+from peftchat.train.preference import attach_reference, make_preference_loss
 from peftchat.train.optim import build_optimizer, build_scheduler, planned_steps
 from peftchat.train.resume import check_resume_changes, restore, resume_checkpoint
 from peftchat.train.run import Run, TrainHooks
@@ -88,7 +90,7 @@ from peftchat.train.step import (
     out_of_memory_as_user_error,
     setup_objects_frozen,
 )
-from peftchat.train.summary import summary
+from peftchat.train.summary import done_line, summary
 
 
 def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
@@ -181,7 +183,7 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
 def setup_data(recipe: Recipe):
     """(tokenizer, data report, train Batches, eval Batches or None)."""
     from peftchat.data.pipeline import build_datasets, sample_limit
-    from peftchat.data.preference import PairBatches, is_preference
+    from peftchat.data.preference import PairBatches
     from peftchat.model.tokenizer import load_tokenizer
 
     cfg = recipe.training
@@ -226,9 +228,6 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     print("kernels: " + speedups.kernels.describe(), flush=True)
     if hooks.speedups_applied is not None:
         hooks.speedups_applied(applied)
-    from peftchat.data.preference import is_preference
-    from peftchat.train.preference import make_preference_loss
-
     loss = make_preference_loss(recipe) if is_preference(recipe) else make_loss(speedups.head_loss)
     return model, loss, count_parameters(model)
 
@@ -317,16 +316,10 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
            "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
     if grad_norm is not None:  # FSDP2: a DTensor
         row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    extra = _loss_metrics(run, "train")
+    extra = loss_metrics(run.loss_fn, "train")
     row.update(extra)
     run.metrics.log(row)
     run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory, extra))
-
-
-def _loss_metrics(run: Run, split: str) -> dict:
-    """What the loss tracks beside itself (preference runs: rewards, margin, accuracy; this process's pairs)."""
-    take = getattr(run.loss_fn, "take_metrics", None)
-    return take(split) if take is not None else {}
 
 
 def run_eval(run: Run) -> None:
@@ -335,7 +328,7 @@ def run_eval(run: Run) -> None:
         return
     loss, tokens = evaluate(run)
     row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens,
-           **_loss_metrics(run, "eval")}
+           **loss_metrics(run.loss_fn, "eval")}
     if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)
@@ -379,8 +372,6 @@ def stop_for_interrupt(run: Run) -> None:
     raise Interrupted(signum, f"saved {checkpoint} (step {run.state.step} of {run.total_steps})", checkpoint)
 
 
-# ------------------------------------------------------------------------------ finish
-
 
 def finish(run: Run) -> None:
     """Evaluate and checkpoint the last step (unless done), then publish the final outputs."""
@@ -405,9 +396,4 @@ def finish(run: Run) -> None:
     if run.dist.is_main:
         write_training_curves(run.out)  # a picture beside the outputs, not part of the completed set
     barrier(run.dist)
-    print(f"done: {run.state.step} steps, loss {_fmt(result['first_loss'])} -> {_fmt(result['final_loss'])}, "
-          f"eval loss {_fmt(result['eval_loss'])}; adapter in {run.out}", flush=True)
-
-
-def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+    print(done_line(run, result), flush=True)

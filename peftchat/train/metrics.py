@@ -55,6 +55,11 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
     return rss_kb / 2**20, "peak_rss"
 
 
+def loss_metrics(loss_fn, split: str) -> dict:
+    """What a loss tracks beside itself (preference runs: rewards, margin, accuracy; this process's pairs)."""
+    return loss_fn.take_metrics(split) if hasattr(loss_fn, "take_metrics") else {}
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else float("inf")
 

@@ -45,3 +45,12 @@ def report_counts(report) -> dict:
             continue
         out[key] = value
     return out
+
+
+def done_line(run: Run, result: dict) -> str:
+    """The last line `peftchat train` prints."""
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    return (f"done: {run.state.step} steps, loss {fmt(result['first_loss'])} -> {fmt(result['final_loss'])}, "
+            f"eval loss {fmt(result['eval_loss'])}; adapter in {run.out}")
