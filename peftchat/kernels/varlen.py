@@ -30,7 +30,7 @@ VARLEN_ATTENTION = "sdpa_varlen"
 _SDPA_ONLY_KWARGS = ("sliding_window", "softcap", "s_aux")
 
 
-def packed_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int) -> dict[str, Any]:
+def packed_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int | torch.Tensor) -> dict[str, Any]:
     """Decoder keyword arguments for one packed batch: `cu_seq_lens` (int32, samples' cumulative
     lengths over the flattened batch, starting at 0) and the longest sample."""
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
