@@ -148,7 +148,8 @@ class ChatSession:
     def build_prompt(self, query: Union[str, list[dict[str, Any]]]) -> list[int]:
         """The training prompt for `query` after the history that fits the context budget; the
         rounds left out are gone for good, so later turns do not bring them back."""
-        prompt = self.format.prompt(self.history, query, self.budget)  # type: ignore[arg-type]  # a tool-result list only reaches ChatTemplateFormat (has_tools)
+        # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+        prompt = self.format.prompt(self.history, query, self.budget)  # type: ignore[arg-type]
         if prompt.dropped_rounds:
             self.history = self.history.without_oldest_rounds(prompt.dropped_rounds)
             say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history "
@@ -181,7 +182,8 @@ class ChatSession:
         reply = self.format.parse_reply(out[0, len(prompt):].tolist())
         if streamer is not None:
             streamer.finish(reply.text)
-        self.history = self.format.add_round(self.history, query, reply)  # type: ignore[arg-type]  # a tool-result list only reaches ChatTemplateFormat (has_tools)
+        # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+        self.history = self.format.add_round(self.history, query, reply)  # type: ignore[arg-type]
         return reply.text
 
 

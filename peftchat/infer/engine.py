@@ -144,7 +144,8 @@ class ChatEngine:
         budget = context_budget(recipe)  # as `peftchat chat` budgets its prompts
         self._check_tools(request)
         try:
-            prompt = self.format.prompt(request.history, request.query, budget)  # type: ignore[arg-type]  # a tool-result list only reaches ChatTemplateFormat (has_tools)
+            # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+            prompt = self.format.prompt(request.history, request.query, budget)  # type: ignore[arg-type]
         except DataError as e:  # the chat template refuses the conversation
             raise RequestError(str(e), "messages") from None
         except UserError as e:
