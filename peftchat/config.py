@@ -166,7 +166,7 @@ def _module_names(key: str, value: Any) -> Any:
 DTYPES = ("bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca", "preference")
 DATA_FORMS = "a file, glob, dataset dir or hub name, a {path, format, weight} mapping, or a list of those"
-TRI_STATE = dict(check=_auto_or_bool, allowed="auto | true | false", type="auto or bool", resume=RUNTIME)
+TRI_STATE: dict[str, Any] = dict(check=_auto_or_bool, allowed="auto | true | false", type="auto or bool", resume=RUNTIME)
 
 
 # ------------------------------------------------------------------------------ the schema
@@ -781,6 +781,7 @@ SECRETS_ATTR = "_env_interpolations"  # on a loaded Recipe: {(key, ...): (the ra
 
 def _env_interpolations(node: Any, at: tuple = ()) -> dict[tuple, str]:
     """{path: raw text} of every string under `node` (an unresolved container) that reads `oc.env`."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(node, dict):
         items = node.items()
     elif isinstance(node, list):

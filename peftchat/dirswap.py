@@ -74,7 +74,7 @@ def remove_stale_partials(target: Path) -> list[Path]:
     (an old export set aside by a writer killed before it moved the new one in) goes back to
     `target` when that is missing. Returns what was removed or restored."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(partial|replaced)-(\d+)$")
-    done = []
+    done: list[Path] = []
     if not target.parent.is_dir():
         return done
     for path in sorted(target.parent.iterdir()):

@@ -19,7 +19,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -87,6 +87,7 @@ def _skeleton(recipe: Recipe):
 
 def _expected_shape(module: torch.nn.Module, kind: str, r: int) -> Optional[tuple[int, ...]]:
     """Shape of an adapter tensor of `kind` on `module`, per peft's LoRA layers; None if unknown."""
+    shapes: dict[str, tuple[Any, ...]]  # in/out_features: ints that nn.Module's typing cannot see
     if isinstance(module, torch.nn.Embedding):
         shapes = {"lora_embedding_A": (r, module.num_embeddings), "lora_embedding_B": (module.embedding_dim, r)}
         return shapes.get(kind)
@@ -382,6 +383,7 @@ def _merge(source, adapter_path: Path, adapter_config: dict, out: Path, dtype: s
     if verify:
         say(f"verifying on {len(probes)} probe prompts ...")
         merged_logits = probe_logits(merged, probes)
+        assert unmerged_logits is not None  # verify
         _check_close(f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter", merged_logits,
                      unmerged_logits, _tolerance([export_dtype], int8=False))
         if trained_logits is not None:

@@ -93,7 +93,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
-    return sorted(found, key=checkpoint_step)
+    return sorted(found, key=checkpoint_step)  # type: ignore[arg-type]  # found: only paths with a step
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

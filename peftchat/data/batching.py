@@ -247,7 +247,7 @@ class Batches:
         self.dataset = dataset.select_columns(["input_ids", "labels"])
         self.lengths = sample_lengths(self.dataset)
         self.pad_id, self.packing = pad_id, packing
-        self._plan_args = dict(batch_size=batch_size, max_length=max_length, packing=packing,
+        self._plan_args: dict[str, Any] = dict(batch_size=batch_size, max_length=max_length, packing=packing,
                                group_by_length=group_by_length, shuffle=shuffle, seed=seed)
         self.plan = lru_cache(maxsize=2)(self._plan)
 

@@ -178,6 +178,7 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
         cache_root = Path(cfg.cache_dir).expanduser() / "peftchat-tokenized"
         cache_root.mkdir(parents=True, exist_ok=True)
         cache_file = str(cache_root / f"{split}-{key}.arrow")
+    encoder: preference.PairRows | _Encoder
     if pairs:
         encoder, features = preference.PairRows(cfg, tokenizer, rows, registry.sample_limit(cfg)), preference.pair_features()
         columns = ["input_ids", "labels", *preference.REJECTED_COLUMNS]

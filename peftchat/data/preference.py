@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from peftchat.config import DataConfig, Recipe
 from peftchat.data.batching import Batches, MicroBatch, collate, loss_targets
@@ -98,8 +98,9 @@ class PairEncoder:
 
     def encode(self, chosen: Conversation, rejected: Conversation) -> Encoded:
         """One pair as a Sample (chosen) with the rejected side in `rejected_*`; or a drop reason."""
-        if chosen.dropped or rejected.dropped:
-            return Encoded(dropped=[chosen.dropped or rejected.dropped])
+        reason = chosen.dropped or rejected.dropped
+        if reason:
+            return Encoded(dropped=[reason])
         a, b = _last_answer(chosen), _last_answer(rejected)
         if not a or not b:
             return Encoded(dropped=[EMPTY])
@@ -216,7 +217,7 @@ class PairRows:
                 row(session, skip_note(str(e), getattr(e, "reason", None)))
                 continue
             for sample in encoded.samples:
-                row(session, "", sample)
+                row(session, "", cast(PairSample, sample))  # PairEncoder.encode makes PairSamples
             for reason in encoded.dropped:
                 row(session, DROP + reason)
         return out

@@ -180,7 +180,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
     record = dict(pairs)
     if len(record) != len(pairs):
         seen: set[str] = set()
-        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        for key, _ in pairs:  # the first key seen twice (there is one: the lengths differ)
+            if key in seen:
+                break
+            seen.add(key)
         raise _BadValue(f"duplicate key {key!r} in a JSON object (only one value would be kept)")
     return record
 
@@ -262,7 +265,7 @@ def _scan_jsonl(path: Path, cfg: DataConfig, bad: list[str]) -> Iterator[tuple[s
     with open(path, "rb") as fh:
         for n, (raw, size) in enumerate(_lines(fh, limit), start=1):
             if raw is None:
-                problem = _too_big(size, limit)
+                problem: str | None = _too_big(size, limit)
             elif not raw.strip():
                 continue
             else:
@@ -285,7 +288,13 @@ def _array_items(path: Path, text: str, cfg: DataConfig, bad: list[str]) -> Iter
     before its size is known (JSON Lines are bounded before parsing)."""
     limit = record_byte_limit(cfg)
     space = re.compile(r"[ \t\r\n]*")
-    pos, i = space.match(text, text.index("[") + 1).end(), 0
+
+    def skip_space(p: int) -> int:
+        match = space.match(text, p)
+        assert match is not None  # `*` matches the empty string too
+        return match.end()
+
+    pos, i = skip_space(text.index("[") + 1), 0
     line, counted = 1, 0
 
     def line_at(p: int) -> int:  # counted incrementally: a count from the start per item is quadratic
@@ -293,6 +302,7 @@ def _array_items(path: Path, text: str, cfg: DataConfig, bad: list[str]) -> Iter
         line, counted = line + text.count("\n", counted, p), p
         return line
 
+    problem: str | None
     while pos < len(text) and text[pos] != "]":
         line = line_at(pos)
         try:
@@ -316,9 +326,9 @@ def _array_items(path: Path, text: str, cfg: DataConfig, bad: list[str]) -> Iter
             bad.append(f"{path}[{i}]: {problem} (line {line})")
         if end is None:  # a hook refused the item: find its end with the lenient decoder
             end = json.JSONDecoder().raw_decode(text, pos)[1]
-        pos = space.match(text, end).end()
+        pos = skip_space(end)
         if pos < len(text) and text[pos] == ",":
-            pos = space.match(text, pos + 1).end()
+            pos = skip_space(pos + 1)
         elif pos >= len(text) or text[pos] != "]":
             raise DataError(f"{path}:{line_at(pos)}: invalid JSON (expected ',' or ']' after item {i})")
         i += 1

@@ -142,7 +142,7 @@ def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> None:
             tokens.append(added[i].content)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(tokenizer.convert_ids_to_tokens(i))
+            tokens.append(tokenizer.convert_ids_to_tokens(i))  # type: ignore[arg-type]  # one id: one token
             types.append(gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")

@@ -77,7 +77,8 @@ class Scheduler:
     def _next_batch(self) -> list[Job]:
         """The oldest waiting job and the waiting jobs that may share its batch (called locked)."""
         key = batch_key(self.pending[0])
-        batch, rest = [], deque()
+        batch: list[Job] = []
+        rest: deque[Job] = deque()
         while self.pending:
             job = self.pending.popleft()
             if len(batch) < self.max_batch and batch_key(job) == key:

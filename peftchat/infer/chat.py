@@ -43,7 +43,7 @@ class ReplyStreamer:
     format's incremental `ReplyStream` (a MOSS answer sits behind `<|Inner Thoughts|>`/`<|Commands|>`
     lines, a chat template's behind nothing): each token costs a small decode, never a re-render."""
 
-    def __init__(self, stream: ReplyStream, write: Callable[[str], None]):
+    def __init__(self, stream: ReplyStream, write: Callable[[str], object]):
         self.stream = stream
         self.write = write
         self._prompt_seen = False
@@ -99,7 +99,7 @@ class ChatSession:
         if not fmt.has_tools:
             raise UserError(f"{conv.origin}: the {fmt.name} format has no place for a tool list or tool calls "
                             "(training never showed one; use data.collator=chat_template)")
-        fmt.check_tools(conv)  # type: ignore[attr-defined]  (has_tools: ChatTemplateFormat)
+        fmt.check_tools(conv)  # type: ignore[attr-defined]  # has_tools: ChatTemplateFormat
 
     def _empty(self) -> Conversation:
         """A history with no rounds: the --system message only (else the format adds its default)."""
@@ -116,7 +116,7 @@ class ChatSession:
         last = self.history.messages[-1] if self.history.messages else {}
         return (last.get("tool_calls") or [])[len(self.results):] if last.get("role") == "assistant" else []
 
-    def tool_result(self, content: str, write: Optional[Callable[[str], None]] = None) -> Optional[str]:
+    def tool_result(self, content: str, write: Optional[Callable[[str], object]] = None) -> Optional[str]:
         """Give the next pending call its result; once every call has one, the model continues
         (the reply is returned, and streamed through `write`); None while results are missing."""
         if not self.pending_calls():
@@ -148,14 +148,15 @@ class ChatSession:
     def build_prompt(self, query: Union[str, list[dict[str, Any]]]) -> list[int]:
         """The training prompt for `query` after the history that fits the context budget; the
         rounds left out are gone for good, so later turns do not bring them back."""
-        prompt = self.format.prompt(self.history, query, self.budget)
+        # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+        prompt = self.format.prompt(self.history, query, self.budget)  # type: ignore[arg-type]
         if prompt.dropped_rounds:
             self.history = self.history.without_oldest_rounds(prompt.dropped_rounds)
             say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history "
                 "to stay within the context budget)")
         return prompt.ids
 
-    def reply(self, query: Union[str, list[dict[str, Any]]], write: Optional[Callable[[str], None]] = None) -> str:
+    def reply(self, query: Union[str, list[dict[str, Any]]], write: Optional[Callable[[str], object]] = None) -> str:
         """Generate the answer to `query` (a user message, or the results of the last reply's
         calls), add the round to the history and return the reply. With `write`, the reply is
         streamed through it as it is generated (and completed)."""
@@ -181,7 +182,8 @@ class ChatSession:
         reply = self.format.parse_reply(out[0, len(prompt):].tolist())
         if streamer is not None:
             streamer.finish(reply.text)
-        self.history = self.format.add_round(self.history, query, reply)
+        # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+        self.history = self.format.add_round(self.history, query, reply)  # type: ignore[arg-type]
         return reply.text
 
 
@@ -205,7 +207,7 @@ def _calls_text(calls: list[dict[str, Any]]) -> str:
                      for c in calls)
 
 
-def _respond(session: ChatSession, query: Union[str, list[dict[str, Any]]], write: Callable[[str], None],
+def _respond(session: ChatSession, query: Union[str, list[dict[str, Any]]], write: Callable[[str], object],
              stream: bool, interactive: bool) -> None:
     """Answer one turn: a user message, a tool result (a `/tool RESULT` line; on a terminal any
     line while calls wait for results) or, from `--messages`, tool result messages. Calls in

@@ -144,7 +144,8 @@ class ChatEngine:
         budget = context_budget(recipe)  # as `peftchat chat` budgets its prompts
         self._check_tools(request)
         try:
-            prompt = self.format.prompt(request.history, request.query, budget)
+            # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
+            prompt = self.format.prompt(request.history, request.query, budget)  # type: ignore[arg-type]
         except DataError as e:  # the chat template refuses the conversation
             raise RequestError(str(e), "messages") from None
         except UserError as e:
@@ -173,7 +174,7 @@ class ChatEngine:
                                "tools, tool calls or tool results (only data.collator=chat_template renders them)",
                                param)
         try:
-            self.format.check_tools(history)  # type: ignore[attr-defined]  (has_tools: ChatTemplateFormat)
+            self.format.check_tools(history)  # type: ignore[attr-defined]  # has_tools: ChatTemplateFormat
         except DataError as e:
             raise RequestError(str(e).removeprefix("request: "), param) from None
 

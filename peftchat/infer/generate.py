@@ -99,6 +99,7 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
             raise DataError(f"{where}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        query: Optional[str]
         if "messages" in row:
             history, query = _from_messages(row["messages"], where)
         else:

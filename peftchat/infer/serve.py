@@ -172,8 +172,9 @@ def _wire(jobs: list[Job], stream: bool) -> asyncio.Queue:
     events: asyncio.Queue = asyncio.Queue()
     for i, job in enumerate(jobs):
         if stream:
-            job.on_text = lambda text, i=i, job=job: _post(loop, events, job, (i, "text", text))
-        job.on_done = lambda i=i, job=job: _post(loop, events, job, (i, "done", None))
+            # (mypy cannot infer a lambda with default-bound arguments)
+            job.on_text = lambda text, i=i, job=job: _post(loop, events, job, (i, "text", text))  # type: ignore[misc]
+        job.on_done = lambda i=i, job=job: _post(loop, events, job, (i, "done", None))  # type: ignore[misc]
     return events
 
 
@@ -431,7 +432,8 @@ def run_serve(source: str, overrides: list[str], host: str = "127.0.0.1", port: 
     app = create_app(ChatEngine(model, tokenizer, recipe), name, options)
     _log_to_stderr()
     config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=options.drain_timeout,
+                            # uvicorn annotates int but uses it as asyncio.timeout's seconds, a float
+                            timeout_graceful_shutdown=options.drain_timeout,  # type: ignore[arg-type]
                             limit_concurrency=options.max_queued + options.max_batch + 64)
     bound = sock.getsockname()
     say(f"serving '{name}' ({recipe.data.collator} format) on http://{host}:{bound[1]}/v1")

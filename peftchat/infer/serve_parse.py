@@ -98,7 +98,7 @@ def models():
 
 def _validation_message(exc) -> tuple[str, Optional[str]]:
     """A pydantic ValidationError as one message and the parameter it names."""
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    first: dict[str, Any] = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})", None
     loc = ".".join(str(x) for x in first.get("loc", ()))

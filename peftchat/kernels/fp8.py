@@ -262,6 +262,7 @@ class LastQuantized:
         if (held is None or held.data_ptr() != x.data_ptr() or held.shape != x.shape
                 or held.stride() != x.stride() or held.dtype != x.dtype or x._version != self.version):
             self.x, self.version, self.value = x, x._version, quantize_rows(x)
+        assert self.value is not None  # set with self.x
         return self.value
 
     def clear(self) -> None:

@@ -93,7 +93,8 @@ def base_kind(base: nn.Module) -> Optional[str]:
 def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """The frozen (out, in) weight of `base` (of `base_kind` `kind`) in `dtype`: dequantized for
     4-bit and int8 bases."""
-    w = base.weight
+    # bitsandbytes' Params4bit / Int8Params: their attributes are outside torch's Module typing
+    w: Any = base.weight
     if kind == "nf4":
         import bitsandbytes.functional as bf
 
@@ -105,7 +106,8 @@ def base_weight(base: nn.Module, kind: str, dtype: torch.dtype) -> torch.Tensor:
         return bf.dequantize_4bit(w.data, qs).to(dtype)
     if kind == "int8":
         # bitsandbytes moves CB/SCB from the weight to `base.state` on the layer's first forward
-        scb = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB
+        # base.state: Linear8bitLt's MatmulLtState, which nn.Module's typing cannot see
+        scb: Any = w.SCB if getattr(w, "SCB", None) is not None else base.state.SCB  # type: ignore[union-attr]
         # int8 rows times their absmax / 127, like bitsandbytes' int8_vectorwise_dequant
         return (w.data.to(torch.float32) * (scb.to(torch.float32) / 127.0).unsqueeze(1)).to(dtype)
     return w.to(dtype)
@@ -133,7 +135,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes],  # type: ignore[override]
+    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes],
                 state: Optional["FusedState"] = None):
         dtype = x.dtype
         ctx.rng = ctx.seed = None
@@ -168,7 +170,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         x, xa, lora_a, lora_b = ctx.saved_tensors
         dtype, s = x.dtype, ctx.scaling
         kept = ctx.state.recomputed.pop(ctx.base, None)  # what this layer's recompute kept, if anything
@@ -214,6 +216,7 @@ def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if kind == "nf4" and fp8_ops.kernels_on(x) and nf4.kernel_fits(w.data, w.quant_state):
         keep_t = ctx.fp8_grad is not None and in_recompute()
         w_rows, w_t, row_scale = fp8_ops.nf4_to_fp8(w, w.quant_state, rows=True, transposed=keep_t)
+        assert w_rows is not None  # rows=True
         if keep_t:
             ctx.state.recomputed[base] = (w_t, row_scale)
         xq, xs = ctx.state.last_input.quantize(x)
@@ -229,6 +232,7 @@ def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype, kept: Any) -> t
     w = base.weight
     if kind == "nf4" and fp8_ops.kernels_on(grad) and nf4.kernel_fits(w.data, w.quant_state):
         w_t, row_scale = kept or fp8_ops.nf4_to_fp8(w, w.quant_state, rows=False, transposed=True)[1:]
+        assert w_t is not None  # transposed=True
         gq, gs = fp8_ops.quantize_rows(grad, ctx.fp8_grad, col_scale=row_scale)
         return fp8_ops.scaled_matmul(gq, gs, w_t.t(), fp8_ops.ones_row(w_t.shape[0], grad.device), dtype)
     return fp8_grad_input(grad, base_weight(base, kind, dtype), ctx.fp8_grad, dtype)
@@ -271,7 +275,7 @@ def _compute_dtype(base: nn.Module, kind: str, x: torch.Tensor, lora_a: torch.Te
     return None
 
 
-def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
+def _plain_lora_adapter(layer: Any) -> Optional[str]:  # a peft LoRA layer
     """The single active adapter when the layer trains vanilla LoRA right now, else None."""
     if not layer.training or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
@@ -281,7 +285,7 @@ def _plain_lora_adapter(layer: nn.Module) -> Optional[str]:
     return name
 
 
-def fused_lora_forward(layer: nn.Module, kind: str, fp8: Optional[Fp8Passes], state: FusedState, x: torch.Tensor,
+def fused_lora_forward(layer: Any, kind: str, fp8: Optional[Fp8Passes], state: FusedState, x: torch.Tensor,
                        *args: Any, **kwargs: Any) -> torch.Tensor:
     """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward. `kind`:
     the base's `base_kind`, found once by `fuse_lora_layers` (it is fixed per layer; this runs
@@ -335,12 +339,15 @@ def fuse_lora_layers(model: nn.Module, fp8: Optional[Fp8Passes] = None) -> dict[
     """
     fused = fp8_count = with_dropout = 0
     state = FusedState()
+    layer: Any  # peft LoRA layers: their attributes are outside torch's Module typing
     for layer in model.modules():
         if not fusable(layer):
             continue
         base = layer.get_base_layer()
         setattr(layer, _WRAPPED_FORWARD, layer.forward)
-        layer.forward = functools.partial(fused_lora_forward, layer, base_kind(base), fp8, state)
+        kind = base_kind(base)
+        assert kind is not None  # fusable
+        layer.forward = functools.partial(fused_lora_forward, layer, kind, fp8, state)
         fused += 1
         fp8_count += fp8 is not None and fp8_shapes_fit(base.in_features, base.out_features)
         with_dropout += any(isinstance(d, nn.Dropout) and d.p > 0 for d in layer.lora_dropout.values())

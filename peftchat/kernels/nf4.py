@@ -13,6 +13,7 @@ decode, `nf4_tile_values`) reads the codes once and writes the weight once.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -61,7 +62,7 @@ def decode_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
     cached = _DECODE.get(weight)
     if cached is None:
         nested = bool(quant_state.nested)
-        s2 = quant_state.state2 if nested else None
+        s2: Any = quant_state.state2 if nested else None
         absmax = quant_state.absmax
         rest = (absmax, quant_state.code, s2.absmax if nested else absmax, s2.code if nested else absmax,
                 float(quant_state.offset) if nested else 0.0)

@@ -113,6 +113,7 @@ class ParkedInput:
 
     def take(self, transfer: Transfer) -> torch.Tensor:
         if self.state == "prefetched":
+            assert self.tensor is not None  # set by prefetch
             tensor = transfer.finish_fetch(self.tensor, self.ready)
         elif self.state == "parked":
             tensor = transfer.fetch_now(self.host)
@@ -154,7 +155,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     not (the first layer's embeddings)."""
 
     @staticmethod
-    def forward(ctx, run, state, anchor, hidden, *args):  # type: ignore[override]
+    def forward(ctx, run, state, anchor, hidden, *args):
         device = hidden.device
         transfer = state.transfer_for(device)
         parked = ParkedInput(transfer.park(hidden), state.last_parked.get(device))
@@ -168,7 +169,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             return run(hidden, *args)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         device = grad_out.device
         hidden = ctx.parked.take(ctx.transfer)
         ctx.parked.prefetch_previous(ctx.transfer)

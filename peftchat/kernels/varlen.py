@@ -30,7 +30,7 @@ VARLEN_ATTENTION = "sdpa_varlen"
 _SDPA_ONLY_KWARGS = ("sliding_window", "softcap", "s_aux")
 
 
-def packed_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int) -> dict[str, Any]:
+def packed_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int | torch.Tensor) -> dict[str, Any]:
     """Decoder keyword arguments for one packed batch: `cu_seq_lens` (int32, samples' cumulative
     lengths over the flattened batch, starting at 0) and the longest sample."""
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
@@ -45,8 +45,8 @@ def _reference_varlen(q, k, v, cu_seq_lens: torch.Tensor, scale: float) -> torch
     gqa = k.shape[1] != q.shape[1]
     for start, end in zip(bounds, bounds[1:]):
         if end > start:
-            seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (heads, len, dim)
-            out[start:end] = F.scaled_dot_product_attention(*seg, is_causal=True, scale=scale,
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
                                                             enable_gqa=gqa).transpose(0, 1)
     return out
 
@@ -67,7 +67,8 @@ def _flash_varlen(q, k, v, cu_seq_lens: torch.Tensor, max_len: int, scale: float
             extra["enable_gqa"] = True
         else:  # torch 2.10 / 2.11 (the GPU image's signature, in benchmarks/results/) have no GQA switch
             k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
-    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_len, max_len, scale=scale, **extra)
+    # without return_aux it returns the output alone (torch annotates both forms)
+    return varlen_attn(q, k, v, cu_seq_lens, cu_seq_lens, max_len, max_len, scale=scale, **extra)  # type: ignore[return-value]
 
 
 def flash_varlen_available(device: torch.device) -> bool:
@@ -106,6 +107,7 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if unpackable:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    assert cu_seq_lens is not None  # else unpackable
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
     scale = scaling if scaling is not None else dim ** -0.5

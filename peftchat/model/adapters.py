@@ -26,7 +26,7 @@ def lora_config(recipe: Recipe):
         use_dora=a.use_dora,
         use_rslora=a.use_rslora,
         modules_to_save=list(a.modules_to_save) if a.modules_to_save else None,
-        bias=a.bias,
+        bias=a.bias,  # type: ignore[arg-type]  # one of peft's Literal values: the recipe key's choices
         task_type="CAUSAL_LM",
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -81,7 +81,8 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+        # a model class (transformers types the lazy mapping's values as tuples)
+        model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):  # remote code or an unreadable config: from_pretrained decides
         if m.attn_implementation == VARLEN_ATTENTION:
             raise UserError(f"model.attn_implementation={VARLEN_ATTENTION} needs a model class of transformers "

@@ -15,6 +15,7 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,7 @@ def capture_rng() -> dict:
     """Every RNG state a training step can draw from (dropout, shuffles), in a form that
     `torch.load(weights_only=True)` accepts."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy form, get_state's default
     state = {
         "python": random.getstate(),
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -131,7 +133,8 @@ def load_adapter_weights(path: str | os.PathLike, model) -> None:
         raise UserError(f"checkpoint {path} is incomplete or not a checkpoint (no '{COMPLETE_MARKER}' marker)")
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
-        result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
+        # Any: peft annotates torch's _IncompatibleKeys result as a bare `namedtuple`
+        result: Any = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
     except RuntimeError as e:  # shape mismatch: the recipe's adapter settings changed since
         raise UserError(f"checkpoint {path} does not fit this adapter: {str(e).splitlines()[0]}") from None
     if getattr(result, "unexpected_keys", None):
@@ -158,7 +161,8 @@ def load_init_adapter(path: str | os.PathLike, model) -> None:
     path = check_init_adapter(path)
     device = next(p.device for p in model.parameters() if p.requires_grad)
     try:
-        result = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
+        # Any: peft annotates torch's _IncompatibleKeys result as a bare `namedtuple`
+        result: Any = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
     except RuntimeError as e:  # another r, target or modules_to_save shape
         raise UserError(f"adapter.init_from: {path} does not fit this recipe's adapter: {str(e).splitlines()[0]}") from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]

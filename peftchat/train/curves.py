@@ -77,8 +77,8 @@ def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, force: b
                         label=_label(d, dirs))
         if not any(series[key] for series in data):
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-        values = [v for s in data for _, v in s[key]]
-        if key != "lr" and values and min(values) > 0 and max(values) / min(values) > 20:
+        every = [v for s in data for _, v in s[key]]
+        if key != "lr" and every and min(every) > 0 and max(every) / min(every) > 20:
             ax.set_yscale("log")  # losses that span orders of magnitude
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -137,7 +137,8 @@ def process_group(recipe: Recipe) -> Iterator[Dist]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=recipe.distributed.timeout_s)
-    dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device.type == "cuda" else {}))
+    device_id: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, timeout=timeout, **device_id)
     try:
         side = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
         state = Dist(world, rank, local, recipe.distributed.strategy, device, side)
@@ -234,7 +235,7 @@ class LossModule(torch.nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch: dict, normalizer: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, batch: dict, normalizer: float) -> torch.Tensor:
         return self.loss_fn(self.model, batch, normalizer=normalizer)
 
 
@@ -252,7 +253,7 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
         import inspect
 
         # newer torch renames broadcast_buffers (and warns about the old name)
-        no_sync = ({"forward_sync_buffers": False}
+        no_sync: dict[str, Any] = ({"forward_sync_buffers": False}
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
         return DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=recipe.distributed.find_unused_parameters,
@@ -268,6 +269,7 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
     from peftchat.train.speedups import decoder_layers
 
     # the mesh of the rank's own device type (FSDP2's default follows CUDA's presence, not training.device)
+    assert state.device is not None  # set for every torchrun process (`start`)
     mesh = init_device_mesh(state.device.type, (state.world_size,))
     reshard = recipe.distributed.reshard_after_forward
     for layer in decoder_layers(model):
@@ -277,7 +279,7 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
 
 
 @contextlib.contextmanager
-def gradient_sync(wrapped: torch.nn.Module, state: Dist, sync: bool) -> Iterator[None]:
+def gradient_sync(wrapped: Any, state: Dist, sync: bool) -> Iterator[None]:
     """Reduce gradients in this backward (`sync`) or only accumulate them locally (DDP's
     no_sync, FSDP2's set_requires_gradient_sync)."""
     if state.strategy == "ddp" and not sync:
@@ -309,7 +311,8 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_optimizer_state_dict(model, optimizer, options=options)
+    # torch types the nested state too loosely to index
+    full: Any = get_optimizer_state_dict(model, optimizer, options=options)
     if not state.is_main:
         return None
     names = [name for group in full["param_groups"] for name in group["params"]]
@@ -328,7 +331,7 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     live_keys = set(optimizer.param_groups[0])  # a saved one may hold more (the lr schedule's initial_lr)
     groups = [{**{k: v for k, v in group.items() if k in live_keys}, "params": [names[i] for i in group["params"]]}
               for group in saved["param_groups"]]
-    full = {"state": {names[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
+    full: dict[str, Any] = {"state": {names[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
     for live, group in zip(optimizer.param_groups, saved["param_groups"]):  # as load_state_dict does
         live.update({k: v for k, v in group.items() if k != "params"})
@@ -378,6 +381,7 @@ def backward_window_sharded(wrapped: torch.nn.Module, window: Window, state: Dis
         if not weight:
             spare = spare or _spare_micro_batch(batches, window)
         batch = micro if weight else spare
+        assert batch is not None  # weight 0: the spare one
         with gradient_sync(wrapped, state, sync=i == passes - 1):
             with autocast():
                 loss = wrapped(to_device(batch.tensors, device), normalizer) * weight

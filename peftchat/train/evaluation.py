@@ -18,6 +18,7 @@ def evaluate(run: Run) -> tuple[float, int]:
     over all; under FSDP2 (whose forwards gather the sharded weights) every process makes the same
     number of forwards, a spare one for a share that is shorter or has no label token."""
     dist = run.dist
+    assert run.eval is not None  # callers evaluate only runs with an eval set
     plan = run.eval.plan(0)
     mine = plan[dist.rank::dist.world_size]
     sharded = dist.strategy == "fsdp"

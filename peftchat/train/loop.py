@@ -350,7 +350,7 @@ def save(run: Run) -> None:
     rng = None
     if dist.active:
         ranks = distributed.gather_to_main(dist, capture_rng())
-        rng = {**ranks[0], "ranks": ranks} if dist.is_main else None
+        rng = {**ranks[0], "ranks": ranks} if ranks is not None else None  # the main process alone gets them
     if dist.is_main:
         with run.interrupt.saving() if run.interrupt is not None else nullcontext():  # a signal waits for it
             save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer,

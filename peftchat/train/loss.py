@@ -109,7 +109,7 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     transform = _logits_transform(base.config)
     vocab = base.config.get_text_config().vocab_size
     step = chunk_tokens or max(1, LOGITS_PER_CHUNK // vocab)
-    total = None
+    total: Optional[Tensor] = None
     for start in range(0, n, step):
         h, y = selected[start:start + step], targets[start:start + step]
         if torch.is_grad_enabled():
@@ -118,6 +118,7 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
         else:
             part = _chunk_loss(head, transform, h, y)
         total = part if total is None else total + part
+    assert total is not None  # n > 0: at least one chunk
     return total / normalizer
 
 

@@ -4,6 +4,7 @@ the warmup + decay schedule over it."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -15,7 +16,8 @@ from peftchat.errors import UserError
 def parameter_groups(model, weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: matrices decay, vectors (biases, norms, DoRA
     magnitudes) do not, as decaying a scale or an offset towards zero is not a regularizer."""
-    decay, no_decay = [], []
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
@@ -31,7 +33,7 @@ def build_optimizer(model, cfg: TrainingConfig, device: torch.device) -> torch.o
     """`training.optimizer`: `adamw` (torch; fused kernel on CUDA), `adamw_8bit` or
     `paged_adamw_8bit` (bitsandbytes; paging only matters on CUDA)."""
     groups = parameter_groups(model, cfg.weight_decay)
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
     try:

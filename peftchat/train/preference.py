@@ -107,6 +107,7 @@ def pair_losses(cfg: TrainingConfig, logps: Tensor, counts: Tensor,
     beta, eps = cfg.beta, cfg.label_smoothing
     chosen, rejected = logps.chunk(2)
     if cfg.objective == "dpo":
+        assert ref is not None  # DPO's callers pass the reference log-probs
         r_c, r_r = beta * (chosen - ref[:, 0]), beta * (rejected - ref[:, 1])
         z = r_c - r_r
         return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z), r_c.detach(), r_r.detach()
@@ -147,7 +148,8 @@ class PreferenceLoss:
     def _add(self, split: str, r_c: Tensor, r_r: Tensor) -> None:
         row = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(),
                            torch.tensor(float(r_c.shape[0]), device=r_c.device)]).double()
-        self._sums[split] = row if self._sums[split] is None else self._sums[split] + row
+        sums = self._sums[split]
+        self._sums[split] = row if sums is None else sums + row
 
     def take_metrics(self, split: str = "train") -> dict[str, float]:
         """Mean rewards/chosen, rewards/rejected, margin and accuracy since the last call (one sync)."""

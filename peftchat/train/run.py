@@ -13,7 +13,7 @@ from peftchat.config import Recipe
 from peftchat.data.batching import Batches
 from peftchat.train.checkpoint import TrainState
 from peftchat.train.distributed import SINGLE, Dist
-from peftchat.train.metrics import MetricsLogger, Progress
+from peftchat.train.metrics import MetricsLogger, Muted, Progress
 
 
 @dataclass
@@ -62,8 +62,9 @@ class Run:
     epoch_progress: float = 0.0
     saved_step: Optional[int] = None
     eval_step: Optional[int] = None
-    metrics: Optional[MetricsLogger] = None
-    progress: Optional[Progress] = None
+    # set by `loop._train` before the first step (Muted on processes other than the main one)
+    metrics: MetricsLogger | Muted = field(default_factory=Muted)
+    progress: Progress | Muted = field(default_factory=Muted)
     # (step, window, per-micro-batch losses, window loss) of the steps whose losses
     # `nonfinite.verify_finite` has not looked at yet (training.on_nan=stop)
     unverified: list = field(default_factory=list)

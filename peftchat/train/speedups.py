@@ -116,7 +116,7 @@ def _parameters(fn: Any) -> set[str]:
 
 def liger_layer_kernels(config: Any, apply_fn: Any = None) -> tuple[str, ...]:
     """The liger layer kernels to patch into a model of `config` (see LIGER_LAYER_KERNELS)."""
-    kernels = LIGER_LAYER_KERNELS.get(getattr(config, "model_type", None))
+    kernels = LIGER_LAYER_KERNELS.get(getattr(config, "model_type", ""))
     if kernels is None:
         if apply_fn is None:
             return ()
@@ -239,7 +239,7 @@ def compile_decoder_layers(model: torch.nn.Module, eager_random: bool = True) ->
     get their body compiled inside it (one compiled `offload.run_layer`); the others are compiled
     whole, torch's checkpoint included (dynamo turns it into its own recompute region).
     """
-    options = {"fallback_random": True} if eager_random else None
+    options: Optional[dict[str, Any]] = {"fallback_random": True} if eager_random else None
     body = None
     for layer in decoder_layers(model):
         hook = getattr(layer, "_gradient_checkpointing_func", None)
@@ -294,8 +294,9 @@ def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig, kernels: Kerne
     return applied
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks transformers can checkpoint, in forward order."""
+def decoder_layers(model: torch.nn.Module) -> list[Any]:
+    """The repeated blocks transformers can checkpoint, in forward order (GradientCheckpointingLayer;
+    Any, as the checkpointing attributes set on them are outside torch's Module typing)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [m for m in unwrap_peft(model).modules() if isinstance(m, GradientCheckpointingLayer)]

@@ -36,7 +36,8 @@ def summary(run: Run) -> dict:
 
 def report_counts(report) -> dict:
     """The data report's plain fields (counts, names) for the summary, whatever its class."""
-    fields = asdict(report) if is_dataclass(report) else dict(getattr(report, "__dict__", {}))
+    plain = is_dataclass(report) and not isinstance(report, type)  # an instance, as asdict needs
+    fields = asdict(report) if plain else dict(getattr(report, "__dict__", {}))
     out = {}
     for key, value in fields.items():
         try:
