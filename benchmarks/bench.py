@@ -88,10 +88,10 @@ class Runner:
             return {"skipped": "time budget spent"}
         t0 = time.monotonic()
         if not self.args.isolate:
-            from benchmarks import worker
-
             import contextlib
             import io
+
+            from benchmarks import worker
 
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
@@ -156,10 +156,10 @@ def ratios(doc: dict[str, Any]) -> None:
     """Speed and peak against the tuned peer and against unsloth at the row's own dropout (same run)."""
     for row in doc["rows"]:
         _, _, dropout = variant_parts(row["variant"])
-        for tag, pick in (("tuned", lambda r: variant_parts(r["variant"])[0] == REFERENCE
-                           and variant_parts(r["variant"])[2] == dropout),
-                          ("unsloth", lambda r: variant_parts(r["variant"])[0] in ("peer:unsloth", "peer:unsloth_sft")
-                           and variant_parts(r["variant"])[2] == dropout)):
+        for tag, pick in (("tuned", lambda r, d=dropout: variant_parts(r["variant"])[0] == REFERENCE
+                           and variant_parts(r["variant"])[2] == d),
+                          ("unsloth", lambda r, d=dropout: variant_parts(r["variant"])[0] in ("peer:unsloth", "peer:unsloth_sft")
+                           and variant_parts(r["variant"])[2] == d)):
             # unsloth: its fastest row of this setup (plain loop or, on chat data, SFTTrainer packing)
             ref = max((r for r in doc["rows"] if _same_setup(r, row) and pick(r)),
                       key=lambda r: r.get("tokens_per_s") or 0, default=None)
@@ -350,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def smoke_defaults(args: argparse.Namespace) -> None:
     """Tiny CPU run of every variant path: shapes hidden 64 / 2 layers, seq 64, 2 steps."""
-    from peftchat.demo_assets import demo_tokenizer_dir
     from transformers import AutoTokenizer
+
+    from peftchat.demo_assets import demo_tokenizer_dir
 
     args.device = "cpu"
     args.shapes = "tiny"

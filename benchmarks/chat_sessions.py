@@ -68,8 +68,7 @@ def tokenized_samples(recipe) -> list[dict[str, list[int]]]:
 def padded_batches(samples: list[dict[str, list[int]]], batch: int, n_batches: int, pad_id: int) -> list[dict[str, Any]]:
     """The first `n_batches` batches of `batch` consecutive samples, each padded to its own longest
     row; every batch dict also carries `real_tokens` and `label_tokens` (after the causal shift)."""
-    from peftchat.data.batching import collate
-    from peftchat.data.batching import count_label_tokens
+    from peftchat.data.batching import collate, count_label_tokens
 
     out = []
     for b in range(n_batches):

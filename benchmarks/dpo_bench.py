@@ -111,9 +111,9 @@ def run_peftchat(spec: dict[str, Any]) -> dict[str, Any]:
 
     from peftchat.config import recipe_from_dict
     from peftchat.train.loop import setup_model
+    from peftchat.train.optim import build_optimizer, build_scheduler
     from peftchat.train.run import TrainHooks
     from peftchat.train.step import mixed_precision, optimizer_step, to_device
-    from peftchat.train.optim import build_optimizer, build_scheduler
 
     device = spec["device"]
     recipe = recipe_from_dict({

@@ -191,7 +191,7 @@ def summarize(runs_by_kind: dict[str, list[dict[str, Any]]], reference: str) -> 
         evals = [r["eval_loss_bf16_path"] for r in runs if r.get("eval_loss_bf16_path") is not None]
         out[kind] = {"n": len(runs), "train_loss": _describe(train), "eval_loss": _describe(evals) if evals else None}
     ref = out.get(reference)
-    for kind, stats in out.items():
+    for stats in out.values():
         if ref is None:
             break
         diff = _mean_diff(stats["train_loss"], stats["n"], ref["train_loss"], ref["n"])

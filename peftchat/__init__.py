@@ -1,6 +1,7 @@
 """peftchat: LoRA/QLoRA fine-tuning of chat LLMs on multi-turn conversations, on one GPU."""
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:  # pyproject.toml's version is the one source; the installed metadata carries it
     __version__ = _version("peftchat")

@@ -116,8 +116,7 @@ def _demo_texts(demo_dir: Path) -> Iterator[str]:
             rec = json.loads(line)
             yield rec["meta_instruction"]
             for k in range(1, int(rec["num_turns"]) + 1):
-                for value in rec["chat"][f"turn_{k}"].values():
-                    yield value
+                yield from rec["chat"][f"turn_{k}"].values()
     glm = demo_dir / "chatglm_demo.jsonl"
     if glm.is_file():
         for line in glm.read_text(encoding="utf-8").splitlines():

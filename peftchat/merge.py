@@ -29,7 +29,14 @@ from peftchat.errors import UserError
 from peftchat.infer.loading import load_adapter, load_tokenizer_for
 from peftchat.model.load import damaged_safetensors, load_base_model, torch_dtype
 from peftchat.paths import check_outputs, check_writable_dir, looks_local
-from peftchat.rundir import ADAPTER_WEIGHTS, MODEL_CONFIG, RECIPE_FILE, adapter_source, read_adapter_config, source_paths
+from peftchat.rundir import (
+    ADAPTER_WEIGHTS,
+    MODEL_CONFIG,
+    RECIPE_FILE,
+    adapter_source,
+    read_adapter_config,
+    source_paths,
+)
 from peftchat.rundir import note as say
 
 VERIFY_MAX_PARAMS = 3_000_000_000  # verification is on by default below this size

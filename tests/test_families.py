@@ -18,9 +18,9 @@ from peftchat.config import load_recipe
 from peftchat.demo_assets import TINY_ARCHS, asset_path, demo_tokenizer_dir
 from peftchat.infer.chat import ChatSession
 from peftchat.infer.loading import load_chat_model
-from peftchat.train import speedups as kernels
 from peftchat.model.adapters import apply_lora
 from peftchat.model.load import load_base_model
+from peftchat.train import speedups as kernels
 from peftchat.train.loss import causal_lm_loss
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

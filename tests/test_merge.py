@@ -15,8 +15,8 @@ from peftchat.config import load_recipe
 from peftchat.demo_assets import build_tiny_model
 from peftchat.errors import UserError
 from peftchat.infer.loading import load_adapter
-from peftchat.model.load import load_base_model
 from peftchat.merge import merge_adapter
+from peftchat.model.load import load_base_model
 
 PROBE = [[1, 20, 300, 500, 55, 66, 77, 1200, 9, 2100, 17, 18]]
 
@@ -204,8 +204,8 @@ def test_an_adapter_trained_with_fp8_merges_with_the_same_parity(tiny_llama_dir,
     saves is an ordinary one, and its merge into the dequantized base keeps k-bit parity."""
     from pathlib import Path
 
-    from peftchat.train import speedups as kernels
     from peftchat.train import loop
+    from peftchat.train import speedups as kernels
 
     monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU
     recipes = Path(__file__).resolve().parent.parent / "recipes"

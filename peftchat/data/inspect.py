@@ -21,8 +21,8 @@ from peftchat.config import Recipe
 from peftchat.data.pipeline import build_datasets
 from peftchat.data.report import DataReport
 from peftchat.errors import UserError
-from peftchat.paths import atomic_output
 from peftchat.formats.samples import IGNORE_INDEX
+from peftchat.paths import atomic_output
 
 SPLITS = ("train", "eval")
 

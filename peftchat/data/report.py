@@ -49,7 +49,7 @@ class DataReport:
     skipped_examples: list[str] = field(default_factory=list)
     skipped_reasons: dict[str, int] = field(default_factory=dict)  # turn-order rule -> records skipped
     sources: list[SourceCounts] = field(default_factory=list)
-    eval: "DataReport | None" = None
+    eval: DataReport | None = None
 
     @property
     def loss_share(self) -> float:
@@ -71,7 +71,7 @@ class DataReport:
 
     @classmethod
     def from_columns(cls, split: str, sessions: list[int], notes: list[str], truncated: list[bool],
-                     lengths: list[int], loss_tokens: int) -> "DataReport":
+                     lengths: list[int], loss_tokens: int) -> DataReport:
         """Count the output rows of the tokenizing map: samples have an empty note, the rest a
         DROP, LEFT_OUT or SKIP note with their reason."""
         report = cls(split=split)

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Iterable
 
 from peftchat.errors import UserError
-from peftchat.rundir import note as say
-from peftchat.rundir import resolve_source, source_paths
 from peftchat.merge import merge_adapter
 from peftchat.paths import check_new_file, check_outputs, remove_stale_temps, temp_path
+from peftchat.rundir import note as say
+from peftchat.rundir import resolve_source, source_paths
 
 
 def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",

@@ -26,7 +26,6 @@ from peftchat.errors import UserError
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.samples import Encoded
 
-
 # Counted in the data report (left out) for each empty assistant answer a session format keeps
 # without loss (`Conversation.with_empty_answers_untrained`); chatglm drops such a round instead.
 EMPTY_ANSWER = "empty answer (kept as context, no loss)"
@@ -132,7 +131,7 @@ class ConversationFormat(ABC):
     def add_round(self, history: Conversation, query: str, reply: Reply) -> Conversation:
         return history.with_round(query, reply.text)
 
-    def reply_stream(self) -> "ReplyStream":
+    def reply_stream(self) -> ReplyStream:
         return ReplyStream(self)
 
 

@@ -36,7 +36,7 @@ class Conversation:
 
     @classmethod
     def from_rounds(cls, rounds: Sequence[tuple[str, str]], system: Optional[str] = None,
-                    origin: str = "") -> "Conversation":
+                    origin: str = "") -> Conversation:
         """A conversation of (user, assistant) rounds after an optional system message."""
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         for user, assistant in rounds:
@@ -82,7 +82,7 @@ class Conversation:
         out = [(body[k]["content"] or "", body[k + 1]["content"] or "") for k in range(0, len(body) - 1, 2)]
         return out
 
-    def with_empty_answers_untrained(self) -> tuple["Conversation", int]:
+    def with_empty_answers_untrained(self) -> tuple[Conversation, int]:
         """The conversation with every empty assistant answer (no text, no tool call) marked
         ``"train": False`` — kept as context, no loss — and how many there were. ChatGLM-6B drops
         such a round and keeps the rest of the data (spec §1); a session-level format cannot drop a
@@ -93,7 +93,7 @@ class Conversation:
         messages = [dict(m, train=False) if i in empty else m for i, m in enumerate(self.messages)]
         return dataclasses.replace(self, messages=messages), len(empty)
 
-    def without_oldest_rounds(self, n: int) -> "Conversation":
+    def without_oldest_rounds(self, n: int) -> Conversation:
         """The conversation less its `n` oldest rounds; the system message stays."""
         if n <= 0:
             return self
@@ -105,7 +105,7 @@ class Conversation:
                                    context_rounds=max(self.context_rounds - n, 0))
 
     def with_round(self, user: str, assistant: str,
-                   moss_turn: Optional[list[tuple[str, str]]] = None) -> "Conversation":
+                   moss_turn: Optional[list[tuple[str, str]]] = None) -> Conversation:
         """The conversation plus one finished round (`moss_turn`: its raw MOSS fields, moss only)."""
         messages = self.messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         turns = self.moss_turns + [moss_turn] if self.moss_turns is not None and moss_turn is not None else None

@@ -82,7 +82,7 @@ class Job:
     def max_new_tokens(self) -> int:
         return self.recipe.decoding.max_new_tokens
 
-    def fork(self, stream: ReplyStream, group: int) -> "Job":
+    def fork(self, stream: ReplyStream, group: int) -> Job:
         """A fresh job for the same prompt and settings (another of a request's `n` choices)."""
         return Job(prompt=self.prompt, recipe=self.recipe, stop=self.stop, seed=self.seed, stream=stream,
                    deadline=self.deadline, group=group, parse_tools=self.parse_tools)

@@ -24,11 +24,10 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-
 IN_PROCESS_BYTES = 256 << 10  # parses in a few ms
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def models():
     """The request body model (pydantic)."""
     from pydantic import BaseModel, ConfigDict, Field

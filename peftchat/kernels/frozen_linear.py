@@ -136,7 +136,7 @@ class LoraOnFrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes],
-                state: Optional["FusedState"] = None):
+                state: Optional[FusedState] = None):
         dtype = x.dtype
         ctx.rng = ctx.seed = None
         ctx.state = state if state is not None else FusedState()
@@ -204,7 +204,7 @@ class FusedState:
 
     def __init__(self) -> None:
         self.last_input = fp8_ops.LastQuantized()
-        self.recomputed: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
+        self.recomputed: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 
 
 def _fp8_base_matmul(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import torch
 
+
 class Transfer(Protocol):
     """Moves one layer input to host memory and back, on one device."""
 

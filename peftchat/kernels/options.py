@@ -33,7 +33,7 @@ class KernelOptions:
     offload: bool = False
 
     @classmethod
-    def from_training(cls, cfg: TrainingConfig, device: torch.device, fused_lora: bool) -> "KernelOptions":
+    def from_training(cls, cfg: TrainingConfig, device: torch.device, fused_lora: bool) -> KernelOptions:
         """The options of a run of `cfg` on `device`; `fused_lora`: what `training.fused_lora`
         resolved to for this model (auto: on CUDA)."""
         return cls(fused_lora=fused_lora or bool(cfg.fp8), fp8=Fp8Passes() if cfg.fp8 else None,

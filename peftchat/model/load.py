@@ -204,7 +204,7 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
     except ImportError as e:  # e.g. bitsandbytes or an attention package missing
         raise UserError(f"cannot load model from '{m.path}': {str(e).splitlines()[0]}") from None
-    except Exception as e:
+    except Exception:
         damaged = damaged_safetensors(Path(source)) if looks_local(source) else None
         if damaged is None:
             raise

@@ -40,6 +40,7 @@ import torch
 
 from peftchat.config import Recipe
 from peftchat.data.batching import Batches, Window
+from peftchat.data.preference import is_preference
 from peftchat.errors import DataError, Interrupted
 from peftchat.rundir import (
     METRICS_FILE,
@@ -77,9 +78,8 @@ from peftchat.train.metrics import (
     perplexity,
 )
 from peftchat.train.nonfinite import step_dropped, verify_finite
-from peftchat.data.preference import is_preference
-from peftchat.train.preference import attach_reference, make_preference_loss
 from peftchat.train.optim import build_optimizer, build_scheduler, planned_steps
+from peftchat.train.preference import attach_reference, make_preference_loss
 from peftchat.train.resume import check_resume_changes, restore, resume_checkpoint
 from peftchat.train.run import Run, TrainHooks
 from peftchat.train.signals import GracefulInterrupt
@@ -138,8 +138,8 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     """Build the run: data, model, optimizer, and the state (fresh, or from a checkpoint)."""
     from transformers import set_seed
 
-    from peftchat.train.speedups import check_fp8_device
     from peftchat.model.load import check_model_source, resolve_device
+    from peftchat.train.speedups import check_fp8_device
 
     cfg = recipe.training
     resume_from = resume_checkpoint(recipe)  # fail fast, before any loading
@@ -205,11 +205,11 @@ def setup_data(recipe: Recipe):
 def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded: bool = False):
     """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts);
     `sharded`: FSDP2 will shard it."""
+    from peftchat.kernels.varlen import VARLEN_ATTENTION
     from peftchat.model.adapters import apply_lora, count_parameters
-    from peftchat.train.speedups import apply_training_speedups, kernel_options
     from peftchat.model.load import load_base_model
     from peftchat.train.memory_budget import budget_applies, budgeted_training_config
-    from peftchat.kernels.varlen import VARLEN_ATTENTION
+    from peftchat.train.speedups import apply_training_speedups, kernel_options
 
     base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:

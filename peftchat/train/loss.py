@@ -24,9 +24,9 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from peftchat.data.batching import loss_targets
+from peftchat.kernels.varlen import VARLEN_ATTENTION, packed_kwargs
 from peftchat.model.adapters import unwrap_peft
 from peftchat.train.speedups import HeadLoss, fused_ce_supports_head
-from peftchat.kernels.varlen import VARLEN_ATTENTION, packed_kwargs
 
 # Logit elements per chunk: 2**27 float32 logits = 512 MiB (e.g. ~870 tokens of a 152k vocab).
 LOGITS_PER_CHUNK = 2**27

@@ -59,7 +59,7 @@ class ModelShape:
     tied_embeddings: bool = False
 
     @classmethod
-    def from_config(cls, config) -> "ModelShape":
+    def from_config(cls, config) -> ModelShape:
         c = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = c.num_attention_heads
         return cls(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,

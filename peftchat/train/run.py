@@ -32,7 +32,7 @@ class TrainHooks:
     after_model_load: Optional[Callable[[Any], None]] = None
     speedups_applied: Optional[Callable[[list[str]], None]] = None
     kernel_options: Optional[Callable[[Any], Any]] = None
-    after_step: Optional[Callable[["Run"], None]] = None
+    after_step: Optional[Callable[[Run], None]] = None
     eval_scores: Optional[Callable[[Any, Any], dict]] = None
 
 

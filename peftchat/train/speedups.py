@@ -35,8 +35,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from peftchat.config import TrainingConfig
-from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.errors import ConfigError
+from peftchat.formats.samples import IGNORE_INDEX
 from peftchat.kernels.offload import OffloadState, offloaded_checkpoint, run_layer
 from peftchat.kernels.options import KernelOptions
 from peftchat.model.adapters import unwrap_peft

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from peftchat.config import recipe_from_dict
 from peftchat.data.readers import normalize
-from peftchat.formats.conversation import Conversation
 from peftchat.demo_assets import demo_tokenizer_dir
+from peftchat.formats.conversation import Conversation
 
 TOKENIZER_DIR = str(demo_tokenizer_dir())
 META = "You are a test assistant.\n"
 
 
-@lru_cache(maxsize=None)
+@cache
 def tok():
     from transformers import AutoTokenizer
 

@@ -3,10 +3,11 @@
 import copy
 
 import pytest
-
 from data_helpers import E, conv, labelled, messages_record, recipe, tid, tok
-from peftchat.formats.chat_template import ChatTemplateFormat as ChatTemplateCollator, end_of_turn_ids
+
 from peftchat.errors import ConfigError, DataError
+from peftchat.formats.chat_template import ChatTemplateFormat as ChatTemplateCollator
+from peftchat.formats.chat_template import end_of_turn_ids
 
 IM_END = "<|im_end|>"
 PAIRS = [("What is 2+2?", "It is 4."), ("And 3+3?", "That is 6.")]

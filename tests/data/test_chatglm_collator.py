@@ -1,10 +1,11 @@
 """The chatglm collator against spec §1 and check cases 1-4, 10 (shipped demo tokenizer)."""
 
 import pytest
-
 from data_helpers import E, conv, labelled, messages_record, moss_record, moss_turn, recipe, tid, tok
-from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator, prompt_text
+
 from peftchat.errors import ConfigError
+from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator
+from peftchat.formats.chatglm import prompt_text
 
 GMASK, SOP, EOS, BOS = 4, 5, 2, 1
 

@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from data_helpers import TOKENIZER_DIR, tok
+
 from peftchat.cli import main
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
 from data_helpers import META, messages_record, moss_record, moss_turn, recipe, tok, write_jsonl
-from peftchat.data.readers import detect_format, normalize
+
 from peftchat.data.pipeline import build_datasets
+from peftchat.data.readers import detect_format, normalize
 from peftchat.data.sources import load_records
 from peftchat.errors import DataError
 

@@ -2,10 +2,10 @@
 tokenizer length warning for sessions the collator truncates."""
 
 import pytest
-
 from data_helpers import conv, messages_record, recipe, tok, write_jsonl
-from peftchat.data.readers import detect_format
+
 from peftchat.data.pipeline import build_datasets
+from peftchat.data.readers import detect_format
 from peftchat.errors import DataError
 
 ALPACA = {"instruction": "Translate.", "input": "bonjour", "output": "hello", "system": "Be brief.",

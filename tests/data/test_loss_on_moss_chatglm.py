@@ -4,8 +4,20 @@ tokenizer; the labelled pieces were checked by hand against the rule each value 
 from pathlib import Path
 
 import pytest
+from data_helpers import (
+    META,
+    TOKENIZER_DIR,
+    E,
+    conv,
+    labelled,
+    messages_record,
+    moss_record,
+    moss_turn,
+    recipe,
+    tid,
+    tok,
+)
 
-from data_helpers import META, TOKENIZER_DIR, E, conv, labelled, messages_record, moss_record, moss_turn, recipe, tid, tok
 from peftchat.cli import main
 from peftchat.errors import ConfigError
 from peftchat.formats.chatglm import ChatGLMFormat

@@ -1,6 +1,7 @@
 """The moss collator against spec §2 and check cases 5-7, 10 (shipped demo tokenizer)."""
 
 from data_helpers import META, E, conv, labelled, messages_record, moss_record, moss_turn, recipe, tok
+
 from peftchat.formats.moss import MossFormat as MossCollator
 
 FIELDS = ("Human", "Inner Thoughts", "Commands", "Tool Responses", "MOSS")

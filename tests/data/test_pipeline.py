@@ -1,11 +1,11 @@
 """build_datasets: columns and order, the report's counts, the eval hold-out by session, caching."""
 
 import pytest
-
 from data_helpers import E, messages_record, moss_record, moss_turn, recipe, tok, write_jsonl
-from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator
+
 from peftchat.data.pipeline import build_datasets, sample_limit
 from peftchat.errors import DataError
+from peftchat.formats.chatglm import ChatGLMFormat as ChatGLMCollator
 
 
 def build(tmp_path, path, seed=42, cache="cache", **data):

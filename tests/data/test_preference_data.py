@@ -4,8 +4,8 @@ truncation that keeps the current question and cuts both sides' prompts alike.""
 from __future__ import annotations
 
 import pytest
-
 from data_helpers import META, TOKENIZER_DIR, tok, write_jsonl
+
 from peftchat.config import recipe_from_dict
 from peftchat.data.pipeline import build_datasets
 from peftchat.data.preference import EMPTY, IDENTICAL, PairEncoder, normalize_pair

@@ -4,8 +4,8 @@ columns vary in type (real-world shapes) — the loader keeps only what the form
 import json
 
 import pytest
-
 from data_helpers import messages_record, moss_record, moss_turn, recipe, tok, write_jsonl
+
 from peftchat.config import data_sources
 from peftchat.data.pipeline import build_datasets, weighted_rows
 from peftchat.errors import ConfigError, DataError

@@ -7,8 +7,8 @@ import resource
 import time
 
 import pytest
-
 from data_helpers import messages_record, recipe
+
 from peftchat.data.sources import MIN_RECORD_BYTES, load_records, record_byte_limit
 from peftchat.errors import DataError
 

@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from data_helpers import TOKENIZER_DIR, recipe, write_jsonl
+
 from peftchat.cli import main
-from peftchat.data.readers import normalize
 from peftchat.data.pipeline import build_datasets
+from peftchat.data.readers import normalize
 from peftchat.errors import DataError
 from peftchat.formats.chat_template import ChatTemplateFormat
 from peftchat.formats.turns import parse_tool_calls
@@ -150,7 +150,7 @@ def test_data_inspect_shows_a_tool_record_with_its_loss_tokens(tmp_path, capsys,
 U = {"from": "human", "value": "q"}
 A = {"from": "gpt", "value": "a"}
 F = {"from": "function_call", "value": '{"name": "weather", "arguments": {"city": "Oslo"}}'}
-O = {"from": "observation", "value": "sunny"}
+O = {"from": "observation", "value": "sunny"}  # noqa: E741 (one letter per turn kind, like A, F, S)
 S = {"from": "system", "value": "be brief"}
 TURN_ORDER = [
     # (turns, index named, message, reason counted with on_error=skip)

@@ -10,8 +10,8 @@ gguf = pytest.importorskip("gguf")
 
 from peftchat.cli import main  # noqa: E402
 from peftchat.demo_assets import build_tiny_model  # noqa: E402
-from peftchat.merge import merge_adapter  # noqa: E402
 from peftchat.export.gguf import gguf_tensor_name, rope_permute, rope_unpermute  # noqa: E402
+from peftchat.merge import merge_adapter  # noqa: E402
 
 
 def _hf_weights(model_dir):

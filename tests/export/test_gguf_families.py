@@ -11,8 +11,8 @@ from test_export import _read  # noqa: E402  (gguf's reader, tensors dequantized
 
 from peftchat.cli import main  # noqa: E402
 from peftchat.demo_assets import build_tiny_model  # noqa: E402
-from peftchat.export.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
 from peftchat.export.gguf import gguf_arch, gguf_tensor_name, rope_unpermute, write_gguf  # noqa: E402
+from peftchat.export.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
 
 # tiny-model arch -> llama.cpp architecture its export must carry
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",

@@ -2,8 +2,8 @@
 (The assertions of the former tests/data/test_prompting.py, through the format objects.)"""
 
 import pytest
-
 from data_helpers import META, E, conv, messages_record, moss_record, moss_turn, recipe, tid, tok
+
 from peftchat.errors import UserError
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format

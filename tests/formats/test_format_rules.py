@@ -4,13 +4,13 @@ chat_template meta instruction, linear-cost prompt fitting and reply streaming."
 import copy
 
 import pytest
-
 from data_helpers import E, conv, messages_record, moss_record, moss_turn, recipe, tid, tok, write_jsonl
+
 from peftchat.data.pipeline import build_datasets
+from peftchat.errors import ConfigError
 from peftchat.formats.base import fewest_to_drop
 from peftchat.formats.chatglm import SYSTEM_LEFT_OUT
 from peftchat.formats.conversation import Conversation
-from peftchat.errors import ConfigError
 from peftchat.formats.registry import FORMATS, format_class, make_format
 
 PAIRS = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import unicodedata
 
+from data_helpers import recipe, tok
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_helpers import recipe, tok
 from peftchat.data.batching import collate, plan_batches
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.moss import human_field, moss_field

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from data_helpers import TOKENIZER_DIR, tok
+
 from peftchat.config import load_recipe
 from peftchat.data.readers import normalize
 from peftchat.demo_assets import asset_path

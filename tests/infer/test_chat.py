@@ -12,8 +12,8 @@ from transformers import AutoTokenizer
 from peftchat.cli import main
 from peftchat.config import recipe_from_dict
 from peftchat.data.readers import normalize
-from peftchat.errors import UserError
 from peftchat.demo_assets import demo_tokenizer_dir
+from peftchat.errors import UserError
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.moss import MOSS_FIELDS
 from peftchat.formats.registry import make_format

@@ -9,7 +9,6 @@ from peftchat.demo_assets import demo_tokenizer_dir
 from peftchat.formats.conversation import Conversation
 from peftchat.infer.engine import ChatEngine, ChatRequest, RequestError, _cut_at_stop, _safe_length
 
-
 NO_HISTORY = Conversation.from_rounds([])
 
 

@@ -7,9 +7,9 @@ import re
 import pytest
 
 from peftchat.cli import main
+from peftchat.errors import DataError
 from peftchat.formats.registry import make_format
 from peftchat.infer.decoding import context_budget
-from peftchat.errors import DataError
 from peftchat.infer.generate import generate_replies, read_requests
 from peftchat.infer.loading import load_chat_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_helpers import with_lora, loss_and_grads
+from lora_helpers import loss_and_grads, with_lora
 from torch import nn
 
 from peftchat.kernels import frozen_linear as fl
@@ -19,7 +19,8 @@ def _lora_layer(kind, dtype=torch.bfloat16, lora_dtype=None, dropout=0.0, **conf
     """A peft LoRA Linear (64 -> 48, r 8, random non-zero B) over a frozen `kind` base."""
     import bitsandbytes as bnb
     from peft import LoraConfig
-    from peft.tuners.lora import bnb as lora_bnb, layer as lora_layer
+    from peft.tuners.lora import bnb as lora_bnb
+    from peft.tuners.lora import layer as lora_layer
 
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=True).to(dtype)

@@ -201,8 +201,8 @@ def test_kernel_dropout_reported_only_for_layers_with_dropout(monkeypatch):
     from lora_helpers import with_lora
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftchat.train import speedups as kernels
     from peftchat.kernels.frozen_linear import unfuse_lora_layers
+    from peftchat.train import speedups as kernels
 
     monkeypatch.setattr(lora_dropout, "available", lambda device: True)
     cfg = SimpleNamespace(fp8=False, fused_lora=True, compile=False)

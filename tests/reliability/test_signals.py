@@ -8,7 +8,6 @@ lock released, the user's files unchanged; then runs the printed command and com
 and the optimizer state, bit for bit, with a run that was never interrupted (as
 tests/train/test_loop.py does for Ctrl-C and tests/train/test_lock.py for kill -9)."""
 
-import os
 import shlex
 import signal
 

@@ -1,7 +1,6 @@
 """One writer per output dir: a second train or resume while the first lives is exit 2 naming its
 pid; after the first is killed with SIGKILL the kernel has dropped its lock and a resume runs."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from peftchat.config import recipe_from_dict
+from peftchat.data.batching import MicroBatch, count_label_tokens, loss_targets, with_loss_targets
 from peftchat.model.adapters import apply_lora
 from peftchat.model.load import load_base_model
-from peftchat.data.batching import MicroBatch, count_label_tokens, loss_targets, with_loss_targets
-from peftchat.train.step import backward_window
 from peftchat.train.loss import LOGIT_SCALING_ATTRIBUTES, causal_lm_loss
+from peftchat.train.step import backward_window
 
 IGN = -100
 

@@ -2,7 +2,6 @@
 against the peaks measured on the H200: benchmarks/HISTORY.md), config validation, and the
 choice applied to a tiny model on CPU."""
 
-from types import SimpleNamespace
 
 import pytest
 

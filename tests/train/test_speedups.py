@@ -3,7 +3,7 @@ checkpoint's recompute path (same loss and LoRA gradients as no checkpointing, d
 
 import pytest
 import torch
-from lora_helpers import with_lora, loss_and_grads
+from lora_helpers import loss_and_grads, with_lora
 
 from peftchat.config import TrainingConfig, recipe_from_dict
 from peftchat.errors import ConfigError
