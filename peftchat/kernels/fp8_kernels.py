@@ -15,8 +15,8 @@ div.full.f32, 2 ulp off, which moved 2-3e-5 of the quantized gradient values fro
 On the GPU the cast to fp8 is the hardware's (`cvt.rn.satfinite`: nearest even). In Triton's
 CPU interpreter (the tests) it is not: it mis-rounds values that carry into the next power of two
 (7.88 -> 4 instead of 8 in e4m3), so with SOFT_ROUND the kernels round to the fp8 grid themselves
-(`round_to_fp8`, nearest even too) and the cast is then exact. check_fp8.py compares the GPU's
-bits with torch's casts.
+(`round_to_fp8`, nearest even too) and the cast is then exact. On the GPU the kernels' bits were
+compared with torch's casts (the retired check_fp8.py; benchmarks/HISTORY.md, round 9).
 """
 
 import triton
