@@ -43,6 +43,7 @@ from peftchat.config import Recipe, TrainingConfig
 from peftchat.errors import UserError
 from peftchat.model.adapters import unwrap_peft
 from peftchat.train.loss import LOGITS_PER_CHUNK, _logits_transform
+from peftchat.train.step import to_device
 
 REFERENCE_FILE = "reference_logps.pt"
 METRIC_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy")
@@ -183,10 +184,6 @@ def _data_key(batches) -> str:
     return h.hexdigest()[:24]
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def precompute_reference(model, batches, device: torch.device, autocast=nullcontext) -> Tensor:
     """[pairs, 2] summed reference log-probs (chosen, rejected) of every pair, with the model as
@@ -199,7 +196,7 @@ def precompute_reference(model, batches, device: torch.device, autocast=nullcont
         micro = batches.micro_batch(rows)
         micro.tensors.pop("reference_logps", None)
         with autocast():
-            sums, _ = sequence_logps(model, _to_device(micro.tensors, device))
+            sums, _ = sequence_logps(model, to_device(micro.tensors, device))
         out[micro.tensors["pair_index"]] = torch.stack(sums.float().cpu().chunk(2), dim=1)
     model.train(was_training)
     return out
