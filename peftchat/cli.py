@@ -322,8 +322,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_model_use_commands(sub) -> None:
-    """chat, generate, serve, export, eval, plot: the commands that use a trained model."""
+def _add_chat_command(sub) -> None:
     p = sub.add_parser("chat", help="multi-turn chat with a trained or merged model")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -340,6 +339,8 @@ def _add_model_use_commands(sub) -> None:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_chat)
 
+
+def _add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="batched generation over a JSONL file of prompts")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -351,6 +352,8 @@ def _add_model_use_commands(sub) -> None:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_generate)
 
+
+def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API for a trained or merged model")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -361,6 +364,8 @@ def _add_model_use_commands(sub) -> None:
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser("export", help="write a GGUF file for llama.cpp")
     p.add_argument("source", help="an adapter dir (merged on the fly) or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -372,6 +377,8 @@ def _add_model_use_commands(sub) -> None:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="greedy generations on held-out conversations, scored with BLEU-4 and ROUGE")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -383,11 +390,20 @@ def _add_model_use_commands(sub) -> None:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_plot_command(sub) -> None:
     p = sub.add_parser("plot", help="loss, eval loss and lr curves of one or more runs")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training output dirs (with metrics.jsonl)")
     p.add_argument("--out", required=True, help="output .png")
     _add_force_arg(p)
     p.set_defaults(func=cmd_plot)
+
+
+def _add_model_use_commands(sub) -> None:
+    """chat, generate, serve, export, eval, plot: the commands that use a trained model."""
+    for add in (_add_chat_command, _add_generate_command, _add_serve_command, _add_export_command,
+                _add_eval_command, _add_plot_command):
+        add(sub)
 
 
 def _positive(kind):
@@ -424,15 +440,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds SIGTERM waits for requests in flight (default 30)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
-    )
-    parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="keep the libraries' progress bars and notes (quiet by default); may come anywhere")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train an adapter from a recipe")
     _add_recipe_args(p)
     p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=None, metavar="N",
@@ -443,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_config_command(sub) -> None:
     p = sub.add_parser("config", help="print the fully resolved recipe as YAML, or describe the recipe keys")
     p.add_argument("recipe", nargs="?", help="recipe YAML file, or the name of a shipped recipe (`peftchat recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
@@ -452,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", action="store_true", help="with --explain: every key as a Markdown table (README's)")
     p.set_defaults(func=cmd_config)
 
+
+def _add_data_command(sub) -> None:
     p = sub.add_parser("data", help="look at the training samples a recipe makes")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     d = data_sub.add_parser("dump", help="write one JSON object per training sample")
@@ -468,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_split_arg(d)
     d.set_defaults(func=cmd_data_inspect)
 
+
+def _add_merge_command(sub) -> None:
     p = sub.add_parser("merge", help="fold an adapter into its base model for export")
     p.add_argument("--adapter", required=True, help="adapter dir (a training output dir or checkpoint)")
     p.add_argument("--out", required=True, help="output model dir")
@@ -482,9 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_merge)
 
-    _add_model_use_commands(sub)
-    _add_recipes_command(sub)
 
+def _add_tiny_model_command(sub) -> None:
     p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")
     # the names of peftchat.demo_assets.TINY_ARCHS (not imported here: --help stays light)
@@ -492,6 +505,19 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "glm", "glm4", "phi3"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
+    )
+    parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep the libraries' progress bars and notes (quiet by default); may come anywhere")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train_command, _add_config_command, _add_data_command, _add_merge_command,
+                _add_model_use_commands, _add_recipes_command, _add_tiny_model_command):
+        add(sub)
     return parser
 
 

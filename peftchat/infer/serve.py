@@ -215,10 +215,7 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     `app.state.scheduler` (stopped when the app shuts down)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, Request
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import StreamingResponse
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
     options = options or ServeOptions()
     parse = RequestParser(engine, model_name, options)
@@ -239,6 +236,27 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     app.state.scheduler = scheduler
     created = int(time.time())
 
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "busy": scheduler.busy()}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "peftchat"}]}
+
+    _add_chat_completions(app, scheduler, read, parse, parse_slots, model_name, options)
+
+    _add_middleware(app, options)
+    return app
+
+
+def _add_error_handlers(app) -> None:
+    """Errors as OpenAI-style JSON; a server-side failure shows only its request id."""
+    from fastapi import Request
+    from starlette.exceptions import HTTPException
+
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):
         if exc.status_code >= 500:
@@ -249,13 +267,12 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
     async def _bug(request: Request, exc: Exception):  # details go to the log (uvicorn's traceback)
         return _internal_error(request.scope["state"]["request_id"])
 
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "busy": scheduler.busy()}
 
-    @app.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "peftchat"}]}
+def _add_chat_completions(app, scheduler: Scheduler, read: BodyParser, parse: RequestParser,
+                          parse_slots: asyncio.Semaphore, model_name: str, options: ServeOptions) -> None:
+    """POST /v1/chat/completions: parse (bounded), queue on the scheduler, answer whole or streamed."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -282,12 +299,16 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
             return _error(499, "the client closed the request")  # nobody reads it; the log does
         return _reply(jobs, cid, model_name, state)
 
+
+def _add_middleware(app, options: ServeOptions) -> None:
+    """The key, Host and body-size guard on every request; CORS only when origins are given."""
+    from fastapi.middleware.cors import CORSMiddleware
+
     if options.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])
     app.add_middleware(Guard, api_key=options.api_key, allowed_hosts=options.allowed_hosts,
                        max_body_bytes=options.max_body_bytes)
-    return app
 
 
 async def _read_request(request, read: BodyParser, parse: RequestParser, max_body: int):
