@@ -13,8 +13,9 @@ loop's own rows (its clock: collation, copies and all). Peak memory: torch's all
 reset by the loop once the model and optimizer are built.
 
 Setting `ref` is the eager bf16 reference of the loss gate (bench.py): no compile, no fused
-kernels, no offload, every layer checkpointed, packed rows through sdpa's mask (no varlen); each peftchat row's `loss_max_rel_diff` is measured
-against the `ref` row of the same shape, mode, scenario, packing and dropout in the same run.
+kernels, no offload, every layer checkpointed, packed rows through sdpa's mask
+(`model.attn_implementation: sdpa_masked`, no varlen); each peftchat row's `loss_max_rel_diff` is
+measured against the `ref` row of the same shape, mode, scenario, packing and dropout in the same run.
 
 Settings (recipe overrides on top of the recipe defaults; SETTINGS below):
   fast  fastest setting whose peak stays within the tuned peer's
@@ -58,7 +59,8 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "ref": {
         "*": {"training.compile": False, "training.fused_kernels": False, "training.checkpoint_skip_layers": 0,
-              "training.checkpoint_offload": False, "training.fused_lora": False},  # peft's own LoRA layers
+              "training.checkpoint_offload": False, "training.fused_lora": False,  # peft's own LoRA layers
+              "model.attn_implementation": "sdpa_masked"},
     },
 }
 
@@ -74,6 +76,7 @@ OPTION_KEYS: dict[str, tuple[str, Any]] = {
     "flex": ("model.attn_implementation", "flex_attention"),
     "fp8": ("training.fp8", True),
     "fusedlora": ("training.fused_lora", True),
+    "novarlen": ("model.attn_implementation", "sdpa_masked"),  # ablation: packed rows through sdpa's mask
     "nofusedlora": ("training.fused_lora", False),
 }
 
@@ -156,14 +159,6 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
 FP8_PASS_TOKENS = {"fp8rec": dict(forward=False, recompute=True, grad_input=False)}
 
 
-def _no_varlen() -> None:
-    """Packed training keeps sdpa (no `sdpa_varlen`): the loss gate's reference, which no recipe
-    key selects (`sdpa` means varlen on CUDA); one process per variant (worker.py)."""
-    from peftchat.model import load
-
-    load.flash_varlen_available = lambda device: False
-
-
 def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
     """The spec with a setting's `+`-joined options applied (`fast+compile+skip6` -> "compile+skip6"):
     recipe overrides go into spec["overrides"], kernel variants into spec["fp8_passes"] (turned
@@ -179,8 +174,6 @@ def apply_options(spec: dict[str, Any], options: str) -> dict[str, Any]:
         elif tok in FP8_PASS_TOKENS:
             overrides["training.fp8"] = True
             spec = {**spec, "fp8_passes": tok}
-        elif tok == "novarlen":  # ablation: packed rows through sdpa's block-diagonal mask
-            spec = {**spec, "novarlen": True}
         elif tok in OPTION_KEYS:
             key, value = OPTION_KEYS[tok]
             overrides[key] = value
@@ -209,8 +202,6 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     _, _, name = spec["variant"].partition(":")
     setting, _, options = name.partition("+")
     spec = apply_options(spec, options)
-    if setting == "ref" or spec.get("novarlen"):  # the gate's reference: plain sdpa, packed rows through its mask
-        _no_varlen()
     if setting not in SETTINGS:
         raise ValueError(f"unknown peftchat setting {setting!r}; expected one of {', '.join(SETTINGS)}")
     work = Path(spec["work_dir"])

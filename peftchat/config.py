@@ -183,8 +183,10 @@ class ModelConfig:
     double_quant: bool = key(True, "4bit only: quantize the quantization constants too")
     compute_dtype: str = key("bf16", "dtype of matmuls on quantized weights", choices=DTYPES)
     attn_implementation: str = key(
-        "sdpa", "attention kernel (transformers' names; sdpa_varlen: peftchat's flash attention over packed rows)",
-        choices=("sdpa", "sdpa_varlen", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+        "sdpa", "attention kernel (transformers' names; sdpa_varlen: peftchat's flash attention over packed rows, "
+        "which packed CUDA training takes for sdpa; sdpa_masked: sdpa with packed rows through its block mask)",
+        choices=("sdpa", "sdpa_varlen", "sdpa_masked", "eager", "flash_attention_2", "flash_attention_3",
+                 "flex_attention"),
         resume=RUNTIME)
     trust_remote_code: bool = key(False, "run the Python code of the model's own repository (custom models)")
     revision: Optional[str] = key(None, "hub revision (branch, tag or commit) of model.path")

@@ -35,3 +35,15 @@ def test_variants_whose_paths_lost_are_gone(lost):
 def test_an_unknown_option_is_refused():
     with pytest.raises(ValueError, match="unknown peftchat option 'nosuch'"):
         peftchat_variants.apply_options({}, "skip2+nosuch")
+
+
+def test_the_reference_keeps_sdpa_by_recipe_not_by_patch():
+    """The loss gate's reference and `novarlen` pick `sdpa_masked` through the recipe; nothing in
+    peftchat.model.load is replaced at run time."""
+    from peftchat.model import load
+
+    before = load.flash_varlen_available
+    assert peftchat_variants.setting_overrides("ref", "8b", "nf4")["model.attn_implementation"] == "sdpa_masked"
+    spec = peftchat_variants.apply_options({}, "novarlen")
+    assert spec["overrides"] == {"model.attn_implementation": "sdpa_masked"}
+    assert load.flash_varlen_available is before

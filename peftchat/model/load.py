@@ -65,6 +65,10 @@ def _check_attention(name: str, device: torch.device) -> None:
         raise UserError(f"model.attn_implementation={name} but {package} is not installed; use sdpa or install it")
 
 
+# sdpa that stays sdpa: packed rows go through its block-diagonal mask, never `sdpa_varlen`.
+MASKED_SDPA = "sdpa_masked"
+
+
 def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = None,
                   for_training: bool = False) -> str:
     """`model.attn_implementation` as from_pretrained gets it. Family quirk: Gemma 2 soft-caps its
@@ -72,9 +76,10 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
     and eager soft-cap): `sdpa` becomes `eager` for a model class without an sdpa path. Packed
     training on CUDA with `sdpa` takes `sdpa_varlen` (model/varlen.py: the flash kernel per sample
     instead of a dense block-diagonal mask; everything else is sdpa's) where the class takes
-    transformers' registered attention functions."""
+    transformers' registered attention functions; `sdpa_masked` keeps sdpa there (packed rows
+    through its block-diagonal mask: the benchmarks' eager reference, and a way around the kernel)."""
     m = recipe.model
-    if m.attn_implementation not in ("sdpa", VARLEN_ATTENTION):
+    if m.attn_implementation not in ("sdpa", VARLEN_ATTENTION, MASKED_SDPA):
         return m.attn_implementation
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -87,7 +92,7 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
         if m.attn_implementation == VARLEN_ATTENTION:
             raise UserError(f"model.attn_implementation={VARLEN_ATTENTION} needs a model class of transformers "
                             f"itself ('{m.path}' has none: remote code or no readable config); use sdpa") from None
-        return m.attn_implementation
+        return "sdpa" if m.attn_implementation == MASKED_SDPA else m.attn_implementation
     if not getattr(model_class, "_supports_sdpa", True):
         print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
               file=sys.stderr, flush=True)
@@ -98,8 +103,8 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
             raise UserError(f"model.attn_implementation={VARLEN_ATTENTION}: {model_class.__name__} does not take "
                             f"registered attention functions; use sdpa")
         return register_varlen_attention()
-    if (for_training and recipe.data.packing and pluggable and device is not None
-            and flash_varlen_available(device)):
+    if (m.attn_implementation == "sdpa" and for_training and recipe.data.packing and pluggable
+            and device is not None and flash_varlen_available(device)):
         return register_varlen_attention()
     return "sdpa"
 

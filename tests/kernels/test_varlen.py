@@ -123,6 +123,10 @@ def test_recipe_attention_choice(tiny_llama_dir, monkeypatch):
     assert load.attention_for(str(tiny_llama_dir), recipe(), cuda, for_training=True) == varlen.VARLEN_ATTENTION
     assert load.attention_for(str(tiny_llama_dir), recipe(packing=False), cuda, for_training=True) == "sdpa"
     assert load.attention_for(str(tiny_llama_dir), recipe(), cuda, for_training=False) == "sdpa"
+    # sdpa_masked: transformers gets plain sdpa, packed CUDA training included (the benchmarks' reference)
+    masked = recipe(attn="sdpa_masked")
+    assert load.attention_for(str(tiny_llama_dir), masked, cuda, for_training=True) == "sdpa"
+    assert load.attention_for(str(tiny_llama_dir / "missing"), masked, cuda, for_training=True) == "sdpa"
     explicit = recipe(attn=varlen.VARLEN_ATTENTION)
     assert load.attention_for(str(tiny_llama_dir), explicit, cpu) == varlen.VARLEN_ATTENTION
     monkeypatch.setattr("transformers.LlamaForCausalLM._supports_attention_backend", False)

@@ -86,3 +86,9 @@ def test_cli_train_missing_model_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("peftchat: error: model not found:")
     assert "Traceback" not in err[0]
+
+
+def test_sdpa_masked_loads_as_plain_sdpa(tiny_llama_dir):
+    """`sdpa_masked` is a recipe value, not a transformers name: the model gets sdpa."""
+    model = load_base_model(_recipe(tiny_llama_dir, dtype="fp32", attn_implementation="sdpa_masked"))
+    assert model.config._attn_implementation == "sdpa"
