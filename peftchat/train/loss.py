@@ -32,7 +32,7 @@ from peftchat.train.speedups import HeadLoss, fused_ce_supports_head
 LOGITS_PER_CHUNK = 2**27
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 # Model-config attributes of the scaling some architectures apply to the logits after lm_head, in
-# their forward; the loss applies them too (`_logits_transform`), and a fused head loss, which
+# their forward; the loss applies them too (`logits_transform`), and a fused head loss, which
 # cannot do (train.speedups.UNFUSED_LOGIT_TRANSFORMS), is skipped when a config sets one. Add a
 # family's attribute here and to the transform.
 LOGIT_SCALING_ATTRIBUTES = (
@@ -46,7 +46,7 @@ def has_logit_scaling(config) -> bool:
     return any(getattr(config, k, None) is not None for k in LOGIT_SCALING_ATTRIBUTES)
 
 
-def _logits_transform(config):
+def logits_transform(config) -> Callable[[Tensor], Tensor]:
     """The post-lm_head scaling of `LOGIT_SCALING_ATTRIBUTES` (kept so the loss matches the model)."""
     scale = getattr(config, "logit_scale", None)
     divide = getattr(config, "logits_scaling", None)
@@ -67,6 +67,29 @@ def _logits_transform(config):
 def _chunk_loss(head, transform, hidden: Tensor, targets: Tensor) -> Tensor:
     logits = transform(head(hidden).float())
     return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def tokens_per_chunk(config, chunk_tokens: int | None = None) -> int:
+    """Scored tokens whose logits one chunk holds: `LOGITS_PER_CHUNK` over the vocabulary."""
+    return chunk_tokens or max(1, LOGITS_PER_CHUNK // config.get_text_config().vocab_size)
+
+
+def over_head_chunks(fn: Callable[..., Tensor], head, config, hidden: Tensor, targets: Tensor,
+                     chunk_tokens: int | None = None) -> list[Tensor]:
+    """`fn(head, transform, hidden_chunk, target_chunk)` over chunks of the scored positions, each
+    recomputed in backward (checkpointed) when gradients are on, so one chunk's vocab-sized logits
+    exist at a time. SFT sums the parts (`causal_lm_loss`); preference objectives keep per-token
+    log-probs (`train.preference.sequence_logps`)."""
+    transform = logits_transform(config)
+    step = tokens_per_chunk(config, chunk_tokens)
+    parts = []
+    for start in range(0, targets.shape[0], step):
+        h, y = hidden[start:start + step], targets[start:start + step]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(fn, head, transform, h, y, use_reentrant=False))
+        else:
+            parts.append(fn(head, transform, h, y))
+    return parts
 
 
 def _fused_applies(head, config, hidden: Tensor) -> bool:
@@ -106,19 +129,10 @@ def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None 
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     if head_loss is not None and _fused_applies(head, base.config, selected):
         return head_loss(selected, head.weight, targets) / normalizer
-    transform = _logits_transform(base.config)
-    vocab = base.config.get_text_config().vocab_size
-    step = chunk_tokens or max(1, LOGITS_PER_CHUNK // vocab)
-    total: Optional[Tensor] = None
-    for start in range(0, n, step):
-        h, y = selected[start:start + step], targets[start:start + step]
-        if torch.is_grad_enabled():
-            # recompute this chunk's logits in backward instead of keeping them
-            part = checkpoint(_chunk_loss, head, transform, h, y, use_reentrant=False)
-        else:
-            part = _chunk_loss(head, transform, h, y)
-        total = part if total is None else total + part
-    assert total is not None  # n > 0: at least one chunk
+    parts = over_head_chunks(_chunk_loss, head, base.config, selected, targets, chunk_tokens)
+    total = parts[0]
+    for part in parts[1:]:  # in order, as the single loop summed them
+        total = total + part
     return total / normalizer
 
 

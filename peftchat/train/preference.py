@@ -37,12 +37,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from peftchat.config import Recipe, TrainingConfig
 from peftchat.errors import UserError
 from peftchat.model.adapters import unwrap_peft
-from peftchat.train.loss import LOGITS_PER_CHUNK, _logits_transform
+from peftchat.train.loss import over_head_chunks
 from peftchat.train.step import to_device
 
 REFERENCE_FILE = "reference_logps.pt"
@@ -60,18 +59,9 @@ def sequence_logps(model, batch: dict[str, Tensor], chunk_tokens: Optional[int] 
     base = unwrap_peft(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                 use_cache=False).last_hidden_state
-    head = base.get_output_embeddings()
-    transform = _logits_transform(base.config)
-    step = chunk_tokens or max(1, LOGITS_PER_CHUNK // base.config.get_text_config().vocab_size)
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_positions"])
-    targets = batch["loss_targets"]
-    parts = []
-    for start in range(0, targets.shape[0], step):
-        h, y = selected[start:start + step], targets[start:start + step]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(_chunk_logps, head, transform, h, y, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(head, transform, h, y))
+    parts = over_head_chunks(_chunk_logps, base.get_output_embeddings(), base.config, selected,
+                             batch["loss_targets"], chunk_tokens)
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     rows = batch["input_ids"].shape[0]
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, batch["loss_rows"], token_logps)

@@ -111,12 +111,12 @@ def test_accumulation_is_normalised_over_the_window_not_per_micro_batch(lora_mod
 def test_every_logit_scaling_attribute_is_applied_and_stops_the_fused_head_loss(attribute):
     from types import SimpleNamespace
 
-    from peftchat.train.loss import _fused_applies, _logits_transform, has_logit_scaling
+    from peftchat.train.loss import _fused_applies, has_logit_scaling, logits_transform
 
     logits = torch.tensor([[3.0, -1.0, 40.0]])
     config = SimpleNamespace(**{attribute: 2.0})
     assert has_logit_scaling(config) and not has_logit_scaling(SimpleNamespace())
-    assert not torch.equal(_logits_transform(config)(logits), logits)  # the list and the transform agree
+    assert not torch.equal(logits_transform(config)(logits), logits)  # the list and the transform agree
     head = torch.nn.Linear(4, 3, bias=False)
     hidden = torch.zeros(2, 4)
     assert not _fused_applies(head, config, hidden)
