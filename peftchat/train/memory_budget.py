@@ -35,6 +35,13 @@ lever left is a smaller micro-batch (`training.batch_size` with `gradient_accumu
 ranked by speed: fewer recomputed layers first (each one costs a forward), no offload before
 offload at the same count (the copies cost a little); the first that fits within 95 % of the
 budget wins. When none fits, the smallest is returned with `fits=False` for the caller to say so.
+
+Preference objectives (`training.objective` dpo, orpo, simpo) forward a pair's chosen and
+rejected rows together: twice the rows of an SFT micro-batch (`rows_per_sample` 2). DPO's default
+reference (the adapter switched off on the same base, `train.preference.reference_logps`) is one
+more forward, without gradients, after the policy's and before its backward: its working set
+(counted as one layer's activations) adds to what the forward keeps, not to the recompute. A
+precomputed reference adds nothing. Not calibrated on the GPU yet.
 """
 
 from __future__ import annotations
@@ -90,9 +97,10 @@ def _linears(s: ModelShape) -> list[tuple[int, int]]:
 
 
 def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool,
-                 fused: bool = False, fp8: bool = False) -> float:
+                 fused: bool = False, fp8: bool = False, reference_pass: bool = False) -> float:
     """Estimated peak GiB of one training step (see the module docstring for the terms); `fused`:
-    the LoRA layers run through the fused LoRA function; `fp8`: `training.fp8` on."""
+    the LoRA layers run through the fused LoRA function; `fp8`: `training.fp8` on; `reference_pass`:
+    a no-grad reference forward between the forward and the backward (DPO)."""
     linears = _linears(s)
     base = s.layers * sum(i * o for i, o in linears) * WEIGHT_BYTES[quantization]
     embed = s.vocab * s.hidden * 2 * (1 if s.tied_embeddings else 2)
@@ -106,25 +114,29 @@ def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, ski
         # and of a weight during the recompute: 3 B x tokens x ff, 0.33 GiB at 8B 4 x 2048, where
         # r26 measured +0.35 on lean and +0.19 on skip 12 (whose peak is the forward's end)
         recompute_fp8 = 3 * tokens * s.intermediate if fp8 else 0
-        transient = max(skip * layer_acts + 0.25 * layer_acts, 1.7 * layer_acts + recompute_fp8)
+        forward_end = (0.25 + (1.0 if reference_pass else 0.0)) * layer_acts
+        transient = max(skip * layer_acts + forward_end, 1.7 * layer_acts + recompute_fp8)
     else:
         layer_acts = tokens * 2 * (8 * s.hidden + 4 * s.intermediate)
+        # the recompute (1.7 layers) outweighs the reference's one layer on top of the same kept set
         transient = skip * layer_acts + 1.7 * layer_acts
     return (base + embed + lora + kept_inputs + transient) / GIB
 
 
 def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq: int, budget_gib: float,
-                  allow_offload: bool = True, fused: bool = False, fp8: bool = False) -> MemoryPolicy:
+                  allow_offload: bool = True, fused: bool = False, fp8: bool = False,
+                  rows_per_sample: int = 1, reference_pass: bool = False) -> MemoryPolicy:
     """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest;
-    `fused` and `fp8` as for `estimate_gib`."""
+    `fused`, `fp8` and `reference_pass` as for `estimate_gib`; `rows_per_sample`: rows a sample
+    puts in the forward (2 for a preference pair)."""
     if budget_gib <= 0:
         raise ValueError(f"budget must be > 0 GiB, got {budget_gib}")
-    tokens = batch * seq
+    tokens = batch * rows_per_sample * seq
     ranked = [(skip, offload) for skip in range(s.layers, -1, -1)
               for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
 
     def estimate(skip: int, offload: bool) -> float:
-        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8)
+        return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8, reference_pass)
 
     for skip, offload in ranked:
         est = estimate(skip, offload)
@@ -155,12 +167,16 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
               "training.gradient_checkpointing is false", flush=True)
         return cfg
     from peftchat.model.adapters import unwrap_peft
+    from peftchat.train.preference import uses_precomputed_reference
     from peftchat.train.speedups import fused_lora_enabled
 
     budget = float(cfg.max_memory_gib)
+    pairs = cfg.objective != "sft"
     policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
                            recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
-                           fused=fused_lora_enabled(model, cfg), fp8=bool(cfg.fp8))
+                           fused=fused_lora_enabled(model, cfg), fp8=bool(cfg.fp8),
+                           rows_per_sample=2 if pairs else 1,
+                           reference_pass=cfg.objective == "dpo" and not uses_precomputed_reference(recipe))
     print(policy.describe(budget), flush=True)
     return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
                    checkpoint_offload=policy.checkpoint_offload)

@@ -125,3 +125,40 @@ def test_budget_estimates_the_lora_path_the_run_will_take(tiny_llama_dir, monkey
                                    "training": {"fused_lora": fused_lora, "max_memory_gib": 16, "fp8": fp8}})
         budgeted_training_config(model, recipe)
     assert seen == [(fused_lora, fp8) for fp8 in fp8_settings]
+
+
+def test_preference_pairs_double_the_rows_and_dpo_adds_its_reference_forward():
+    """A pair puts two rows in the forward; DPO's adapter-off reference is one more forward."""
+    sft = estimate_gib(LLAMA3_8B, "4bit", 16, 4 * 2048, 0, True, fused=True)
+    pairs = estimate_gib(LLAMA3_8B, "4bit", 16, 2 * 4 * 2048, 0, True, fused=True)
+    dpo = estimate_gib(LLAMA3_8B, "4bit", 16, 2 * 4 * 2048, 8, True, fused=True, reference_pass=True)
+    assert pairs > sft + 1.0  # the doubled activations of the recompute and the kept inputs
+    assert dpo > estimate_gib(LLAMA3_8B, "4bit", 16, 2 * 4 * 2048, 8, True, fused=True)
+    # 16 GiB fits SFT's 4 x 2048 with layers left out of checkpointing; the same micro-batch of pairs
+    # gets fewer (or none), and a DPO reference pass never more than ORPO/SimPO's
+    sft_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True)
+    orpo_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True, rows_per_sample=2)
+    dpo_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True, rows_per_sample=2,
+                               reference_pass=True)
+    assert sft_policy.checkpoint_skip_layers > orpo_policy.checkpoint_skip_layers >= dpo_policy.checkpoint_skip_layers
+    assert orpo_policy.estimated_gib <= 0.95 * 16 and dpo_policy.estimated_gib <= 0.95 * 16
+
+
+@pytest.mark.parametrize("objective, reference, expected", [
+    ("sft", "auto", (1, False)), ("orpo", "auto", (2, False)), ("dpo", "auto", (2, True)),
+    ("dpo", "precomputed", (2, False))])
+def test_budget_counts_what_a_preference_step_holds(tiny_llama_dir, monkeypatch, objective, reference, expected):
+    from transformers import AutoModelForCausalLM
+
+    from peftchat.train import memory_budget
+
+    seen = []
+    choose = memory_budget.choose_policy
+    monkeypatch.setattr(memory_budget, "choose_policy",
+                        lambda *a, **k: seen.append((k["rows_per_sample"], k["reference_pass"])) or choose(*a, **k))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    data = {"train": "x.jsonl", "max_length": 64, **({"format": "preference"} if objective != "sft" else {})}
+    recipe = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "quantization": "none"}, "data": data,
+                               "training": {"max_memory_gib": 16, "objective": objective, "reference": reference}})
+    budgeted_training_config(model, recipe)
+    assert seen == [expected]
