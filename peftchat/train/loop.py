@@ -63,7 +63,7 @@ from peftchat.train.checkpoint import (
     save_recipe_with_history,
 )
 from peftchat.train.curves import write_training_curves
-from peftchat.train.distributed import SINGLE, Dist, barrier, sum_tensor
+from peftchat.train.distributed import SINGLE, Dist, barrier, sum_counts, sum_tensor
 from peftchat.train.evaluation import evaluate
 from peftchat.train.lock import sole_writer
 from peftchat.train.loss import make_loss
@@ -307,6 +307,11 @@ def due(step: int, every: int, total: int) -> bool:
     return every > 0 and step % every == 0 and step < total
 
 
+def over_ranks(run: Run):
+    """Sums small host-side totals over the processes of a torchrun run; None for one process."""
+    return (lambda values: sum_counts(run.dist, values)) if run.dist.world_size > 1 else None
+
+
 def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
     verify_finite(run)
     world = run.dist.world_size
@@ -316,7 +321,7 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
            "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
     if grad_norm is not None:  # FSDP2: a DTensor
         row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    extra = loss_metrics(run.loss_fn, "train")
+    extra = loss_metrics(run.loss_fn, "train", over_ranks(run))
     row.update(extra)
     run.metrics.log(row)
     run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory, extra))
@@ -328,7 +333,7 @@ def run_eval(run: Run) -> None:
         return
     loss, tokens = evaluate(run)
     row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens,
-           **loss_metrics(run.loss_fn, "eval")}
+           **loss_metrics(run.loss_fn, "eval", over_ranks(run))}
     if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)

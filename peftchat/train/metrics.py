@@ -55,9 +55,10 @@ def peak_memory_gb(device: torch.device) -> tuple[float, str]:
     return rss_kb / 2**20, "peak_rss"
 
 
-def loss_metrics(loss_fn, split: str) -> dict:
-    """What a loss tracks beside itself (preference runs: rewards, margin, accuracy; this process's pairs)."""
-    return loss_fn.take_metrics(split) if hasattr(loss_fn, "take_metrics") else {}
+def loss_metrics(loss_fn, split: str, reduce: Optional[Callable[[list[float]], list[float]]] = None) -> dict:
+    """What a loss tracks beside itself (preference runs: rewards, margin, accuracy); `reduce` sums
+    its totals over processes (a collective: every process calls this)."""
+    return loss_fn.take_metrics(split, reduce) if hasattr(loss_fn, "take_metrics") else {}
 
 
 def perplexity(loss: float) -> float:

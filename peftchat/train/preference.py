@@ -32,7 +32,7 @@ import hashlib
 import os
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -142,12 +142,16 @@ class PreferenceLoss:
         sums = self._sums[split]
         self._sums[split] = row if sums is None else sums + row
 
-    def take_metrics(self, split: str = "train") -> dict[str, float]:
-        """Mean rewards/chosen, rewards/rejected, margin and accuracy since the last call (one sync)."""
+    def take_metrics(self, split: str = "train",
+                     reduce: Optional[Callable[[list[float]], list[float]]] = None) -> dict[str, float]:
+        """Mean rewards/chosen, rewards/rejected, margin and accuracy since the last call (one sync);
+        `reduce` sums the four totals over processes (torchrun: every process calls it, with zeros
+        when it saw no pair, so the means are over all processes' pairs)."""
         sums, self._sums[split] = self._sums[split], None
-        if sums is None:
+        totals = sums.tolist() if sums is not None else [0.0] * 4
+        chosen, rejected, right, n = reduce(totals) if reduce is not None else totals
+        if not n:
             return {}
-        chosen, rejected, right, n = (float(x) for x in sums.tolist())
         prefix = "eval_" if split == "eval" else ""
         values = (chosen / n, rejected / n, (chosen - rejected) / n, right / n)
         return {prefix + k: round(v, 6) for k, v in zip(METRIC_KEYS, values)}
