@@ -108,7 +108,7 @@ def inspect_samples(recipe: Recipe, tokenizer, index: int | None = None, count: 
             stream.write(f"── sample {i}{side}: {len(ids)} tokens, {with_loss} {what} ({marker}) ──\n")
             stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
     stream.write(
-        f"samples: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "
+        f"{r.unit}: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "
         f"truncated: {r.truncated}  dropped: {r.dropped_total}  skipped bad records: {r.skipped}\n"
     )
     stream.write(r.summary() + "\n")

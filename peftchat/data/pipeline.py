@@ -207,6 +207,10 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
     sessions = table.column("session").to_pylist()
     report = DataReport.from_columns(split, sessions, notes, table.column("truncated").to_pylist(),
                                      lengths.tolist(), loss_tokens)
+    if pairs:
+        rejected_loss = pc.sum(pc.not_equal(pc.list_flatten(table.column("rejected_labels")), IGNORE_INDEX))
+        report.add_rejected(notes, pc.list_value_length(table.column("rejected_input_ids")).to_pylist(),
+                            int(rejected_loss.as_py() or 0))
     source_of = source.dataset["source"]
     report.count_sources([(i.name, "+".join(i.formats), i.weight, len(i.bad)) for i in source.sources],
                          [source_of[s] for s in sessions], sessions, notes)

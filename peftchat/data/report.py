@@ -28,15 +28,17 @@ class SourceCounts:
     samples: int = 0  # with the weight's copies
     skipped: int = 0  # bad records left out with data.on_error=skip
 
-    def line(self) -> str:
+    def line(self, unit: str = "samples") -> str:
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
         skipped = f", {self.skipped} bad records skipped" if self.skipped else ""
-        return f"  source {self.name} ({self.format or '-'}{weight}): {self.sessions} sessions -> {self.samples} samples{skipped}"
+        return (f"  source {self.name} ({self.format or '-'}{weight}): {self.sessions} sessions -> "
+                f"{self.samples} {unit}{skipped}")
 
 
 @dataclass
 class DataReport:
     split: str = "train"
+    unit: str = "samples"  # what a row is: "pairs" for preference data (chosen and rejected)
     sessions: int = 0  # records that were well-formed conversations (or chatglm rows)
     samples: int = 0
     tokens: int = 0
@@ -68,6 +70,15 @@ class DataReport:
         self.skipped += len(messages)
         room = MAX_EXAMPLES - len(self.skipped_examples)
         self.skipped_examples += messages[: max(room, 0)]
+
+    def add_rejected(self, notes: list[str], lengths: list[int], loss_tokens: int) -> None:
+        """Preference data: count the kept pairs' rejected rows too (tokens, scored tokens, longest
+        row) and call the rows pairs."""
+        self.unit = "pairs"
+        kept = [n for note, n in zip(notes, lengths) if note == ""]
+        self.tokens += sum(kept)
+        self.loss_tokens += loss_tokens
+        self.longest = max([self.longest, *kept])
 
     @classmethod
     def from_columns(cls, split: str, sessions: list[int], notes: list[str], truncated: list[bool],
@@ -119,14 +130,14 @@ class DataReport:
     def summary(self) -> str:
         """A few human-readable lines (train first, then eval when there is one)."""
         lines = [
-            f"{self.split}: {self.sessions} sessions -> {self.samples} samples, {self.tokens} tokens "
+            f"{self.split}: {self.sessions} sessions -> {self.samples} {self.unit}, {self.tokens} tokens "
             f"({self.loss_tokens} with loss, {self.loss_share:.1%}), longest {self.longest}, "
             f"{self.truncated} truncated, {self.dropped_total} dropped, {self.skipped} bad records skipped"
         ]
         if len(self.sources) > 1 or any(c.weight != 1 for c in self.sources):
-            lines += [c.line() for c in self.sources]
+            lines += [c.line(self.unit) for c in self.sources]
         for reason, n in self.dropped.items():
-            lines.append(f"  dropped {n}: {reason}")
+            lines.append(f"  dropped {n} {self.unit}: {reason}")
         for reason, n in self.left_out.items():
             lines.append(f"  left out {n}: {reason}")
         for reason, n in sorted(self.skipped_reasons.items()):

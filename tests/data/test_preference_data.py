@@ -109,6 +109,15 @@ def test_identical_and_empty_pairs_are_dropped_and_counted(tmp_path):
     assert len(bundle.train) == 2
     assert bundle.report.dropped == {EMPTY: 2, IDENTICAL: 1}
     assert set(bundle.train.column_names) == {"input_ids", "labels", "rejected_input_ids", "rejected_labels"}
+    # the report speaks of pairs and counts both sides of each kept pair
+    summary = bundle.report.summary()
+    assert "sessions -> 2 pairs," in summary and f"  dropped 2 pairs: {EMPTY}" in summary
+    assert "samples" not in summary
+    rows = bundle.train
+    both = sum(len(x) + len(y) for x, y in zip(rows["input_ids"], rows["rejected_input_ids"]))
+    scored = sum(x != -100 for side in ("labels", "rejected_labels") for row in rows[side] for x in row)
+    assert bundle.report.tokens == both and bundle.report.loss_tokens == scored
+    assert bundle.report.longest == max(len(x) for side in ("input_ids", "rejected_input_ids") for x in rows[side])
 
 
 def test_sft_on_preference_records_trains_the_chosen_reply(tmp_path):
