@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -31,7 +32,8 @@ def evaluate(run: Run) -> tuple[float, int]:
         counted = i < len(mine) and micro.label_tokens > 0
         if not (counted or sharded):
             continue
-        with run.autocast():
+        spare = run.loss_fn.not_counted() if not counted and hasattr(run.loss_fn, "not_counted") else nullcontext()
+        with run.autocast(), spare:
             batch = to_device(micro.tensors, run.device)
             loss = (run.wrapped(batch, 1.0) if sharded else run.loss_fn(run.model, batch, normalizer=1.0)).double()
         if counted:

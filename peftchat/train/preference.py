@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,16 @@ class PreferenceLoss:
             total = total + pairs * (-logps[:pairs].sum() / chosen_tokens)
         self._add("train" if torch.is_grad_enabled() else "eval", r_c, r_r)
         return total / (normalizer if normalizer is not None else max(pairs, 1))
+
+    @contextmanager
+    def not_counted(self) -> Iterator[None]:
+        """A forward whose pairs are not counted (FSDP2 eval's spare pass, made only so every
+        process gathers the weights the same number of times)."""
+        kept = dict(self._sums)
+        try:
+            yield
+        finally:
+            self._sums = kept
 
     def _add(self, split: str, r_c: Tensor, r_r: Tensor) -> None:
         row = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(),
