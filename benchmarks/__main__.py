@@ -7,6 +7,7 @@
     dpo       DPO steps: peftchat against TRL's DPOTrainer and unsloth's patched one (dpo_bench.py)
     checks    GPU checks: `peftchat train` + `merge --verify`, model families, torchrun (checks.py)
     big-record  reading data with one runaway record: time and peak RSS (big_record.py, docs/reliability.md)
+    real-data   the real-chat scenarios' sessions from public data, built once (real_data.py)
 
 `python -m benchmarks COMMAND --help` for each one's options; README.md says how to run them on
 the GPU machine.
@@ -18,7 +19,8 @@ import importlib
 import sys
 
 COMMANDS = {"bench": "bench", "collect": "collect", "quality": "quality", "serve": "serve_bench",
-            "dpo": "dpo_bench", "checks": "checks", "big-record": "big_record"}
+            "dpo": "dpo_bench", "checks": "checks", "big-record": "big_record",
+            "real-data": "real_data"}
 
 
 def main(argv: list[str]) -> int:

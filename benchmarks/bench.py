@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import real_data  # noqa: E402
 from benchmarks.shapes import flops_per_token, shape_dict  # noqa: E402
 from benchmarks.worker import RESULT_TAG, VARIANT_KINDS  # noqa: E402
 
@@ -131,7 +132,7 @@ def enrich(row: dict[str, Any], doc: dict[str, Any]) -> None:
     if row.get("step_s_median"):
         if row.get("tokens_per_s") is None:
             row["tokens_per_s"] = row["batch"] * row["seq"] / row["step_s_median"]
-        if row.get("scenario") == "chat":  # rows of varying length: no single FLOPs-per-token figure
+        if row.get("scenario", "dense") != "dense":  # rows of varying length: no single FLOPs-per-token figure
             return
         cfg = shape_dict(row["shape"], row.get("vocab_size"))
         row["model_tflops"] = flops_per_token(cfg, row["seq"]) * row["tokens_per_s"] / 1e12
@@ -255,8 +256,10 @@ def train_spec(args: argparse.Namespace, shape: str, mode: str, variant: str, ba
             "work_dir": str(Path(args.work_dir) / f"{scenario}_{shape}_{mode}_{safe}_{seq}")}
     if scenario == "chat":
         spec["sessions_file"] = str(sessions_file(args))
+    elif scenario in real_data.SCENARIOS:
+        spec.update(real_data.scenario_data(scenario, args.real_data))
     elif scenario != "dense":
-        raise ValueError(f"unknown scenario {scenario!r} (dense, chat)")
+        raise ValueError(f"unknown scenario {scenario!r} (dense, chat, {', '.join(real_data.SCENARIOS)})")
     return spec
 
 
@@ -291,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--modes", default="nf4,int8,bf16")
     p.add_argument("--variants", default="", help="comma list of KIND:NAME applied to every mode")
-    p.add_argument("--scenarios", default="dense", help="comma list of dense, chat")
+    p.add_argument("--scenarios", default="dense", help="comma list of dense, chat, real-moss")
+    p.add_argument("--real-data", default="", help="the out dir of `python -m benchmarks real-data` (real-moss)")
     p.add_argument("--plan", default="",
                    help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)")
     p.add_argument("--chat-sessions", type=int, default=600, help="sessions written for the chat scenario")

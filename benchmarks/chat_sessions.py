@@ -91,7 +91,8 @@ def sessions_recipe(spec: dict[str, Any]):
     work = Path(spec["work_dir"])
     return recipe_from_dict({
         "model": {"path": spec["model_dir"], "tokenizer": str(demo_tokenizer_dir())},
-        "data": {"train": spec["sessions_file"], "format": "messages", "collator": "chat_template",
+        "data": {"train": spec["sessions_file"], "format": spec.get("sessions_format", "messages"),
+                 "collator": spec.get("sessions_collator", "chat_template"),
                  "max_length": spec["seq"], "shuffle": False, "cache_dir": str(work.parent / "hf_cache")},
         "training": {"output_dir": str(work / "peer_data"), "device": spec["device"]},
     })

@@ -120,7 +120,8 @@ def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: P
                   "quantization": QUANT[spec["mode"]], "quant_type": "nf4", "double_quant": True,
                   "compute_dtype": "bf16", "attn_implementation": "sdpa"},
         "adapter": {"r": 16, "alpha": 32, "dropout": spec.get("dropout", 0.05), "target_modules": "all-linear"},
-        "data": {"train": str(data_file), "format": "messages", "collator": "chat_template",
+        "data": {"train": str(data_file), "format": spec.get("sessions_format", "messages"),
+                 "collator": spec.get("sessions_collator", "chat_template"),
                  "max_length": spec["seq"], "packing": False, "shuffle": False,
                  "cache_dir": str(out_dir.parent / "hf_cache")},
         "training": {"output_dir": str(out_dir), "batch_size": micro, "gradient_accumulation_steps": batch // micro,
@@ -209,7 +210,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     cuda = torch.device(spec["device"]).type == "cuda"
-    if spec.get("scenario") == "chat":  # the shared sessions file bench.py wrote once for every variant
+    if spec.get("sessions_file"):  # chat, real-moss: the one sessions file every variant reads
         data_file = Path(spec["sessions_file"])
         recipe = build_recipe(spec, setting, data_file, out_dir)
     else:

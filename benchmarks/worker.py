@@ -144,8 +144,8 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         why_not = unsloth_variant.unsloth_available()
         if why_not:
             return {"skipped": why_not}
-        if name == "unsloth_sft" and spec.get("scenario") != "chat":
-            return {"skipped": "peer:unsloth_sft packs variable-length sessions: chat scenario only"}
+        if name == "unsloth_sft" and not spec.get("sessions_file"):
+            return {"skipped": "peer:unsloth_sft packs variable-length sessions: chat and real-data scenarios only"}
         model = unsloth_variant.build_unsloth(spec["mode"], spec["model_dir"], spec["seq"],
                                               0.0 if dropout is None else dropout)
         if name == "unsloth_sft":
@@ -179,7 +179,7 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
         static_gib = torch.cuda.memory_allocated() / GIB
     else:
         static_gib = None
-    if spec.get("scenario") == "chat":
+    if spec.get("sessions_file"):  # chat and real-data scenarios
         batches = chat_batches(spec, spec["warmup"] + spec["steps"], device)
         res = time_steps(step, batches, spec["warmup"], spec["steps"], device)
         res.update(chat_throughput(res, batches, spec["warmup"]))
