@@ -18,9 +18,16 @@ from __future__ import annotations
 import importlib
 import sys
 
-COMMANDS = {"bench": "bench", "collect": "collect", "quality": "quality", "serve": "serve_bench",
-            "dpo": "dpo_bench", "checks": "checks", "big-record": "big_record",
-            "real-data": "real_data"}
+COMMANDS = {
+    "bench": "bench",
+    "collect": "collect",
+    "quality": "quality",
+    "serve": "serve_bench",
+    "dpo": "dpo_bench",
+    "checks": "checks",
+    "big-record": "big_record",
+    "real-data": "real_data",
+}
 
 
 def main(argv: list[str]) -> int:

@@ -74,11 +74,19 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         self.log = open(self.out / "bench_log.txt", "a", encoding="utf-8")
         self.doc: dict[str, Any] = {
-            "meta": {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                     "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", "bench", *sys.argv[1:]]),
-                     "versions": versions(), "batch": args.batch, "seq": args.seq,
-                     "warmup": args.warmup, "steps": args.steps, "device": args.device},
-            "builds": {}, "rows": []}
+            "meta": {
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": " ".join([Path(sys.executable).name, "-m", "benchmarks", "bench", *sys.argv[1:]]),
+                "versions": versions(),
+                "batch": args.batch,
+                "seq": args.seq,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "device": args.device,
+            },
+            "builds": {},
+            "rows": [],
+        }
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -100,8 +108,13 @@ class Runner:
             text = buf.getvalue()
         else:
             try:
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=REPO,
-                                      capture_output=True, text=True, timeout=timeout)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
                 text = proc.stdout + "\n" + proc.stderr
             except subprocess.TimeoutExpired as e:
                 text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -110,7 +123,7 @@ class Runner:
         self.log.flush()
         for line in reversed(text.splitlines()):
             if line.startswith(RESULT_TAG):
-                res = json.loads(line[len(RESULT_TAG):])
+                res = json.loads(line[len(RESULT_TAG) :])
                 break
         else:
             tail = [ln for ln in text.splitlines() if ln.strip()][-1:] or ["no output"]
@@ -145,7 +158,7 @@ def variant_parts(variant: str) -> tuple[str, set[str], float]:
     """(`kind:setting`, options, dropout) of `kind:setting+opt+...@dropoutX`."""
     base, _, suffix = variant.partition("@")
     head, *opts = base.split("+")
-    dropout = float(suffix[len("dropout"):]) if suffix.startswith("dropout") else DEFAULT_DROPOUT.get(head, 0.05)
+    dropout = float(suffix[len("dropout") :]) if suffix.startswith("dropout") else DEFAULT_DROPOUT.get(head, 0.05)
     return head, set(opts), dropout
 
 
@@ -157,13 +170,27 @@ def ratios(doc: dict[str, Any]) -> None:
     """Speed and peak against the tuned peer and against unsloth at the row's own dropout (same run)."""
     for row in doc["rows"]:
         _, _, dropout = variant_parts(row["variant"])
-        for tag, pick in (("tuned", lambda r, d=dropout: variant_parts(r["variant"])[0] == REFERENCE
-                           and variant_parts(r["variant"])[2] == d),
-                          ("unsloth", lambda r, d=dropout: variant_parts(r["variant"])[0] in ("peer:unsloth", "peer:unsloth_sft")
-                           and variant_parts(r["variant"])[2] == d)):
+        for tag, pick in (
+            (
+                "tuned",
+                lambda r, d=dropout: (
+                    variant_parts(r["variant"])[0] == REFERENCE and variant_parts(r["variant"])[2] == d
+                ),
+            ),
+            (
+                "unsloth",
+                lambda r, d=dropout: (
+                    variant_parts(r["variant"])[0] in ("peer:unsloth", "peer:unsloth_sft")
+                    and variant_parts(r["variant"])[2] == d
+                ),
+            ),
+        ):
             # unsloth: its fastest row of this setup (plain loop or, on chat data, SFTTrainer packing)
-            ref = max((r for r in doc["rows"] if _same_setup(r, row) and pick(r)),
-                      key=lambda r: r.get("tokens_per_s") or 0, default=None)
+            ref = max(
+                (r for r in doc["rows"] if _same_setup(r, row) and pick(r)),
+                key=lambda r: r.get("tokens_per_s") or 0,
+                default=None,
+            )
             if ref and ref.get("tokens_per_s") and row.get("tokens_per_s"):
                 row[f"speed_vs_{tag}"] = row["tokens_per_s"] / ref["tokens_per_s"]
                 if ref.get("peak_alloc_gib") and row.get("peak_alloc_gib"):
@@ -176,10 +203,18 @@ def loss_gate(doc: dict[str, Any]) -> None:
         head, opts, dropout = variant_parts(row["variant"])
         if not head.startswith("peftchat:") or not row.get("losses"):
             continue
-        ref = next((r for r in doc["rows"] if _same_setup(r, row) and r.get("losses")
-                    and variant_parts(r["variant"])[0] == "peftchat:ref"
-                    and ("packing" in variant_parts(r["variant"])[1]) == ("packing" in opts)
-                    and variant_parts(r["variant"])[2] == dropout), None)
+        ref = next(
+            (
+                r
+                for r in doc["rows"]
+                if _same_setup(r, row)
+                and r.get("losses")
+                and variant_parts(r["variant"])[0] == "peftchat:ref"
+                and ("packing" in variant_parts(r["variant"])[1]) == ("packing" in opts)
+                and variant_parts(r["variant"])[2] == dropout
+            ),
+            None,
+        )
         if ref is None:
             continue
         pairs = list(zip(row["losses"], ref["losses"]))
@@ -198,27 +233,48 @@ def _fmt(v: Any, nd: int = 1) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     meta = doc["meta"]
-    lines = [f"Date: {meta['date']}  ", f"Command: `{meta['command']}`  ",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
-             f"GPU: {meta.get('gpu', '-')}; bf16 8192^3 matmul ceiling: {_fmt(meta.get('ceiling_tflops'))} TFLOP/s  ",
-             f"Batch {meta['batch']} x seq {meta['seq']}, {meta['warmup']} warm-up + {meta['steps']} timed steps "
-             "(median step time).", "",
-             "Rows marked *gated out* missed the loss gate (loss differs from the eager reference by > 1 %): "
-             "shown, not results. Chat rows count real (non-pad) tokens.", "",
-             "| shape | mode | scenario | variant | tok/s | label tok/s | step s | peak alloc GiB | peak reserved GiB "
-             "| model TFLOP/s | % ceiling | speed / peak vs tuned | speed / peak vs unsloth | loss max rel diff | notes |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|"]
+    lines = [
+        f"Date: {meta['date']}  ",
+        f"Command: `{meta['command']}`  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+        f"GPU: {meta.get('gpu', '-')}; bf16 8192^3 matmul ceiling: {_fmt(meta.get('ceiling_tflops'))} TFLOP/s  ",
+        f"Batch {meta['batch']} x seq {meta['seq']}, {meta['warmup']} warm-up + {meta['steps']} timed steps "
+        "(median step time).",
+        "",
+        "Rows marked *gated out* missed the loss gate (loss differs from the eager reference by > 1 %): "
+        "shown, not results. Chat rows count real (non-pad) tokens.",
+        "",
+        "| shape | mode | scenario | variant | tok/s | label tok/s | step s | peak alloc GiB | peak reserved GiB "
+        "| model TFLOP/s | % ceiling | speed / peak vs tuned | speed / peak vs unsloth | loss max rel diff | notes |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|",
+    ]
     for r in doc["rows"]:
         note = r.get("error") or r.get("skipped") or ", ".join(r.get("applied") or [])
         if r.get("gated_out"):
             note = "*gated out* " + note
-        lines.append("| " + " | ".join([
-            r["shape"], r["mode"], r.get("scenario", "dense"), r["variant"], _fmt(r.get("tokens_per_s"), 0),
-            _fmt(r.get("label_tokens_per_s"), 0), _fmt(r.get("step_s_median"), 3),
-            _fmt(r.get("peak_alloc_gib")), _fmt(r.get("peak_reserved_gib")), _fmt(r.get("model_tflops"), 0),
-            _fmt(r.get("pct_ceiling")), f"{_fmt(r.get('speed_vs_tuned'), 2)} / {_fmt(r.get('peak_vs_tuned'), 2)}",
-            f"{_fmt(r.get('speed_vs_unsloth'), 2)} / {_fmt(r.get('peak_vs_unsloth'), 2)}",
-            _fmt(r.get("loss_max_rel_diff"), 4), str(note).replace("|", "/")[:160]]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["shape"],
+                    r["mode"],
+                    r.get("scenario", "dense"),
+                    r["variant"],
+                    _fmt(r.get("tokens_per_s"), 0),
+                    _fmt(r.get("label_tokens_per_s"), 0),
+                    _fmt(r.get("step_s_median"), 3),
+                    _fmt(r.get("peak_alloc_gib")),
+                    _fmt(r.get("peak_reserved_gib")),
+                    _fmt(r.get("model_tflops"), 0),
+                    _fmt(r.get("pct_ceiling")),
+                    f"{_fmt(r.get('speed_vs_tuned'), 2)} / {_fmt(r.get('peak_vs_tuned'), 2)}",
+                    f"{_fmt(r.get('speed_vs_unsloth'), 2)} / {_fmt(r.get('peak_vs_unsloth'), 2)}",
+                    _fmt(r.get("loss_max_rel_diff"), 4),
+                    str(note).replace("|", "/")[:160],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -234,8 +290,10 @@ def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
             # once its turn came, and the run had no loss gate
             kind, colon, _ = job[-1].partition(":")
             if len(job) != 4 or not colon or kind not in VARIANT_KINDS:
-                raise ValueError(f"--plan item {item!r}: expected [scenario/]shape/mode/KIND:VARIANT, "
-                                 f"KIND one of {', '.join(VARIANT_KINDS)}")
+                raise ValueError(
+                    f"--plan item {item!r}: expected [scenario/]shape/mode/KIND:VARIANT, "
+                    f"KIND one of {', '.join(VARIANT_KINDS)}"
+                )
             out.append(job)
         return out  # type: ignore[return-value]
     plan = []
@@ -247,13 +305,33 @@ def parse_plan(args: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     return plan
 
 
-def train_spec(args: argparse.Namespace, shape: str, mode: str, variant: str, batch: int, seq: int,
-               warmup: int, steps: int, scenario: str = "dense") -> dict[str, Any]:
+def train_spec(
+    args: argparse.Namespace,
+    shape: str,
+    mode: str,
+    variant: str,
+    batch: int,
+    seq: int,
+    warmup: int,
+    steps: int,
+    scenario: str = "dense",
+) -> dict[str, Any]:
     safe = variant.replace(":", "_").replace("+", "_").replace("@", "_")
-    spec = {"job": "train", "shape": shape, "mode": mode, "variant": variant, "batch": batch, "seq": seq,
-            "warmup": warmup, "steps": steps, "device": args.device, "model_dir": model_dir(args, shape),
-            "vocab_size": shape_dict(shape, args.vocab_size).get("vocab_size"), "scenario": scenario,
-            "work_dir": str(Path(args.work_dir) / f"{scenario}_{shape}_{mode}_{safe}_{seq}")}
+    spec = {
+        "job": "train",
+        "shape": shape,
+        "mode": mode,
+        "variant": variant,
+        "batch": batch,
+        "seq": seq,
+        "warmup": warmup,
+        "steps": steps,
+        "device": args.device,
+        "model_dir": model_dir(args, shape),
+        "vocab_size": shape_dict(shape, args.vocab_size).get("vocab_size"),
+        "scenario": scenario,
+        "work_dir": str(Path(args.work_dir) / f"{scenario}_{shape}_{mode}_{safe}_{seq}"),
+    }
     if scenario == "chat":
         spec["sessions_file"] = str(sessions_file(args))
     elif scenario in real_data.SCENARIOS:
@@ -281,8 +359,16 @@ def ensure_model(runner: Runner, shape: str) -> bool:
     args = runner.args
     if shape in runner.doc["builds"]:
         return "error" not in runner.doc["builds"][shape]
-    res = runner.job({"job": "build", "shape": shape, "model_dir": model_dir(args, shape), "device": args.device,
-                      "vocab_size": args.vocab_size}, args.build_timeout)
+    res = runner.job(
+        {
+            "job": "build",
+            "shape": shape,
+            "model_dir": model_dir(args, shape),
+            "device": args.device,
+            "vocab_size": args.vocab_size,
+        },
+        args.build_timeout,
+    )
     runner.doc["builds"][shape] = res
     runner.save()
     return "error" not in res and "skipped" not in res
@@ -296,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="", help="comma list of KIND:NAME applied to every mode")
     p.add_argument("--scenarios", default="dense", help="comma list of dense, chat, real-moss")
     p.add_argument("--real-data", default="", help="the out dir of `python -m benchmarks real-data` (real-moss)")
-    p.add_argument("--plan", default="",
-                   help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)")
+    p.add_argument(
+        "--plan", default="", help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)"
+    )
     p.add_argument("--chat-sessions", type=int, default=600, help="sessions written for the chat scenario")
     p.add_argument("--run-label", default="", help="the `run` field of every row (default: the date)")
     p.add_argument("--batch", type=int, default=4)
@@ -313,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job-timeout", type=float, default=300.0)
     p.add_argument("--build-timeout", type=float, default=300.0)
     p.add_argument("--no-ceiling", action="store_true")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="one process per job (default: on, off for --smoke)")
+    p.add_argument(
+        "--isolate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one process per job (default: on, off for --smoke)",
+    )
     args = p.parse_args(argv)
     if args.smoke:
         smoke_defaults(args)
@@ -345,8 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         ratios(runner.doc)
         loss_gate(runner.doc)
         runner.save()
-        print(f"{scenario}/{shape}/{mode}/{variant}: " + json.dumps({k: row.get(k) for k in (
-            "tokens_per_s", "peak_alloc_gib", "loss_max_rel_diff", "error", "skipped", "wall_s")}), flush=True)
+        print(
+            f"{scenario}/{shape}/{mode}/{variant}: "
+            + json.dumps(
+                {
+                    k: row.get(k)
+                    for k in ("tokens_per_s", "peak_alloc_gib", "loss_max_rel_diff", "error", "skipped", "wall_s")
+                }
+            ),
+            flush=True,
+        )
     runner.save()
     print(markdown(runner.doc))
     return 0
@@ -369,10 +468,18 @@ def smoke_defaults(args: argparse.Namespace) -> None:
         # each mode through the peer and peftchat's loop; the other paths once, on nf4
         plan = [f"dense/tiny/{m}/{v}" for m in ("nf4", "int8", "bf16") for v in ("peer:tuned", "peftchat:lean")]
         # the tutorial peer, fast, the loss gate's reference, the named-dropout path, unsloth (skipped on CPU), the chat scenario
-        plan += ["dense/tiny/nf4/peer:tutorial", "dense/tiny/nf4/peftchat:fast+nocompile", "dense/tiny/nf4/peftchat:ref",
-                 "dense/tiny/nf4/peer:unsloth@dropout0.05", "dense/tiny/nf4/peftchat:lean+mem64",
-                 "chat/tiny/nf4/peer:tuned", "chat/tiny/nf4/peer:unsloth", "chat/tiny/nf4/peer:unsloth_sft",
-                 "chat/tiny/nf4/peftchat:ref+packing", "chat/tiny/nf4/peftchat:lean+packing"]
+        plan += [
+            "dense/tiny/nf4/peer:tutorial",
+            "dense/tiny/nf4/peftchat:fast+nocompile",
+            "dense/tiny/nf4/peftchat:ref",
+            "dense/tiny/nf4/peer:unsloth@dropout0.05",
+            "dense/tiny/nf4/peftchat:lean+mem64",
+            "chat/tiny/nf4/peer:tuned",
+            "chat/tiny/nf4/peer:unsloth",
+            "chat/tiny/nf4/peer:unsloth_sft",
+            "chat/tiny/nf4/peftchat:ref+packing",
+            "chat/tiny/nf4/peftchat:lean+packing",
+        ]
         args.plan = ",".join(plan)
     if args.isolate is None:
         args.isolate = False

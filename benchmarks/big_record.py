@@ -29,12 +29,28 @@ def main(argv: list[str] | None = None) -> int:
 
     d = Path(tempfile.mkdtemp())
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]})
-    big = json.dumps({"messages": [{"role": "user", "content": "word " * (megabytes * 200_000)},
-                                   {"role": "assistant", "content": "ok"}]})
+    big = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "word " * (megabytes * 200_000)},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+    )
     (d / "t.jsonl").write_text(good + "\n" + big + "\n" + good + "\n", encoding="utf-8")
-    recipe = recipe_from_dict({"model": {"path": "unused", "tokenizer": str(demo_tokenizer_dir())},
-                               "data": {"train": str(d / "t.jsonl"), "format": "messages", "collator": "chat_template",
-                                        "max_length": 128, "on_error": on_error, "cache_dir": str(d / "cache")}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": "unused", "tokenizer": str(demo_tokenizer_dir())},
+            "data": {
+                "train": str(d / "t.jsonl"),
+                "format": "messages",
+                "collator": "chat_template",
+                "max_length": 128,
+                "on_error": on_error,
+                "cache_dir": str(d / "cache"),
+            },
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(demo_tokenizer_dir()))
     print(f"big line: {len(big):,} bytes")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -44,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # on_error=stop: the DataError is the expected outcome
         print(f"{type(e).__name__}: {e}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"seconds {time.perf_counter() - start:.1f}  peak RSS MiB: {before / 1024:.0f} before, {peak / 1024:.0f} after")
+    print(
+        f"seconds {time.perf_counter() - start:.1f}  peak RSS MiB: {before / 1024:.0f} before, {peak / 1024:.0f} after"
+    )
     return 0
 
 

@@ -26,8 +26,9 @@ SIGMA = 0.8
 N_SESSIONS = 600
 
 
-def session_lengths(n: int, median: int = MEDIAN_TOKENS, sigma: float = SIGMA, seed: int = SEED,
-                    cap: int = 2048) -> list[int]:
+def session_lengths(
+    n: int, median: int = MEDIAN_TOKENS, sigma: float = SIGMA, seed: int = SEED, cap: int = 2048
+) -> list[int]:
     """Seeded log-normal token lengths, at least 32 and at most `cap` (longer ones are cut to it)."""
     rng = random.Random(seed)
     return [max(32, min(cap, int(rng.lognormvariate(math.log(median), sigma)))) for _ in range(n)]
@@ -51,7 +52,7 @@ def write_sessions(path: Path, tokenizer, n: int = N_SESSIONS, seed: int = SEED)
                 for role, share in (("user", 0.3), ("assistant", 1.7)):
                     n_chars = max(8, int(per_turn * share * chars_per_token))
                     start = rng.randrange(0, len(corpus))
-                    messages.append({"role": role, "content": f"{role[0]}{i}.{t} " + text[start:start + n_chars]})
+                    messages.append({"role": role, "content": f"{role[0]}{i}.{t} " + text[start : start + n_chars]})
             f.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
     return path
 
@@ -65,14 +66,16 @@ def tokenized_samples(recipe) -> list[dict[str, list[int]]]:
     return [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in bundle.train]
 
 
-def padded_batches(samples: list[dict[str, list[int]]], batch: int, n_batches: int, pad_id: int) -> list[dict[str, Any]]:
+def padded_batches(
+    samples: list[dict[str, list[int]]], batch: int, n_batches: int, pad_id: int
+) -> list[dict[str, Any]]:
     """The first `n_batches` batches of `batch` consecutive samples, each padded to its own longest
     row; every batch dict also carries `real_tokens` and `label_tokens` (after the causal shift)."""
     from peftchat.data.batching import collate, count_label_tokens
 
     out = []
     for b in range(n_batches):
-        rows = samples[b * batch:(b + 1) * batch]
+        rows = samples[b * batch : (b + 1) * batch]
         if len(rows) < batch:
             raise ValueError(f"{len(samples)} samples are too few for {n_batches} batches of {batch}")
         tensors = collate([[r] for r in rows], pad_id, packing=False)
@@ -89,10 +92,17 @@ def sessions_recipe(spec: dict[str, Any]):
     from peftchat.demo_assets import demo_tokenizer_dir
 
     work = Path(spec["work_dir"])
-    return recipe_from_dict({
-        "model": {"path": spec["model_dir"], "tokenizer": str(demo_tokenizer_dir())},
-        "data": {"train": spec["sessions_file"], "format": spec.get("sessions_format", "messages"),
-                 "collator": spec.get("sessions_collator", "chat_template"),
-                 "max_length": spec["seq"], "shuffle": False, "cache_dir": str(work.parent / "hf_cache")},
-        "training": {"output_dir": str(work / "peer_data"), "device": spec["device"]},
-    })
+    return recipe_from_dict(
+        {
+            "model": {"path": spec["model_dir"], "tokenizer": str(demo_tokenizer_dir())},
+            "data": {
+                "train": spec["sessions_file"],
+                "format": spec.get("sessions_format", "messages"),
+                "collator": spec.get("sessions_collator", "chat_template"),
+                "max_length": spec["seq"],
+                "shuffle": False,
+                "cache_dir": str(work.parent / "hf_cache"),
+            },
+            "training": {"output_dir": str(work / "peer_data"), "device": spec["device"]},
+        }
+    )

@@ -36,7 +36,7 @@ from typing import Any
 RESULT_TAG = "DPO_BENCH_RESULT "
 VARIANTS = ("peftchat", "peftchat_offload", "trl", "unsloth")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 # ------------------------------------------------------------------------------ data
@@ -62,8 +62,10 @@ def make_pairs(n: int, prompt_tokens: int, reply_tokens: int, seed: int = 0) -> 
         ids = tok.encode(" ".join(out), add_special_tokens=False)[:k]
         return tok.decode(ids)
 
-    return [{"prompt": text(prompt_tokens), "chosen": " " + text(reply_tokens), "rejected": " " + text(reply_tokens)}
-            for _ in range(n)]
+    return [
+        {"prompt": text(prompt_tokens), "chosen": " " + text(reply_tokens), "rejected": " " + text(reply_tokens)}
+        for _ in range(n)
+    ]
 
 
 def pair_batches(pairs: list[dict[str, str]], batch: int, tokenizer) -> list[tuple[dict, int]]:
@@ -75,10 +77,10 @@ def pair_batches(pairs: list[dict[str, str]], batch: int, tokenizer) -> list[tup
     eos = [tokenizer.eos_token_id]
     for b in range(0, len(pairs) - batch + 1, batch):
         chosen, rejected = [], []
-        for p in pairs[b:b + batch]:
+        for p in pairs[b : b + batch]:
             prompt = tokenizer.encode(p["prompt"], add_special_tokens=False)
             for side, into in (("chosen", chosen), ("rejected", rejected)):
-                reply = tokenizer.encode(p["prompt"] + p[side], add_special_tokens=False)[len(prompt):] + eos
+                reply = tokenizer.encode(p["prompt"] + p[side], add_special_tokens=False)[len(prompt) :] + eos
                 into.append({"input_ids": prompt + reply, "labels": [-100] * len(prompt) + reply})
         tokens = sum(len(s["input_ids"]) for s in chosen + rejected)
         out.append((pair_tensors(collate_pairs(chosen, rejected, tokenizer.pad_token_id)), tokens))
@@ -100,8 +102,10 @@ def _memory(device: str) -> dict[str, float]:
 
     if device != "cuda":
         return {"peak_alloc_gib": None, "peak_reserved_gib": None}
-    return {"peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB}
+    return {
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
+    }
 
 
 def run_peftchat(spec: dict[str, Any]) -> dict[str, Any]:
@@ -116,14 +120,30 @@ def run_peftchat(spec: dict[str, Any]) -> dict[str, Any]:
     from peftchat.train.step import mixed_precision, optimizer_step, to_device
 
     device = spec["device"]
-    recipe = recipe_from_dict({
-        "model": {"path": spec["model_dir"], "dtype": spec["dtype"], "compute_dtype": spec["dtype"],
-                  "quantization": spec["quantization"]},
-        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
-        "data": {"train": "unused.jsonl", "max_length": spec["prompt_tokens"] + spec["reply_tokens"] + 8},
-        "training": {"device": device, "output_dir": spec["work_dir"], "objective": "dpo", "beta": 0.1, "lr": 2e-4,
-                     "lr_scheduler": "constant", "gradient_checkpointing": True, "batch_size": spec["batch"],
-                     "checkpoint_offload": spec["variant"] == "peftchat_offload", "seed": 0}})
+    recipe = recipe_from_dict(
+        {
+            "model": {
+                "path": spec["model_dir"],
+                "dtype": spec["dtype"],
+                "compute_dtype": spec["dtype"],
+                "quantization": spec["quantization"],
+            },
+            "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS},
+            "data": {"train": "unused.jsonl", "max_length": spec["prompt_tokens"] + spec["reply_tokens"] + 8},
+            "training": {
+                "device": device,
+                "output_dir": spec["work_dir"],
+                "objective": "dpo",
+                "beta": 0.1,
+                "lr": 2e-4,
+                "lr_scheduler": "constant",
+                "gradient_checkpointing": True,
+                "batch_size": spec["batch"],
+                "checkpoint_offload": spec["variant"] == "peftchat_offload",
+                "seed": 0,
+            },
+        }
+    )
     torch.manual_seed(0)
     model, loss_fn, _ = setup_model(recipe, torch.device(device), TrainHooks())
     optimizer = build_optimizer(model, recipe.training, torch.device(device))
@@ -192,17 +212,38 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     n = spec["warmup"] + spec["steps"]
     config = DPOConfig(
-        output_dir=str(Path(spec["work_dir"]) / variant), per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1, max_steps=n, learning_rate=2e-4, lr_scheduler_type="constant", warmup_steps=0,
-        optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1, save_strategy="no",
-        report_to="none", bf16=spec["dtype"] == "bf16", beta=0.1, max_length=None, gradient_checkpointing=True,
-        dataloader_num_workers=0, seed=0, use_cpu=device != "cuda", precompute_ref_log_probs=False)
+        output_dir=str(Path(spec["work_dir"]) / variant),
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        max_steps=n,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=spec["dtype"] == "bf16",
+        beta=0.1,
+        max_length=None,
+        gradient_checkpointing=True,
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=device != "cuda",
+        precompute_ref_log_probs=False,
+    )
     if hasattr(config, "shuffle_dataset"):
         config.shuffle_dataset = False
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    trainer = DPOTrainer(model=model, args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(spec["pairs"] * math.ceil(n * spec["batch"] / len(spec["pairs"]))),
-                         callbacks=[StepClock()])
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(spec["pairs"] * math.ceil(n * spec["batch"] / len(spec["pairs"]))),
+        callbacks=[StepClock()],
+    )
     trainer.train()
     ours = pair_batches(spec["pairs"], spec["batch"], tokenizer)  # the same pairs: their token counts
     tokens = [ours[i % len(ours)][1] for i in range(n)]
@@ -215,23 +256,36 @@ def _peft_bnb_model(spec: dict[str, Any]):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype) if spec["quantization"] == "4bit" else None
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype, quantization_config=quant,
-                                                 device_map={"": spec["device"]})
+    quant = (
+        BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        )
+        if spec["quantization"] == "4bit"
+        else None
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model_dir"], dtype=dtype, quantization_config=quant, device_map={"": spec["device"]}
+    )
     if quant is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS,
-                                            task_type="CAUSAL_LM"))
+    return get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    )
 
 
 def _result(spec: dict[str, Any], times: list[float], tokens: list[int], losses: list[float]) -> dict[str, Any]:
     w = spec["warmup"]
-    timed, counted = times[w:], tokens[w:len(times)]
+    timed, counted = times[w:], tokens[w : len(times)]
     t = sum(timed)
-    return {"variant": spec["variant"], "pairs_per_s": spec["batch"] * len(timed) / t, "tokens_per_s": sum(counted) / t,
-            "step_s_median": statistics.median(timed), "step_s_all": timed, "losses": losses,
-            **_memory(spec["device"])}
+    return {
+        "variant": spec["variant"],
+        "pairs_per_s": spec["batch"] * len(timed) / t,
+        "tokens_per_s": sum(counted) / t,
+        "step_s_median": statistics.median(timed),
+        "step_s_all": timed,
+        "losses": losses,
+        **_memory(spec["device"]),
+    }
 
 
 def skip_reason(variant: str, device: str) -> str | None:
@@ -267,8 +321,12 @@ def loss_gate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         first_ok = bool(r["losses"]) and abs(r["losses"][0] - math.log(2)) < 0.01
         finite = all(math.isfinite(x) for x in r["losses"])
         near = ref is None or all(abs(a - b) < 0.05 for a, b in zip(r["losses"], ref))
-        out[r["variant"]] = {"first_loss_ln2": first_ok, "finite": finite, "near_peftchat": near,
-                             "pass": first_ok and finite and near}
+        out[r["variant"]] = {
+            "first_loss_ln2": first_ok,
+            "finite": finite,
+            "near_peftchat": near,
+            "pass": first_ok and finite and near,
+        }
     return out
 
 
@@ -276,11 +334,16 @@ def _spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     path = Path(spec["work_dir"]) / f"spec-{spec['variant']}.json"
     path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.dpo_bench", "--worker", str(path)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.dpo_bench", "--worker", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     return {"variant": spec["variant"], "error": (proc.stderr or proc.stdout)[-2000:]}
 
 
@@ -322,14 +385,25 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = str(bench_model(shape, args.models_dir, args.device))
     n_pairs = args.batch * (args.warmup + args.steps)
     work = Path(tempfile.mkdtemp(prefix="dpo_bench-"))
-    base = {"device": args.device, "model_dir": model_dir, "work_dir": str(work), "batch": args.batch,
-            "warmup": args.warmup, "steps": args.steps, "prompt_tokens": args.prompt_tokens,
-            "reply_tokens": args.reply_tokens, "dtype": "fp32" if args.tiny else "bf16", "quantization": "4bit",
-            "pairs": make_pairs(n_pairs, args.prompt_tokens, args.reply_tokens)}
+    base = {
+        "device": args.device,
+        "model_dir": model_dir,
+        "work_dir": str(work),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "prompt_tokens": args.prompt_tokens,
+        "reply_tokens": args.reply_tokens,
+        "dtype": "fp32" if args.tiny else "bf16",
+        "quantization": "4bit",
+        "pairs": make_pairs(n_pairs, args.prompt_tokens, args.reply_tokens),
+    }
     rows: list[dict[str, Any]] = []
     for variant in args.variants.split(","):
         reason = skip_reason(variant, args.device)
-        row = {"variant": variant, "skipped": reason} if reason else _spawn({**base, "variant": variant}, args.timeout_s)
+        row = (
+            {"variant": variant, "skipped": reason} if reason else _spawn({**base, "variant": variant}, args.timeout_s)
+        )
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("step_s_all",)}), flush=True)
         _write(args, rows, shape)
@@ -342,12 +416,23 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], shape: str) -> 
     ratios = {}
     if "unsloth" in speed:
         for name, r in speed.items():
-            ratios[name] = {"pairs_per_s_vs_unsloth": r["pairs_per_s"] / speed["unsloth"]["pairs_per_s"],
-                            "peak_alloc_vs_unsloth": (r["peak_alloc_gib"] / speed["unsloth"]["peak_alloc_gib"]
-                                                      if r["peak_alloc_gib"] else None)}
-    doc = {"shape": shape, "batch_pairs": args.batch, "prompt_tokens": args.prompt_tokens,
-           "reply_tokens": args.reply_tokens, "warmup": args.warmup, "steps": args.steps, "rows": rows,
-           "loss_gate": loss_gate(rows), "vs_unsloth": ratios}
+            ratios[name] = {
+                "pairs_per_s_vs_unsloth": r["pairs_per_s"] / speed["unsloth"]["pairs_per_s"],
+                "peak_alloc_vs_unsloth": (
+                    r["peak_alloc_gib"] / speed["unsloth"]["peak_alloc_gib"] if r["peak_alloc_gib"] else None
+                ),
+            }
+    doc = {
+        "shape": shape,
+        "batch_pairs": args.batch,
+        "prompt_tokens": args.prompt_tokens,
+        "reply_tokens": args.reply_tokens,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "rows": rows,
+        "loss_gate": loss_gate(rows),
+        "vs_unsloth": ratios,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))
 

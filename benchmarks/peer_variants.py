@@ -25,8 +25,12 @@ def quantization_config(mode: str, compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if mode == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     if mode == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     if mode == "bf16":
@@ -46,8 +50,12 @@ def build_peer(variant: str, mode: str, model_dir: str, device: str, dropout: fl
 
         apply_liger_kernel_to_llama()  # class-level patch, before the model is built
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=quantization_config(mode, torch.bfloat16), dtype=torch.bfloat16,
-        device_map={"": device}, attn_implementation="sdpa")
+        model_dir,
+        quantization_config=quantization_config(mode, torch.bfloat16),
+        dtype=torch.bfloat16,
+        device_map={"": device},
+        attn_implementation="sdpa",
+    )
     model.config.use_cache = False
     if variant == "tutorial":
         if mode in ("nf4", "int8"):
@@ -68,8 +76,11 @@ def peer_step_fn(model: torch.nn.Module, lr: float = 2e-4, max_grad_norm: float 
     opt = torch.optim.AdamW(params, lr=lr)
 
     def step(batch: dict[str, Any]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    labels=batch.get("labels", batch["input_ids"]))
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels", batch["input_ids"]),
+        )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-GIB = 1024 ** 3
+GIB = 1024**3
 QUANT = {"nf4": "4bit", "int8": "8bit", "bf16": "none"}
 
 # Per (shape, mode) overrides; "*" applies to every shape. checkpoint_skip_layers is sized so the
@@ -58,9 +58,14 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         "*": {"training.checkpoint_offload": True},
     },
     "ref": {
-        "*": {"training.compile": False, "training.fused_kernels": False, "training.checkpoint_skip_layers": 0,
-              "training.checkpoint_offload": False, "training.fused_lora": False,  # peft's own LoRA layers
-              "model.attn_implementation": "sdpa_masked"},
+        "*": {
+            "training.compile": False,
+            "training.fused_kernels": False,
+            "training.checkpoint_skip_layers": 0,
+            "training.checkpoint_offload": False,
+            "training.fused_lora": False,  # peft's own LoRA layers
+            "model.attn_implementation": "sdpa_masked",
+        },
     },
 }
 
@@ -96,8 +101,12 @@ def write_chat_data(path: Path, tokenizer, seq: int, n_records: int) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n_records):
             answer = f"Answer {i}. " + corpus * copies
-            rec = {"messages": [{"role": "user", "content": f"Question {i}: tell me everything."},
-                                {"role": "assistant", "content": answer}]}
+            rec = {
+                "messages": [
+                    {"role": "user", "content": f"Question {i}: tell me everything."},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return path
 
@@ -116,22 +125,42 @@ def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: P
     batch, micro = spec["batch"], spec.get("micro_batch") or spec["batch"]
     d: dict[str, Any] = {
         "name": f"bench-{spec['shape']}-{spec['mode']}-{setting}",
-        "model": {"path": spec["model_dir"], "tokenizer": str(demo_tokenizer_dir()), "dtype": "bf16",
-                  "quantization": QUANT[spec["mode"]], "quant_type": "nf4", "double_quant": True,
-                  "compute_dtype": "bf16", "attn_implementation": "sdpa"},
+        "model": {
+            "path": spec["model_dir"],
+            "tokenizer": str(demo_tokenizer_dir()),
+            "dtype": "bf16",
+            "quantization": QUANT[spec["mode"]],
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": "bf16",
+            "attn_implementation": "sdpa",
+        },
         "adapter": {"r": 16, "alpha": 32, "dropout": spec.get("dropout", 0.05), "target_modules": "all-linear"},
-        "data": {"train": str(data_file), "format": spec.get("sessions_format", "messages"),
-                 "collator": spec.get("sessions_collator", "chat_template"),
-                 "max_length": spec["seq"], "packing": False, "shuffle": False,
-                 "cache_dir": str(out_dir.parent / "hf_cache")},
-        "training": {"output_dir": str(out_dir), "batch_size": micro, "gradient_accumulation_steps": batch // micro,
-                     "max_steps": spec["warmup"] + spec["steps"],
-                     "log_steps": 1, "save_steps": 0, "eval_steps": 0,
-                     "lr": 2e-4, "warmup_steps": 0, "device": spec["device"], "tensorboard": False,
-                     "gradient_checkpointing": True},
+        "data": {
+            "train": str(data_file),
+            "format": spec.get("sessions_format", "messages"),
+            "collator": spec.get("sessions_collator", "chat_template"),
+            "max_length": spec["seq"],
+            "packing": False,
+            "shuffle": False,
+            "cache_dir": str(out_dir.parent / "hf_cache"),
+        },
+        "training": {
+            "output_dir": str(out_dir),
+            "batch_size": micro,
+            "gradient_accumulation_steps": batch // micro,
+            "max_steps": spec["warmup"] + spec["steps"],
+            "log_steps": 1,
+            "save_steps": 0,
+            "eval_steps": 0,
+            "lr": 2e-4,
+            "warmup_steps": 0,
+            "device": spec["device"],
+            "tensorboard": False,
+            "gradient_checkpointing": True,
+        },
     }
-    for key, value in {**setting_overrides(setting, spec["shape"], spec["mode"]),
-                       **spec.get("overrides", {})}.items():
+    for key, value in {**setting_overrides(setting, spec["shape"], spec["mode"]), **spec.get("overrides", {})}.items():
         _set(d, key, value)
     return recipe_from_dict(d)
 
@@ -149,8 +178,13 @@ def timed_throughput(rows: list[dict[str, Any]], warmup: int, summary: dict[str,
         time_s += n / r["tokens_per_s"]
     tokens_per_s = tokens / time_s
     share = (summary.get("label_tokens") or 0) / max(1, summary.get("tokens") or 0)
-    return {"tokens_per_s": tokens_per_s, "label_tokens_per_s": tokens_per_s * share if share else None,
-            "timed_steps": len(timed), "step_s_median": time_s / len(timed), "real_tokens_timed": tokens}
+    return {
+        "tokens_per_s": tokens_per_s,
+        "label_tokens_per_s": tokens_per_s * share if share else None,
+        "timed_steps": len(timed),
+        "step_s_median": time_s / len(timed),
+        "real_tokens_timed": tokens,
+    }
 
 
 # Kernel variants: other `KernelOptions` than the recipe's (`TrainHooks.kernel_options`), never a
@@ -229,8 +263,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
 
     t0 = time.perf_counter()
-    loop.train(recipe, hooks=loop.TrainHooks(after_model_load=reset_peaks, speedups_applied=applied.extend,
-                                             kernel_options=kernel_variant(spec)))
+    loop.train(
+        recipe,
+        hooks=loop.TrainHooks(
+            after_model_load=reset_peaks, speedups_applied=applied.extend, kernel_options=kernel_variant(spec)
+        ),
+    )
     wall = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

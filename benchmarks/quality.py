@@ -55,19 +55,36 @@ def quality_run(recipe_spec: dict[str, Any], setting: str, run: str, files: tupl
     train_file, eval_file = files
     out_dir = Path(recipe_spec["work_dir"]) / "run"
     shutil.rmtree(out_dir, ignore_errors=True)  # a rerun starts fresh (the loop refuses a used run dir)
-    spec = {**recipe_spec, "overrides": {"data.eval": str(eval_file), "data.packing": True, "training.eval_steps": 0,
-                                         "training.log_steps": 10, **recipe_spec.get("overrides", {}),
-                                         **QUALITY_BASES[base]}}
+    spec = {
+        **recipe_spec,
+        "overrides": {
+            "data.eval": str(eval_file),
+            "data.packing": True,
+            "training.eval_steps": 0,
+            "training.log_steps": 10,
+            **recipe_spec.get("overrides", {}),
+            **QUALITY_BASES[base],
+        },
+    }
     recipe = peftchat_variants.build_recipe(spec, setting, train_file, out_dir)
     applied: list[str] = []
     t0 = time.perf_counter()
-    loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend,
-                                             kernel_options=peftchat_variants.kernel_variant(recipe_spec)))
+    loop.train(
+        recipe,
+        hooks=loop.TrainHooks(
+            speedups_applied=applied.extend, kernel_options=peftchat_variants.kernel_variant(recipe_spec)
+        ),
+    )
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in rows if "loss" in r]
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    return {"applied": applied, "wall_s": round(time.perf_counter() - t0, 1), "losses_logged": losses,
-            "final_train_loss": statistics.fmean(losses[-3:]), "eval_loss_bf16_path": evals[-1] if evals else None}
+    return {
+        "applied": applied,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "losses_logged": losses,
+        "final_train_loss": statistics.fmean(losses[-3:]),
+        "eval_loss_bf16_path": evals[-1] if evals else None,
+    }
 
 
 def run_quality_jobs(jobs: dict[str, tuple], parallel: int, on_done: Callable[[str, dict[str, Any]], None]) -> None:
@@ -98,8 +115,9 @@ def rel_diff(a: float | None, ref: float | None) -> float | None:
     return abs(a - ref) / ref if a is not None and ref else None
 
 
-def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict[str, Any],
-                 after_run: Callable[[], None]) -> None:
+def quality_runs(
+    shape: str, steps: int, args: argparse.Namespace, results: dict[str, Any], after_run: Callable[[], None]
+) -> None:
     """`--runs` (each `--repeats` times) through the recipe path, same seed, data and
     held-out sessions, into `results` (`after_run` saves it after each run): each run's final train
     and eval loss against the first run's, and with repeats each kind's statistics."""
@@ -112,17 +130,35 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict
     work = Path(args.work_dir) / f"quality_{shape}"  # runs and adapters stay out of --out (only the JSON comes back)
     work.mkdir(parents=True, exist_ok=True)
     setting, _, options = args.setting.partition("+")  # e.g. lean+skip4: options every run shares
-    spec = {"shape": shape, "mode": "nf4", "model_dir": str(model_dir), "device": args.device, "batch": args.batch,
-            "seq": args.seq, "warmup": 0, "steps": steps, "dropout": args.dropout}
+    spec = {
+        "shape": shape,
+        "mode": "nf4",
+        "model_dir": str(model_dir),
+        "device": args.device,
+        "batch": args.batch,
+        "seq": args.seq,
+        "warmup": 0,
+        "steps": steps,
+        "dropout": args.dropout,
+    }
     files = (work / "train.jsonl", work / "eval.jsonl")
-    tokenizer = load_tokenizer(peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, setting,
-                                                              files[0], work / "tmp"))
+    tokenizer = load_tokenizer(
+        peftchat_variants.build_recipe({**spec, "work_dir": str(work)}, setting, files[0], work / "tmp")
+    )
     write_sessions(files[0], tokenizer, n=args.batch * steps * 2, seed=1234)
     write_sessions(files[1], tokenizer, n=args.eval_sessions, seed=4321)  # other sessions: held out
     kinds = args.runs.split(",")
     labels = [kind if i == 0 else f"{kind}#{i + 1}" for i in range(args.repeats) for kind in kinds]
-    results.update({"shape": shape, "steps": steps, "setting": args.setting, "runs": labels,
-                    "reference": labels[0], "dropout": args.dropout})
+    results.update(
+        {
+            "shape": shape,
+            "steps": steps,
+            "setting": args.setting,
+            "runs": labels,
+            "reference": labels[0],
+            "dropout": args.dropout,
+        }
+    )
     jobs = {}
     for label in labels:
         base, _, kind_options = kind_of(label).partition("+")
@@ -138,7 +174,9 @@ def quality_runs(shape: str, steps: int, args: argparse.Namespace, results: dict
     ref = results[labels[0]]
     for label in labels:
         results[label]["train_loss_rel_diff"] = rel_diff(results[label]["final_train_loss"], ref["final_train_loss"])
-        results[label]["eval_loss_rel_diff"] = rel_diff(results[label]["eval_loss_bf16_path"], ref["eval_loss_bf16_path"])
+        results[label]["eval_loss_rel_diff"] = rel_diff(
+            results[label]["eval_loss_bf16_path"], ref["eval_loss_bf16_path"]
+        )
     if args.repeats > 1:
         results["summary"] = summarize(runs_by_kind(results), kinds[0])
     after_run()
@@ -170,15 +208,19 @@ def pooled_runs(reports: Iterable[dict[str, Any]]) -> dict[str, dict[str, list[d
 
 def _describe(values: list[float]) -> dict[str, float]:
     mean = statistics.fmean(values)
-    return {"mean": mean, "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "spread_rel": (max(values) - min(values)) / mean}
+    return {
+        "mean": mean,
+        "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "spread_rel": (max(values) - min(values)) / mean,
+    }
 
 
 def _mean_diff(stats: dict[str, float], n: int, ref: dict[str, float], ref_n: int) -> dict[str, float | None]:
     """Signed relative distance of the means and its standard error (Welch's, both relative to the
     reference mean; None unless both kinds have 2+ runs): how far apart, and how sure."""
-    se = ((stats["stdev"] ** 2 / n + ref["stdev"] ** 2 / ref_n) ** 0.5 / ref["mean"]
-          if n > 1 and ref_n > 1 else None)
+    se = (stats["stdev"] ** 2 / n + ref["stdev"] ** 2 / ref_n) ** 0.5 / ref["mean"] if n > 1 and ref_n > 1 else None
     return {"rel_diff": stats["mean"] / ref["mean"] - 1, "rel_diff_se": se}
 
 
@@ -208,8 +250,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     r = sub.add_parser("run", help="train the runs, write quality.json")
     r.add_argument("--out", required=True)
     r.add_argument("--shapes", default="1b:300,8b:100", help="shape:steps,...")
-    r.add_argument("--setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py, with its +options")
-    r.add_argument("--runs", default="bf16,fp8", help=f"comma list of {'|'.join(QUALITY_BASES)}[+options], the first the reference")
+    r.add_argument(
+        "--setting", default="lean", help="peftchat setting of benchmarks/peftchat_variants.py, with its +options"
+    )
+    r.add_argument(
+        "--runs", default="bf16,fp8", help=f"comma list of {'|'.join(QUALITY_BASES)}[+options], the first the reference"
+    )
     r.add_argument("--repeats", type=int, default=1, help="train each run this many times (labels KIND#2, ...)")
     r.add_argument("--parallel", type=int, default=1, help="runs at once on the one device")
     r.add_argument("--device", default="cuda", help="cpu: a smoke run of the tiny shape")

@@ -49,11 +49,18 @@ def session_lengths(path: Path, fmt: str, collator: str, max_length: int = 8192)
     from peftchat.demo_assets import demo_tokenizer_dir
     from peftchat.model.tokenizer import load_tokenizer
 
-    recipe = recipe_from_dict({
-        "model": {"path": str(path.parent), "tokenizer": str(demo_tokenizer_dir())},
-        "data": {"train": str(path), "format": fmt, "collator": collator, "max_length": max_length,
-                 "shuffle": False},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(path.parent), "tokenizer": str(demo_tokenizer_dir())},
+            "data": {
+                "train": str(path),
+                "format": fmt,
+                "collator": collator,
+                "max_length": max_length,
+                "shuffle": False,
+            },
+        }
+    )
     return [len(ids) for ids in build_datasets(recipe, load_tokenizer(recipe), split_eval=False).train["input_ids"]]
 
 
@@ -68,10 +75,18 @@ def build(moss_root: Path, out: Path, source: str = "") -> dict[str, Any]:
         for record in sessions:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     lengths = sorted(session_lengths(target, "moss", "moss"))
-    manifest = {"real-moss": {"file": MOSS_FILE, "source": source or str(moss_root), "sessions": len(sessions),
-                              "max_length": 8192,
-                              "samples": len(lengths), "tokens_median": statistics.median(lengths),
-                              "tokens_p90": lengths[int(0.9 * (len(lengths) - 1))], "tokens_max": lengths[-1]}}
+    manifest = {
+        "real-moss": {
+            "file": MOSS_FILE,
+            "source": source or str(moss_root),
+            "sessions": len(sessions),
+            "max_length": 8192,
+            "samples": len(lengths),
+            "tokens_median": statistics.median(lengths),
+            "tokens_p90": lengths[int(0.9 * (len(lengths) - 1))],
+            "tokens_max": lengths[-1],
+        }
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
@@ -81,8 +96,10 @@ def scenario_data(scenario: str, real_data: str) -> dict[str, str]:
     name, fmt, collator = SCENARIOS[scenario]
     path = Path(real_data or ".") / name
     if not path.is_file():
-        raise ValueError(f"scenario {scenario}: {path} is missing; build it with `python -m benchmarks real-data` "
-                         f"and pass its --out as --real-data")
+        raise ValueError(
+            f"scenario {scenario}: {path} is missing; build it with `python -m benchmarks real-data` "
+            f"and pass its --out as --real-data"
+        )
     return {"sessions_file": str(path), "sessions_format": fmt, "sessions_collator": collator}
 
 

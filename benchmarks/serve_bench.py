@@ -41,13 +41,20 @@ def _percentile(xs: list[float], q: float) -> float | None:
 def _recipe(base_dir: str, out_dir: str, dtype: str, max_length: int, max_tokens: int, device: str) -> dict:
     from peftchat.demo_assets import asset_path
 
-    return {"model": {"path": base_dir, "dtype": dtype, "quantization": "none"},
-            "adapter": {"r": 16, "alpha": 32, "dropout": 0.0},
-            "data": {"train": str(asset_path("demo/messages_demo.jsonl")), "format": "messages", "collator": "chat_template",
-                     "max_length": max_length, "max_source_length": max_length // 2,
-                     "max_target_length": max_length // 2},
-            "training": {"device": device, "output_dir": out_dir, "gradient_checkpointing": False},
-            "decoding": {"max_new_tokens": max_tokens, "temperature": 0}}
+    return {
+        "model": {"path": base_dir, "dtype": dtype, "quantization": "none"},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {
+            "train": str(asset_path("demo/messages_demo.jsonl")),
+            "format": "messages",
+            "collator": "chat_template",
+            "max_length": max_length,
+            "max_source_length": max_length // 2,
+            "max_target_length": max_length // 2,
+        },
+        "training": {"device": device, "output_dir": out_dir, "gradient_checkpointing": False},
+        "decoding": {"max_new_tokens": max_tokens, "temperature": 0},
+    }
 
 
 def make_adapter(base_dir: str, out_dir: Path, args) -> Path:
@@ -95,12 +102,18 @@ def chat_prompts(tokenizer, n: int, max_prompt_tokens: int) -> list[str]:
     corpus = Path(asset_path("demo/moss_demo.jsonl")).read_text(encoding="utf-8")
     ids = tokenizer(corpus, add_special_tokens=False)["input_ids"]
     lengths = [min(L, max_prompt_tokens) for L in session_lengths(n)]
-    return [tokenizer.decode(ids[(i * 7919) % (len(ids) - L):][:L]) for i, L in enumerate(lengths)]
+    return [tokenizer.decode(ids[(i * 7919) % (len(ids) - L) :][:L]) for i, L in enumerate(lengths)]
 
 
 async def _one(client, url: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last = None
     tokens = 0
@@ -115,8 +128,11 @@ async def _one(client, url: str, prompt: str, max_tokens: int) -> dict:
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
-    return {"ttft": (first - t0) if first else None, "tokens": tokens,
-            "itl": (last - first) / (tokens - 1) if first and tokens > 1 else None}
+    return {
+        "ttft": (first - t0) if first else None,
+        "tokens": tokens,
+        "itl": (last - first) / (tokens - 1) if first and tokens > 1 else None,
+    }
 
 
 async def drive(url: str, prompts: list[str], clients: int, max_tokens: int) -> dict:
@@ -124,6 +140,7 @@ async def drive(url: str, prompts: list[str], clients: int, max_tokens: int) -> 
     import httpx
 
     async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+
         async def worker(k: int) -> list[dict]:
             return [await _one(client, url, p, max_tokens) for p in prompts[k::clients]]
 
@@ -133,9 +150,16 @@ async def drive(url: str, prompts: list[str], clients: int, max_tokens: int) -> 
     ttft = [r["ttft"] for r in results if r["ttft"] is not None]
     itl = [r["itl"] for r in results if r["itl"] is not None]
     tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "output_tokens": tokens, "wall_s": round(wall, 3),
-            "agg_tok_s": round(tokens / wall, 2), "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
-            "itl_p50_s": _percentile(itl, 50), "itl_p99_s": _percentile(itl, 99)}
+    return {
+        "requests": len(results),
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "agg_tok_s": round(tokens / wall, 2),
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "itl_p50_s": _percentile(itl, 50),
+        "itl_p99_s": _percentile(itl, 99),
+    }
 
 
 def _serve(app):
@@ -172,10 +196,15 @@ def bench_mode(mode: str, adapter_dir: Path, args, rows: list[dict], out: Path) 
                 scheduler.max_batch = max_batch
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                row = {"mode": mode, "scheduling": scheduling, "clients": clients,
-                       **asyncio.run(drive(url, prompts, clients, args.max_tokens))}
-                row["peak_gpu_mib"] = (round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available()
-                                       else None)
+                row = {
+                    "mode": mode,
+                    "scheduling": scheduling,
+                    "clients": clients,
+                    **asyncio.run(drive(url, prompts, clients, args.max_tokens)),
+                }
+                row["peak_gpu_mib"] = (
+                    round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None
+                )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 _write(out, args, rows)
@@ -190,14 +219,19 @@ def _write(out: Path, args, rows: list[dict]) -> None:
     speedups = {}
     for r in rows:
         if r["scheduling"] == "batched":
-            seq = next((s for s in rows if s["scheduling"] == "sequential" and s["mode"] == r["mode"]
-                        and s["clients"] == r["clients"]), None)
+            seq = next(
+                (
+                    s
+                    for s in rows
+                    if s["scheduling"] == "sequential" and s["mode"] == r["mode"] and s["clients"] == r["clients"]
+                ),
+                None,
+            )
             if seq and seq["agg_tok_s"]:
                 speedups[f"{r['mode']}@{r['clients']}"] = round(r["agg_tok_s"] / seq["agg_tok_s"], 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "t0")}
-    out.write_text(json.dumps({"config": config, "rows": rows,
-                               "batched_over_sequential_tok_s": speedups}, indent=2))
+    out.write_text(json.dumps({"config": config, "rows": rows, "batched_over_sequential_tok_s": speedups}, indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,8 +239,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--tiny", action="store_true", help="CPU smoke: the tiny model, fp32 modes, few tokens")
     p.add_argument("--shape", default="8b", help="benchmarks.shapes shape of the random-init base (GPU)")
-    p.add_argument("--models-dir", default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"),
-                   help="where the random-init base (shared with benchmarks bench) and the adapter are built once")
+    p.add_argument(
+        "--models-dir",
+        default=os.path.join(tempfile.gettempdir(), "peftchat_bench_models"),
+        help="where the random-init base (shared with benchmarks bench) and the adapter are built once",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="start no row after this many seconds")
     p.add_argument("--modes", default=None, help="default nf4_adapter,bf16_merged (tiny: fp32_adapter,fp32_merged)")
     p.add_argument("--clients", default=None, help="concurrency levels (default 1,4,16,64; tiny: 1,4)")
@@ -215,8 +252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=None, help="tokens per reply (default 128; tiny 8)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default 1024 (tiny 64)")
     p.add_argument("--max-batch", type=int, default=64, help="the batched server's --max-batch-size")
-    p.add_argument("--sequential-max-clients", type=int, default=1 << 30,
-                   help="run the sequential server only up to this many clients (a GPU call's 10 minutes)")
+    p.add_argument(
+        "--sequential-max-clients",
+        type=int,
+        default=1 << 30,
+        help="run the sequential server only up to this many clients (a GPU call's 10 minutes)",
+    )
     args = p.parse_args(argv)
     args.device = "cpu" if args.tiny else "cuda"
     args.modes = (args.modes or ("fp32_adapter,fp32_merged" if args.tiny else "nf4_adapter,bf16_merged")).split(",")

@@ -12,16 +12,44 @@ from typing import Any
 
 # Llama-3.2-1B and Llama-3-8B shapes; `tiny` is the CPU smoke shape.
 SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512, tie_word_embeddings=False),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 
-COMMON = dict(rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072, hidden_act="silu",
-              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+COMMON = dict(
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    max_position_embeddings=131072,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+)
 
 
 def shape_dict(shape: str, vocab_size: int | None = None) -> dict[str, Any]:
@@ -58,8 +86,9 @@ def flops_per_token(cfg: dict[str, Any], seq_len: int) -> float:
     return 4.0 * linear_params(cfg) + 12.0 * cfg["num_hidden_layers"] * seq_len * d_attn
 
 
-def build_random_model(shape: str, out_dir: str | Path, device: str, vocab_size: int | None = None,
-                       seed: int = 0) -> Path:
+def build_random_model(
+    shape: str, out_dir: str | Path, device: str, vocab_size: int | None = None, seed: int = 0
+) -> Path:
     """Build a random-init bf16 Llama of `shape` directly on `device` and save it to `out_dir`.
 
     Skipped when `out_dir` already holds the same shape (marker file), so a machine builds each
@@ -96,4 +125,3 @@ def bench_model(shape: str, models_dir: str | Path, device: str) -> Path:
     path = build_random_model(shape, Path(models_dir) / shape, device, vocab)
     copy_tokenizer(str(path))
     return path
-

@@ -52,11 +52,19 @@ def build_unsloth(mode: str, model_dir: str, max_seq_length: int, dropout: float
     if mode not in ("nf4", "bf16"):
         raise ValueError(f"peer:unsloth runs nf4 or bf16, not {mode!r}")
     model, _tokenizer = FastLanguageModel.from_pretrained(
-        model_dir, max_seq_length=max_seq_length, load_in_4bit=mode == "nf4", load_in_16bit=mode == "bf16",
-        dtype=None)
+        model_dir, max_seq_length=max_seq_length, load_in_4bit=mode == "nf4", load_in_16bit=mode == "bf16", dtype=None
+    )
     model = FastLanguageModel.get_peft_model(
-        model, r=16, lora_alpha=32, lora_dropout=dropout, target_modules=TARGET_MODULES, bias="none",
-        use_gradient_checkpointing="unsloth", random_state=3407, max_seq_length=max_seq_length)
+        model,
+        r=16,
+        lora_alpha=32,
+        lora_dropout=dropout,
+        target_modules=TARGET_MODULES,
+        bias="none",
+        use_gradient_checkpointing="unsloth",
+        random_state=3407,
+        max_seq_length=max_seq_length,
+    )
     model.train()
     return model
 
@@ -95,14 +103,34 @@ def run_unsloth_sft(spec: dict[str, Any], samples: list[dict[str, list[int]]], m
 
     n_steps = spec["warmup"] + spec["steps"]
     config = SFTConfig(
-        output_dir=str(spec["work_dir"]) + "/unsloth_sft", per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=2e-4, lr_scheduler_type="constant",
-        warmup_steps=0, optim="adamw_torch", max_grad_norm=1.0, weight_decay=0.0, logging_steps=1,
-        save_strategy="no", report_to="none", bf16=True, packing=True, max_length=spec["seq"],
-        dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available())
+        output_dir=str(spec["work_dir"]) + "/unsloth_sft",
+        per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1,
+        max_steps=n_steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=True,
+        packing=True,
+        max_length=spec["seq"],
+        dataloader_num_workers=0,
+        seed=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
-    trainer = SFTTrainer(model=model, args=config, processing_class=tokenizer,
-                         train_dataset=Dataset.from_list(samples), callbacks=[StepClock()])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(samples),
+        callbacks=[StepClock()],
+    )
     collate = trainer.data_collator.torch_call
 
     def counting_collate(examples):
@@ -117,11 +145,18 @@ def run_unsloth_sft(spec: dict[str, Any], samples: list[dict[str, list[int]]], m
     w = spec["warmup"]
     timed, counted = times[w:n_steps], batches[w:n_steps]
     t = sum(timed)
-    return {"step_s_all": timed, "step_s_median": statistics.median(timed), "step_s_mean": statistics.fmean(timed),
-            "losses": losses, "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024 ** 3,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024 ** 3,
-            "tokens_per_s": sum(b[0] for b in counted) / t, "label_tokens_per_s": sum(b[1] for b in counted) / t,
-            "real_tokens_timed": sum(b[0] for b in counted), "sft_batches_counted": len(batches)}
+    return {
+        "step_s_all": timed,
+        "step_s_median": statistics.median(timed),
+        "step_s_mean": statistics.fmean(timed),
+        "losses": losses,
+        "peak_alloc_gib": torch.cuda.max_memory_allocated() / 1024**3,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 1024**3,
+        "tokens_per_s": sum(b[0] for b in counted) / t,
+        "label_tokens_per_s": sum(b[1] for b in counted) / t,
+        "real_tokens_timed": sum(b[0] for b in counted),
+        "sft_batches_counted": len(batches),
+    }
 
 
 def unsloth_versions() -> dict[str, Any]:

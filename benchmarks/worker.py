@@ -19,7 +19,7 @@ import torch
 
 RESULT_TAG = "BENCH_RESULT "
 VARIANT_KINDS = ("peer", "peftchat")  # `run_train` runs `KIND:NAME` variants of these kinds
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 def matmul_ceiling(device: str, n: int = 8192, iters: int = 20) -> dict[str, Any]:
@@ -38,8 +38,12 @@ def matmul_ceiling(device: str, n: int = 8192, iters: int = 20) -> dict[str, Any
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     t = statistics.median(times)
-    return {"matmul_n": n, "matmul_s": t, "ceiling_tflops": 2 * n ** 3 / t / 1e12,
-            "gpu": torch.cuda.get_device_name(device)}
+    return {
+        "matmul_n": n,
+        "matmul_s": t,
+        "ceiling_tflops": 2 * n**3 / t / 1e12,
+        "gpu": torch.cuda.get_device_name(device),
+    }
 
 
 def random_batches(vocab: int, batch: int, seq: int, device: str, n: int = 2, seed: int = 0) -> list[dict]:
@@ -47,8 +51,9 @@ def random_batches(vocab: int, batch: int, seq: int, device: str, n: int = 2, se
     return [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g).to(device)} for _ in range(n)]
 
 
-def time_steps(step: Callable[[dict], torch.Tensor], batches: list[dict], warmup: int, steps: int,
-               device: str) -> dict[str, Any]:
+def time_steps(
+    step: Callable[[dict], torch.Tensor], batches: list[dict], warmup: int, steps: int, device: str
+) -> dict[str, Any]:
     """Run warm-up then timed steps; peak memory covers both (optimizer state appears in step 1)."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
@@ -93,7 +98,7 @@ def split_dropout(variant: str) -> tuple[str, float | None]:
         return base, None
     if not suffix.startswith("dropout"):
         raise ValueError(f"unknown variant suffix {suffix!r} (expected @dropoutX)")
-    return base, float(suffix[len("dropout"):])
+    return base, float(suffix[len("dropout") :])
 
 
 def chat_batches(spec: dict[str, Any], n: int, device: str) -> list[dict]:
@@ -103,18 +108,24 @@ def chat_batches(spec: dict[str, Any], n: int, device: str) -> list[dict]:
     recipe = sessions_recipe(spec)
     batches = padded_batches(tokenized_samples(recipe), spec["batch"], n, pad_id=spec.get("pad_id", 0))
     keep = ("input_ids", "labels", "attention_mask")
-    return [{**{k: b[k].to(device) for k in keep}, "real_tokens": b["real_tokens"], "label_tokens": b["label_tokens"]}
-            for b in batches]
+    return [
+        {**{k: b[k].to(device) for k in keep}, "real_tokens": b["real_tokens"], "label_tokens": b["label_tokens"]}
+        for b in batches
+    ]
 
 
 def chat_throughput(res: dict[str, Any], batches: list[dict], warmup: int) -> dict[str, Any]:
     """Real and label tokens/s over the timed steps (batches after warm-up, in order)."""
-    timed = batches[warmup:warmup + len(res["step_s_all"])]
+    timed = batches[warmup : warmup + len(res["step_s_all"])]
     t = sum(res["step_s_all"])
     real = sum(b["real_tokens"] for b in timed)
     padded = sum(b["input_ids"].numel() for b in timed)
-    return {"tokens_per_s": real / t, "label_tokens_per_s": sum(b["label_tokens"] for b in timed) / t,
-            "padded_tokens_per_s": padded / t, "real_tokens_timed": real}
+    return {
+        "tokens_per_s": real / t,
+        "label_tokens_per_s": sum(b["label_tokens"] for b in timed) / t,
+        "padded_tokens_per_s": padded / t,
+        "real_tokens_timed": real,
+    }
 
 
 def copy_tokenizer(model_dir: str) -> None:
@@ -146,15 +157,18 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
             return {"skipped": why_not}
         if name == "unsloth_sft" and not spec.get("sessions_file"):
             return {"skipped": "peer:unsloth_sft packs variable-length sessions: chat and real-data scenarios only"}
-        model = unsloth_variant.build_unsloth(spec["mode"], spec["model_dir"], spec["seq"],
-                                              0.0 if dropout is None else dropout)
+        model = unsloth_variant.build_unsloth(
+            spec["mode"], spec["model_dir"], spec["seq"], 0.0 if dropout is None else dropout
+        )
         if name == "unsloth_sft":
             from benchmarks.chat_sessions import sessions_recipe, tokenized_samples
 
             samples = tokenized_samples(sessions_recipe(spec))
             res = unsloth_variant.run_unsloth_sft(spec, samples, model)
-            res.update(load_s=time.perf_counter() - t0,
-                       applied=["unsloth SFTTrainer(packing=True) " + json.dumps(unsloth_variant.unsloth_versions())])
+            res.update(
+                load_s=time.perf_counter() - t0,
+                applied=["unsloth SFTTrainer(packing=True) " + json.dumps(unsloth_variant.unsloth_versions())],
+            )
             return res
         from benchmarks import peer_variants
 
@@ -165,8 +179,9 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
 
         if name.startswith("tuned_liger") and not device.startswith("cuda"):
             return {"skipped": "liger-kernel needs CUDA"}
-        model = peer_variants.build_peer(name, spec["mode"], spec["model_dir"], device,
-                                         0.05 if dropout is None else dropout)
+        model = peer_variants.build_peer(
+            name, spec["mode"], spec["model_dir"], device, 0.05 if dropout is None else dropout
+        )
         step = peer_variants.peer_step_fn(model)
     elif kind == "peftchat":
         from benchmarks import peftchat_variants
@@ -189,8 +204,10 @@ def run_train(spec: dict[str, Any]) -> dict[str, Any]:
     if "compile" in name.split("+"):
         from torch._dynamo.utils import counters
 
-        applied.append("dynamo:" + json.dumps({k: dict(v) for k, v in counters.items()
-                                              if k in ("stats", "graph_break", "recompiles")})[:300])
+        applied.append(
+            "dynamo:"
+            + json.dumps({k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")})[:300]
+        )
     res.update(load_s=load_s, static_gib=static_gib, applied=applied)
     return res
 

@@ -111,8 +111,11 @@ def _build_missing_tiny_model(recipe) -> None:
         return
     from peftchat.demo_assets import build_tiny_model
 
-    print(f"peftchat: {path} does not exist; building a random-init tiny {arch} model there "
-          f"(model.tiny_if_missing)", file=sys.stderr, flush=True)
+    print(
+        f"peftchat: {path} does not exist; building a random-init tiny {arch} model there (model.tiny_if_missing)",
+        file=sys.stderr,
+        flush=True,
+    )
     # built beside it and renamed into place, so an interrupted build never leaves a half model
     # at model.path that the next run would take as built
     building = path.parent / f".{path.name}.building-{os.getpid()}"
@@ -184,8 +187,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     overrides = args.overrides + _decoding_flags(args)
     from peftchat.infer.chat import run_chat
 
-    return run_chat(args.source, overrides, message=args.message,
-                    stream=not args.no_stream, system=args.system, tools=args.tools, messages=args.messages)
+    return run_chat(
+        args.source,
+        overrides,
+        message=args.message,
+        stream=not args.no_stream,
+        system=args.system,
+        tools=args.tools,
+        messages=args.messages,
+    )
 
 
 def _check_out_file(path: str, inputs: Sequence = (), force: bool = False) -> None:
@@ -208,8 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_out_file(args.out, [("--in", args.inp)] + _source_inputs(args), args.force)
     from peftchat.infer.generate import run_generate
 
-    run_generate(args.source, args.inp, args.out, overrides,
-                 batch_size=args.batch_size, force=args.force)
+    run_generate(args.source, args.inp, args.out, overrides, batch_size=args.batch_size, force=args.force)
     return 0
 
 
@@ -217,19 +226,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from peftchat.infer.serve import ServeOptions, run_serve
 
     options = ServeOptions(
-        api_key=args.api_key, allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins, docs=args.docs,
-        max_body_bytes=int(args.max_body_mb * (1 << 20)), max_tokens=args.max_tokens_cap, max_n=args.max_n,
-        max_queued=args.max_queued, max_batch=args.max_batch_size, request_timeout=args.request_timeout,
-        drain_timeout=args.drain_timeout)
-    return run_serve(args.source, args.overrides, host=args.host, port=args.port, model_name=args.model_name,
-                     options=options, insecure_no_api_key=args.insecure_no_api_key)
+        api_key=args.api_key,
+        allowed_hosts=args.allowed_hosts,
+        cors_origins=args.cors_origins,
+        docs=args.docs,
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_tokens=args.max_tokens_cap,
+        max_n=args.max_n,
+        max_queued=args.max_queued,
+        max_batch=args.max_batch_size,
+        request_timeout=args.request_timeout,
+        drain_timeout=args.drain_timeout,
+    )
+    return run_serve(
+        args.source,
+        args.overrides,
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        options=options,
+        insecure_no_api_key=args.insecure_no_api_key,
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from peftchat.export.command import export_gguf
 
-    export_gguf(args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force,
-                parity=args.parity)
+    export_gguf(
+        args.source, args.gguf, outtype=args.outtype, overrides=args.overrides, force=args.force, parity=args.parity
+    )
     return 0
 
 
@@ -293,18 +318,27 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_split_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", default="train", choices=["train", "eval"],
-                   help="train: every record of data.train (default); eval: what evaluation uses")
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "eval"],
+        help="train: every record of data.train (default); eval: what evaluation uses",
+    )
 
 
 def _add_force_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing output file (written beside it, then renamed over it)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing output file (written beside it, then renamed over it)"
+    )
 
 
 def _add_integrity_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-integrity-check", dest="no_integrity_check", action="store_true",
-                   help="load a run dir or checkpoint even when unfinished or changed since it was written")
+    p.add_argument(
+        "--no-integrity-check",
+        dest="no_integrity_check",
+        action="store_true",
+        help="load a run dir or checkpoint even when unfinished or changed since it was written",
+    )
 
 
 def _add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -328,13 +362,25 @@ def _add_chat_command(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--message", default=None, help="send one message, print the reply, exit")
     p.add_argument("--no-stream", action="store_true", help="print replies whole")
-    p.add_argument("--system", default=None, metavar="TEXT",
-                   help="system message for the session (default: data.meta_instruction, as in training)")
-    p.add_argument("--tools", default=None, metavar="FILE.json",
-                   help="a JSON list of tools the chat template renders, as training rendered a record's tools")
-    p.add_argument("--messages", default=None, metavar="FILE.json",
-                   help="answer this conversation (OpenAI messages, optionally with tools, tool calls and tool "
-                        "results: a JSON list, or {\"messages\": [...], \"tools\": [...]}) and exit")
+    p.add_argument(
+        "--system",
+        default=None,
+        metavar="TEXT",
+        help="system message for the session (default: data.meta_instruction, as in training)",
+    )
+    p.add_argument(
+        "--tools",
+        default=None,
+        metavar="FILE.json",
+        help="a JSON list of tools the chat template renders, as training rendered a record's tools",
+    )
+    p.add_argument(
+        "--messages",
+        default=None,
+        metavar="FILE.json",
+        help="answer this conversation (OpenAI messages, optionally with tools, tool calls and tool "
+        'results: a JSON list, or {"messages": [...], "tools": [...]}) and exit',
+    )
     _add_decoding_args(p)
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_chat)
@@ -359,7 +405,9 @@ def _add_serve_command(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", dest="model_name", default=None, help="model id in the API (default: the source's name)")
+    p.add_argument(
+        "--model-name", dest="model_name", default=None, help="model id in the API (default: the source's name)"
+    )
     _add_integrity_arg(p)
     _add_serve_args(p)
     p.set_defaults(func=cmd_serve)
@@ -371,8 +419,12 @@ def _add_export_command(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--gguf", required=True, help="output .gguf file")
     p.add_argument("--outtype", default="f16", choices=["f16", "q8_0"])
-    p.add_argument("--parity", action="store_true", help="also run the file in llama.cpp (extra gguf-check) and "
-                   "print its top-1 agreement and largest logit difference against transformers")
+    p.add_argument(
+        "--parity",
+        action="store_true",
+        help="also run the file in llama.cpp (extra gguf-check) and "
+        "print its top-1 agreement and largest logit difference against transformers",
+    )
     _add_force_arg(p)
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_export)
@@ -382,8 +434,12 @@ def _add_eval_command(sub) -> None:
     p = sub.add_parser("eval", help="greedy generations on held-out conversations, scored with BLEU-4 and ROUGE")
     p.add_argument("source", help="a recipe, an adapter dir or a merged model dir")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--data", default=None, help="conversations in a format the recipe reads (data.format); "
-                   "default: the run's held-out eval data (data.eval, else the data.eval_split sessions)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="conversations in a format the recipe reads (data.format); "
+        "default: the run's held-out eval data (data.eval, else the data.eval_split sessions)",
+    )
     p.add_argument("--limit", type=int, default=None, help="score the first N answers only")
     p.add_argument("--out", default=None, help="write the scores and per-sample predictions to this JSON file")
     _add_force_arg(p)
@@ -401,8 +457,14 @@ def _add_plot_command(sub) -> None:
 
 def _add_model_use_commands(sub) -> None:
     """chat, generate, serve, export, eval, plot: the commands that use a trained model."""
-    for add in (_add_chat_command, _add_generate_command, _add_serve_command, _add_export_command,
-                _add_eval_command, _add_plot_command):
+    for add in (
+        _add_chat_command,
+        _add_generate_command,
+        _add_serve_command,
+        _add_export_command,
+        _add_eval_command,
+        _add_plot_command,
+    ):
         add(sub)
 
 
@@ -412,42 +474,98 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
+
     return parse
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
     """serve's key, exposure and limits (README "Serve it for a team")."""
-    p.add_argument("--api-key", dest="api_key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (better: the PEFTCHAT_API_KEY environment variable)")
-    p.add_argument("--insecure-no-api-key", dest="insecure_no_api_key", action="store_true",
-                   help="allow a non-loopback --host without an API key")
-    p.add_argument("--allowed-host", dest="allowed_hosts", action="append", default=[], metavar="NAME",
-                   help="a Host header name to answer besides IP addresses and localhost (repeatable; * for any)")
-    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from ORIGIN (repeatable; CORS is off by default)")
+    p.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (better: the PEFTCHAT_API_KEY environment variable)",
+    )
+    p.add_argument(
+        "--insecure-no-api-key",
+        dest="insecure_no_api_key",
+        action="store_true",
+        help="allow a non-loopback --host without an API key",
+    )
+    p.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to answer besides IP addresses and localhost (repeatable; * for any)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        dest="cors_origins",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from ORIGIN (repeatable; CORS is off by default)",
+    )
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--max-body-mb", dest="max_body_mb", type=_positive(float), default=8.0)
-    p.add_argument("--max-tokens-cap", dest="max_tokens_cap", type=_positive(int), default=4096,
-                   help="the largest max_tokens a request may ask (default 4096)")
+    p.add_argument(
+        "--max-tokens-cap",
+        dest="max_tokens_cap",
+        type=_positive(int),
+        default=4096,
+        help="the largest max_tokens a request may ask (default 4096)",
+    )
     p.add_argument("--max-n", dest="max_n", type=_positive(int), default=8)
-    p.add_argument("--max-queued", dest="max_queued", type=_positive(int), default=64,
-                   help="choices waiting for a batch before requests get 429 (default 64)")
-    p.add_argument("--max-batch-size", dest="max_batch_size", type=_positive(int), default=16,
-                   help="choices generated together (default 16; 1 serves one at a time)")
-    p.add_argument("--request-timeout", dest="request_timeout", type=_positive(float), default=600.0,
-                   help="seconds from a request's arrival to its last token (default 600)")
-    p.add_argument("--drain-timeout", dest="drain_timeout", type=_positive(float), default=30.0,
-                   help="seconds SIGTERM waits for requests in flight (default 30)")
+    p.add_argument(
+        "--max-queued",
+        dest="max_queued",
+        type=_positive(int),
+        default=64,
+        help="choices waiting for a batch before requests get 429 (default 64)",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        dest="max_batch_size",
+        type=_positive(int),
+        default=16,
+        help="choices generated together (default 16; 1 serves one at a time)",
+    )
+    p.add_argument(
+        "--request-timeout",
+        dest="request_timeout",
+        type=_positive(float),
+        default=600.0,
+        help="seconds from a request's arrival to its last token (default 600)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        dest="drain_timeout",
+        type=_positive(float),
+        default=30.0,
+        help="seconds SIGTERM waits for requests in flight (default 30)",
+    )
 
 
 def _add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train an adapter from a recipe")
     _add_recipe_args(p)
-    p.add_argument("--nproc-per-node", dest="nproc_per_node", type=int, default=None, metavar="N",
-                   help="train with N processes on this machine, one per GPU (torchrun; README 'Several GPUs')")
-    p.add_argument("--into-nonempty-dir", dest="into_nonempty", action="store_true",
-                   help="let a new run add its files to a non-empty training.output_dir that holds no run "
-                        "(a file there with a name the run writes is still refused)")
+    p.add_argument(
+        "--nproc-per-node",
+        dest="nproc_per_node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train with N processes on this machine, one per GPU (torchrun; README 'Several GPUs')",
+    )
+    p.add_argument(
+        "--into-nonempty-dir",
+        dest="into_nonempty",
+        action="store_true",
+        help="let a new run add its files to a non-empty training.output_dir that holds no run "
+        "(a file there with a name the run writes is still refused)",
+    )
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_train)
 
@@ -456,9 +574,15 @@ def _add_config_command(sub) -> None:
     p = sub.add_parser("config", help="print the fully resolved recipe as YAML, or describe the recipe keys")
     p.add_argument("recipe", nargs="?", help="recipe YAML file, or the name of a shipped recipe (`peftchat recipes`)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
-    p.add_argument("--explain", nargs="?", const="", default=None, metavar="KEY",
-                   help="each recipe key (or KEY, or a section such as `training`): doc, type, default, allowed "
-                        "values, what a resume may change; with a recipe, its value there too")
+    p.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="KEY",
+        help="each recipe key (or KEY, or a section such as `training`): doc, type, default, allowed "
+        "values, what a resume may change; with a recipe, its value there too",
+    )
     p.add_argument("--markdown", action="store_true", help="with --explain: every key as a Markdown table (README's)")
     p.set_defaults(func=cmd_config)
 
@@ -487,12 +611,20 @@ def _add_merge_command(sub) -> None:
     p.add_argument("--out", required=True, help="output model dir")
     p.add_argument("--base", default=None, help="base model dir or hub id (default: from the adapter's recipe)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--verify", dest="verify", action="store_true", default=None,
-                   help="compare merged and adapter logits (default: on for small models)")
+    p.add_argument(
+        "--verify",
+        dest="verify",
+        action="store_true",
+        default=None,
+        help="compare merged and adapter logits (default: on for small models)",
+    )
     p.add_argument("--no-verify", dest="verify", action="store_false")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty output dir")
-    p.add_argument("--onto-original", action="store_true",
-                   help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)")
+    p.add_argument(
+        "--onto-original",
+        action="store_true",
+        help="merge a k-bit-trained adapter onto the original 16-bit weights (drifts)",
+    )
     _add_integrity_arg(p)
     p.set_defaults(func=cmd_merge)
 
@@ -501,8 +633,11 @@ def _add_tiny_model_command(sub) -> None:
     p = sub.add_parser("tiny-model", help="build a random-init tiny model of a supported family for demos and tests")
     p.add_argument("out", help="output dir")
     # the names of peftchat.demo_assets.TINY_ARCHS (not imported here: --help stays light)
-    p.add_argument("--arch", default="llama",
-                   choices=["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "glm", "glm4", "phi3"])
+    p.add_argument(
+        "--arch",
+        default="llama",
+        choices=["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "glm", "glm4", "phi3"],
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
@@ -512,11 +647,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peftchat", description="Fine-tune chat LLMs with LoRA/QLoRA adapters on one GPU, driven by YAML recipes."
     )
     parser.add_argument("--version", action="version", version=f"peftchat {__version__}")
-    parser.add_argument("--verbose", action="store_true",
-                        help="keep the libraries' progress bars and notes (quiet by default); may come anywhere")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="keep the libraries' progress bars and notes (quiet by default); may come anywhere",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train_command, _add_config_command, _add_data_command, _add_merge_command,
-                _add_model_use_commands, _add_recipes_command, _add_tiny_model_command):
+    for add in (
+        _add_train_command,
+        _add_config_command,
+        _add_data_command,
+        _add_merge_command,
+        _add_model_use_commands,
+        _add_recipes_command,
+        _add_tiny_model_command,
+    ):
         add(sub)
     return parser
 
@@ -547,8 +692,17 @@ def _unexpected(exc: Exception, args: argparse.Namespace, argv: Sequence[str]) -
 
 
 # argparse destinations that are paths, as the user wrote them (a --message or --system may hold lines)
-PATH_ARGS = {"recipe": "recipe", "source": "source", "out": "--out", "inp": "--in", "adapter": "--adapter",
-             "base": "--base", "data": "--data", "gguf": "--gguf", "run_dirs": "RUN_DIR"}
+PATH_ARGS = {
+    "recipe": "recipe",
+    "source": "source",
+    "out": "--out",
+    "inp": "--in",
+    "adapter": "--adapter",
+    "base": "--base",
+    "data": "--data",
+    "gguf": "--gguf",
+    "run_dirs": "RUN_DIR",
+}
 
 
 def _check_text_args(args: argparse.Namespace) -> None:
@@ -567,8 +721,9 @@ def _check_text_args(args: argparse.Namespace) -> None:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 shown = os.fsencode(item).decode("utf-8", "backslashreplace")
-                raise UserError(f"argument '{shown}' is not UTF-8 text; peftchat reads and writes UTF-8 names "
-                                "only: rename it") from None
+                raise UserError(
+                    f"argument '{shown}' is not UTF-8 text; peftchat reads and writes UTF-8 names only: rename it"
+                ) from None
 
 
 def _resume_command(argv: Sequence[str]) -> str:
@@ -608,7 +763,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # --verbose may follow the subcommand too (argparse takes it only before)
     quiet_by_default("--verbose" in argv)
-    args, extras = parser.parse_known_args(["--verbose"] * ("--verbose" in argv) + [a for a in argv if a != "--verbose"])
+    args, extras = parser.parse_known_args(
+        ["--verbose"] * ("--verbose" in argv) + [a for a in argv if a != "--verbose"]
+    )
     try:
         _check_text_args(args)
         if extras:

@@ -123,9 +123,17 @@ class KeySpec:
     shown_type: Optional[str] = None
 
 
-def key(default: Any, doc: str, *, choices: Optional[Iterable] = None, range: Optional[Range] = None,
-        check: Optional[Callable[[str, Any], Any]] = None, resume: str = TRAINED, allowed: Optional[str] = None,
-        type: Optional[str] = None) -> Any:
+def key(
+    default: Any,
+    doc: str,
+    *,
+    choices: Optional[Iterable] = None,
+    range: Optional[Range] = None,
+    check: Optional[Callable[[str, Any], Any]] = None,
+    resume: str = TRAINED,
+    allowed: Optional[str] = None,
+    type: Optional[str] = None,
+) -> Any:
     """A recipe key, declared once: `default` (MISSING: required), its one-line `doc`, the values it
     takes (`choices`, a numeric `range`, or `check(key, value)` -> the normalized value, raising
     ConfigError), its `resume` policy, and for `--explain` the `allowed` values and `type` where
@@ -166,7 +174,9 @@ def _module_names(key: str, value: Any) -> Any:
 DTYPES = ("bf16", "fp16", "fp32")
 DATA_FORMATS = ("auto", "moss", "chatglm", "messages", "sharegpt", "alpaca", "preference")
 DATA_FORMS = "a file, glob, dataset dir or hub name, a {path, format, weight} mapping, or a list of those"
-TRI_STATE: dict[str, Any] = dict(check=_auto_or_bool, allowed="auto | true | false", type="auto or bool", resume=RUNTIME)
+TRI_STATE: dict[str, Any] = dict(
+    check=_auto_or_bool, allowed="auto | true | false", type="auto or bool", resume=RUNTIME
+)
 
 
 # ------------------------------------------------------------------------------ the schema
@@ -177,83 +187,137 @@ class ModelConfig:
     path: str = key(MISSING, "local dir or hub id of the base model")
     tokenizer: Optional[str] = key(None, "tokenizer dir or hub id; null = model.path")
     dtype: str = key("bf16", "dtype of the weights that are not quantized", choices=DTYPES)
-    quantization: str = key("none", "base weights through bitsandbytes: 8bit (LLM.int8) or 4bit (QLoRA)",
-                            choices=("none", "8bit", "4bit"))
+    quantization: str = key(
+        "none", "base weights through bitsandbytes: 8bit (LLM.int8) or 4bit (QLoRA)", choices=("none", "8bit", "4bit")
+    )
     quant_type: str = key("nf4", "4bit only: the 4-bit data type", choices=("nf4", "fp4"))
     double_quant: bool = key(True, "4bit only: quantize the quantization constants too")
     compute_dtype: str = key("bf16", "dtype of matmuls on quantized weights", choices=DTYPES)
     attn_implementation: str = key(
-        "sdpa", "attention kernel (transformers' names; sdpa_varlen: peftchat's flash attention over packed rows, "
+        "sdpa",
+        "attention kernel (transformers' names; sdpa_varlen: peftchat's flash attention over packed rows, "
         "which packed CUDA training takes for sdpa; sdpa_masked: sdpa with packed rows through its block mask)",
-        choices=("sdpa", "sdpa_varlen", "sdpa_masked", "eager", "flash_attention_2", "flash_attention_3",
-                 "flex_attention"),
-        resume=RUNTIME)
+        choices=(
+            "sdpa",
+            "sdpa_varlen",
+            "sdpa_masked",
+            "eager",
+            "flash_attention_2",
+            "flash_attention_3",
+            "flex_attention",
+        ),
+        resume=RUNTIME,
+    )
     trust_remote_code: bool = key(False, "run the Python code of the model's own repository (custom models)")
     revision: Optional[str] = key(None, "hub revision (branch, tag or commit) of model.path")
     # Demo recipes build their tiny model, so the demo runs from an empty directory.
     tiny_if_missing: Optional[str] = key(
-        None, "demo recipes: build a random-init tiny model of this family at model.path when nothing is there "
-        "(never over a hub id)", choices=TINY_ARCHS, resume=RUNTIME)
+        None,
+        "demo recipes: build a random-init tiny model of this family at model.path when nothing is there "
+        "(never over a hub id)",
+        choices=TINY_ARCHS,
+        resume=RUNTIME,
+    )
 
 
 @dataclass
 class AdapterConfig:
     r: int = key(16, "LoRA rank", range=POSITIVE)
-    alpha: int = key(32, "LoRA scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)",
-                     range=POSITIVE)
+    alpha: int = key(
+        32, "LoRA scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)", range=POSITIVE
+    )
     dropout: float = key(0.05, "dropout on the LoRA input", range=SHARE)
-    target_modules: Any = key("all-linear", "modules that get LoRA: all-linear (every linear layer but the head) "
-                              "or a list of module names", check=_module_names,
-                              allowed="all-linear | [name, ...]", type="str or list")
+    target_modules: Any = key(
+        "all-linear",
+        "modules that get LoRA: all-linear (every linear layer but the head) or a list of module names",
+        check=_module_names,
+        allowed="all-linear | [name, ...]",
+        type="str or list",
+    )
     use_dora: bool = key(False, "DoRA: weight-decomposed LoRA")
     use_rslora: bool = key(False, "rank-stabilized LoRA: scale by alpha / sqrt(r)")
-    modules_to_save: Optional[List[str]] = key(None, "modules trained in full and saved with the adapter "
-                                               "(e.g. [embed_tokens, lm_head])")
-    bias: str = key("none", "bias terms trained: none, all, or those of the LoRA layers",
-                    choices=("none", "all", "lora_only"))
-    init_from: Optional[str] = key(None, "a finished run dir or checkpoint: start from its adapter weights "
-                                   "(SFT -> DPO); null = a fresh adapter")
+    modules_to_save: Optional[List[str]] = key(
+        None, "modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head])"
+    )
+    bias: str = key(
+        "none", "bias terms trained: none, all, or those of the LoRA layers", choices=("none", "all", "lora_only")
+    )
+    init_from: Optional[str] = key(
+        None, "a finished run dir or checkpoint: start from its adapter weights (SFT -> DPO); null = a fresh adapter"
+    )
 
 
 @dataclass
 class DataConfig:
-    train: Any = key(MISSING, "the training data; a mapping's format applies to its source, its weight repeats its "
-                     "records (2 = each twice, 0.5 = a seeded half)", type="source or list", allowed=DATA_FORMS)
-    eval: Any = key(None, "held-out data; null: data.eval_split carves some out of data.train", type="source or list",
-                    allowed="as data.train | null")
-    eval_split: float = key(0.0, "sessions of data.train held out for evaluation when data.eval is null: a share "
-                            "below 1, or a number of sessions", range=Range(0, whole_from=1))
-    format: str = key("auto", "record format of the sources that name none (auto: detected per source)",
-                      choices=DATA_FORMATS)
+    train: Any = key(
+        MISSING,
+        "the training data; a mapping's format applies to its source, its weight repeats its "
+        "records (2 = each twice, 0.5 = a seeded half)",
+        type="source or list",
+        allowed=DATA_FORMS,
+    )
+    eval: Any = key(
+        None,
+        "held-out data; null: data.eval_split carves some out of data.train",
+        type="source or list",
+        allowed="as data.train | null",
+    )
+    eval_split: float = key(
+        0.0,
+        "sessions of data.train held out for evaluation when data.eval is null: a share "
+        "below 1, or a number of sessions",
+        range=Range(0, whole_from=1),
+    )
+    format: str = key(
+        "auto", "record format of the sources that name none (auto: detected per source)", choices=DATA_FORMATS
+    )
     # the formats registry (peftchat.formats) checks the name: config cannot import it
-    collator: str = key("chat_template", "the conversation format: how records become tokens",
-                        allowed="chatglm | moss | chat_template (peftchat.formats.registry)")
+    collator: str = key(
+        "chat_template",
+        "the conversation format: how records become tokens",
+        allowed="chatglm | moss | chat_template (peftchat.formats.registry)",
+    )
     max_length: int = key(2048, "max tokens per sample (moss, chat_template)", range=POSITIVE)
     max_source_length: int = key(1024, "chatglm: max prompt tokens (ChatGLM-6B's S)", range=POSITIVE)
     max_target_length: int = key(128, "chatglm: max answer tokens (ChatGLM-6B's T)", range=POSITIVE)
     prompt_column: str = key("prompt", "chatglm rows: the prompt's column")
     response_column: str = key("response", "chatglm rows: the answer's column")
-    history_column: Optional[str] = key("history", "chatglm rows: the earlier rounds' column; null = bare query "
-                                        "prompt, no [Round] text")
+    history_column: Optional[str] = key(
+        "history", "chatglm rows: the earlier rounds' column; null = bare query prompt, no [Round] text"
+    )
     source_prefix: str = key("", "chatglm: text put in front of every prompt")
-    chatglm_style: str = key("chatglm", "chatglm prompt layout: ChatGLM-6B's or ChatGLM2's",
-                             choices=("chatglm", "chatglm2"))
+    chatglm_style: str = key(
+        "chatglm", "chatglm prompt layout: ChatGLM-6B's or ChatGLM2's", choices=("chatglm", "chatglm2")
+    )
     separator_tokens: Optional[List[str]] = key(None, "chatglm: tokens between prompt and answer")
-    truncation: str = key("seed", "a sample over its limit: seed cuts the tail, drop_oldest first drops whole "
-                          "oldest rounds", choices=("seed", "drop_oldest"))
-    loss_on: str = key("auto", "tokens that carry loss: auto = the format's own (moss also trains the <|Human|> "
-                       "turns, as MOSS's trainer; chatglm and chat_template the assistant answers), all (moss only), "
-                       "assistant (= all_assistant), last_assistant",
-                       choices=("auto", "all", "all_assistant", "assistant", "last_assistant"))
+    truncation: str = key(
+        "seed",
+        "a sample over its limit: seed cuts the tail, drop_oldest first drops whole oldest rounds",
+        choices=("seed", "drop_oldest"),
+    )
+    loss_on: str = key(
+        "auto",
+        "tokens that carry loss: auto = the format's own (moss also trains the <|Human|> "
+        "turns, as MOSS's trainer; chatglm and chat_template the assistant answers), all (moss only), "
+        "assistant (= all_assistant), last_assistant",
+        choices=("auto", "all", "all_assistant", "assistant", "last_assistant"),
+    )
     meta_instruction: Optional[str] = key(None, "system message when a record has none (training and chat)")
     on_error: str = key("stop", "a bad record stops the run, or is skipped and counted", choices=("stop", "skip"))
     # ROLE_TARGETS (below) is what a spelling may map to; any other spelling is a bad record
-    roles: Optional[Dict[str, str]] = key(None, "messages/sharegpt: role spellings beyond the documented ones, "
-                                          "e.g. {bot: assistant}", type="mapping or null")
+    roles: Optional[Dict[str, str]] = key(
+        None,
+        "messages/sharegpt: role spellings beyond the documented ones, e.g. {bot: assistant}",
+        type="mapping or null",
+    )
     # null: far more than any sample can hold, so only runaway records hit it
-    max_record_bytes: Optional[int] = key(None, "a JSON record longer than this is bad (data.on_error), before it is "
-                                          "parsed; null = max(1 MiB, 256 bytes per token of the sample limit)",
-                                          range=POSITIVE, resume=RUNTIME)
+    max_record_bytes: Optional[int] = key(
+        None,
+        "a JSON record longer than this is bad (data.on_error), before it is "
+        "parsed; null = max(1 MiB, 256 bytes per token of the sample limit)",
+        range=POSITIVE,
+        resume=RUNTIME,
+    )
     packing: bool = key(False, "padding-free rows of several samples")
     group_by_length: bool = key(False, "batch samples of similar length (when packing is off)")
     shuffle: bool = key(True, "shuffle the samples each epoch (seeded by training.seed)")
@@ -267,99 +331,166 @@ class TrainingConfig:
     batch_size: int = key(4, "micro-batch size per process", range=POSITIVE)
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", range=POSITIVE)
     lr: float = key(2e-4, "peak learning rate", range=POSITIVE)
-    weight_decay: float = key(0.0, "AdamW weight decay of the matrices (biases, norms, DoRA magnitudes get none)",
-                              range=NON_NEGATIVE)
+    weight_decay: float = key(
+        0.0, "AdamW weight decay of the matrices (biases, norms, DoRA magnitudes get none)", range=NON_NEGATIVE
+    )
     lr_scheduler: str = key("cosine", "lr curve after warmup", choices=("cosine", "linear", "constant"))
     warmup_steps: int = key(0, "steps of linear lr warmup", range=NON_NEGATIVE)
     warmup_ratio: float = key(0.0, "warmup as a share of the run's steps, when warmup_steps is 0", range=Range(0, 1))
-    epochs: float = key(1.0, "passes over the data (fractions allowed), when max_steps is not > 0",
-                        range=Range(0, MAX_EPOCHS, low_open=True), resume=SCHEDULE)
-    max_steps: int = key(-1, "> 0: exactly this many optimizer steps (overrides epochs); -1 or 0: train epochs",
-                         range=Range(-1), resume=SCHEDULE)
+    epochs: float = key(
+        1.0,
+        "passes over the data (fractions allowed), when max_steps is not > 0",
+        range=Range(0, MAX_EPOCHS, low_open=True),
+        resume=SCHEDULE,
+    )
+    max_steps: int = key(
+        -1,
+        "> 0: exactly this many optimizer steps (overrides epochs); -1 or 0: train epochs",
+        range=Range(-1),
+        resume=SCHEDULE,
+    )
     max_grad_norm: float = key(1.0, "gradient clipping norm; 0 = no clipping", range=NON_NEGATIVE)
-    optimizer: str = key("adamw", "adamw (torch), or bitsandbytes' adamw_8bit / paged_adamw_8bit",
-                         choices=("adamw", "paged_adamw_8bit", "adamw_8bit"))
+    optimizer: str = key(
+        "adamw",
+        "adamw (torch), or bitsandbytes' adamw_8bit / paged_adamw_8bit",
+        choices=("adamw", "paged_adamw_8bit", "adamw_8bit"),
+    )
     adam_beta1: float = key(0.9, "Adam beta1", range=SHARE)
     adam_beta2: float = key(0.999, "Adam beta2", range=SHARE)
     adam_eps: float = key(1e-8, "Adam epsilon", range=POSITIVE)
-    gradient_checkpointing: bool = key(True, "recompute decoder-layer activations in backward: less memory, "
-                                       "more compute", resume=RUNTIME)
-    checkpoint_skip_layers: int = key(0, "last N decoder layers not checkpointed: faster, costs their activations",
-                                      range=NON_NEGATIVE, resume=RUNTIME)
-    checkpoint_offload: bool = key(False, "CUDA: checkpointed layer inputs wait in pinned host memory",
-                                   resume=RUNTIME)
-    max_memory_gib: Optional[float] = key(None, "GPU memory budget: the fastest checkpoint_skip_layers / "
-                                          "checkpoint_offload that fits (overrides both); null = no budget",
-                                          range=POSITIVE, resume=RUNTIME)
-    fused_kernels: Any = key("auto", "liger-kernel RMSNorm / SwiGLU / RoPE and the fused linear cross-entropy",
-                             **TRI_STATE)
-    autocast: bool = key(True, "CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)",
-                         resume=RUNTIME)
-    compile: bool = key(False, "torch.compile each decoder layer (pays on long runs; the first steps compile)",
-                        resume=RUNTIME)
+    gradient_checkpointing: bool = key(
+        True, "recompute decoder-layer activations in backward: less memory, more compute", resume=RUNTIME
+    )
+    checkpoint_skip_layers: int = key(
+        0, "last N decoder layers not checkpointed: faster, costs their activations", range=NON_NEGATIVE, resume=RUNTIME
+    )
+    checkpoint_offload: bool = key(False, "CUDA: checkpointed layer inputs wait in pinned host memory", resume=RUNTIME)
+    max_memory_gib: Optional[float] = key(
+        None,
+        "GPU memory budget: the fastest checkpoint_skip_layers / "
+        "checkpoint_offload that fits (overrides both); null = no budget",
+        range=POSITIVE,
+        resume=RUNTIME,
+    )
+    fused_kernels: Any = key(
+        "auto", "liger-kernel RMSNorm / SwiGLU / RoPE and the fused linear cross-entropy", **TRI_STATE
+    )
+    autocast: bool = key(
+        True, "CUDA, bf16 base: run the step under bf16 autocast (LoRA math in bf16, no fp32 casts)", resume=RUNTIME
+    )
+    compile: bool = key(
+        False, "torch.compile each decoder layer (pays on long runs; the first steps compile)", resume=RUNTIME
+    )
     fused_lora: Any = key("auto", "LoRA and the frozen base linear as one autograd function", **TRI_STATE)
-    fp8: bool = key(False, "CUDA capability >= 9.0: frozen base matmuls in FP8 (e4m3, per-row/channel scales); "
-                    "LoRA stays bf16", resume=RUNTIME)
+    fp8: bool = key(
+        False,
+        "CUDA capability >= 9.0: frozen base matmuls in FP8 (e4m3, per-row/channel scales); LoRA stays bf16",
+        resume=RUNTIME,
+    )
     seed: int = key(42, "seed of the LoRA init, shuffling and dropout", range=Range(0, 2**32 - 1))  # numpy's range
-    save_steps: int = key(100, "a checkpoint every N optimizer steps; 0 = only at the end", range=NON_NEGATIVE,
-                          resume=SCHEDULE)
+    save_steps: int = key(
+        100, "a checkpoint every N optimizer steps; 0 = only at the end", range=NON_NEGATIVE, resume=SCHEDULE
+    )
     save_total_limit: int = key(2, "checkpoints kept; 0 = all", range=NON_NEGATIVE, resume=SCHEDULE)
-    eval_steps: int = key(100, "an evaluation every N steps; 0 = only at the end (when there is eval data)",
-                          range=NON_NEGATIVE, resume=SCHEDULE)
+    eval_steps: int = key(
+        100,
+        "an evaluation every N steps; 0 = only at the end (when there is eval data)",
+        range=NON_NEGATIVE,
+        resume=SCHEDULE,
+    )
     # the CLI passes `peftchat eval`'s scorer in (train cannot import infer)
-    eval_generate: int = key(0, "N > 0: each evaluation also scores greedy answers to N eval samples (BLEU-4, ROUGE)",
-                             range=NON_NEGATIVE, resume=RUNTIME)
+    eval_generate: int = key(
+        0,
+        "N > 0: each evaluation also scores greedy answers to N eval samples (BLEU-4, ROUGE)",
+        range=NON_NEGATIVE,
+        resume=RUNTIME,
+    )
     log_steps: int = key(10, "a metrics row every N steps", range=POSITIVE, resume=SCHEDULE)
-    resume: Any = key(False, "false, true (the newest complete checkpoint of output_dir) or a checkpoint path",
-                      check=_bool_or_path, allowed="false | true | a checkpoint path", type="bool or path",
-                      resume=RUNTIME)
-    resume_changes: str = key("refuse", "a resumed recipe that changes a key marked 'trained': refuse (exit 2) or "
-                              "allow (recorded)", choices=("refuse", "allow"), resume=RUNTIME)
-    on_nan: str = key("stop", "a NaN/inf loss stops the run (exit 2), or its optimizer step is dropped and counted",
-                      choices=("stop", "skip"), resume=RUNTIME)
+    resume: Any = key(
+        False,
+        "false, true (the newest complete checkpoint of output_dir) or a checkpoint path",
+        check=_bool_or_path,
+        allowed="false | true | a checkpoint path",
+        type="bool or path",
+        resume=RUNTIME,
+    )
+    resume_changes: str = key(
+        "refuse",
+        "a resumed recipe that changes a key marked 'trained': refuse (exit 2) or allow (recorded)",
+        choices=("refuse", "allow"),
+        resume=RUNTIME,
+    )
+    on_nan: str = key(
+        "stop",
+        "a NaN/inf loss stops the run (exit 2), or its optimizer step is dropped and counted",
+        choices=("stop", "skip"),
+        resume=RUNTIME,
+    )
     # checked where the device is resolved (peftchat.model.load.resolve_device)
     device: str = key("auto", "where to train", allowed="auto | cpu | cuda | cuda:N", resume=RUNTIME)
     tensorboard: bool = key(True, "also log to TensorBoard, when it is installed", resume=RUNTIME)
     # Preference tuning (README "Preference tuning"; the math: peftchat/train/preference.py).
-    objective: str = key("sft", "what is trained: sft on answers, or dpo / orpo / simpo on chosen/rejected pairs",
-                         choices=("sft", "dpo", "orpo", "simpo"))
+    objective: str = key(
+        "sft",
+        "what is trained: sft on answers, or dpo / orpo / simpo on chosen/rejected pairs",
+        choices=("sft", "dpo", "orpo", "simpo"),
+    )
     beta: float = key(0.1, "dpo: KL strength; orpo: odds-ratio weight; simpo: reward scale", range=POSITIVE)
-    label_smoothing: float = key(0.0, "dpo, simpo: conservative (cDPO) share of flipped labels",
-                                 range=Range(0, 0.5, high_open=True))
+    label_smoothing: float = key(
+        0.0, "dpo, simpo: conservative (cDPO) share of flipped labels", range=Range(0, 0.5, high_open=True)
+    )
     simpo_gamma: float = key(0.5, "simpo: target reward margin", range=NON_NEGATIVE)
-    reference: str = key("auto", "dpo reference: base (adapter off), precomputed (once, cached in the run dir), "
-                         "auto (precomputed with adapter.init_from, else base)",
-                         choices=("auto", "base", "precomputed"))
+    reference: str = key(
+        "auto",
+        "dpo reference: base (adapter off), precomputed (once, cached in the run dir), "
+        "auto (precomputed with adapter.init_from, else base)",
+        choices=("auto", "base", "precomputed"),
+    )
 
 
 @dataclass
 class DistributedConfig:
     """Used only under `torchrun` (README "Several GPUs"); a single process ignores it."""
 
-    strategy: str = key("ddp", "ddp (replicate, reduce gradients) or fsdp (FSDP2 fully_shard: shard the base)",
-                        choices=("ddp", "fsdp"), resume=RUNTIME)
-    quant_storage: str = key("auto", "storage dtype of 4-bit weights: auto = model.compute_dtype under fsdp (FSDP2 "
-                             "shards them with the other weights), uint8 otherwise",
-                             choices=("auto", "uint8", *DTYPES), resume=RUNTIME)
+    strategy: str = key(
+        "ddp",
+        "ddp (replicate, reduce gradients) or fsdp (FSDP2 fully_shard: shard the base)",
+        choices=("ddp", "fsdp"),
+        resume=RUNTIME,
+    )
+    quant_storage: str = key(
+        "auto",
+        "storage dtype of 4-bit weights: auto = model.compute_dtype under fsdp (FSDP2 "
+        "shards them with the other weights), uint8 otherwise",
+        choices=("auto", "uint8", *DTYPES),
+        resume=RUNTIME,
+    )
     find_unused_parameters: bool = key(False, "ddp: only if some trainable parameter gets no gradient", resume=RUNTIME)
-    reshard_after_forward: bool = key(True, "fsdp: free gathered layers after forward (false: more memory, less "
-                                      "traffic)", resume=RUNTIME)
-    timeout_s: int = key(1800, "a collective that waits longer fails the job (also the wait for process 0's data "
-                         "preparation)", range=POSITIVE, resume=RUNTIME)
+    reshard_after_forward: bool = key(
+        True, "fsdp: free gathered layers after forward (false: more memory, less traffic)", resume=RUNTIME
+    )
+    timeout_s: int = key(
+        1800,
+        "a collective that waits longer fails the job (also the wait for process 0's data preparation)",
+        range=POSITIVE,
+        resume=RUNTIME,
+    )
 
 
 @dataclass
 class DecodingConfig:
     max_new_tokens: int = key(256, "tokens generated per answer at most", range=AT_LEAST_1, resume=RUNTIME)
     temperature: float = key(0.7, "sampling temperature; 0 = greedy", range=NON_NEGATIVE, resume=RUNTIME)
-    top_k: int = key(40, "sample from the k likeliest tokens; 0 = no top-k filter", range=NON_NEGATIVE,
-                     resume=RUNTIME)
-    top_p: float = key(0.8, "nucleus sampling mass; 1 = no nucleus filter", range=Range(0, 1, low_open=True),
-                       resume=RUNTIME)
-    repetition_penalty: float = key(1.02, "penalty on tokens already in the context; 1 = none", range=POSITIVE,
-                                    resume=RUNTIME)
-    max_context: Optional[int] = key(None, "chat history budget in tokens; null = data.max_length", range=POSITIVE,
-                                     resume=RUNTIME)
+    top_k: int = key(40, "sample from the k likeliest tokens; 0 = no top-k filter", range=NON_NEGATIVE, resume=RUNTIME)
+    top_p: float = key(
+        0.8, "nucleus sampling mass; 1 = no nucleus filter", range=Range(0, 1, low_open=True), resume=RUNTIME
+    )
+    repetition_penalty: float = key(
+        1.02, "penalty on tokens already in the context; 1 = none", range=POSITIVE, resume=RUNTIME
+    )
+    max_context: Optional[int] = key(
+        None, "chat history budget in tokens; null = data.max_length", range=POSITIVE, resume=RUNTIME
+    )
 
 
 @dataclass
@@ -451,7 +582,9 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
             out.append(DataSource(entry))
             continue
         if not isinstance(entry, dict):
-            raise ConfigError(f"'{where}' must be a path, a dataset name or a mapping {{path, format, weight}}, got {entry!r}")
+            raise ConfigError(
+                f"'{where}' must be a path, a dataset name or a mapping {{path, format, weight}}, got {entry!r}"
+            )
         for k in entry:
             if k not in SOURCE_KEYS:
                 close = difflib.get_close_matches(str(k), SOURCE_KEYS, n=1)
@@ -466,8 +599,10 @@ def data_sources(value: Any, key: str) -> list[DataSource]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"'{where}.format' is {fmt!r}; expected one of {', '.join(formats)}{hint}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight <= MAX_WEIGHT:
-            raise ConfigError(f"'{where}.weight' must be a number in (0, {MAX_WEIGHT:g}] (0 takes nothing: leave "
-                              f"the source out), got {weight!r}")
+            raise ConfigError(
+                f"'{where}.weight' must be a number in (0, {MAX_WEIGHT:g}] (0 takes nothing: leave "
+                f"the source out), got {weight!r}"
+            )
         tools = entry.get("tools")
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise ConfigError(f"'{where}.tools' must be a list of tool objects, got {tools!r:.60}")
@@ -489,7 +624,7 @@ if not OmegaConf.has_resolver("asset"):
 
 def _suggest(key: str) -> str:
     parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    siblings = [k for k in SCHEMA_KEYS if k.startswith(parent) and "." not in k[len(parent):]]
+    siblings = [k for k in SCHEMA_KEYS if k.startswith(parent) and "." not in k[len(parent) :]]
     close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
     if not close:  # a key put under the wrong section: look everywhere by its last part
         leaf = key.rsplit(".", 1)[-1]
@@ -581,7 +716,7 @@ def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[str, di
         for parent in [parents] if isinstance(parents, str) else list(parents):
             if not isinstance(parent, str):
                 raise ConfigError(f"{path}: 'extends' must be a path or a list of paths")
-            parent_path = (path.parent / os.path.expanduser(parent))
+            parent_path = path.parent / os.path.expanduser(parent)
             if not parent_path.exists() and shipped_path(parent) is not None:
                 # a copied recipe (`peftchat recipes copy`) still extends its shipped parent
                 parent_path = resolve_recipe_name(parent, f"{path}: extends")
@@ -607,8 +742,10 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
             item.encode("utf-8")
         except UnicodeEncodeError:  # a path of bytes that are not UTF-8: a recipe is UTF-8 YAML
             shown = os.fsencode(item).decode("utf-8", "backslashreplace")
-            raise ConfigError(f"override '{shown}' is not UTF-8 text; recipes and the run's recipe.yaml are "
-                              "UTF-8, so use a UTF-8 name") from None
+            raise ConfigError(
+                f"override '{shown}' is not UTF-8 text; recipes and the run's recipe.yaml are "
+                "UTF-8, so use a UTF-8 name"
+            ) from None
         key, value = item.split("=", 1)
         if key in PATH_KEYS or key.startswith(("data.train", "data.eval")):  # before YAML folds a line break
             check_path_text(key, value)
@@ -616,8 +753,10 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
             OmegaConf.from_dotlist([item])
         except yaml.YAMLError as e:  # a value that is not YAML, say an unclosed `[`
             what = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
-            raise ConfigError(f"override '{key}': its value {value!r} is not valid YAML ({what or e}); "
-                              "a list is written [a, b], quoted when it holds spaces or commas") from None
+            raise ConfigError(
+                f"override '{key}': its value {value!r} is not valid YAML ({what or e}); "
+                "a list is written [a, b], quoted when it holds spaces or commas"
+            ) from None
         except OmegaConfBaseException as e:
             raise ConfigError(f"override '{key}': {str(e).splitlines()[0]}") from None
     try:
@@ -689,9 +828,13 @@ def _check_declared(recipe: Recipe, info: KeyInfo) -> None:
 def _validate(recipe: Recipe) -> None:
     for info in KEYS.values():
         _check_declared(recipe, info)
-    paths = {"model.path": recipe.model.path, "model.tokenizer": recipe.model.tokenizer,
-             "data.cache_dir": recipe.data.cache_dir, "training.output_dir": recipe.training.output_dir,
-             "adapter.init_from": recipe.adapter.init_from}
+    paths = {
+        "model.path": recipe.model.path,
+        "model.tokenizer": recipe.model.tokenizer,
+        "data.cache_dir": recipe.data.cache_dir,
+        "training.output_dir": recipe.training.output_dir,
+        "adapter.init_from": recipe.adapter.init_from,
+    }
     for name in ("data.train", "data.eval"):
         value = getattr(recipe.data, name.split(".")[1])
         if value is not None:
@@ -703,8 +846,9 @@ def _validate(recipe: Recipe) -> None:
     _validate_training(recipe.training)
     if recipe.training.objective != "sft" and recipe.data.packing:
         # a pair is scored as two whole rows (chosen, rejected) of one concatenated batch
-        raise ConfigError(f"'data.packing' does not apply to training.objective={recipe.training.objective}; "
-                          "set data.packing=false")
+        raise ConfigError(
+            f"'data.packing' does not apply to training.objective={recipe.training.objective}; set data.packing=false"
+        )
     if isinstance(recipe.training.resume, str):
         paths["training.resume"] = recipe.training.resume
     for name, value in paths.items():
@@ -740,8 +884,10 @@ def validate_ranges(recipe: Recipe) -> None:
 def _validate_training(t: TrainingConfig) -> None:
     """The rules between training keys (each key's own values are its declaration's)."""
     if t.fp8 and t.fused_lora is False:
-        raise ConfigError("'training.fp8' runs the base matmuls inside the fused LoRA function; "
-                          "set 'training.fused_lora' to auto or true")
+        raise ConfigError(
+            "'training.fp8' runs the base matmuls inside the fused LoRA function; "
+            "set 'training.fused_lora' to auto or true"
+        )
     if (t.fp8 or t.fused_lora is True) and t.compile:
         # the fused function dequantizes bitsandbytes weights, which torch.compile cannot trace
         raise ConfigError("'training.compile' cannot be combined with 'training.fp8' or 'training.fused_lora: true'")
@@ -756,14 +902,18 @@ def _validate_distributed(recipe: Recipe) -> None:
         return
     if m.quantization == "8bit":
         # bitsandbytes' Int8Params keep their scales beside the weight; FSDP2 would shard the weight alone
-        raise ConfigError("distributed.strategy=fsdp does not support model.quantization=8bit; use 4bit or none, "
-                          "or distributed.strategy=ddp")
+        raise ConfigError(
+            "distributed.strategy=fsdp does not support model.quantization=8bit; use 4bit or none, "
+            "or distributed.strategy=ddp"
+        )
     if recipe.training.optimizer != "adamw":
         # bitsandbytes' 8-bit optimizers keep state per whole tensor; FSDP2 hands them DTensor shards
         raise ConfigError(f"distributed.strategy=fsdp needs training.optimizer=adamw, got {recipe.training.optimizer}")
     if m.quantization == "4bit" and d.quant_storage not in ("auto", m.compute_dtype):
-        raise ConfigError(f"distributed.strategy=fsdp with a 4-bit base needs distributed.quant_storage equal to "
-                          f"model.compute_dtype ({m.compute_dtype}) or auto, got {d.quant_storage}")
+        raise ConfigError(
+            f"distributed.strategy=fsdp with a 4-bit base needs distributed.quant_storage equal to "
+            f"model.compute_dtype ({m.compute_dtype}) or auto, got {d.quant_storage}"
+        )
 
 
 def quant_storage(recipe: Recipe, sharded: bool) -> str:
@@ -806,8 +956,14 @@ def _to_recipe(cfg: DictConfig) -> Recipe:
     """The typed Recipe of a merged config, remembering which values came from the environment."""
     recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    setattr(recipe, SECRETS_ATTR, {at: (raw, _get(resolved, at)) for at, raw in
-                                   _env_interpolations(OmegaConf.to_container(cfg, resolve=False)).items()})
+    setattr(
+        recipe,
+        SECRETS_ATTR,
+        {
+            at: (raw, _get(resolved, at))
+            for at, raw in _env_interpolations(OmegaConf.to_container(cfg, resolve=False)).items()
+        },
+    )
     return recipe
 
 
@@ -954,8 +1110,9 @@ def select_keys(selector: str = "") -> list[KeyInfo]:
         return list(KEYS.values())
     chosen = [i for k, i in KEYS.items() if k == selector or k.startswith(selector + ".")]
     if not chosen:
-        raise ConfigError(f"--explain: unknown key '{selector}'{_suggest(selector)}; "
-                          "`peftchat config --explain` lists them all")
+        raise ConfigError(
+            f"--explain: unknown key '{selector}'{_suggest(selector)}; `peftchat config --explain` lists them all"
+        )
     return chosen
 
 
@@ -979,14 +1136,17 @@ def explain_text(selector: str = "", recipe: Optional[Recipe] = None) -> str:
 
 def markdown_table() -> str:
     """The README's table of every key (between README_BEGIN and README_END)."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
     rows = ["| key | type | default | allowed | on resume | what |", "|---|---|---|---|---|---|"]
     for info in KEYS.values():
         default = "required" if info.default is MISSING else f"`{_shown_value(info.default)}`"
-        rows.append(f"| `{info.name}` | {cell(_shown_type(info))} | {cell(default)} | {cell(_shown_allowed(info))} "
-                    f"| {info.spec.resume} | {cell(info.spec.doc)} |")
+        rows.append(
+            f"| `{info.name}` | {cell(_shown_type(info))} | {cell(default)} | {cell(_shown_allowed(info))} "
+            f"| {info.spec.resume} | {cell(info.spec.doc)} |"
+        )
     return "\n".join(rows) + "\n"
 
 

@@ -104,8 +104,10 @@ def sole_writer_of(target: Path, what: str) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"{what} {target} is being written by another peftchat process; "
-                        f"wait for it to end, or choose another {what}") from None
+        raise UserError(
+            f"{what} {target} is being written by another peftchat process; "
+            f"wait for it to end, or choose another {what}"
+        ) from None
     try:
         yield
     finally:

@@ -64,8 +64,10 @@ def _torch_write_failed(exc: BaseException) -> bool:
     a full tmpfs, torch 2.13), or "PytorchStreamWriter failed writing file ...: file write failed"."""
     text = str(exc)
     return isinstance(exc, RuntimeError) and (
-        "file write failed" in text or "iostream error" in text
-        or ("inline_container.cc" in text and "unexpected pos" in text))
+        "file write failed" in text
+        or "iostream error" in text
+        or ("inline_container.cc" in text and "unexpected pos" in text)
+    )
 
 
 def _where(exc: BaseException) -> str:
@@ -81,8 +83,7 @@ def _after_train(checkpoint: Optional[Path]) -> str:
     return f"; {checkpoint} is complete: free space, then continue with training.resume=true"
 
 
-def explain(exc: BaseException, command: Optional[str] = None,
-            checkpoint: Optional[Path] = None) -> Optional[str]:
+def explain(exc: BaseException, command: Optional[str] = None, checkpoint: Optional[Path] = None) -> Optional[str]:
     """One line for a failure the user fixes by a setting or by freeing a resource; None when
     `exc` is not one (a bug, for the crash log). `checkpoint`: for `train`, the run's newest
     complete checkpoint (None: it has none)."""
@@ -90,8 +91,9 @@ def explain(exc: BaseException, command: Optional[str] = None,
         if _is_out_of_memory(e):
             where = "GPU" if type(e).__name__ == "OutOfMemoryError" else "host"
             first = (str(e).splitlines() or [""])[0][:160]
-            return (f"out of {where} memory ({first or type(e).__name__}); settings that lower memory: "
-                    + "; ".join(MEMORY_SETTINGS))
+            return f"out of {where} memory ({first or type(e).__name__}); settings that lower memory: " + "; ".join(
+                MEMORY_SETTINGS
+            )
         if _full_disk(e):
             then = _after_train(checkpoint) if command == "train" else "; free space and run it again"
             return f"no space left on the device{_where(e)}{then}"
@@ -122,8 +124,9 @@ def write_crash_log(exc: BaseException, argv: Sequence[str]) -> Optional[Path]:
     since the command line and the frames may name private paths or values. The file is new
     (O_EXCL: nothing of the user's is ever written over) and readable by its owner only (0600)."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    text = (f"peftchat {' '.join(argv)}\npython {sys.version.split()[0]}\n\n"
-            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    text = f"peftchat {' '.join(argv)}\npython {sys.version.split()[0]}\n\n" + "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__)
+    )
     for root in (log_dir(), _cache_log_dir()):
         for n in range(100):
             path = root / f"crash-{stamp}-{os.getpid()}{f'-{n}' if n else ''}.log"
@@ -132,7 +135,11 @@ def write_crash_log(exc: BaseException, argv: Sequence[str]) -> Optional[Path]:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
                 continue
-            except (OSError, ValueError, UnicodeError):  # UnicodeError: a non-UTF-8 path; ValueError: a path with a NUL byte in $XDG_STATE_HOME
+            except (
+                OSError,
+                ValueError,
+                UnicodeError,
+            ):  # UnicodeError: a non-UTF-8 path; ValueError: a path with a NUL byte in $XDG_STATE_HOME
                 break
             try:
                 with os.fdopen(fd, "w", encoding="utf-8", errors="backslashreplace") as f:

@@ -82,11 +82,14 @@ def _skeleton(recipe: Recipe):
 
     try:
         config = AutoConfig.from_pretrained(
-            os.path.expanduser(recipe.model.path), trust_remote_code=recipe.model.trust_remote_code,
+            os.path.expanduser(recipe.model.path),
+            trust_remote_code=recipe.model.trust_remote_code,
             revision=recipe.model.revision,
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the base model config from '{recipe.model.path}': {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot read the base model config from '{recipe.model.path}': {str(e).splitlines()[0]}"
+        ) from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     return model
@@ -149,7 +152,9 @@ def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> Non
             name = key.removeprefix("base_model.model.")
             if name in params:  # a fully trained module (modules_to_save)
                 if tuple(params[name].shape) != shape:
-                    raise UserError(f"adapter tensor {key} has shape {list(shape)}, the base's {name} has {list(params[name].shape)}")
+                    raise UserError(
+                        f"adapter tensor {key} has shape {list(shape)}, the base's {name} has {list(params[name].shape)}"
+                    )
                 continue
             for marker in (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B"):
                 if marker in name:
@@ -161,7 +166,9 @@ def check_adapter_fits(adapter_dir: Path, skeleton, adapter_config: dict) -> Non
             # peft names the adapter in some keys (".lora_A.default.weight") but not in saved files.
             module = modules.get(module_name)
             if module is None:
-                raise UserError(f"adapter tensor {key} targets {module_name}, which the base model ({base_class}) does not have")
+                raise UserError(
+                    f"adapter tensor {key} targets {module_name}, which the base model ({base_class}) does not have"
+                )
             r = shape[0] if kind in ("lora_A.weight", "lora_embedding_A") else shape[-1]
             want = _expected_shape(module, kind, r)
             if want is not None and want != shape:
@@ -197,8 +204,9 @@ def dequantized_copy(qmodel, base_path: str, dtype: torch.dtype, recipe: Recipe)
     from peft.utils.integrations import dequantize_module_weight
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(base_path, trust_remote_code=recipe.model.trust_remote_code,
-                                        revision=recipe.model.revision)
+    config = AutoConfig.from_pretrained(
+        base_path, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
     with init_empty_weights():  # parameters on meta, buffers (rotary tables) real
         plain = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
     quantized = {n: m for n, m in qmodel.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
@@ -239,7 +247,9 @@ def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float,
     return diff, scale
 
 
-def _check_close(label: str, merged: list[torch.Tensor], reference: list[torch.Tensor], tolerance: Optional[float]) -> None:
+def _check_close(
+    label: str, merged: list[torch.Tensor], reference: list[torch.Tensor], tolerance: Optional[float]
+) -> None:
     """Print the max logit difference of the merged model from `reference`; UserError beyond
     `tolerance` (a fraction of the logit scale). None: report only (the drift of --onto-original)."""
     diff, scale = max_difference(merged, reference)
@@ -249,8 +259,10 @@ def _check_close(label: str, merged: list[torch.Tensor], reference: list[torch.T
     tol = tolerance * scale
     say(f"verify: max |logit diff| merged vs {label} = {diff:.3g} (tolerance {tol:.3g})")
     if not diff <= tol:  # also catches NaN
-        raise UserError(f"merge verification failed: merged logits differ from the {label} by {diff:.3g} "
-                        f"> {tol:.3g}; nothing written")
+        raise UserError(
+            f"merge verification failed: merged logits differ from the {label} by {diff:.3g} "
+            f"> {tol:.3g}; nothing written"
+        )
 
 
 def _probes(recipe: Recipe, tokenizer) -> list[list[int]]:
@@ -361,8 +373,9 @@ def merge_adapter(
         return _merge(source, adapter_path, adapter_config, out, dtype, verify, onto_original)
 
 
-def _merge(source, adapter_path: Path, adapter_config: dict, out: Path, dtype: str, verify: Optional[bool],
-           onto_original: bool) -> Path:
+def _merge(
+    source, adapter_path: Path, adapter_config: dict, out: Path, dtype: str, verify: Optional[bool], onto_original: bool
+) -> Path:
     """merge_adapter once its inputs are checked and `out` is held."""
     recipe = source.recipe
     export_dtype = torch_dtype(dtype)
@@ -391,10 +404,18 @@ def _merge(source, adapter_path: Path, adapter_config: dict, out: Path, dtype: s
         say(f"verifying on {len(probes)} probe prompts ...")
         merged_logits = probe_logits(merged, probes)
         assert unmerged_logits is not None  # verify
-        _check_close(f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter", merged_logits,
-                     unmerged_logits, _tolerance([export_dtype], int8=False))
+        _check_close(
+            f"{'dequantized ' if kbit else ''}{dtype} base + unmerged adapter",
+            merged_logits,
+            unmerged_logits,
+            _tolerance([export_dtype], int8=False),
+        )
         if trained_logits is not None:
-            tol = None if onto_original else _tolerance([export_dtype, *_trained_precisions(recipe)], int8=quant == "8bit")
+            tol = (
+                None
+                if onto_original
+                else _tolerance([export_dtype, *_trained_precisions(recipe)], int8=quant == "8bit")
+            )
             _check_close(trained_label, merged_logits, trained_logits, tol)
 
     say(f"writing {dtype} model to {out} ...")
@@ -427,7 +448,9 @@ def _plain_base(recipe: Recipe, adapter_path: Path, dtype: str, kbit: bool, prob
         say(f"loading base {recipe.model.path} in {quant} as in training ...")
         # Dequantize before any forward: an eval forward may repack 4-bit weights (see above).
         qmodel = load_base_model(recipe, for_training=False)
-        plain = dequantized_copy(qmodel, str(base_path) if base_path.exists() else recipe.model.path, export_dtype, recipe)
+        plain = dequantized_copy(
+            qmodel, str(base_path) if base_path.exists() else recipe.model.path, export_dtype, recipe
+        )
         if probes:
             trained_logits = _adapter_logits(qmodel, adapter_path, probes)
         del qmodel

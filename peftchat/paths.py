@@ -39,7 +39,9 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"{what} {path} is not writable ({e.strerror} in {existing}); choose another location") from None
+        raise UserError(
+            f"{what} {path} is not writable ({e.strerror} in {existing}); choose another location"
+        ) from None
 
 
 # ------------------------------------------------------------------------------ outputs vs inputs
@@ -77,8 +79,17 @@ def _collision(out: Path, inp: Path) -> str | None:
 
 
 _LOADED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".model", ".jinja", ".yaml", ".yml", ".txt", ".gguf")
-_LOADED_JSON = ("config.json", "tokenizer.json", "_map.json", "tokens.json", "vocab.json", "checksums.json",
-                "index.json", "state.json", "summary.json")
+_LOADED_JSON = (
+    "config.json",
+    "tokenizer.json",
+    "_map.json",
+    "tokens.json",
+    "vocab.json",
+    "checksums.json",
+    "index.json",
+    "state.json",
+    "summary.json",
+)
 
 
 def _loaded_from_dir(name: str) -> bool:
@@ -86,8 +97,9 @@ def _loaded_from_dir(name: str) -> bool:
     return name.endswith(_LOADED_SUFFIXES) or name.endswith(_LOADED_JSON) or name == "complete"
 
 
-def check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
-                  inputs: Sequence[tuple[str, str | os.PathLike | None]]) -> None:
+def check_outputs(
+    outputs: Sequence[tuple[str, str | os.PathLike | None]], inputs: Sequence[tuple[str, str | os.PathLike | None]]
+) -> None:
     """UserError, one line naming both paths, when an output (flag or key, path) is, holds, or
     replaces a file of one of the command's inputs, or collides with another output. Called
     before anything is loaded; inputs that do not exist locally (hub ids) are left out."""
@@ -95,11 +107,13 @@ def check_outputs(outputs: Sequence[tuple[str, str | os.PathLike | None]],
     ins = [(label, Path(p).expanduser()) for label, p in inputs if p is not None and str(p) != ""]
     ins = [(label, p) for label, p in ins if p.exists()]
     for i, (olabel, out) in enumerate(outs):
-        for ilabel, inp in ins + outs[i + 1:]:
+        for ilabel, inp in ins + outs[i + 1 :]:
             how = _collision(out, inp)
             if how is not None:
-                raise UserError(f"{olabel} {out} would overwrite {ilabel} {inp} ({how}); "
-                                f"peftchat never writes over its inputs: choose another {olabel}")
+                raise UserError(
+                    f"{olabel} {out} would overwrite {ilabel} {inp} ({how}); "
+                    f"peftchat never writes over its inputs: choose another {olabel}"
+                )
 
 
 # ------------------------------------------------------------------------------ atomic output files
@@ -176,8 +190,9 @@ def _publish(tmp: Path, target: Path, flag: str, force: bool) -> None:
     try:
         os.link(tmp, target)
     except FileExistsError:
-        raise UserError(f"{flag} {target} appeared while this command ran; nothing replaced "
-                        f"(pass --force to replace it)") from None
+        raise UserError(
+            f"{flag} {target} appeared while this command ran; nothing replaced (pass --force to replace it)"
+        ) from None
     except OSError:  # a filesystem without hard links: the check and the rename are two steps
         if target.exists():
             raise UserError(f"{flag} {target} exists; pass --force to replace it") from None

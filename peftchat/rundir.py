@@ -332,12 +332,18 @@ def check_usable_adapter_dir(adapter_dir: Path) -> None:
             raise UserError(f"{adapter_dir} is an incomplete checkpoint (no '{COMPLETE_MARKER}' marker) {opt_out}")
     elif is_run_dir(adapter_dir) and not is_complete(adapter_dir):
         latest = latest_intact_checkpoint(adapter_dir)
-        hint = f"; use its newest complete checkpoint {latest} or resume the run with training.resume=true" if latest else ""
+        hint = (
+            f"; use its newest complete checkpoint {latest} or resume the run with training.resume=true"
+            if latest
+            else ""
+        )
         raise UserError(f"{adapter_dir} is an unfinished run (no '{COMPLETE_MARKER}' marker){hint} {opt_out}")
     damage = checkpoint_damage(adapter_dir)
     if damage is not None:
-        raise UserError(f"{adapter_dir}: {damage}; use another checkpoint of the run, or pass {NO_CHECK_FLAG} "
-                        f"if it was changed on purpose")
+        raise UserError(
+            f"{adapter_dir}: {damage}; use another checkpoint of the run, or pass {NO_CHECK_FLAG} "
+            f"if it was changed on purpose"
+        )
 
 
 @dataclass
@@ -359,7 +365,9 @@ def _recipe_from(data: dict, overrides: Iterable[str], source: str) -> Recipe:
         raise UserError(f"{source}: {e}") from None
 
 
-def recipe_for_adapter(adapter_dir: str | os.PathLike, overrides: Iterable[str] = (), base: Optional[str] = None) -> Recipe:
+def recipe_for_adapter(
+    adapter_dir: str | os.PathLike, overrides: Iterable[str] = (), base: Optional[str] = None
+) -> Recipe:
     """The recipe an adapter was trained with: `recipe.yaml` in the adapter dir, or in its parent
     (a `checkpoint-STEP` inside an output dir). Without one, a default recipe whose base is
     adapter_config's `base_model_name_or_path` and whose format is the tokenizer's chat template.
@@ -373,10 +381,15 @@ def recipe_for_adapter(adapter_dir: str | os.PathLike, overrides: Iterable[str] 
     else:
         fallback = base or config.get("base_model_name_or_path")
         if not fallback:
-            raise UserError(f"{adapter_dir} has no {RECIPE_FILE} and its {ADAPTER_CONFIG} names no base model; pass --base")
-        note(f"note: {adapter_dir} has no {RECIPE_FILE}; base {fallback}, conversation format = the tokenizer's chat template")
-        recipe = _recipe_from({"model": {"path": str(fallback)}, "data": {"train": ""}},
-                              overrides, str(adapter_dir / ADAPTER_CONFIG))
+            raise UserError(
+                f"{adapter_dir} has no {RECIPE_FILE} and its {ADAPTER_CONFIG} names no base model; pass --base"
+            )
+        note(
+            f"note: {adapter_dir} has no {RECIPE_FILE}; base {fallback}, conversation format = the tokenizer's chat template"
+        )
+        recipe = _recipe_from(
+            {"model": {"path": str(fallback)}, "data": {"train": ""}}, overrides, str(adapter_dir / ADAPTER_CONFIG)
+        )
     if base is not None:
         recipe.model.path = str(base)
         recipe.model.tokenizer = None
@@ -391,8 +404,9 @@ def _merged_dir_recipe(model_dir: Path, overrides: Iterable[str]) -> Recipe:
         config = json.loads((model_dir / MODEL_CONFIG).read_text(encoding="utf-8"))
         stored = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         dtype = {"bfloat16": "bf16", "float16": "fp16"}.get(stored, "fp32")
-        recipe = _recipe_from({"model": {"path": str(model_dir), "dtype": dtype},
-                               "data": {"train": ""}}, overrides, str(model_dir))
+        recipe = _recipe_from(
+            {"model": {"path": str(model_dir), "dtype": dtype}, "data": {"train": ""}}, overrides, str(model_dir)
+        )
     # The dir itself is the model, wherever it was moved to since it was written.
     recipe.model.path = str(model_dir)
     recipe.model.tokenizer = None
@@ -422,15 +436,20 @@ def adapter_source(adapter_dir: Path, overrides: Iterable[str] = (), base: Optio
     return ChatSource(kind, recipe, adapter_dir, tok_dir)
 
 
-def source_paths(source: str | os.PathLike, overrides: Iterable[str] = ()) -> list[tuple[str, str | os.PathLike | None]]:
+def source_paths(
+    source: str | os.PathLike, overrides: Iterable[str] = ()
+) -> list[tuple[str, str | os.PathLike | None]]:
     """What a command reads through `source`, as `paths.check_outputs` takes it, found without
     loading anything or printing notes: the source itself, the base model and tokenizer its
     recipe names, and for a recipe file the run dir whose adapter it would load. A source that
     does not resolve gives what it can (resolve_source names the problem)."""
     path = Path(source).expanduser()
     found: list[tuple[str, str | os.PathLike | None]] = [("the source", path)]
-    recipe_file = path if path.is_file() else next(
-        (c for c in (path / RECIPE_FILE, path.parent / RECIPE_FILE) if c.is_file()), None)
+    recipe_file = (
+        path
+        if path.is_file()
+        else next((c for c in (path / RECIPE_FILE, path.parent / RECIPE_FILE) if c.is_file()), None)
+    )
     try:
         if recipe_file is not None:
             recipe = load_recipe(recipe_file, overrides)
@@ -453,8 +472,12 @@ def resolve_source(source: str | os.PathLike, overrides: Iterable[str] = ()) -> 
         recipe = load_recipe(path, overrides)
         adapter = trained_adapter(recipe)
         if adapter is None:
-            note(f"note: no trained adapter in {recipe.training.output_dir}; talking to the base model {recipe.model.path}")
-        return ChatSource("recipe", recipe, adapter, adapter if adapter is not None and has_tokenizer(adapter) else None)
+            note(
+                f"note: no trained adapter in {recipe.training.output_dir}; talking to the base model {recipe.model.path}"
+            )
+        return ChatSource(
+            "recipe", recipe, adapter, adapter if adapter is not None and has_tokenizer(adapter) else None
+        )
     if is_adapter_dir(path):
         return adapter_source(path, overrides)
     if is_model_dir(path):

@@ -36,22 +36,36 @@ def packing_samples():
 
 
 # ---- merge / chat / generate (tests/model/test_merge*.py, tests/infer): saved adapters on the tiny Llama
-_DEMO_DATA = {"moss": ("moss_demo.jsonl", "moss"), "chatglm": ("chatglm_demo.jsonl", "chatglm"),
-              "chat_template": ("messages_demo.jsonl", "messages")}
+_DEMO_DATA = {
+    "moss": ("moss_demo.jsonl", "moss"),
+    "chatglm": ("chatglm_demo.jsonl", "chatglm"),
+    "chat_template": ("messages_demo.jsonl", "messages"),
+}
 
 
-def _infer_recipe_dict(base_dir, output_dir, collator="moss", quantization="none", use_dora=False, dtype="fp32", **data):
+def _infer_recipe_dict(
+    base_dir, output_dir, collator="moss", quantization="none", use_dora=False, dtype="fp32", **data
+):
     """Recipe (as a dict) of a tiny CPU run (fp32 unless `dtype`): greedy decoding of a few tokens,
     the demo data of `collator`."""
     from peftchat.demo_assets import asset_path
 
     train, fmt = _DEMO_DATA[collator]
-    return {"model": {"path": str(base_dir), "dtype": dtype, "compute_dtype": "fp32", "quantization": quantization},
-            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": use_dora},
-            "data": {"train": str(asset_path(f"demo/{train}")), "format": fmt, "collator": collator,
-                     "max_length": 256, "max_source_length": 128, "max_target_length": 64, **data},
-            "training": {"device": "cpu", "output_dir": str(output_dir), "gradient_checkpointing": False},
-            "decoding": {"max_new_tokens": 6, "temperature": 0}}
+    return {
+        "model": {"path": str(base_dir), "dtype": dtype, "compute_dtype": "fp32", "quantization": quantization},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0, "use_dora": use_dora},
+        "data": {
+            "train": str(asset_path(f"demo/{train}")),
+            "format": fmt,
+            "collator": collator,
+            "max_length": 256,
+            "max_source_length": 128,
+            "max_target_length": 64,
+            **data,
+        },
+        "training": {"device": "cpu", "output_dir": str(output_dir), "gradient_checkpointing": False},
+        "decoding": {"max_new_tokens": 6, "temperature": 0},
+    }
 
 
 @_pytest_train.fixture(scope="session")
@@ -79,7 +93,9 @@ def make_adapter(tmp_path_factory, tiny_llama_dir):
         from peftchat.model.load import load_base_model
 
         out = tmp_path_factory.mktemp(f"adapter-{collator}-{quantization}-{dtype}{'-dora' if use_dora else ''}")
-        recipe = recipe_from_dict(_infer_recipe_dict(tiny_llama_dir, out, collator, quantization, use_dora, dtype, **data))
+        recipe = recipe_from_dict(
+            _infer_recipe_dict(tiny_llama_dir, out, collator, quantization, use_dora, dtype, **data)
+        )
         model = apply_lora(load_base_model(recipe), recipe, verbose=False)
         gen = torch.Generator().manual_seed(len(cache) + 1)
         with torch.no_grad():

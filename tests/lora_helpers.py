@@ -38,8 +38,7 @@ def nf4_lora_layer(k: int, n: int, dropout: float, device: str, seed: int = 0, r
 
     torch.manual_seed(seed)
     dense = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                             compress_statistics=True)
+    base = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
     base.load_state_dict(dense.state_dict())
     base = base.to(device)
     kw = dict(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights=False)

@@ -16,9 +16,11 @@ def _report(shape: str, runs: dict[str, tuple[float, float | None]]) -> dict:
 
 
 def test_runs_pool_by_kind_across_reports_and_repeats():
-    reports = [_report("1b", {"bf16": (1.0, 2.0), "fp8": (1.03, 2.02)}),
-               _report("1b", {"fp8": (1.01, 2.04), "bf16#2": (1.2, 2.2), "bf16#3": (1.1, 2.1)}),
-               _report("8b", {"bf16": (3.0, 4.0)})]
+    reports = [
+        _report("1b", {"bf16": (1.0, 2.0), "fp8": (1.03, 2.02)}),
+        _report("1b", {"fp8": (1.01, 2.04), "bf16#2": (1.2, 2.2), "bf16#3": (1.1, 2.1)}),
+        _report("8b", {"bf16": (3.0, 4.0)}),
+    ]
     pooled = quality.pooled_runs(reports)
     assert sorted(pooled) == ["1b:300:lean@dropout 0.05", "8b:300:lean@dropout 0.05"]
     one_b = pooled["1b:300:lean@dropout 0.05"]
@@ -36,10 +38,18 @@ def test_runs_pool_by_kind_across_reports_and_repeats():
 
 def test_a_missing_reference_leaves_the_diffs_out_and_the_cli_writes_its_summary(tmp_path, capsys):
     summary = quality.summarize({"fp8": [{"final_train_loss": 1.0, "eval_loss_bf16_path": None}]}, "bf16")
-    assert summary == {"fp8": {"n": 1, "train_loss": {"mean": 1.0, "stdev": 0.0, "min": 1.0, "max": 1.0,
-                                                      "spread_rel": 0.0}, "eval_loss": None}}
+    assert summary == {
+        "fp8": {
+            "n": 1,
+            "train_loss": {"mean": 1.0, "stdev": 0.0, "min": 1.0, "max": 1.0, "spread_rel": 0.0},
+            "eval_loss": None,
+        }
+    }
     one_each = quality.summarize({"bf16": [{"final_train_loss": 1.0}], "fp8": [{"final_train_loss": 1.1}]}, "bf16")
-    assert one_each["fp8"]["train_mean_rel_diff"] == pytest.approx(0.1) and one_each["fp8"]["train_mean_rel_diff_se"] is None
+    assert (
+        one_each["fp8"]["train_mean_rel_diff"] == pytest.approx(0.1)
+        and one_each["fp8"]["train_mean_rel_diff_se"] is None
+    )
     f = tmp_path / "check_fp8.json"
     f.write_text(json.dumps(_report("1b", {"bf16": (1.0, 2.0), "fp8": (1.05, 2.1)})))
     assert quality.main(["pool", str(f), "--out", str(tmp_path / "s.json")]) == 0
@@ -55,10 +65,33 @@ def test_the_bf16_run_turns_fp8_off_whatever_the_options_say():
 
 
 def test_each_run_trains_with_the_setting_and_its_own_options(tmp_path):
-    quality.main(["run", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
-                  "--model-root", str(tmp_path / "models"), "--shapes", "tiny:1", "--device", "cpu",
-                  "--runs", "peft,fused+skip2", "--repeats", "2", "--batch", "2", "--seq", "64", "--eval-sessions", "4",
-                  "--setting", "lean+skip1"])
+    quality.main(
+        [
+            "run",
+            "--out",
+            str(tmp_path / "out"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--model-root",
+            str(tmp_path / "models"),
+            "--shapes",
+            "tiny:1",
+            "--device",
+            "cpu",
+            "--runs",
+            "peft,fused+skip2",
+            "--repeats",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "64",
+            "--eval-sessions",
+            "4",
+            "--setting",
+            "lean+skip1",
+        ]
+    )
     (result,) = json.loads((tmp_path / "out" / "quality.json").read_text())["quality"]
     assert result["runs"] == ["peft", "fused+skip2", "peft#2", "fused+skip2#2"]
     assert result["reference"] == "peft" and result["peft"]["train_loss_rel_diff"] == 0

@@ -12,8 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_smoke_runs_every_variant_path(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "bench", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     rows = doc["rows"]
@@ -66,9 +71,24 @@ def test_a_plan_item_without_a_variant_kind_is_refused_before_any_job_runs(tmp_p
     """Round 10 wrote `dense/8b/nf4/ref` for `peftchat:ref`: the row failed only when its turn came,
     after the ceiling and the model build, and that run had no loss gate."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "bench", "--device", "cpu", "--out", str(out),
-                           "--plan", "dense/tiny/nf4/peftchat:lean,dense/tiny/nf4/ref"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "bench",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--plan",
+            "dense/tiny/nf4/peftchat:lean,dense/tiny/nf4/ref",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "--plan item 'dense/tiny/nf4/ref': expected [scenario/]shape/mode/KIND:VARIANT" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "results.json").exists()

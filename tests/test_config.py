@@ -17,10 +17,15 @@ def write(path: Path, text: str) -> Path:
 @pytest.fixture
 def chain(tmp_path: Path) -> Path:
     (tmp_path / "base").mkdir()
-    write(tmp_path / "base" / "root.yaml", "model:\n  path: some/model\n  quantization: 4bit\n"
-          "data:\n  train: a.jsonl\ntraining:\n  lr: 1.0e-4\n  batch_size: 2\n")
-    write(tmp_path / "mid.yaml", "extends: base/root.yaml\ntraining:\n  batch_size: 8\n"
-          "  output_dir: runs/${model.quantization}-r${adapter.r}\n")
+    write(
+        tmp_path / "base" / "root.yaml",
+        "model:\n  path: some/model\n  quantization: 4bit\n"
+        "data:\n  train: a.jsonl\ntraining:\n  lr: 1.0e-4\n  batch_size: 2\n",
+    )
+    write(
+        tmp_path / "mid.yaml",
+        "extends: base/root.yaml\ntraining:\n  batch_size: 8\n  output_dir: runs/${model.quantization}-r${adapter.r}\n",
+    )
     return write(tmp_path / "leaf.yaml", "extends: mid.yaml\nadapter:\n  r: 4\n")
 
 
@@ -53,7 +58,10 @@ def test_asset_resolver_points_into_package() -> None:
         (["training.lrr=1"], "unknown key 'training.lrr' (did you mean 'training.lr'?)"),
         (["lr=1"], "unknown key 'lr' (did you mean 'training.lr'?)"),
         (["training.batch_size=abc"], "wrong value for 'training.batch_size'"),
-        (["model.quantization=4bits"], "'model.quantization' is '4bits'; expected one of none, 8bit, 4bit (did you mean '4bit'?)"),
+        (
+            ["model.quantization=4bits"],
+            "'model.quantization' is '4bits'; expected one of none, 8bit, 4bit (did you mean '4bit'?)",
+        ),
         (["training.batch_size=0"], "'training.batch_size' must be > 0"),
         (["nonsense"], "override 'nonsense' is not of the form key=value"),
     ],
@@ -147,7 +155,10 @@ def test_yaml_spellings_become_real_types_and_overrides_have_one_parser():
         assert recipe_from_dict({**base, "training": {"resume": given}}).training.resume == want
     with pytest.raises(ConfigError, match="training.resume"):
         recipe_from_dict({**base, "training": {"resume": 3}})
-    assert parse_overrides(["training.lr=1e-3", "data.train=[a, b]"]) == {"training": {"lr": 1e-3}, "data": {"train": ["a", "b"]}}
+    assert parse_overrides(["training.lr=1e-3", "data.train=[a, b]"]) == {
+        "training": {"lr": 1e-3},
+        "data": {"train": ["a", "b"]},
+    }
     assert is_override("a.b=1") and not is_override("--flag=1") and not is_override("=1") and not is_override("word")
     r = recipe_from_dict(base, ["training.resume=true", "training.fused_kernels=false"])
     assert r.training.resume is True and r.training.fused_kernels is False

@@ -19,7 +19,8 @@ MINIMAL = {"model": {"path": "m"}, "data": {"train": "x.jsonl"}}
 def test_the_readme_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert readme == config.readme_with_table(readme), (
-        "README's recipe-key table is out of date: python -m peftchat.config --update-readme README.md")
+        "README's recipe-key table is out of date: python -m peftchat.config --update-readme README.md"
+    )
 
 
 def test_every_key_has_a_doc_and_a_resume_policy():
@@ -53,7 +54,7 @@ def test_a_value_outside_the_declared_choices_names_the_key(name):
 def test_a_value_outside_the_declared_range_names_the_key(name):
     allowed = config.RANGES[name]
     info = KEYS[name]
-    outside = (allowed.low - 1 if allowed.low is not None else allowed.high + 1)
+    outside = allowed.low - 1 if allowed.low is not None else allowed.high + 1
     value = int(outside) if "int" in info.type else float(outside)
     with pytest.raises(ConfigError, match=re.escape(f"'{name}' must be {allowed}, got {value}")):
         recipe_from_dict(MINIMAL, [f"{name}={value}"])
@@ -91,12 +92,17 @@ def test_explain_everything_and_the_markdown_table(capsys):
     assert capsys.readouterr().out == config.markdown_table()
 
 
-@pytest.mark.parametrize("argv, line", [
-    (["config", "--explain", "training.lrr"],
-     "peftchat: error: --explain: unknown key 'training.lrr' (did you mean 'training.lr'?); "
-     "`peftchat config --explain` lists them all"),
-    (["config"], "peftchat: error: config: give a recipe to print, or --explain [KEY] to describe the recipe keys"),
-])
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (
+            ["config", "--explain", "training.lrr"],
+            "peftchat: error: --explain: unknown key 'training.lrr' (did you mean 'training.lr'?); "
+            "`peftchat config --explain` lists them all",
+        ),
+        (["config"], "peftchat: error: config: give a recipe to print, or --explain [KEY] to describe the recipe keys"),
+    ],
+)
 def test_explain_mistakes_are_one_line(capsys, argv, line):
     assert main(argv) == 2
     assert capsys.readouterr().err == line + "\n"

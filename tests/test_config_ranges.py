@@ -9,7 +9,11 @@ from peftchat.errors import ConfigError
 
 
 def test_every_numeric_key_of_the_schema_has_a_range():
-    numeric = {k for k, t in SCHEMA_KEYS.items() if isinstance(t, str) and t.removeprefix("Optional[").rstrip("]") in ("int", "float")}
+    numeric = {
+        k
+        for k, t in SCHEMA_KEYS.items()
+        if isinstance(t, str) and t.removeprefix("Optional[").rstrip("]") in ("int", "float")
+    }
     assert numeric - RANGES.keys() == set(), "add the new numeric keys to config.RANGES"
     assert RANGES.keys() <= SCHEMA_KEYS.keys()
 
@@ -20,13 +24,16 @@ def test_schema_defaults_are_inside_their_ranges(tmp_path):
     load_recipe(r)  # raises on a default outside its range
 
 
-@pytest.mark.parametrize("value, inside", [(0.0, False), (1e-9, True), (1.0, True), (1.0001, False), (float("nan"), False)])
+@pytest.mark.parametrize(
+    "value, inside", [(0.0, False), (1e-9, True), (1.0, True), (1.0001, False), (float("nan"), False)]
+)
 def test_range_bounds(value, inside):
     assert (value in Range(0, 1, low_open=True)) is inside
 
 
-@pytest.mark.parametrize("value, ok", [(0, True), (0.1, True), (0.999, True), (1, True), (7, True), (7.0, True),
-                                       (2.5, False), (-0.1, False)])
+@pytest.mark.parametrize(
+    "value, ok", [(0, True), (0.1, True), (0.999, True), (1, True), (7, True), (7.0, True), (2.5, False), (-0.1, False)]
+)
 def test_eval_split_is_a_share_or_a_whole_count(value, ok):
     assert (range_error("data.eval_split", value) is None) is ok
 

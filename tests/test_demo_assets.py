@@ -20,7 +20,7 @@ ROUND_TRIP = [
     "[Round 1]\n\n问：介绍一下你自己。\n\n答：",
     "<|Human|>: 你好<eoh>\n",
     "<|MOSS|>: 好的，你好！<eom>\n",
-    "<|Results|>:\nCalculator(\"23*7\") => 161\n<eor>\n",
+    '<|Results|>:\nCalculator("23*7") => 161\n<eor>\n',
     "<|im_start|>user\nHello!<|im_end|>\n",
     "Hello, world!  Two  spaces,\ttab and a trailing newline\n",
     " leading space and 中英文 mixed text 123，标点！",
@@ -200,7 +200,9 @@ def test_moss_demo():
             turn = r["chat"][f"turn_{k}"]
             assert tuple(turn) == MOSS_FIELDS
             assert turn["Human"].startswith("<|Human|>: ") and turn["Human"].endswith("<eoh>\n")
-            assert turn["Inner Thoughts"].startswith("<|Inner Thoughts|>: ") and turn["Inner Thoughts"].endswith("<eot>\n")
+            assert turn["Inner Thoughts"].startswith("<|Inner Thoughts|>: ") and turn["Inner Thoughts"].endswith(
+                "<eot>\n"
+            )
             assert turn["Commands"].startswith("<|Commands|>: ") and turn["Commands"].endswith("<eoc>\n")
             assert turn["Tool Responses"].startswith("<|Results|>:") and turn["Tool Responses"].endswith("<eor>\n")
             assert turn["MOSS"].startswith("<|MOSS|>: ") and turn["MOSS"].endswith("<eom>\n")

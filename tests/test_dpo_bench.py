@@ -15,10 +15,19 @@ def test_dpo_bench_tiny_rows_pass_the_loss_gate(tmp_path):
     from benchmarks.shapes import bench_model
 
     args = dpo_bench.parse_args(["--tiny", "--out", str(tmp_path / "dpo.json"), "--steps", "1"])
-    spec = {"device": "cpu", "model_dir": str(bench_model("tiny", tmp_path / "models", "cpu")), "work_dir": str(tmp_path),
-            "batch": args.batch, "warmup": args.warmup, "steps": args.steps, "prompt_tokens": args.prompt_tokens,
-            "reply_tokens": args.reply_tokens, "dtype": "fp32", "quantization": "4bit",
-            "pairs": dpo_bench.make_pairs(args.batch * 2, args.prompt_tokens, args.reply_tokens)}
+    spec = {
+        "device": "cpu",
+        "model_dir": str(bench_model("tiny", tmp_path / "models", "cpu")),
+        "work_dir": str(tmp_path),
+        "batch": args.batch,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "prompt_tokens": args.prompt_tokens,
+        "reply_tokens": args.reply_tokens,
+        "dtype": "fp32",
+        "quantization": "4bit",
+        "pairs": dpo_bench.make_pairs(args.batch * 2, args.prompt_tokens, args.reply_tokens),
+    }
     rows = [dpo_bench.run_peftchat({**spec, "variant": "peftchat"}), dpo_bench.run_trl({**spec, "variant": "trl"})]
     for row in rows:
         assert row["pairs_per_s"] > 0 and len(row["losses"]) == 2

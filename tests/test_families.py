@@ -28,22 +28,44 @@ FAMILIES = list(TINY_ARCHS)
 # The issue's seven; gemma3 and glm4 (extras) skip the QLoRA run, whose 4-bit layers are the same
 # bitsandbytes Linear4bit for every family, to keep the suite's time down.
 CONTRACT_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "glm", "phi3"]
-CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "mistral": "MistralForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
-           "glm": "GlmForCausalLM", "glm4": "Glm4ForCausalLM", "phi3": "Phi3ForCausalLM"}
+CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 SEPARATE = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj", "gate_up_proj"}
 # What `all-linear` must wrap: every projection of every layer, the fused ones whole, never lm_head.
-TARGETS = {**{f: SEPARATE for f in FAMILIES},
-           "glm": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
-           "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
-           "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
+TARGETS = {
+    **{f: SEPARATE for f in FAMILIES},
+    "glm": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "glm4": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"},
+    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"},
+}
 # A few steps of the demo recipes on the short ChatML records: enough for the trained head copy
 # (modules_to_save: [lm_head]) to lower the loss.
-QUICK = [f"data.train={asset_path('demo/messages_demo.jsonl')}", "data.format=messages", "data.collator=chat_template",
-         "training.max_steps=5", "training.warmup_steps=1", "training.batch_size=2", "data.max_length=96",
-         "training.log_steps=1", "training.save_steps=0", "training.eval_steps=0", "data.eval_split=0",
-         "training.tensorboard=false", "training.device=cpu", "decoding.max_new_tokens=6"]
+QUICK = [
+    f"data.train={asset_path('demo/messages_demo.jsonl')}",
+    "data.format=messages",
+    "data.collator=chat_template",
+    "training.max_steps=5",
+    "training.warmup_steps=1",
+    "training.batch_size=2",
+    "data.max_length=96",
+    "training.log_steps=1",
+    "training.save_steps=0",
+    "training.eval_steps=0",
+    "data.eval_split=0",
+    "training.tensorboard=false",
+    "training.device=cpu",
+    "decoding.max_new_tokens=6",
+]
 PROBE = [[1, 20, 300, 500, 55, 66, 77, 1200, 9, 2100, 17, 18]]
 
 
@@ -70,8 +92,18 @@ def lora_run(tmp_path_factory, family_dir):
     def get(arch):
         if arch not in runs:
             out = tmp_path_factory.mktemp(f"lora-{arch}") / "run"
-            assert main(["train", str(RECIPES / "demo.yaml"), f"model.path={family_dir(arch)}",
-                         f"training.output_dir={out}", *QUICK]) == 0
+            assert (
+                main(
+                    [
+                        "train",
+                        str(RECIPES / "demo.yaml"),
+                        f"model.path={family_dir(arch)}",
+                        f"training.output_dir={out}",
+                        *QUICK,
+                    ]
+                )
+                == 0
+            )
             runs[arch] = out, _loss_rows(out)
         return runs[arch]
 
@@ -83,8 +115,9 @@ def _loss_rows(out):
 
 
 def _recipe(arch_dir, out, *overrides):
-    return load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={arch_dir}", f"training.output_dir={out}", *QUICK,
-                                             *overrides])
+    return load_recipe(
+        str(RECIPES / "demo.yaml"), [f"model.path={arch_dir}", f"training.output_dir={out}", *QUICK, *overrides]
+    )
 
 
 @torch.no_grad()
@@ -108,10 +141,14 @@ def test_tiny_model_loads_with_transformers_alone(arch, family_dir):
 def test_all_linear_wraps_every_projection_of_the_family(arch, family_dir, tmp_path):
     recipe = _recipe(family_dir(arch), tmp_path, "adapter.modules_to_save=[]")
     model = apply_lora(load_base_model(recipe), recipe, verbose=False)
-    wrapped = sorted(name.removeprefix("base_model.model.") for name, m in model.named_modules()
-                     if hasattr(m, "lora_A") and name.endswith("proj"))
-    expected = sorted(f"model.layers.{i}.{'mlp' if t in MLP else 'self_attn'}.{t}"
-                      for i in range(2) for t in TARGETS[arch])
+    wrapped = sorted(
+        name.removeprefix("base_model.model.")
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and name.endswith("proj")
+    )
+    expected = sorted(
+        f"model.layers.{i}.{'mlp' if t in MLP else 'self_attn'}.{t}" for i in range(2) for t in TARGETS[arch]
+    )
     assert wrapped == expected
 
 
@@ -161,8 +198,19 @@ def test_lora_trains_merges_with_parity_and_chats(arch, family_dir, lora_run, tm
 @pytest.mark.parametrize("arch", CONTRACT_FAMILIES)
 def test_qlora_4bit_trains(arch, family_dir, tmp_path):
     out = tmp_path / "qlora"
-    assert main(["train", str(RECIPES / "demo_qlora.yaml"), f"model.path={family_dir(arch)}", f"training.output_dir={out}",
-                 *QUICK, "training.max_steps=3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(RECIPES / "demo_qlora.yaml"),
+                f"model.path={family_dir(arch)}",
+                f"training.output_dir={out}",
+                *QUICK,
+                "training.max_steps=3",
+            ]
+        )
+        == 0
+    )
     rows = _loss_rows(out)
     assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -173,15 +221,20 @@ def _liger_stand_in(calls, mlp_flag, rope_raises=False):
     """A function with the signature of liger-kernel 0.8's apply_liger_kernel_to_<family>
     (linkedin/Liger-Kernel, src/liger_kernel/transformers/monkey_patch.py); it records its flags."""
     if mlp_flag == "geglu":
-        def apply(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, geglu=True,
-                  model=None):
+
+        def apply(
+            rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, geglu=True, model=None
+        ):
             calls.append({"rope": rope, "rms_norm": rms_norm, "geglu": geglu, "flce": fused_linear_cross_entropy})
     else:
-        def apply(rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True,
-                  model=None):
+
+        def apply(
+            rope=True, cross_entropy=False, fused_linear_cross_entropy=True, rms_norm=True, swiglu=True, model=None
+        ):
             if rope and rope_raises:  # as liger's GLM-4 function does
                 raise NotImplementedError("liger_rotary_pos_emb is not available for Glm4 models.")
             calls.append({"rope": rope, "rms_norm": rms_norm, "swiglu": swiglu, "flce": fused_linear_cross_entropy})
+
     return apply
 
 
@@ -194,10 +247,16 @@ def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
     import types
 
     calls = []
-    table = {"llama": _liger_stand_in(calls, "swiglu"), "mistral": _liger_stand_in(calls, "swiglu"),
-             "qwen2": _liger_stand_in(calls, "swiglu"), "qwen3": _liger_stand_in(calls, "swiglu"),
-             "phi3": _liger_stand_in(calls, "swiglu"), "gemma2": _liger_stand_in(calls, "geglu"),
-             "gemma3_text": _liger_stand_in(calls, "geglu"), "glm4": _liger_stand_in(calls, "swiglu", rope_raises=True)}
+    table = {
+        "llama": _liger_stand_in(calls, "swiglu"),
+        "mistral": _liger_stand_in(calls, "swiglu"),
+        "qwen2": _liger_stand_in(calls, "swiglu"),
+        "qwen3": _liger_stand_in(calls, "swiglu"),
+        "phi3": _liger_stand_in(calls, "swiglu"),
+        "gemma2": _liger_stand_in(calls, "geglu"),
+        "gemma3_text": _liger_stand_in(calls, "geglu"),
+        "glm4": _liger_stand_in(calls, "swiglu", rope_raises=True),
+    }
     fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
     fake.MODEL_TYPE_TO_APPLY_LIGER_FN = table
     for name in ("liger_kernel", "liger_kernel.transformers"):
@@ -208,15 +267,19 @@ def test_liger_kernels_chosen_per_family(arch, family_dir, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
     recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}", "adapter.modules_to_save=[]"])
     applied = kernels.apply_training_speedups(model, recipe.training).applied
-    expected = {"gemma2": ["rms_norm", "geglu", "rope"], "gemma3": ["rms_norm", "geglu", "rope"],
-                "glm": None, "glm4": ["rms_norm", "swiglu"]}.get(arch, ["rms_norm", "swiglu", "rope"])
+    expected = {
+        "gemma2": ["rms_norm", "geglu", "rope"],
+        "gemma3": ["rms_norm", "geglu", "rope"],
+        "glm": None,
+        "glm4": ["rms_norm", "swiglu"],
+    }.get(arch, ["rms_norm", "swiglu", "rope"])
     if expected is None:  # liger has no GLM-4-9B-chat function: no patches, the chunked loss
         assert not any(a.startswith("liger:") for a in applied) and calls == []
         assert "loss:chunked" in applied  # the summary says what runs in their place
         return
     assert sorted(k for k, on in calls[0].items() if on) == sorted(expected)  # never liger's loss forward
     # the fused CE can stand for the plain head (Gemma 2's soft-capping is done inside it) ...
-    assert applied[:len(expected) + 1] == [f"liger:{k}" for k in expected] + ["liger:fused_linear_cross_entropy"]
+    assert applied[: len(expected) + 1] == [f"liger:{k}" for k in expected] + ["liger:fused_linear_cross_entropy"]
     # ... but not for peft's wrapper of a trained head copy (the demo recipes' modules_to_save)
     with_head = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={family_dir(arch)}"])
     fresh = AutoModelForCausalLM.from_pretrained(str(family_dir(arch)))
@@ -235,7 +298,9 @@ def test_packed_rows_through_varlen_attention(arch, family_dir, packing_samples,
     from peftchat.model.load import attention_for
 
     arch_dir = family_dir(arch)
-    recipe = load_recipe(str(RECIPES / "demo.yaml"), [f"model.path={arch_dir}", "model.attn_implementation=sdpa_varlen"])
+    recipe = load_recipe(
+        str(RECIPES / "demo.yaml"), [f"model.path={arch_dir}", "model.attn_implementation=sdpa_varlen"]
+    )
     name = attention_for(str(arch_dir), recipe, torch.device("cpu"), for_training=True)
     calls = []
     reference = varlen._reference_varlen
@@ -243,10 +308,12 @@ def test_packed_rows_through_varlen_attention(arch, family_dir, packing_samples,
     model = AutoModelForCausalLM.from_pretrained(str(arch_dir), dtype=torch.float32, attn_implementation=name)
     samples = packing_samples
     with torch.no_grad():
-        alone = sum(causal_lm_loss(model, with_loss_targets(collate([[s]], 0, packing=False)), normalizer=1.0)
-                    for s in samples)
-        packed = causal_lm_loss(model, with_loss_targets(collate([samples[:3], samples[3:]], 0, packing=True)),
-                                normalizer=1.0)
+        alone = sum(
+            causal_lm_loss(model, with_loss_targets(collate([[s]], 0, packing=False)), normalizer=1.0) for s in samples
+        )
+        packed = causal_lm_loss(
+            model, with_loss_targets(collate([samples[:3], samples[3:]], 0, packing=True)), normalizer=1.0
+        )
     assert packed.item() == pytest.approx(alone.item(), rel=1e-5)
     config = model.config
     # layers with a sliding window take sdpa's mask (the varlen call has no window): all of them

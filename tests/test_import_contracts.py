@@ -8,17 +8,20 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONTRACTS = ("layers: cli > export > merge > infer > train > model > kernels > data > formats > rundir",
-             "the lower layers never import infer, train or cli",
-             "no import cycles between sibling modules or packages anywhere in peftchat")
+CONTRACTS = (
+    "layers: cli > export > merge > infer > train > model > kernels > data > formats > rundir",
+    "the lower layers never import infer, train or cli",
+    "no import cycles between sibling modules or packages anywhere in peftchat",
+)
 
 
 def lint(root: Path) -> subprocess.CompletedProcess:
-    code = ("import sys; from importlinter.cli import lint_imports; "
-            "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))")
+    code = (
+        "import sys; from importlinter.cli import lint_imports; "
+        "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True))"
+    )
     env = {**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"}  # a contract's name on one line
-    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_import_contracts_are_kept():

@@ -88,7 +88,8 @@ def test_bf16_export_verifies_and_writes_a_plain_model_dir(make_adapter, tmp_pat
     umask = os.umask(0)
     os.umask(umask)
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
-        p.name: oct(0o666 & ~umask) for p in out.iterdir()}  # shareable, as the umask allows
+        p.name: oct(0o666 & ~umask) for p in out.iterdir()
+    }  # shareable, as the umask allows
     gen = json.loads((out / "generation_config.json").read_text())
     eom = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
     eom_id = next(t["id"] for t in eom if t["content"] == "<eom>")
@@ -114,7 +115,9 @@ def test_bf16_export_verifies_and_writes_a_plain_model_dir(make_adapter, tmp_pat
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["dtype"] == "torch.bfloat16" and got["peftchat"] is False
     assert got["template"] == "<|im_start|>user\nhi<|im_end|>\n"
-    in_process = AutoModelForCausalLM.from_pretrained(str(out))(input_ids=torch.tensor(PROBE)).logits.float().sum().item()
+    in_process = (
+        AutoModelForCausalLM.from_pretrained(str(out))(input_ids=torch.tensor(PROBE)).logits.float().sum().item()
+    )
     assert got["sum"] == pytest.approx(in_process, rel=1e-4, abs=1e-3)
 
 
@@ -210,10 +213,21 @@ def test_an_adapter_trained_with_fp8_merges_with_the_same_parity(tiny_llama_dir,
     monkeypatch.setattr(kernels, "check_fp8_device", lambda cfg, device: None)  # as on a Hopper GPU
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     out = tmp_path / "run"
-    recipe = load_recipe(str(recipes / "demo_qlora.yaml"), [
-        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu", "training.max_steps=3",
-        "training.lr=1e-2", "training.tensorboard=false", "adapter.dropout=0", "training.gradient_checkpointing=true",
-        "training.fused_lora=true", "training.fp8=true"])
+    recipe = load_recipe(
+        str(recipes / "demo_qlora.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={out}",
+            "training.device=cpu",
+            "training.max_steps=3",
+            "training.lr=1e-2",
+            "training.tensorboard=false",
+            "adapter.dropout=0",
+            "training.gradient_checkpointing=true",
+            "training.fused_lora=true",
+            "training.fp8=true",
+        ],
+    )
     applied: list[str] = []
     loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
     assert "fp8:base_linears 14" in applied

@@ -8,8 +8,11 @@ from benchmarks import peftchat_variants
 
 def test_options_become_recipe_overrides_and_spec_fields():
     spec = peftchat_variants.apply_options({"batch": 4, "overrides": {"training.lr": 1e-4}}, "skip13+mem16+mb2")
-    assert spec["overrides"] == {"training.lr": 1e-4, "training.checkpoint_skip_layers": 13,
-                                 "training.max_memory_gib": 16.0}
+    assert spec["overrides"] == {
+        "training.lr": 1e-4,
+        "training.checkpoint_skip_layers": 13,
+        "training.max_memory_gib": 16.0,
+    }
     assert spec["micro_batch"] == 2
     assert peftchat_variants.apply_options({"batch": 4}, "") == {"batch": 4, "overrides": {}}
 

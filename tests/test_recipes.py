@@ -123,8 +123,18 @@ def test_no_tiny_model_is_built_over_a_hub_id(tmp_path, monkeypatch) -> None:
 def test_the_demo_runs_from_an_empty_directory(tmp_path, monkeypatch, capsys) -> None:
     """`peftchat train demo` builds its tiny model, writes under ./runs/, and the adapter answers."""
     monkeypatch.chdir(tmp_path)
-    rc = main(["train", "demo", "training.max_steps=2", "training.eval_steps=0", "training.save_steps=0",
-               "training.tensorboard=false", "data.max_length=128", "data.eval_split=0"])
+    rc = main(
+        [
+            "train",
+            "demo",
+            "training.max_steps=2",
+            "training.eval_steps=0",
+            "training.save_steps=0",
+            "training.tensorboard=false",
+            "data.max_length=128",
+            "data.eval_split=0",
+        ]
+    )
     assert rc == 0
     err = capsys.readouterr().err
     assert "runs/demo/tiny-llama does not exist; building a random-init tiny llama model there" in err
@@ -143,12 +153,24 @@ def test_python_m_peftchat_is_the_script_and_the_version_is_the_metadata(tmp_pat
     from importlib.metadata import version
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run([sys.executable, "-m", "peftchat", "--version"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "peftchat", "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and run.stdout == f"peftchat {version('peftchat')}\n"
     assert version("peftchat") == _version_of_pyproject()
-    run = subprocess.run([sys.executable, "-m", "peftchat", "recipes", "copy", "nope"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "peftchat", "recipes", "copy", "nope"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and run.stderr.startswith("peftchat: error: no shipped recipe named 'nope'")
 
 
@@ -161,15 +183,33 @@ def test_the_wheel_holds_every_recipe_and_asset(tmp_path) -> None:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     # no build isolation: offline, with the setuptools of the dev extra
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("peftchat-*.whl")
     assert wheel.name.startswith(f"peftchat-{_version_of_pyproject()}-")
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = [f"peftchat/recipes/{p.name}" for p in RECIPES]
-    assets = [f"peftchat/{p.relative_to(ROOT / 'peftchat').as_posix()}"
-              for p in (ROOT / "peftchat" / "assets").rglob("*") if p.is_file()]
+    assets = [
+        f"peftchat/{p.relative_to(ROOT / 'peftchat').as_posix()}"
+        for p in (ROOT / "peftchat" / "assets").rglob("*")
+        if p.is_file()
+    ]
     assert len(assets) >= 6 and {"peftchat/__main__.py", *shipped, *assets} <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert re.search(r"^peftchat = peftchat\.cli:main$", zipfile.ZipFile(wheel).read(entry_points).decode(), re.M)

@@ -21,8 +21,9 @@ def _no_model(monkeypatch):
     monkeypatch.setattr(load, "load_base_model", refuse)
 
 
-def test_train_reports_a_missing_data_file_before_the_model(tiny_llama_dir, infer_recipe_dict, tmp_path, monkeypatch,
-                                                             capsys):
+def test_train_reports_a_missing_data_file_before_the_model(
+    tiny_llama_dir, infer_recipe_dict, tmp_path, monkeypatch, capsys
+):
     _no_model(monkeypatch)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(infer_recipe_dict(tiny_llama_dir, tmp_path / "out")), encoding="utf-8")
@@ -52,8 +53,10 @@ def test_eval_scores_the_held_out_split_and_prints_them(make_adapter, capsys):
 
     scores = json.loads(captured.out)
     assert scores["n"] == 2
-    line = f"2 answers: BLEU-4 {scores['bleu-4']:.1f}, ROUGE-1 {scores['rouge-1']:.1f}, " \
-           f"ROUGE-2 {scores['rouge-2']:.1f}, ROUGE-L {scores['rouge-l']:.1f}"
+    line = (
+        f"2 answers: BLEU-4 {scores['bleu-4']:.1f}, ROUGE-1 {scores['rouge-1']:.1f}, "
+        f"ROUGE-2 {scores['rouge-2']:.1f}, ROUGE-L {scores['rouge-l']:.1f}"
+    )
     assert line in captured.err
 
 
@@ -62,16 +65,27 @@ def test_cpu_run_says_the_budget_is_ignored_and_what_checkpointing_runs(tiny_lla
 
     from peftchat.train.loop import TrainHooks, setup_model
 
-    recipe = recipe_from_dict({
-        "model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"}, "adapter": {"r": 4},
-        "data": {"train": "x.jsonl", "max_length": 64},
-        "training": {"device": "cpu", "output_dir": str(tmp_path), "gradient_checkpointing": True,
-                     "checkpoint_offload": True, "max_memory_gib": 0.001}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"},
+            "adapter": {"r": 4},
+            "data": {"train": "x.jsonl", "max_length": 64},
+            "training": {
+                "device": "cpu",
+                "output_dir": str(tmp_path),
+                "gradient_checkpointing": True,
+                "checkpoint_offload": True,
+                "max_memory_gib": 0.001,
+            },
+        }
+    )
     setup_model(recipe, torch.device("cpu"), TrainHooks())
     out = capsys.readouterr().out
     assert "max_memory_gib 0.001: a GPU memory budget, ignored on this cpu run" in out
     assert "NOTHING FITS" not in out and "estimated" not in out
-    assert "speed-ups: loss:chunked, checkpointed 2/2 layers (checkpoint_offload: no GPU, inputs kept in memory)\n" in out
+    assert (
+        "speed-ups: loss:chunked, checkpointed 2/2 layers (checkpoint_offload: no GPU, inputs kept in memory)\n" in out
+    )
 
 
 def test_quiet_by_default_and_verbose_brings_the_messages_back(tmp_path, monkeypatch, capsys):
@@ -91,8 +105,15 @@ def test_quiet_by_default_and_verbose_brings_the_messages_back(tmp_path, monkeyp
     monkeypatch.delenv("HF_HUB_OFFLINE")
     assert main(["config", str(recipe), "model.path=Qwen/Qwen2-0.5B"]) == 0
     assert "HF_HUB_OFFLINE" not in os.environ  # a hub model: the hub stays reachable
-    note = logging.LogRecord("matplotlib.font_manager", logging.WARNING, "", 0,
-                             "Matplotlib is building the font cache; this may take a moment.", None, None)
+    note = logging.LogRecord(
+        "matplotlib.font_manager",
+        logging.WARNING,
+        "",
+        0,
+        "Matplotlib is building the font cache; this may take a moment.",
+        None,
+        None,
+    )
     assert not logging.getLogger("matplotlib.font_manager").filter(note)
     capsys.readouterr()
     transformers.utils.logging.enable_progress_bar()

@@ -88,8 +88,9 @@ def plan_batches(
     else:
         if group_by_length:
             mega = MEGABATCH_FACTOR * batch_size
-            order = [i for m in range(0, len(order), mega)
-                     for i in sorted(order[m : m + mega], key=lambda i: -lengths[i])]
+            order = [
+                i for m in range(0, len(order), mega) for i in sorted(order[m : m + mega], key=lambda i: -lengths[i])
+            ]
         rows = [[i] for i in order]
     return [rows[b : b + batch_size] for b in range(0, len(rows), batch_size)]
 
@@ -242,13 +243,29 @@ class Window:
 class Batches:
     """Micro-batches of one tokenized split (a `datasets.Dataset` with `input_ids`, `labels`)."""
 
-    def __init__(self, dataset, *, batch_size: int, max_length: int, pad_id: int, packing: bool,
-                 group_by_length: bool = False, shuffle: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dataset,
+        *,
+        batch_size: int,
+        max_length: int,
+        pad_id: int,
+        packing: bool,
+        group_by_length: bool = False,
+        shuffle: bool = False,
+        seed: int = 0,
+    ) -> None:
         self.dataset = dataset.select_columns(["input_ids", "labels"])
         self.lengths = sample_lengths(self.dataset)
         self.pad_id, self.packing = pad_id, packing
-        self._plan_args: dict[str, Any] = dict(batch_size=batch_size, max_length=max_length, packing=packing,
-                               group_by_length=group_by_length, shuffle=shuffle, seed=seed)
+        self._plan_args: dict[str, Any] = dict(
+            batch_size=batch_size,
+            max_length=max_length,
+            packing=packing,
+            group_by_length=group_by_length,
+            shuffle=shuffle,
+            seed=seed,
+        )
         self.plan = lru_cache(maxsize=2)(self._plan)
 
     def _plan(self, epoch: int) -> list[list[list[int]]]:
@@ -265,7 +282,7 @@ class Batches:
         samples = [{"input_ids": ids, "labels": lab} for ids, lab in zip(got["input_ids"], got["labels"])]
         out, k = [], 0
         for row in rows:
-            out.append(samples[k:k + len(row)])
+            out.append(samples[k : k + len(row)])
             k += len(row)
         return out
 
@@ -278,8 +295,9 @@ class Batches:
         tokens = sum(self.lengths[i] for row in rows for i in row)
         return MicroBatch(with_loss_targets(batch), count_label_tokens(batch["labels"]), tokens)
 
-    def windows(self, epoch: int, batch_index: int, accumulation: int,
-                part: tuple[int, int] = (0, 1)) -> Iterator[Window]:
+    def windows(
+        self, epoch: int, batch_index: int, accumulation: int, part: tuple[int, int] = (0, 1)
+    ) -> Iterator[Window]:
         """Accumulation windows from position (`epoch`, `batch_index`) on, epoch after epoch; the
         last window of an epoch may be short. A position past an epoch's end (the data changed
         under a resumed run) moves on to the next epoch.
@@ -294,12 +312,18 @@ class Batches:
             if batch_index >= len(plan):
                 epoch, batch_index = epoch + 1, 0
                 continue
-            rows = plan[batch_index:batch_index + accumulation]
+            rows = plan[batch_index : batch_index + accumulation]
             batch_index += len(rows)
             progress = epoch + batch_index / len(plan)
             if batch_index >= len(plan):
                 epoch, batch_index = epoch + 1, 0
-            mine = rows[rank * share:(rank + 1) * share]  # all of them with one process
-            yield Window([self.micro_batch(r) for r in mine], epoch, batch_index, progress,
-                         offset=rank * share, size=len(rows), rows=tuple(rows) if world > 1 else ())
-
+            mine = rows[rank * share : (rank + 1) * share]  # all of them with one process
+            yield Window(
+                [self.micro_batch(r) for r in mine],
+                epoch,
+                batch_index,
+                progress,
+                offset=rank * share,
+                size=len(rows),
+                rows=tuple(rows) if world > 1 else (),
+            )

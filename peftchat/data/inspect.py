@@ -44,8 +44,9 @@ def _build(recipe: Recipe, tokenizer, split: str) -> tuple[Any, DataReport]:
     return bundle.eval, bundle.report.eval
 
 
-def dump_samples(recipe: Recipe, tokenizer, out: str | Path, limit: int | None = None, split: str = "train",
-                 force: bool = False) -> int:
+def dump_samples(
+    recipe: Recipe, tokenizer, out: str | Path, limit: int | None = None, split: str = "train", force: bool = False
+) -> int:
     """Write one JSON object a line (`input_ids`, `labels`, `attention_mask`) per sample of `split`,
     data-set order; print the data report to stderr; return the number of samples written. `out`
     is written whole beside itself and renamed into place (an existing file only with `force`)."""
@@ -82,8 +83,14 @@ def render_sample(tokenizer, input_ids: list[int], labels: list[int], color: boo
     return "".join(parts)
 
 
-def inspect_samples(recipe: Recipe, tokenizer, index: int | None = None, count: int = 3,
-                    stream: TextIO | None = None, split: str = "train") -> None:
+def inspect_samples(
+    recipe: Recipe,
+    tokenizer,
+    index: int | None = None,
+    count: int = 3,
+    stream: TextIO | None = None,
+    split: str = "train",
+) -> None:
     """Print decoded samples (sample `index`, or the first `count`) with loss-bearing tokens
     highlighted — ANSI colour on a terminal, ⟦…⟧ otherwise — and the data report's counts."""
     stream = stream or sys.stdout
@@ -100,8 +107,10 @@ def inspect_samples(recipe: Recipe, tokenizer, index: int | None = None, count: 
         row = train[i]
         sides = [("", row["input_ids"], row["labels"])]
         if "rejected_input_ids" in row:  # a preference pair: both sides, scored tokens marked
-            sides = [(" chosen", row["input_ids"], row["labels"]),
-                     (" rejected", row["rejected_input_ids"], row["rejected_labels"])]
+            sides = [
+                (" chosen", row["input_ids"], row["labels"]),
+                (" rejected", row["rejected_input_ids"], row["rejected_labels"]),
+            ]
         for side, ids, labels in sides:
             with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
             what = "scored" if side else "with loss"

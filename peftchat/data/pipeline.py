@@ -38,9 +38,21 @@ from peftchat.formats.samples import IGNORE_INDEX
 
 # data.* keys that change the tokenized samples (the others — packing, shuffle, num_proc, … — don't).
 TOKENIZATION_KEYS = (
-    "collator", "max_length", "max_source_length", "max_target_length", "prompt_column", "response_column",
-    "history_column", "source_prefix", "chatglm_style", "separator_tokens", "truncation", "loss_on",
-    "meta_instruction", "on_error", "roles",
+    "collator",
+    "max_length",
+    "max_source_length",
+    "max_target_length",
+    "prompt_column",
+    "response_column",
+    "history_column",
+    "source_prefix",
+    "chatglm_style",
+    "separator_tokens",
+    "truncation",
+    "loss_on",
+    "meta_instruction",
+    "on_error",
+    "roles",
 )
 SHOW_PROGRESS_ABOVE = 50_000  # records; smaller maps finish before a progress bar is worth it
 
@@ -65,8 +77,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    extra = [type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
-             tokenizer.pad_token, sorted(map(str, tokenizer.all_special_tokens))]
+    extra = [
+        type(tokenizer).__name__,
+        tokenizer.chat_template,
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+        sorted(map(str, tokenizer.all_special_tokens)),
+    ]
     h.update(json.dumps(extra, default=str, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
@@ -156,17 +174,20 @@ class _Encoder:
 def _features():
     import datasets
 
-    return datasets.Features({
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "session": datasets.Value("int64"),
-        "truncated": datasets.Value("bool"),
-        "note": datasets.Value("string"),
-    })
+    return datasets.Features(
+        {
+            "input_ids": datasets.List(datasets.Value("int32")),
+            "labels": datasets.List(datasets.Value("int32")),
+            "session": datasets.Value("int64"),
+            "truncated": datasets.Value("bool"),
+            "note": datasets.Value("string"),
+        }
+    )
 
 
-def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataConfig, tokenizer,
-                  split: str, pairs: bool = False) -> tuple[Any, DataReport]:
+def _encode_split(
+    raw, rows: list[int] | None, source: RecordSource, cfg: DataConfig, tokenizer, split: str, pairs: bool = False
+) -> tuple[Any, DataReport]:
     """Tokenize one split (`raw`, whose row i is source row rows[i]); returns (dataset, report).
     `pairs`: preference pairs (`peftchat.data.preference`), one row per pair."""
     import numpy as np
@@ -180,7 +201,10 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
         cache_file = str(cache_root / f"{split}-{key}.arrow")
     encoder: preference.PairRows | _Encoder
     if pairs:
-        encoder, features = preference.PairRows(cfg, tokenizer, rows, registry.sample_limit(cfg)), preference.pair_features()
+        encoder, features = (
+            preference.PairRows(cfg, tokenizer, rows, registry.sample_limit(cfg)),
+            preference.pair_features(),
+        )
         columns = ["input_ids", "labels", *preference.REJECTED_COLUMNS]
     else:
         encoder, features, columns = _Encoder(cfg, tokenizer, rows), _features(), ["input_ids", "labels"]
@@ -205,15 +229,21 @@ def _encode_split(raw, rows: list[int] | None, source: RecordSource, cfg: DataCo
     loss_tokens = int(pc.sum(pc.not_equal(flat, IGNORE_INDEX)).as_py() or 0)
     notes = table.column("note").to_pylist()
     sessions = table.column("session").to_pylist()
-    report = DataReport.from_columns(split, sessions, notes, table.column("truncated").to_pylist(),
-                                     lengths.tolist(), loss_tokens)
+    report = DataReport.from_columns(
+        split, sessions, notes, table.column("truncated").to_pylist(), lengths.tolist(), loss_tokens
+    )
     if pairs:
         rejected_loss = pc.sum(pc.not_equal(pc.list_flatten(table.column("rejected_labels")), IGNORE_INDEX))
-        report.add_rejected(notes, pc.list_value_length(table.column("rejected_input_ids")).to_pylist(),
-                            int(rejected_loss.as_py() or 0))
+        report.add_rejected(
+            notes, pc.list_value_length(table.column("rejected_input_ids")).to_pylist(), int(rejected_loss.as_py() or 0)
+        )
     source_of = source.dataset["source"]
-    report.count_sources([(i.name, "+".join(i.formats), i.weight, len(i.bad)) for i in source.sources],
-                         [source_of[s] for s in sessions], sessions, notes)
+    report.count_sources(
+        [(i.name, "+".join(i.formats), i.weight, len(i.bad)) for i in source.sources],
+        [source_of[s] for s in sessions],
+        sessions,
+        notes,
+    )
     keep = np.flatnonzero(np.array([n == "" for n in notes], dtype=bool)) if notes else np.array([], dtype=int)
     result = mapped.select_columns(columns)
     if len(keep) != len(mapped):
@@ -234,8 +264,11 @@ def _session_keys(raw, cfg: DataConfig) -> list[Any]:
         record = json.loads(text) if fmt == "chatglm" else {}
         prompt = record.get(cfg.prompt_column)
         history = record.get(cfg.history_column) if cfg.history_column else None
-        first = history[0][0] if isinstance(history, list) and history and isinstance(history[0], (list, tuple)) \
-            and history[0] else prompt
+        first = (
+            history[0][0]
+            if isinstance(history, list) and history and isinstance(history[0], (list, tuple)) and history[0]
+            else prompt
+        )
         keys.append(("q", first) if isinstance(first, str) and first else ("row", i))
     return keys
 
@@ -269,7 +302,9 @@ def _hold_out(raw, cfg: DataConfig, seed: int) -> tuple[list[int], list[int]]:
     share = cfg.eval_split
     n_eval = int(share) if share >= 1 else max(1, round(share * n))
     if n_eval >= n:
-        raise DataError(f"'data.eval_split' ({share}) would hold out all {n} sessions of data.train, leaving none to train on")
+        raise DataError(
+            f"'data.eval_split' ({share}) would hold out all {n} sessions of data.train, leaving none to train on"
+        )
     chosen = np.random.default_rng(seed).permutation(n)[:n_eval]
     eval_rows = sorted(i for s in chosen for i in sessions[s])
     held = set(eval_rows)

@@ -80,8 +80,14 @@ class PairEncoder:
 
         self.limit = limit
         big = 1 << 30  # lengths are cut here (`encode`), so the format must not cut on its own
-        loose = dataclasses.replace(cfg, loss_on="last_assistant", max_length=big, max_source_length=big,
-                                    max_target_length=big, truncation="drop_oldest")
+        loose = dataclasses.replace(
+            cfg,
+            loss_on="last_assistant",
+            max_length=big,
+            max_source_length=big,
+            max_target_length=big,
+            truncation="drop_oldest",
+        )
         self.fmt: ConversationFormat = registry.make_format(loose, tokenizer)
 
     def _side(self, conv: Conversation, drop: int) -> Optional[tuple[list[int], list[int], list[int]]]:
@@ -125,8 +131,13 @@ class PairEncoder:
             return Encoded(dropped=[PROMPT_TOO_LONG])
         truncated = bool(drop) or drop is None
         out = Sample(c[0] + c[1][:room], [IGNORE_INDEX] * len(c[0]) + c[2][:room], truncated)
-        sample = PairSample(out.input_ids, out.labels, truncated,
-                            rejected_input_ids=r[0] + r[1][:room], rejected_labels=[IGNORE_INDEX] * len(r[0]) + r[2][:room])
+        sample = PairSample(
+            out.input_ids,
+            out.labels,
+            truncated,
+            rejected_input_ids=r[0] + r[1][:room],
+            rejected_labels=[IGNORE_INDEX] * len(r[0]) + r[2][:room],
+        )
         return Encoded(samples=[sample])
 
 
@@ -149,8 +160,13 @@ def pair_tensors(batch: dict[str, Any]) -> dict[str, Any]:
     """The model inputs plus, per scored token, its flat position, target and row (`loss_rows`)."""
     positions, targets = loss_targets(batch["labels"])
     rows = positions // batch["labels"].shape[1]
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "loss_positions": positions, "loss_targets": targets, "loss_rows": rows}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "loss_positions": positions,
+        "loss_targets": targets,
+        "loss_rows": rows,
+    }
 
 
 class PairBatches(Batches):
@@ -198,8 +214,19 @@ class PairRows:
         out: dict[str, list] = {k: [] for k in names}
 
         def row(session: int, note: str, sample: Optional[PairSample] = None) -> None:
-            values = (sample.input_ids, sample.labels, sample.rejected_input_ids, sample.rejected_labels,
-                      session, sample.truncated, note) if sample else ([], [], [], [], session, False, note)
+            values = (
+                (
+                    sample.input_ids,
+                    sample.labels,
+                    sample.rejected_input_ids,
+                    sample.rejected_labels,
+                    session,
+                    sample.truncated,
+                    note,
+                )
+                if sample
+                else ([], [], [], [], session, False, note)
+            )
             for k, v in zip(names, values):
                 out[k].append(v)
 
@@ -208,8 +235,10 @@ class PairRows:
             origin, fmt = batch["origin"][j], batch["format"][j]
             try:
                 if fmt != "preference":
-                    raise DataError(f"{origin}: training.objective dpo, orpo and simpo train on preference pairs "
-                                    f"(records with 'chosen' and 'rejected'); this is a {fmt} record")
+                    raise DataError(
+                        f"{origin}: training.objective dpo, orpo and simpo train on preference pairs "
+                        f"(records with 'chosen' and 'rejected'); this is a {fmt} record"
+                    )
                 encoded = self.encoder.encode(*normalize_pair(json.loads(batch["record"][j]), self.cfg, origin))
             except DataError as e:
                 if self.cfg.on_error == "stop":
@@ -227,6 +256,14 @@ def pair_features():
     import datasets
 
     ids = datasets.List(datasets.Value("int32"))
-    return datasets.Features({"input_ids": ids, "labels": ids, "rejected_input_ids": ids, "rejected_labels": ids,
-                              "session": datasets.Value("int64"), "truncated": datasets.Value("bool"),
-                              "note": datasets.Value("string")})
+    return datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "rejected_input_ids": ids,
+            "rejected_labels": ids,
+            "session": datasets.Value("int64"),
+            "truncated": datasets.Value("bool"),
+            "note": datasets.Value("string"),
+        }
+    )

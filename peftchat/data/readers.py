@@ -62,7 +62,11 @@ MOSS_REQUIRED = ("Human", "MOSS")
 # (`function_call` = an assistant tool call, `observation` = a tool result) plus OpenAI's names.
 MESSAGE_ROLES: dict[str, str] = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 SHAREGPT_ROLES: dict[str, str] = {
-    **MESSAGE_ROLES, "human": "user", "gpt": "assistant", "function_call": "function_call", "observation": "tool",
+    **MESSAGE_ROLES,
+    "human": "user",
+    "gpt": "assistant",
+    "function_call": "function_call",
+    "observation": "tool",
 }
 
 
@@ -137,9 +141,7 @@ def _from_moss(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conversa
     if not isinstance(chat, dict):
         raise _bad(origin, "missing field 'chat' (an object of turn_1 … turn_N)")
     num_turns = record.get("num_turns")
-    present = sorted(
-        (k for k, v in chat.items() if v is not None), key=lambda k: (len(k), k)
-    )  # turn_2 before turn_10
+    present = sorted((k for k, v in chat.items() if v is not None), key=lambda k: (len(k), k))  # turn_2 before turn_10
     if num_turns is None:
         raise _bad(origin, "missing field 'num_turns'")
     try:
@@ -196,8 +198,11 @@ def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conve
             raise _bad(origin, f"field {col!r} must be a string, got {type(value).__name__}")
         values[what] = value
     if tools_from(record.get("tools"), origin) and "tools" not in cols.values():
-        raise _bad(origin, "field 'tools': a chatglm row (query, answer, history) has no place for a tool list "
-                           "(use the messages or sharegpt format with data.collator=chat_template)")
+        raise _bad(
+            origin,
+            "field 'tools': a chatglm row (query, answer, history) has no place for a tool list "
+            "(use the messages or sharegpt format with data.collator=chat_template)",
+        )
     history = record.get(cfg.history_column) if cfg.history_column else None
     pairs: list[tuple[str, str]] = []
     if history is not None:
@@ -215,15 +220,18 @@ def _from_chatglm(record: dict[str, Any], cfg: DataConfig, origin: str) -> Conve
     return Conversation(messages=messages, origin=origin, context_rounds=len(pairs), dropped=dropped)
 
 
-def _message(role: str, content: Any, extras: dict[str, Any], origin: str, where: str,
-             content_key: str) -> dict[str, Any]:
+def _message(
+    role: str, content: Any, extras: dict[str, Any], origin: str, where: str, content_key: str
+) -> dict[str, Any]:
     """One turn, checked and normalized (`turns` module): a `function_call` turn becomes an
     assistant message with `tool_calls`; keys with a None value are dropped."""
     text = _text_content(content, origin, f"{where}.{content_key}")
     out = {k: v for k, v in extras.items() if v is not None}
     train = out.get("train")
     if train is not None and (not isinstance(train, bool) or role not in ("assistant", "function_call")):
-        raise _bad(origin, f"{where}.train must be true or false, on an assistant message only; got {train!r} on {role!r}")
+        raise _bad(
+            origin, f"{where}.train must be true or false, on an assistant message only; got {train!r} on {role!r}"
+        )
     if role == "function_call":
         if text is None:
             raise _bad(origin, f"{where} is missing '{content_key}'")
@@ -245,13 +253,17 @@ def _role(spelling: Any, builtin: dict[str, str], cfg: DataConfig, origin: str, 
     roles = {**builtin, **(cfg.roles or {})}
     role = roles.get(spelling) if isinstance(spelling, str) else None
     if role is None:
-        raise _bad(origin, f"{where} is {spelling!r}; expected one of {', '.join(builtin)} "
-                           "(map other spellings to one of these in data.roles)")
+        raise _bad(
+            origin,
+            f"{where} is {spelling!r}; expected one of {', '.join(builtin)} "
+            "(map other spellings to one of these in data.roles)",
+        )
     return role
 
 
-def _conversation(messages: list[dict[str, Any]], where: list[str], origin: str,
-                  tools: list[dict[str, Any]] | None = None) -> Conversation:
+def _conversation(
+    messages: list[dict[str, Any]], where: list[str], origin: str, tools: list[dict[str, Any]] | None = None
+) -> Conversation:
     """The conversation of checked turns, in an order every format can train (`check_turn_order`)."""
     messages, where = without_empty_system(messages, where)
     check_turn_order(messages, where, origin)
@@ -269,7 +281,9 @@ def _text_content(content: Any, origin: str, where: str) -> str | None:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
             what = f"a {kind!r} part" if kind is not None else repr(part)[:40]
-            raise _bad(origin, f"{where}[{k}] is {what}; only text parts ({{\"type\": \"text\", \"text\": ...}}) are supported")
+            raise _bad(
+                origin, f'{where}[{k}] is {what}; only text parts ({{"type": "text", "text": ...}}) are supported'
+            )
         text = part.get("text")
         if not isinstance(text, str):
             raise _bad(origin, f"{where}[{k}].text must be a string, got {type(text).__name__}")
@@ -342,7 +356,6 @@ def _from_alpaca(record: dict[str, Any], origin: str) -> Conversation:
     return _conversation(messages, where + ["instruction", "output"], origin)
 
 
-
 # ------------------------------------------------------------------------------ preference pairs
 # The record shapes of chosen/rejected pairs (the encoding and batching: `peftchat.data.preference`).
 
@@ -368,8 +381,11 @@ def _implicit_prompt(record: dict[str, Any], origin: str) -> list[dict[str, Any]
     """TRL's implicit prompt: the messages `chosen` and `rejected` share before their last."""
     chosen, rejected = record["chosen"], record["rejected"]
     if not (isinstance(chosen, list) and isinstance(rejected, list)) or len(chosen) < 2:
-        raise _bad(origin, "a preference record without 'prompt', 'conversations' or 'messages' needs "
-                           "'chosen' and 'rejected' as whole conversations (lists of messages)")
+        raise _bad(
+            origin,
+            "a preference record without 'prompt', 'conversations' or 'messages' needs "
+            "'chosen' and 'rejected' as whole conversations (lists of messages)",
+        )
     if chosen[:-1] != rejected[:-1]:
         raise _bad(origin, "'chosen' and 'rejected' must share every message but the last (TRL's implicit prompt)")
     return chosen[:-1]
@@ -389,6 +405,7 @@ def pair_sides(record: dict[str, Any], origin: str) -> tuple[str, dict, dict]:
 
         def side(m: dict) -> dict:
             return {**extra, "conversations": turns + [{"from": "gpt", "value": m.get("content")}]}
+
         return "sharegpt", side(chosen), side(rejected)
     prompt = record.get("prompt", record.get("messages"))
     if prompt is None:

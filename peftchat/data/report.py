@@ -14,6 +14,8 @@ REASON_SEP = "\x1f"  # in a SKIP note, between a counted reason (a turn-order ru
 
 def skip_note(message: str, reason: str | None = None) -> str:
     return SKIP + (f"{reason}{REASON_SEP}" if reason else "") + message
+
+
 MAX_EXAMPLES = 5
 
 
@@ -31,8 +33,10 @@ class SourceCounts:
     def line(self, unit: str = "samples") -> str:
         weight = f", weight {self.weight:g}" if self.weight != 1 else ""
         skipped = f", {self.skipped} bad records skipped" if self.skipped else ""
-        return (f"  source {self.name} ({self.format or '-'}{weight}): {self.sessions} sessions -> "
-                f"{self.samples} {unit}{skipped}")
+        return (
+            f"  source {self.name} ({self.format or '-'}{weight}): {self.sessions} sessions -> "
+            f"{self.samples} {unit}{skipped}"
+        )
 
 
 @dataclass
@@ -81,8 +85,15 @@ class DataReport:
         self.longest = max([self.longest, *kept])
 
     @classmethod
-    def from_columns(cls, split: str, sessions: list[int], notes: list[str], truncated: list[bool],
-                     lengths: list[int], loss_tokens: int) -> DataReport:
+    def from_columns(
+        cls,
+        split: str,
+        sessions: list[int],
+        notes: list[str],
+        truncated: list[bool],
+        lengths: list[int],
+        loss_tokens: int,
+    ) -> DataReport:
         """Count the output rows of the tokenizing map: samples have an empty note, the rest a
         DROP, LEFT_OUT or SKIP note with their reason."""
         report = cls(split=split)
@@ -92,13 +103,13 @@ class DataReport:
         kept_sessions: set[int] = set()
         for session, note, cut, n in zip(sessions, notes, truncated, lengths):
             if note.startswith(SKIP):
-                skips.append(note[len(SKIP):])
+                skips.append(note[len(SKIP) :])
                 continue
             kept_sessions.add(session)
             if note.startswith(DROP):
-                drops[note[len(DROP):]] += 1
+                drops[note[len(DROP) :]] += 1
             elif note.startswith(LEFT_OUT):
-                left[note[len(LEFT_OUT):]] += 1
+                left[note[len(LEFT_OUT) :]] += 1
             else:
                 report.samples += 1
                 report.tokens += n
@@ -111,8 +122,9 @@ class DataReport:
         report.add_skipped(skips)
         return report
 
-    def count_sources(self, sources: list[tuple[str, str, float, int]], row_sources: list[int],
-                      sessions: list[int], notes: list[str]) -> None:
+    def count_sources(
+        self, sources: list[tuple[str, str, float, int]], row_sources: list[int], sessions: list[int], notes: list[str]
+    ) -> None:
         """Per-source counts. `sources`: (name, format, weight, lines skipped while reading) per
         entry; the other lists run over the tokenizing map's output rows."""
         self.sources = [SourceCounts(name, fmt, weight, skipped=bad) for name, fmt, weight, bad in sources]

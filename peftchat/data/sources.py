@@ -53,12 +53,14 @@ CLEAN_DIR = "peftchat-records-v1"  # bump when the row layout changes: old copie
 def record_features():
     import datasets
 
-    return datasets.Features({
-        "record": datasets.Value("string"),
-        "format": datasets.Value("string"),
-        "origin": datasets.Value("string"),
-        "source": datasets.Value("int32"),
-    })
+    return datasets.Features(
+        {
+            "record": datasets.Value("string"),
+            "format": datasets.Value("string"),
+            "origin": datasets.Value("string"),
+            "source": datasets.Value("int32"),
+        }
+    )
 
 
 @dataclass
@@ -132,8 +134,9 @@ def _expand(spec: Any, key: str) -> list[Path]:
         check_regular_file(path, f"'{key}':", DataError)
         if path.is_dir():
             # hidden files are no data: a run's own `.peftchat-train.holder.json`, editors' swap files
-            found = sorted(p for p in path.iterdir() if p.suffix in JSON_SUFFIXES and p.is_file()
-                           and not p.name.startswith("."))
+            found = sorted(
+                p for p in path.iterdir() if p.suffix in JSON_SUFFIXES and p.is_file() and not p.name.startswith(".")
+            )
             if not found:
                 raise DataError(f"'{key}': directory {path} holds no .jsonl/.json files")
             files += found
@@ -236,8 +239,10 @@ def record_byte_limit(cfg: DataConfig) -> int:
 
 
 def _too_big(size: int, limit: int) -> str:
-    return (f"record of {size:,} bytes is over the limit of {limit:,} bytes (data.max_record_bytes; "
-            f"far longer than a sample can be)")
+    return (
+        f"record of {size:,} bytes is over the limit of {limit:,} bytes (data.max_record_bytes; "
+        f"far longer than a sample can be)"
+    )
 
 
 def _lines(fh, limit: int) -> Iterator[tuple[bytes | None, int]]:
@@ -334,7 +339,7 @@ def _array_items(path: Path, text: str, cfg: DataConfig, bad: list[str]) -> Iter
         i += 1
     if pos >= len(text):
         raise DataError(f"{path}:{line_at(pos)}: invalid JSON (the array is not closed)")
-    if text[pos + 1:].strip():
+    if text[pos + 1 :].strip():
         raise DataError(f"{path}:{line_at(pos)}: invalid JSON (extra data after the array)")
 
 
@@ -372,8 +377,18 @@ def _scan_json(path: Path, cfg: DataConfig, bad: list[str]) -> Iterator[tuple[st
 
 
 def _row(record: dict, fmt: str, origin: str, source: int, cfg: DataConfig) -> str:
-    return json.dumps({"record": json.dumps(prune(record, fmt, cfg), ensure_ascii=False), "format": fmt,
-                       "origin": origin, "source": source}, ensure_ascii=False) + "\n"
+    return (
+        json.dumps(
+            {
+                "record": json.dumps(prune(record, fmt, cfg), ensure_ascii=False),
+                "format": fmt,
+                "origin": origin,
+                "source": source,
+            },
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
 
 
 def _rows_file(path: Path, fmt: str, source: int, cfg: DataConfig, info: SourceInfo) -> Path | None:
@@ -420,8 +435,13 @@ def _load_rows(files: list[Path], cache_dir: str | None, name: str) -> Any:
 
     try:
         with quiet_datasets():
-            return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train",
-                                         features=record_features(), cache_dir=cache_dir)
+            return datasets.load_dataset(
+                "json",
+                data_files=[str(f) for f in files],
+                split="train",
+                features=record_features(),
+                cache_dir=cache_dir,
+            )
     except Exception as e:  # our own rows failing to load is a bug or a disk problem; name the source
         raise DataError(f"{name}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -462,7 +482,9 @@ def _open_dataset(spec: str, key: str, cache_dir: str | None) -> Any:
         with quiet_datasets():
             return datasets.load_dataset(spec, split="train", cache_dir=cache_dir)
     except Exception as e:
-        raise DataError(f"'{key}': cannot load dataset {spec!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DataError(
+            f"'{key}': cannot load dataset {spec!r} from the hub: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _load_dataset_source(entry: DataSource, fmt: str, index: int, cfg: DataConfig, key: str, info: SourceInfo) -> Any:
@@ -474,8 +496,14 @@ def _load_dataset_source(entry: DataSource, fmt: str, index: int, cfg: DataConfi
         fmt = detect_format(ds[0], cfg, f"{label}[0]")
     info.records, info.formats = len(ds), [fmt]
     with quiet_datasets():
-        return ds.map(_ToRows(fmt, label, index, cfg, info), with_indices=True, batched=True, remove_columns=ds.column_names,
-                      features=record_features(), desc=f"reading {label}")
+        return ds.map(
+            _ToRows(fmt, label, index, cfg, info),
+            with_indices=True,
+            batched=True,
+            remove_columns=ds.column_names,
+            features=record_features(),
+            desc=f"reading {label}",
+        )
 
 
 def local_data_files(spec: Any, key: str) -> list[Path]:

@@ -20,8 +20,14 @@ from peftchat.rundir import note as say
 from peftchat.rundir import resolve_source, source_paths
 
 
-def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str = "f16",
-                overrides: Iterable[str] = (), force: bool = False, parity: bool = False) -> Path:
+def export_gguf(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    outtype: str = "f16",
+    overrides: Iterable[str] = (),
+    force: bool = False,
+    parity: bool = False,
+) -> Path:
     """Write `out` (refused when it exists, unless `force`; replaced atomically) from `source`."""
     from peftchat.export.gguf import OUTTYPES, write_gguf
 

@@ -42,9 +42,16 @@ OUTTYPES = ("f16", "q8_0")
 # HF architecture -> gguf's MODEL_ARCH member: the llama.cpp architecture llama.cpp's own converter
 # writes for it (Mistral is written as `llama`, GLM-4-9B-chat-hf as `chatglm`, GLM-4-0414 as `glm4`).
 # Tensor names come from gguf's TensorNameMap of that architecture, not from a table of ours.
-ARCHES = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA", "Qwen2ForCausalLM": "QWEN2",
-          "Qwen3ForCausalLM": "QWEN3", "Gemma2ForCausalLM": "GEMMA2", "GlmForCausalLM": "CHATGLM",
-          "Glm4ForCausalLM": "GLM4", "Phi3ForCausalLM": "PHI3"}
+ARCHES = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+    "Qwen3ForCausalLM": "QWEN3",
+    "Gemma2ForCausalLM": "GEMMA2",
+    "GlmForCausalLM": "CHATGLM",
+    "Glm4ForCausalLM": "GLM4",
+    "Phi3ForCausalLM": "PHI3",
+}
 # llama.cpp runs these with rope type NORM (interleaved pairs) while transformers rotates halves:
 # q/k rows are permuted. GLM's transformers code is interleaved already, so chatglm/glm4 are not.
 _PERMUTED_ROPE = ("LLAMA",)
@@ -67,9 +74,11 @@ def gguf_arch(config: dict, where: str = "the model") -> str:
     archs = config.get("architectures") or []
     arch = next((ARCHES[a] for a in archs if a in ARCHES), None)
     if arch is None:
-        raise UserError(f"{where}: GGUF export handles {', '.join(sorted(set(ARCHES)))}; "
-                        f"this model is {', '.join(archs) or 'of unknown architecture'}, which peftchat "
-                        "cannot write in a layout llama.cpp loads")
+        raise UserError(
+            f"{where}: GGUF export handles {', '.join(sorted(set(ARCHES)))}; "
+            f"this model is {', '.join(archs) or 'of unknown architecture'}, which peftchat "
+            "cannot write in a layout llama.cpp loads"
+        )
     return arch
 
 
@@ -92,7 +101,9 @@ def gguf_tensor_name(hf_name: str, arch: str = "LLAMA", n_blocks: int = 512) -> 
         return None
     name = _tensor_name_map(arch, n_blocks).get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise UserError(f"tensor {hf_name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]} layout")
+        raise UserError(
+            f"tensor {hf_name} has no place in llama.cpp's {gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[arch]]} layout"
+        )
     return name
 
 
@@ -138,8 +149,10 @@ def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> None:
         raise UserError(f"{tok_file}: a {spec['model'].get('type')} tokenizer; GGUF export handles byte-level BPE")
     pre = spec.get("pre_tokenizer") or {}
     if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)):
-        raise UserError(f"{tok_file}: pre-tokenizer {pre.get('type')} is not GPT-2's byte-level one; "
-                        "peftchat cannot name its llama.cpp pre-tokenizer yet")
+        raise UserError(
+            f"{tok_file}: pre-tokenizer {pre.get('type')} is not GPT-2's byte-level one; "
+            "peftchat cannot name its llama.cpp pre-tokenizer yet"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     if len(tokenizer) > vocab_size:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {vocab_size}")
@@ -161,15 +174,20 @@ def _tokenizer_metadata(writer, model_dir: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for tid, add in ((tokenizer.bos_token_id, writer.add_bos_token_id), (tokenizer.eos_token_id, writer.add_eos_token_id),
-                     (tokenizer.unk_token_id, writer.add_unk_token_id), (tokenizer.pad_token_id, writer.add_pad_token_id)):
+    for tid, add in (
+        (tokenizer.bos_token_id, writer.add_bos_token_id),
+        (tokenizer.eos_token_id, writer.add_eos_token_id),
+        (tokenizer.unk_token_id, writer.add_unk_token_id),
+        (tokenizer.pad_token_id, writer.add_pad_token_id),
+    ):
         if tid is not None:
             add(int(tid))
     # llama.cpp adds BOS when told to; say what the HF tokenizer does on encode.
     probe = tokenizer.encode("a")
     writer.add_add_bos_token(bool(probe) and tokenizer.bos_token_id is not None and probe[0] == tokenizer.bos_token_id)
-    writer.add_add_eos_token(bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id
-                             and len(probe) > 1)
+    writer.add_add_eos_token(
+        bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id and len(probe) > 1
+    )
     if isinstance(getattr(tokenizer, "chat_template", None), str):
         # transformers' {% generation %} markers (assistant masks) are not Jinja llama.cpp knows;
         # they do not change the rendered text, so they are left out.
@@ -185,7 +203,9 @@ def _store(writer, name: str, data: np.ndarray, outtype: str) -> str:
         writer.add_tensor(name, data.astype(np.float32))
         return "f32"
     if outtype == "q8_0" and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-        writer.add_tensor(name, quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        writer.add_tensor(
+            name, quantize(data, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0
+        )
         return "q8_0"
     writer.add_tensor(name, data.astype(np.float16))
     return "f16"
@@ -204,8 +224,9 @@ def _hyperparameters(writer, config: dict, arch: str) -> None:
     writer.add_head_count(n_head)
     writer.add_head_count_kv(int(config.get("num_key_value_heads") or n_head))
     # GLM rotates only part of each head (partial_rotary_factor 0.5), Phi-3 may too
-    writer.add_rope_dimension_count(int(head_dim * float(params.get("partial_rotary_factor",
-                                                                     config.get("partial_rotary_factor", 1.0)))))
+    writer.add_rope_dimension_count(
+        int(head_dim * float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))))
+    )
     if head_dim != hidden // n_head or arch == "GEMMA2":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -218,8 +239,9 @@ def _hyperparameters(writer, config: dict, arch: str) -> None:
         writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
         writer.add_sliding_window(int(config["sliding_window"]))
     elif arch == "PHI3":
-        writer.add_rope_scaling_orig_ctx_len(int(config.get("original_max_position_embeddings")
-                                                 or config.get("max_position_embeddings", 4096)))
+        writer.add_rope_scaling_orig_ctx_len(
+            int(config.get("original_max_position_embeddings") or config.get("max_position_embeddings", 4096))
+        )
         writer.add_sliding_window(int(config.get("sliding_window") or 0))
 
 
@@ -249,8 +271,14 @@ def _general_name(name: str, model_dir: Path) -> str:
     return re.sub(r"(phi)-?(3)", r"\1 \2", name, flags=re.IGNORECASE)
 
 
-def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtype: str = "f16",
-               name: Optional[str] = None, say: Callable[[str], None] = print, force: bool = False) -> Path:
+def write_gguf(
+    model_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    outtype: str = "f16",
+    name: Optional[str] = None,
+    say: Callable[[str], None] = print,
+    force: bool = False,
+) -> Path:
     """Write the model in `model_dir` (a plain transformers dir: config.json, safetensors,
     tokenizer.json) to `out_path` as GGUF, 2-D tensors in `outtype` (f16 | q8_0): into a temp
     file beside it, renamed onto it at the end (an existing file only with `force`)."""
@@ -266,12 +294,17 @@ def write_gguf(model_dir: str | os.PathLike, out_path: str | os.PathLike, outtyp
     out = Path(out_path)
     with atomic_output(out, "--gguf", force=force) as tmp:
         counts = _write_file(gguf, tmp, arch, arch_name, model_dir, config, outtype, name)
-    say(f"GGUF ({arch_name}, {outtype}) written to {out}: " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())) + " tensors")
+    say(
+        f"GGUF ({arch_name}, {outtype}) written to {out}: "
+        + ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        + " tensors"
+    )
     return out
 
 
-def _write_file(gguf, tmp: Path, arch: str, arch_name: str, model_dir: Path, config: dict, outtype: str,
-                name: Optional[str]) -> dict[str, int]:
+def _write_file(
+    gguf, tmp: Path, arch: str, arch_name: str, model_dir: Path, config: dict, outtype: str, name: Optional[str]
+) -> dict[str, int]:
     """The GGUF file at `tmp`; returns how many tensors of each stored type it holds."""
     n_blocks = int(config["num_hidden_layers"])
     writer = gguf.GGUFWriter(str(tmp), arch_name)

@@ -34,9 +34,11 @@ class Parity:
     same_tokens: bool  # llama.cpp's tokenizer gives the transformers ids for every prompt
 
     def line(self) -> str:
-        return (f"llama.cpp parity: top-1 agreement {self.top1_agree}/{self.positions}, max logit diff "
-                f"{self.max_logit_diff:.2e} (logits up to {self.max_abs_logit:.2g}); tokenizer "
-                f"{'matches' if self.same_tokens else 'DIFFERS from'} transformers'")
+        return (
+            f"llama.cpp parity: top-1 agreement {self.top1_agree}/{self.positions}, max logit diff "
+            f"{self.max_logit_diff:.2e} (logits up to {self.max_abs_logit:.2g}); tokenizer "
+            f"{'matches' if self.same_tokens else 'DIFFERS from'} transformers'"
+        )
 
 
 def llama_cpp_available() -> bool:
@@ -57,8 +59,9 @@ def _transformers_logits(model_dir: Path, prompts: Sequence[list[int]]) -> list[
         return [model(torch.tensor([ids])).logits[0].float().numpy() for ids in prompts]
 
 
-def gguf_parity(model_dir: str | os.PathLike, gguf_path: str | os.PathLike,
-                prompts: Sequence[str] = PARITY_PROMPTS) -> Parity:
+def gguf_parity(
+    model_dir: str | os.PathLike, gguf_path: str | os.PathLike, prompts: Sequence[str] = PARITY_PROMPTS
+) -> Parity:
     """Compare the GGUF file run by llama.cpp with the transformers model in `model_dir`."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
@@ -66,8 +69,13 @@ def gguf_parity(model_dir: str | os.PathLike, gguf_path: str | os.PathLike,
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     want = _transformers_logits(Path(model_dir), ids)
-    llm = Llama(model_path=str(gguf_path), n_ctx=max(len(i) for i in ids) + 8, logits_all=True,
-                n_threads=max(1, min(4, os.cpu_count() or 1)), verbose=False)
+    llm = Llama(
+        model_path=str(gguf_path),
+        n_ctx=max(len(i) for i in ids) + 8,
+        logits_all=True,
+        n_threads=max(1, min(4, os.cpu_count() or 1)),
+        verbose=False,
+    )
     try:
         positions = agree = 0
         diff = scale = 0.0

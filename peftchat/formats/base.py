@@ -187,10 +187,10 @@ class ReplyStream:
         if self._read == len(self.ids):
             return
         decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip_special_tokens)
-        after = decode(self.ids[self._prefix:], skip_special_tokens=self.skip_special_tokens)
+        before = decode(self.ids[self._prefix : self._read], skip_special_tokens=self.skip_special_tokens)
+        after = decode(self.ids[self._prefix :], skip_special_tokens=self.skip_special_tokens)
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self._prefix, self._read = self._read, len(self.ids)
 
     def window(self) -> tuple[Optional[int], Optional[int]]:
@@ -216,5 +216,5 @@ class ReplyStream:
         """What the final reply adds to what was shown (the whole reply after a newline when the
         stream showed something the final reply does not start with)."""
         if reply.startswith(self.shown):
-            return reply[len(self.shown):]
+            return reply[len(self.shown) :]
         return "\n" + reply

@@ -66,19 +66,25 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
     return k
 
 
-def render_ids(tokenizer, messages: Messages, add_generation_prompt: bool = False,
-               tools: Optional[Tools] = None) -> list[int]:
+def render_ids(
+    tokenizer, messages: Messages, add_generation_prompt: bool = False, tools: Optional[Tools] = None
+) -> list[int]:
     """Token ids of the chat template's rendering of `messages` (no special tokens added)."""
-    text = tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     return encode_text(tokenizer, text)
 
 
 # A tool and a call no real data uses: a template renders tools when the probe's name shows up in
 # its text (a template that ignores `tools` or `tool_calls` renders the conversation without it).
 PROBE = "peftchat_probe_tool"
-PROBE_TOOLS = [{"type": "function", "function": {"name": PROBE, "description": "probe",
-                                                  "parameters": {"type": "object", "properties": {}}}}]
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": PROBE, "description": "probe", "parameters": {"type": "object", "properties": {}}},
+    }
+]
 PROBE_CALL = {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": PROBE, "arguments": {}}}]}
 
 
@@ -107,7 +113,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         return []
     special = set(tokenizer.all_special_ids)
     found: list[int] = []
-    for t in full[common_prefix_length(prompt, full):]:
+    for t in full[common_prefix_length(prompt, full) :]:
         if t in special and t not in found:
             found.append(t)
     return found
@@ -140,8 +146,14 @@ class ChatTemplateFormat(SessionFormat):
     def check_tools(self, conv: Conversation) -> None:
         """DataError naming the template and the record when the record has tools or tool calls the
         template does not write: training on the text without them would be silent data loss."""
-        needs = [k for k, used in (("tools", bool(conv.tools)),
-                                   ("tool_calls", any(m.get("tool_calls") for m in conv.messages))) if used]
+        needs = [
+            k
+            for k, used in (
+                ("tools", bool(conv.tools)),
+                ("tool_calls", any(m.get("tool_calls") for m in conv.messages)),
+            )
+            if used
+        ]
         if not needs:
             return
         if self._renders is None:
@@ -156,16 +168,18 @@ class ChatTemplateFormat(SessionFormat):
                 "MOSS tool data)"
             )
 
-    def render(self, messages: Messages, add_generation_prompt: bool = False, origin: str = "",
-               tools: Optional[Tools] = None) -> list[int]:
+    def render(
+        self, messages: Messages, add_generation_prompt: bool = False, origin: str = "", tools: Optional[Tools] = None
+    ) -> list[int]:
         try:
             return render_ids(self.tokenizer, messages, add_generation_prompt, tools)
         except Exception as e:  # jinja raises for conversations the template refuses
             where = f"{origin}: " if origin else ""
             raise DataError(f"{where}the chat template rejects this conversation: {e}") from None
 
-    def assistant_span(self, messages: Messages, i: int, full: list[int], origin: str,
-                       tools: Optional[Tools] = None) -> Span:
+    def assistant_span(
+        self, messages: Messages, i: int, full: list[int], origin: str, tools: Optional[Tools] = None
+    ) -> Span:
         prompt = self.render(messages[:i], add_generation_prompt=True, origin=origin, tools=tools)
         upto = self.render(messages[: i + 1], origin=origin, tools=tools)
         if full[: len(upto)] == upto:
@@ -188,8 +202,14 @@ class ChatTemplateFormat(SessionFormat):
             trained = trained[-1:]
         return trained
 
-    def encode_messages(self, messages: Messages, trained: list[int], origin: str = "",
-                        ids: Optional[list[int]] = None, tools: Optional[Tools] = None) -> Sample:
+    def encode_messages(
+        self,
+        messages: Messages,
+        trained: list[int],
+        origin: str = "",
+        ids: Optional[list[int]] = None,
+        tools: Optional[Tools] = None,
+    ) -> Sample:
         """The whole rendering of `messages`, loss on the assistant messages listed in `trained`."""
         ids = self.render(messages, origin=origin, tools=tools) if ids is None else ids
         labels = [IGNORE_INDEX] * len(ids)
@@ -205,8 +225,13 @@ class ChatTemplateFormat(SessionFormat):
         messages = self.with_system(conv)
         trained = set(self.trained_indices(messages, conv.context_rounds))
         if not trained:  # say why, rather than "no loss tokens left after truncation"
-            return Encoded(dropped=[EMPTY_ANSWER_DROPPED if any(is_empty_answer(m) for m in messages)
-                                    else "no assistant message to train (all \"train\": false)"])
+            return Encoded(
+                dropped=[
+                    EMPTY_ANSWER_DROPPED
+                    if any(is_empty_answer(m) for m in messages)
+                    else 'no assistant message to train (all "train": false)'
+                ]
+            )
         limit = self.cfg.max_length
         head = 1 if messages and messages[0]["role"] == "system" else 0
         starts = [i for i in range(head, len(messages)) if messages[i]["role"] == "user"]
@@ -226,8 +251,13 @@ class ChatTemplateFormat(SessionFormat):
             found = fewest_to_drop(len(starts) - 2, lambda s: len(ids_from(s + 1)) <= limit)
             dropped = len(starts) - 1 if found is None else found + 1
         kept = kept_from(dropped)
-        sample = self.encode_messages([messages[i] for i in kept], [j for j, i in enumerate(kept) if i in trained],
-                                      conv.origin, ids_from(dropped), conv.tools)
+        sample = self.encode_messages(
+            [messages[i] for i in kept],
+            [j for j, i in enumerate(kept) if i in trained],
+            conv.origin,
+            ids_from(dropped),
+            conv.tools,
+        )
         truncated = dropped > 0 or len(sample.input_ids) > limit
         ids, labels = sample.input_ids[:limit], sample.labels[:limit]
         if all(x == IGNORE_INDEX for x in labels):
@@ -242,8 +272,11 @@ class ChatTemplateFormat(SessionFormat):
         asked = _asked(query)
         if not calls and isinstance(query, str):
             return history.with_round(query, reply.text)
-        answer = {"role": "assistant", **({"content": text} if text or not calls else {}),
-                  **({"tool_calls": calls} if calls else {})}
+        answer = {
+            "role": "assistant",
+            **({"content": text} if text or not calls else {}),
+            **({"tool_calls": calls} if calls else {}),
+        }
         return dataclasses.replace(history, messages=[*history.messages, *asked, answer])
 
     def prompt(self, history: Conversation, query: Query, budget: Optional[int] = None) -> ChatPrompt:
@@ -260,8 +293,10 @@ class ChatTemplateFormat(SessionFormat):
 
         def ids_from(s: int) -> list[int]:
             if s not in rendered:
-                rest = messages[starts[s]:] if s < len(starts) else []
-                rendered[s] = self.render(messages[:head] + rest + asked, add_generation_prompt=True, tools=history.tools)
+                rest = messages[starts[s] :] if s < len(starts) else []
+                rendered[s] = self.render(
+                    messages[:head] + rest + asked, add_generation_prompt=True, tools=history.tools
+                )
             return rendered[s]
 
         # tool results answer the calls of the history's last round, which must stay

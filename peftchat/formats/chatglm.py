@@ -82,8 +82,10 @@ class ChatGLMFormat(ConversationFormat):
     name = "chatglm"
     has_system = False
     loss_on_values = ("auto", "all_assistant", "assistant", "last_assistant")
-    loss_on_refusal = ("a chatglm sample is one round whose prompt (question and history) is context by "
-                       "ChatGLM's design, so there is no user turn to put loss on")
+    loss_on_refusal = (
+        "a chatglm sample is one round whose prompt (question and history) is context by "
+        "ChatGLM's design, so there is no user turn to put loss on"
+    )
 
     def __init__(self, cfg: DataConfig, tokenizer) -> None:
         if tokenizer.eos_token_id is None:
@@ -112,8 +114,9 @@ class ChatGLMFormat(ConversationFormat):
     def _stop_ids(self) -> list[int]:
         return self._eos()
 
-    def context_ids(self, history: list[tuple[str, str]], query: str,
-                    drop_oldest: Optional[bool] = None) -> tuple[list[int], bool, int]:
+    def context_ids(
+        self, history: list[tuple[str, str]], query: str, drop_oldest: Optional[bool] = None
+    ) -> tuple[list[int], bool, int]:
         """Ids of the context in front of the answer — for the 6B style `a + seps`, for ChatGLM2
         `seps + a` —, whether history rounds or prompt tokens were cut to fit, and how many oldest
         history rounds were left out. `drop_oldest` defaults to `data.truncation == drop_oldest`."""

@@ -11,8 +11,9 @@ from peftchat.errors import DataError
 
 def is_empty_answer(message: dict[str, Any]) -> bool:
     """An assistant message with neither text nor a tool call."""
-    return message["role"] == "assistant" and not (message.get("content") or "").strip() \
-        and not message.get("tool_calls")
+    return (
+        message["role"] == "assistant" and not (message.get("content") or "").strip() and not message.get("tool_calls")
+    )
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Conversation:
     tools: Optional[list[dict[str, Any]]] = None  # the tool list the chat template renders (`formats.turns`)
 
     @classmethod
-    def from_rounds(cls, rounds: Sequence[tuple[str, str]], system: Optional[str] = None,
-                    origin: str = "") -> Conversation:
+    def from_rounds(
+        cls, rounds: Sequence[tuple[str, str]], system: Optional[str] = None, origin: str = ""
+    ) -> Conversation:
         """A conversation of (user, assistant) rounds after an optional system message."""
         messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         for user, assistant in rounds:
@@ -99,13 +101,13 @@ class Conversation:
             return self
         starts = self.round_starts()
         head = self.messages[:1] if self.system is not None else []
-        rest = self.messages[starts[n]:] if n < len(starts) else []
+        rest = self.messages[starts[n] :] if n < len(starts) else []
         turns = self.moss_turns[n:] if self.moss_turns is not None else None
-        return dataclasses.replace(self, messages=head + rest, moss_turns=turns,
-                                   context_rounds=max(self.context_rounds - n, 0))
+        return dataclasses.replace(
+            self, messages=head + rest, moss_turns=turns, context_rounds=max(self.context_rounds - n, 0)
+        )
 
-    def with_round(self, user: str, assistant: str,
-                   moss_turn: Optional[list[tuple[str, str]]] = None) -> Conversation:
+    def with_round(self, user: str, assistant: str, moss_turn: Optional[list[tuple[str, str]]] = None) -> Conversation:
         """The conversation plus one finished round (`moss_turn`: its raw MOSS fields, moss only)."""
         messages = self.messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         turns = self.moss_turns + [moss_turn] if self.moss_turns is not None and moss_turn is not None else None

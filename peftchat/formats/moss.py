@@ -76,7 +76,7 @@ def moss_field(answer: str) -> str:
 
 def strip_markup(value: str, marker: str, end: str) -> str:
     """The text inside a MOSS field: after `marker` (and one space), before `end` (and newline)."""
-    text = value[len(marker):]
+    text = value[len(marker) :]
     if text.startswith(" "):
         text = text[1:]
     text = text.rstrip("\n")
@@ -110,9 +110,9 @@ class MossFormat(SessionFormat):
         Results field and mixed two training answers)."""
         trigger = encode_text(self.tokenizer, RESULTS_MARKER)
         full = encode_text(self.tokenizer, f"{RESULTS_MARKER} None<eor>\n")
-        if full[:len(trigger)] != trigger or len(full) == len(trigger):
+        if full[: len(trigger)] != trigger or len(full) == len(trigger):
             return []  # a tokenizer that merges the marker with what follows: nothing safe to force
-        return [(trigger, full[len(trigger):])]
+        return [(trigger, full[len(trigger) :])]
 
     # --- rendering -------------------------------------------------------------------------
     def meta_instruction(self, conv: Conversation) -> str:
@@ -139,8 +139,9 @@ class MossFormat(SessionFormat):
         hi = len(ids) - len(encode_text(self.tokenizer, value[end:]))
         return (lo, hi) if hi > lo else (0, 0)
 
-    def encode_turn(self, fields: list[tuple[str, str]], context: bool = False,
-                    trained: bool = True, human_loss: bool = True) -> tuple[list[int], list[Span]]:
+    def encode_turn(
+        self, fields: list[tuple[str, str]], context: bool = False, trained: bool = True, human_loss: bool = True
+    ) -> tuple[list[int], list[Span]]:
         """Ids of one turn (each field encoded alone) and its no-loss spans, relative to the turn.
         `context`: no loss at all; `trained=False`: no loss on the fields the model wrote;
         `human_loss=False`: none on the Human field (data.loss_on other than auto / all)."""
@@ -170,8 +171,12 @@ class MossFormat(SessionFormat):
         trained = self._trained_turns(conv)
         human_loss = self.cfg.loss_on in ("auto", "all")
         turns = [
-            self.encode_turn(f, context=k < conv.context_rounds, trained=trained[k] if k < len(trained) else True,
-                             human_loss=human_loss)
+            self.encode_turn(
+                f,
+                context=k < conv.context_rounds,
+                trained=trained[k] if k < len(trained) else True,
+                human_loss=human_loss,
+            )
             for k, f in enumerate(fields)
         ]
         limit = self.cfg.max_length
@@ -232,8 +237,11 @@ class MossFormat(SessionFormat):
 
     def add_round(self, history: Conversation, query: str, reply: Reply) -> Conversation:
         """The history plus this turn; the fields the model wrote around its answer are kept."""
-        turn = [("Human", human_field(query)), *((n, reply.fields[n]) for n in RAW_FIELDS if n in reply.fields),
-                ("MOSS", moss_field(reply.text))]
+        turn = [
+            ("Human", human_field(query)),
+            *((n, reply.fields[n]) for n in RAW_FIELDS if n in reply.fields),
+            ("MOSS", moss_field(reply.text)),
+        ]
         if history.moss_turns is None and reply.fields:  # from now on the turns are kept verbatim
             history = dataclasses.replace(history, moss_turns=self.turn_fields(history))
         return history.with_round(query, reply.text, turn)
@@ -245,6 +253,7 @@ class MossFormat(SessionFormat):
 def _last_trained_only(turns: list[tuple[list[int], list[Span]]]) -> list[tuple[list[int], list[Span]]]:
     """data.loss_on: last_assistant — of the turns kept after truncation, only the last one that
     still carries loss keeps it; the earlier ones become context (the whole turn without loss)."""
+
     def has_loss_left(turn_ids: list[int], spans: list[Span]) -> bool:
         masked = sum(hi - lo for lo, hi in spans)  # spans of one turn never overlap
         return masked < len(turn_ids)

@@ -37,8 +37,10 @@ def checked_format_class(cfg: DataConfig) -> type[ConversationFormat]:
     values = getattr(cls, "loss_on_values", DEFAULT_LOSS_ON)
     if cfg.loss_on not in values:
         why = getattr(cls, "loss_on_refusal", "")
-        raise ConfigError(f"'data.loss_on' is {cfg.loss_on!r}, which the {cls.name} collator cannot apply"
-                          f"{': ' + why if why else ''}; it takes {', '.join(values)}")
+        raise ConfigError(
+            f"'data.loss_on' is {cfg.loss_on!r}, which the {cls.name} collator cannot apply"
+            f"{': ' + why if why else ''}; it takes {', '.join(values)}"
+        )
     return cls
 
 

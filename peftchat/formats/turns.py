@@ -53,7 +53,9 @@ def tools_from(value: Any, origin: str, where: str = "field 'tools'") -> Optiona
         return None
     tools = _json_value(value, origin, where)
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise DataError(f"{origin}: {where} must be a list of tool objects (or a JSON string of one), got {tools!r:.60}")
+        raise DataError(
+            f"{origin}: {where} must be a list of tool objects (or a JSON string of one), got {tools!r:.60}"
+        )
     return tools or None
 
 
@@ -66,10 +68,12 @@ def tool_call(call: Any, origin: str, where: str) -> dict[str, Any]:
     function = call.get("function", call)
     name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str) or not name:
-        raise DataError(f"{origin}: {where} has no function name (expected {{\"name\": ..., \"arguments\": {{...}}}})")
+        raise DataError(f'{origin}: {where} has no function name (expected {{"name": ..., "arguments": {{...}}}})')
     arguments = _json_value(function.get("arguments", {}), origin, f"{where}.arguments")
     if not isinstance(arguments, dict):
-        raise DataError(f"{origin}: {where}.arguments must be an object (or a JSON string of one), got {arguments!r:.60}")
+        raise DataError(
+            f"{origin}: {where}.arguments must be an object (or a JSON string of one), got {arguments!r:.60}"
+        )
     return {**extra, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
@@ -91,8 +95,9 @@ def without_empty_system(messages: list[dict[str, Any]], where: list[str]) -> tu
     return messages, where
 
 
-def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: str,
-                     awaiting_reply: bool = False) -> None:
+def check_turn_order(
+    messages: list[dict[str, Any]], where: list[str], origin: str, awaiting_reply: bool = False
+) -> None:
     """Raise `TurnOrderError` naming the first turn out of order (`where[i]` names turn i as the
     record spells it, e.g. ``conversations[3]``). `awaiting_reply`: a chat request, which ends
     where the assistant is to answer (a user turn, or the results of its last calls) instead."""
@@ -104,30 +109,45 @@ def check_turn_order(messages: list[dict[str, Any]], where: list[str], origin: s
         role, prev = m["role"], messages[i - 1] if i else None
         if role == "system":
             if i:
-                raise bad(i, "a system turn in the middle (only the first turn may be the system's)",
-                          "system turn in the middle")
+                raise bad(
+                    i,
+                    "a system turn in the middle (only the first turn may be the system's)",
+                    "system turn in the middle",
+                )
         elif prev is None or prev["role"] == "system":
             if role != "user":
-                raise bad(i, f"the conversation must start with a user turn, found {role!r}", "first turn not the user's")
+                raise bad(
+                    i, f"the conversation must start with a user turn, found {role!r}", "first turn not the user's"
+                )
         elif role == "tool":
             if not (prev["role"] == "tool" or prev.get("tool_calls")):
                 raise bad(i, "a tool result with no tool call before it", "tool result with no call before it")
         elif role == prev["role"]:
             raise bad(i, f"two {role} turns in a row ({where[i - 1]} and {where[i]})", "consecutive same-role turns")
         elif role == "user" and prev["role"] == "tool":
-            raise bad(i, "a user turn right after a tool result (the assistant must answer it first)",
-                      "tool result not answered")
+            raise bad(
+                i,
+                "a user turn right after a tool result (the assistant must answer it first)",
+                "tool result not answered",
+            )
         elif role == "user" and prev.get("tool_calls"):
             raise bad(i, "a user turn right after a tool call (its result must come first)", "tool call with no result")
     if awaiting_reply:
         if messages and messages[-1]["role"] not in ("user", "tool"):
-            raise bad(len(messages) - 1, f"the last message is the {messages[-1]['role']}'s; it must be a user "
-                      "message or the results of the assistant's tool calls", "nothing to answer")
+            raise bad(
+                len(messages) - 1,
+                f"the last message is the {messages[-1]['role']}'s; it must be a user "
+                "message or the results of the assistant's tool calls",
+                "nothing to answer",
+            )
         return
     if messages and messages[-1]["role"] != "assistant":
         role = messages[-1]["role"]
-        raise bad(len(messages) - 1, f"the conversation ends on a {role} turn; it must end with the assistant's",
-                  f"ends on a {role} turn")
+        raise bad(
+            len(messages) - 1,
+            f"the conversation ends on a {role} turn; it must end with the assistant's",
+            f"ends on a {role} turn",
+        )
 
 
 # The tool-call syntax of Qwen2.5/Hermes-style templates (`<tool_call>{json}</tool_call>`), the one
@@ -162,7 +182,7 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
             call = tool_call(json.loads(match.group(1)), "generated text", "tool_call")
         except (json.JSONDecodeError, DataError):
             continue
-        kept.append(text[pos:match.start()])
+        kept.append(text[pos : match.start()])
         pos = match.end()
         calls.append(call)
     kept.append(text[pos:])

@@ -70,8 +70,15 @@ class ChatSession:
     """A conversation with one model: the history (a `Conversation` of finished rounds), prompt
     building by the recipe's conversation format, generation."""
 
-    def __init__(self, model, tokenizer, recipe: Recipe, system: Optional[str] = None,
-                 fmt: Optional[ConversationFormat] = None, tools: Optional[list[dict[str, Any]]] = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        recipe: Recipe,
+        system: Optional[str] = None,
+        fmt: Optional[ConversationFormat] = None,
+        tools: Optional[list[dict[str, Any]]] = None,
+    ):
         import torch
 
         self.model = model
@@ -79,8 +86,10 @@ class ChatSession:
         self.recipe = recipe
         self.format = fmt if fmt is not None else make_format(recipe.data, tokenizer)
         if system is not None and not self.format.has_system:
-            raise UserError(f"--system: the {self.format.name} format has no system message "
-                            "(training never showed one; data.source_prefix is its counterpart)")
+            raise UserError(
+                f"--system: the {self.format.name} format has no system message "
+                "(training never showed one; data.source_prefix is its counterpart)"
+            )
         self.system = system
         self.tools = tools or None
         if self.tools:
@@ -97,8 +106,10 @@ class ChatSession:
     @staticmethod
     def _check_tools(fmt: ConversationFormat, conv: Conversation) -> None:
         if not fmt.has_tools:
-            raise UserError(f"{conv.origin}: the {fmt.name} format has no place for a tool list or tool calls "
-                            "(training never showed one; use data.collator=chat_template)")
+            raise UserError(
+                f"{conv.origin}: the {fmt.name} format has no place for a tool list or tool calls "
+                "(training never showed one; use data.collator=chat_template)"
+            )
         fmt.check_tools(conv)  # type: ignore[attr-defined]  # has_tools: ChatTemplateFormat
 
     def _empty(self) -> Conversation:
@@ -114,7 +125,7 @@ class ChatSession:
     def pending_calls(self) -> list[dict[str, Any]]:
         """The calls of the last reply still waiting for their results (`tool_result`)."""
         last = self.history.messages[-1] if self.history.messages else {}
-        return (last.get("tool_calls") or [])[len(self.results):] if last.get("role") == "assistant" else []
+        return (last.get("tool_calls") or [])[len(self.results) :] if last.get("role") == "assistant" else []
 
     def tool_result(self, content: str, write: Optional[Callable[[str], object]] = None) -> Optional[str]:
         """Give the next pending call its result; once every call has one, the model continues
@@ -152,8 +163,10 @@ class ChatSession:
         prompt = self.format.prompt(self.history, query, self.budget)  # type: ignore[arg-type]
         if prompt.dropped_rounds:
             self.history = self.history.without_oldest_rounds(prompt.dropped_rounds)
-            say(f"(left out the {prompt.dropped_rounds} oldest round(s) of the history "
-                "to stay within the context budget)")
+            say(
+                f"(left out the {prompt.dropped_rounds} oldest round(s) of the history "
+                "to stay within the context budget)"
+            )
         return prompt.ids
 
     def reply(self, query: Union[str, list[dict[str, Any]]], write: Optional[Callable[[str], object]] = None) -> str:
@@ -179,7 +192,7 @@ class ChatSession:
             )
         # A MOSS reply keeps what the model generated around its answer (inner thoughts, commands),
         # so the next prompt shows the model its own turn as training rendered such turns.
-        reply = self.format.parse_reply(out[0, len(prompt):].tolist())
+        reply = self.format.parse_reply(out[0, len(prompt) :].tolist())
         if streamer is not None:
             streamer.finish(reply.text)
         # a tool-result list (not a str) only reaches ChatTemplateFormat (has_tools)
@@ -187,8 +200,9 @@ class ChatSession:
         return reply.text
 
 
-def _user_turns(stdin: TextIO, interactive: bool, stdout: TextIO,
-                label: Callable[[], str] = lambda: "User: ") -> Iterable[str]:
+def _user_turns(
+    stdin: TextIO, interactive: bool, stdout: TextIO, label: Callable[[], str] = lambda: "User: "
+) -> Iterable[str]:
     """User turns: `input()` with a prompt (`label()`) on a terminal, else one stdin line each."""
     if interactive:
         while True:
@@ -203,19 +217,25 @@ def _user_turns(stdin: TextIO, interactive: bool, stdout: TextIO,
 
 
 def _calls_text(calls: list[dict[str, Any]]) -> str:
-    return "; ".join(f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})"
-                     for c in calls)
+    return "; ".join(
+        f"{c['function']['name']}({json.dumps(c['function']['arguments'], ensure_ascii=False)})" for c in calls
+    )
 
 
-def _respond(session: ChatSession, query: Union[str, list[dict[str, Any]]], write: Callable[[str], object],
-             stream: bool, interactive: bool) -> None:
+def _respond(
+    session: ChatSession,
+    query: Union[str, list[dict[str, Any]]],
+    write: Callable[[str], object],
+    stream: bool,
+    interactive: bool,
+) -> None:
     """Answer one turn: a user message, a tool result (a `/tool RESULT` line; on a terminal any
     line while calls wait for results) or, from `--messages`, tool result messages. Calls in
     the reply are shown parsed: on a terminal before the result prompts, else on stderr."""
     result: Optional[str] = None
     if isinstance(query, str):
         if query == TOOL or query.startswith(TOOL + " "):
-            result = query[len(TOOL):].strip()
+            result = query[len(TOOL) :].strip()
         elif interactive and session.pending_calls():
             result = query
     if result is not None and len(session.pending_calls()) != 1:
@@ -291,8 +311,15 @@ def read_tools(path: str) -> list[dict[str, Any]]:
     return tools
 
 
-def run_chat(source: str, overrides: list[str], message: Optional[str] = None, stream: bool = True,
-             system: Optional[str] = None, tools: Optional[str] = None, messages: Optional[str] = None) -> int:
+def run_chat(
+    source: str,
+    overrides: list[str],
+    message: Optional[str] = None,
+    stream: bool = True,
+    system: Optional[str] = None,
+    tools: Optional[str] = None,
+    messages: Optional[str] = None,
+) -> int:
     """Chat with the model of `source` (recipe, adapter dir or merged model dir). `overrides`
     are `key=value` recipe overrides (sampling flags arrive as `decoding.*=`). `message`: answer
     this one message and return. `system`: the session's system message (default: the format's,
@@ -316,11 +343,15 @@ def run_chat(source: str, overrides: list[str], message: Optional[str] = None, s
     else:
         if interactive:
             d = recipe.decoding
-            sampling = "greedy" if d.temperature <= 0 else f"temperature {d.temperature}, top_k {d.top_k}, top_p {d.top_p}"
-            print(f"peftchat chat: {os.fspath(source)} ({recipe.data.collator} format, {sampling})\n"
-                  f"Type a message; 'clear' resets the history, 'stop' (or Ctrl-D) quits."
-                  + (f" A tool call waits for its result ('{TOOL} RESULT' gives one)." if tool_list else ""),
-                  flush=True)
+            sampling = (
+                "greedy" if d.temperature <= 0 else f"temperature {d.temperature}, top_k {d.top_k}, top_p {d.top_p}"
+            )
+            print(
+                f"peftchat chat: {os.fspath(source)} ({recipe.data.collator} format, {sampling})\n"
+                f"Type a message; 'clear' resets the history, 'stop' (or Ctrl-D) quits."
+                + (f" A tool call waits for its result ('{TOOL} RESULT' gives one)." if tool_list else ""),
+                flush=True,
+            )
 
         def label() -> str:
             calls = session.pending_calls()

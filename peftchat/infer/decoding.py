@@ -55,15 +55,17 @@ class ForcedContinuation:
 
     def __init__(self, rules: list[tuple[list[int], list[int]]]) -> None:
         # every (pattern the generated ids may end with, the token that must follow), longest first
-        self.patterns = sorted(((trigger + forced[:k], forced[k]) for trigger, forced in rules
-                                for k in range(len(forced))), key=lambda p: -len(p[0]))
+        self.patterns = sorted(
+            ((trigger + forced[:k], forced[k]) for trigger, forced in rules for k in range(len(forced))),
+            key=lambda p: -len(p[0]),
+        )
         self.longest = max(len(p) for p, _ in self.patterns)
 
     def __call__(self, input_ids, scores):
-        tails = input_ids[:, -self.longest:].tolist()
+        tails = input_ids[:, -self.longest :].tolist()
         for row, tail in enumerate(tails):
             for pattern, token in self.patterns:
-                if tail[-len(pattern):] == pattern:
+                if tail[-len(pattern) :] == pattern:
                     forced = scores[row, token].clone()
                     scores[row, :] = float("-inf")
                     scores[row, token] = forced if forced.isfinite() else 0.0

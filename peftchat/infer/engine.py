@@ -84,14 +84,22 @@ class Job:
 
     def fork(self, stream: ReplyStream, group: int) -> Job:
         """A fresh job for the same prompt and settings (another of a request's `n` choices)."""
-        return Job(prompt=self.prompt, recipe=self.recipe, stop=self.stop, seed=self.seed, stream=stream,
-                   deadline=self.deadline, group=group, parse_tools=self.parse_tools)
+        return Job(
+            prompt=self.prompt,
+            recipe=self.recipe,
+            stop=self.stop,
+            seed=self.seed,
+            stream=stream,
+            deadline=self.deadline,
+            group=group,
+            parse_tools=self.parse_tools,
+        )
 
 
 def _cut_at_stop(text: str, stops: list[str], start: int = 0) -> tuple[str, bool]:
     """`text` up to the first stop string found at or after `start`, and whether one was found."""
     cuts = [at for s in stops if s and (at := text.find(s, start)) >= 0]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _safe_length(text: str, stops: list[str]) -> int:
@@ -126,8 +134,11 @@ class ChatEngine:
                 raise RequestError("max_tokens must be at least 1", "max_tokens")
             d.max_new_tokens = request.max_tokens
         if d.max_new_tokens >= self.context:
-            raise RequestError(f"max_tokens {d.max_new_tokens} leaves no room for the prompt in the context "
-                               f"of {self.context} tokens", "max_tokens", "context_length_exceeded")
+            raise RequestError(
+                f"max_tokens {d.max_new_tokens} leaves no room for the prompt in the context of {self.context} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         if request.temperature is not None:
             if not 0 <= request.temperature <= 2:
                 raise RequestError("temperature must be between 0 and 2", "temperature")
@@ -149,30 +160,45 @@ class ChatEngine:
         except DataError as e:  # the chat template refuses the conversation
             raise RequestError(str(e), "messages") from None
         except UserError as e:
-            raise RequestError(f"this request is over the context budget: {e}", "messages",
-                               "context_length_exceeded") from None
+            raise RequestError(
+                f"this request is over the context budget: {e}", "messages", "context_length_exceeded"
+            ) from None
         # Chat leaves out old rounds to fit; an API client sent them to be read.
         if prompt.dropped_rounds > 0:
             raise RequestError(
                 f"the messages do not fit the context budget of {budget} prompt tokens "
                 f"({self.context} context tokens minus max_tokens {recipe.decoding.max_new_tokens}); send fewer "
-                f"or shorter messages or a smaller max_tokens", "messages", "context_length_exceeded")
-        return Job(prompt=prompt.ids, recipe=recipe, stop=[s for s in request.stop if s], seed=request.seed,
-                   stream=self.format.reply_stream(), parse_tools=request.parse_tools)
+                f"or shorter messages or a smaller max_tokens",
+                "messages",
+                "context_length_exceeded",
+            )
+        return Job(
+            prompt=prompt.ids,
+            recipe=recipe,
+            stop=[s for s in request.stop if s],
+            seed=request.seed,
+            stream=self.format.reply_stream(),
+            parse_tools=request.parse_tools,
+        )
 
     def _check_tools(self, request: ChatRequest) -> None:
         """A 400 for tools the format or its template cannot render: the model would otherwise
         answer a prompt without them, which is not how it was trained."""
         history = request.history
-        uses = bool(history.tools) or not isinstance(request.query, str) or any(
-            m.get("tool_calls") or m["role"] == "tool" for m in history.messages)
+        uses = (
+            bool(history.tools)
+            or not isinstance(request.query, str)
+            or any(m.get("tool_calls") or m["role"] == "tool" for m in history.messages)
+        )
         if not uses:
             return
         param = "tools" if history.tools else "messages"
         if not self.format.has_tools:
-            raise RequestError(f"this model was trained with the {self.format.name} format, which has no place for "
-                               "tools, tool calls or tool results (only data.collator=chat_template renders them)",
-                               param)
+            raise RequestError(
+                f"this model was trained with the {self.format.name} format, which has no place for "
+                "tools, tool calls or tool results (only data.collator=chat_template renders them)",
+                param,
+            )
         try:
             self.format.check_tools(history)  # type: ignore[attr-defined]  # has_tools: ChatTemplateFormat
         except DataError as e:
@@ -216,10 +242,14 @@ class ChatEngine:
                 for job in live:
                     job.started_at = now
                 with torch.no_grad():
-                    self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                        generation_config=config, streamer=_BatchStreamer(self, live),
-                                        logits_processor=logits_processors(self.format),
-                                        stopping_criteria=_rows_done(live))
+                    self.model.generate(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=attention.to(self.device),
+                        generation_config=config,
+                        streamer=_BatchStreamer(self, live),
+                        logits_processor=logits_processors(self.format),
+                        stopping_criteria=_rows_done(live),
+                    )
             for job in live:
                 if job.cancel.is_set():
                     job.finish_reason = "cancelled"
@@ -246,8 +276,13 @@ class ChatEngine:
         self._advance(job, [token], job.on_text)
         if time.monotonic() > job.deadline:
             job.timed_out = True
-        if (job.finish_reason == "stop" or job.stream.stopped or len(job.generated) >= job.max_new_tokens
-                or job.cancel.is_set() or job.timed_out):
+        if (
+            job.finish_reason == "stop"
+            or job.stream.stopped
+            or len(job.generated) >= job.max_new_tokens
+            or job.cancel.is_set()
+            or job.timed_out
+        ):
             job.closed = True
 
     def _advance(self, job: Job, new_ids: list[int], on_text: Callable[[str], None]) -> None:
@@ -282,7 +317,7 @@ class ChatEngine:
             text, job.tool_calls = parse_tool_calls(text)
             if job.tool_calls and job.finish_reason == "stop":
                 job.finish_reason = "tool_calls"
-        if not text.startswith(job.text[:job.shown]):
+        if not text.startswith(job.text[: job.shown]):
             job.text = text  # the parse differs from what was streamed: the whole reply is the final one
             return
         job.text = text
@@ -291,7 +326,7 @@ class ChatEngine:
     @staticmethod
     def _show(job: Job, visible: int, on_text: Callable[[str], None]) -> None:
         if visible > job.shown:
-            on_text(job.text[job.shown:visible])
+            on_text(job.text[job.shown : visible])
             job.shown = visible
 
 
@@ -304,8 +339,8 @@ def pad_left(batch: list[list[int]], pad_id: int):
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     for row, ids in enumerate(batch):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
     return input_ids, attention
 
 

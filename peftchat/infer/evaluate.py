@@ -43,8 +43,12 @@ class EvalSample:
 
     def row(self) -> dict[str, Any]:
         """The sample as `--out` writes it: the history as OpenAI-style messages."""
-        return {"origin": self.origin, "history": self.history.messages, "query": self.query,
-                "reference": self.reference}
+        return {
+            "origin": self.origin,
+            "history": self.history.messages,
+            "query": self.query,
+            "reference": self.reference,
+        }
 
 
 def _scorers():
@@ -97,11 +101,16 @@ def eval_rounds(conv: Conversation) -> list[tuple[Conversation, str, str]]:
         if message["role"] == "user":
             k += 1
         trained = message["role"] == "assistant" and message.get("train", True) is not False
-        if not trained or k < conv.context_rounds or i - 1 < head or conv.messages[i - 1]["role"] != "user" \
-                or message.get("tool_calls"):
+        if (
+            not trained
+            or k < conv.context_rounds
+            or i - 1 < head
+            or conv.messages[i - 1]["role"] != "user"
+            or message.get("tool_calls")
+        ):
             continue  # (an answer after a tool message, or a tool call, is no question/answer round)
         turns = conv.moss_turns[:k] if conv.moss_turns is not None else None
-        history = dataclasses.replace(conv, messages=conv.messages[:i - 1], moss_turns=turns, context_rounds=0)
+        history = dataclasses.replace(conv, messages=conv.messages[: i - 1], moss_turns=turns, context_rounds=0)
         out.append((history, conv.messages[i - 1]["content"] or "", message["content"] or ""))
     return out
 
@@ -219,8 +228,9 @@ def eval_generate_hook(recipe: Recipe):
     return hook
 
 
-def _samples_to_score(source: str, data: Optional[str], overrides: Iterable[str],
-                      limit: Optional[int]) -> list[EvalSample]:
+def _samples_to_score(
+    source: str, data: Optional[str], overrides: Iterable[str], limit: Optional[int]
+) -> list[EvalSample]:
     """`--data`'s samples, or without it the run's held-out ones (data.eval, else the sessions
     data.eval_split held out). Read with the recipe only: bad data answers before the model loads."""
     from peftchat.rundir import resolve_source
@@ -239,8 +249,15 @@ def _samples_to_score(source: str, data: Optional[str], overrides: Iterable[str]
     return samples
 
 
-def run_eval(source: str, data: Optional[str], overrides: Iterable[str], limit: Optional[int] = None,
-             out: Optional[str] = None, batch_size: int = 8, force: bool = False) -> int:
+def run_eval(
+    source: str,
+    data: Optional[str],
+    overrides: Iterable[str],
+    limit: Optional[int] = None,
+    out: Optional[str] = None,
+    batch_size: int = 8,
+    force: bool = False,
+) -> int:
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     _scorers()  # a missing extra answers before the model loads
@@ -254,8 +271,9 @@ def run_eval(source: str, data: Optional[str], overrides: Iterable[str], limit: 
         rows = [s.row() | {"prediction": p} | score_pair(p, s.reference, scorers) for s, p in zip(samples, predictions)]
         path = Path(out)
         with atomic_output(path, "--out", force) as tmp:
-            tmp.write_text(json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n",
-                           encoding="utf-8")
+            tmp.write_text(
+                json.dumps({"scores": scores, "samples": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8"
+            )
         say(f"scores and {len(rows)} predictions written to {path}")
     # the JSON object on stdout is the contract; the same scores as a line to read on the console
     say(f"{scores['n']} answers: " + ", ".join(f"{k.upper()} {scores[k]:.1f}" for k in METRICS))

@@ -47,7 +47,7 @@ def _history(value: Any, where: str) -> Conversation:
         elif isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(x, str) for x in item):
             rounds.append((item[0], item[1]))
         else:
-            raise DataError(f"{where}: history[{i}] must be [query, answer] or {{\"user\", \"assistant\"}}")
+            raise DataError(f'{where}: history[{i}] must be [query, answer] or {{"user", "assistant"}}')
     return Conversation.from_rounds(rounds, origin=where)
 
 
@@ -111,8 +111,15 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
     return requests
 
 
-def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_size: int = 8,
-                     progress: Optional[Any] = None, fmt: Optional[ConversationFormat] = None) -> list[str]:
+def generate_replies(
+    model,
+    tokenizer,
+    recipe,
+    prompts: list[list[int]],
+    batch_size: int = 8,
+    progress: Optional[Any] = None,
+    fmt: Optional[ConversationFormat] = None,
+) -> list[str]:
     """Replies to `prompts` (token ids), in their order, generated in left-padded batches."""
     import torch
 
@@ -123,19 +130,25 @@ def generate_replies(model, tokenizer, recipe, prompts: list[list[int]], batch_s
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     replies: list[Optional[str]] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         input_ids, attention = pad_left([prompts[i] for i in rows], config.pad_token_id)
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                 generation_config=config, logits_processor=forced)
+            out = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                generation_config=config,
+                logits_processor=forced,
+            )
         for row, i in enumerate(rows):
-            replies[i] = fmt.parse_reply(out[row, input_ids.shape[1]:].tolist()).text
+            replies[i] = fmt.parse_reply(out[row, input_ids.shape[1] :].tolist()).text
         if progress is not None:
             progress.update(len(rows))
     return replies  # type: ignore[return-value]
 
 
-def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_size: int = 8, force: bool = False) -> int:
+def run_generate(
+    source: str, inp: str, out: str, overrides: list[str], batch_size: int = 8, force: bool = False
+) -> int:
     """Generate a reply for every row of `inp` with the model of `source` (recipe, adapter dir or
     merged model dir) and write `{"prompt", "reply"}` rows to `out` in input order (written whole
     beside it and renamed into place; an existing `out` only with `force`)."""
@@ -157,8 +170,9 @@ def run_generate(source: str, inp: str, out: str, overrides: list[str], batch_si
         except UserError as e:
             raise type(e)(f"{inp}:{r.line}: {e}") from None
         if prompt.dropped_rounds:
-            say(f"{inp}:{r.line}: dropped the {prompt.dropped_rounds} oldest history round(s) "
-                "to fit the context budget")
+            say(
+                f"{inp}:{r.line}: dropped the {prompt.dropped_rounds} oldest history round(s) to fit the context budget"
+            )
         prompts.append(prompt.ids)
     with tqdm(total=len(prompts), unit="prompt", desc="generating") as bar:
         replies = generate_replies(model, tokenizer, recipe, prompts, batch_size=batch_size, progress=bar, fmt=fmt)

@@ -38,8 +38,9 @@ def _message(m: Any, i: int, origin: str) -> dict[str, Any]:
         raise RequestError(f"{where} must be an object with a 'role'", where)
     role = "system" if m["role"] == "developer" else m["role"]
     if role not in ("system", "user", "assistant", "tool"):
-        raise RequestError(f"{where}.role is {m['role']!r}; expected system, developer, user, assistant or tool",
-                           f"{where}.role")
+        raise RequestError(
+            f"{where}.role is {m['role']!r}; expected system, developer, user, assistant or tool", f"{where}.role"
+        )
     out: dict[str, Any] = {"role": role}
     text = _text(m.get("content"), where)
     if m.get("tool_calls"):
@@ -90,7 +91,14 @@ def split_messages(messages: list[Any], tools: Any = None, origin: str = "reques
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Parsed calls (`formats.turns.parse_tool_calls`) in OpenAI's reply shape: an id each (the
     client sends it back with the result), `arguments` as a JSON string."""
-    return [{"id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["function"]["name"],
-                          "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False)}}
-            for c in calls]
+    return [
+        {
+            "id": c.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {
+                "name": c["function"]["name"],
+                "arguments": json.dumps(c["function"]["arguments"], ensure_ascii=False),
+            },
+        }
+        for c in calls
+    ]

@@ -77,8 +77,14 @@ class ModelNotFound(RequestError):
     pass
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-           code: Optional[str] = None, headers: Optional[dict] = None):
+def _error(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: Optional[str] = None,
+    code: Optional[str] = None,
+    headers: Optional[dict] = None,
+):
     from fastapi.responses import JSONResponse
 
     return JSONResponse(status_code=status, content=error_body(message, type_, param, code), headers=headers)
@@ -97,8 +103,10 @@ def to_chat_request(body) -> ChatRequest:
     choice = body.tool_choice
     if choice is not None and choice not in ("auto", "none"):
         shown = choice if isinstance(choice, str) else f"a named function ({choice.function.name!r})"
-        raise RequestError(f"tool_choice {shown} is not supported by this server (it cannot force a tool call); "
-                           "use \"auto\" or \"none\"", "tool_choice")
+        raise RequestError(
+            f'tool_choice {shown} is not supported by this server (it cannot force a tool call); use "auto" or "none"',
+            "tool_choice",
+        )
     tools = [t.model_dump() for t in body.tools] if body.tools else None
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     history, query = split_messages(messages, tools)
@@ -106,8 +114,16 @@ def to_chat_request(body) -> ChatRequest:
     if len(stop) > 4:
         raise RequestError("stop takes at most 4 sequences", "stop")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    return ChatRequest(history, query, max_tokens, body.temperature, body.top_p, stop, body.seed,
-                       parse_tools=bool(tools) and choice != "none")
+    return ChatRequest(
+        history,
+        query,
+        max_tokens,
+        body.temperature,
+        body.top_p,
+        stop,
+        body.seed,
+        parse_tools=bool(tools) and choice != "none",
+    )
 
 
 class RequestParser:
@@ -127,8 +143,11 @@ class RequestParser:
         """(the request's jobs, one per choice; stream?; include usage in the stream?)"""
         body = self.model.model_validate(fields)
         if body.model != self.model_name:
-            raise ModelNotFound(f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
-                                "model", "model_not_found")
+            raise ModelNotFound(
+                f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
+                "model",
+                "model_not_found",
+            )
         self._check_ranges(body)
         job = self.engine.prepare(to_chat_request(body))
         job.deadline = time.monotonic() + self.options.request_timeout
@@ -231,8 +250,13 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
         read.close()
 
     docs = options.docs
-    app = FastAPI(title="peftchat", docs_url="/docs" if docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None, lifespan=lifespan)
+    app = FastAPI(
+        title="peftchat",
+        docs_url="/docs" if docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if docs else None,
+        lifespan=lifespan,
+    )
     app.state.scheduler = scheduler
     created = int(time.time())
 
@@ -244,7 +268,10 @@ def create_app(engine: ChatEngine, model_name: str, options: Optional[ServeOptio
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "peftchat"}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "peftchat"}],
+        }
 
     _add_chat_completions(app, scheduler, read, parse, parse_slots, model_name, options)
 
@@ -268,8 +295,15 @@ def _add_error_handlers(app) -> None:
         return _internal_error(request.scope["state"]["request_id"])
 
 
-def _add_chat_completions(app, scheduler: Scheduler, read: BodyParser, parse: RequestParser,
-                          parse_slots: asyncio.Semaphore, model_name: str, options: ServeOptions) -> None:
+def _add_chat_completions(
+    app,
+    scheduler: Scheduler,
+    read: BodyParser,
+    parse: RequestParser,
+    parse_slots: asyncio.Semaphore,
+    model_name: str,
+    options: ServeOptions,
+) -> None:
     """POST /v1/chat/completions: parse (bounded), queue on the scheduler, answer whole or streamed."""
     from fastapi import Request
     from fastapi.responses import StreamingResponse
@@ -286,13 +320,19 @@ def _add_chat_completions(app, scheduler: Scheduler, read: BodyParser, parse: Re
         try:
             scheduler.submit(jobs)
         except QueueFull:
-            return _error(429, "the server is busy: too many requests are waiting; retry shortly",
-                          "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+            return _error(
+                429,
+                "the server is busy: too many requests are waiting; retry shortly",
+                "rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
         state["prompt_tokens"] = len(jobs[0].prompt)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         if stream:
-            return StreamingResponse(_stream(jobs, events, cid, model_name, include_usage, state),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _stream(jobs, events, cid, model_name, include_usage, state), media_type="text/event-stream"
+            )
         answered = await _wait_for(jobs, events, request.receive)
         _record(state, jobs)
         if not answered:
@@ -305,10 +345,15 @@ def _add_middleware(app, options: ServeOptions) -> None:
     from fastapi.middleware.cors import CORSMiddleware
 
     if options.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=options.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])
-    app.add_middleware(Guard, api_key=options.api_key, allowed_hosts=options.allowed_hosts,
-                       max_body_bytes=options.max_body_bytes)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=options.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
+    app.add_middleware(
+        Guard, api_key=options.api_key, allowed_hosts=options.allowed_hosts, max_body_bytes=options.max_body_bytes
+    )
 
 
 async def _read_request(request, read: BodyParser, parse: RequestParser, max_body: int):
@@ -318,7 +363,9 @@ async def _read_request(request, read: BodyParser, parse: RequestParser, max_bod
     try:
         raw = await request.body()
     except BodyTooLarge:
-        return _error(413, f"the request body is over this server's limit of {max_body} bytes", code="request_too_large")
+        return _error(
+            413, f"the request body is over this server's limit of {max_body} bytes", code="request_too_large"
+        )
     try:
         return await run_in_threadpool(parse, await read(raw))
     except RequestError as e:
@@ -329,12 +376,21 @@ def _reply(jobs: list[Job], cid: str, model_name: str, state: dict):
     if any(j.failed for j in jobs):
         return _internal_error(state["request_id"])
     if all(j.timed_out and not j.generated for j in jobs):
-        return _error(503, "the request waited longer than this server's --request-timeout; retry later",
-                      "server_error", code="timeout", headers={"Retry-After": "1"})
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-            "choices": [{"index": i, "message": _message(j), "finish_reason": j.finish_reason}
-                        for i, j in enumerate(jobs)],
-            "usage": _usage(jobs)}
+        return _error(
+            503,
+            "the request waited longer than this server's --request-timeout; retry later",
+            "server_error",
+            code="timeout",
+            headers={"Retry-After": "1"},
+        )
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{"index": i, "message": _message(j), "finish_reason": j.finish_reason} for i, j in enumerate(jobs)],
+        "usage": _usage(jobs),
+    }
 
 
 def _message(job: Job) -> dict:
@@ -344,14 +400,20 @@ def _message(job: Job) -> dict:
     return {"role": "assistant", "content": job.text or None, "tool_calls": openai_tool_calls(job.tool_calls)}
 
 
-async def _stream(jobs: list[Job], events: asyncio.Queue, cid: str, model_name: str, include_usage: bool,
-                  state: dict):
+async def _stream(jobs: list[Job], events: asyncio.Queue, cid: str, model_name: str, include_usage: bool, state: dict):
     """SSE chunks of `jobs` (one per choice) as they are generated; leaving early (a client
     disconnect cancels this generator) cancels the jobs, which leave their batch at the next token."""
 
     def chunk(i: int, delta: dict, finish_reason: Optional[str] = None) -> str:
-        return _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                     "choices": [{"index": i, "delta": delta, "finish_reason": finish_reason}]})
+        return _sse(
+            {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [{"index": i, "delta": delta, "finish_reason": finish_reason}],
+            }
+        )
 
     try:
         for i in range(len(jobs)):
@@ -373,8 +435,16 @@ async def _stream(jobs: list[Job], events: asyncio.Queue, cid: str, model_name: 
                 yield chunk(i, {"tool_calls": [{"index": k, **call}]})
             yield chunk(i, {}, jobs[i].finish_reason)
         if include_usage:
-            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                        "model": model_name, "choices": [], "usage": _usage(jobs)})
+            yield _sse(
+                {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model_name,
+                    "choices": [],
+                    "usage": _usage(jobs),
+                }
+            )
         yield "data: [DONE]\n\n"
     finally:
         for job in jobs:
@@ -404,10 +474,14 @@ def check_exposure(host: str, api_key: Optional[str], insecure: bool) -> None:
     if api_key:
         say(f"peftchat: warning: serving on {host}, reachable from the network; every /v1 request needs the API key")
     elif insecure:
-        say(f"peftchat: warning: serving on {host} WITHOUT an API key (--insecure-no-api-key): anyone who reaches it may use it")
+        say(
+            f"peftchat: warning: serving on {host} WITHOUT an API key (--insecure-no-api-key): anyone who reaches it may use it"
+        )
     else:
-        raise UserError(f"--host {host} is reachable from the network: give an API key (--api-key or the "
-                        f"{API_KEY_ENV} environment variable), or pass --insecure-no-api-key if you mean it")
+        raise UserError(
+            f"--host {host} is reachable from the network: give an API key (--api-key or the "
+            f"{API_KEY_ENV} environment variable), or pass --insecure-no-api-key if you mean it"
+        )
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -434,9 +508,15 @@ def _log_to_stderr() -> None:
         log.propagate = False
 
 
-def run_serve(source: str, overrides: list[str], host: str = "127.0.0.1", port: int = 8000,
-              model_name: Optional[str] = None, options: Optional[ServeOptions] = None,
-              insecure_no_api_key: bool = False) -> int:
+def run_serve(
+    source: str,
+    overrides: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: Optional[str] = None,
+    options: Optional[ServeOptions] = None,
+    insecure_no_api_key: bool = False,
+) -> int:
     """Load the model of `source` (recipe, adapter dir or merged dir) and serve it until Ctrl-C or
     SIGTERM (which drain the requests in flight for up to `options.drain_timeout` s)."""
     try:
@@ -452,10 +532,14 @@ def run_serve(source: str, overrides: list[str], host: str = "127.0.0.1", port: 
     name = model_name or default_model_name(source)
     app = create_app(ChatEngine(model, tokenizer, recipe), name, options)
     _log_to_stderr()
-    config = uvicorn.Config(app, log_level="warning", access_log=False,
-                            # uvicorn annotates int but uses it as asyncio.timeout's seconds, a float
-                            timeout_graceful_shutdown=options.drain_timeout,  # type: ignore[arg-type]
-                            limit_concurrency=options.max_queued + options.max_batch + 64)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        # uvicorn annotates int but uses it as asyncio.timeout's seconds, a float
+        timeout_graceful_shutdown=options.drain_timeout,  # type: ignore[arg-type]
+        limit_concurrency=options.max_queued + options.max_batch + 64,
+    )
     bound = sock.getsockname()
     say(f"serving '{name}' ({recipe.data.collator} format) on http://{host}:{bound[1]}/v1")
     for sig in (signal.SIGTERM, signal.SIGINT):

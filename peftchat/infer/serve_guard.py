@@ -28,17 +28,22 @@ class BodyTooLarge(Exception):
     """The request body went past the server's limit while being read."""
 
 
-def error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-               code: Optional[str] = None) -> dict:
+def error_body(
+    message: str, type_: str = "invalid_request_error", param: Optional[str] = None, code: Optional[str] = None
+) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
 async def send_json(send, status: int, body: dict, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
-                            *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": data})
 
 
@@ -49,7 +54,7 @@ def host_allowed(host_header: str, allowed: set[str]) -> bool:
         return True
     host = host_header.strip().lower()
     if host.startswith("["):  # [IPv6]:port
-        host = host[1:host.find("]")] if "]" in host else host
+        host = host[1 : host.find("]")] if "]" in host else host
     elif host.count(":") == 1:
         host = host.rsplit(":", 1)[0]
     try:
@@ -60,8 +65,9 @@ def host_allowed(host_header: str, allowed: set[str]) -> bool:
 
 
 class Guard:
-    def __init__(self, app, api_key: Optional[str] = None, allowed_hosts: Iterable[str] = (),
-                 max_body_bytes: int = 8 << 20) -> None:
+    def __init__(
+        self, app, api_key: Optional[str] = None, allowed_hosts: Iterable[str] = (), max_body_bytes: int = 8 << 20
+    ) -> None:
         self.app = app
         self.key = f"Bearer {api_key}".encode() if api_key else None
         self.allowed = {h.lower() for h in allowed_hosts}
@@ -71,12 +77,16 @@ class Guard:
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         host = headers.get(b"host", b"").decode("latin-1")
         if not host_allowed(host, self.allowed):
-            return 400, error_body(f"the Host header '{host[:100]}' is not one this server answers to; "
-                                   "start serve with --allowed-host NAME to allow it", code="invalid_host")
+            return 400, error_body(
+                f"the Host header '{host[:100]}' is not one this server answers to; "
+                "start serve with --allowed-host NAME to allow it",
+                code="invalid_host",
+            )
         if self.key and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
             if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
-                return 401, error_body("invalid or missing API key: send the header 'Authorization: Bearer KEY'",
-                                       code="invalid_api_key")
+                return 401, error_body(
+                    "invalid or missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
@@ -86,8 +96,9 @@ class Guard:
         return None
 
     def _too_large(self) -> dict:
-        return error_body(f"the request body is over this server's limit of {self.max_body} bytes",
-                          code="request_too_large")
+        return error_body(
+            f"the request body is over this server's limit of {self.max_body} bytes", code="request_too_large"
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -125,6 +136,14 @@ class Guard:
     @staticmethod
     def _log(scope, state: dict, status: int, t0: float) -> None:
         ttft = state.get("first_token_at")
-        log.info("request=%s %s %s status=%d prompt_tokens=%s completion_tokens=%s ttft=%s total=%.3fs",
-                 state["request_id"], scope["method"], scope["path"], status, state.get("prompt_tokens", "-"),
-                 state.get("completion_tokens", "-"), f"{ttft - t0:.3f}s" if ttft else "-", time.monotonic() - t0)
+        log.info(
+            "request=%s %s %s status=%d prompt_tokens=%s completion_tokens=%s ttft=%s total=%.3fs",
+            state["request_id"],
+            scope["method"],
+            scope["path"],
+            status,
+            state.get("prompt_tokens", "-"),
+            state.get("completion_tokens", "-"),
+            f"{ttft - t0:.3f}s" if ttft else "-",
+            time.monotonic() - t0,
+        )

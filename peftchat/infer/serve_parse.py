@@ -123,12 +123,19 @@ def parse_body(raw: bytes, max_chars: int) -> tuple:
         return ("error", *_validation_message(e), None)
     texts = [m.text() for m in body.messages]
     # tool calls and tool lists reach the prompt too: counted against the context, checked as text
-    calls = [c.function.arguments if isinstance(c.function.arguments, str) else json.dumps(c.function.arguments)
-             for m in body.messages for c in m.tool_calls or []]
+    calls = [
+        c.function.arguments if isinstance(c.function.arguments, str) else json.dumps(c.function.arguments)
+        for m in body.messages
+        for c in m.tool_calls or []
+    ]
     tools = [json.dumps(t.model_dump(), ensure_ascii=False) for t in body.tools or []]
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    bad = _unicode_error(texts, "messages[{}].content") or _unicode_error(stops, "stop") \
-        or _unicode_error(calls, "a tool call's arguments") or _unicode_error(tools, "tools[{}]")
+    bad = (
+        _unicode_error(texts, "messages[{}].content")
+        or _unicode_error(stops, "stop")
+        or _unicode_error(calls, "a tool call's arguments")
+        or _unicode_error(tools, "tools[{}]")
+    )
     if bad:
         return bad
     if sum(len(t) for t in texts + calls + tools) > max_chars:
@@ -150,7 +157,7 @@ def _write_frame(stream, data: bytes, prefix: bytes = b"") -> None:
     stream.flush()
     view = memoryview(data)
     while view:  # a raw pipe write may take part of it
-        view = view[os.write(stream.fileno(), view):]
+        view = view[os.write(stream.fileno(), view) :]
 
 
 def helper_main() -> None:
@@ -173,8 +180,12 @@ class BodyParser:
         if self.proc is None or self.proc.poll() is not None:
             root = str(Path(__file__).resolve().parents[2])  # this peftchat, installed or not
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-            self.proc = subprocess.Popen([sys.executable, "-c", "from peftchat.infer.serve_parse import helper_main; "
-                                          "helper_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from peftchat.infer.serve_parse import helper_main; helper_main()"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
         return self.proc
 
     def _in_helper(self, raw: bytes) -> tuple:
@@ -193,7 +204,9 @@ class BodyParser:
     async def __call__(self, raw: bytes) -> dict:
         from peftchat.infer.engine import RequestError  # here: the helper process need not import it
 
-        parse = self._in_helper if len(raw) > IN_PROCESS_BYTES else functools.partial(parse_body, max_chars=self.max_chars)
+        parse = (
+            self._in_helper if len(raw) > IN_PROCESS_BYTES else functools.partial(parse_body, max_chars=self.max_chars)
+        )
         result = await asyncio.get_running_loop().run_in_executor(None, parse, raw)
         if result[0] == "error":
             raise RequestError(result[1], result[2], result[3])

@@ -76,8 +76,13 @@ def fp8_shapes_fit(*dims: int) -> bool:
     return all(d % FP8_ALIGN == 0 for d in dims)
 
 
-def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def scaled_matmul(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    b: torch.Tensor,
+    b_scale: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """``(a * a_scale) @ (b * b_scale)`` in fp8: `a` (M, K) row-major with scales (M, 1), `b` (K, N)
     column-major (the transpose of a row-major (N, K)) with scales (1, N); fp32 accumulation."""
     return torch._scaled_mm(a, b, scale_a=a_scale, scale_b=b_scale.contiguous(), out_dtype=out_dtype)
@@ -90,8 +95,9 @@ def fp8_linear_eager(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dty
     return scaled_matmul(xq, xs, wq.t(), ws.t(), out_dtype)
 
 
-def fp8_grad_input_eager(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
-                         ) -> torch.Tensor:
+def fp8_grad_input_eager(
+    grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``grad @ weight`` (the input gradient of a linear): grad (M, N) per row in `grad_dtype`,
     weight (N, K) per input channel (its columns: the dimension the product keeps) in e4m3.
 
@@ -121,8 +127,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) ->
 
 
 @torch.no_grad()
-def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
-                   ) -> torch.Tensor:
+def fp8_grad_input(
+    grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
     """`fp8_grad_input_eager`, compiled on CUDA (the same arithmetic)."""
     fn = _compiled(fp8_grad_input_eager) if grad.is_cuda else fp8_grad_input_eager
     return fn(grad, weight, grad_dtype, out_dtype)
@@ -137,7 +144,7 @@ def fp8_grad_input(grad: torch.Tensor, weight: torch.Tensor, grad_dtype: torch.d
 # ran no faster than bf16. The kernels below read each operand once and write it once.
 
 # (mantissa bits, smallest normal, subnormal rounding constant, largest finite) per format
-FP8_GRID = {E4M3: (3, 2.0 ** -6, 1.5 * 2.0 ** 14, 448.0), E5M2: (2, 2.0 ** -14, 1.5 * 2.0 ** 7, 57344.0)}
+FP8_GRID = {E4M3: (3, 2.0**-6, 1.5 * 2.0**14, 448.0), E5M2: (2, 2.0**-14, 1.5 * 2.0**7, 57344.0)}
 
 
 @functools.cache
@@ -155,8 +162,9 @@ def kernels_on(t: torch.Tensor) -> bool:
     return t.is_cuda and _kernels() is not None
 
 
-def quantize_rows(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize(t * col_scale, 1, fp8_dtype)` of an (M, K) `t` (fp32 (K,) `col_scale` or None):
     one Triton pass on CUDA, else torch."""
     if kernels_on(t):
@@ -164,8 +172,9 @@ def quantize_rows(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: tor
     return quantize(t.float() * col_scale if col_scale is not None else t, 1, fp8_dtype)
 
 
-def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_triton(
+    t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`quantize_rows` by `fp8_kernels.quantize_rows_kernel` (also in Triton's CPU interpreter)."""
     import triton
 
@@ -177,9 +186,22 @@ def quantize_rows_triton(t: torch.Tensor, fp8_dtype: torch.dtype = E4M3, col_sca
     block = triton.next_power_of_2(k)
     if m:
         _kernels().quantize_rows_kernel[(m,)](
-            t, col_scale if col_scale is not None else t, q, scale, m, k, AMAX_FLOOR,
-            HAS_COL_SCALE=col_scale is not None, SOFT_ROUND=not t.is_cuda, MBITS=mbits, MIN_NORMAL=min_normal, SUB_MAGIC=sub_magic,
-            FMAX=fmax, BK=block, num_warps=8 if block >= 8192 else 4)
+            t,
+            col_scale if col_scale is not None else t,
+            q,
+            scale,
+            m,
+            k,
+            AMAX_FLOOR,
+            HAS_COL_SCALE=col_scale is not None,
+            SOFT_ROUND=not t.is_cuda,
+            MBITS=mbits,
+            MIN_NORMAL=min_normal,
+            SUB_MAGIC=sub_magic,
+            FMAX=fmax,
+            BK=block,
+            num_warps=8 if block >= 8192 else 4,
+        )
     return q, scale
 
 
@@ -220,8 +242,9 @@ def nf4_row_scales(weight: torch.Tensor, quant_state) -> torch.Tensor:
     return nf4_kernel_args(weight, quant_state)[0][-1]
 
 
-def nf4_to_fp8(weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+def nf4_to_fp8(
+    weight: torch.Tensor, quant_state, rows: bool = True, transposed: bool = False
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(e4m3 (N, K) weight or None, e4m3 (K, N) transposed copy or None, (N,) row scales) of a
     bitsandbytes 4-bit `weight` (the Parameter, which `nf4_kernel_args` caches on), from its codes
     (`nf4.kernel_fits` must hold). Without FP fusion, as `nf4.dequantize`: bitsandbytes' absmaxes
@@ -259,8 +282,14 @@ class LastQuantized:
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         held = self.x
-        if (held is None or held.data_ptr() != x.data_ptr() or held.shape != x.shape
-                or held.stride() != x.stride() or held.dtype != x.dtype or x._version != self.version):
+        if (
+            held is None
+            or held.data_ptr() != x.data_ptr()
+            or held.shape != x.shape
+            or held.stride() != x.stride()
+            or held.dtype != x.dtype
+            or x._version != self.version
+        ):
             self.x, self.version, self.value = x, x._version, quantize_rows(x)
         assert self.value is not None  # set with self.x
         return self.value

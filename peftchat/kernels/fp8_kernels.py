@@ -26,8 +26,14 @@ from peftchat.kernels.nf4_kernels import nf4_tile_values
 
 
 @triton.jit
-def to_fp8_grid(v, SOFT_ROUND: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                SUB_MAGIC: tl.constexpr, FMAX: tl.constexpr):
+def to_fp8_grid(
+    v,
+    SOFT_ROUND: tl.constexpr,
+    MBITS: tl.constexpr,
+    MIN_NORMAL: tl.constexpr,
+    SUB_MAGIC: tl.constexpr,
+    FMAX: tl.constexpr,
+):
     # v ready for the cast to fp8: rounded here under SOFT_ROUND, else only clamped (the cast rounds)
     if SOFT_ROUND:
         return round_to_fp8(v, MBITS, MIN_NORMAL, SUB_MAGIC, FMAX)
@@ -55,9 +61,22 @@ def round_to_fp8(v, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_MAGIC: tl
 
 # M (the batch's token count) changes with packed batches: not specialised on (lora_dropout_kernels).
 @triton.jit(do_not_specialize=["M"])
-def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floor,
-                         HAS_COL_SCALE: tl.constexpr, SOFT_ROUND: tl.constexpr, MBITS: tl.constexpr, MIN_NORMAL: tl.constexpr,
-                         SUB_MAGIC: tl.constexpr, FMAX: tl.constexpr, BK: tl.constexpr):
+def quantize_rows_kernel(
+    x_ptr,
+    col_scale_ptr,
+    q_ptr,
+    scale_ptr,
+    M,
+    K,
+    amax_floor,
+    HAS_COL_SCALE: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    MBITS: tl.constexpr,
+    MIN_NORMAL: tl.constexpr,
+    SUB_MAGIC: tl.constexpr,
+    FMAX: tl.constexpr,
+    BK: tl.constexpr,
+):
     # one row per program, held whole in registers (BK = K rounded up to a power of two)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BK)
@@ -72,36 +91,119 @@ def quantize_rows_kernel(x_ptr, col_scale_ptr, q_ptr, scale_ptr, M, K, amax_floo
 
 
 @triton.jit
-def nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n, pid_k, N, K,
-                  BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, SOFT_ROUND: tl.constexpr,
-                  BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
+def nf4_tile_e4m3(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    row_scale_ptr,
+    n,
+    pid_k,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPAN: tl.constexpr,
+):
     # The (BN, BK) tile of rows n ((BN, 1) int64) and columns from pid_k * BK of a bitsandbytes
     # 4-bit weight in e4m3, divided by their row's scale, from `nf4_tile_values` (one load of the
     # tile's bytes, one absmax per block: for a 14336 x 4096 weight 0.198 ms on an H200, against
     # 0.551 for a kernel reading each element's code byte and absmax on its own, now deleted)
-    v = nf4_tile_values(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, n, pid_k, N, K,
-                        BLOCKSIZE, BLOCKSIZE2, NESTED, BN, BK, SPAN)
+    v = nf4_tile_values(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset,
+        n,
+        pid_k,
+        N,
+        K,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        BN,
+        BK,
+        SPAN,
+    )
     v = tl.math.div_rn(v, tl.load(row_scale_ptr + n, mask=n < N, other=1.0))
     return to_fp8_grid(v, SOFT_ROUND, 3, 0.015625, 24576.0, 448.0).to(tl.float8e4nv)  # e4m3: see fp8.FP8_GRID
 
 
 @triton.jit
-def nf4_to_fp8_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr, N, K,
-                      BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                      SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
+def nf4_to_fp8_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    row_scale_ptr,
+    out_ptr,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPAN: tl.constexpr,
+):
     # the (N, K) e4m3 weight, a (BN, BK) tile per program (nf4_tile_e4m3)
     n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]
     k = (tl.program_id(1) * BK + tl.arange(0, BK))[None, :]
     inside = (n < N) & (k < K)
-    q = nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n,
-                      tl.program_id(1), N, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND, BN, BK, SPAN)
+    q = nf4_tile_e4m3(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset,
+        row_scale_ptr,
+        n,
+        tl.program_id(1),
+        N,
+        K,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        SOFT_ROUND,
+        BN,
+        BK,
+        SPAN,
+    )
     tl.store(out_ptr + n * K + k, q, mask=inside)
 
 
 @triton.jit
-def nf4_to_fp8_t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, out_ptr,
-                        N, K, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                        SOFT_ROUND: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPAN: tl.constexpr):
+def nf4_to_fp8_t_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    absmax2_ptr,
+    code2_ptr,
+    offset,
+    row_scale_ptr,
+    out_ptr,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKSIZE2: tl.constexpr,
+    NESTED: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPAN: tl.constexpr,
+):
     # the transposed (K, N) e4m3 weight, the (BN, BK) weight tile per program stored as its (BK, BN)
     # transpose: the rows tile transposed in registers (tl.trans) so that both the loads and the
     # stores run along contiguous memory (0.194 ms for 14336 x 4096 on an H200, against 0.37 ms
@@ -110,8 +212,26 @@ def nf4_to_fp8_t_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr
     # alone on the GPU, yet 1B/8B runs using it blew their gradients up (not explained), so each
     # layout has its own kernel and store.
     n = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]
-    q = nf4_tile_e4m3(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, row_scale_ptr, n,
-                      tl.program_id(1), N, K, BLOCKSIZE, BLOCKSIZE2, NESTED, SOFT_ROUND, BN, BK, SPAN)
+    q = nf4_tile_e4m3(
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        absmax2_ptr,
+        code2_ptr,
+        offset,
+        row_scale_ptr,
+        n,
+        tl.program_id(1),
+        N,
+        K,
+        BLOCKSIZE,
+        BLOCKSIZE2,
+        NESTED,
+        SOFT_ROUND,
+        BN,
+        BK,
+        SPAN,
+    )
     q = tl.trans(q)
     n = tl.trans(n)  # (1, BN)
     k = (tl.program_id(1) * BK + tl.arange(0, BK)).to(tl.int64)[:, None]

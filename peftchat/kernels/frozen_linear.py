@@ -79,7 +79,7 @@ def _bnb():
 
 
 def base_kind(base: nn.Module) -> Optional[str]:
-    """"nf4" (any 4-bit), "int8", "dense" for a frozen base this module can compute, else None."""
+    """ "nf4" (any 4-bit), "int8", "dense" for a frozen base this module can compute, else None."""
     bnb = _bnb()
     if bnb is not None and isinstance(base, bnb.nn.Linear4bit):
         return "nf4"
@@ -135,8 +135,18 @@ class LoraOnFrozenLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, base, kind: str, scaling: float, p: float, fp8: Optional[Fp8Passes],
-                state: Optional[FusedState] = None):
+    def forward(
+        ctx,
+        x,
+        lora_a,
+        lora_b,
+        base,
+        kind: str,
+        scaling: float,
+        p: float,
+        fp8: Optional[Fp8Passes],
+        state: Optional[FusedState] = None,
+    ):
         dtype = x.dtype
         ctx.rng = ctx.seed = None
         ctx.state = state if state is not None else FusedState()
@@ -238,8 +248,9 @@ def _fp8_input_grad(ctx, grad: torch.Tensor, dtype: torch.dtype, kept: Any) -> t
     return fp8_grad_input(grad, base_weight(base, kind, dtype), ctx.fp8_grad, dtype)
 
 
-def _lora_input_grads(ctx, x: torch.Tensor, grad_xa: torch.Tensor,
-                      lora_a: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _lora_input_grads(
+    ctx, x: torch.Tensor, grad_xa: torch.Tensor, lora_a: torch.Tensor
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(LoRA A's gradient, LoRA's part of x's gradient or None) through forward's dropout mask.
     `grad_xa`: the gradient of x @ A.T, times the scaling except on the kernel path (whose kernels
     multiply it in)."""
@@ -280,13 +291,18 @@ def _plain_lora_adapter(layer: Any) -> Optional[str]:  # a peft LoRA layer
     if not layer.training or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(name, False):
+    if (
+        name not in layer.lora_A
+        or name in getattr(layer, "lora_variant", {})
+        or getattr(layer, "lora_bias", {}).get(name, False)
+    ):
         return None
     return name
 
 
-def fused_lora_forward(layer: Any, kind: str, fp8: Optional[Fp8Passes], state: FusedState, x: torch.Tensor,
-                       *args: Any, **kwargs: Any) -> torch.Tensor:
+def fused_lora_forward(
+    layer: Any, kind: str, fp8: Optional[Fp8Passes], state: FusedState, x: torch.Tensor, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """`layer.forward` through LoraOnFrozenLinear when eligible, else peft's own forward. `kind`:
     the base's `base_kind`, found once by `fuse_lora_layers` (it is fixed per layer; this runs
     every forward of every LoRA layer)."""
@@ -307,7 +323,9 @@ def fused_lora_forward(layer: Any, kind: str, fp8: Optional[Fp8Passes], state: F
     dropout = layer.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     out_features, in_features = lora_b.shape[0], lora_a.shape[1]
-    use_fp8 = fp8 if (fp8 is not None and dtype == torch.bfloat16 and fp8_shapes_fit(in_features, out_features)) else None
+    use_fp8 = (
+        fp8 if (fp8 is not None and dtype == torch.bfloat16 and fp8_shapes_fit(in_features, out_features)) else None
+    )
     x2d = x.reshape(-1, in_features).to(dtype)
     y = LoraOnFrozenLinear.apply(x2d, lora_a, lora_b, base, kind, float(layer.scaling[name]), p, use_fp8, state)
     # the dtype peft's layer returns: bitsandbytes bases give back the input's, nn.Linear under

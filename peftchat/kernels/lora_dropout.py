@@ -68,9 +68,16 @@ def usable(x: torch.Tensor, lora_a: torch.Tensor, p: float) -> bool:
     m, k = x.shape
     # under torch.compile (training.compile with fused_lora: true) torch's dropout stays: the
     # kernels' launches are not traced or checked there
-    return (0 < p < 1 and x.dtype in (torch.bfloat16, torch.float16) and lora_a.shape[0] <= 128
-            and k % GROUP == 0 and m * k < MAX_ELEMENTS and x.is_contiguous() and available(x.device)
-            and not torch.compiler.is_compiling())
+    return (
+        0 < p < 1
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and lora_a.shape[0] <= 128
+        and k % GROUP == 0
+        and m * k < MAX_ELEMENTS
+        and x.is_contiguous()
+        and available(x.device)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def threshold(p: float) -> int:
@@ -96,7 +103,7 @@ def new_seed(device: torch.device) -> int:
         offset = gen.get_offset()
         gen.set_offset(offset + 4)
         return SEED_TAG | ((gen.initial_seed() & 0x3FFFFFFF) << 32) | ((offset // 4) & 0xFFFFFFFF)
-    return SEED_TAG | int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    return SEED_TAG | int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
 def block_r(r: int) -> int:
@@ -115,6 +122,7 @@ def _kernels():
 class Tiles:
     """One kernel's launch shape: BM rows by BK columns per program (BK a multiple of GROUP, so
     every tile starts on a Philox group; the mask does not depend on them), warps, pipeline stages."""
+
     bm: int = 64
     bk: int = 128
     warps: int = 4
@@ -129,8 +137,9 @@ class Tiles:
 TILES = {"down": Tiles(bm=32, stages=4), "grad_a": Tiles(warps=8), "grad_input": Tiles(stages=2)}
 
 
-def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0,
-         tiles: Optional[Tiles] = None) -> torch.Tensor:
+def down(
+    x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0, tiles: Optional[Tiles] = None
+) -> torch.Tensor:
     """(x * keep * keep_scale) @ lora_a.T * scale for (M, K) x and (r, K) lora_a, in x's dtype.
     `tiles`: the launch shape (by default the measured `TILES`; the draws do not depend on it)."""
     triton, kernel, *_ = _kernels()
@@ -138,13 +147,28 @@ def down(x: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: floa
     r = lora_a.shape[0]
     t = tiles or TILES["down"]
     out = torch.empty(m, r, device=x.device, dtype=x.dtype)
-    kernel[(triton.cdiv(m, t.bm),)](x, lora_a.contiguous(), out, seed, m, k, r, threshold(p), keep_scale(p) * scale,
-                                    BM=t.bm, BK=t.bk, BR=block_r(r), num_warps=t.warps, num_stages=t.stages)
+    kernel[(triton.cdiv(m, t.bm),)](
+        x,
+        lora_a.contiguous(),
+        out,
+        seed,
+        m,
+        k,
+        r,
+        threshold(p),
+        keep_scale(p) * scale,
+        BM=t.bm,
+        BK=t.bk,
+        BR=block_r(r),
+        num_warps=t.warps,
+        num_stages=t.stages,
+    )
     return out
 
 
-def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0,
-           tiles: Optional[Tiles] = None) -> torch.Tensor:
+def grad_a(
+    x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: float = 1.0, tiles: Optional[Tiles] = None
+) -> torch.Tensor:
     """grad_xa.T @ (x * keep * keep_scale) * scale: LoRA A's gradient (r, K), in fp32."""
     triton, _, kernel, *_ = _kernels()
     m, k = x.shape
@@ -157,13 +181,29 @@ def grad_a(x: torch.Tensor, grad_xa: torch.Tensor, seed: int, p: float, scale: f
     splits = triton.cdiv(m, rows_per_split)
     br = block_r(r)
     parts = torch.empty(splits, k, br, device=x.device, dtype=torch.float32)
-    kernel[(col_blocks, splits)](x, grad_xa.contiguous(), parts, seed, m, k, r, rows_per_split, threshold(p),
-                                 keep_scale(p) * scale, BM=t.bm, BK=t.bk, BR=br, num_warps=t.warps, num_stages=t.stages)
+    kernel[(col_blocks, splits)](
+        x,
+        grad_xa.contiguous(),
+        parts,
+        seed,
+        m,
+        k,
+        r,
+        rows_per_split,
+        threshold(p),
+        keep_scale(p) * scale,
+        BM=t.bm,
+        BK=t.bk,
+        BR=br,
+        num_warps=t.warps,
+        num_stages=t.stages,
+    )
     return (parts[0] if splits == 1 else parts.sum(0))[:, :r].t()
 
 
-def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0,
-               tiles: Optional[Tiles] = None) -> torch.Tensor:
+def grad_input(
+    grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float, scale: float = 1.0, tiles: Optional[Tiles] = None
+) -> torch.Tensor:
     """(grad_xa @ lora_a) * keep * keep_scale * scale: LoRA's part of the layer input's gradient
     (M, K), in grad_xa's dtype."""
     triton, _, _, kernel, _ = _kernels()
@@ -171,18 +211,39 @@ def grad_input(grad_xa: torch.Tensor, lora_a: torch.Tensor, seed: int, p: float,
     k = lora_a.shape[1]
     out = torch.empty(m, k, device=grad_xa.device, dtype=grad_xa.dtype)
     t = tiles or TILES["grad_input"]
-    kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](grad_xa.contiguous(), lora_a.contiguous(), out, seed, m, k,
-                                                         r, threshold(p), keep_scale(p) * scale, BM=t.bm, BK=t.bk,
-                                                         BR=block_r(r), num_warps=t.warps, num_stages=t.stages)
+    kernel[(triton.cdiv(m, t.bm), triton.cdiv(k, t.bk))](
+        grad_xa.contiguous(),
+        lora_a.contiguous(),
+        out,
+        seed,
+        m,
+        k,
+        r,
+        threshold(p),
+        keep_scale(p) * scale,
+        BM=t.bm,
+        BK=t.bk,
+        BR=block_r(r),
+        num_warps=t.warps,
+        num_stages=t.stages,
+    )
     return out
 
 
-def keep_mask(seed: int, m: int, k: int, p: float, tiles: Tiles = Tiles(), joined: bool = False,
-              device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def keep_mask(
+    seed: int,
+    m: int,
+    k: int,
+    p: float,
+    tiles: Tiles = Tiles(),
+    joined: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> torch.Tensor:
     """The (m, k) bool keep mask the kernels draw from `seed` on `device` (for tests and checks);
     `joined`: through grad_input's way of drawing it (the same bits)."""
     triton, *_, kernel = _kernels()
     out = torch.empty(m, k, device=device, dtype=torch.int8)
-    kernel[(triton.cdiv(m, tiles.bm), triton.cdiv(k, tiles.bk))](out, seed, m, k, threshold(p), BM=tiles.bm,
-                                                                 BK=tiles.bk, JOINED=joined)
+    kernel[(triton.cdiv(m, tiles.bm), triton.cdiv(k, tiles.bk))](
+        out, seed, m, k, threshold(p), BM=tiles.bm, BK=tiles.bk, JOINED=joined
+    )
     return out.bool()

@@ -49,9 +49,14 @@ def kernel_fits(weight: torch.Tensor, quant_state) -> bool:
     whose rows hold whole absmax blocks (NF4 or FP4: the code table is read, not assumed), not
     repacked by bitsandbytes' CPU inference path."""
     shape = getattr(quant_state, "shape", None)
-    return (weight.dtype == torch.uint8 and shape is not None and len(shape) == 2
-            and shape[1] % quant_state.blocksize == 0 and weight.numel() * 2 == shape[0] * shape[1]
-            and not getattr(quant_state, "packing_format_for_cpu", False))
+    return (
+        weight.dtype == torch.uint8
+        and shape is not None
+        and len(shape) == 2
+        and shape[1] % quant_state.blocksize == 0
+        and weight.numel() * 2 == shape[0] * shape[1]
+        and not getattr(quant_state, "packing_format_for_cpu", False)
+    )
 
 
 def decode_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
@@ -64,10 +69,21 @@ def decode_args(weight: torch.Tensor, quant_state) -> tuple[tuple, dict]:
         nested = bool(quant_state.nested)
         s2: Any = quant_state.state2 if nested else None
         absmax = quant_state.absmax
-        rest = (absmax, quant_state.code, s2.absmax if nested else absmax, s2.code if nested else absmax,
-                float(quant_state.offset) if nested else 0.0)
-        meta = dict(BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested,
-                    BN=TILE[0], BK=TILE[1], SPAN=min(quant_state.blocksize, TILE[1]))
+        rest = (
+            absmax,
+            quant_state.code,
+            s2.absmax if nested else absmax,
+            s2.code if nested else absmax,
+            float(quant_state.offset) if nested else 0.0,
+        )
+        meta = dict(
+            BLOCKSIZE=quant_state.blocksize,
+            BLOCKSIZE2=s2.blocksize if nested else 1,
+            NESTED=nested,
+            BN=TILE[0],
+            BK=TILE[1],
+            SPAN=min(quant_state.blocksize, TILE[1]),
+        )
         cached = _DECODE[weight] = (rest, meta)
     return cached
 
@@ -84,5 +100,6 @@ def dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.T
     out = torch.empty((n, k), dtype=dtype, device=weight.device)
     soft_round = not weight.is_cuda and dtype == torch.bfloat16  # the interpreter's bf16 cast truncates
     _kernels().nf4_dequant_kernel[(cdiv(n, TILE[0]), cdiv(k, TILE[1]))](
-        weight, *rest, out, n, k, **meta, SOFT_ROUND=soft_round, enable_fp_fusion=False)
+        weight, *rest, out, n, k, **meta, SOFT_ROUND=soft_round, enable_fp_fusion=False
+    )
     return out

@@ -36,9 +36,12 @@ class KernelOptions:
     def from_training(cls, cfg: TrainingConfig, device: torch.device, fused_lora: bool) -> KernelOptions:
         """The options of a run of `cfg` on `device`; `fused_lora`: what `training.fused_lora`
         resolved to for this model (auto: on CUDA)."""
-        return cls(fused_lora=fused_lora or bool(cfg.fp8), fp8=Fp8Passes() if cfg.fp8 else None,
-                   triton=lora_dropout.available(device),
-                   offload=bool(cfg.gradient_checkpointing and cfg.checkpoint_offload))
+        return cls(
+            fused_lora=fused_lora or bool(cfg.fp8),
+            fp8=Fp8Passes() if cfg.fp8 else None,
+            triton=lora_dropout.available(device),
+            offload=bool(cfg.gradient_checkpointing and cfg.checkpoint_offload),
+        )
 
     def describe(self) -> str:
         """One line for the run's log, in the speed-ups line's style."""

@@ -33,8 +33,12 @@ _SDPA_ONLY_KWARGS = ("sliding_window", "softcap", "s_aux")
 def packed_kwargs(cu_seq_lens: torch.Tensor, max_seq_len: int | torch.Tensor) -> dict[str, Any]:
     """Decoder keyword arguments for one packed batch: `cu_seq_lens` (int32, samples' cumulative
     lengths over the flattened batch, starting at 0) and the longest sample."""
-    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": int(max_seq_len), "max_length_k": int(max_seq_len)}
+    return {
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": int(max_seq_len),
+        "max_length_k": int(max_seq_len),
+    }
 
 
 def _reference_varlen(q, k, v, cu_seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -46,8 +50,9 @@ def _reference_varlen(q, k, v, cu_seq_lens: torch.Tensor, scale: float) -> torch
     for start, end in zip(bounds, bounds[1:]):
         if end > start:
             qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, len, dim)
-            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                            enable_gqa=gqa).transpose(0, 1)
+            out[start:end] = F.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa
+            ).transpose(0, 1)
     return out
 
 
@@ -82,8 +87,9 @@ def flash_varlen_available(device: torch.device) -> bool:
     return True
 
 
-def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor,
-                            max_len: int, scale: float) -> torch.Tensor:
+def packed_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq_lens: torch.Tensor, max_len: int, scale: float
+) -> torch.Tensor:
     """Causal attention within each sample of tokens laid end to end: q (tokens, heads, dim), k/v
     (tokens, kv_heads, dim), samples bounded by `cu_seq_lens`. Flash kernel on CUDA in bf16/fp16,
     the per-sample sdpa reference otherwise."""
@@ -92,25 +98,36 @@ def packed_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     return _reference_varlen(q, k, v, cu_seq_lens, scale)
 
 
-def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                             scaling: Optional[float] = None, dropout: float = 0.0,
-                             **kwargs) -> tuple[torch.Tensor, None]:
+def varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """A transformers attention function (query (batch, heads, len, dim)); returns (batch, len,
     heads, dim) like transformers' sdpa function, which it calls for anything but a packed batch."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    unpackable = (cu_seq_lens is None or dropout or query.shape[2] != key.shape[2]
-                  or not getattr(module, "is_causal", True)
-                  or any(kwargs.get(name) is not None for name in _SDPA_ONLY_KWARGS))
+    unpackable = (
+        cu_seq_lens is None
+        or dropout
+        or query.shape[2] != key.shape[2]
+        or not getattr(module, "is_causal", True)
+        or any(kwargs.get(name) is not None for name in _SDPA_ONLY_KWARGS)
+    )
     if unpackable:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     assert cu_seq_lens is not None  # else unpackable
     batch, heads, length, dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
-    scale = scaling if scaling is not None else dim ** -0.5
+    scale = scaling if scaling is not None else dim**-0.5
     out = packed_causal_attention(q, k, v, cu_seq_lens, kwargs["max_length_q"], scale)
     return out.view(batch, length, heads, dim), None
 

@@ -69,8 +69,9 @@ def _check_attention(name: str, device: torch.device) -> None:
 MASKED_SDPA = "sdpa_masked"
 
 
-def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = None,
-                  for_training: bool = False) -> str:
+def attention_for(
+    source: str, recipe: Recipe, device: Optional[torch.device] = None, for_training: bool = False
+) -> str:
     """`model.attn_implementation` as from_pretrained gets it. Family quirk: Gemma 2 soft-caps its
     attention logits, which sdpa cannot do, so transformers refuses sdpa for it (flash_attention_2
     and eager soft-cap): `sdpa` becomes `eager` for a model class without an sdpa path. Packed
@@ -90,21 +91,34 @@ def attention_for(source: str, recipe: Recipe, device: Optional[torch.device] = 
         model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):  # remote code or an unreadable config: from_pretrained decides
         if m.attn_implementation == VARLEN_ATTENTION:
-            raise UserError(f"model.attn_implementation={VARLEN_ATTENTION} needs a model class of transformers "
-                            f"itself ('{m.path}' has none: remote code or no readable config); use sdpa") from None
+            raise UserError(
+                f"model.attn_implementation={VARLEN_ATTENTION} needs a model class of transformers "
+                f"itself ('{m.path}' has none: remote code or no readable config); use sdpa"
+            ) from None
         return "sdpa" if m.attn_implementation == MASKED_SDPA else m.attn_implementation
     if not getattr(model_class, "_supports_sdpa", True):
-        print(f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
-              file=sys.stderr, flush=True)
+        print(
+            f"note: {model_class.__name__} has no sdpa attention (it soft-caps attention logits); using eager",
+            file=sys.stderr,
+            flush=True,
+        )
         return "eager"
     pluggable = getattr(model_class, "_supports_attention_backend", False)
     if m.attn_implementation == VARLEN_ATTENTION:
         if not pluggable:
-            raise UserError(f"model.attn_implementation={VARLEN_ATTENTION}: {model_class.__name__} does not take "
-                            f"registered attention functions; use sdpa")
+            raise UserError(
+                f"model.attn_implementation={VARLEN_ATTENTION}: {model_class.__name__} does not take "
+                f"registered attention functions; use sdpa"
+            )
         return register_varlen_attention()
-    if (m.attn_implementation == "sdpa" and for_training and recipe.data.packing and pluggable
-            and device is not None and flash_varlen_available(device)):
+    if (
+        m.attn_implementation == "sdpa"
+        and for_training
+        and recipe.data.packing
+        and pluggable
+        and device is not None
+        and flash_varlen_available(device)
+    ):
         return register_varlen_attention()
     return "sdpa"
 
@@ -137,8 +151,10 @@ def check_model_source(recipe: Recipe) -> str:
         return source  # a hub id: from_pretrained says whether it exists
     path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"model not found: {source} (model.path); build a demo one with `peftchat tiny-model {source}`"
-                        " or point model.path to a model dir or hub id")
+        raise UserError(
+            f"model not found: {source} (model.path); build a demo one with `peftchat tiny-model {source}`"
+            " or point model.path to a model dir or hub id"
+        )
     if not (path / MODEL_CONFIG).is_file():
         raise UserError(f"model.path {source} is not a transformers model dir (no config.json)")
     return str(path)
@@ -177,8 +193,9 @@ def damaged_safetensors(directory: Path) -> str | None:
     return None
 
 
-def load_base_model(recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True,
-                    sharded: bool = False):
+def load_base_model(
+    recipe: Recipe, device: torch.device | str | None = None, for_training: bool = True, sharded: bool = False
+):
     """Load `model.path` as a transformers causal LM on `device` (default: `resolve_device(recipe)`);
     `sharded`: FSDP2 will shard it (the 4-bit storage dtype, `_quantization_config`).
 
@@ -213,8 +230,9 @@ def load_base_model(recipe: Recipe, device: torch.device | str | None = None, fo
         damaged = damaged_safetensors(Path(source)) if looks_local(source) else None
         if damaged is None:
             raise
-        raise UserError(f"cannot load model from '{m.path}': {damaged}; replace the file (download or "
-                        f"export the model again)") from None
+        raise UserError(
+            f"cannot load model from '{m.path}': {damaged}; replace the file (download or export the model again)"
+        ) from None
 
     if not for_training:
         model.eval()

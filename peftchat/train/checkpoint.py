@@ -62,8 +62,12 @@ def capture_rng() -> dict:
     assert isinstance(np_state, tuple)  # the legacy form, get_state's default
     state = {
         "python": random.getstate(),
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -94,24 +98,40 @@ def save_recipe_with_history(recipe: Recipe, history: list, path: str | os.PathL
     Path(path).write_text("".join(lines) + recipe_to_yaml(with_absolute_paths(recipe)), encoding="utf-8")
 
 
-def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model, optimizer, *, tokenizer=None,
-                    recipe=None, grad_scaler=None, rng: dict | None = None, keep: int = 0,
-                    adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | os.PathLike,
+    state: TrainState,
+    model,
+    optimizer,
+    *,
+    tokenizer=None,
+    recipe=None,
+    grad_scaler=None,
+    rng: dict | None = None,
+    keep: int = 0,
+    adapter_state: dict | None = None,
+    optimizer_state: dict | None = None,
+) -> Path:
     """Write `output_dir/checkpoint-{state.step}` atomically, then keep the newest `keep`.
 
     `rng` is the RNG state to record (default: now); an existing checkpoint of the same step is
     replaced. `adapter_state` / `optimizer_state`: the trainable weights and the optimizer state
     when the live objects do not hold them whole (FSDP2 gathers them; default: read them live).
     """
+
     def fill(tmp: Path) -> None:
         model.save_pretrained(str(tmp), **({"state_dict": adapter_state} if adapter_state is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if recipe is not None:
             save_recipe_with_history(recipe, state.changes, tmp / RECIPE_FILE)
-        torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                    "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None},
-                   tmp / OPTIMIZER_FILE)
+        torch.save(
+            {
+                "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+            },
+            tmp / OPTIMIZER_FILE,
+        )
         torch.save(rng if rng is not None else capture_rng(), tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
 
@@ -164,17 +184,28 @@ def load_init_adapter(path: str | os.PathLike, model) -> None:
         # Any: peft annotates torch's _IncompatibleKeys result as a bare `namedtuple`
         result: Any = set_peft_model_state_dict(model, load_peft_weights(str(path), device=str(device)))
     except RuntimeError as e:  # another r, target or modules_to_save shape
-        raise UserError(f"adapter.init_from: {path} does not fit this recipe's adapter: {str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"adapter.init_from: {path} does not fit this recipe's adapter: {str(e).splitlines()[0]}"
+        ) from None
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k or "modules_to_save" in k]
     if getattr(result, "unexpected_keys", None) or missing:
         what = result.unexpected_keys[:2] if result.unexpected_keys else missing[:2]
-        raise UserError(f"adapter.init_from: {path} does not fit this recipe's adapter (adapter.* must match "
-                        f"the run it comes from): {what}")
+        raise UserError(
+            f"adapter.init_from: {path} does not fit this recipe's adapter (adapter.* must match "
+            f"the run it comes from): {what}"
+        )
     print(f"adapter initialized from {path}", flush=True)
 
 
-def load_training_state(path: str | os.PathLike, optimizer, *, grad_scaler=None, restore_rng_state: bool = True,
-                        load_optimizer=None, rank: int = 0) -> TrainState:
+def load_training_state(
+    path: str | os.PathLike,
+    optimizer,
+    *,
+    grad_scaler=None,
+    restore_rng_state: bool = True,
+    load_optimizer=None,
+    rank: int = 0,
+) -> TrainState:
     """Optimizer (and grad scaler) from checkpoint `path`, the RNG states last (rank `rank`'s
     when the checkpoint holds one per rank, else rank 0's); returns the data position.
     `load_optimizer(saved)`: how to put the saved optimizer state in (default: load_state_dict)."""
@@ -191,8 +222,9 @@ def load_training_state(path: str | os.PathLike, optimizer, *, grad_scaler=None,
     return state
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer, *, grad_scaler=None,
-                    restore_rng_state: bool = True) -> TrainState:
+def load_checkpoint(
+    path: str | os.PathLike, model, optimizer, *, grad_scaler=None, restore_rng_state: bool = True
+) -> TrainState:
     """Load adapter weights, optimizer (and grad scaler) from checkpoint `path` into the live
     objects, restore the RNG states last, and return the data position.
 

@@ -73,8 +73,14 @@ def draw(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike, force: b
             points = series[key]
             if points:  # colour by run, so a run keeps its colour in panels where another has no data
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=f"C{i % 10}", marker="o" if len(points) < 12 else None, markersize=3,
-                        label=_label(d, dirs))
+                ax.plot(
+                    steps,
+                    values,
+                    color=f"C{i % 10}",
+                    marker="o" if len(points) < 12 else None,
+                    markersize=3,
+                    label=_label(d, dirs),
+                )
         if not any(series[key] for series in data):
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
         every = [v for s in data for _, v in s[key]]

@@ -71,18 +71,24 @@ def check_launch(recipe: Recipe, launching: bool = False) -> None:
     strategy = recipe.distributed.strategy
     torchrun = launching or launched_by_torchrun()
     if strategy == "fsdp" and not torchrun:
-        raise ConfigError("distributed.strategy=fsdp needs several processes: launch with "
-                          "`peftchat train --nproc-per-node N ...` or `torchrun --nproc-per-node N -m peftchat.cli train ...` "
-                          "(N may be 1), or set distributed.strategy=ddp")
+        raise ConfigError(
+            "distributed.strategy=fsdp needs several processes: launch with "
+            "`peftchat train --nproc-per-node N ...` or `torchrun --nproc-per-node N -m peftchat.cli train ...` "
+            "(N may be 1), or set distributed.strategy=ddp"
+        )
     if not torchrun:
         return
     device = recipe.training.device
     if device.startswith("cuda:"):
-        raise ConfigError(f"training.device={device} under torchrun: each rank uses cuda:LOCAL_RANK; "
-                          "set training.device=cuda or auto (choose GPUs with CUDA_VISIBLE_DEVICES)")
+        raise ConfigError(
+            f"training.device={device} under torchrun: each rank uses cuda:LOCAL_RANK; "
+            "set training.device=cuda or auto (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
     if strategy == "fsdp" and recipe.training.eval_generate > 0:
-        raise ConfigError("training.eval_generate is not supported with distributed.strategy=fsdp; "
-                          "score the trained adapter with `peftchat eval` instead")
+        raise ConfigError(
+            "training.eval_generate is not supported with distributed.strategy=fsdp; "
+            "score the trained adapter with `peftchat eval` instead"
+        )
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:
@@ -104,8 +110,12 @@ def launch_local(nproc: int, argv: list[str]) -> int:
     except ChildFailedError as e:
         rank, failure = min(e.failures.items())
         if failure.exitcode < 0:  # killed by a signal: no line of its own
-            print(f"peftchat: error: process {rank} was killed by signal {-failure.exitcode}; the others were "
-                  f"stopped; continue from the last checkpoint with training.resume=true", file=sys.stderr, flush=True)
+            print(
+                f"peftchat: error: process {rank} was killed by signal {-failure.exitcode}; the others were "
+                f"stopped; continue from the last checkpoint with training.resume=true",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         return failure.exitcode
     return 0
@@ -116,8 +126,10 @@ def _rank_device(recipe: Recipe, local_rank: int) -> torch.device:
     if resolve_device(recipe).type != "cuda":
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
-                          "start at most that many processes per node")
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "start at most that many processes per node"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -239,8 +251,9 @@ class LossModule(torch.nn.Module):
         return self.loss_fn(self.model, batch, normalizer=normalizer)
 
 
-def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], state: Dist,
-                      recipe: Recipe) -> torch.nn.Module:
+def wrap_for_training(
+    model: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], state: Dist, recipe: Recipe
+) -> torch.nn.Module:
     """The LossModule under DDP or FSDP2 (`state.strategy`). DDP: only trainable parameters are
     reduced (frozen ones have no gradient); gradient checkpointing is non-reentrant
     (train.speedups), which DDP allows without static_graph; buffers are not broadcast (every rank
@@ -253,18 +266,23 @@ def wrap_for_training(model: torch.nn.Module, loss_fn: Callable[..., torch.Tenso
         import inspect
 
         # newer torch renames broadcast_buffers (and warns about the old name)
-        no_sync: dict[str, Any] = ({"forward_sync_buffers": False}
-                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                   else {"broadcast_buffers": False})
-        return DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=recipe.distributed.find_unused_parameters,
-                                       **no_sync)
+        no_sync: dict[str, Any] = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        return DistributedDataParallel(
+            wrapped, device_ids=ids, find_unused_parameters=recipe.distributed.find_unused_parameters, **no_sync
+        )
     from torch.distributed.device_mesh import init_device_mesh
 
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # FSDP2's public name arrived in torch 2.6
-        raise UserError(f"distributed.strategy=fsdp needs torch >= 2.6 (FSDP2's fully_shard), this is "
-                        f"{torch.__version__}; use distributed.strategy=ddp") from None
+        raise UserError(
+            f"distributed.strategy=fsdp needs torch >= 2.6 (FSDP2's fully_shard), this is "
+            f"{torch.__version__}; use distributed.strategy=ddp"
+        ) from None
 
     from peftchat.train.speedups import decoder_layers
 
@@ -329,8 +347,10 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
     live_keys = set(optimizer.param_groups[0])  # a saved one may hold more (the lr schedule's initial_lr)
-    groups = [{**{k: v for k, v in group.items() if k in live_keys}, "params": [names[i] for i in group["params"]]}
-              for group in saved["param_groups"]]
+    groups = [
+        {**{k: v for k, v in group.items() if k in live_keys}, "params": [names[i] for i in group["params"]]}
+        for group in saved["param_groups"]
+    ]
     full: dict[str, Any] = {"state": {names[int(i)]: s for i, s in saved["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
     for live, group in zip(optimizer.param_groups, saved["param_groups"]):  # as load_state_dict does
@@ -353,9 +373,19 @@ def _spare_micro_batch(batches: Batches, window: Window) -> MicroBatch:
     raise AssertionError("a window with label tokens has a loss-bearing micro-batch")
 
 
-def backward_window_sharded(wrapped: torch.nn.Module, window: Window, state: Dist, *, batches: Batches,
-                            accumulation: int, device: torch.device, autocast: Callable[[], Any], scaler: Any,
-                            stop_requested: bool, per_micro: list) -> tuple[torch.Tensor, int, int, bool]:
+def backward_window_sharded(
+    wrapped: torch.nn.Module,
+    window: Window,
+    state: Dist,
+    *,
+    batches: Batches,
+    accumulation: int,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    scaler: Any,
+    stop_requested: bool,
+    per_micro: list,
+) -> tuple[torch.Tensor, int, int, bool]:
     """`step.backward_window` for one process of several: (this process's part of the window loss,
     the window's label tokens, the window's input tokens, whether any process was asked to stop),
     the counts and the stop over all processes, so every process stops after the same step.

@@ -21,7 +21,7 @@ def evaluate(run: Run) -> tuple[float, int]:
     dist = run.dist
     assert run.eval is not None  # callers evaluate only runs with an eval set
     plan = run.eval.plan(0)
-    mine = plan[dist.rank::dist.world_size]
+    mine = plan[dist.rank :: dist.world_size]
     sharded = dist.strategy == "fsdp"
     passes = math.ceil(len(plan) / dist.world_size) if sharded else len(mine)
     total = torch.zeros((), dtype=torch.float64, device=run.device)

@@ -45,11 +45,12 @@ def sole_writer(output_dir: str | os.PathLike) -> Iterator[None]:
     try:
         lock.acquire()
     except Timeout:
-        raise UserError(f"training.output_dir {out} is in use by another peftchat train ({_holder_text(out)}); "
-                        f"wait for it to end, or choose another training.output_dir") from None
+        raise UserError(
+            f"training.output_dir {out} is in use by another peftchat train ({_holder_text(out)}); "
+            f"wait for it to end, or choose another training.output_dir"
+        ) from None
     try:
-        holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         (out / HOLDER_FILE).write_text(json.dumps(holder) + "\n", encoding="utf-8")
         yield
     finally:

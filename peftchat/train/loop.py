@@ -103,8 +103,9 @@ def train(recipe: Recipe, hooks: Optional[TrainHooks] = None) -> Path:
             return _train(recipe, hooks, dist, interrupt)
 
 
-def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE,
-           interrupt: Optional[GracefulInterrupt] = None) -> Path:
+def _train(
+    recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE, interrupt: Optional[GracefulInterrupt] = None
+) -> Path:
     run = setup(recipe, hooks or TrainHooks(), dist)
     run.interrupt = interrupt
     state = run.state
@@ -117,8 +118,11 @@ def _train(recipe: Recipe, hooks: Optional[TrainHooks], dist: Dist = SINGLE,
         torch.cuda.reset_peak_memory_stats(run.device)  # the summary's peak is this session's
     cfg = recipe.training
     ranks = f" x {dist.world_size} processes" if dist.active else ""
-    print(f"training {run.total_steps} steps ({run.steps_per_epoch} per epoch; batch {cfg.batch_size} x "
-          f"accumulation {cfg.gradient_accumulation_steps}{ranks}) on {run.device}", flush=True)
+    print(
+        f"training {run.total_steps} steps ({run.steps_per_epoch} per epoch; batch {cfg.batch_size} x "
+        f"accumulation {cfg.gradient_accumulation_steps}{ranks}) on {run.device}",
+        flush=True,
+    )
     run.metrics = MetricsLogger(run.out, tensorboard=cfg.tensorboard) if dist.is_main else Muted()
     run.progress = Progress(run.total_steps, state.step) if dist.is_main else Muted()
     with setup_objects_frozen():
@@ -163,11 +167,28 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
         torch.manual_seed(cfg.seed + dist.rank)  # the processes' dropout masks differ (all built the same LoRA init)
     optimizer = build_optimizer(model, cfg, device)
     autocast, scaler = mixed_precision(recipe, device)
-    run = Run(recipe=recipe, out=Path(cfg.output_dir), device=device, tokenizer=tokenizer, data_report=report,
-              train=train, eval=evaluation, model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-              autocast=autocast, params_count=counts, total_steps=total, steps_per_epoch=per_epoch,
-              resumed_from=resume_from, hooks=hooks, state=TrainState(total_steps=total, world_size=dist.world_size),
-              dist=dist, wrapped=wrapped)
+    run = Run(
+        recipe=recipe,
+        out=Path(cfg.output_dir),
+        device=device,
+        tokenizer=tokenizer,
+        data_report=report,
+        train=train,
+        eval=evaluation,
+        model=model,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast=autocast,
+        params_count=counts,
+        total_steps=total,
+        steps_per_epoch=per_epoch,
+        resumed_from=resume_from,
+        hooks=hooks,
+        state=TrainState(total_steps=total, world_size=dist.world_size),
+        dist=dist,
+        wrapped=wrapped,
+    )
     if dist.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(run.out)
@@ -193,11 +214,16 @@ def setup_data(recipe: Recipe):
     if data.train is None or len(data.train) == 0:
         raise DataError(f"no training samples in {recipe.data.train} (see the data report above)")
     # a packed row holds at most one sample's limit
-    common = dict(batch_size=cfg.batch_size, max_length=sample_limit(recipe), pad_id=tokenizer.pad_token_id,
-                  packing=recipe.data.packing)
+    common = dict(
+        batch_size=cfg.batch_size,
+        max_length=sample_limit(recipe),
+        pad_id=tokenizer.pad_token_id,
+        packing=recipe.data.packing,
+    )
     batches = PairBatches if is_preference(recipe) else Batches  # preference pairs: one concatenated batch each
-    train = batches(data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle,
-                    seed=cfg.seed, **common)
+    train = batches(
+        data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle, seed=cfg.seed, **common
+    )
     evaluation = batches(data.eval, **common) if data.eval is not None and len(data.eval) else None
     return tokenizer, data.report, train, evaluation
 
@@ -241,8 +267,9 @@ def train_steps(run: Run) -> None:
     params = [p for p in run.model.parameters() if p.requires_grad]
     meter = IntervalMeter(run.device)
     world = run.dist.world_size  # N processes step through the windows one process with N x accumulation takes
-    windows = run.train.windows(run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps * world,
-                                part=(run.dist.rank, world))
+    windows = run.train.windows(
+        run.state.epoch, run.state.batch_index, cfg.gradient_accumulation_steps * world, part=(run.dist.rank, world)
+    )
     run.model.train()
     interrupt = run.interrupt or GracefulInterrupt()
     interrupt.deferring = True  # from here a signal saves the run
@@ -272,12 +299,21 @@ def training_step(run: Run, window: Window, meter: IntervalMeter, params: list) 
     micro_losses: list = []
     if run.dist.active:
         loss, label_tokens, tokens, run.interrupt_seen = distributed.backward_window_sharded(
-            run.wrapped, window, run.dist, batches=run.train, accumulation=cfg.gradient_accumulation_steps,
-            device=run.device, autocast=run.autocast, scaler=run.scaler,
-            stop_requested=bool(run.interrupt and run.interrupt.requested), per_micro=micro_losses)
+            run.wrapped,
+            window,
+            run.dist,
+            batches=run.train,
+            accumulation=cfg.gradient_accumulation_steps,
+            device=run.device,
+            autocast=run.autocast,
+            scaler=run.scaler,
+            stop_requested=bool(run.interrupt and run.interrupt.requested),
+            per_micro=micro_losses,
+        )
     else:
-        loss, label_tokens = backward_window(run.model, window.micro_batches, run.device, run.loss_fn,
-                                             run.autocast, run.scaler, per_micro=micro_losses)
+        loss, label_tokens = backward_window(
+            run.model, window.micro_batches, run.device, run.loss_fn, run.autocast, run.scaler, per_micro=micro_losses
+        )
         tokens = window.tokens
     if step_dropped(run, window, micro_losses, loss):
         return lr, None
@@ -317,8 +353,15 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
     world = run.dist.world_size
     loss, tokens_per_s = meter.take(reduce=(lambda t: sum_tensor(run.dist, t) / world) if world > 1 else None)
     memory, _ = peak_memory_gb(run.device)
-    row = {"step": run.state.step, "epoch": round(run.epoch_progress, 4), "loss": loss, "lr": lr,
-           "tokens_per_s": round(tokens_per_s, 2), "tokens": run.state.tokens, "memory_gb": round(memory, 3)}
+    row = {
+        "step": run.state.step,
+        "epoch": round(run.epoch_progress, 4),
+        "loss": loss,
+        "lr": lr,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "tokens": run.state.tokens,
+        "memory_gb": round(memory, 3),
+    }
     if grad_norm is not None:  # FSDP2: a DTensor
         row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     extra = loss_metrics(run.loss_fn, "train", over_ranks(run))
@@ -332,14 +375,22 @@ def run_eval(run: Run) -> None:
     if run.eval is None:
         return
     loss, tokens = evaluate(run)
-    row = {"step": run.state.step, "eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": tokens,
-           **loss_metrics(run.loss_fn, "eval", over_ranks(run))}
+    row = {
+        "step": run.state.step,
+        "eval_loss": loss,
+        "eval_ppl": perplexity(loss),
+        "eval_tokens": tokens,
+        **loss_metrics(run.loss_fn, "eval", over_ranks(run)),
+    }
     if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))
     run.metrics.log(row)
     run.eval_step = run.state.step
-    margin = f" | eval margin {row['eval_rewards/margin']:.3f} | acc {row['eval_rewards/accuracy']:.2f}" \
-        if "eval_rewards/margin" in row else ""
+    margin = (
+        f" | eval margin {row['eval_rewards/margin']:.3f} | acc {row['eval_rewards/accuracy']:.2f}"
+        if "eval_rewards/margin" in row
+        else ""
+    )
     run.progress.say(f"step {run.state.step}: eval_loss {loss:.4f} | eval_ppl {row['eval_ppl']:.2f}{margin}")
     if run.dist.is_main:
         write_training_curves(run.out)
@@ -358,9 +409,19 @@ def save(run: Run) -> None:
         rng = {**ranks[0], "ranks": ranks} if ranks is not None else None  # the main process alone gets them
     if dist.is_main:
         with run.interrupt.saving() if run.interrupt is not None else nullcontext():  # a signal waits for it
-            save_checkpoint(run.out, run.state, run.model, run.optimizer, tokenizer=run.tokenizer,
-                            recipe=run.recipe, grad_scaler=run.scaler, keep=cfg.save_total_limit, rng=rng,
-                            adapter_state=adapter_state, optimizer_state=optimizer_state)
+            save_checkpoint(
+                run.out,
+                run.state,
+                run.model,
+                run.optimizer,
+                tokenizer=run.tokenizer,
+                recipe=run.recipe,
+                grad_scaler=run.scaler,
+                keep=cfg.save_total_limit,
+                rng=rng,
+                adapter_state=adapter_state,
+                optimizer_state=optimizer_state,
+            )
     barrier(dist)
     run.saved_step = run.state.step
 
@@ -375,7 +436,6 @@ def stop_for_interrupt(run: Run) -> None:
     run.interrupt.stopping = True  # from here further signals are only noted: the lock is released
     checkpoint = checkpoint_dir(run.out, run.state.step)
     raise Interrupted(signum, f"saved {checkpoint} (step {run.state.step} of {run.total_steps})", checkpoint)
-
 
 
 def finish(run: Run) -> None:

@@ -74,8 +74,9 @@ def tokens_per_chunk(config, chunk_tokens: int | None = None) -> int:
     return chunk_tokens or max(1, LOGITS_PER_CHUNK // config.get_text_config().vocab_size)
 
 
-def over_head_chunks(fn: Callable[..., Tensor], head, config, hidden: Tensor, targets: Tensor,
-                     chunk_tokens: int | None = None) -> list[Tensor]:
+def over_head_chunks(
+    fn: Callable[..., Tensor], head, config, hidden: Tensor, targets: Tensor, chunk_tokens: int | None = None
+) -> list[Tensor]:
     """`fn(head, transform, hidden_chunk, target_chunk)` over chunks of the scored positions, each
     recomputed in backward (checkpointed) when gradients are on, so one chunk's vocab-sized logits
     exist at a time. SFT sums the parts (`causal_lm_loss`); preference objectives keep per-token
@@ -84,7 +85,7 @@ def over_head_chunks(fn: Callable[..., Tensor], head, config, hidden: Tensor, ta
     step = tokens_per_chunk(config, chunk_tokens)
     parts = []
     for start in range(0, targets.shape[0], step):
-        h, y = hidden[start:start + step], targets[start:start + step]
+        h, y = hidden[start : start + step], targets[start : start + step]
         if torch.is_grad_enabled():
             parts.append(checkpoint(fn, head, transform, h, y, use_reentrant=False))
         else:
@@ -99,8 +100,14 @@ def _fused_applies(head, config, hidden: Tensor) -> bool:
     return torch.is_grad_enabled() and hidden.is_cuda and fused_ce_supports_head(head, config)
 
 
-def causal_lm_loss(model, batch: dict[str, Tensor], *, normalizer: float | None = None,
-                   chunk_tokens: int | None = None, head_loss: Optional[HeadLoss] = None) -> Tensor:
+def causal_lm_loss(
+    model,
+    batch: dict[str, Tensor],
+    *,
+    normalizer: float | None = None,
+    chunk_tokens: int | None = None,
+    head_loss: Optional[HeadLoss] = None,
+) -> Tensor:
     """Summed next-token cross-entropy of `batch`, divided by `normalizer` (default: this batch's
     label-token count, i.e. the mean).
 

@@ -69,9 +69,15 @@ class ModelShape:
     def from_config(cls, config) -> ModelShape:
         c = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = c.num_attention_heads
-        return cls(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=c.intermediate_size,
-                   vocab=c.vocab_size, heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                   tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)))
+        return cls(
+            hidden=c.hidden_size,
+            layers=c.num_hidden_layers,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            heads=heads,
+            kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            tied_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        )
 
 
 @dataclass(frozen=True)
@@ -83,21 +89,45 @@ class MemoryPolicy:
 
     def describe(self, budget_gib: float) -> str:
         offload = ", inputs offloaded" if self.checkpoint_offload else ""
-        verdict = "fits" if self.fits else ("NOTHING FITS, smallest policy used; a smaller training.batch_size "
-                                            "(with gradient_accumulation_steps) or data.max_length needs less")
-        return (f"max_memory_gib {budget_gib:g}: checkpoint_skip_layers {self.checkpoint_skip_layers}{offload} "
-                f"(estimated peak {self.estimated_gib:.1f} GiB; {verdict})")
+        verdict = (
+            "fits"
+            if self.fits
+            else (
+                "NOTHING FITS, smallest policy used; a smaller training.batch_size "
+                "(with gradient_accumulation_steps) or data.max_length needs less"
+            )
+        )
+        return (
+            f"max_memory_gib {budget_gib:g}: checkpoint_skip_layers {self.checkpoint_skip_layers}{offload} "
+            f"(estimated peak {self.estimated_gib:.1f} GiB; {verdict})"
+        )
 
 
 def _linears(s: ModelShape) -> list[tuple[int, int]]:
     head_dim = s.hidden // s.heads
     q, kv = s.heads * head_dim, s.kv_heads * head_dim
-    return [(s.hidden, q), (s.hidden, kv), (s.hidden, kv), (q, s.hidden),
-            (s.hidden, s.intermediate), (s.hidden, s.intermediate), (s.intermediate, s.hidden)]
+    return [
+        (s.hidden, q),
+        (s.hidden, kv),
+        (s.hidden, kv),
+        (q, s.hidden),
+        (s.hidden, s.intermediate),
+        (s.hidden, s.intermediate),
+        (s.intermediate, s.hidden),
+    ]
 
 
-def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, skip: int, offload: bool,
-                 fused: bool = False, fp8: bool = False, reference_pass: bool = False) -> float:
+def estimate_gib(
+    s: ModelShape,
+    quantization: str,
+    lora_r: int,
+    tokens: int,
+    skip: int,
+    offload: bool,
+    fused: bool = False,
+    fp8: bool = False,
+    reference_pass: bool = False,
+) -> float:
     """Estimated peak GiB of one training step (see the module docstring for the terms); `fused`:
     the LoRA layers run through the fused LoRA function; `fp8`: `training.fp8` on; `reference_pass`:
     a no-grad reference forward between the forward and the backward (DPO)."""
@@ -123,17 +153,30 @@ def estimate_gib(s: ModelShape, quantization: str, lora_r: int, tokens: int, ski
     return (base + embed + lora + kept_inputs + transient) / GIB
 
 
-def choose_policy(s: ModelShape, quantization: str, lora_r: int, batch: int, seq: int, budget_gib: float,
-                  allow_offload: bool = True, fused: bool = False, fp8: bool = False,
-                  rows_per_sample: int = 1, reference_pass: bool = False) -> MemoryPolicy:
+def choose_policy(
+    s: ModelShape,
+    quantization: str,
+    lora_r: int,
+    batch: int,
+    seq: int,
+    budget_gib: float,
+    allow_offload: bool = True,
+    fused: bool = False,
+    fp8: bool = False,
+    rows_per_sample: int = 1,
+    reference_pass: bool = False,
+) -> MemoryPolicy:
     """The fastest (skip, offload) whose estimate fits `HEADROOM * budget_gib`, else the smallest;
     `fused`, `fp8` and `reference_pass` as for `estimate_gib`; `rows_per_sample`: rows a sample
     puts in the forward (2 for a preference pair)."""
     if budget_gib <= 0:
         raise ValueError(f"budget must be > 0 GiB, got {budget_gib}")
     tokens = batch * rows_per_sample * seq
-    ranked = [(skip, offload) for skip in range(s.layers, -1, -1)
-              for offload in ((False, True) if allow_offload and skip < s.layers else (False,))]
+    ranked = [
+        (skip, offload)
+        for skip in range(s.layers, -1, -1)
+        for offload in ((False, True) if allow_offload and skip < s.layers else (False,))
+    ]
 
     def estimate(skip: int, offload: bool) -> float:
         return estimate_gib(s, quantization, lora_r, tokens, skip, offload, fused, fp8, reference_pass)
@@ -151,8 +194,11 @@ def budget_applies(recipe: Recipe, device_type: str) -> bool:
     line why not where it is set but ignored (the estimate is of GPU memory only)."""
     budget = recipe.training.max_memory_gib
     if budget and device_type != "cuda":
-        print(f"max_memory_gib {budget:g}: a GPU memory budget, ignored on this {device_type} run "
-              "(the recipe's checkpoint settings run as written)", flush=True)
+        print(
+            f"max_memory_gib {budget:g}: a GPU memory budget, ignored on this {device_type} run "
+            "(the recipe's checkpoint settings run as written)",
+            flush=True,
+        )
     return bool(budget) and device_type == "cuda"
 
 
@@ -163,8 +209,11 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
     if not cfg.max_memory_gib:
         return cfg
     if not cfg.gradient_checkpointing:
-        print(f"max_memory_gib {cfg.max_memory_gib:g}: ignored, it picks a checkpointing policy and "
-              "training.gradient_checkpointing is false", flush=True)
+        print(
+            f"max_memory_gib {cfg.max_memory_gib:g}: ignored, it picks a checkpointing policy and "
+            "training.gradient_checkpointing is false",
+            flush=True,
+        )
         return cfg
     from peftchat.model.adapters import unwrap_peft
     from peftchat.train.preference import uses_precomputed_reference
@@ -172,11 +221,19 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
 
     budget = float(cfg.max_memory_gib)
     pairs = cfg.objective != "sft"
-    policy = choose_policy(ModelShape.from_config(unwrap_peft(model).config), recipe.model.quantization,
-                           recipe.adapter.r, cfg.batch_size, recipe.data.max_length, budget,
-                           fused=fused_lora_enabled(model, cfg), fp8=bool(cfg.fp8),
-                           rows_per_sample=2 if pairs else 1,
-                           reference_pass=cfg.objective == "dpo" and not uses_precomputed_reference(recipe))
+    policy = choose_policy(
+        ModelShape.from_config(unwrap_peft(model).config),
+        recipe.model.quantization,
+        recipe.adapter.r,
+        cfg.batch_size,
+        recipe.data.max_length,
+        budget,
+        fused=fused_lora_enabled(model, cfg),
+        fp8=bool(cfg.fp8),
+        rows_per_sample=2 if pairs else 1,
+        reference_pass=cfg.objective == "dpo" and not uses_precomputed_reference(recipe),
+    )
     print(policy.describe(budget), flush=True)
-    return replace(cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers,
-                   checkpoint_offload=policy.checkpoint_offload)
+    return replace(
+        cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers, checkpoint_offload=policy.checkpoint_offload
+    )

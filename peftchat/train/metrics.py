@@ -136,8 +136,9 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.interactive = sys.stderr.isatty()
-        self._bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
-                         disable=not self.interactive)
+        self._bar = tqdm(
+            total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not self.interactive
+        )
 
     def advance(self) -> None:
         self._bar.update(1)

@@ -46,9 +46,11 @@ def verify_finite(run: Run) -> None:
     step, window, micro_losses, _ = pending[int((~finite).nonzero()[0])]
     value, where = _non_finite(run, window, micro_losses)
     saved = f"checkpoint-{run.saved_step}" if run.saved_step is not None else "none"
-    raise UserError(f"loss is {value} at step {step}, {where}; nothing of this step was saved (last "
-                    f"checkpoint: {saved}); lower training.lr or set training.max_grad_norm, check those "
-                    f"samples, or drop such steps with training.on_nan=skip")
+    raise UserError(
+        f"loss is {value} at step {step}, {where}; nothing of this step was saved (last "
+        f"checkpoint: {saved}); lower training.lr or set training.max_grad_norm, check those "
+        f"samples, or drop such steps with training.on_nan=skip"
+    )
 
 
 def skip_non_finite_step(run: Run, window: Window, micro_losses: list) -> None:

@@ -69,8 +69,9 @@ def lr_factor(kind: str, step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int,
-                    start_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int, start_step: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Warmup, then decay over a run of `total_steps` (`lr_factor`), positioned after
     `start_step` steps: the optimizer's lr is then the one of step `start_step + 1`.
 

@@ -34,12 +34,30 @@ from peftchat.train.lock import HOLDER_FILE, LOCK_FILE
 INTO_NONEMPTY_FLAG = "--into-nonempty-dir"
 # Every name a run writes at the top of its dir: the final outputs (peft adds a README.md model
 # card, the tokenizer its files) and what a run keeps there while it lives.
-RUN_FILES = frozenset({
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, "README.md", RECIPE_FILE, SUMMARY_FILE, CHECKSUMS_FILE, COMPLETE_MARKER,
-    METRICS_FILE, CURVES_FILE, TENSORBOARD_DIR, LOCK_FILE, HOLDER_FILE,
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
-    "vocab.json", "merges.txt", "added_tokens.json",
-})
+RUN_FILES = frozenset(
+    {
+        ADAPTER_CONFIG,
+        ADAPTER_WEIGHTS,
+        "README.md",
+        RECIPE_FILE,
+        SUMMARY_FILE,
+        CHECKSUMS_FILE,
+        COMPLETE_MARKER,
+        METRICS_FILE,
+        CURVES_FILE,
+        TENSORBOARD_DIR,
+        LOCK_FILE,
+        HOLDER_FILE,
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+        "added_tokens.json",
+    }
+)
 _LEFT_BY_A_RUN = frozenset({LOCK_FILE, HOLDER_FILE})  # a run killed during setup leaves only these
 
 
@@ -57,18 +75,26 @@ def check_output_dir_owner(out: Path, into_nonempty: bool) -> None:
         return
     if not into_nonempty:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UserError(f"training.output_dir {out} is not empty and holds no peftchat run ({foreign[0]}{more}); "
-                        f"choose an empty or new dir, or pass {INTO_NONEMPTY_FLAG} to add the run's files beside them")
+        raise UserError(
+            f"training.output_dir {out} is not empty and holds no peftchat run ({foreign[0]}{more}); "
+            f"choose an empty or new dir, or pass {INTO_NONEMPTY_FLAG} to add the run's files beside them"
+        )
     clash = [name for name in foreign if name in RUN_FILES]
     if clash:
-        raise UserError(f"training.output_dir {out} holds {out / clash[0]}, a name the run writes; peftchat never "
-                        f"replaces files it did not create: choose another training.output_dir")
+        raise UserError(
+            f"training.output_dir {out} holds {out / clash[0]}, a name the run writes; peftchat never "
+            f"replaces files it did not create: choose another training.output_dir"
+        )
 
 
 def recipe_inputs(recipe: Recipe, recipe_file: str | os.PathLike) -> list[tuple[str, str | os.PathLike | None]]:
     """What a command driven by a recipe reads (as `paths.check_outputs` takes it): the recipe,
     the base model, the tokenizer and every local data file of `data.train` and `data.eval`."""
-    inputs = [("the recipe", recipe_file), ("model.path", recipe.model.path), ("model.tokenizer", recipe.model.tokenizer)]
+    inputs = [
+        ("the recipe", recipe_file),
+        ("model.path", recipe.model.path),
+        ("model.tokenizer", recipe.model.tokenizer),
+    ]
     for key in ("train", "eval"):
         inputs += [(f"data.{key} file", f) for f in local_data_files(getattr(recipe.data, key), f"data.{key}")]
     return inputs

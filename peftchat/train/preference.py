@@ -57,16 +57,19 @@ def sequence_logps(model, batch: dict[str, Tensor], chunk_tokens: Optional[int] 
     """(summed log-prob of each row's scored tokens, their count) for a concatenated pair batch
     (`input_ids`, `attention_mask`, `loss_positions`, `loss_targets`, `loss_rows`)."""
     base = unwrap_peft(model)
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).last_hidden_state
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
     selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch["loss_positions"])
-    parts = over_head_chunks(_chunk_logps, base.get_output_embeddings(), base.config, selected,
-                             batch["loss_targets"], chunk_tokens)
+    parts = over_head_chunks(
+        _chunk_logps, base.get_output_embeddings(), base.config, selected, batch["loss_targets"], chunk_tokens
+    )
     token_logps = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
     rows = batch["input_ids"].shape[0]
     sums = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(0, batch["loss_rows"], token_logps)
     counts = torch.zeros(rows, dtype=torch.float32, device=hidden.device).index_add(
-        0, batch["loss_rows"], torch.ones_like(token_logps))
+        0, batch["loss_rows"], torch.ones_like(token_logps)
+    )
     if not parts:  # keeps the graph connected for a batch without scored tokens
         sums = sums + hidden.sum() * 0.0
     return sums, counts
@@ -91,8 +94,9 @@ def log1mexp(x: Tensor) -> Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def pair_losses(cfg: TrainingConfig, logps: Tensor, counts: Tensor,
-                ref: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+def pair_losses(
+    cfg: TrainingConfig, logps: Tensor, counts: Tensor, ref: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(per-pair loss without ORPO's NLL, chosen rewards, rejected rewards) from the policy's
     summed log-probs and token counts of the 2B rows (chosen first) and, for DPO, the reference's [B, 2]."""
     beta, eps = cfg.beta, cfg.label_smoothing
@@ -147,13 +151,15 @@ class PreferenceLoss:
             self._sums = kept
 
     def _add(self, split: str, r_c: Tensor, r_r: Tensor) -> None:
-        row = torch.stack([r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(),
-                           torch.tensor(float(r_c.shape[0]), device=r_c.device)]).double()
+        row = torch.stack(
+            [r_c.sum(), r_r.sum(), (r_c > r_r).float().sum(), torch.tensor(float(r_c.shape[0]), device=r_c.device)]
+        ).double()
         sums = self._sums[split]
         self._sums[split] = row if sums is None else sums + row
 
-    def take_metrics(self, split: str = "train",
-                     reduce: Optional[Callable[[list[float]], list[float]]] = None) -> dict[str, float]:
+    def take_metrics(
+        self, split: str = "train", reduce: Optional[Callable[[list[float]], list[float]]] = None
+    ) -> dict[str, float]:
         """Mean rewards/chosen, rewards/rejected, margin and accuracy since the last call (one sync);
         `reduce` sums the four totals over processes (torchrun: every process calls it, with zeros
         when it saw no pair, so the means are over all processes' pairs)."""
@@ -173,7 +179,9 @@ def make_preference_loss(recipe: Recipe) -> PreferenceLoss:
 
 def uses_precomputed_reference(recipe: Recipe) -> bool:
     ref = recipe.training.reference
-    return recipe.training.objective == "dpo" and (ref == "precomputed" or (ref == "auto" and bool(recipe.adapter.init_from)))
+    return recipe.training.objective == "dpo" and (
+        ref == "precomputed" or (ref == "auto" and bool(recipe.adapter.init_from))
+    )
 
 
 def _data_key(batches) -> str:
@@ -219,8 +227,10 @@ def attach_reference(run: Any) -> None:
     if saved is not None and saved.get("keys") == keys:
         print(f"reference log-probs: {path} ({len(run.train.lengths)} train pairs)", flush=True)
     elif run.state.step > 0:
-        raise UserError(f"{path} is missing or belongs to other data: the resumed run's reference log-probs were "
-                        "computed before its first step; start the run again (or use training.reference=base)")
+        raise UserError(
+            f"{path} is missing or belongs to other data: the resumed run's reference log-probs were "
+            "computed before its first step; start the run again (or use training.reference=base)"
+        )
     else:
         values = {name: precompute_reference(run.model, b, run.device, run.autocast) for name, b in splits.items()}
         saved = {"keys": keys, **values}

@@ -54,7 +54,9 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
         latest = latest_intact_checkpoint(out) if integrity_checked() else latest_checkpoint(out)
         if latest is None:
             damaged = " (the complete ones are damaged, see above)" if latest_checkpoint(out) is not None else ""
-            raise UserError(f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from{damaged}")
+            raise UserError(
+                f"training.resume=true but {out} has no complete checkpoint-STEP dir to resume from{damaged}"
+            )
         return latest
     if resume:
         path = Path(resume).expanduser()
@@ -64,14 +66,18 @@ def resume_checkpoint(recipe: Recipe) -> Path | None:
             raise UserError(f"training.resume: {resume} is not a complete checkpoint (no 'complete' marker)")
         damage = checkpoint_damage(path) if integrity_checked() else None
         if damage is not None:
-            raise UserError(f"training.resume: checkpoint {resume} is damaged: {damage}; "
-                            f"resume from an older checkpoint, or with training.resume=true (the newest intact one); "
-                            f"--no-integrity-check resumes from it anyway")
+            raise UserError(
+                f"training.resume: checkpoint {resume} is damaged: {damage}; "
+                f"resume from an older checkpoint, or with training.resume=true (the newest intact one); "
+                f"--no-integrity-check resumes from it anyway"
+            )
         return path
     what = existing_run(out)
     if what is not None:
-        raise UserError(f"training.output_dir {out} already holds a run ({what}); continue it with "
-                        f"training.resume=true or choose another training.output_dir")
+        raise UserError(
+            f"training.output_dir {out} already holds a run ({what}); continue it with "
+            f"training.resume=true or choose another training.output_dir"
+        )
     return None
 
 
@@ -104,8 +110,11 @@ def key_kind(name: str) -> str:
 def recipe_changes(old: Recipe, new: Recipe) -> dict[str, list]:
     """`{key: [old value, new value]}` for every key that differs, runtime keys left out."""
     a, b = _flat(with_absolute_paths(old)), _flat(with_absolute_paths(new))  # saved recipes hold absolute paths
-    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
-            if a.get(k) != b.get(k) and key_kind(k) != "runtime"}
+    return {
+        k: [a.get(k), b.get(k)]
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and key_kind(k) != "runtime"
+    }
 
 
 def check_resume_changes(recipe: Recipe, checkpoint: Path) -> dict[str, list]:
@@ -118,8 +127,10 @@ def check_resume_changes(recipe: Recipe, checkpoint: Path) -> dict[str, list]:
     trained = {k: v for k, v in changes.items() if key_kind(k) == "trained"}
     if trained and recipe.training.resume_changes != "allow":
         listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in trained.items())
-        raise ConfigError(f"training.resume: the recipe changes what {checkpoint.name} was trained with ({listed}); "
-                          f"undo the change, or accept it with training.resume_changes=allow")
+        raise ConfigError(
+            f"training.resume: the recipe changes what {checkpoint.name} was trained with ({listed}); "
+            f"undo the change, or accept it with training.resume_changes=allow"
+        )
     return changes
 
 
@@ -128,10 +139,13 @@ def restore(run: Run, checkpoint: Path, changes: dict) -> None:
     the schedule and record accepted recipe changes."""
     load_sharded = None
     if run.dist.strategy == "fsdp":
+
         def load_sharded(saved: dict) -> None:
             distributed.load_full_optimizer_state(run.model, run.optimizer, saved)
-    state = load_training_state(checkpoint, run.optimizer, grad_scaler=run.scaler, load_optimizer=load_sharded,
-                                rank=run.dist.rank)
+
+    state = load_training_state(
+        checkpoint, run.optimizer, grad_scaler=run.scaler, load_optimizer=load_sharded, rank=run.dist.rank
+    )
     _apply_optimizer_settings(run.optimizer, run.recipe)
     if run.dist.is_main:
         MetricsLogger.truncate_after(run.out, state.step)
@@ -143,16 +157,23 @@ def restore(run: Run, checkpoint: Path, changes: dict) -> None:
         run.eval_step = state.step  # a resume after the last step: its eval is done already
     print(f"resuming from {checkpoint} (step {state.step}, epoch {state.epoch}, batch {state.batch_index})", flush=True)
     if state.total_steps and state.total_steps != run.total_steps and state.step < run.total_steps:
-        print(f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
-              f"{state.step + 1}..{run.total_steps} follow the curve of a {run.total_steps}-step run", flush=True)
+        print(
+            f"lr schedule re-planned for {run.total_steps} steps (was {state.total_steps}): steps "
+            f"{state.step + 1}..{run.total_steps} follow the curve of a {run.total_steps}-step run",
+            flush=True,
+        )
     state.total_steps = run.total_steps
     if changes and not (state.step >= run.total_steps and is_complete(run.out)):  # a no-op resume changes nothing
         state.changes.append({"step": state.step, "changes": changes})
         if run.dist.is_main:
             with MetricsLogger(run.out) as metrics:
                 metrics.log({"step": state.step, "resume_changes": changes})
-        print("recipe changes from step " + f"{state.step + 1}: " +
-              ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()), flush=True)
+        print(
+            "recipe changes from step "
+            + f"{state.step + 1}: "
+            + ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items()),
+            flush=True,
+        )
     run.state = state
 
 
@@ -161,9 +182,12 @@ def _note_world_size(run: Run, state: TrainState) -> None:
     now, then = run.dist.world_size, state.world_size
     if now != then:
         g = run.recipe.training.gradient_accumulation_steps
-        print(f"note: {run.resumed_from} was written by {then} process(es), this run has {now}: from step "
-              f"{state.step + 1} an optimizer step takes {now * g} micro-batches (was {then * g}); "
-              f"resume with {then} process(es) to continue the run exactly", flush=True)
+        print(
+            f"note: {run.resumed_from} was written by {then} process(es), this run has {now}: from step "
+            f"{state.step + 1} an optimizer step takes {now * g} micro-batches (was {then * g}); "
+            f"resume with {then} process(es) to continue the run exactly",
+            flush=True,
+        )
         if run.dist.is_main:
             with MetricsLogger(run.out) as metrics:
                 metrics.log({"step": state.step, "world_size_change": [then, now]})

@@ -78,8 +78,9 @@ def fused_kernels_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
     on_cuda = _model_device(model).type == "cuda"
     if mode is True:
         if not liger_installed():
-            raise ConfigError("'training.fused_kernels' is true but liger-kernel is not installed "
-                              "(pip install 'peftchat[fast]')")
+            raise ConfigError(
+                "'training.fused_kernels' is true but liger-kernel is not installed (pip install 'peftchat[fast]')"
+            )
         if not on_cuda:
             raise ConfigError("'training.fused_kernels' is true but the model is not on a CUDA device")
         return True
@@ -146,8 +147,9 @@ def apply_fused_kernels(model: torch.nn.Module, cfg: TrainingConfig) -> list[str
     apply_fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if apply_fn is None:
         if cfg.fused_kernels is True:
-            raise ConfigError(f"'training.fused_kernels' is true but liger-kernel has no kernels for "
-                              f"model type {model_type!r}")
+            raise ConfigError(
+                f"'training.fused_kernels' is true but liger-kernel has no kernels for model type {model_type!r}"
+            )
         return []
     layer_kernels = liger_layer_kernels(base.config, apply_fn)
     flags = {k: k in layer_kernels for k in _LAYER_KERNEL_FLAGS if k in _parameters(apply_fn)}
@@ -165,8 +167,13 @@ def fused_ce_supports_head(head: torch.nn.Module, config: Any) -> bool:
     return all(getattr(config, k, None) is None for k in UNFUSED_LOGIT_TRANSFORMS)
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               reduction: str = "sum", softcap: float | None = None) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "sum",
+    softcap: float | None = None,
+) -> torch.Tensor:
     """Cross-entropy of ``hidden @ weight.T`` against `labels` without materialising the logits.
 
     hidden: (N, d) states at the positions that carry a label (already shifted), labels: (N,).
@@ -176,8 +183,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     from liger_kernel.ops import LigerFusedLinearCrossEntropyFunction
 
-    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, None, None, IGNORE_INDEX, 0.0, 0.0,
-                                                      reduction, softcap)
+    loss = LigerFusedLinearCrossEntropyFunction.apply(
+        hidden, weight, labels, None, None, IGNORE_INDEX, 0.0, 0.0, reduction, softcap
+    )
     return loss[0] if isinstance(loss, tuple) else loss
 
 
@@ -186,8 +194,9 @@ def kernel_options(model: torch.nn.Module, cfg: TrainingConfig) -> KernelOptions
     return KernelOptions.from_training(cfg, _model_device(model), fused_lora_enabled(model, cfg))
 
 
-def apply_training_speedups(model: torch.nn.Module, cfg: TrainingConfig,
-                            kernels: Optional[KernelOptions] = None) -> Speedups:
+def apply_training_speedups(
+    model: torch.nn.Module, cfg: TrainingConfig, kernels: Optional[KernelOptions] = None
+) -> Speedups:
     """Everything this module does to a model about to train: what was applied, for the log, and
     the head loss the training loss should use.
 
@@ -255,12 +264,16 @@ def check_fp8_device(cfg: TrainingConfig, device: torch.device) -> None:
     if not cfg.fp8:
         return
     if device.type != "cuda":
-        raise ConfigError(f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
-                          f"this run is on {device.type}: set training.fp8=false")
+        raise ConfigError(
+            f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
+            f"this run is on {device.type}: set training.fp8=false"
+        )
     major, minor = torch.cuda.get_device_capability(device)
     if major < 9:
-        raise ConfigError(f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
-                          f"{torch.cuda.get_device_name(device)} has {major}.{minor}: set training.fp8=false")
+        raise ConfigError(
+            f"'training.fp8' needs a CUDA GPU of compute capability 9.0 or newer (Hopper); "
+            f"{torch.cuda.get_device_name(device)} has {major}.{minor}: set training.fp8=false"
+        )
 
 
 def fused_lora_enabled(model: torch.nn.Module, cfg: TrainingConfig) -> bool:
@@ -289,8 +302,11 @@ def apply_fused_lora(model: torch.nn.Module, cfg: TrainingConfig, kernels: Kerne
         applied.append(f"fp8:base_linears {counts['fp8']}")
         # said where the run is logged, not only in the README (round 10: 1B, 5 FP8 runs against 6
         # bf16 runs from the same init and data, whose own final losses spread over 4 %)
-        print("training.fp8 trades a little accuracy for speed: measured final loss 0.1 % above bf16's at 8B "
-              "(100 steps) and 0.8 % above at 1B (300 steps, mean of 5 runs) (README, 'training.fp8')", flush=True)
+        print(
+            "training.fp8 trades a little accuracy for speed: measured final loss 0.1 % above bf16's at 8B "
+            "(100 steps) and 0.8 % above at 1B (300 steps, mean of 5 runs) (README, 'training.fp8')",
+            flush=True,
+        )
     return applied
 
 

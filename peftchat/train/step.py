@@ -35,12 +35,20 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors to the device (non-tensors, e.g. `max_seq_len`, stay as they are)."""
     if device.type != "cuda":
         return batch
-    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
-def backward_window(model, micro_batches: list[MicroBatch], device: torch.device, loss_fn=causal_lm_loss,
-                    autocast=nullcontext, scaler=None, per_micro: Optional[list] = None) -> tuple[torch.Tensor, int]:
+def backward_window(
+    model,
+    micro_batches: list[MicroBatch],
+    device: torch.device,
+    loss_fn=causal_lm_loss,
+    autocast=nullcontext,
+    scaler=None,
+    per_micro: Optional[list] = None,
+) -> tuple[torch.Tensor, int]:
     """Forward and backward of one accumulation window of CPU micro-batches.
 
     Each micro-batch's summed loss is divided by the label-token count of the whole window
@@ -65,8 +73,9 @@ def backward_window(model, micro_batches: list[MicroBatch], device: torch.device
     return total, label_tokens
 
 
-def optimizer_step(optimizer, scheduler, params: list[torch.nn.Parameter], max_grad_norm: float,
-                   scaler=None) -> torch.Tensor | None:
+def optimizer_step(
+    optimizer, scheduler, params: list[torch.nn.Parameter], max_grad_norm: float, scaler=None
+) -> torch.Tensor | None:
     """Clip (when `max_grad_norm` > 0), step, advance the schedule, clear the gradients; returns
     the gradient norm before clipping (a device scalar) or None when clipping is off."""
     if scaler is not None:
@@ -90,8 +99,10 @@ def out_of_memory_as_user_error(state: TrainState) -> Iterator[None]:
     except torch.cuda.OutOfMemoryError as e:
         from peftchat.failures import MEMORY_SETTINGS  # the one list, shared with the CLI's handler
 
-        raise UserError(f"out of GPU memory in step {state.step + 1} ({str(e).splitlines()[0][:120]}); "
-                        "settings that lower memory: " + "; ".join(MEMORY_SETTINGS)) from None
+        raise UserError(
+            f"out of GPU memory in step {state.step + 1} ({str(e).splitlines()[0][:120]}); "
+            "settings that lower memory: " + "; ".join(MEMORY_SETTINGS)
+        ) from None
 
 
 @contextmanager

@@ -50,8 +50,11 @@ def report_counts(report) -> dict:
 
 def done_line(run: Run, result: dict) -> str:
     """The last line `peftchat train` prints."""
+
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
-    return (f"done: {run.state.step} steps, loss {fmt(result['first_loss'])} -> {fmt(result['final_loss'])}, "
-            f"eval loss {fmt(result['eval_loss'])}; adapter in {run.out}")
+    return (
+        f"done: {run.state.step} steps, loss {fmt(result['first_loss'])} -> {fmt(result['final_loss'])}, "
+        f"eval loss {fmt(result['eval_loss'])}; adapter in {run.out}"
+    )

@@ -31,8 +31,7 @@ def tid(token: str) -> int:
 
 
 def recipe(train="unused.jsonl", **data):
-    return recipe_from_dict({"model": {"path": "unused", "tokenizer": TOKENIZER_DIR},
-                             "data": {"train": train, **data}})
+    return recipe_from_dict({"model": {"path": "unused", "tokenizer": TOKENIZER_DIR}, "data": {"train": train, **data}})
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -51,8 +50,11 @@ def moss_turn(q: str, a: str, tool: str | None = None) -> dict:
 
 
 def moss_record(turns: list[dict], meta: str = META) -> dict:
-    return {"meta_instruction": meta, "num_turns": len(turns),
-            "chat": {f"turn_{k + 1}": t for k, t in enumerate(turns)}}
+    return {
+        "meta_instruction": meta,
+        "num_turns": len(turns),
+        "chat": {f"turn_{k + 1}": t for k, t in enumerate(turns)},
+    }
 
 
 def messages_record(pairs: list[tuple[str, str]], system: str | None = None) -> dict:

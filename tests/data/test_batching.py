@@ -47,9 +47,11 @@ def test_group_by_length_sorts_within_megabatches():
         chunk = [LENGTHS[i] for i in order[m : m + mega]]
         assert chunk == sorted(chunk, reverse=True)
     assert set(order[:mega]) == set(flat(plan(LENGTHS, batch_size=2))[:mega])  # same shuffle, then sorted
+
     # grouping pads less than no grouping
     def padding(bs):
         return sum(max(LENGTHS[r[0]] for r in b) * len(b) - sum(LENGTHS[r[0]] for r in b) for b in bs)
+
     assert padding(batches) < padding(plan(LENGTHS, batch_size=2)) / 3
 
 

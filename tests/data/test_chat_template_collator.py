@@ -46,8 +46,9 @@ def test_case9_only_assistant_contents_and_their_end_of_turn_carry_loss():
 def test_spans_match_the_templates_generation_markers():
     record = messages_record(PAIRS + [("Last one?", "Yes.")], system="S")
     (s,) = collator().encode(conv(record, "messages")).samples
-    marked = tok().apply_chat_template(record["messages"], tokenize=True, return_dict=True,
-                                       return_assistant_tokens_mask=True)
+    marked = tok().apply_chat_template(
+        record["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     assert marked["input_ids"] == s.input_ids
     assert [int(x != -100) for x in s.labels] == marked["assistant_masks"]
 
@@ -61,9 +62,15 @@ def test_tool_calls_the_template_cannot_render_are_an_error_not_silent_text():
     """The shipped ChatML template writes no tool list and no tool call (tests/data/test_tool_calls.py
     trains them with a template that does)."""
     call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
-    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "tool_calls": [call]},
-            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "It is sunny."}]
-    with pytest.raises(DataError, match=r"^test\[0\]: the conversation has tool calls, but the chat template of .*tokenizer"):
+    msgs = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    with pytest.raises(
+        DataError, match=r"^test\[0\]: the conversation has tool calls, but the chat template of .*tokenizer"
+    ):
         collator().encode(conv({"messages": msgs}, "messages"))
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     record = {**messages_record(PAIRS), "tools": tools}

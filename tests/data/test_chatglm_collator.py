@@ -38,9 +38,14 @@ def test_case1_one_row_empty_history():
 
 def test_case2_three_round_session_splits_into_three_samples():
     pairs = [("q1", "a1"), ("q2", "a2"), ("q3", "a3")]
-    for record, fmt in [(messages_record(pairs, system="sys"), "messages"),
-                        (moss_record([moss_turn(q, a) for q, a in pairs]), "moss"),
-                        ({"conversations": [{"from": f, "value": v} for q, a in pairs for f, v in (("human", q), ("gpt", a))]}, "sharegpt")]:
+    for record, fmt in [
+        (messages_record(pairs, system="sys"), "messages"),
+        (moss_record([moss_turn(q, a) for q, a in pairs]), "moss"),
+        (
+            {"conversations": [{"from": f, "value": v} for q, a in pairs for f, v in (("human", q), ("gpt", a))]},
+            "sharegpt",
+        ),
+    ]:
         enc = collator().encode(conv(record, fmt))
         assert len(enc.samples) == 3 and not enc.dropped
         for k, s in enumerate(enc.samples):

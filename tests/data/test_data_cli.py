@@ -15,9 +15,14 @@ def args(tmp_path, name):
     return [str(RECIPES / name), f"model.tokenizer={TOKENIZER_DIR}", f"data.cache_dir={tmp_path / 'cache'}"]
 
 
-@pytest.mark.parametrize("name,count,marker", [("demo.yaml", 24, "⟦<|Human|>:"),
-                                                ("demo_chatglm.yaml", 30, "⟦<sop>"),
-                                                ("demo_chat_template.yaml", 12, "assistant\n⟦好的")])
+@pytest.mark.parametrize(
+    "name,count,marker",
+    [
+        ("demo.yaml", 24, "⟦<|Human|>:"),
+        ("demo_chatglm.yaml", 30, "⟦<sop>"),
+        ("demo_chat_template.yaml", 12, "assistant\n⟦好的"),
+    ],
+)
 def test_dump_and_inspect_demo_recipes(tmp_path, capsys, name, count, marker):
     out = tmp_path / "dump.jsonl"
     assert main(["data", "dump", *args(tmp_path, name), "--out", str(out)]) == 0
@@ -50,7 +55,9 @@ def test_dump_limit_and_order_match_the_pipeline(tmp_path):
 def test_bad_data_file_exits_2_with_one_line(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q", "response": \n', encoding="utf-8")
-    rc = main(["data", "dump", *args(tmp_path, "demo_chatglm.yaml"), f"data.train={data}", "--out", str(tmp_path / "o")])
+    rc = main(
+        ["data", "dump", *args(tmp_path, "demo_chatglm.yaml"), f"data.train={data}", "--out", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith(f"peftchat: error: {data}:2: invalid JSON") and err.count("\n") == 1

@@ -14,8 +14,10 @@ GOOD_ROW = {"prompt": "q", "response": "a", "history": []}
 
 
 def build(tmp_path, train, **data):
-    return build_datasets(recipe(train=str(train) if not isinstance(train, list) else train,
-                                 cache_dir=str(tmp_path / "cache"), **data), tok())
+    return build_datasets(
+        recipe(train=str(train) if not isinstance(train, list) else train, cache_dir=str(tmp_path / "cache"), **data),
+        tok(),
+    )
 
 
 def test_load_jsonl_list_of_files_json_array_and_saved_dir(tmp_path):
@@ -64,32 +66,55 @@ def test_sharegpt_roles_and_system():
     c = normalize(rec, "sharegpt", recipe().data, "x")
     assert [m["role"] for m in c.messages] == ["system", "user", "assistant"]
     with pytest.raises(DataError, match=r"conversations\[1\]\.from is 'robot'"):
-        normalize({"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
-                  "sharegpt", recipe().data, "x")
+        normalize(
+            {"conversations": [{"from": "human", "value": "q"}, {"from": "robot", "value": "a"}]},
+            "sharegpt",
+            recipe().data,
+            "x",
+        )
 
 
 def test_moss_raw_values_are_kept():
     turn = moss_turn("q", "a", tool="X")
     c = normalize(moss_record([turn]), "moss", recipe().data, "x")
     assert c.moss_turns == [list(turn.items())]
-    assert c.messages == [{"role": "system", "content": META}, {"role": "user", "content": "q"},
-                          {"role": "assistant", "content": "a"}]
+    assert c.messages == [
+        {"role": "system", "content": META},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+    ]
 
 
 BAD = [
     # (format, line text, expected message after "file:2: ")
     ("chatglm", '{"prompt": "q", "response": "a"', r"invalid JSON \(Expecting ',' delimiter at column 32\)"),
-    ("chatglm", '[1, 2]', "expected a JSON object, got list"),
+    ("chatglm", "[1, 2]", "expected a JSON object, got list"),
     ("chatglm", json.dumps({"prompt": "q"}), "missing field 'response'"),
-    ("chatglm", json.dumps({"prompt": "q", "response": "a", "history": [["only one"]]}),
-     r"history\[0\] must be a \[query, answer\] pair"),
-    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
-     r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool"),
-    ("messages", json.dumps({"messages": [{"role": "user", "content": "q"}]}), r"messages\[0\]: the conversation ends on a user turn; it must end with the assistant's"),
-    ("moss", json.dumps({**moss_record([moss_turn("q", "a")]), "num_turns": 2}),
-     r"num_turns is 2 but 'chat' holds \['turn_1'\]"),
-    ("moss", json.dumps(moss_record([{**moss_turn("q", "a"), "Human": "q<eoh>\n"}])),
-     r"chat\.turn_1\.Human must start with '<\|Human\|>:'"),
+    (
+        "chatglm",
+        json.dumps({"prompt": "q", "response": "a", "history": [["only one"]]}),
+        r"history\[0\] must be a \[query, answer\] pair",
+    ),
+    (
+        "messages",
+        json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
+        r"messages\[1\]\.role is 'bot'; expected one of system, user, assistant, tool",
+    ),
+    (
+        "messages",
+        json.dumps({"messages": [{"role": "user", "content": "q"}]}),
+        r"messages\[0\]: the conversation ends on a user turn; it must end with the assistant's",
+    ),
+    (
+        "moss",
+        json.dumps({**moss_record([moss_turn("q", "a")]), "num_turns": 2}),
+        r"num_turns is 2 but 'chat' holds \['turn_1'\]",
+    ),
+    (
+        "moss",
+        json.dumps(moss_record([{**moss_turn("q", "a"), "Human": "q<eoh>\n"}])),
+        r"chat\.turn_1\.Human must start with '<\|Human\|>:'",
+    ),
     ("moss", json.dumps(moss_record([{"Human": "<|Human|>: q<eoh>\n"}])), r"chat\.turn_1 is missing field 'MOSS'"),
 ]
 GOOD = {"chatglm": GOOD_ROW, "messages": messages_record([("q", "a")]), "moss": moss_record([moss_turn("q", "a")])}
@@ -111,8 +136,14 @@ def test_bad_record_names_file_and_line(tmp_path, fmt, line, message):
 @pytest.mark.parametrize("collator", ["moss", "chatglm"])
 def test_structure_the_collator_cannot_use_is_a_bad_record(tmp_path, collator):
     call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
-    msgs = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]},
-                         {"role": "tool", "content": "t"}, {"role": "assistant", "content": "b"}]}
+    msgs = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "content": "t"},
+            {"role": "assistant", "content": "b"},
+        ]
+    }
     path = write_jsonl(tmp_path / "t.jsonl", [msgs])
     with pytest.raises(DataError, match=rf"{path}:1: the chatglm and moss collators have no place for tool"):
         build(tmp_path, path, format="messages", collator=collator)
@@ -158,8 +189,9 @@ def test_an_empty_answer_costs_its_round_only(tmp_path, fmt, collator):
     """Spec §1: a round with an empty answer is dropped and counted, the rest of the session kept
     (chatglm: that round makes no sample; a session format keeps it as context without loss)."""
     if fmt == "moss":
-        record = moss_record([moss_turn("q1", "a1"), {**moss_turn("q2", "a2"), "MOSS": "<|MOSS|>: <eom>\n"},
-                              moss_turn("q3", "a3")])
+        record = moss_record(
+            [moss_turn("q1", "a1"), {**moss_turn("q2", "a2"), "MOSS": "<|MOSS|>: <eom>\n"}, moss_turn("q3", "a3")]
+        )
     else:
         record = messages_record([("q1", "a1"), ("q2", ""), ("q3", "a3")])
     path = tmp_path / "empty.jsonl"

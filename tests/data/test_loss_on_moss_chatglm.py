@@ -42,9 +42,35 @@ def test_moss_default_is_moss_own_training_and_equals_all():
     (every,) = moss("all", moss_record([t1, t2]))
     assert auto == every
     # the Human field carries loss; of the tool response only the body (" None") is masked
-    assert pieces(auto)[:27] == ["<|Human|>", ":", " ", "q", " one", "<eoh>", "\n",
-                                 "<|Inner Thoughts|>", ":", " None", "<eot>", "\n", "<|Commands|>", ":", " None", "<eoc>",
-                                 "\n", "<|Results|>", ":", "<eor>", "\n", "<|MOSS|>", ":", " a", " one", "<eom>", "\n"]
+    assert pieces(auto)[:27] == [
+        "<|Human|>",
+        ":",
+        " ",
+        "q",
+        " one",
+        "<eoh>",
+        "\n",
+        "<|Inner Thoughts|>",
+        ":",
+        " None",
+        "<eot>",
+        "\n",
+        "<|Commands|>",
+        ":",
+        " None",
+        "<eoc>",
+        "\n",
+        "<|Results|>",
+        ":",
+        "<eor>",
+        "\n",
+        "<|MOSS|>",
+        ":",
+        " a",
+        " one",
+        "<eom>",
+        "\n",
+    ]
 
 
 def test_moss_assistant_trains_the_fields_the_model_writes_in_every_turn():
@@ -52,8 +78,28 @@ def test_moss_assistant_trains_the_fields_the_model_writes_in_every_turn():
     for value in ("assistant", "all_assistant"):
         (s,) = moss(value, moss_record([t1, t2]))
         assert s.input_ids == E(META) + [x for turn in (t1, t2) for f in FIELDS for x in E(turn[f])]
-        one_turn = ["<|Inner Thoughts|>", ":", " None", "<eot>", "\n", "<|Commands|>", ":", " None", "<eoc>", "\n",
-                    "<|Results|>", ":", "<eor>", "\n", "<|MOSS|>", ":", " a", " one", "<eom>", "\n"]
+        one_turn = [
+            "<|Inner Thoughts|>",
+            ":",
+            " None",
+            "<eot>",
+            "\n",
+            "<|Commands|>",
+            ":",
+            " None",
+            "<eoc>",
+            "\n",
+            "<|Results|>",
+            ":",
+            "<eor>",
+            "\n",
+            "<|MOSS|>",
+            ":",
+            " a",
+            " one",
+            "<eom>",
+            "\n",
+        ]
         assert pieces(s) == one_turn + [" two" if p == " one" else p for p in one_turn]
         assert "<|Human|>" not in pieces(s)
 
@@ -63,7 +109,7 @@ def test_moss_last_assistant_trains_the_last_kept_turn_only():
     (s,) = moss("last_assistant", moss_record(turns))
     assert s.input_ids == E(META) + [t for turn in turns for f in FIELDS for t in E(turn[f])]
     body = E("<|Results|>: None<eor>\n")
-    expected = (E(turns[2]["Inner Thoughts"]) + E(turns[2]["Commands"]) + body[:2] + body[3:] + E(turns[2]["MOSS"]))
+    expected = E(turns[2]["Inner Thoughts"]) + E(turns[2]["Commands"]) + body[:2] + body[3:] + E(turns[2]["MOSS"])
     assert labelled(s) == expected
     # seed truncation keeps turns 0-1: the last kept one is trained
     limit = len(E(META)) + sum(len(E(turns[k][f])) for k in range(2) for f in FIELDS)
@@ -113,4 +159,6 @@ def test_inspect_shows_assistant_only_loss_and_the_cli_refuses_all(tmp_path, cap
     glm = [str(RECIPES / "demo_chatglm.yaml"), f"model.tokenizer={TOKENIZER_DIR}", f"data.cache_dir={tmp_path / 'g'}"]
     assert main(["data", "inspect", *glm, "data.loss_on=all"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("peftchat: error: 'data.loss_on' is 'all', which the chatglm collator") and err.count("\n") == 1
+    assert (
+        err.startswith("peftchat: error: 'data.loss_on' is 'all', which the chatglm collator") and err.count("\n") == 1
+    )

@@ -43,7 +43,7 @@ def test_case6_tool_turn_masks_only_meta_and_tool_bodies():
                 pieces = [tok().decode([i]) for i in ids]
                 assert pieces[:2] == ["<|Results|>", ":"] and pieces[-2:] == ["<eor>", "\n"]
                 expected_masked |= set(range(pos + 2, pos + len(ids) - 2))  # MOSS's [start+5, end-2)
-                assert tok().decode(ids[2:-2]) == t[f][len("<|Results|>:"):-len("<eor>\n")]
+                assert tok().decode(ids[2:-2]) == t[f][len("<|Results|>:") : -len("<eor>\n")]
             pos += len(ids)
     assert pos == len(s.input_ids)
     masked = {i for i, x in enumerate(s.labels) if x == -100}
@@ -83,7 +83,7 @@ def test_other_formats_render_into_moss_markup():
         expected += E(f"<|Human|>: {q}<eoh>\n") + E(f"<|MOSS|>: {a}<eom>\n")
     assert s.input_ids == expected
     assert s.labels[: len(E("Be brief."))] == [-100] * len(E("Be brief."))
-    assert labelled(s) == expected[len(E("Be brief.")):]
+    assert labelled(s) == expected[len(E("Be brief.")) :]
     # no system message: data.meta_instruction
     (s,) = collator(meta_instruction="META ").encode(conv(messages_record([("q", "a")]), "messages")).samples
     assert s.input_ids[: len(E("META "))] == E("META ")

@@ -27,8 +27,11 @@ def rows(n_conversations=6):
 
 
 def test_columns_order_and_report(tmp_path):
-    records = [messages_record([("q1", "a1"), ("q2", "a2")]), messages_record([("q3", "a3")]),
-               messages_record([("q4", "a4")])]
+    records = [
+        messages_record([("q1", "a1"), ("q2", "a2")]),
+        messages_record([("q3", "a3")]),
+        messages_record([("q4", "a4")]),
+    ]
     path = write_jsonl(tmp_path / "m.jsonl", records)
     bundle = build(tmp_path, path, format="messages", collator="chatglm", max_target_length=8)
     train = bundle.train
@@ -44,14 +47,18 @@ def test_columns_order_and_report(tmp_path):
 
 
 def test_truncated_and_dropped_are_counted(tmp_path):
-    data = [{"prompt": "q", "response": "a"}, {"prompt": "q", "response": ""},
-            {"prompt": "q", "response": "a long answer that will not fit in three tokens"}]
+    data = [
+        {"prompt": "q", "response": "a"},
+        {"prompt": "q", "response": ""},
+        {"prompt": "q", "response": "a long answer that will not fit in three tokens"},
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", data)
     r = build(tmp_path, path, format="chatglm", collator="chatglm", max_target_length=5).report
     assert (r.sessions, r.samples, r.truncated) == (3, 2, 1)
     assert r.dropped == {"empty query or answer": 1}
-    moss = write_jsonl(tmp_path / "s.jsonl", [moss_record([moss_turn("q", "a")]),
-                                              moss_record([moss_turn("q" * 50, "a")])])
+    moss = write_jsonl(
+        tmp_path / "s.jsonl", [moss_record([moss_turn("q", "a")]), moss_record([moss_turn("q" * 50, "a")])]
+    )
     r = build(tmp_path, moss, format="moss", collator="moss", max_length=60).report
     assert (r.samples, r.dropped) == (1, {"no turn fits in data.max_length": 1})
 
@@ -68,8 +75,10 @@ def test_eval_split_holds_out_whole_sessions_deterministically(tmp_path):
     train_s, eval_s = sessions(b1.train), sessions(b1.eval)
     assert len(eval_s) == 3 and not train_s & eval_s and train_s | eval_s == {str(c) for c in range(6)}
     assert len(b1.train) + len(b1.eval) == 9 and b1.report.eval.samples == len(b1.eval)
-    others = [sessions(build(tmp_path, path, seed=s, format="chatglm", collator="chatglm", eval_split=0.5).eval)
-              for s in (1, 2, 3)]
+    others = [
+        sessions(build(tmp_path, path, seed=s, format="chatglm", collator="chatglm", eval_split=0.5).eval)
+        for s in (1, 2, 3)
+    ]
     assert any(o != eval_s for o in others)  # the seed decides
     counted = build(tmp_path, path, format="chatglm", collator="chatglm", eval_split=2)
     assert len(sessions(counted.eval)) == 2
@@ -107,8 +116,10 @@ def test_second_build_reuses_the_cache(tmp_path, monkeypatch):
 
 def test_sample_limit():
     assert sample_limit(recipe(collator="chatglm", max_source_length=10, max_target_length=5)) == 15
-    assert sample_limit(recipe(collator="chatglm", chatglm_style="chatglm2", max_source_length=10,
-                               max_target_length=5)) == 16
+    assert (
+        sample_limit(recipe(collator="chatglm", chatglm_style="chatglm2", max_source_length=10, max_target_length=5))
+        == 16
+    )
     assert sample_limit(recipe(collator="moss", max_length=77)) == 77
 
 

@@ -17,20 +17,33 @@ HISTORY = [("Hello there", "Hi! How can I help?"), ("Can you cook?", "Sure, ask 
 
 SHAPES = {
     "trl standard": {"prompt": Q, "chosen": GOOD, "rejected": BAD},
-    "trl conversational": {"prompt": [{"role": "user", "content": Q}], "chosen": [{"role": "assistant", "content": GOOD}],
-                           "rejected": [{"role": "assistant", "content": BAD}]},
-    "trl implicit prompt": {"chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": GOOD}],
-                            "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": BAD}]},
-    "sharegpt": {"conversations": [{"from": "human", "value": Q}], "chosen": {"from": "gpt", "value": GOOD},
-                 "rejected": {"from": "gpt", "value": BAD}},
+    "trl conversational": {
+        "prompt": [{"role": "user", "content": Q}],
+        "chosen": [{"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "assistant", "content": BAD}],
+    },
+    "trl implicit prompt": {
+        "chosen": [{"role": "user", "content": Q}, {"role": "assistant", "content": GOOD}],
+        "rejected": [{"role": "user", "content": Q}, {"role": "assistant", "content": BAD}],
+    },
+    "sharegpt": {
+        "conversations": [{"from": "human", "value": Q}],
+        "chosen": {"from": "gpt", "value": GOOD},
+        "rejected": {"from": "gpt", "value": BAD},
+    },
     "messages": {"messages": [{"role": "user", "content": Q}], "chosen": GOOD, "rejected": BAD},
 }
 COLLATORS = ("moss", "chatglm", "chat_template")
 
 
 def recipe(train="unused.jsonl", objective="sft", **data):
-    return recipe_from_dict({"model": {"path": "unused", "tokenizer": TOKENIZER_DIR},
-                             "data": {"train": train, **data}, "training": {"objective": objective}})
+    return recipe_from_dict(
+        {
+            "model": {"path": "unused", "tokenizer": TOKENIZER_DIR},
+            "data": {"train": train, **data},
+            "training": {"objective": objective},
+        }
+    )
 
 
 def _cfg(collator, **data):
@@ -49,8 +62,12 @@ def test_every_shape_gives_the_same_pair(collator):
     pairs = {name: encoder.encode(*normalize_pair(r, cfg, name)).samples[0] for name, r in SHAPES.items()}
     first = pairs["trl standard"]
     for name, sample in pairs.items():
-        assert (sample.input_ids, sample.labels, sample.rejected_input_ids, sample.rejected_labels) == \
-            (first.input_ids, first.labels, first.rejected_input_ids, first.rejected_labels), name
+        assert (sample.input_ids, sample.labels, sample.rejected_input_ids, sample.rejected_labels) == (
+            first.input_ids,
+            first.labels,
+            first.rejected_input_ids,
+            first.rejected_labels,
+        ), name
 
 
 @pytest.mark.parametrize("collator", COLLATORS)
@@ -63,11 +80,13 @@ def test_prompt_is_the_chat_prompt_and_scored_tokens_are_the_reply(collator):
     history = chosen.without_oldest_rounds(0)
     history.messages = history.messages[:-2]
     prompt = fmt.prompt(history, Q).ids
-    for ids, labels, reply in ((sample.input_ids, sample.labels, GOOD), (sample.rejected_input_ids,
-                                                                        sample.rejected_labels, BAD)):
-        assert ids[:len(prompt)] == prompt
+    for ids, labels, reply in (
+        (sample.input_ids, sample.labels, GOOD),
+        (sample.rejected_input_ids, sample.rejected_labels, BAD),
+    ):
+        assert ids[: len(prompt)] == prompt
         # ChatGLM-6B's labels start at the token that opens the answer (the prompt's last): scored on both sides alike
-        assert sum(x != -100 for x in labels[:len(prompt)]) == (collator == "chatglm")
+        assert sum(x != -100 for x in labels[: len(prompt)]) == (collator == "chatglm")
         scored = [t for t, x in zip(ids, labels) if x != -100]
         assert reply in tok().decode(scored)
         assert Q not in tok().decode(scored)
@@ -100,11 +119,14 @@ def test_replies_cut_alike_when_the_question_alone_is_near_the_limit():
 
 
 def test_identical_and_empty_pairs_are_dropped_and_counted(tmp_path):
-    records = [SHAPES["trl standard"], {"prompt": Q, "chosen": GOOD, "rejected": GOOD + "  "},
-               {"prompt": Q, "chosen": "", "rejected": BAD}, {"prompt": Q, "chosen": GOOD, "rejected": " "},
-               SHAPES["sharegpt"]]
-    r = recipe(train=str(write_jsonl(tmp_path / "pairs.jsonl", records)), collator="chat_template",
-               objective="dpo")
+    records = [
+        SHAPES["trl standard"],
+        {"prompt": Q, "chosen": GOOD, "rejected": GOOD + "  "},
+        {"prompt": Q, "chosen": "", "rejected": BAD},
+        {"prompt": Q, "chosen": GOOD, "rejected": " "},
+        SHAPES["sharegpt"],
+    ]
+    r = recipe(train=str(write_jsonl(tmp_path / "pairs.jsonl", records)), collator="chat_template", objective="dpo")
     bundle = build_datasets(r, tok())
     assert len(bundle.train) == 2
     assert bundle.report.dropped == {EMPTY: 2, IDENTICAL: 1}
@@ -128,8 +150,13 @@ def test_sft_on_preference_records_trains_the_chosen_reply(tmp_path):
 
 
 def test_non_pair_record_under_dpo_names_the_line(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [SHAPES["trl standard"], {"messages": [
-        {"role": "user", "content": Q}, {"role": "assistant", "content": GOOD}]}])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            SHAPES["trl standard"],
+            {"messages": [{"role": "user", "content": Q}, {"role": "assistant", "content": GOOD}]},
+        ],
+    )
     r = recipe(train=str(path), collator="chat_template", objective="dpo")
     with pytest.raises(DataError, match=r"mixed.jsonl:2: missing field .chosen."):
         build_datasets(r, tok())

@@ -112,14 +112,17 @@ def test_weighted_rows():
     assert all(p[:3] == (0, 1, 2) and len(p) == 3 + 2 + 2 for p in picks) and len(picks) > 1
 
 
-@pytest.mark.parametrize("entry,message", [
-    ({"path": "a.jsonl", "wieght": 2}, r"'data.train\[0\].wieght': unknown key \(did you mean 'weight'\?\)"),
-    ({"path": "a.jsonl", "weight": -1}, r"'data.train\[0\].weight' must be a number in \(0, 1e\+06\].*, got -1"),
-    ({"path": "a.jsonl", "weight": "2"}, r"'data.train\[0\].weight' must be a number in \(0"),
-    ({"path": "a.jsonl", "format": "alpacca"}, r"'data.train\[0\].format' is 'alpacca'.*did you mean 'alpaca'"),
-    ({"format": "moss"}, r"'data.train\[0\].path' must be"),
-    (3, r"'data.train\[0\]' must be a path"),
-])
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"path": "a.jsonl", "wieght": 2}, r"'data.train\[0\].wieght': unknown key \(did you mean 'weight'\?\)"),
+        ({"path": "a.jsonl", "weight": -1}, r"'data.train\[0\].weight' must be a number in \(0, 1e\+06\].*, got -1"),
+        ({"path": "a.jsonl", "weight": "2"}, r"'data.train\[0\].weight' must be a number in \(0"),
+        ({"path": "a.jsonl", "format": "alpacca"}, r"'data.train\[0\].format' is 'alpacca'.*did you mean 'alpaca'"),
+        ({"format": "moss"}, r"'data.train\[0\].path' must be"),
+        (3, r"'data.train\[0\]' must be a path"),
+    ],
+)
 def test_source_mapping_is_validated(entry, message):
     with pytest.raises(ConfigError, match=message):
         recipe(train=[entry])

@@ -25,7 +25,11 @@ BAD_LINES = [
     ("infinity", b'{"messages": [], "n": -Infinity}', "-Infinity is not valid JSON"),
     ("not-an-object", b'"a string"', "expected a JSON object, got str"),
     ("invalid-json", b'{"messages": [}', "invalid JSON"),
-    ("over-size", b'{"messages": [{"role": "user", "content": "' + b"w" * 3000 + b'"}]}', "over the limit of 2,000 bytes"),
+    (
+        "over-size",
+        b'{"messages": [{"role": "user", "content": "' + b"w" * 3000 + b'"}]}',
+        "over the limit of 2,000 bytes",
+    ),
 ]
 
 
@@ -47,21 +51,22 @@ def test_bad_line_stops_naming_file_and_line(tmp_path, bad, problem):
 @pytest.mark.parametrize("bad, problem", [r[1:] for r in BAD_LINES], ids=[r[0] for r in BAD_LINES])
 def test_bad_line_is_skipped_and_listed(tmp_path, bad, problem):
     path = _write(tmp_path, bad)
-    cfg = recipe(str(path), format="messages", on_error="skip", max_record_bytes=2000,
-                 cache_dir=str(tmp_path / "c")).data
+    cfg = recipe(
+        str(path), format="messages", on_error="skip", max_record_bytes=2000, cache_dir=str(tmp_path / "c")
+    ).data
     source = load_records(cfg.train, cfg)
     assert source.dataset["origin"] == [f"{path}:1", f"{path}:3"]
     assert len(source.bad) == 1 and source.bad[0].startswith(f"{path}:2: ") and problem in source.bad[0]
 
 
 def test_paired_surrogates_and_repeated_keys_in_different_objects_are_fine(tmp_path):
-    line = json.dumps(messages_record([("smile \U0001F600", "ok"), ("again", "yes")]))  # ensure_ascii: \ud83d\ude00
+    line = json.dumps(messages_record([("smile \U0001f600", "ok"), ("again", "yes")]))  # ensure_ascii: \ud83d\ude00
     assert "\\ud83d\\ude00" in line
     path = tmp_path / "d.jsonl"
     path.write_text(line + "\n", encoding="utf-8")
     cfg = recipe(str(path), format="messages", cache_dir=str(tmp_path / "c")).data
     (record,) = load_records(cfg.train, cfg).dataset["record"]
-    assert "\U0001F600" in json.loads(record)["messages"][0]["content"]
+    assert "\U0001f600" in json.loads(record)["messages"][0]["content"]
 
 
 ARRAY_BAD = [
@@ -78,8 +83,9 @@ ARRAY_BAD = [
 def test_json_array_item_named_with_its_line_and_skippable(tmp_path, bad, problem, on_error):
     path = tmp_path / "d.json"
     path.write_text(f"[\n  {GOOD},\n  {bad},\n  {GOOD}\n]\n", encoding="utf-8")
-    cfg = recipe(str(path), format="messages", on_error=on_error, max_record_bytes=2000,
-                 cache_dir=str(tmp_path / "c")).data
+    cfg = recipe(
+        str(path), format="messages", on_error=on_error, max_record_bytes=2000, cache_dir=str(tmp_path / "c")
+    ).data
     if on_error == "stop":
         with pytest.raises(DataError) as e:
             load_records(cfg.train, cfg)
@@ -91,17 +97,23 @@ def test_json_array_item_named_with_its_line_and_skippable(tmp_path, bad, proble
     assert message.startswith(f"{path}[1]: ") and problem in message and message.endswith("(line 3)")
 
 
-@pytest.mark.parametrize("text, where", [
-    ('[{"messages": []} {"messages": []}]', "d.json:1: invalid JSON (expected ',' or ']' after item 0)"),
-    ('[{"messages": []},\n', "d.json:2: invalid JSON (the array is not closed)"),
-    ('[{"messages": []}] x', "d.json:1: invalid JSON (extra data after the array)"),
-    ('[{"messages": []},\n {"messages": ]}]', "d.json:2: invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ('[{"messages": []} {"messages": []}]', "d.json:1: invalid JSON (expected ',' or ']' after item 0)"),
+        ('[{"messages": []},\n', "d.json:2: invalid JSON (the array is not closed)"),
+        ('[{"messages": []}] x', "d.json:1: invalid JSON (extra data after the array)"),
+        ('[{"messages": []},\n {"messages": ]}]', "d.json:2: invalid JSON"),
+    ],
+)
 def test_json_array_syntax_errors_name_the_line(tmp_path, text, where):
     path = tmp_path / "d.json"
     path.write_text(text, encoding="utf-8")
     cfg = recipe(str(path), format="messages", on_error="skip", cache_dir=str(tmp_path / "c")).data
-    with pytest.raises(DataError, match=f"^{tmp_path}/" + where.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        DataError,
+        match=f"^{tmp_path}/" + where.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]"),
+    ):
         load_records(cfg.train, cfg)
 
 

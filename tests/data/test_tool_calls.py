@@ -20,9 +20,17 @@ from peftchat.formats.chat_template import ChatTemplateFormat
 from peftchat.formats.turns import parse_tool_calls
 
 TEMPLATE = Path(__file__).with_name("qwen_style_tools.jinja")
-TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
-         {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
+    {"type": "function", "function": {"name": "time", "parameters": {"type": "object", "properties": {}}}},
+]
 
 
 def call(name, **arguments):
@@ -48,14 +56,21 @@ def ttok(tool_tok_dir):
 
 
 def sharegpt_record(tools=json.dumps(TOOLS)):
-    rec = {"conversations": [
-        {"from": "human", "value": "Weather and time in Oslo?"},
-        {"from": "function_call", "value": json.dumps([{"name": "weather", "arguments": {"city": "Oslo"}},
-                                                       {"name": "time", "arguments": {}}])},
-        {"from": "observation", "value": "sunny, 20C; 14:05"},
-        {"from": "gpt", "value": "Sunny and 20C; it is 14:05."},
-        {"from": "human", "value": "Thanks!"},
-        {"from": "gpt", "value": "You are welcome."}]}
+    rec = {
+        "conversations": [
+            {"from": "human", "value": "Weather and time in Oslo?"},
+            {
+                "from": "function_call",
+                "value": json.dumps(
+                    [{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "time", "arguments": {}}]
+                ),
+            },
+            {"from": "observation", "value": "sunny, 20C; 14:05"},
+            {"from": "gpt", "value": "Sunny and 20C; it is 14:05."},
+            {"from": "human", "value": "Thanks!"},
+            {"from": "gpt", "value": "You are welcome."},
+        ]
+    }
     return {**rec, "tools": tools} if tools is not None else rec
 
 
@@ -70,15 +85,26 @@ EXPECTED = [
 
 
 def messages_record():
-    oa = lambda name, args: {"id": f"call_{name}", "type": "function",  # noqa: E731
-                             "function": {"name": name, "arguments": json.dumps(args)}}  # OpenAI: a JSON string
-    return {"tools": TOOLS, "messages": [
-        {"role": "system", "content": "You check the weather."},
-        {"role": "user", "content": "Weather in Oslo and Bergen?"},
-        {"role": "assistant", "content": None, "tool_calls": [oa("weather", {"city": "Oslo"}), oa("weather", {"city": "Bergen"})]},
-        {"role": "tool", "tool_call_id": "call_weather", "content": "sunny"},
-        {"role": "tool", "tool_call_id": "call_weather", "content": "rain"},
-        {"role": "assistant", "content": "Oslo is sunny, Bergen rainy."}]}
+    oa = lambda name, args: {
+        "id": f"call_{name}",
+        "type": "function",  # noqa: E731
+        "function": {"name": name, "arguments": json.dumps(args)},
+    }  # OpenAI: a JSON string
+    return {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "system", "content": "You check the weather."},
+            {"role": "user", "content": "Weather in Oslo and Bergen?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [oa("weather", {"city": "Oslo"}), oa("weather", {"city": "Bergen"})],
+            },
+            {"role": "tool", "tool_call_id": "call_weather", "content": "sunny"},
+            {"role": "tool", "tool_call_id": "call_weather", "content": "rain"},
+            {"role": "assistant", "content": "Oslo is sunny, Bergen rainy."},
+        ],
+    }
 
 
 def encode_one(ttok, record, fmt, **data):
@@ -88,8 +114,9 @@ def encode_one(ttok, record, fmt, **data):
 
 
 def reference(ttok, messages, tools):
-    return ttok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
-                                    return_assistant_tokens_mask=True)
+    return ttok.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
 
 
 def test_sharegpt_tool_record_equals_apply_chat_template_with_tools(ttok):
@@ -128,9 +155,18 @@ def test_a_per_source_tools_default_and_the_records_own_list(tmp_path, ttok, too
 
 def test_a_template_without_tool_syntax_is_exit_2_naming_template_and_record(tmp_path, capsys):
     path = write_jsonl(tmp_path / "t.jsonl", [sharegpt_record()])
-    rc = main(["data", "inspect", str(Path(__file__).parents[2] / "recipes" / "demo_chat_template.yaml"),
-               f"model.tokenizer={TOKENIZER_DIR}", f"data.train={path}", "data.eval_split=0", "data.format=sharegpt",
-               f"data.cache_dir={tmp_path / 'c'}"])
+    rc = main(
+        [
+            "data",
+            "inspect",
+            str(Path(__file__).parents[2] / "recipes" / "demo_chat_template.yaml"),
+            f"model.tokenizer={TOKENIZER_DIR}",
+            f"data.train={path}",
+            "data.eval_split=0",
+            "data.format=sharegpt",
+            f"data.cache_dir={tmp_path / 'c'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert f"{path}:1: the conversation has a tool list and tool calls, but the chat template of {TOKENIZER_DIR}" in err
@@ -138,9 +174,21 @@ def test_a_template_without_tool_syntax_is_exit_2_naming_template_and_record(tmp
 
 def test_data_inspect_shows_a_tool_record_with_its_loss_tokens(tmp_path, capsys, tool_tok_dir):
     path = write_jsonl(tmp_path / "t.jsonl", [sharegpt_record()])
-    rc = main(["data", "inspect", str(Path(__file__).parents[2] / "recipes" / "demo_chat_template.yaml"),
-               f"model.tokenizer={tool_tok_dir}", f"data.train={path}", "data.eval_split=0", "data.format=sharegpt",
-               f"data.cache_dir={tmp_path / 'c'}", "data.max_length=2048", "--index", "0"])
+    rc = main(
+        [
+            "data",
+            "inspect",
+            str(Path(__file__).parents[2] / "recipes" / "demo_chat_template.yaml"),
+            f"model.tokenizer={tool_tok_dir}",
+            f"data.train={path}",
+            "data.eval_split=0",
+            "data.format=sharegpt",
+            f"data.cache_dir={tmp_path / 'c'}",
+            "data.max_length=2048",
+            "--index",
+            "0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert '⟦<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n<tool_call>' in out
@@ -154,7 +202,12 @@ O = {"from": "observation", "value": "sunny"}  # noqa: E741 (one letter per turn
 S = {"from": "system", "value": "be brief"}
 TURN_ORDER = [
     # (turns, index named, message, reason counted with on_error=skip)
-    ([U, A, A], 2, r"two assistant turns in a row \(conversations\[1\] and conversations\[2\]\)", "consecutive same-role turns"),
+    (
+        [U, A, A],
+        2,
+        r"two assistant turns in a row \(conversations\[1\] and conversations\[2\]\)",
+        "consecutive same-role turns",
+    ),
     ([U, U, A], 1, "two user turns in a row", "consecutive same-role turns"),
     ([U, O, A], 1, "a tool result with no tool call before it", "tool result with no call before it"),
     ([U, A, O, A], 2, "a tool result with no tool call before it", "tool result with no call before it"),
@@ -167,14 +220,18 @@ TURN_ORDER = [
 ]
 
 
-@pytest.mark.parametrize("turns,index,message,reason", TURN_ORDER, ids=[c[3] + str(i) for i, c in enumerate(TURN_ORDER)])
+@pytest.mark.parametrize(
+    "turns,index,message,reason", TURN_ORDER, ids=[c[3] + str(i) for i, c in enumerate(TURN_ORDER)]
+)
 def test_turn_order_errors_name_file_line_and_turn_or_are_counted(tmp_path, ttok, turns, index, message, reason):
     good = {"conversations": [U, A]}
     path = write_jsonl(tmp_path / "t.jsonl", [good, {"conversations": turns}, good])
     r = recipe(train=str(path), format="sharegpt", cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match=rf"^{path}:2: conversations\[{index}\]: {message}"):
         build_datasets(r, ttok)
-    bundle = build_datasets(recipe(train=str(path), format="sharegpt", cache_dir=str(tmp_path / "c"), on_error="skip"), ttok)
+    bundle = build_datasets(
+        recipe(train=str(path), format="sharegpt", cache_dir=str(tmp_path / "c"), on_error="skip"), ttok
+    )
     assert len(bundle.train) == 2 and bundle.report.skipped == 1
     assert bundle.report.skipped_reasons == {reason: 1}
     assert f"  skipped 1: {reason}" in bundle.report.summary()
@@ -217,12 +274,30 @@ def test_bad_tool_structures_name_the_turn():
 def test_an_empty_system_turn_is_no_system_turn_in_every_format(ttok, meta):
     """ShareGPT, messages and Alpaca give the same ids for an empty system turn: none, and
     data.meta_instruction (when set) takes its place."""
-    records = [("sharegpt", {"conversations": [{"from": "system", "value": ""}, {"from": "human", "value": "q"},
-                                               {"from": "gpt", "value": "a"}]}),
-               ("sharegpt", {"system": "", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
-               ("messages", {"messages": [{"role": "system", "content": " "}, {"role": "user", "content": "q"},
-                                          {"role": "assistant", "content": "a"}]}),
-               ("alpaca", {"system": "", "instruction": "q", "output": "a"})]
+    records = [
+        (
+            "sharegpt",
+            {
+                "conversations": [
+                    {"from": "system", "value": ""},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+        ),
+        ("sharegpt", {"system": "", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+        (
+            "messages",
+            {
+                "messages": [
+                    {"role": "system", "content": " "},
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a"},
+                ]
+            },
+        ),
+        ("alpaca", {"system": "", "instruction": "q", "output": "a"}),
+    ]
     ids = {tuple(encode_one(ttok, rec, fmt, meta_instruction=meta)[1].input_ids) for fmt, rec in records}
     assert len(ids) == 1
     text = ttok.decode(list(ids.pop()))
@@ -257,36 +332,45 @@ def test_parse_tool_calls_reads_back_the_templates_syntax(ttok):
     generated = ttok.decode(first, skip_special_tokens=True).split("Sunny")[0]
     text, calls = parse_tool_calls(generated)
     assert calls == EXPECTED[1]["tool_calls"] and text == ""
-    text, calls = parse_tool_calls('Let me see. <tool_call>\n{"name": "time", "arguments": "{}"}\n</tool_call> <tool_call>oops</tool_call>')
+    text, calls = parse_tool_calls(
+        'Let me see. <tool_call>\n{"name": "time", "arguments": "{}"}\n</tool_call> <tool_call>oops</tool_call>'
+    )
     assert calls == [call("time")] and text == "Let me see.  <tool_call>oops</tool_call>"
 
 
-@pytest.mark.parametrize("text, shown", [
-    ("Let me check.", "Let me check."),
-    ("Let me check.\n<tool", "Let me check."),  # may become a call: held back with the whitespace before it
-    ("Let me check. <tool_call>\n{", "Let me check."),
-    ("a < b", "a < b"),
-    ("a <tool_x", "a <tool_x"),  # can no longer become `<tool_call>`
-    ("<", ""),
-])
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("Let me check.", "Let me check."),
+        ("Let me check.\n<tool", "Let me check."),  # may become a call: held back with the whitespace before it
+        ("Let me check. <tool_call>\n{", "Let me check."),
+        ("a < b", "a < b"),
+        ("a <tool_x", "a <tool_x"),  # can no longer become `<tool_call>`
+        ("<", ""),
+    ],
+)
 def test_before_tool_call_shows_only_text_that_cannot_become_a_call(text, shown):
     from peftchat.formats.turns import before_tool_call
 
-    assert text[:before_tool_call(text)] == shown
+    assert text[: before_tool_call(text)] == shown
 
 
-@pytest.mark.parametrize("turns, index, says", [
-    ([("user", "q")], None, None),
-    ([("user", "q"), ("assistant", "calls"), ("tool", "r"), ("tool", "r2")], None, None),
-    ([("user", "q"), ("assistant", "a")], 1, "must be a user message or the results"),
-    ([("user", "q"), ("assistant", "calls")], 1, "must be a user message or the results"),
-    ([("system", "s")], 0, "must be a user message or the results"),
-])
+@pytest.mark.parametrize(
+    "turns, index, says",
+    [
+        ([("user", "q")], None, None),
+        ([("user", "q"), ("assistant", "calls"), ("tool", "r"), ("tool", "r2")], None, None),
+        ([("user", "q"), ("assistant", "a")], 1, "must be a user message or the results"),
+        ([("user", "q"), ("assistant", "calls")], 1, "must be a user message or the results"),
+        ([("system", "s")], 0, "must be a user message or the results"),
+    ],
+)
 def test_a_chat_request_must_end_where_the_assistant_answers(turns, index, says):
     from peftchat.formats.turns import TurnOrderError, check_turn_order
 
-    messages = [{"role": r, "tool_calls": [call("time")]} if c == "calls" else {"role": r, "content": c}
-                for r, c in turns]
+    messages = [
+        {"role": r, "tool_calls": [call("time")]} if c == "calls" else {"role": r, "content": c} for r, c in turns
+    ]
     where = [f"messages[{i}]" for i in range(len(messages))]
     if says is None:
         check_turn_order(messages, where, "request", awaiting_reply=True)

@@ -24,8 +24,10 @@ def _hf_weights(model_dir):
 def _read(path):
     reader = gguf.GGUFReader(str(path))
     fields = {k: f.contents() for k, f in reader.fields.items()}
-    tensors = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-               for t in reader.tensors}
+    tensors = {
+        t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        for t in reader.tensors
+    }
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     return fields, tensors, types
 

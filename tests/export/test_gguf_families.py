@@ -15,10 +15,19 @@ from peftchat.export.gguf import gguf_arch, gguf_tensor_name, rope_unpermute, wr
 from peftchat.export.gguf_parity import gguf_parity, llama_cpp_available  # noqa: E402
 
 # tiny-model arch -> llama.cpp architecture its export must carry
-FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
-            "glm": "chatglm", "glm4": "glm4", "phi3": "phi3"}
-needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
-                                     reason="llama-cpp-python not installed (pip install 'peftchat[gguf-check]')")
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "glm": "chatglm",
+    "glm4": "glm4",
+    "phi3": "phi3",
+}
+needs_llama_cpp = pytest.mark.skipif(
+    not llama_cpp_available(), reason="llama-cpp-python not installed (pip install 'peftchat[gguf-check]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +136,7 @@ def test_parity_without_llama_cpp_is_one_line_before_anything_is_written(make_ad
 
     monkeypatch.setattr(gguf_parity, "llama_cpp_available", lambda: False)
     assert main(["export", str(make_adapter("moss")), "--gguf", str(tmp_path / "a.gguf"), "--parity"]) == 2
-    assert capsys.readouterr().err.strip() == ("peftchat: error: export --parity needs llama-cpp-python: "
-                                               "pip install 'peftchat[gguf-check]'")
+    assert capsys.readouterr().err.strip() == (
+        "peftchat: error: export --parity needs llama-cpp-python: pip install 'peftchat[gguf-check]'"
+    )
     assert not list(tmp_path.iterdir())

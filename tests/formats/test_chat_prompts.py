@@ -8,8 +8,11 @@ from peftchat.errors import UserError
 from peftchat.formats.conversation import Conversation
 from peftchat.formats.registry import make_format
 
-PAIRS = [("How do I boil an egg?", "Boil it for six minutes."), ("And a hard one?", "Ten minutes."),
-         ("Thanks! Anything else?", "Cool it in cold water.")]
+PAIRS = [
+    ("How do I boil an egg?", "Boil it for six minutes."),
+    ("And a hard one?", "Ten minutes."),
+    ("Thanks! Anything else?", "Cool it in cold water."),
+]
 HISTORY = Conversation.from_rounds(PAIRS[:2])
 FIELDS = ("Human", "Inner Thoughts", "Commands", "Tool Responses", "MOSS")
 
@@ -68,7 +71,7 @@ def test_moss_prompt_for_sessions_rendered_from_messages():
     (session,) = train_samples(r, messages_record(PAIRS), "messages")
     prompt = chat_prompt_ids(r, HISTORY, PAIRS[2][0])
     assert session.input_ids[: len(prompt)] == prompt
-    assert tok().decode(session.input_ids[len(prompt):]) == f"<|MOSS|>: {PAIRS[2][1]}<eom>\n"
+    assert tok().decode(session.input_ids[len(prompt) :]) == f"<|MOSS|>: {PAIRS[2][1]}<eom>\n"
 
 
 def test_chat_template_prompt_is_the_prefix_up_to_turn_3s_answer():

@@ -30,12 +30,16 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(H
 # Letters, digits, punctuation and spaces of any script, plus a CJK run; no markup characters
 # ("<", "|", ">" would spell the formats' own special tokens), NFC like any stored text.
 TEXT = st.text(
-    st.one_of(st.characters(categories=("L", "N", "P", "Zs"), exclude_characters="<|>"),
-              st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF)),
-    min_size=0, max_size=24,
+    st.one_of(
+        st.characters(categories=("L", "N", "P", "Zs"), exclude_characters="<|>"),
+        st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),
+    ),
+    min_size=0,
+    max_size=24,
 ).map(lambda s: unicodedata.normalize("NFC", s))
-WORDS = st.text(st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF) | st.sampled_from("abcxyz"),
-                min_size=1, max_size=8)  # a tool response body: letters only, so its tokens end at its edges
+WORDS = st.text(
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF) | st.sampled_from("abcxyz"), min_size=1, max_size=8
+)  # a tool response body: letters only, so its tokens end at its edges
 
 
 @st.composite
@@ -80,8 +84,11 @@ def prefix(conv: Conversation, k: int) -> Conversation:
 def trained(conv: Conversation) -> list[bool]:
     """Which answers carry loss: not marked train: false and, for the session formats, not empty
     (an empty answer stays as context without loss; chatglm drops such a round: test_chatglm)."""
-    return [m.get("train", True) is not False and bool((m.get("content") or "").strip())
-            for m in conv.messages if m["role"] == "assistant"]
+    return [
+        m.get("train", True) is not False and bool((m.get("content") or "").strip())
+        for m in conv.messages
+        if m["role"] == "assistant"
+    ]
 
 
 @SETTINGS
@@ -95,8 +102,11 @@ def test_chat_template(conv, max_length, truncation):
         return
     (sample,) = encoded.samples
     check_sample(sample, sample_limit(cfg))
-    answers = [m["content"] + "<|im_end|>" for m, t in zip([m for m in conv.messages if m["role"] == "assistant"],
-                                                           trained(conv)) if t]
+    answers = [
+        m["content"] + "<|im_end|>"
+        for m, t in zip([m for m in conv.messages if m["role"] == "assistant"], trained(conv))
+        if t
+    ]
     runs = loss_runs(sample.labels)
     # every run of loss is (a part of) one trained answer and its end-of-turn token, nothing else
     whole = runs[:-1] if sample.truncated else runs  # a cut last run may end inside a character
@@ -113,16 +123,27 @@ def test_chat_template(conv, max_length, truncation):
 
 
 @SETTINGS
-@given(conv=conversations(), max_length=st.integers(4, 160), truncation=st.sampled_from(["seed", "drop_oldest"]),
-       tools=st.lists(WORDS, min_size=4, max_size=4), raw=st.booleans())
+@given(
+    conv=conversations(),
+    max_length=st.integers(4, 160),
+    truncation=st.sampled_from(["seed", "drop_oldest"]),
+    tools=st.lists(WORDS, min_size=4, max_size=4),
+    raw=st.booleans(),
+)
 def test_moss(conv, max_length, truncation, tools, raw):
     cfg = recipe(collator="moss", max_length=max_length, truncation=truncation, meta_instruction=None).data
     fmt = make_format(cfg, tok())
     if raw:  # MOSS records: raw fields with a tool response whose body gets no loss
-        conv.moss_turns = [[("Human", human_field(q)), ("Inner Thoughts", "<|Inner Thoughts|>: None<eot>\n"),
-                            ("Commands", "<|Commands|>: None<eoc>\n"),
-                            ("Tool Responses", f"<|Results|>: {tools[k]}<eor>\n"), ("MOSS", moss_field(a))]
-                           for k, (q, a) in enumerate(conv.rounds())]
+        conv.moss_turns = [
+            [
+                ("Human", human_field(q)),
+                ("Inner Thoughts", "<|Inner Thoughts|>: None<eot>\n"),
+                ("Commands", "<|Commands|>: None<eoc>\n"),
+                ("Tool Responses", f"<|Results|>: {tools[k]}<eor>\n"),
+                ("MOSS", moss_field(a)),
+            ]
+            for k, (q, a) in enumerate(conv.rounds())
+        ]
     encoded = fmt.encode(conv)
     assert len(encoded.samples) + len(encoded.dropped) == 1
     if not encoded.samples:
@@ -136,8 +157,12 @@ def test_moss(conv, max_length, truncation, tools, raw):
     # the kept turns are a run of whole turns; the loss is on each of them less what is masked
     fields = fmt.turn_fields(conv)
     flags = trained(conv)
-    windows = [(a, b) for a in range(len(fields)) for b in range(a + 1, len(fields) + 1)
-               if "".join(v for f in fields[a:b] for _, v in f) == text]
+    windows = [
+        (a, b)
+        for a in range(len(fields))
+        for b in range(a + 1, len(fields) + 1)
+        if "".join(v for f in fields[a:b] for _, v in f) == text
+    ]
     assert windows, text
     a, b = windows[0]
     expected = ""
@@ -155,8 +180,12 @@ def test_moss(conv, max_length, truncation, tools, raw):
 
 
 @SETTINGS
-@given(conv=conversations(), source=st.integers(4, 48), target=st.integers(3, 24),
-       style=st.sampled_from(["chatglm", "chatglm2"]))
+@given(
+    conv=conversations(),
+    source=st.integers(4, 48),
+    target=st.integers(3, 24),
+    style=st.sampled_from(["chatglm", "chatglm2"]),
+)
 def test_chatglm(conv, source, target, style):
     cfg = recipe(collator="chatglm", max_source_length=source, max_target_length=target, chatglm_style=style).data
     fmt = make_format(cfg, tok())
@@ -173,25 +202,40 @@ def test_chatglm(conv, source, target, style):
         answer_ids = tok().encode(rounds[k][1], add_special_tokens=False)[: fmt.target_budget]
         context = fmt.prompt(prefix(conv, k), rounds[k][0]).ids
         if style == "chatglm2":  # loss on the answer (cut to its budget) and eos only
-            assert sample.input_ids[run[0]:-1] == answer_ids
+            assert sample.input_ids[run[0] : -1] == answer_ids
         else:  # ChatGLM-6B: from the last separator (sop) on
-            assert sample.input_ids[run[0]] == fmt.seps[-1] and sample.input_ids[run[0] + 1:-1] == answer_ids
+            assert sample.input_ids[run[0]] == fmt.seps[-1] and sample.input_ids[run[0] + 1 : -1] == answer_ids
         if not sample.truncated:
-            assert rounds[k][1] == decode(sample.input_ids[len(context):-1])
+            assert rounds[k][1] == decode(sample.input_ids[len(context) : -1])
             assert sample.input_ids[: len(context)] == context
 
 
 @SETTINGS
-@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=60), max_length=st.integers(8, 64),
-       batch_size=st.integers(1, 5), shuffle=st.booleans(), seed=st.integers(0, 5))
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=60),
+    max_length=st.integers(8, 64),
+    batch_size=st.integers(1, 5),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 5),
+)
 def test_packer(lengths, max_length, batch_size, shuffle, seed):
-    plan = plan_batches(lengths, batch_size=batch_size, max_length=max_length, packing=True,
-                        group_by_length=False, shuffle=shuffle, seed=seed, epoch=0)
+    plan = plan_batches(
+        lengths,
+        batch_size=batch_size,
+        max_length=max_length,
+        packing=True,
+        group_by_length=False,
+        shuffle=shuffle,
+        seed=seed,
+        epoch=0,
+    )
     rows = [row for batch in plan for row in batch]
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))  # each sample exactly once
     assert all(sum(lengths[i] for i in row) <= max_length or len(row) == 1 for row in rows)
-    samples = [{"input_ids": [1000 * i + t for t in range(n)], "labels": [1000 * i + t for t in range(n)]}
-               for i, n in enumerate(lengths)]
+    samples = [
+        {"input_ids": [1000 * i + t for t in range(n)], "labels": [1000 * i + t for t in range(n)]}
+        for i, n in enumerate(lengths)
+    ]
     for batch in plan:
         out = collate([[samples[i] for i in row] for row in batch], pad_id=-1, packing=True)
         for r, row in enumerate(batch):
@@ -208,5 +252,5 @@ def test_packer(lengths, max_length, batch_size, shuffle, seed):
             for i, (a, b) in zip(row, zip(bounds, bounds[1:])):  # a segment holds exactly one sample
                 assert ids[a:b] == samples[i]["input_ids"]
                 assert labels[a] == (IGNORE_INDEX if a > 0 else samples[i]["labels"][0])
-                assert labels[a + 1:b] == samples[i]["labels"][1:]
-            assert labels[bounds[-1]:] == [IGNORE_INDEX] * (width - bounds[-1])
+                assert labels[a + 1 : b] == samples[i]["labels"][1:]
+            assert labels[bounds[-1] :] == [IGNORE_INDEX] * (width - bounds[-1])

@@ -16,10 +16,14 @@ from peftchat.formats.registry import make_format
 from peftchat.infer.decoding import context_budget
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-SHIPPED = [("demo.yaml", None), ("demo_qlora.yaml", None), ("demo_chatglm.yaml", None),
-           ("demo_chat_template.yaml", None),
-           ("chatglm_round_split_lora.yaml", "demo/chatglm_demo.jsonl"),
-           ("llama3_8b_qlora_moss.yaml", "demo/moss_demo.jsonl")]
+SHIPPED = [
+    ("demo.yaml", None),
+    ("demo_qlora.yaml", None),
+    ("demo_chatglm.yaml", None),
+    ("demo_chat_template.yaml", None),
+    ("chatglm_round_split_lora.yaml", "demo/chatglm_demo.jsonl"),
+    ("llama3_8b_qlora_moss.yaml", "demo/moss_demo.jsonl"),
+]
 # Preference recipes train on pairs, not conversations: tests/data/test_preference_data.py checks
 # that a pair's prompt equals the chat prompt, token for token, in every format.
 PAIR_RECIPES = ["demo_dpo.yaml"]

@@ -52,7 +52,7 @@ class TeacherForcedModel:
         self.prompts.append(prompt)
         seq = next((s for s in self.sequences if s[: len(prompt)] == prompt and len(s) > len(prompt)), None)
         assert seq is not None, "the chat prompt is not the beginning of any training sequence"
-        cont = seq[len(prompt):]
+        cont = seq[len(prompt) :]
         cut = next(k for k, t in enumerate(cont) if t in self.stop_ids)
         cont = cont[: cut + 1]
         if streamer is not None:
@@ -101,7 +101,7 @@ def test_session_prompts_are_the_training_prompts(collator, tok, tiny_llama_dir,
         elif collator == "chat_template":  # the loss starts with the assistant content
             assert sample.labels[len(prompt) - 1] == -100 and sample.labels[len(prompt)] != -100
         else:  # Human turns carry loss in MOSS: the next token opens the model's first field
-            nxt = tok.decode(sample.input_ids[len(prompt):len(prompt) + 8], skip_special_tokens=False)
+            nxt = tok.decode(sample.input_ids[len(prompt) : len(prompt) + 8], skip_special_tokens=False)
             assert nxt.startswith(MOSS_FIELDS["Inner Thoughts"])
     assert len(session.history.rounds()) == 3
     if collator == "moss":  # the generated inner thoughts are kept for the next prompts
@@ -202,7 +202,10 @@ def test_message_and_subprocess_stdin(make_adapter, capsys):
 
     res = subprocess.run(
         [sys.executable, "-m", "peftchat.cli", "chat", str(adapter)],
-        input="Hi!\nTell me more.\nclear\nTell me more.\nstop\n", capture_output=True, text=True, timeout=120,
+        input="Hi!\nTell me more.\nclear\nTell me more.\nstop\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout == "".join(r + "\n" for r in expected + [expected_after_clear])
@@ -216,8 +219,9 @@ def test_bad_source_is_a_user_error(tmp_path, capsys):
     assert "neither an adapter dir" in capsys.readouterr().err
 
 
-def test_system_flag_sets_the_sessions_system_message(make_adapter, monkeypatch, capsys, tok, tiny_llama_dir,
-                                                      infer_recipe_dict, tmp_path):
+def test_system_flag_sets_the_sessions_system_message(
+    make_adapter, monkeypatch, capsys, tok, tiny_llama_dir, infer_recipe_dict, tmp_path
+):
     adapter = make_adapter(collator="chat_template")
     systems = []
     build = ChatSession.build_prompt

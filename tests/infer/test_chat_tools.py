@@ -30,8 +30,13 @@ def ttok():
 
 
 def recipe(collator="chat_template"):
-    return recipe_from_dict({"model": {"path": "unused"}, "data": {"train": "unused.jsonl", "collator": collator},
-                             "decoding": {"temperature": 0}})
+    return recipe_from_dict(
+        {
+            "model": {"path": "unused"},
+            "data": {"train": "unused.jsonl", "collator": collator},
+            "decoding": {"temperature": 0},
+        }
+    )
 
 
 class ReplaysTraining:
@@ -47,15 +52,21 @@ class ReplaysTraining:
     def generate(self, input_ids, attention_mask, generation_config, streamer=None, logits_processor=None):
         prompt = input_ids[0].tolist()
         assert self.sequence[: len(prompt)] == prompt, "the chat prompt is not what training showed"
-        rest = self.sequence[len(prompt):]
+        rest = self.sequence[len(prompt) :]
         cut = next(k for k, t in enumerate(rest) if t in self.stop_ids)
         return torch.tensor([prompt + rest[: cut + 1]])
 
 
 def test_chat_with_tools_prompts_as_training_rendered_the_tool_record(ttok):
-    record = {"tools": TOOLS, "messages": [
-        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": [CALL]},
-        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    record = {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+        ],
+    }
     r = recipe()
     fmt = make_format(r.data, ttok)
     (sample,) = fmt.encode(normalize(record, "messages", r.data, "t:1")).samples
@@ -65,8 +76,13 @@ def test_chat_with_tools_prompts_as_training_rendered_the_tool_record(ttok):
     assert session.history.messages[-1] == {"role": "assistant", "tool_calls": [CALL]}
     # the next prompt renders the call as training rendered it, and keeps the tool list
     nxt = session.build_prompt("And tomorrow?")
-    expected = ttok.apply_chat_template(record["messages"][:2] + [{"role": "user", "content": "And tomorrow?"}],
-                                        tools=TOOLS, tokenize=True, return_dict=True, add_generation_prompt=True)
+    expected = ttok.apply_chat_template(
+        record["messages"][:2] + [{"role": "user", "content": "And tomorrow?"}],
+        tools=TOOLS,
+        tokenize=True,
+        return_dict=True,
+        add_generation_prompt=True,
+    )
     assert nxt == expected["input_ids"]
 
 
@@ -78,8 +94,10 @@ def test_tools_need_a_format_and_template_that_render_them(ttok, tmp_path):
         ChatSession(ReplaysTraining([], []), shipped, recipe(), tools=TOOLS)
 
 
-@pytest.mark.parametrize("text,problem", [(None, "cannot read it"), ("{oops", "not valid JSON"),
-                                          ('{"name": "x"}', "expected a JSON list of tool objects")])
+@pytest.mark.parametrize(
+    "text,problem",
+    [(None, "cannot read it"), ("{oops", "not valid JSON"), ('{"name": "x"}', "expected a JSON list of tool objects")],
+)
 def test_a_bad_tools_file_is_exit_2_before_the_model_loads(tmp_path, capsys, text, problem):
     path = tmp_path / "tools.json"
     if text is not None:
@@ -91,10 +109,17 @@ def test_a_bad_tools_file_is_exit_2_before_the_model_loads(tmp_path, capsys, tex
 def test_eval_scores_answers_not_tool_calls_and_keeps_the_tool_list():
     from peftchat.infer.evaluate import eval_rounds
 
-    record = {"tools": TOOLS, "messages": [
-        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": [CALL]},
-        {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."},
-        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]}
+    record = {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "Welcome."},
+        ],
+    }
     conv = normalize(record, "messages", recipe().data, "t:1")
     ((history, query, reference),) = eval_rounds(conv)
     assert (query, reference) == ("Thanks", "Welcome.") and history.tools == TOOLS
@@ -103,14 +128,22 @@ def test_eval_scores_answers_not_tool_calls_and_keeps_the_tool_list():
 
 # --- feeding tool results back: the model continues as training rendered the results ---------
 
-TWO_CALLS = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}},
-             {"type": "function", "function": {"name": "weather", "arguments": {"city": "Bergen"}}}]
+TWO_CALLS = [
+    {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}},
+    {"type": "function", "function": {"name": "weather", "arguments": {"city": "Bergen"}}},
+]
 
 
 def _tool_record(calls, results):
-    return {"tools": TOOLS, "messages": [
-        {"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "tool_calls": calls},
-        *({"role": "tool", "content": r} for r in results), {"role": "assistant", "content": "Sunny."}]}
+    return {
+        "tools": TOOLS,
+        "messages": [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "tool_calls": calls},
+            *({"role": "tool", "content": r} for r in results),
+            {"role": "assistant", "content": "Sunny."},
+        ],
+    }
 
 
 def _replaying_session(ttok, record):
@@ -167,8 +200,11 @@ def test_a_messages_file_is_answered_as_serve_answers_a_request(ttok):
     record = _tool_record([CALL], ["sunny"])
     session = _replaying_session(ttok, record)
     oa_call = {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Oslo"}'}}
-    given = [record["messages"][0], {"role": "assistant", "content": None, "tool_calls": [oa_call]},
-             {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    given = [
+        record["messages"][0],
+        {"role": "assistant", "content": None, "tool_calls": [oa_call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     query = session.load_messages(given, None, "--messages m.json")
     written = []
     _respond(session, query, written.append, stream=False, interactive=False)
@@ -177,7 +213,9 @@ def test_a_messages_file_is_answered_as_serve_answers_a_request(ttok):
         session.load_messages([given[0], given[2]], None, "--messages m.json")
 
 
-@pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ('{"x": 1}', "expected a JSON list of messages")])
+@pytest.mark.parametrize(
+    "text,problem", [("{oops", "not valid JSON"), ('{"x": 1}', "expected a JSON list of messages")]
+)
 def test_a_bad_messages_file_is_exit_2_before_the_model_loads(tmp_path, capsys, text, problem):
     path = tmp_path / "m.json"
     path.write_text(text, encoding="utf-8")

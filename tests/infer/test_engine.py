@@ -73,5 +73,5 @@ def test_streaming_decodes_each_token_once_and_holds_back_stop_strings(tiny_llam
         engine._finish(job, pieces.append)
     finally:
         tok.decode = real_decode
-    assert "".join(pieces) == job.text == answer[:answer.find("END of")].strip()
+    assert "".join(pieces) == job.text == answer[: answer.find("END of")].strip()
     assert job.finish_reason == "stop"

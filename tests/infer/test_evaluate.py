@@ -23,7 +23,13 @@ from peftchat.infer.evaluate import EvalPrompts, load_eval_samples, score_genera
 
 def test_scores_follow_chatglm_compute_metrics():
     same = "好的，你好！我是 PeftChat，有什么可以帮你的吗？"
-    assert score_generations([same], [same]) == {"bleu-4": 100.0, "rouge-1": 100.0, "rouge-2": 100.0, "rouge-l": 100.0, "n": 1}
+    assert score_generations([same], [same]) == {
+        "bleu-4": 100.0,
+        "rouge-1": 100.0,
+        "rouge-2": 100.0,
+        "rouge-l": 100.0,
+        "n": 1,
+    }
     # ROUGE on jieba words: 我/爱/北京 vs 我/爱/上海 share 2 of 3 words (on characters it would be 2 of 4)
     assert score_generations(["我爱北京"], ["我爱上海"])["rouge-1"] == pytest.approx(66.6667)
     empty = score_generations([""], ["abc"])
@@ -65,17 +71,40 @@ def test_converged_demo_scores_near_100_on_its_training_data(tiny_llama_dir, tmp
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(rows[i] for i in (0, 1, 3)) + "\n", encoding="utf-8")
     run = tmp_path / "run"
-    recipe = recipe_from_dict({
-        "model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"},
-        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear", "modules_to_save": ["lm_head"]},
-        # history_column null: ChatGLM trains and evaluates such rows on the bare query alike
-        "data": {"train": str(data), "format": "chatglm", "collator": "chatglm", "history_column": None,
-                 "max_source_length": 64, "max_target_length": 64},
-        "training": {"output_dir": str(run), "batch_size": 3, "lr": 1e-2, "warmup_steps": 2, "max_steps": 40,
-                     "gradient_checkpointing": False, "save_steps": 1000, "eval_steps": 1000, "log_steps": 10,
-                     "device": "cpu"},
-        "decoding": {"max_new_tokens": 64, "temperature": 0},
-    })
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"},
+            "adapter": {
+                "r": 8,
+                "alpha": 16,
+                "dropout": 0.0,
+                "target_modules": "all-linear",
+                "modules_to_save": ["lm_head"],
+            },
+            # history_column null: ChatGLM trains and evaluates such rows on the bare query alike
+            "data": {
+                "train": str(data),
+                "format": "chatglm",
+                "collator": "chatglm",
+                "history_column": None,
+                "max_source_length": 64,
+                "max_target_length": 64,
+            },
+            "training": {
+                "output_dir": str(run),
+                "batch_size": 3,
+                "lr": 1e-2,
+                "warmup_steps": 2,
+                "max_steps": 40,
+                "gradient_checkpointing": False,
+                "save_steps": 1000,
+                "eval_steps": 1000,
+                "log_steps": 10,
+                "device": "cpu",
+            },
+            "decoding": {"max_new_tokens": 64, "temperature": 0},
+        }
+    )
     train(recipe)
     capsys.readouterr()
     out = tmp_path / "eval.json"
@@ -129,13 +158,21 @@ def test_eval_generate_hook_uses_the_held_out_sessions(make_adapter, tiny_llama_
 def test_eval_rounds_are_the_trained_answers_with_their_reference_history():
     from peftchat.infer.evaluate import eval_rounds
 
-    conv = Conversation(messages=[
-        {"role": "system", "content": "S"},
-        {"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"},  # context (chatglm history)
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "train": False},
-        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
-        {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
-    ], context_rounds=1, moss_turns=[[("Human", "h0")], [("Human", "h1")], [("Human", "h2")], [("Human", "h3")]])
+    conv = Conversation(
+        messages=[
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "q0"},
+            {"role": "assistant", "content": "a0"},  # context (chatglm history)
+            {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1", "train": False},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"},
+            {"role": "user", "content": "q3"},
+            {"role": "assistant", "content": "a3"},
+        ],
+        context_rounds=1,
+        moss_turns=[[("Human", "h0")], [("Human", "h1")], [("Human", "h2")], [("Human", "h3")]],
+    )
     rounds = eval_rounds(conv)
     assert [(q, a) for _, q, a in rounds] == [("q2", "a2"), ("q3", "a3")]
     history, _, _ = rounds[1]

@@ -11,8 +11,12 @@ from peftchat.model.tokenizer import load_tokenizer
 
 
 def _moss_format():
-    recipe = recipe_from_dict({"model": {"path": "unused", "tokenizer": str(asset_path("tokenizer"))},
-                               "data": {"train": "x.jsonl", "format": "moss", "collator": "moss"}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": "unused", "tokenizer": str(asset_path("tokenizer"))},
+            "data": {"train": "x.jsonl", "format": "moss", "collator": "moss"},
+        }
+    )
     tokenizer = load_tokenizer(recipe)
     return make_format(recipe.data, tokenizer), tokenizer
 

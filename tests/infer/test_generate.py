@@ -15,9 +15,19 @@ from peftchat.infer.loading import load_chat_model
 
 ROWS = [
     {"prompt": "Hello!"},
-    {"prompt": "What did I just say? Please answer in detail, with examples.", "history": [["Hi", "Hello, how can I help?"]]},
-    {"id": "q3", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"},
-                             {"role": "assistant", "content": "b"}, {"role": "user", "content": "写一首诗"}]},
+    {
+        "prompt": "What did I just say? Please answer in detail, with examples.",
+        "history": [["Hi", "Hello, how can I help?"]],
+    },
+    {
+        "id": "q3",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "写一首诗"},
+        ],
+    },
     {"query": "x", "history": [{"user": "q", "assistant": "a"}]},
     {"prompt": "A longer prompt than the others, so that batches need real padding on the left side."},
 ]
@@ -31,7 +41,10 @@ def _write(path, rows):
 def test_rows_in_order_and_batching_changes_nothing(make_adapter, tmp_path):
     adapter = make_adapter(collator="chat_template")
     inp = _write(tmp_path / "in.jsonl", ROWS)
-    assert main(["generate", str(adapter), "--in", str(inp), "--out", str(tmp_path / "b3.jsonl"), "--batch-size", "3"]) == 0
+    assert (
+        main(["generate", str(adapter), "--in", str(inp), "--out", str(tmp_path / "b3.jsonl"), "--batch-size", "3"])
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "b3.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["prompt"] for r in rows] == ["Hello!", ROWS[1]["prompt"], "写一首诗", "x", ROWS[4]["prompt"]]
     assert rows[2]["id"] == "q3" and all(isinstance(r["reply"], str) for r in rows)
@@ -46,14 +59,17 @@ def test_rows_in_order_and_batching_changes_nothing(make_adapter, tmp_path):
     assert len(set(singles)) > 1  # replies depend on the prompt: rows were not mixed up unnoticed
 
 
-@pytest.mark.parametrize("line, message", [
-    ("{not json", "invalid JSON"),
-    ('["a list"]', "expected a JSON object"),
-    ('{"reply": "no prompt"}', "needs a string 'prompt'"),
-    ('{"messages": [{"role": "assistant", "content": "x"}]}', "messages[0] has role 'assistant'"),
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "last message"),
-    ('{"prompt": "p", "history": [["only one"]]}', "history[0]"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "invalid JSON"),
+        ('["a list"]', "expected a JSON object"),
+        ('{"reply": "no prompt"}', "needs a string 'prompt'"),
+        ('{"messages": [{"role": "assistant", "content": "x"}]}', "messages[0] has role 'assistant'"),
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}', "last message"),
+        ('{"prompt": "p", "history": [["only one"]]}', "history[0]"),
+    ],
+)
 def test_bad_line_names_file_and_line(tmp_path, line, message):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "fine"}\n\n' + line + "\n", encoding="utf-8")

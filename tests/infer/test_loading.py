@@ -35,7 +35,9 @@ def test_recipe_without_adapter_is_the_base(tiny_llama_dir, infer_recipe_dict, t
     assert "no trained adapter" in capsys.readouterr().err
 
 
-def test_recipe_finds_its_adapter_or_newest_complete_checkpoint(make_adapter, tiny_llama_dir, infer_recipe_dict, tmp_path, capsys):
+def test_recipe_finds_its_adapter_or_newest_complete_checkpoint(
+    make_adapter, tiny_llama_dir, infer_recipe_dict, tmp_path, capsys
+):
     adapter = make_adapter()
     source = resolve_source(_recipe_file(tmp_path, infer_recipe_dict(tiny_llama_dir, adapter)))
     assert source.kind == "recipe" and source.adapter_dir == adapter and source.tokenizer_dir == adapter
@@ -76,7 +78,9 @@ def test_adapter_dir_loads_base_plus_adapter(make_adapter, tmp_path):
     shutil.copytree(adapter, bare)
     (bare / "recipe.yaml").unlink()
     source = resolve_source(bare)
-    assert source.recipe.model.path == json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert (
+        source.recipe.model.path == json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
     assert source.recipe.data.collator == "chat_template"
 
 

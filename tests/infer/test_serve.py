@@ -49,8 +49,12 @@ def test_models(client):
 
 def test_reply_equals_chat_at_temperature_0(client, server, adapter, capsys):
     resp = _ask(client, QUESTION, max_tokens=12)
-    assert main(["chat", str(adapter), "--message", QUESTION, "--temperature", "0", "--max-new-tokens", "12",
-                 "--no-stream"]) == 0
+    assert (
+        main(
+            ["chat", str(adapter), "--message", QUESTION, "--temperature", "0", "--max-new-tokens", "12", "--no-stream"]
+        )
+        == 0
+    )
     chat_reply = capsys.readouterr().out.rstrip("\n")
     assert resp.choices[0].message.content == chat_reply
     assert chat_reply  # a non-empty reply, so the comparison says something
@@ -75,9 +79,11 @@ def test_stop_string_cuts_the_reply(client):
     full = _ask(client, QUESTION, max_tokens=12).choices[0].message.content
     stop = full[3:5]
     cut = _ask(client, QUESTION, max_tokens=12, stop=[stop])
-    assert cut.choices[0].message.content == full[:full.find(stop)]
+    assert cut.choices[0].message.content == full[: full.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in _ask(client, QUESTION, max_tokens=12, stop=stop, stream=True))
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in _ask(client, QUESTION, max_tokens=12, stop=stop, stream=True)
+    )
     assert streamed == cut.choices[0].message.content
 
 
@@ -93,8 +99,13 @@ def test_disconnect_mid_stream_frees_the_model(client, server):
     engine = server["engine"]
     engine.delay = 0.02  # ~200 tokens would take 4 s
     try:
-        body = {"model": NAME, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 200,
-                "temperature": 0, "stream": True}
+        body = {
+            "model": NAME,
+            "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+        }
         with httpx.stream("POST", server["url"] + "/chat/completions", json=body, timeout=30) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
@@ -102,7 +113,9 @@ def test_disconnect_mid_stream_frees_the_model(client, server):
                     break  # the stream has begun (a MOSS reply shows only from its <|MOSS|>: field): hang up
         deadline = time.time() + 10
         while not (engine.finished and engine.finished[-1].finish_reason == "cancelled"):
-            assert time.time() < deadline, f"the generation went on after the client left: {[(j.finish_reason, len(j.generated), j.cancel.is_set()) for j in engine.finished]}"
+            assert time.time() < deadline, (
+                f"the generation went on after the client left: {[(j.finish_reason, len(j.generated), j.cancel.is_set()) for j in engine.finished]}"
+            )
             time.sleep(0.05)
         assert len(engine.finished[-1].generated) < 100
     finally:
@@ -112,12 +125,15 @@ def test_disconnect_mid_stream_frees_the_model(client, server):
     assert _ask(client, QUESTION, max_tokens=4).choices[0].message.content is not None
 
 
-@pytest.mark.parametrize("messages, where", [
-    ([{"role": "assistant", "content": "hi"}], "messages"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1]"),
-    ([{"role": "wizard", "content": "a"}], "messages.0"),
-    ([], "messages"),
-])
+@pytest.mark.parametrize(
+    "messages, where",
+    [
+        ([{"role": "assistant", "content": "hi"}], "messages"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "messages[1]"),
+        ([{"role": "wizard", "content": "a"}], "messages.0"),
+        ([], "messages"),
+    ],
+)
 def test_malformed_request_is_400_with_openai_error(client, messages, where):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=NAME, messages=messages)
@@ -127,7 +143,9 @@ def test_malformed_request_is_400_with_openai_error(client, messages, where):
 
 
 def test_bad_json_unknown_model_and_bad_values(server, client):
-    r = httpx.post(server["url"] + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = httpx.post(
+        server["url"] + "/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "x"}])
@@ -141,8 +159,11 @@ def test_over_the_context_budget_is_a_clear_400(client, server):
         _ask(client, long, max_tokens=8)
     assert e.value.body["code"] == "context_length_exceeded"
     assert "context budget" in e.value.body["message"]
-    history = [{"role": "user", "content": long[:300]}, {"role": "assistant", "content": long[:300]},
-               {"role": "user", "content": "ok?"}]
+    history = [
+        {"role": "user", "content": long[:300]},
+        {"role": "assistant", "content": long[:300]},
+        {"role": "user", "content": "ok?"},
+    ]
     with pytest.raises(openai.BadRequestError, match="context budget"):
         client.chat.completions.create(model=NAME, messages=history, max_tokens=8)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):

@@ -44,8 +44,14 @@ def server(adapter, uvicorn_app, slow_chat_engine):
     options = ServeOptions(api_key=KEY, max_body_bytes=24 << 20, max_n=4, max_tokens=200)
     app = create_app(engine, NAME, options)
     with uvicorn_app(app) as port:
-        yield {"base": f"http://127.0.0.1:{port}", "url": f"http://127.0.0.1:{port}/v1", "engine": engine,
-               "scheduler": app.state.scheduler, "port": port, "options": options}
+        yield {
+            "base": f"http://127.0.0.1:{port}",
+            "url": f"http://127.0.0.1:{port}/v1",
+            "engine": engine,
+            "scheduler": app.state.scheduler,
+            "port": port,
+            "options": options,
+        }
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +115,10 @@ def test_host_header_rebinding_is_refused_docs_and_cors_are_off(server):
         assert httpx.get(server["base"] + "/health", headers={"host": host}).status_code == 200, host
     assert httpx.get(server["base"] + "/docs").status_code == 404
     assert httpx.get(server["base"] + "/openapi.json").status_code == 404
-    r = httpx.options(server["url"] + "/chat/completions", headers={
-        "origin": "http://evil.example.com", "access-control-request-method": "POST"})
+    r = httpx.options(
+        server["url"] + "/chat/completions",
+        headers={"origin": "http://evil.example.com", "access-control-request-method": "POST"},
+    )
     assert "access-control-allow-origin" not in r.headers
 
 
@@ -144,8 +152,10 @@ def test_a_50_mb_body_is_413_before_it_is_read(server):
     """Declared or not (chunked), a body over the limit (24 MiB here) is refused with 413; the
     server's RSS (this process) grows by under 8 MB for a declared 50 MB body and by under three
     times the limit for a chunked one."""
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {KEY}\r\n"
-            "content-type: application/json\r\n").encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {KEY}\r\n"
+        "content-type: application/json\r\n"
+    ).encode()
     before = _rss()
     mb = b"x" * (1 << 20)
     reply = _send_raw(server["port"], head + f"content-length: {50 << 20}\r\n\r\n".encode(), (mb for _ in range(50)))
@@ -184,8 +194,15 @@ def _during(server, work) -> tuple[list[float], object]:
 def test_health_answers_fast_while_a_20_mb_body_is_parsed(server):
     big = json.dumps(_body("长" * ((20 << 20) // 3), max_tokens=4), ensure_ascii=False).encode()
     assert len(big) > (20 << 20) - 1000
-    latencies, r = _during(server, lambda: httpx.post(server["url"] + "/chat/completions", content=big,
-                                                      headers=AUTH | {"content-type": "application/json"}, timeout=60))
+    latencies, r = _during(
+        server,
+        lambda: httpx.post(
+            server["url"] + "/chat/completions",
+            content=big,
+            headers=AUTH | {"content-type": "application/json"},
+            timeout=60,
+        ),
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert len(latencies) >= 3 and max(latencies) < 0.1, latencies
 
@@ -222,8 +239,13 @@ def test_disconnect_frees_the_slot_at_once(server, client):
     next request starts at once (the hung-up one had ~9 s of tokens left)."""
     engine, sched = server["engine"], server["scheduler"]
     with slow(engine, 0.05):
-        with httpx.stream("POST", server["url"] + "/chat/completions", json=_body(max_tokens=190, stream=True),
-                          headers=AUTH, timeout=30) as r:
+        with httpx.stream(
+            "POST",
+            server["url"] + "/chat/completions",
+            json=_body(max_tokens=190, stream=True),
+            headers=AUTH,
+            timeout=30,
+        ) as r:
             next(r.iter_lines())  # the first chunk
             while not (sched.running and sched.running[0].generated):
                 time.sleep(0.01)  # generating: hang up
@@ -253,10 +275,24 @@ def test_per_request_wall_time_ends_a_long_generation(server, client):
     assert took < 5 and server["engine"].finished[-1].timed_out
 
 
-QUESTIONS = ["Hello! Who are you?", QUESTION, "What is LoRA?", "请介绍一下你自己", "How do I cook rice?",
-             "什么是微调？", "Tell me a joke.", "1+1=?", "Translate 'cat' to French.", "今天天气怎么样？",
-             "Write a haiku about autumn leaves falling on a quiet pond", "Why?", "你好", "Name three colors.",
-             "What is the capital of France and why is it famous?", "再见"]
+QUESTIONS = [
+    "Hello! Who are you?",
+    QUESTION,
+    "What is LoRA?",
+    "请介绍一下你自己",
+    "How do I cook rice?",
+    "什么是微调？",
+    "Tell me a joke.",
+    "1+1=?",
+    "Translate 'cat' to French.",
+    "今天天气怎么样？",
+    "Write a haiku about autumn leaves falling on a quiet pond",
+    "Why?",
+    "你好",
+    "Name three colors.",
+    "What is the capital of France and why is it famous?",
+    "再见",
+]
 
 
 def test_16_concurrent_clients_are_batched_and_equal_their_sequential_answers(server, client):
@@ -277,31 +313,49 @@ def test_n_choices(server, client):
     one = _ask(client, QUESTION, max_tokens=6).choices[0].message.content
     three = _ask(client, QUESTION, max_tokens=6, n=3)
     assert [c.message.content for c in three.choices] == [one] * 3 and [c.index for c in three.choices] == [0, 1, 2]
-    seeded = [[c.message.content for c in _ask(client, QUESTION, max_tokens=6, n=2, temperature=1.0, seed=7).choices]
-              for _ in range(2)]
+    seeded = [
+        [c.message.content for c in _ask(client, QUESTION, max_tokens=6, n=2, temperature=1.0, seed=7).choices]
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
     chunks = list(_ask(client, QUESTION, max_tokens=6, n=2, stream=True))
-    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
-             for i in range(2)]
+    texts = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(2)
+    ]
     assert texts == [one, one]
     with pytest.raises(openai.BadRequestError, match="n must be"):
         _ask(client, QUESTION, n=5)
 
 
-@pytest.mark.parametrize("raw, param", [
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "stop": "\\udc00"}', None),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "seed": 36893488147419103232}', "seed"),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "seed": -9223372036854775809}', "seed"),
-    (b'{"model": "tiny-moss", "messages": 5}', "messages"),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "temperature": "hot"}', "temperature"),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1.5}', "max_tokens"),
-    (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "max_tokens": 100000}', "max_tokens"),
-    (b'[1, 2]', None),
-    (b'\xff\xfe', None),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None),
+        (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "stop": "\\udc00"}', None),
+        (
+            b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "seed": 36893488147419103232}',
+            "seed",
+        ),
+        (
+            b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "seed": -9223372036854775809}',
+            "seed",
+        ),
+        (b'{"model": "tiny-moss", "messages": 5}', "messages"),
+        (
+            b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "temperature": "hot"}',
+            "temperature",
+        ),
+        (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1.5}', "max_tokens"),
+        (b'{"model": "tiny-moss", "messages": [{"role": "user", "content": "a"}], "max_tokens": 100000}', "max_tokens"),
+        (b"[1, 2]", None),
+        (b"\xff\xfe", None),
+    ],
+)
 def test_bad_values_are_400_in_the_openai_shape(server, raw, param):
-    r = httpx.post(server["url"] + "/chat/completions", content=raw, headers=AUTH | {"content-type": "application/json"})
+    r = httpx.post(
+        server["url"] + "/chat/completions", content=raw, headers=AUTH | {"content-type": "application/json"}
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["type"] == "invalid_request_error" and err["message"]
@@ -358,8 +412,12 @@ def test_exposure_and_port_are_checked_before_serving(adapter, capsys, monkeypat
 
 def test_sigterm_drains_the_request_in_flight_then_exits_0(adapter):
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PEFTCHAT_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "peftchat.cli", "serve", str(adapter), "--port", "0",
-                             "--model-name", NAME], env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftchat.cli", "serve", str(adapter), "--port", "0", "--model-name", NAME],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         for line in proc.stderr:
@@ -368,8 +426,13 @@ def test_sigterm_drains_the_request_in_flight_then_exits_0(adapter):
                 break
         assert port, "no 'serving' line"
         got = []
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", headers=AUTH, timeout=30,
-                          json=_body(max_tokens=40, stream=True)) as r:
+        with httpx.stream(
+            "POST",
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            headers=AUTH,
+            timeout=30,
+            json=_body(max_tokens=40, stream=True),
+        ) as r:
             for line in r.iter_lines():
                 if not got:
                     proc.send_signal(signal.SIGTERM)

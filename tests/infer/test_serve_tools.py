@@ -24,8 +24,16 @@ from peftchat.infer.serve import create_app  # noqa: E402
 
 NAME = "tiny-tools"
 TEMPLATE = Path(__file__).parents[1] / "data" / "qwen_style_tools.jinja"
-TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
-                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
 CALL_TEXT = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 ASK = {"role": "user", "content": "Weather in Oslo?"}
 
@@ -40,14 +48,18 @@ class ForcedReply(ChatTemplateFormat):
         if self.forced is None:
             return []
         prompt = self.prompt(Conversation(messages=[]), "x").ids
-        header = prompt[max(k for k, t in enumerate(prompt) if t in self.tokenizer.all_special_ids):]
+        header = prompt[max(k for k, t in enumerate(prompt) if t in self.tokenizer.all_special_ids) :]
         return [(header, encode_text(self.tokenizer, self.forced) + self.eot_ids[:1])]
 
 
 def _recipe(collator="chat_template"):
-    return recipe_from_dict({"model": {"path": "unused"},
-                             "data": {"train": "unused.jsonl", "collator": collator, "max_length": 512},
-                             "decoding": {"temperature": 0, "max_new_tokens": 64}})
+    return recipe_from_dict(
+        {
+            "model": {"path": "unused"},
+            "data": {"train": "unused.jsonl", "collator": collator, "max_length": 512},
+            "decoding": {"temperature": 0, "max_new_tokens": 64},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +116,23 @@ def test_a_tool_call_reply_comes_back_as_openai_tool_calls(client, engine, reply
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
     # the prompt is the training sample of the same turns, up to the assistant's call
-    trained = _training_ids(engine, {"tools": TOOLS, "messages": [
-        ASK, {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "weather",
-                                                                                     "arguments": {"city": "Oslo"}}}]}]})
+    trained = _training_ids(
+        engine,
+        {
+            "tools": TOOLS,
+            "messages": [
+                ASK,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+                    ],
+                },
+            ],
+        },
+    )
     prompt = engine.finished[-1].prompt
-    assert trained[:len(prompt)] == prompt and len(trained) > len(prompt)
+    assert trained[: len(prompt)] == prompt and len(trained) > len(prompt)
 
 
 def test_streamed_tool_calls_arrive_as_openai_deltas_never_as_text(client, reply):
@@ -120,8 +144,9 @@ def test_streamed_tool_calls_arrive_as_openai_deltas_never_as_text(client, reply
     calls = [tc for d in deltas for tc in d.tool_calls or []]
     assert text == whole.message.content == "Let me check."
     assert "<tool" not in text
-    assert [(tc.index, tc.type, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == \
-        [(0, "function", "weather", {"city": "Oslo"})]
+    assert [(tc.index, tc.type, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
+        (0, "function", "weather", {"city": "Oslo"})
+    ]
     assert calls[0].id.startswith("call_")
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason == "tool_calls"
 
@@ -131,15 +156,19 @@ def test_tool_results_are_prompted_as_training_rendered_them(client, engine, rep
     first = _ask(client, [ASK], tools=TOOLS).choices[0].message
     reply("Sunny, 20C.")
     # the client's own flow: the call message goes back as it came, then the result with its id
-    messages = [ASK, first.model_dump(exclude_none=True),
-                {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny, 20C"}]
+    messages = [
+        ASK,
+        first.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny, 20C"},
+    ]
     resp = _ask(client, messages, tools=TOOLS).choices[0]
     assert (resp.message.content, resp.finish_reason, resp.message.tool_calls) == ("Sunny, 20C.", "stop", None)
-    trained = _training_ids(engine, {"tools": TOOLS, "messages": messages + [
-        {"role": "assistant", "content": "Sunny, 20C."}]})
+    trained = _training_ids(
+        engine, {"tools": TOOLS, "messages": messages + [{"role": "assistant", "content": "Sunny, 20C."}]}
+    )
     prompt = engine.finished[-1].prompt
-    assert trained[:len(prompt)] == prompt
-    assert engine.tokenizer.decode(trained[len(prompt):]).startswith("Sunny, 20C.")
+    assert trained[: len(prompt)] == prompt
+    assert engine.tokenizer.decode(trained[len(prompt) :]).startswith("Sunny, 20C.")
 
 
 def test_tool_choice_none_answers_in_text_and_unsupported_choices_are_400(client, reply):
@@ -154,16 +183,39 @@ def test_tool_choice_none_answers_in_text_and_unsupported_choices_are_400(client
         assert e.value.body["param"] == "tool_choice" and "not supported" in e.value.body["message"]
 
 
-@pytest.mark.parametrize("messages, param, says", [
-    ([ASK, {"role": "tool", "content": "x"}], "messages[1].role", "a tool result with no tool call before it"),
-    ([ASK, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                                                 "function": {"name": "weather", "arguments": "{}"}}]},
-      {"role": "user", "content": "and?"}], "messages[2].role", "its result must come first"),
-    ([ASK, {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                                                 "function": {"name": "weather", "arguments": "{oops"}}]},
-      {"role": "tool", "content": "x"}], "messages[1].tool_calls", "not valid JSON"),
-    ([ASK, {"role": "assistant", "content": "hi"}], "messages[1].role", "must be a user message or the results"),
-])
+@pytest.mark.parametrize(
+    "messages, param, says",
+    [
+        ([ASK, {"role": "tool", "content": "x"}], "messages[1].role", "a tool result with no tool call before it"),
+        (
+            [
+                ASK,
+                {
+                    "role": "assistant",
+                    "tool_calls": [{"id": "c", "type": "function", "function": {"name": "weather", "arguments": "{}"}}],
+                },
+                {"role": "user", "content": "and?"},
+            ],
+            "messages[2].role",
+            "its result must come first",
+        ),
+        (
+            [
+                ASK,
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "weather", "arguments": "{oops"}}
+                    ],
+                },
+                {"role": "tool", "content": "x"},
+            ],
+            "messages[1].tool_calls",
+            "not valid JSON",
+        ),
+        ([ASK, {"role": "assistant", "content": "hi"}], "messages[1].role", "must be a user message or the results"),
+    ],
+)
 def test_malformed_tool_turns_are_400_naming_the_message(client, messages, param, says):
     with pytest.raises(openai.BadRequestError) as e:
         _ask(client, messages, tools=TOOLS)
@@ -181,9 +233,14 @@ def test_a_format_or_template_without_tools_is_a_clear_400(model_and_tok, engine
         c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
         with pytest.raises(openai.BadRequestError) as e:
             _ask(c, [ASK], tools=TOOLS)
-        assert e.value.body["param"] == "tools" and "the moss format, which has no place for tools" in e.value.body["message"]
+        assert (
+            e.value.body["param"] == "tools"
+            and "the moss format, which has no place for tools" in e.value.body["message"]
+        )
         assert _ask(c, [ASK], max_tokens=2).choices[0].message.content is not None  # the server lives on
     plain = ChatEngine(model, AutoTokenizer.from_pretrained(tok.name_or_path), _recipe())  # ChatML without tools
-    with pytest.raises(RequestError, match="the conversation has a tool list, but the chat template of .* does not render"):
+    with pytest.raises(
+        RequestError, match="the conversation has a tool list, but the chat template of .* does not render"
+    ):
         plain.prepare(ChatRequest(history, "Weather in Oslo?"))
     assert engine.prepare(ChatRequest(history, "Weather in Oslo?")).prompt  # the tool template renders it

@@ -10,7 +10,10 @@ from peftchat.kernels import fp8, nf4
 def _random(shape, seed):
     gen = torch.Generator().manual_seed(seed)
     # rows of very different magnitudes: what per-row scales are for
-    t = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.logspace(-3, 3, shape[0], dtype=torch.float64)[:, None]
+    t = (
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        * torch.logspace(-3, 3, shape[0], dtype=torch.float64)[:, None]
+    )
     t[1] = 0.0  # an all-zero row (padding) must not give NaN
     return t.to(torch.bfloat16)
 
@@ -35,7 +38,9 @@ def test_quantization_error_is_within_half_a_step(fp8_dtype):
     info = torch.finfo(fp8_dtype)
     mantissa_bits = {fp8.E4M3: 3, fp8.E5M2: 2}[fp8_dtype]
     # round to nearest: relative error <= 2^-(m+1) for normal numbers, half the smallest subnormal below them
-    bound = t64.abs() * 2.0 ** -(mantissa_bits + 1) + scale.double() * info.smallest_normal * 2.0 ** -(mantissa_bits + 1)
+    bound = t64.abs() * 2.0 ** -(mantissa_bits + 1) + scale.double() * info.smallest_normal * 2.0 ** -(
+        mantissa_bits + 1
+    )
     assert ((back - t64).abs() <= bound * (1 + 1e-6)).all()
     # each nonzero row's largest element lands on the format's largest value
     peak = q.float().abs().amax(dim=1)
@@ -67,6 +72,7 @@ def test_shapes_fit_needs_multiples_of_16():
 
 # --- the Triton passes, run here by Triton's CPU interpreter (conftest sets TRITON_INTERPRET) ---
 
+
 @pytest.mark.parametrize("fp8_dtype", [fp8.E4M3, fp8.E5M2])
 @pytest.mark.parametrize("with_col_scale", [False, True])
 def test_quantize_rows_kernel_equals_quantize_bit_for_bit(fp8_dtype, with_col_scale):
@@ -90,7 +96,9 @@ def _nf4(n, k, nested, quant_type="nf4", seed=5, blocksize=64):
     packed, state = bf.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
     nibbles = torch.stack([packed.flatten() >> 4, packed.flatten() & 15], 1).flatten().long()
     absmax = (bf.dequantize_blockwise(state.absmax, state.state2) + state.offset) if nested else state.absmax
-    exact = (state.code[nibbles] * absmax.float().repeat_interleave(blocksize)).view(n, k)  # fp32, before any bf16 rounding
+    exact = (state.code[nibbles] * absmax.float().repeat_interleave(blocksize)).view(
+        n, k
+    )  # fp32, before any bf16 rounding
     assert torch.equal(exact.to(torch.bfloat16), bf.dequantize_4bit(packed, state))  # the reference is bitsandbytes'
     return packed, state, exact
 

@@ -87,7 +87,7 @@ def test_fused_equals_peft_forward_and_gradients(kind, monkeypatch):
 
 def test_rslora_scaling_is_peft_s_own(monkeypatch):
     layer = _lora_layer("dense", use_rslora=True)  # scaling alpha / sqrt(r) instead of alpha / r
-    assert layer.scaling["default"] == pytest.approx(16 / 8 ** 0.5)
+    assert layer.scaling["default"] == pytest.approx(16 / 8**0.5)
     x, g = _inputs()
     ref = _run(layer, x, g)
     fl.fuse_lora_layers(layer)
@@ -214,7 +214,11 @@ def test_fp8_recompute_takes_the_nf4_kernels_and_keeps_the_transposed_weight(mon
     # one pass over the codes, in the recompute, writing both layouts; backward reuses the transposed one
     assert calls == [{"rows": True, "transposed": True}]
     stats = fp8._NF4_ARGS.get(layer.get_base_layer().weight)  # cached on the Parameter, not a `.data` view
-    assert stats is not None and _checkpointed_run(layer, x, g) and fp8._NF4_ARGS.get(layer.get_base_layer().weight) is stats
+    assert (
+        stats is not None
+        and _checkpointed_run(layer, x, g)
+        and fp8._NF4_ARGS.get(layer.get_base_layer().weight) is stats
+    )
     layer.zero_grad()
     assert torch.equal(y, bf16[0])  # the forward the loss sees is bf16
     # no less accurate than the eager FP8 path (which scales the weight per column instead)
@@ -231,7 +235,12 @@ def test_fallbacks_to_peft(monkeypatch):
     layer = _lora_layer("dense", lora_dtype=torch.float32)
     fl.fuse_lora_layers(layer)
     x, _ = _inputs()
-    assert fl._compute_dtype(layer.get_base_layer(), fl.base_kind(layer.get_base_layer()), x, layer.lora_A["default"].weight) is None  # peft would mix dtypes
+    assert (
+        fl._compute_dtype(
+            layer.get_base_layer(), fl.base_kind(layer.get_base_layer()), x, layer.lora_A["default"].weight
+        )
+        is None
+    )  # peft would mix dtypes
     layer = _lora_layer("dense", dropout=0.3)
     ref = layer.eval()(x)
     calls = _counting(monkeypatch)
@@ -290,13 +299,19 @@ def test_fp8_is_refused_without_a_hopper_gpu():
     recipe = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": {"fp8": True}})
     with pytest.raises(ConfigError, match="'training.fp8' needs a CUDA GPU of compute capability 9.0"):
         check_fp8_device(recipe.training, torch.device("cpu"))
-    check_fp8_device(recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}}).training,
-                     torch.device("cpu"))  # fp8 off: nothing to check
+    check_fp8_device(
+        recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}}).training, torch.device("cpu")
+    )  # fp8 off: nothing to check
 
 
-@pytest.mark.parametrize("training,match", [({"fused_lora": "yes"}, "'training.fused_lora' is 'yes'"),
-                                            ({"fp8": True, "fused_lora": False}, "training.fp8"),
-                                            ({"fp8": True, "compile": True}, "training.compile")])
+@pytest.mark.parametrize(
+    "training,match",
+    [
+        ({"fused_lora": "yes"}, "'training.fused_lora' is 'yes'"),
+        ({"fp8": True, "fused_lora": False}, "training.fp8"),
+        ({"fp8": True, "compile": True}, "training.compile"),
+    ],
+)
 def test_config_rejects_bad_fused_lora_keys(training, match):
     from peftchat.config import recipe_from_dict
     from peftchat.errors import ConfigError
@@ -310,8 +325,16 @@ def test_fp8_recipe_on_cpu_exits_2_before_loading(tiny_llama_dir, tmp_path, caps
     from peftchat.model import load
 
     monkeypatch.setattr(load, "load_base_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    rc = main(["train", str(RECIPES / "demo.yaml"), "training.fp8=true", "training.device=cpu",
-               f"training.output_dir={tmp_path / 'run'}", f"model.path={tiny_llama_dir}"])
+    rc = main(
+        [
+            "train",
+            str(RECIPES / "demo.yaml"),
+            "training.fp8=true",
+            "training.device=cpu",
+            f"training.output_dir={tmp_path / 'run'}",
+            f"model.path={tiny_llama_dir}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "'training.fp8' needs a CUDA GPU" in err[0] and "Traceback" not in err[0]
 
@@ -321,10 +344,20 @@ def _train_losses(tiny_llama_dir, out, fused, monkeypatch):
     from peftchat.train import loop
 
     calls = _counting(monkeypatch)
-    recipe = load_recipe(str(RECIPES / "demo_qlora.yaml"), [
-        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-        "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0",
-        "training.gradient_checkpointing=true", f"training.fused_lora={fused}"])
+    recipe = load_recipe(
+        str(RECIPES / "demo_qlora.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={out}",
+            "training.device=cpu",
+            "training.max_steps=2",
+            "training.log_steps=1",
+            "training.tensorboard=false",
+            "adapter.dropout=0",
+            "training.gradient_checkpointing=true",
+            f"training.fused_lora={fused}",
+        ],
+    )
     applied = []
     loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -365,23 +398,41 @@ def _nf4_lora_llama(layers=3):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=500, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=500,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, linear in list(parent.named_children()):
                 if isinstance(linear, nn.Linear):
-                    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
-                                          compute_dtype=torch.bfloat16, quant_type="nf4")
+                    q = bnb.nn.Linear4bit(
+                        linear.in_features,
+                        linear.out_features,
+                        bias=False,
+                        compute_dtype=torch.bfloat16,
+                        quant_type="nf4",
+                    )
                     q.load_state_dict(linear.state_dict())
                     setattr(parent, name, q.to("cpu"))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.0,
+            init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+    )
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()

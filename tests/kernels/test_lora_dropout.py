@@ -36,11 +36,16 @@ def _seed(s: int) -> int:
     return lora_dropout.SEED_TAG | s
 
 
-@pytest.mark.parametrize("m,k,r,tiles", [
-    (96, 256, 16, None), (70, 136, 8, None), (40, 64, 16, None),  # ragged M, K off the tile, one row split
-    (96, 256, 16, lora_dropout.Tiles(bm=32, bk=64, warps=2, stages=2)),  # kernels tiled unlike the mask
-    (70, 200, 16, lora_dropout.Tiles(bm=16, bk=32, warps=4, stages=4)),  # the smallest tiles, K off the tile
-])
+@pytest.mark.parametrize(
+    "m,k,r,tiles",
+    [
+        (96, 256, 16, None),
+        (70, 136, 8, None),
+        (40, 64, 16, None),  # ragged M, K off the tile, one row split
+        (96, 256, 16, lora_dropout.Tiles(bm=32, bk=64, warps=2, stages=2)),  # kernels tiled unlike the mask
+        (70, 200, 16, lora_dropout.Tiles(bm=16, bk=32, warps=4, stages=4)),  # the smallest tiles, K off the tile
+    ],
+)
 def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r, tiles):
     torch.manual_seed(0)
     x, a, g = torch.randn(m, k), torch.randn(r, k) * 0.1, torch.randn(m, r)
@@ -50,14 +55,20 @@ def test_kernels_match_a_torch_reference_with_the_same_mask(m, k, r, tiles):
     t = dict(tiles=tiles)
     torch.testing.assert_close(lora_dropout.down(x, a, seed, p, **t), dropped @ a.t(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lora_dropout.grad_a(x, g, seed, p, **t), g.t() @ dropped, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(lora_dropout.grad_input(g, a, seed, p, **t),
-                               (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lora_dropout.grad_input(g, a, seed, p, **t), (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5
+    )
     # the LoRA scaling multiplied in by the kernels (frozen_linear passes it; no kernel of its own)
     torch.testing.assert_close(lora_dropout.down(x, a, seed, p, scale=2.5), 2.5 * dropped @ a.t(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lora_dropout.grad_a(x, g, seed, p, scale=2.5), 2.5 * g.t() @ dropped, rtol=1e-5,
-                               atol=1e-4)
-    torch.testing.assert_close(lora_dropout.grad_input(g, a, seed, p, scale=2.5),
-                               2.5 * (g @ a) * keep * lora_dropout.keep_scale(p), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lora_dropout.grad_a(x, g, seed, p, scale=2.5), 2.5 * g.t() @ dropped, rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(
+        lora_dropout.grad_input(g, a, seed, p, scale=2.5),
+        2.5 * (g @ a) * keep * lora_dropout.keep_scale(p),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_mask_depends_on_seed_and_place_not_on_tiles():
@@ -92,7 +103,7 @@ def test_cuda_seed_comes_from_the_generator_offset_without_device_work(monkeypat
     dev = torch.device("cuda", 0)
     first, second = lora_dropout.new_seed(dev), lora_dropout.new_seed(dev)
     assert first != second and gen.offset == 16
-    assert min(first, second) >= 2 ** 32 and max(first, second) < 2 ** 63
+    assert min(first, second) >= 2**32 and max(first, second) < 2**63
     gen.offset = 8  # what restoring the RNG state before a recompute does
     assert lora_dropout.new_seed(dev) == first
 
@@ -157,19 +168,34 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
     calls = {"down": 0, "grad_a": 0}
     for name in calls:
         real = getattr(lora_dropout, name)
-        monkeypatch.setattr(lora_dropout, name, lambda *a, _real=real, _name=name, **kw: calls.__setitem__(
-            _name, calls[_name] + 1) or _real(*a, **kw))
+        monkeypatch.setattr(
+            lora_dropout,
+            name,
+            lambda *a, _real=real, _name=name, **kw: calls.__setitem__(_name, calls[_name] + 1) or _real(*a, **kw),
+        )
     recipes = Path(__file__).resolve().parents[2] / "recipes"
 
     def run(out, checkpointing: bool, offload: bool = False):
-        recipe = load_recipe(str(recipes / "demo.yaml"), [
-            f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-            "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0.1",
-            "training.batch_size=1", "data.max_length=128", f"training.gradient_checkpointing={checkpointing}",
-            # one LoRA linear per decoder layer, one row: each kernel launch costs ~0.5 s or more in
-            # the interpreter (all seven linears at batch 2 took 100-180 s)
-            "adapter.target_modules=[q_proj]",
-            f"training.checkpoint_offload={offload}", "training.fused_lora=true"])
+        recipe = load_recipe(
+            str(recipes / "demo.yaml"),
+            [
+                f"model.path={tiny_llama_dir}",
+                f"training.output_dir={out}",
+                "training.device=cpu",
+                "training.max_steps=2",
+                "training.log_steps=1",
+                "training.tensorboard=false",
+                "adapter.dropout=0.1",
+                "training.batch_size=1",
+                "data.max_length=128",
+                f"training.gradient_checkpointing={checkpointing}",
+                # one LoRA linear per decoder layer, one row: each kernel launch costs ~0.5 s or more in
+                # the interpreter (all seven linears at batch 2 took 100-180 s)
+                "adapter.target_modules=[q_proj]",
+                f"training.checkpoint_offload={offload}",
+                "training.fused_lora=true",
+            ],
+        )
         applied = []
         loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -181,7 +207,9 @@ def test_recipe_training_through_the_kernels(tiny_llama_dir, tmp_path, monkeypat
     assert calls["down"] >= 2 * 2 * layers and calls["grad_a"] >= 2 * layers  # 2 steps: forward + recompute
     plain, _ = run(tmp_path / "plain", False)
     offloaded, applied = run(tmp_path / "offload", True, offload=True)  # lean's checkpoint restores the RNG too
-    assert any(a.endswith(("(inputs offloaded)", "(checkpoint_offload: no GPU, inputs kept in memory)")) for a in applied)
+    assert any(
+        a.endswith(("(inputs offloaded)", "(checkpoint_offload: no GPU, inputs kept in memory)")) for a in applied
+    )
     assert losses == pytest.approx(plain, rel=1e-5) and offloaded == pytest.approx(plain, rel=1e-5)
     # Adam's first steps follow the gradients' signs, so the losses barely feel other masks; the
     # adapters do: equal only where the recompute drew forward's very seeds
@@ -206,8 +234,14 @@ def test_kernel_dropout_reported_only_for_layers_with_dropout(monkeypatch):
 
     monkeypatch.setattr(lora_dropout, "available", lambda device: True)
     cfg = SimpleNamespace(fp8=False, fused_lora=True, compile=False)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
     for dropout, expected in ((0.0, None), (0.1, "lora_dropout:in_matmul 7 layers")):
         model = with_lora(LlamaForCausalLM(config), dropout=dropout)
         applied = kernels.apply_fused_lora(model, cfg, kernels.KernelOptions(fused_lora=True, triton=True))

@@ -53,11 +53,23 @@ def test_a_training_run_changes_no_module_level_state(tiny_llama_dir, tmp_path, 
 
     before = _snapshot()
     assert before, "no module-level values found: the snapshot looks at nothing"
-    recipe = load_recipe(str(RECIPES / "demo.yaml"), [
-        f"model.path={tiny_llama_dir}", f"training.output_dir={tmp_path / 'run'}", "training.device=cpu",
-        "training.max_steps=2", "training.log_steps=1", "training.tensorboard=false", "adapter.dropout=0.1",
-        "training.batch_size=1", "data.max_length=128", "training.gradient_checkpointing=true",
-        "training.checkpoint_offload=true", "training.fused_lora=true"])
+    recipe = load_recipe(
+        str(RECIPES / "demo.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={tmp_path / 'run'}",
+            "training.device=cpu",
+            "training.max_steps=2",
+            "training.log_steps=1",
+            "training.tensorboard=false",
+            "adapter.dropout=0.1",
+            "training.batch_size=1",
+            "data.max_length=128",
+            "training.gradient_checkpointing=true",
+            "training.checkpoint_offload=true",
+            "training.fused_lora=true",
+        ],
+    )
     applied = []
     loop.train(recipe, hooks=loop.TrainHooks(speedups_applied=applied.extend))
     assert any(a.startswith("fused_lora:") for a in applied)  # the fused path ran
@@ -80,11 +92,16 @@ def test_the_snapshot_sees_a_flag_rewritten_and_a_dict_filled(monkeypatch):
     assert changed == [("peftchat.kernels.lora_dropout", "PHILOX_BITS"), ("peftchat.kernels.lora_dropout", "TILES")]
 
 
-@pytest.mark.parametrize("cfg,want", [
-    (dict(), "peft_lora, torch kernels (no CUDA Triton)"),
-    (dict(fp8=True, gradient_checkpointing=True, checkpoint_offload=True),
-     "fused_lora, fp8 recompute+grad_input, grad float8_e4m3fn, torch kernels (no CUDA Triton), offloaded checkpoint inputs"),
-])
+@pytest.mark.parametrize(
+    "cfg,want",
+    [
+        (dict(), "peft_lora, torch kernels (no CUDA Triton)"),
+        (
+            dict(fp8=True, gradient_checkpointing=True, checkpoint_offload=True),
+            "fused_lora, fp8 recompute+grad_input, grad float8_e4m3fn, torch kernels (no CUDA Triton), offloaded checkpoint inputs",
+        ),
+    ],
+)
 def test_kernel_options_are_built_once_from_the_recipe_and_the_device(cfg, want):
     from peftchat.config import TrainingConfig
     from peftchat.kernels.fp8 import Fp8Passes

@@ -56,10 +56,19 @@ def _model(layers=4, skip=1, dropout=0.2, offloaded=True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, checkpoint_offload=offloaded,
-                                                          checkpoint_skip_layers=skip))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
+    kernels.apply_checkpoint_policy(
+        model, TrainingConfig(gradient_checkpointing=True, checkpoint_offload=offloaded, checkpoint_skip_layers=skip)
+    )
     return with_lora(model, dropout)
 
 
@@ -81,8 +90,16 @@ def _grads(model):
 def test_each_backward_prefetches_the_next_input_and_at_most_one_waits(recorder):
     model = _model(layers=4, skip=1)  # layers 0-2 checkpointed, layer 3 keeps its activations
     _step(model)
-    assert recorder.log == [("park", 0), ("park", 1), ("park", 2),
-                            ("now", 2), ("prefetch", 1), ("wait", 1), ("prefetch", 0), ("wait", 0)]
+    assert recorder.log == [
+        ("park", 0),
+        ("park", 1),
+        ("park", 2),
+        ("now", 2),
+        ("prefetch", 1),
+        ("wait", 1),
+        ("prefetch", 0),
+        ("wait", 0),
+    ]
     assert recorder.max_in_flight == 1 and recorder.in_flight == 0
 
 
@@ -92,10 +109,16 @@ def test_accumulation_and_evaluation_do_not_cross_passes(recorder):
     with torch.no_grad():  # evaluation parks nothing
         model(input_ids=_ids(5))
     _step(model, seed=3)  # second micro-batch: its first backward does not reach into the first pass
-    assert recorder.log == [("park", 0), ("park", 1), ("park", 2), ("now", 2), ("prefetch", 1), ("wait", 1),
-                            ("prefetch", 0), ("wait", 0)] + \
-                           [("park", 3), ("park", 4), ("park", 5), ("now", 5), ("prefetch", 4), ("wait", 4),
-                            ("prefetch", 3), ("wait", 3)]
+    assert recorder.log == [
+        ("park", 0),
+        ("park", 1),
+        ("park", 2),
+        ("now", 2),
+        ("prefetch", 1),
+        ("wait", 1),
+        ("prefetch", 0),
+        ("wait", 0),
+    ] + [("park", 3), ("park", 4), ("park", 5), ("now", 5), ("prefetch", 4), ("wait", 4), ("prefetch", 3), ("wait", 3)]
     state = kernels.decoder_layers(model)[0]._gradient_checkpointing_func.keywords["state"]
     assert all(ref() is None for ref in state.last_parked.values())  # nothing kept after backward
 
@@ -130,9 +153,19 @@ def test_two_graphs_backwarded_in_reverse_order_give_the_sequential_gradients(re
     second = model(input_ids=_ids(3), labels=_ids(3)).loss
     second.backward()  # its last backward prefetches the first graph's last input: used later
     first.backward()
-    assert recorder.log[6:] == [("now", 5), ("prefetch", 4), ("wait", 4), ("prefetch", 3), ("wait", 3),
-                                ("prefetch", 2),  # the first graph's last input, taken by its backward
-                                ("wait", 2), ("prefetch", 1), ("wait", 1), ("prefetch", 0), ("wait", 0)]
+    assert recorder.log[6:] == [
+        ("now", 5),
+        ("prefetch", 4),
+        ("wait", 4),
+        ("prefetch", 3),
+        ("wait", 3),
+        ("prefetch", 2),  # the first graph's last input, taken by its backward
+        ("wait", 2),
+        ("prefetch", 1),
+        ("wait", 1),
+        ("prefetch", 0),
+        ("wait", 0),
+    ]
     assert recorder.max_in_flight == 1
     got, want = _grads(model), _grads(ref)
     for name in want:
@@ -146,6 +179,7 @@ def test_dropout_masks_are_the_same_in_forward_and_recompute():
     def record(name):
         def hook(module, inputs, output):
             seen.setdefault(name, []).append((torch.is_grad_enabled(), output != 0))
+
         return hook
 
     for name, module in model.named_modules():
@@ -188,6 +222,15 @@ def test_nested_checkpoints_in_the_recompute_give_plain_autograd_gradients(recor
     for g, wi in zip(got, w):
         torch.testing.assert_close(g, wi.grad)
     # outer inputs 0, 1; the recompute of layer 1 parks input 2, then layer 0's parks input 3
-    assert recorder.log == [("park", 0), ("park", 1), ("now", 1), ("prefetch", 0), ("park", 2), ("now", 2),
-                            ("wait", 0), ("park", 3), ("now", 3)]
+    assert recorder.log == [
+        ("park", 0),
+        ("park", 1),
+        ("now", 1),
+        ("prefetch", 0),
+        ("park", 2),
+        ("now", 2),
+        ("wait", 0),
+        ("park", 3),
+        ("now", 3),
+    ]
     assert recorder.max_in_flight == 1

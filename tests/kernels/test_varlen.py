@@ -29,7 +29,8 @@ def _block_diagonal_sdpa(q, k, v, lengths, scale):
     causal = torch.ones(len(seg), len(seg), dtype=torch.bool).tril()
     mask = causal & (seg[:, None] == seg[None, :])
     out = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True)
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+    )
     return out.transpose(0, 1)
 
 
@@ -51,8 +52,9 @@ def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
     return varlen._reference_varlen(query, key, value, cu_seq_q, scale)
 
 
-def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
-                     window_size=(-1, -1), enable_gqa=False):
+def varlen_attn_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False
+):
     """torch >= 2.11's signature: window_size (-1, 0) is causal; GQA needs enable_gqa."""
     assert tuple(window_size) == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
     CALLS.append(("2.11", max_q, max_k))
@@ -74,8 +76,14 @@ def test_flash_call_for_each_torch_signature(monkeypatch, fake, kv_heads):
 
 
 def test_sample_bounds_cover_samples_and_padding():
-    batch = collate([[{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
-                     [{"input_ids": [4], "labels": [4]}]], PAD, packing=True)
+    batch = collate(
+        [
+            [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}],
+            [{"input_ids": [4], "labels": [4]}],
+        ],
+        PAD,
+        packing=True,
+    )
     cu, longest = sample_bounds(batch["position_ids"])
     # row 1: samples of 3 and 2; row 2: a sample of 1, then 4 padding positions
     assert cu.tolist() == [0, 3, 5, 6, 10] and cu.dtype == torch.int32 and longest == 4
@@ -96,11 +104,13 @@ def test_packed_loss_through_registered_varlen_attention(tiny_llama_dir, packing
     sdpa = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
     layers = model.config.num_hidden_layers
     with torch.no_grad():
-        alone = sum(causal_lm_loss(sdpa, with_loss_targets(collate([[s]], PAD, packing=False)), normalizer=1.0)
-                    for s in samples)
+        alone = sum(
+            causal_lm_loss(sdpa, with_loss_targets(collate([[s]], PAD, packing=False)), normalizer=1.0) for s in samples
+        )
         unpacked = collate([[samples[0]], [samples[2]]], PAD, packing=False)  # padded rows: sdpa's mask
-        torch.testing.assert_close(causal_lm_loss(model, with_loss_targets(unpacked)),
-                                   causal_lm_loss(sdpa, with_loss_targets(unpacked)))
+        torch.testing.assert_close(
+            causal_lm_loss(model, with_loss_targets(unpacked)), causal_lm_loss(sdpa, with_loss_targets(unpacked))
+        )
         assert calls == []
         packed = with_loss_targets(collate([samples[:3], samples[3:]], PAD, packing=True))
         got = causal_lm_loss(model, packed, normalizer=1.0)
@@ -114,8 +124,12 @@ def test_recipe_attention_choice(tiny_llama_dir, monkeypatch):
     from peftchat.model import load
 
     def recipe(attn="sdpa", packing=True):
-        return recipe_from_dict({"model": {"path": str(tiny_llama_dir), "attn_implementation": attn},
-                                 "data": {"train": "x.jsonl", "packing": packing}})
+        return recipe_from_dict(
+            {
+                "model": {"path": str(tiny_llama_dir), "attn_implementation": attn},
+                "data": {"train": "x.jsonl", "packing": packing},
+            }
+        )
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert load.attention_for(str(tiny_llama_dir), recipe(), cpu, for_training=True) == "sdpa"  # no kernel here

@@ -10,8 +10,14 @@ from peftchat.model.load import load_base_model
 
 
 def _recipe(path, **adapter):
-    return recipe_from_dict({"model": {"path": str(path), "dtype": "fp32"}, "adapter": adapter,
-                             "data": {"train": "x.jsonl"}, "training": {"device": "cpu"}})
+    return recipe_from_dict(
+        {
+            "model": {"path": str(path), "dtype": "fp32"},
+            "adapter": adapter,
+            "data": {"train": "x.jsonl"},
+            "training": {"device": "cpu"},
+        }
+    )
 
 
 def _lora_targets(model):
@@ -32,8 +38,16 @@ def test_all_linear_targets_every_projection_not_lm_head(tiny_llama_dir, capsys)
 
 
 def test_named_targets_dora_rslora_modules_to_save(tiny_llama_dir):
-    r = _recipe(tiny_llama_dir, r=2, alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True,
-                use_rslora=True, modules_to_save=["lm_head"], bias="lora_only")
+    r = _recipe(
+        tiny_llama_dir,
+        r=2,
+        alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        use_dora=True,
+        use_rslora=True,
+        modules_to_save=["lm_head"],
+        bias="lora_only",
+    )
     model = apply_lora(load_base_model(r), r, verbose=False)
     assert _lora_targets(model) == ["q_proj", "v_proj"]
     cfg = model.peft_config["default"]

@@ -16,8 +16,16 @@ def _loss_and_grads(compiled: bool, **policy):
 
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=64,
+        )
+    )
     model = with_lora(model, dropout=0.3, b_scale=0.2)  # the loss and every LoRA gradient depend on the masks
     kernels.apply_checkpoint_policy(model, TrainingConfig(gradient_checkpointing=True, **policy))
     if compiled:
@@ -42,6 +50,11 @@ def test_compiled_layers_draw_eager_dropout_masks(policy):
 
 
 def test_compile_and_offload_combine():
-    r = recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"},
-                          "training": {"compile": True, "checkpoint_offload": True}})
+    r = recipe_from_dict(
+        {
+            "model": {"path": "m"},
+            "data": {"train": "x.jsonl"},
+            "training": {"compile": True, "checkpoint_offload": True},
+        }
+    )
     assert r.training.compile and r.training.checkpoint_offload

@@ -10,8 +10,9 @@ from peftchat.model.load import load_base_model, resolve_device
 
 
 def _recipe(path, **model):
-    return recipe_from_dict({"model": {"path": str(path), **model}, "data": {"train": "x.jsonl"},
-                             "training": {"device": "cpu"}})
+    return recipe_from_dict(
+        {"model": {"path": str(path), **model}, "data": {"train": "x.jsonl"}, "training": {"device": "cpu"}}
+    )
 
 
 def test_fp32_training_setup(tiny_llama_dir):
@@ -37,8 +38,11 @@ def test_bf16_and_inference_mode(tiny_llama_dir):
 def test_4bit_nf4_keeps_other_weights_in_model_dtype(tiny_llama_dir):
     import bitsandbytes as bnb
 
-    model = load_base_model(_recipe(tiny_llama_dir, dtype="fp32", quantization="4bit", quant_type="nf4",
-                                    double_quant=True, compute_dtype="fp32"))
+    model = load_base_model(
+        _recipe(
+            tiny_llama_dir, dtype="fp32", quantization="4bit", quant_type="nf4", double_quant=True, compute_dtype="fp32"
+        )
+    )
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, bnb.nn.Linear4bit)
     assert q.weight.quant_type == "nf4" and q.weight.quant_state.nested  # double quant

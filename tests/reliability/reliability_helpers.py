@@ -21,12 +21,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def recipe_text(model: Path, t: Path, output_dir: Path | None = None) -> str:
-    return (f"model: {{path: {model}, dtype: fp32, compute_dtype: fp32}}\n"
-            f"adapter: {{r: 4, alpha: 8, dropout: 0.0}}\n"
-            f"data: {{train: {t / 'data.jsonl'}, format: messages, collator: chat_template, max_length: 128}}\n"
-            f"training: {{device: cpu, output_dir: {output_dir or t / 'run'}, max_steps: 2, save_steps: 1,"
-            f" tensorboard: false, gradient_checkpointing: false}}\n"
-            f"decoding: {{max_new_tokens: 4, temperature: 0}}\n")
+    return (
+        f"model: {{path: {model}, dtype: fp32, compute_dtype: fp32}}\n"
+        f"adapter: {{r: 4, alpha: 8, dropout: 0.0}}\n"
+        f"data: {{train: {t / 'data.jsonl'}, format: messages, collator: chat_template, max_length: 128}}\n"
+        f"training: {{device: cpu, output_dir: {output_dir or t / 'run'}, max_steps: 2, save_steps: 1,"
+        f" tensorboard: false, gradient_checkpointing: false}}\n"
+        f"decoding: {{max_new_tokens: 4, temperature: 0}}\n"
+    )
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:

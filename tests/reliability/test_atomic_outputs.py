@@ -125,8 +125,10 @@ def test_opt_in_trains_beside_the_users_files(user_world, capsys):
     t = user_world
     (t / "mine").mkdir()
     (t / "mine" / "notes.txt").write_text("my notes")
-    rc, err = run_cli(["train", t / "r.yaml", f"training.output_dir={t / 'mine'}", "--into-nonempty-dir",
-                       "training.max_steps=1"], capsys)
+    rc, err = run_cli(
+        ["train", t / "r.yaml", f"training.output_dir={t / 'mine'}", "--into-nonempty-dir", "training.max_steps=1"],
+        capsys,
+    )
     assert rc == 0, err
     assert (t / "mine" / "notes.txt").read_text() == "my notes" and (t / "mine" / "complete").is_file()
 
@@ -157,13 +159,23 @@ def test_a_merge_into_an_out_being_written_is_refused(tmp_path, trained_run, cap
 
 def test_two_merges_at_once_one_wins_never_a_mix(tmp_path, trained_run):
     out = tmp_path / "merged"
-    cmd = [sys.executable, "-m", "peftchat.cli", "merge", "--adapter", str(trained_run), "--out", str(out), "--no-verify"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftchat.cli",
+        "merge",
+        "--adapter",
+        str(trained_run),
+        "--out",
+        str(out),
+        "--no-verify",
+    ]
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 2], results
     loser = next(err for rc, err in results if rc == 2)
-    assert ("being written by another peftchat process" in loser or "exists and is not empty" in loser), loser
+    assert "being written by another peftchat process" in loser or "exists and is not empty" in loser, loser
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(out))  # one whole model dir

@@ -26,12 +26,15 @@ def _specials(t):
     (t / "child.yaml").write_text("extends: fifo.yaml\n", encoding="utf-8")
 
 
-@pytest.mark.parametrize("name, message", [
-    ("fifo.yaml", "recipe fifo.yaml is a FIFO, not a regular file; give a file"),
-    ("/dev/zero", "recipe /dev/zero is a device, not a regular file; give a file"),
-    ("loop-a.yaml", "recipe loop-a.yaml: a loop of symbolic links; point it at a file"),
-    ("child.yaml", "fifo.yaml is a FIFO, not a regular file; give a file"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("fifo.yaml", "recipe fifo.yaml is a FIFO, not a regular file; give a file"),
+        ("/dev/zero", "recipe /dev/zero is a device, not a regular file; give a file"),
+        ("loop-a.yaml", "recipe loop-a.yaml: a loop of symbolic links; point it at a file"),
+        ("child.yaml", "fifo.yaml is a FIFO, not a regular file; give a file"),
+    ],
+)
 def test_a_recipe_that_is_no_file_is_refused(tmp_path, name, message):
     # in a process of its own: without the check, reading a FIFO or /dev/zero never ends
     _specials(tmp_path)
@@ -43,17 +46,33 @@ def test_a_recipe_that_is_no_file_is_refused(tmp_path, name, message):
 
 def _dump(tmp_path, tiny_llama_dir, train, capsys):
     capsys.readouterr()
-    rc = main(["data", "dump", str(DEMO_RECIPE), f"model.path={tiny_llama_dir}", "data.format=messages",
-               "data.collator=chat_template", f"data.train={train}", "--out", str(tmp_path / "d.jsonl")])
+    rc = main(
+        [
+            "data",
+            "dump",
+            str(DEMO_RECIPE),
+            f"model.path={tiny_llama_dir}",
+            "data.format=messages",
+            "data.collator=chat_template",
+            f"data.train={train}",
+            "--out",
+            str(tmp_path / "d.jsonl"),
+        ]
+    )
     return rc, capsys.readouterr()
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda t: os.mkfifo(t / "d.jsonl") or "d.jsonl", "d.jsonl is a FIFO, not a regular file; give a file"),
-    (lambda t: "/dev/zero", "/dev/zero is a device, not a regular file; give a file"),
-    (lambda t: os.symlink(t / "b.jsonl", t / "a.jsonl") or os.symlink(t / "a.jsonl", t / "b.jsonl") or "a.jsonl",
-     "a.jsonl: a loop of symbolic links; point it at a file"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda t: os.mkfifo(t / "d.jsonl") or "d.jsonl", "d.jsonl is a FIFO, not a regular file; give a file"),
+        (lambda t: "/dev/zero", "/dev/zero is a device, not a regular file; give a file"),
+        (
+            lambda t: os.symlink(t / "b.jsonl", t / "a.jsonl") or os.symlink(t / "a.jsonl", t / "b.jsonl") or "a.jsonl",
+            "a.jsonl: a loop of symbolic links; point it at a file",
+        ),
+    ],
+)
 def test_a_data_path_that_is_no_file_is_refused(tiny_llama_dir, tmp_path, monkeypatch, capsys, make, message):
     monkeypatch.chdir(tmp_path)
     name = make(tmp_path)
@@ -85,8 +104,9 @@ def test_the_runs_own_lock_files_are_never_data(tiny_llama_dir, tmp_path, capsys
     assert rc == 0 and f"wrote {SESSIONS} samples" in out.out + out.err, out.err
     (tmp_path / "second").mkdir()  # a new --out: the first dump's file is not replaced without --force
     rc, out = _dump(tmp_path / "second", tiny_llama_dir, run / HOLDER_FILE, capsys)
-    assert rc == 2 and out.err.strip() == (f"peftchat: error: 'data.train': {run / HOLDER_FILE} is a file of "
-                                           "peftchat's own (a run's lock), not data")
+    assert rc == 2 and out.err.strip() == (
+        f"peftchat: error: 'data.train': {run / HOLDER_FILE} is a file of peftchat's own (a run's lock), not data"
+    )
 
 
 def test_a_run_saved_with_relative_paths_works_from_any_directory(tiny_llama_dir, tmp_path, monkeypatch, capsys):
@@ -95,16 +115,32 @@ def test_a_run_saved_with_relative_paths_works_from_any_directory(tiny_llama_dir
     os.symlink(tiny_llama_dir, work / "base")
     shutil.copy(MESSAGES, work / "chats.jsonl")
     monkeypatch.chdir(work)
-    assert main(["train", str(DEMO_RECIPE), "model.path=./base", "model.tokenizer=./base", "data.train=chats.jsonl",
-                 "data.format=messages", "data.collator=chat_template", "training.output_dir=runs/r",
-                 "training.device=cpu", "training.tensorboard=false", "training.max_steps=1",
-                 "training.eval_steps=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(DEMO_RECIPE),
+                "model.path=./base",
+                "model.tokenizer=./base",
+                "data.train=chats.jsonl",
+                "data.format=messages",
+                "data.collator=chat_template",
+                "training.output_dir=runs/r",
+                "training.device=cpu",
+                "training.tensorboard=false",
+                "training.max_steps=1",
+                "training.eval_steps=0",
+            ]
+        )
+        == 0
+    )
     saved = load_recipe(work / "runs" / "r" / "recipe.yaml")
     assert saved.model.path == str(work / "base") and saved.data.train == str(work / "chats.jsonl")
     assert saved.training.output_dir == str(work / "runs" / "r")
     assert load_recipe(work / "runs" / "r" / "checkpoint-1" / "recipe.yaml").model.path == str(work / "base")
     monkeypatch.chdir(elsewhere)
     capsys.readouterr()
-    assert main(["chat", str(work / "runs" / "r"), "--message", "hi", "--max-new-tokens", "2"]) == 0, \
+    assert main(["chat", str(work / "runs" / "r"), "--message", "hi", "--max-new-tokens", "2"]) == 0, (
         capsys.readouterr().err
+    )
     assert list(elsewhere.iterdir()) == []

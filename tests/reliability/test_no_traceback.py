@@ -13,14 +13,22 @@ from peftchat.failures import write_crash_log
 BAD = os.fsdecode(b"out\xff")  # how Python hands over a byte that is not UTF-8 (as \udcff)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", str(DEMO_RECIPE), f"training.output_dir={BAD}"],
-     "override 'training.output_dir=out\\xff' is not UTF-8 text; recipes and the run's recipe.yaml are UTF-8, "
-     "so use a UTF-8 name"),
-    (["tiny-model", BAD], "argument 'out\\xff' is not UTF-8 text; peftchat reads and writes UTF-8 names only: rename it"),
-    (["data", "dump", str(DEMO_RECIPE), "--out", f"{BAD}.jsonl"], "argument 'out\\xff.jsonl' is not UTF-8 text"),
-    (["plot", "run", "--out", f"{BAD}.png"], "argument 'out\\xff.png' is not UTF-8 text"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["train", str(DEMO_RECIPE), f"training.output_dir={BAD}"],
+            "override 'training.output_dir=out\\xff' is not UTF-8 text; recipes and the run's recipe.yaml are UTF-8, "
+            "so use a UTF-8 name",
+        ),
+        (
+            ["tiny-model", BAD],
+            "argument 'out\\xff' is not UTF-8 text; peftchat reads and writes UTF-8 names only: rename it",
+        ),
+        (["data", "dump", str(DEMO_RECIPE), "--out", f"{BAD}.jsonl"], "argument 'out\\xff.jsonl' is not UTF-8 text"),
+        (["plot", "run", "--out", f"{BAD}.png"], "argument 'out\\xff.png' is not UTF-8 text"),
+    ],
+)
 def test_a_name_that_is_not_utf8_is_one_line(tmp_path, argv, message):
     # the real command line of a fresh process: bytes reach Python as the OS gives them
     line = one_line_error(peftchat(*argv, cwd=tmp_path, env={"XDG_STATE_HOME": str(tmp_path / "state")}))
@@ -56,4 +64,5 @@ def test_the_crash_log_writer_takes_any_text(tmp_path, monkeypatch):
 def _fail(exc):
     def fail(*args, **kwargs):
         raise exc
+
     return fail

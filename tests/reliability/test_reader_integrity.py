@@ -42,10 +42,16 @@ def _interrupted_newest_checkpoint_damaged(run: Path) -> None:
 DAMAGES = [
     ("bit-flipped-weights", _flip_byte, "{RUN}: adapter_model.safetensors does not match its checksum"),
     ("edited-adapter-config", _edit_config, "{RUN}: adapter_config.json has"),
-    ("interrupted-run", _interrupted, "{RUN} is an unfinished run (no 'complete' marker); "
-                                      "use its newest complete checkpoint {RUN}/checkpoint-2"),
-    ("interrupted-newest-checkpoint-damaged", _interrupted_newest_checkpoint_damaged,
-     "use its newest complete checkpoint {RUN}/checkpoint-1"),
+    (
+        "interrupted-run",
+        _interrupted,
+        "{RUN} is an unfinished run (no 'complete' marker); use its newest complete checkpoint {RUN}/checkpoint-2",
+    ),
+    (
+        "interrupted-newest-checkpoint-damaged",
+        _interrupted_newest_checkpoint_damaged,
+        "use its newest complete checkpoint {RUN}/checkpoint-1",
+    ),
 ]
 
 # (id, argv with {T} = the user's dir, {S} = the source)
@@ -71,7 +77,9 @@ def _fill(argv, t: Path, source: Path):
 
 @pytest.mark.parametrize("reader,argv", READERS, ids=[r[0] for r in READERS])
 @pytest.mark.parametrize("damage_id,damage,message", DAMAGES, ids=[d[0] for d in DAMAGES])
-def test_a_damaged_or_unfinished_run_is_refused(tmp_path, trained_run, capsys, reader, argv, damage_id, damage, message):
+def test_a_damaged_or_unfinished_run_is_refused(
+    tmp_path, trained_run, capsys, reader, argv, damage_id, damage, message
+):
     run = _world(tmp_path, trained_run)
     damage(run)
     before = tree_digest(tmp_path)
@@ -117,8 +125,13 @@ def test_an_intact_run_loads_and_the_opt_out_loads_an_edited_one(tmp_path, train
 
 def test_the_final_outputs_carry_a_manifest_of_every_file(trained_run):
     files = json.loads((trained_run / "checksums.json").read_text())["files"]
-    for name in ("adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "training_summary.json",
-                 "tokenizer_config.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "recipe.yaml",
+        "training_summary.json",
+        "tokenizer_config.json",
+    ):
         assert name in files
     assert "metrics.jsonl" not in files and "complete" not in files  # live / the marker itself
 
@@ -129,8 +142,13 @@ def test_resume_checks_its_checkpoint_and_the_opt_out_resumes_from_it(tmp_path, 
     run = _world(tmp_path, trained_run)
     state = run / "checkpoint-1" / "trainer_state.json"
     state.write_text(state.read_text() + " ")  # same meaning, other bytes
-    argv = ["train", run / "recipe.yaml", f"training.output_dir={run}", f"training.resume={run / 'checkpoint-1'}",
-            "training.max_steps=3"]
+    argv = [
+        "train",
+        run / "recipe.yaml",
+        f"training.output_dir={run}",
+        f"training.resume={run / 'checkpoint-1'}",
+        "training.max_steps=3",
+    ]
     rc, err = run_cli(argv, capsys)
     assert rc == 2, err
     assert "trainer_state.json" in error_line(err) and "--no-integrity-check" in error_line(err)

@@ -14,10 +14,13 @@ SECRET = "hf_s3cr3t-T0KEN-do-not-save"
 
 def _recipe(tmp_path, tiny_llama_dir):
     path = tmp_path / "secret.yaml"
-    path.write_text(f"extends: {DEMO_RECIPE}\n"
-                    "description: \"pulls with ${oc.env:PEFTCHAT_TEST_TOKEN}\"\n"
-                    "name: ${oc.env:PEFTCHAT_TEST_NAME,demo}\n"
-                    f"model:\n  path: {tiny_llama_dir}\n", encoding="utf-8")
+    path.write_text(
+        f"extends: {DEMO_RECIPE}\n"
+        'description: "pulls with ${oc.env:PEFTCHAT_TEST_TOKEN}"\n'
+        "name: ${oc.env:PEFTCHAT_TEST_NAME,demo}\n"
+        f"model:\n  path: {tiny_llama_dir}\n",
+        encoding="utf-8",
+    )
     return path
 
 
@@ -25,15 +28,23 @@ def test_env_secret_never_reaches_the_run_dir(tiny_llama_dir, tmp_path, monkeypa
     monkeypatch.setenv("PEFTCHAT_TEST_TOKEN", SECRET)
     recipe, out = _recipe(tmp_path, tiny_llama_dir), tmp_path / "run"
     user = digest(recipe)
-    args = ["train", str(recipe), f"training.output_dir={out}", "training.device=cpu", "training.tensorboard=false",
-            "training.max_steps=2", "training.save_steps=1", "training.eval_steps=0"]
+    args = [
+        "train",
+        str(recipe),
+        f"training.output_dir={out}",
+        "training.device=cpu",
+        "training.tensorboard=false",
+        "training.max_steps=2",
+        "training.save_steps=1",
+        "training.eval_steps=0",
+    ]
     assert main(args) == 0
     assert main([*args, "training.max_steps=3", "training.resume=true"]) == 0  # re-reads the saved recipe
     saved = [out / "recipe.yaml", *sorted(out.glob("checkpoint-*/recipe.yaml"))]
     assert len(saved) == 3  # the final outputs and checkpoints 2, 3 (save_total_limit 2)
     for path in saved:
         text = path.read_text()
-        assert 'description: pulls with ${oc.env:PEFTCHAT_TEST_TOKEN}' in text, path
+        assert "description: pulls with ${oc.env:PEFTCHAT_TEST_TOKEN}" in text, path
         assert "name: ${oc.env:PEFTCHAT_TEST_NAME,demo}" in text, path
     leaks = [str(p) for p in out.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaks == []

@@ -21,9 +21,19 @@ from peftchat.train.lock import HOLDER_FILE, LOCK_FILE
 from peftchat.train.signals import GracefulInterrupt
 
 # dropout so that the restored RNG matters, accumulation over an epoch boundary (22 samples, batch 5)
-ARGS = ["training.device=cpu", "training.tensorboard=false", "adapter.dropout=0.2", "training.batch_size=5",
-        "training.gradient_accumulation_steps=2", "training.max_steps=8", "training.save_steps=4",
-        "training.eval_steps=0", "training.log_steps=1", "training.lr=2e-3", "training.save_total_limit=0"]
+ARGS = [
+    "training.device=cpu",
+    "training.tensorboard=false",
+    "adapter.dropout=0.2",
+    "training.batch_size=5",
+    "training.gradient_accumulation_steps=2",
+    "training.max_steps=8",
+    "training.save_steps=4",
+    "training.eval_steps=0",
+    "training.log_steps=1",
+    "training.lr=2e-3",
+    "training.save_total_limit=0",
+]
 
 # `peftchat ARGS` after patching: signals SIGS_IN_STEP (names, comma-separated) during the backward
 # of step STEP, and SIGS_IN_SAVE while checkpoint-SAVE is written (its files are in, its marker not yet).
@@ -92,10 +102,14 @@ def _stop_and_resume(tiny_llama_dir, tmp_path, reference, step_at, in_step, save
     argv = ["train", str(DEMO_RECIPE), *_args(tiny_llama_dir, out)]
     proc = peftchat(str(step_at), in_step, str(save_at), in_save, *argv, code=CHILD, cwd=tmp_path)
     line = one_line_error(proc, rc=128 + signum, last=True)  # the handler's notes come before it
-    assert line.startswith(f"peftchat: stopped by {signal.Signals(signum).name}: saved {out / f'checkpoint-{saved}'} "
-                           f"(step {saved} of 8); resume with: cd {shlex.quote(str(tmp_path))} && peftchat train ")
+    assert line.startswith(
+        f"peftchat: stopped by {signal.Signals(signum).name}: saved {out / f'checkpoint-{saved}'} "
+        f"(step {saved} of 8); resume with: cd {shlex.quote(str(tmp_path))} && peftchat train "
+    )
     assert (out / f"checkpoint-{saved}" / "complete").is_file()
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted({f"checkpoint-{s}" for s in (4, saved) if s <= saved})
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == sorted(
+        {f"checkpoint-{s}" for s in (4, saved) if s <= saved}
+    )
     assert not (out / LOCK_FILE).exists() and not (out / HOLDER_FILE).exists()
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
     assert not (out / "adapter_model.safetensors").exists()
@@ -112,8 +126,9 @@ def _stop_and_resume(tiny_llama_dir, tmp_path, reference, step_at, in_step, save
 def test_sigterm_mid_step_saves_and_later_signals_wait_for_the_save(tiny_llama_dir, tmp_path, reference):
     # SIGTERM in step 3's backward: step 3 ends, checkpoint-3 is written; a second SIGTERM, a SIGHUP and
     # a Ctrl-C while it is written all wait for it
-    err = _stop_and_resume(tiny_llama_dir, tmp_path, reference, 3, "SIGTERM", 3, "SIGTERM,SIGHUP,SIGINT",
-                           signal.SIGTERM, saved=3)
+    err = _stop_and_resume(
+        tiny_llama_dir, tmp_path, reference, 3, "SIGTERM", 3, "SIGTERM,SIGHUP,SIGINT", signal.SIGTERM, saved=3
+    )
     assert err.count("a checkpoint is being saved; stopping when it is complete") == 3
 
 
@@ -123,8 +138,10 @@ def test_sighup_mid_save_of_a_periodic_checkpoint_finishes_it(tiny_llama_dir, tm
 
 def test_a_signal_before_training_starts_releases_the_lock(tiny_llama_dir, tmp_path):
     # SIGTERM while the data is prepared: nothing trained, nothing to save; no dir or lock left
-    code = CHILD.replace("backward = loop.backward_window", "loop.setup_data = lambda r: send('SIGTERM')\n"
-                         "backward = loop.backward_window")
+    code = CHILD.replace(
+        "backward = loop.backward_window",
+        "loop.setup_data = lambda r: send('SIGTERM')\nbackward = loop.backward_window",
+    )
     out = tmp_path / "run"
     proc = peftchat("0", "", "0", "", "train", str(DEMO_RECIPE), *_args(tiny_llama_dir, out), code=code)
     assert one_line_error(proc, rc=143) == "peftchat: stopped by SIGTERM: before training started; nothing to save"

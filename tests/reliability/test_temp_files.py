@@ -43,8 +43,12 @@ def _killed_during_export(trained_run: Path, gguf: Path) -> Path:
     """Start `peftchat export` in another process, kill -9 it once its fp32 merge is being
     written beside the output; the temp dir it leaves behind."""
     env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen([sys.executable, "-m", "peftchat.cli", "export", str(trained_run), "--gguf", str(gguf)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peftchat.cli", "export", str(trained_run), "--gguf", str(gguf)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -66,7 +70,8 @@ def _killed_during_export(trained_run: Path, gguf: Path) -> Path:
 
 
 def test_a_killed_export_leaves_its_temp_beside_the_output_and_the_next_export_removes_it(
-        tmp_path, trained_run, capsys, monkeypatch):
+    tmp_path, trained_run, capsys, monkeypatch
+):
     import peftchat.export.command
 
     gguf = tmp_path / "m.gguf"

@@ -18,9 +18,14 @@ from peftchat.train.optim import build_optimizer, build_scheduler
 
 @pytest.fixture(scope="module")
 def parts(tiny_llama_dir):
-    r = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
-                          "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
-                          "data": {"train": "x"}, "training": {"device": "cpu", "lr": 0.01, "warmup_steps": 2}})
+    r = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
+            "adapter": {"r": 2, "alpha": 4, "target_modules": ["q_proj"]},
+            "data": {"train": "x"},
+            "training": {"device": "cpu", "lr": 0.01, "warmup_steps": 2},
+        }
+    )
     model = apply_lora(load_base_model(r), r, verbose=False)
     opt = build_optimizer(model, r.training, torch.device("cpu"))
     sched = build_scheduler(opt, r.training, 10)
@@ -44,8 +49,15 @@ def test_save_is_complete_and_loadable(parts, tmp_path):
     r, model, opt, sched = parts
     path = save_checkpoint(tmp_path, TrainState(step=3, epoch=1, batch_index=4, tokens=99), model, opt, recipe=r)
     assert path.name == "checkpoint-3"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pt",
-                 "trainer_state.json", "recipe.yaml", "complete"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "optimizer.pt",
+        "rng_state.pt",
+        "trainer_state.json",
+        "recipe.yaml",
+        "complete",
+    ):
         assert (path / name).is_file(), name
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     assert json.loads((path / "trainer_state.json").read_text())["batch_index"] == 4

@@ -19,9 +19,17 @@ FILES = ["adapter_model.safetensors", "optimizer.pt", "rng_state.pt", "trainer_s
 
 
 def _overrides(tiny_llama_dir, out, *more):
-    return [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-            "training.tensorboard=false", "training.max_steps=3", "training.save_steps=1",
-            "training.save_total_limit=0", "training.eval_steps=0", *more]
+    return [
+        f"model.path={tiny_llama_dir}",
+        f"training.output_dir={out}",
+        "training.device=cpu",
+        "training.tensorboard=false",
+        "training.max_steps=3",
+        "training.save_steps=1",
+        "training.save_total_limit=0",
+        "training.eval_steps=0",
+        *more,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +72,20 @@ def test_every_damage_is_found_and_skipped(finished_run, tmp_path, capsys, name,
 
 
 @pytest.mark.parametrize("name, how", [("optimizer.pt", "truncated"), ("adapter_model.safetensors", "bit-flip")])
-def test_resume_falls_back_and_ends_as_the_uninterrupted_run(finished_run, tiny_llama_dir, tmp_path, capsys,
-                                                            name, how):
+def test_resume_falls_back_and_ends_as_the_uninterrupted_run(finished_run, tiny_llama_dir, tmp_path, capsys, name, how):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     _damage(out / "checkpoint-3" / name, how)
     (out / "complete").unlink()  # as if the run had been killed after saving checkpoint-3
-    recipe = load_recipe(os.path.join(RECIPES, "demo.yaml"),
-                         _overrides(tiny_llama_dir, out, "training.resume=true"))
+    recipe = load_recipe(os.path.join(RECIPES, "demo.yaml"), _overrides(tiny_llama_dir, out, "training.resume=true"))
     train(recipe)
     captured = capsys.readouterr()
     assert f"skipping checkpoint-3: {name}" in captured.err
     assert "resuming from" in captured.out and "checkpoint-2 (step 2" in captured.out
-    want, got = load_file(str(finished_run / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    want, got = (
+        load_file(str(finished_run / "adapter_model.safetensors")),
+        load_file(str(out / "adapter_model.safetensors")),
+    )
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
     assert checkpoint_damage(out / "checkpoint-3") is None  # rewritten whole
 

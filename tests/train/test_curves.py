@@ -78,7 +78,9 @@ def test_preference_runs_get_margin_and_accuracy_panels(tmp_path):
     pref = _run(tmp_path / "dpo")
     with (pref / "metrics.jsonl").open("a") as fh:
         for step in range(1, 41):
-            fh.write(json.dumps({"step": step, "rewards/margin": step / 10, "rewards/accuracy": min(1, step / 20)}) + "\n")
+            fh.write(
+                json.dumps({"step": step, "rewards/margin": step / 10, "rewards/accuracy": min(1, step / 20)}) + "\n"
+            )
     assert read_metrics(pref)["rewards/margin"][-1] == (40, 4.0)
     drawn = write_training_curves(pref)
     assert Image.open(drawn).size[0] > Image.open(plain).size[0] * 1.5  # five panels instead of three

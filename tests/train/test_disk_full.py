@@ -18,10 +18,22 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "demo.ya
 
 
 def _args(tiny_llama_dir, out, *extra):
-    return ["train", RECIPE, f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-            "training.tensorboard=false", "training.max_steps=2", "training.save_steps=1", "training.eval_steps=0",
-            "training.save_total_limit=0", "data.max_length=96", "training.batch_size=2",
-            "adapter.modules_to_save=null", *extra]
+    return [
+        "train",
+        RECIPE,
+        f"model.path={tiny_llama_dir}",
+        f"training.output_dir={out}",
+        "training.device=cpu",
+        "training.tensorboard=false",
+        "training.max_steps=2",
+        "training.save_steps=1",
+        "training.eval_steps=0",
+        "training.save_total_limit=0",
+        "data.max_length=96",
+        "training.batch_size=2",
+        "adapter.modules_to_save=null",
+        *extra,
+    ]
 
 
 def _fill_disk_at_call(monkeypatch, n):
@@ -63,5 +75,8 @@ def test_disk_full_during_the_final_save_keeps_the_run(tiny_llama_dir, tmp_path,
     assert (out / "checkpoint-2" / "complete").is_file()
     monkeypatch.undo()  # space freed: resume finishes the run from the intact checkpoint
     assert main(_args(tiny_llama_dir, out, "training.resume=true")) == 0
-    final, saved = load_file(str(out / "adapter_model.safetensors")), load_file(str(out / "checkpoint-2" / "adapter_model.safetensors"))
+    final, saved = (
+        load_file(str(out / "adapter_model.safetensors")),
+        load_file(str(out / "checkpoint-2" / "adapter_model.safetensors")),
+    )
     assert final.keys() == saved.keys() and all(torch.equal(final[k], saved[k]) for k in final)

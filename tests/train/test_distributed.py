@@ -16,19 +16,29 @@ from safetensors.torch import load_file
 from peftchat.config import load_recipe
 from peftchat.train.loop import train
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="this torch build has no torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "demo.yaml"
 # batch 3: 7 micro-batches an epoch, so step 4 is a short window in which rank 1 has no micro-batch
-SETTINGS = ["training.tensorboard=false", "training.device=cpu", "training.batch_size=3", "training.max_steps=6",
-            "training.save_steps=2", "training.eval_steps=3", "training.log_steps=1", "data.eval_split=4",
-            "adapter.dropout=0.0"]
+SETTINGS = [
+    "training.tensorboard=false",
+    "training.device=cpu",
+    "training.batch_size=3",
+    "training.max_steps=6",
+    "training.save_steps=2",
+    "training.eval_steps=3",
+    "training.log_steps=1",
+    "data.eval_split=4",
+    "adapter.dropout=0.0",
+]
 
 # Runs `peftchat train` in each rank with an audit hook that records, per rank, every file-system
 # write under the output dir (open for writing, mkdir, rename, remove), and lets a test SIGKILL one
 # rank right after a given checkpoint (PEFTCHAT_TEST_KILL="RANK:STEP").
-LAUNCHER = '''
+LAUNCHER = """
 import os, signal, sys
 out, rank = os.path.realpath(os.environ["TEST_OUT"]), os.environ["RANK"]
 log = open(os.path.join(os.environ["TEST_AUDIT"], f"writes-rank{rank}.txt"), "a")
@@ -66,7 +76,7 @@ if nan_rank == rank:  # this rank's first micro-batch loss is NaN
     loop.make_loss = poisoned
 from peftchat.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 def _free_port() -> int:
@@ -78,8 +88,18 @@ def _free_port() -> int:
 def _peftchat_nproc(out: Path, *overrides: str, timeout: int = 240):
     """`peftchat train --nproc-per-node 2` (torchrun's launcher started by the CLI)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "peftchat.cli", "train", str(RECIPE), "--nproc-per-node", "2", *SETTINGS,
-           f"training.output_dir={out}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftchat.cli",
+        "train",
+        str(RECIPE),
+        "--nproc-per-node",
+        "2",
+        *SETTINGS,
+        f"training.output_dir={out}",
+        *overrides,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,11 +108,31 @@ def _torchrun(tmp_path: Path, out: Path, *overrides: str, kill: str = "", nan_ra
     launcher.write_text(LAUNCHER, encoding="utf-8")
     audit = tmp_path / f"audit-{out.name}"
     audit.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TEST_OUT": str(out), "TEST_AUDIT": str(audit), "PEFTCHAT_TEST_KILL": kill,
-           "PEFTCHAT_TEST_NAN_RANK": nan_rank}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           str(launcher), "train", str(RECIPE), *SETTINGS, f"training.output_dir={out}", *overrides]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TEST_OUT": str(out),
+        "TEST_AUDIT": str(audit),
+        "PEFTCHAT_TEST_KILL": kill,
+        "PEFTCHAT_TEST_NAN_RANK": nan_rank,
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        str(launcher),
+        "train",
+        str(RECIPE),
+        *SETTINGS,
+        f"training.output_dir={out}",
+        *overrides,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     return result, audit
 
@@ -114,8 +154,17 @@ def _rows(out: Path) -> list[dict]:
 def one_process(tiny_llama_dir, tmp_path_factory):
     """The reference: one process, accumulation 2 (= 2 ranks x accumulation 1)."""
     out = tmp_path_factory.mktemp("one") / "run"
-    train(load_recipe(RECIPE, [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", *SETTINGS,
-                               "training.gradient_accumulation_steps=2"]))
+    train(
+        load_recipe(
+            RECIPE,
+            [
+                f"model.path={tiny_llama_dir}",
+                f"training.output_dir={out}",
+                *SETTINGS,
+                "training.gradient_accumulation_steps=2",
+            ],
+        )
+    )
     return out
 
 
@@ -181,9 +230,10 @@ def test_a_nan_on_another_rank_is_named_by_rank_zero(tiny_llama_dir, tmp_path):
     the message (rank 0's is the one shown) names that micro-batch and its loss, not rank 0's own."""
     result, _ = _torchrun(tmp_path, tmp_path / "run", f"model.path={tiny_llama_dir}", nan_rank="1")
     assert result.returncode != 0
-    assert ("error: loss is nan at step 1, micro-batch 1 of epoch 0 (micro-batch 2 of the step's 2; train samples "
-            in result.stderr), result.stderr[-3000:]
+    assert (
+        "error: loss is nan at step 1, micro-batch 1 of epoch 0 (micro-batch 2 of the step's 2; train samples "
+        in result.stderr
+    ), result.stderr[-3000:]
     assert "micro-batch 1 of the step's" not in result.stderr
     # torchrun's report: the first rank to exit had the user-error code (the agent may stop the other first)
     assert "exitcode  : 2" in result.stderr
-

@@ -23,18 +23,37 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("overrides, env, message", [
-    (["distributed.strategy=fsdp"], {}, "distributed.strategy=fsdp needs several processes"),
-    (["distributed.strategy=fsdp", "model.quantization=8bit"], TORCHRUN_ENV, "does not support model.quantization=8bit"),
-    (["distributed.strategy=fsdp", "model.quantization=4bit", "model.compute_dtype=bf16",
-      "distributed.quant_storage=uint8"], TORCHRUN_ENV, "quant_storage equal to model.compute_dtype (bf16)"),
-    (["distributed.strategy=fsdp", "training.optimizer=adamw_8bit"], TORCHRUN_ENV, "needs training.optimizer=adamw"),
-    (["distributed.strategy=zero3"], {}, "'distributed.strategy' is 'zero3'; expected one of ddp, fsdp"),
-    (["training.device=cuda:1"], TORCHRUN_ENV, "each rank uses cuda:LOCAL_RANK"),
-    (["distributed.strategy=fsdp", "training.eval_generate=2"], TORCHRUN_ENV, "eval_generate is not supported"),
-    (["distributed.timeout_s=0"], {}, "'distributed.timeout_s' must be > 0"),
-    (["--nproc-per-node", "0"], {}, "--nproc-per-node must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides, env, message",
+    [
+        (["distributed.strategy=fsdp"], {}, "distributed.strategy=fsdp needs several processes"),
+        (
+            ["distributed.strategy=fsdp", "model.quantization=8bit"],
+            TORCHRUN_ENV,
+            "does not support model.quantization=8bit",
+        ),
+        (
+            [
+                "distributed.strategy=fsdp",
+                "model.quantization=4bit",
+                "model.compute_dtype=bf16",
+                "distributed.quant_storage=uint8",
+            ],
+            TORCHRUN_ENV,
+            "quant_storage equal to model.compute_dtype (bf16)",
+        ),
+        (
+            ["distributed.strategy=fsdp", "training.optimizer=adamw_8bit"],
+            TORCHRUN_ENV,
+            "needs training.optimizer=adamw",
+        ),
+        (["distributed.strategy=zero3"], {}, "'distributed.strategy' is 'zero3'; expected one of ddp, fsdp"),
+        (["training.device=cuda:1"], TORCHRUN_ENV, "each rank uses cuda:LOCAL_RANK"),
+        (["distributed.strategy=fsdp", "training.eval_generate=2"], TORCHRUN_ENV, "eval_generate is not supported"),
+        (["distributed.timeout_s=0"], {}, "'distributed.timeout_s' must be > 0"),
+        (["--nproc-per-node", "0"], {}, "--nproc-per-node must be >= 1"),
+    ],
+)
 def test_bad_distributed_settings_are_one_line_exit_2(tmp_path, monkeypatch, capsys, overrides, env, message):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -66,13 +85,23 @@ def test_rank_shares_step_through_the_one_process_windows(tiny_llama_dir):
         assert all((p.epoch, p.batch_index) == (whole.epoch, whole.batch_index) for p in parts)
 
 
-@pytest.mark.parametrize("strategy, storage, expected", [
-    ("fsdp", "auto", torch.bfloat16), ("ddp", "auto", torch.uint8), ("ddp", "fp16", torch.float16)])
+@pytest.mark.parametrize(
+    "strategy, storage, expected",
+    [("fsdp", "auto", torch.bfloat16), ("ddp", "auto", torch.uint8), ("ddp", "fp16", torch.float16)],
+)
 def test_4bit_storage_dtype_follows_the_strategy(tmp_path, strategy, storage, expected):
     from peftchat.model.load import _quantization_config
 
-    recipe = load_recipe(RECIPE, [f"model.path={tmp_path}", "model.quantization=4bit", "model.compute_dtype=bf16",
-                                  f"distributed.strategy={strategy}", f"distributed.quant_storage={storage}"])
+    recipe = load_recipe(
+        RECIPE,
+        [
+            f"model.path={tmp_path}",
+            "model.quantization=4bit",
+            "model.compute_dtype=bf16",
+            f"distributed.strategy={strategy}",
+            f"distributed.quant_storage={storage}",
+        ],
+    )
     config = _quantization_config(recipe, sharded=strategy == "fsdp")
     assert config.bnb_4bit_quant_storage == expected
 
@@ -105,14 +134,25 @@ def test_torchrun_with_one_process_equals_no_torchrun(tiny_llama_dir, tmp_path, 
 
     from peftchat.train.loop import train
 
-    settings = [f"model.path={tiny_llama_dir}", "training.tensorboard=false", "training.max_steps=2",
-                "training.save_steps=0", "training.batch_size=3", "training.gradient_accumulation_steps=2"]
+    settings = [
+        f"model.path={tiny_llama_dir}",
+        "training.tensorboard=false",
+        "training.max_steps=2",
+        "training.save_steps=0",
+        "training.batch_size=3",
+        "training.gradient_accumulation_steps=2",
+    ]
     train(load_recipe(RECIPE, [*settings, f"training.output_dir={tmp_path / 'plain'}"]))
     plain = load_file(str(tmp_path / "plain" / "adapter_model.safetensors"))
     for strategy in ("ddp", "fsdp"):
         port = _free_port()
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(port)}.items():
+        for key, value in {
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }.items():
             monkeypatch.setenv(key, value)
         out = tmp_path / strategy
         train(load_recipe(RECIPE, [*settings, f"training.output_dir={out}", f"distributed.strategy={strategy}"]))
@@ -121,10 +161,13 @@ def test_torchrun_with_one_process_equals_no_torchrun(tiny_llama_dir, tmp_path, 
         assert plain.keys() == one.keys() and all(torch.equal(plain[k], one[k]) for k in plain), strategy
 
 
-@pytest.mark.parametrize("exitcode, expected, line", [
-    (2, 2, None),  # the process printed its own one-line error
-    (-9, 1, "peftchat: error: process 1 was killed by signal 9; the others were stopped"),
-])
+@pytest.mark.parametrize(
+    "exitcode, expected, line",
+    [
+        (2, 2, None),  # the process printed its own one-line error
+        (-9, 1, "peftchat: error: process 1 was killed by signal 9; the others were stopped"),
+    ],
+)
 def test_nproc_launcher_turns_a_failed_process_into_its_exit_code(monkeypatch, capsys, exitcode, expected, line):
     """`peftchat train --nproc-per-node N`: torchrun's ChildFailedError (which torchrun itself
     prints as a traceback) becomes the failed process's exit code and at most one line."""

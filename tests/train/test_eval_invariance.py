@@ -20,12 +20,27 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 def _run(tiny_llama_dir, out, quantization, eval_steps):
     dtype = "bf16" if quantization == "none" else "fp32"
-    recipe = load_recipe(os.path.join(RECIPES, "demo.yaml"), [
-        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-        "training.tensorboard=false", f"model.quantization={quantization}", f"model.dtype={dtype}",
-        "model.compute_dtype=bf16", "data.eval_split=1", "data.max_length=96", "training.max_steps=3", "adapter.modules_to_save=null",
-        f"training.eval_steps={eval_steps}", "training.save_steps=0", "training.log_steps=1",
-        "training.batch_size=2", "training.gradient_checkpointing=false"])
+    recipe = load_recipe(
+        os.path.join(RECIPES, "demo.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={out}",
+            "training.device=cpu",
+            "training.tensorboard=false",
+            f"model.quantization={quantization}",
+            f"model.dtype={dtype}",
+            "model.compute_dtype=bf16",
+            "data.eval_split=1",
+            "data.max_length=96",
+            "training.max_steps=3",
+            "adapter.modules_to_save=null",
+            f"training.eval_steps={eval_steps}",
+            "training.save_steps=0",
+            "training.log_steps=1",
+            "training.batch_size=2",
+            "training.gradient_checkpointing=false",
+        ],
+    )
     train(recipe)
     return load_file(str(out / "adapter_model.safetensors"))
 

@@ -32,15 +32,25 @@ HOLDER = textwrap.dedent("""
 
 
 def _overrides(tiny_llama_dir, out, *more):
-    return [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-            "training.tensorboard=false", "training.max_steps=2", "training.save_steps=1", "training.eval_steps=0",
-            *more]
+    return [
+        f"model.path={tiny_llama_dir}",
+        f"training.output_dir={out}",
+        "training.device=cpu",
+        "training.tensorboard=false",
+        "training.max_steps=2",
+        "training.save_steps=1",
+        "training.eval_steps=0",
+        *more,
+    ]
 
 
 def test_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(tiny_llama_dir, tmp_path, capsys):
     out, ready = tmp_path / "run", tmp_path / "ready"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ready), RECIPE, *_overrides(tiny_llama_dir, out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(ready), RECIPE, *_overrides(tiny_llama_dir, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():

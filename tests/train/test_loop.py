@@ -17,8 +17,12 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 
 def _recipe(tiny_llama_dir, out, *overrides):
-    base = [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-            "training.tensorboard=false"]
+    base = [
+        f"model.path={tiny_llama_dir}",
+        f"training.output_dir={out}",
+        "training.device=cpu",
+        "training.tensorboard=false",
+    ]
     return load_recipe(os.path.join(RECIPES, "demo.yaml"), base + list(overrides))
 
 
@@ -35,11 +39,24 @@ def test_demo_training_loss_falls_and_writes_the_run(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    r = _recipe(tiny_llama_dir, out, "training.max_steps=30", "training.save_steps=10", "training.eval_steps=15",
-                "training.log_steps=5", "training.save_total_limit=2")
+    r = _recipe(
+        tiny_llama_dir,
+        out,
+        "training.max_steps=30",
+        "training.save_steps=10",
+        "training.eval_steps=15",
+        "training.log_steps=5",
+        "training.save_total_limit=2",
+    )
     assert train(r) == out
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "recipe.yaml",
-                 "metrics.jsonl", "training_summary.json"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer_config.json",
+        "recipe.yaml",
+        "metrics.jsonl",
+        "training_summary.json",
+    ):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
     rows = _rows(out)
@@ -72,15 +89,30 @@ def test_first_step_loss_equals_transformers_peft_forward(tiny_llama_dir, tmp_pa
     from peftchat.model.tokenizer import load_tokenizer
 
     out = tmp_path / "run"
-    r = _recipe(tiny_llama_dir, out, "training.max_steps=1", "training.batch_size=3", "adapter.dropout=0.0",
-                f"data.packing={str(packing).lower()}", "data.max_length=300")
+    r = _recipe(
+        tiny_llama_dir,
+        out,
+        "training.max_steps=1",
+        "training.batch_size=3",
+        "adapter.dropout=0.0",
+        f"data.packing={str(packing).lower()}",
+        "data.max_length=300",
+    )
     train(r)
     first = _rows(out)[0]["loss"]
 
     tok = load_tokenizer(r)
     data = build_datasets(r, tok)
-    batches = Batches(data.train, batch_size=3, max_length=sample_limit(r), pad_id=tok.pad_token_id, packing=packing,
-                      group_by_length=r.data.group_by_length, shuffle=r.data.shuffle, seed=r.training.seed)
+    batches = Batches(
+        data.train,
+        batch_size=3,
+        max_length=sample_limit(r),
+        pad_id=tok.pad_token_id,
+        packing=packing,
+        group_by_length=r.data.group_by_length,
+        shuffle=r.data.shuffle,
+        seed=r.training.seed,
+    )
     rows = batches.plan(0)[0]
     batch = batches.collate(rows)
     assert ("position_ids" in batch) == packing
@@ -106,9 +138,16 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_llama_dir, tmp_path):
     # dropout > 0 so the restored RNG matters; accumulation and an epoch boundary on the way;
     # step 7 is neither a save nor an eval step, so the Ctrl-C path writes checkpoint-7 itself
     # (22 demo samples, batch 5: 5 micro-batches = windows of 2, 2, 1 per epoch)
-    args = ["adapter.dropout=0.2", "training.batch_size=5", "training.gradient_accumulation_steps=2",
-            "training.max_steps=14", "training.save_steps=4", "training.eval_steps=5", "training.log_steps=1",
-            "training.lr=2e-3"]
+    args = [
+        "adapter.dropout=0.2",
+        "training.batch_size=5",
+        "training.gradient_accumulation_steps=2",
+        "training.max_steps=14",
+        "training.save_steps=4",
+        "training.eval_steps=5",
+        "training.log_steps=1",
+        "training.lr=2e-3",
+    ]
     ref_out, out = tmp_path / "ref", tmp_path / "run"
     train(_recipe(tiny_llama_dir, ref_out, *args))
 
@@ -128,8 +167,10 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_llama_dir, tmp_path):
     strip = lambda rows: [(x["step"], x.get("loss"), x.get("eval_loss")) for x in rows]
     assert strip(_rows(out)) == strip(_rows(ref_out))
     # the steps of the first part show in the totals too
-    assert json.loads((out / "training_summary.json").read_text())["tokens"] == \
-        json.loads((ref_out / "training_summary.json").read_text())["tokens"]
+    assert (
+        json.loads((out / "training_summary.json").read_text())["tokens"]
+        == json.loads((ref_out / "training_summary.json").read_text())["tokens"]
+    )
 
 
 def test_resume_from_explicit_checkpoint_path_ignores_leftover_temp_dir(tiny_llama_dir, tmp_path):
@@ -168,10 +209,19 @@ def test_qlora_4bit_nf4_on_cpu_with_8bit_adam(tiny_llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "qlora"
-    r = load_recipe(os.path.join(RECIPES, "demo_qlora.yaml"),
-                    [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-                     "training.max_steps=4", "training.log_steps=1", "training.optimizer=adamw_8bit",
-                     "training.gradient_checkpointing=true", "training.tensorboard=false"])
+    r = load_recipe(
+        os.path.join(RECIPES, "demo_qlora.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={out}",
+            "training.device=cpu",
+            "training.max_steps=4",
+            "training.log_steps=1",
+            "training.optimizer=adamw_8bit",
+            "training.gradient_checkpointing=true",
+            "training.tensorboard=false",
+        ],
+    )
     assert r.model.quantization == "4bit"
     train(r)
     rows = [x for x in _rows(out) if "loss" in x]
@@ -185,8 +235,18 @@ def test_epochs_decide_the_length_when_max_steps_is_unset(tiny_llama_dir, tmp_pa
     out = tmp_path / "run"
     # 22 demo samples (2 of 24 sessions held out), batch 8: 3 micro-batches an epoch; accumulation 2:
     # windows of 2 and 1, so 2 steps an epoch and 3 for 1.5 epochs
-    train(_recipe(tiny_llama_dir, out, "training.max_steps=-1", "training.epochs=1.5", "training.batch_size=8",
-                  "training.gradient_accumulation_steps=2", "training.save_steps=0", "training.eval_steps=0"))
+    train(
+        _recipe(
+            tiny_llama_dir,
+            out,
+            "training.max_steps=-1",
+            "training.epochs=1.5",
+            "training.batch_size=8",
+            "training.gradient_accumulation_steps=2",
+            "training.save_steps=0",
+            "training.eval_steps=0",
+        )
+    )
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["steps"] == 3 and summary["epochs"] == pytest.approx(1 + 2 / 3, abs=1e-3)
     assert summary["data"]["samples"] == 22 and summary["data"]["eval"]["samples"] == 2

@@ -16,9 +16,14 @@ IGN = -100
 @pytest.fixture(scope="module")
 def lora_model(tiny_llama_dir):
     """A LoRA model whose adapter is not a no-op (B != 0), in fp32 on CPU, dropout off."""
-    r = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
-                          "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-                          "data": {"train": "x"}, "training": {"device": "cpu", "gradient_checkpointing": False}})
+    r = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "dtype": "fp32"},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": "x"},
+            "training": {"device": "cpu", "gradient_checkpointing": False},
+        }
+    )
     torch.manual_seed(0)
     model = apply_lora(load_base_model(r), r, verbose=False)
     with torch.no_grad():
@@ -31,12 +36,15 @@ def lora_model(tiny_llama_dir):
 def _pad(samples, pad_id=3):
     """Right-pad (input_ids, labels) pairs into a batch with an attention mask."""
     t = max(len(ids) for ids, _ in samples)
-    out = {"input_ids": torch.full((len(samples), t), pad_id), "labels": torch.full((len(samples), t), IGN),
-           "attention_mask": torch.zeros((len(samples), t), dtype=torch.long)}
+    out = {
+        "input_ids": torch.full((len(samples), t), pad_id),
+        "labels": torch.full((len(samples), t), IGN),
+        "attention_mask": torch.zeros((len(samples), t), dtype=torch.long),
+    }
     for i, (ids, lab) in enumerate(samples):
-        out["input_ids"][i, :len(ids)] = torch.tensor(ids)
-        out["labels"][i, :len(lab)] = torch.tensor(lab)
-        out["attention_mask"][i, :len(ids)] = 1
+        out["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        out["labels"][i, : len(lab)] = torch.tensor(lab)
+        out["attention_mask"][i, : len(ids)] = 1
     return out
 
 

@@ -2,7 +2,6 @@
 against the peaks measured on the H200: benchmarks/HISTORY.md), config validation, and the
 choice applied to a tiny model on CPU."""
 
-
 import pytest
 
 from peftchat.config import recipe_from_dict
@@ -25,8 +24,10 @@ def test_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, 
 
 # through the fused LoRA function (CUDA's default): lean, skip 8 / 12 (r21), skip 13 (r22), skip 10
 # (round 5), 8B NF4 4 x 2048 at dropout 0.05, HISTORY.md rounds 5-7
-@pytest.mark.parametrize("skip,offload,measured", [(0, True, 7.64), (8, False, 16.27), (10, False, 18.27),
-                                                   (12, False, 20.28), (13, False, 21.28)])
+@pytest.mark.parametrize(
+    "skip,offload,measured",
+    [(0, True, 7.64), (8, False, 16.27), (10, False, 18.27), (12, False, 20.28), (13, False, 21.28)],
+)
 def test_fused_estimate_is_close_to_and_not_under_the_measured_8b_peak(skip, offload, measured):
     est = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, skip, offload, fused=True)
     assert measured <= est <= measured * 1.06
@@ -48,8 +49,9 @@ def test_fused_budgets_leave_out_more_layers_than_peft_budgets():
         assert fused.fits and fused.estimated_gib <= 0.95 * budget
         assert fused.checkpoint_skip_layers > peft.checkpoint_skip_layers
         # the fastest that fits: one more un-checkpointed layer would not
-        more = estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, fused.checkpoint_skip_layers + 1,
-                            fused.checkpoint_offload, fused=True)
+        more = estimate_gib(
+            LLAMA3_8B, "4bit", 16, TOKENS, fused.checkpoint_skip_layers + 1, fused.checkpoint_offload, fused=True
+        )
         assert more > 0.95 * budget
     # 22 GiB (the tuned peer's 21.67 rounded up): 13 layers left out, r22 measured 21.28 there
     assert choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 22, fused=True).checkpoint_skip_layers == 13
@@ -72,7 +74,9 @@ def test_8b_budgets_pick_the_fastest_policy_that_fits():
 def test_no_offload_when_compiling_and_quantization_changes_the_estimate():
     p = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, allow_offload=False)
     assert not p.checkpoint_offload and p.fits
-    assert estimate_gib(LLAMA3_8B, "none", 16, TOKENS, 0, True) > estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, 0, True) + 8
+    assert (
+        estimate_gib(LLAMA3_8B, "none", 16, TOKENS, 0, True) > estimate_gib(LLAMA3_8B, "4bit", 16, TOKENS, 0, True) + 8
+    )
     with pytest.raises(ValueError):
         choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 0)
 
@@ -91,11 +95,21 @@ def test_budget_overrides_the_recipe_policy_and_prints_it(tiny_llama_dir, capsys
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
 
     def recipe(budget):
-        return recipe_from_dict({
-            "model": {"path": str(tiny_llama_dir), "quantization": "none"}, "adapter": {"r": 4},
-            "data": {"train": "x.jsonl", "max_length": 64},
-            "training": {"gradient_checkpointing": True, "checkpoint_skip_layers": 0, "checkpoint_offload": False,
-                         "fused_kernels": False, "batch_size": 2, "max_memory_gib": budget}})
+        return recipe_from_dict(
+            {
+                "model": {"path": str(tiny_llama_dir), "quantization": "none"},
+                "adapter": {"r": 4},
+                "data": {"train": "x.jsonl", "max_length": 64},
+                "training": {
+                    "gradient_checkpointing": True,
+                    "checkpoint_skip_layers": 0,
+                    "checkpoint_offload": False,
+                    "fused_kernels": False,
+                    "batch_size": 2,
+                    "max_memory_gib": budget,
+                },
+            }
+        )
 
     def applied(budget):
         return kernels.apply_training_speedups(model, budgeted_training_config(model, recipe(budget))).applied
@@ -115,14 +129,19 @@ def test_budget_estimates_the_lora_path_the_run_will_take(tiny_llama_dir, monkey
 
     seen = []
     choose = memory_budget.choose_policy
-    monkeypatch.setattr(memory_budget, "choose_policy",
-                        lambda *a, **k: seen.append((k["fused"], k["fp8"])) or choose(*a, **k))
+    monkeypatch.setattr(
+        memory_budget, "choose_policy", lambda *a, **k: seen.append((k["fused"], k["fp8"])) or choose(*a, **k)
+    )
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
     fp8_settings = (False, True) if fused_lora else (False,)  # training.fp8 needs the fused function (config)
     for fp8 in fp8_settings:
-        recipe = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "quantization": "none"},
-                                   "data": {"train": "x.jsonl", "max_length": 64},
-                                   "training": {"fused_lora": fused_lora, "max_memory_gib": 16, "fp8": fp8}})
+        recipe = recipe_from_dict(
+            {
+                "model": {"path": str(tiny_llama_dir), "quantization": "none"},
+                "data": {"train": "x.jsonl", "max_length": 64},
+                "training": {"fused_lora": fused_lora, "max_memory_gib": 16, "fp8": fp8},
+            }
+        )
         budgeted_training_config(model, recipe)
     assert seen == [(fused_lora, fp8) for fp8 in fp8_settings]
 
@@ -138,15 +157,20 @@ def test_preference_pairs_double_the_rows_and_dpo_adds_its_reference_forward():
     # gets fewer (or none), and a DPO reference pass never more than ORPO/SimPO's
     sft_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True)
     orpo_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True, rows_per_sample=2)
-    dpo_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True, rows_per_sample=2,
-                               reference_pass=True)
+    dpo_policy = choose_policy(LLAMA3_8B, "4bit", 16, 4, 2048, 16, fused=True, rows_per_sample=2, reference_pass=True)
     assert sft_policy.checkpoint_skip_layers > orpo_policy.checkpoint_skip_layers >= dpo_policy.checkpoint_skip_layers
     assert orpo_policy.estimated_gib <= 0.95 * 16 and dpo_policy.estimated_gib <= 0.95 * 16
 
 
-@pytest.mark.parametrize("objective, reference, expected", [
-    ("sft", "auto", (1, False)), ("orpo", "auto", (2, False)), ("dpo", "auto", (2, True)),
-    ("dpo", "precomputed", (2, False))])
+@pytest.mark.parametrize(
+    "objective, reference, expected",
+    [
+        ("sft", "auto", (1, False)),
+        ("orpo", "auto", (2, False)),
+        ("dpo", "auto", (2, True)),
+        ("dpo", "precomputed", (2, False)),
+    ],
+)
 def test_budget_counts_what_a_preference_step_holds(tiny_llama_dir, monkeypatch, objective, reference, expected):
     from transformers import AutoModelForCausalLM
 
@@ -154,11 +178,19 @@ def test_budget_counts_what_a_preference_step_holds(tiny_llama_dir, monkeypatch,
 
     seen = []
     choose = memory_budget.choose_policy
-    monkeypatch.setattr(memory_budget, "choose_policy",
-                        lambda *a, **k: seen.append((k["rows_per_sample"], k["reference_pass"])) or choose(*a, **k))
+    monkeypatch.setattr(
+        memory_budget,
+        "choose_policy",
+        lambda *a, **k: seen.append((k["rows_per_sample"], k["reference_pass"])) or choose(*a, **k),
+    )
     model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
     data = {"train": "x.jsonl", "max_length": 64, **({"format": "preference"} if objective != "sft" else {})}
-    recipe = recipe_from_dict({"model": {"path": str(tiny_llama_dir), "quantization": "none"}, "data": data,
-                               "training": {"max_memory_gib": 16, "objective": objective, "reference": reference}})
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "quantization": "none"},
+            "data": data,
+            "training": {"max_memory_gib": 16, "objective": objective, "reference": reference},
+        }
+    )
     budgeted_training_config(model, recipe)
     assert seen == [expected]

@@ -65,7 +65,8 @@ def test_interval_meter_means_over_its_steps_and_restarts():
 def test_last_row_value_reads_the_run_across_resumes(tmp_path):
     from peftchat.train.metrics import last_row_value
 
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n'
-                                            '{"step": 2, "loss": 2.0}\n{"step": 3, "lo')
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 3.0}\n{"step": 2, "eval_loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "lo'
+    )
     assert last_row_value(tmp_path, "loss") == 2.0 and last_row_value(tmp_path, "loss", first=True) == 3.0
     assert last_row_value(tmp_path, "eval_loss") == 2.5 and last_row_value(tmp_path / "none", "loss") is None

@@ -16,10 +16,23 @@ RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 
 
 def _recipe(tiny_llama_dir, out, *more):
-    return load_recipe(os.path.join(RECIPES, "demo.yaml"), [
-        f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.device=cpu",
-        "training.tensorboard=false", "training.save_steps=1", "training.eval_steps=0", "training.log_steps=1",
-        "training.gradient_accumulation_steps=2", "training.batch_size=2", "data.max_length=128", "data.eval_split=0", *more])
+    return load_recipe(
+        os.path.join(RECIPES, "demo.yaml"),
+        [
+            f"model.path={tiny_llama_dir}",
+            f"training.output_dir={out}",
+            "training.device=cpu",
+            "training.tensorboard=false",
+            "training.save_steps=1",
+            "training.eval_steps=0",
+            "training.log_steps=1",
+            "training.gradient_accumulation_steps=2",
+            "training.batch_size=2",
+            "data.max_length=128",
+            "data.eval_split=0",
+            *more,
+        ],
+    )
 
 
 def _poison_second_micro_batch_of_step_2(run):
@@ -39,11 +52,14 @@ def _poison_second_micro_batch_of_step_2(run):
 def test_nan_loss_stops_before_anything_of_its_step_is_saved(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UserError) as info:
-        train(_recipe(tiny_llama_dir, out, "training.max_steps=3"),
-              TrainHooks(after_step=_poison_second_micro_batch_of_step_2))
+        train(
+            _recipe(tiny_llama_dir, out, "training.max_steps=3"),
+            TrainHooks(after_step=_poison_second_micro_batch_of_step_2),
+        )
     message = str(info.value)
-    assert message.startswith("loss is nan at step 2, micro-batch 3 of epoch 0 (micro-batch 2 of the step's 2; "
-                              "train samples "), message
+    assert message.startswith(
+        "loss is nan at step 2, micro-batch 3 of epoch 0 (micro-batch 2 of the step's 2; train samples "
+    ), message
     assert "last checkpoint: checkpoint-1" in message and "training.on_nan=skip" in message
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (out / "complete").exists() and not (out / "adapter_model.safetensors").exists()
@@ -53,8 +69,10 @@ def test_nan_loss_stops_before_anything_of_its_step_is_saved(tiny_llama_dir, tmp
 
 def test_on_nan_skip_drops_the_step_counts_and_logs_it(tiny_llama_dir, tmp_path):
     out = tmp_path / "run"
-    train(_recipe(tiny_llama_dir, out, "training.max_steps=3", "training.on_nan=skip"),
-          TrainHooks(after_step=_poison_second_micro_batch_of_step_2))
+    train(
+        _recipe(tiny_llama_dir, out, "training.max_steps=3", "training.on_nan=skip"),
+        TrainHooks(after_step=_poison_second_micro_batch_of_step_2),
+    )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if "skipped" in r]
     assert [(r["step"], r["skipped"], r["nan_skipped"]) for r in skipped] == [(2, "loss nan", 1)]
@@ -72,8 +90,10 @@ def test_a_nan_found_later_still_names_its_step_and_nothing_is_published(tiny_ll
     poisoned step 2 is named at the end and neither a checkpoint nor the final outputs appear."""
     out = tmp_path / "run"
     with pytest.raises(UserError) as info:
-        train(_recipe(tiny_llama_dir, out, "training.max_steps=4", "training.log_steps=10",
-                      "training.save_steps=0"), TrainHooks(after_step=_poison_second_micro_batch_of_step_2))
+        train(
+            _recipe(tiny_llama_dir, out, "training.max_steps=4", "training.log_steps=10", "training.save_steps=0"),
+            TrainHooks(after_step=_poison_second_micro_batch_of_step_2),
+        )
     assert str(info.value).startswith("loss is nan at step 2, micro-batch 3 of epoch 0"), str(info.value)
     assert "last checkpoint: none" in str(info.value)
     assert not list(out.glob("checkpoint-*")) and not (out / "complete").exists()

@@ -22,8 +22,9 @@ def test_matrices_decay_vectors_do_not():
         parameter_groups(frozen, 0.0)
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("adamw_8bit", "AdamW8bit"),
-                                       ("paged_adamw_8bit", "PagedAdamW8bit")])
+@pytest.mark.parametrize(
+    "name, cls", [("adamw", "AdamW"), ("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit")]
+)
 def test_optimizer_choice(name, cls):
     cfg = TrainingConfig(optimizer=name, lr=1e-3, adam_beta2=0.95)
     opt = build_optimizer(_model(), cfg, torch.device("cpu"))

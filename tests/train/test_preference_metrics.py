@@ -34,7 +34,8 @@ def test_a_process_without_pairs_still_joins_the_sum():
 
     idle = PreferenceLoss(TrainingConfig(objective="dpo"))
     assert idle.take_metrics(reduce=reduce) == pytest.approx(
-        {"rewards/chosen": 2.0, "rewards/rejected": 1.0, "rewards/margin": 1.0, "rewards/accuracy": 1.0})
+        {"rewards/chosen": 2.0, "rewards/rejected": 1.0, "rewards/margin": 1.0, "rewards/accuracy": 1.0}
+    )
     assert calls == [[0.0, 0.0, 0.0, 0.0]]  # every process makes the collective call
     assert PreferenceLoss(TrainingConfig(objective="dpo")).take_metrics() == {}
 
@@ -44,4 +45,5 @@ def test_a_spare_forward_is_not_counted():
     with loss.not_counted():
         loss._add("train", torch.tensor([5.0]), torch.tensor([9.0]))
     assert loss.take_metrics() == pytest.approx(
-        {"rewards/chosen": 1.0, "rewards/rejected": 0.0, "rewards/margin": 1.0, "rewards/accuracy": 1.0})
+        {"rewards/chosen": 1.0, "rewards/rejected": 0.0, "rewards/margin": 1.0, "rewards/accuracy": 1.0}
+    )

@@ -19,14 +19,24 @@ def _rows(out):
 
 
 def _demo(tiny_llama_dir, out, *overrides):
-    return load_recipe(shipped_path("demo_dpo.yaml"), [f"model.path={tiny_llama_dir}", f"training.output_dir={out}",
-                                                       "training.tensorboard=false", *overrides])
+    return load_recipe(
+        shipped_path("demo_dpo.yaml"),
+        [f"model.path={tiny_llama_dir}", f"training.output_dir={out}", "training.tensorboard=false", *overrides],
+    )
 
 
 def test_demo_dpo_raises_the_margin(tiny_llama_dir, tmp_path, capsys):
     out = tmp_path / "dpo"
-    train(_demo(tiny_llama_dir, out, "training.max_steps=12", "training.eval_steps=0", "training.save_steps=0",
-                "training.log_steps=4"))
+    train(
+        _demo(
+            tiny_llama_dir,
+            out,
+            "training.max_steps=12",
+            "training.eval_steps=0",
+            "training.save_steps=0",
+            "training.log_steps=4",
+        )
+    )
     rows = [r for r in _rows(out) if "loss" in r]
     assert rows[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-6)  # step 1: policy = reference
     assert rows[-1]["rewards/margin"] > rows[0]["rewards/margin"] + 0.1
@@ -42,12 +52,28 @@ def test_sft_then_dpo_with_cached_reference_resumes_and_merges(tiny_llama_dir, t
     from peftchat.merge import merge_adapter
 
     sft = tmp_path / "sft"
-    train(load_recipe(shipped_path("demo.yaml"), [f"model.path={tiny_llama_dir}", f"training.output_dir={sft}",
-                                                  "training.max_steps=3", "training.eval_steps=0",
-                                                  "training.tensorboard=false", "data.eval_split=0"]))
+    train(
+        load_recipe(
+            shipped_path("demo.yaml"),
+            [
+                f"model.path={tiny_llama_dir}",
+                f"training.output_dir={sft}",
+                "training.max_steps=3",
+                "training.eval_steps=0",
+                "training.tensorboard=false",
+                "data.eval_split=0",
+            ],
+        )
+    )
     out = tmp_path / "dpo"
-    first = _demo(tiny_llama_dir, out, f"adapter.init_from={sft}", "training.max_steps=2", "training.save_steps=2",
-                  "training.eval_steps=0")
+    first = _demo(
+        tiny_llama_dir,
+        out,
+        f"adapter.init_from={sft}",
+        "training.max_steps=2",
+        "training.save_steps=2",
+        "training.eval_steps=0",
+    )
     train(first)
     said = capsys.readouterr().out
     assert "adapter initialized from" in said and "computed once" in said
@@ -55,8 +81,17 @@ def test_sft_then_dpo_with_cached_reference_resumes_and_merges(tiny_llama_dir, t
     # the reference is the SFT adapter itself: at step 1 the policy equals it, so the margin is 0
     assert rows[0]["rewards/margin"] == pytest.approx(0.0, abs=1e-5)
     assert (out / REFERENCE_FILE).is_file()
-    train(_demo(tiny_llama_dir, out, f"adapter.init_from={sft}", "training.max_steps=4", "training.save_steps=2",
-                "training.eval_steps=0", "training.resume=true"))
+    train(
+        _demo(
+            tiny_llama_dir,
+            out,
+            f"adapter.init_from={sft}",
+            "training.max_steps=4",
+            "training.save_steps=2",
+            "training.eval_steps=0",
+            "training.resume=true",
+        )
+    )
     assert "reference log-probs: " in capsys.readouterr().out  # reused, not recomputed from the trained adapter
     assert max(r["step"] for r in _rows(out)) == 4
     merge_adapter(out, tmp_path / "merged", dtype="fp32", verify=True)  # the merged model equals adapter + base

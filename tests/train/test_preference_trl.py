@@ -34,11 +34,20 @@ def _model(tiny_llama_dir, recipe):
 
 
 def _recipe(tiny_llama_dir, tmp_path, objective, **training):
-    return recipe_from_dict({"model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"},
-                             "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
-                             "data": {"train": "unused.jsonl"},
-                             "training": {"device": "cpu", "output_dir": str(tmp_path / "run"), "objective": objective,
-                                          "gradient_checkpointing": False, **training}})
+    return recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "dtype": "fp32", "compute_dtype": "fp32"},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": "unused.jsonl"},
+            "training": {
+                "device": "cpu",
+                "output_dir": str(tmp_path / "run"),
+                "objective": objective,
+                "gradient_checkpointing": False,
+                **training,
+            },
+        }
+    )
 
 
 def _batch():
@@ -54,7 +63,7 @@ def _batch():
     ids = torch.zeros(4, width, dtype=torch.long)
     mask, completion = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, (r, p) in enumerate(zip(rows, prompts)):
-        ids[i, :len(r)], mask[i, :len(r)], completion[i, p:len(r)] = r, 1, 1
+        ids[i, : len(r)], mask[i, : len(r)], completion[i, p : len(r)] = r, 1, 1
     return ids, mask, completion
 
 
@@ -93,18 +102,32 @@ def test_dpo_sigmoid_equals_trl(tiny_llama_dir, tmp_path):
     ours, metrics = _ours(model, recipe, ids, mask, completion)
     our_grads = _grads(model, ours)
 
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, loss_type=["sigmoid"], report_to=[], use_cpu=True,
-                     gradient_checkpointing=False, bf16=False, precompute_ref_log_probs=False)
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.1,
+        loss_type=["sigmoid"],
+        report_to=[],
+        use_cpu=True,
+        gradient_checkpointing=False,
+        bf16=False,
+        precompute_ref_log_probs=False,
+    )
     from transformers import AutoModelForCausalLM
 
     # the base as TRL's reference model: what peftchat's adapter-off reference is (TRL would take a
     # PeftModel handed over with its weights as re-training, and copy the adapter as the reference)
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=_dataset(),
-                         processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir))
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )
     model.train()
-    theirs = trainer._compute_loss(trainer.model, {"input_ids": ids, "attention_mask": mask,
-                                                   "completion_mask": completion}, return_outputs=False)
+    theirs = trainer._compute_loss(
+        trainer.model, {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}, return_outputs=False
+    )
     torch.testing.assert_close(ours.detach(), theirs.detach(), **TOL)
     logged = trainer._metrics["train"]
     assert metrics["rewards/chosen"] == pytest.approx(logged["rewards/chosen"][-1], rel=1e-4, abs=1e-6)
@@ -134,8 +157,16 @@ def test_simpo_equals_trl_cpo(tiny_llama_dir, tmp_path, smoothing):
     our_grads = _grads(model, ours)
     # CPOTrainer's loss code on an object with its settings (building the trainer re-tokenizes a dataset)
     trainer = copy.copy(CPOTrainer.__new__(CPOTrainer))
-    args = CPOConfig(output_dir=str(tmp_path / "trl"), loss_type="simpo", beta=2.0, simpo_gamma=0.7, cpo_alpha=0.0,
-                     label_smoothing=smoothing, report_to=[], use_cpu=True)
+    args = CPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.7,
+        cpo_alpha=0.0,
+        label_smoothing=smoothing,
+        report_to=[],
+        use_cpu=True,
+    )
     trainer.loss_type, trainer.beta, trainer.simpo_gamma = args.loss_type, args.beta, args.simpo_gamma
     trainer.label_smoothing, trainer.alpha = args.label_smoothing, args.alpha
     trainer.accelerator = type("A", (), {"device": torch.device("cpu")})()

@@ -16,9 +16,17 @@ from peftchat.train.resume import key_kind
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "..", "recipes")
 DEMO = os.path.join(RECIPES, "demo.yaml")
 # 4 steps, a checkpoint at 2 and 4, warmup 1 so the schedule is mostly decay
-BASE = ["training.device=cpu", "training.tensorboard=false", "training.max_steps=4", "training.save_steps=2",
-        "training.eval_steps=0", "training.log_steps=1", "training.warmup_steps=1", "training.save_total_limit=0",
-        "data.eval_split=0"]
+BASE = [
+    "training.device=cpu",
+    "training.tensorboard=false",
+    "training.max_steps=4",
+    "training.save_steps=2",
+    "training.eval_steps=0",
+    "training.log_steps=1",
+    "training.warmup_steps=1",
+    "training.save_total_limit=0",
+    "data.eval_split=0",
+]
 
 
 def _args(tiny_llama_dir, out, *extra):
@@ -73,8 +81,20 @@ def test_the_first_row_after_a_resume_is_metered_from_the_resumed_step(tiny_llam
 
 def test_changing_what_is_trained_stops_with_exit_2_and_the_differences(tiny_llama_dir, copy, capsys):
     out = copy
-    code = main(["train", DEMO, *_args(tiny_llama_dir, out, "training.max_steps=6", "training.lr=5e-3",
-                                        "training.batch_size=4", "training.resume=true")])
+    code = main(
+        [
+            "train",
+            DEMO,
+            *_args(
+                tiny_llama_dir,
+                out,
+                "training.max_steps=6",
+                "training.lr=5e-3",
+                "training.batch_size=4",
+                "training.resume=true",
+            ),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # one line, the last on stderr
     assert code == 2 and err.startswith("peftchat: error: training.resume:")
     assert "training.lr: 0.01 -> 0.005" in err and "training.batch_size: 8 -> 4" in err
@@ -85,11 +105,18 @@ def test_changing_what_is_trained_stops_with_exit_2_and_the_differences(tiny_lla
 
 def test_allowed_changes_take_effect_and_are_recorded(tiny_llama_dir, copy):
     out = copy
-    _train(tiny_llama_dir, out, "training.max_steps=6", "training.lr=5e-3", "training.resume=true",
-           "training.resume_changes=allow")
+    _train(
+        tiny_llama_dir,
+        out,
+        "training.max_steps=6",
+        "training.lr=5e-3",
+        "training.resume=true",
+        "training.resume_changes=allow",
+    )
     rows = _rows(out)
     assert [r for r in rows if "resume_changes" in r] == [
-        {"step": 4, "resume_changes": {"training.lr": [0.01, 0.005], "training.max_steps": [4, 6]}}]
+        {"step": 4, "resume_changes": {"training.lr": [0.01, 0.005], "training.max_steps": [4, 6]}}
+    ]
     step5 = next(r for r in rows if r.get("step") == 5 and "loss" in r)
     assert step5["lr"] == pytest.approx(5e-3 * lr_factor("cosine", 4, 1, 6))  # the new lr, at once
     header = (out / "recipe.yaml").read_text().splitlines()[0]
@@ -114,9 +141,20 @@ def test_every_recipe_key_has_a_resume_kind():
     from peftchat.config import SCHEMA_KEYS
 
     kinds = {k: key_kind(k) for k in SCHEMA_KEYS}
-    trained = {"model.path", "model.quantization", "adapter.r", "data.train", "data.collator", "data.max_length",
-               "training.lr", "training.lr_scheduler", "training.batch_size", "training.gradient_accumulation_steps",
-               "training.seed", "training.warmup_steps"}
+    trained = {
+        "model.path",
+        "model.quantization",
+        "adapter.r",
+        "data.train",
+        "data.collator",
+        "data.max_length",
+        "training.lr",
+        "training.lr_scheduler",
+        "training.batch_size",
+        "training.gradient_accumulation_steps",
+        "training.seed",
+        "training.warmup_steps",
+    }
     assert all(kinds[k] == "trained" for k in trained)
     assert kinds["training.max_steps"] == kinds["training.epochs"] == kinds["training.save_total_limit"] == "schedule"
     assert kinds["training.device"] == kinds["training.compile"] == kinds["decoding.temperature"] == "runtime"

@@ -28,8 +28,10 @@ def test_fused_kernels_is_typed_by_the_config(value, expected):
     assert r.training.fused_kernels == expected and type(r.training.fused_kernels) is type(expected)
 
 
-@pytest.mark.parametrize("training,match", [({"fused_kernels": "fast"}, "training.fused_kernels"),
-                                            ({"checkpoint_skip_layers": -1}, "checkpoint_skip_layers")])
+@pytest.mark.parametrize(
+    "training,match",
+    [({"fused_kernels": "fast"}, "training.fused_kernels"), ({"checkpoint_skip_layers": -1}, "checkpoint_skip_layers")],
+)
 def test_config_rejects_bad_speed_keys(training, match):
     with pytest.raises(ConfigError, match=match):
         recipe_from_dict({"model": {"path": "m"}, "data": {"train": "x.jsonl"}, "training": training})
@@ -58,14 +60,17 @@ def test_checkpoint_policy_skips_the_last_layers(tiny_llama_dir):
     assert not any(layer.gradient_checkpointing for layer in kernels.decoder_layers(model))
 
 
-@pytest.mark.parametrize("policy", [dict(checkpoint_offload=True), dict(checkpoint_offload=True, checkpoint_skip_layers=1),
-                                    dict()])
+@pytest.mark.parametrize(
+    "policy", [dict(checkpoint_offload=True), dict(checkpoint_offload=True, checkpoint_skip_layers=1), dict()]
+)
 def test_checkpointed_gradients_equal_uncheckpointed(tiny_llama_dir, policy):
     ref_loss, ref = loss_and_grads(_lora_model(tiny_llama_dir, _training(gradient_checkpointing=False)))
     model = _lora_model(tiny_llama_dir, _training(**policy))
     if policy.get("checkpoint_offload"):
-        assert all(layer._gradient_checkpointing_func.func is kernels.offloaded_checkpoint
-                   for layer in kernels.decoder_layers(model))
+        assert all(
+            layer._gradient_checkpointing_func.func is kernels.offloaded_checkpoint
+            for layer in kernels.decoder_layers(model)
+        )
     loss, got = loss_and_grads(model)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert set(got) == set(ref) and len(ref) == 2 * 7 * 2  # A and B of 7 projections in 2 layers

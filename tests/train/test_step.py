@@ -36,16 +36,30 @@ def _grads(run):
 def test_the_sharded_window_of_one_process_is_the_plain_window():
     micro = [_micro(1, 3), _micro(2, 0), _micro(3, 2)]  # one without labels: no pass, None in per_micro
     plain_losses, sharded_losses = [], []
-    loss, tokens, grad = _grads(lambda model: backward_window(
-        model, micro, torch.device("cpu"), lambda mdl, b, normalizer: _loss(mdl, b, normalizer),
-        per_micro=plain_losses))
+    loss, tokens, grad = _grads(
+        lambda model: backward_window(
+            model,
+            micro,
+            torch.device("cpu"),
+            lambda mdl, b, normalizer: _loss(mdl, b, normalizer),
+            per_micro=plain_losses,
+        )
+    )
     window = Window(micro, epoch=0, batch_index=3, epoch_progress=1.0, size=4)  # 4 passes: the last a spare
 
     def sharded(model):
         total, label_tokens, _, stop = backward_window_sharded(
-            lambda b, normalizer: _loss(model, b, normalizer), window, SINGLE, batches=_Batches(), accumulation=4,
-            device=torch.device("cpu"), autocast=nullcontext, scaler=None, stop_requested=True,
-            per_micro=sharded_losses)
+            lambda b, normalizer: _loss(model, b, normalizer),
+            window,
+            SINGLE,
+            batches=_Batches(),
+            accumulation=4,
+            device=torch.device("cpu"),
+            autocast=nullcontext,
+            scaler=None,
+            stop_requested=True,
+            per_micro=sharded_losses,
+        )
         assert stop is True
         return total, label_tokens
 
