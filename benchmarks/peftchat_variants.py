@@ -284,6 +284,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         "summary_tokens_per_s": summary.get("tokens_per_s"),
         "run_wall_s": wall,
     }
+    estimate = next((a for a in applied if a.startswith("memory estimate ")), None)
+    if estimate:  # `memN` rows: training.max_memory_gib's estimated peak beside the measured one
+        res["estimated_peak_gib"] = float(estimate.split()[2])
     if cuda:
         res["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
         res["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB

@@ -234,15 +234,17 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     from peftchat.kernels.varlen import VARLEN_ATTENTION
     from peftchat.model.adapters import apply_lora, count_parameters
     from peftchat.model.load import load_base_model
-    from peftchat.train.memory_budget import budget_applies, budgeted_training_config
+    from peftchat.train.memory_budget import budget_applies, budget_policy, with_policy
     from peftchat.train.speedups import apply_training_speedups, kernel_options
 
     base = load_base_model(recipe, device, sharded=sharded)
     if hooks.after_model_load is not None:
         hooks.after_model_load(base)
     model = apply_lora(base, recipe)
-    if budget_applies(recipe, device.type):
-        cfg = budgeted_training_config(model, recipe)
+    budgeted = budget_applies(recipe, device.type)
+    policy = budget_policy(model, recipe) if budgeted else None
+    if budgeted:
+        cfg = with_policy(recipe.training, policy)
     else:  # nothing was budgeted: the speed-ups line must not say so
         cfg = dataclasses.replace(recipe.training, max_memory_gib=None)
     kernels = kernel_options(model, cfg)
@@ -250,6 +252,8 @@ def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded
     applied = list(speedups.applied)
     if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
         applied.append("varlen attention for packed rows")
+    if policy is not None:  # beside the measured peak in benchmark rows (the estimator's error)
+        applied.append(f"memory estimate {policy.estimated_gib:.2f} GiB")
     print("speed-ups: " + (", ".join(applied) or "none"), flush=True)
     print("kernels: " + speedups.kernels.describe(), flush=True)
     if hooks.speedups_applied is not None:

@@ -47,6 +47,7 @@ precomputed reference adds nothing. Not calibrated on the GPU yet.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from peftchat.config import Recipe, TrainingConfig
 
@@ -205,16 +206,31 @@ def budget_applies(recipe: Recipe, device_type: str) -> bool:
 def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
     """`recipe.training` with the checkpoint policy `training.max_memory_gib` picks for `model`
     (printed as it is chosen); the recipe's own when no budget is set or checkpointing is off."""
+    return with_policy(recipe.training, budget_policy(model, recipe))
+
+
+def with_policy(cfg: TrainingConfig, policy: Optional[MemoryPolicy]) -> TrainingConfig:
+    """`cfg` with a chosen policy's checkpoint settings (unchanged for None)."""
+    if policy is None:
+        return cfg
+    return replace(
+        cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers, checkpoint_offload=policy.checkpoint_offload
+    )
+
+
+def budget_policy(model, recipe: Recipe) -> Optional[MemoryPolicy]:
+    """The policy `training.max_memory_gib` picks for `model`, printed; None when no budget is set
+    or checkpointing is off (there is nothing to pick)."""
     cfg = recipe.training
     if not cfg.max_memory_gib:
-        return cfg
+        return None
     if not cfg.gradient_checkpointing:
         print(
             f"max_memory_gib {cfg.max_memory_gib:g}: ignored, it picks a checkpointing policy and "
             "training.gradient_checkpointing is false",
             flush=True,
         )
-        return cfg
+        return None
     from peftchat.model.adapters import unwrap_peft
     from peftchat.train.preference import uses_precomputed_reference
     from peftchat.train.speedups import fused_lora_enabled
@@ -234,6 +250,4 @@ def budgeted_training_config(model, recipe: Recipe) -> TrainingConfig:
         reference_pass=cfg.objective == "dpo" and not uses_precomputed_reference(recipe),
     )
     print(policy.describe(budget), flush=True)
-    return replace(
-        cfg, checkpoint_skip_layers=policy.checkpoint_skip_layers, checkpoint_offload=policy.checkpoint_offload
-    )
+    return policy

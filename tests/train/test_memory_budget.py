@@ -194,3 +194,27 @@ def test_budget_counts_what_a_preference_step_holds(tiny_llama_dir, monkeypatch,
     )
     budgeted_training_config(model, recipe)
     assert seen == [expected]
+
+
+def test_the_run_reports_the_estimate_it_chose_by(tiny_llama_dir, monkeypatch, capsys):
+    """The speed-ups line (and a benchmark row's `applied`) carries the chosen policy's estimated
+    peak, to stand beside the measured one; the budget is GPU-only, so the test lets it apply here."""
+    import torch
+
+    from peftchat.train import loop, memory_budget
+    from peftchat.train.run import TrainHooks
+
+    monkeypatch.setattr(memory_budget, "budget_applies", lambda recipe, device_type: True)
+    recipe = recipe_from_dict(
+        {
+            "model": {"path": str(tiny_llama_dir), "quantization": "none", "dtype": "fp32"},
+            "data": {"train": "x.jsonl", "max_length": 64},
+            "training": {"max_memory_gib": 16, "batch_size": 2, "device": "cpu"},
+        }
+    )
+    seen: list[str] = []
+    loop.setup_model(recipe, torch.device("cpu"), TrainHooks(speedups_applied=seen.extend))
+    estimates = [a for a in seen if a.startswith("memory estimate ")]
+    said = capsys.readouterr().out
+    assert len(estimates) == 1 and f"(estimated peak {float(estimates[0].split()[2]):.1f} GiB" in said
+    assert "max_memory_gib 16 -> checkpointed" in ", ".join(seen)
