@@ -202,6 +202,11 @@ def sum_counts(state: Dist, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def host_sum(state: Dist) -> Optional[Callable[[list[float]], list[float]]]:
+    """`sum_counts` over the processes as a function of the values; None for one process."""
+    return (lambda values: sum_counts(state, values)) if state.world_size > 1 else None
+
+
 def first_over_ranks(state: Dist, index: int, value: float) -> tuple[int, int, float]:
     """(rank, index, value) of the lowest rank whose `index` is >= 0 (a collective: every rank
     calls it); this process's own three alone or when none has one."""

@@ -1,8 +1,8 @@
 """`peftchat train`: setup -> the step loop -> finish, top to bottom, in the manner of torchtune's
 lora_finetune_single_device.py and litgpt's finetune/lora.py rather than HF Trainer.
 
-`setup` builds the run's one state object (`peftchat.train.run.Run`): recipe -> tokenizer -> data
-batches (`peftchat.data.batching.Batches`) -> base model (`peftchat.model.load`) -> LoRA
+`setup` builds the run's one state object (`peftchat.train.run.Run`; data and model from
+`peftchat.train.build`): recipe -> tokenizer -> data batches -> base model -> LoRA
 (`peftchat.model.adapters`) -> speed-ups and the loss they choose (`peftchat.train.speedups`) ->
 optimizer, optional resume (`peftchat.train.resume`: what a resume may change, and `restore`), lr
 schedule. `train_steps` runs optimizer steps: per step one accumulation window of micro-batches
@@ -27,7 +27,6 @@ with the command that resumes); a second Ctrl-C quits at once, except while a ch
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import signal
 import sys
@@ -39,9 +38,8 @@ from typing import Any, Optional
 import torch
 
 from peftchat.config import Recipe
-from peftchat.data.batching import Batches, Window
-from peftchat.data.preference import is_preference
-from peftchat.errors import DataError, Interrupted
+from peftchat.data.batching import Window
+from peftchat.errors import Interrupted
 from peftchat.rundir import (
     METRICS_FILE,
     RECIPE_FILE,
@@ -53,6 +51,7 @@ from peftchat.rundir import (
     unmark_finished,
 )
 from peftchat.train import distributed
+from peftchat.train.build import setup_data, setup_model
 from peftchat.train.checkpoint import (
     TrainState,
     capture_rng,
@@ -63,10 +62,9 @@ from peftchat.train.checkpoint import (
     save_recipe_with_history,
 )
 from peftchat.train.curves import write_training_curves
-from peftchat.train.distributed import SINGLE, Dist, barrier, sum_counts, sum_tensor
+from peftchat.train.distributed import SINGLE, Dist, barrier, host_sum, sum_tensor
 from peftchat.train.evaluation import evaluate
 from peftchat.train.lock import sole_writer
-from peftchat.train.loss import make_loss
 from peftchat.train.metrics import (
     IntervalMeter,
     MetricsLogger,
@@ -79,7 +77,7 @@ from peftchat.train.metrics import (
 )
 from peftchat.train.nonfinite import step_dropped, verify_finite
 from peftchat.train.optim import build_optimizer, build_scheduler, planned_steps
-from peftchat.train.preference import attach_reference, make_preference_loss
+from peftchat.train.preference import attach_reference
 from peftchat.train.resume import check_resume_changes, restore, resume_checkpoint
 from peftchat.train.run import Run, TrainHooks
 from peftchat.train.signals import GracefulInterrupt
@@ -201,67 +199,6 @@ def setup(recipe: Recipe, hooks: TrainHooks, dist: Dist = SINGLE) -> Run:
     return run
 
 
-def setup_data(recipe: Recipe):
-    """(tokenizer, data report, train Batches, eval Batches or None)."""
-    from peftchat.data.pipeline import build_datasets, sample_limit
-    from peftchat.data.preference import PairBatches
-    from peftchat.model.tokenizer import load_tokenizer
-
-    cfg = recipe.training
-    tokenizer = load_tokenizer(recipe)
-    data = build_datasets(recipe, tokenizer)
-    print(data.report.summary(), flush=True)
-    if data.train is None or len(data.train) == 0:
-        raise DataError(f"no training samples in {recipe.data.train} (see the data report above)")
-    # a packed row holds at most one sample's limit
-    common = dict(
-        batch_size=cfg.batch_size,
-        max_length=sample_limit(recipe),
-        pad_id=tokenizer.pad_token_id,
-        packing=recipe.data.packing,
-    )
-    batches = PairBatches if is_preference(recipe) else Batches  # preference pairs: one concatenated batch each
-    train = batches(
-        data.train, group_by_length=recipe.data.group_by_length, shuffle=recipe.data.shuffle, seed=cfg.seed, **common
-    )
-    evaluation = batches(data.eval, **common) if data.eval is not None and len(data.eval) else None
-    return tokenizer, data.report, train, evaluation
-
-
-def setup_model(recipe: Recipe, device: torch.device, hooks: TrainHooks, sharded: bool = False):
-    """(LoRA model ready to train, its micro-batch loss, (trainable, total) parameter counts);
-    `sharded`: FSDP2 will shard it."""
-    from peftchat.kernels.varlen import VARLEN_ATTENTION
-    from peftchat.model.adapters import apply_lora, count_parameters
-    from peftchat.model.load import load_base_model
-    from peftchat.train.memory_budget import budget_applies, budget_policy, with_policy
-    from peftchat.train.speedups import apply_training_speedups, kernel_options
-
-    base = load_base_model(recipe, device, sharded=sharded)
-    if hooks.after_model_load is not None:
-        hooks.after_model_load(base)
-    model = apply_lora(base, recipe)
-    budgeted = budget_applies(recipe, device.type)
-    policy = budget_policy(model, recipe) if budgeted else None
-    if budgeted:
-        cfg = with_policy(recipe.training, policy)
-    else:  # nothing was budgeted: the speed-ups line must not say so
-        cfg = dataclasses.replace(recipe.training, max_memory_gib=None)
-    kernels = kernel_options(model, cfg)
-    speedups = apply_training_speedups(model, cfg, hooks.kernel_options(kernels) if hooks.kernel_options else kernels)
-    applied = list(speedups.applied)
-    if getattr(base.config, "_attn_implementation", None) == VARLEN_ATTENTION:
-        applied.append("varlen attention for packed rows")
-    if policy is not None:  # beside the measured peak in benchmark rows (the estimator's error)
-        applied.append(f"memory estimate {policy.estimated_gib:.2f} GiB")
-    print("speed-ups: " + (", ".join(applied) or "none"), flush=True)
-    print("kernels: " + speedups.kernels.describe(), flush=True)
-    if hooks.speedups_applied is not None:
-        hooks.speedups_applied(applied)
-    loss = make_preference_loss(recipe) if is_preference(recipe) else make_loss(speedups.head_loss)
-    return model, loss, count_parameters(model)
-
-
 # ------------------------------------------------------------------------------ the step loop
 
 
@@ -347,11 +284,6 @@ def due(step: int, every: int, total: int) -> bool:
     return every > 0 and step % every == 0 and step < total
 
 
-def over_ranks(run: Run):
-    """Sums small host-side totals over the processes of a torchrun run; None for one process."""
-    return (lambda values: sum_counts(run.dist, values)) if run.dist.world_size > 1 else None
-
-
 def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
     verify_finite(run)
     world = run.dist.world_size
@@ -368,7 +300,7 @@ def log_training(run: Run, meter: IntervalMeter, lr: float, grad_norm) -> None:
     }
     if grad_norm is not None:  # FSDP2: a DTensor
         row["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    extra = loss_metrics(run.loss_fn, "train", over_ranks(run))
+    extra = loss_metrics(run.loss_fn, "train", host_sum(run.dist))
     row.update(extra)
     run.metrics.log(row)
     run.progress.show(run.state.step, run.total_steps, format_postfix(loss, lr, tokens_per_s, memory, extra))
@@ -384,7 +316,7 @@ def run_eval(run: Run) -> None:
         "eval_loss": loss,
         "eval_ppl": perplexity(loss),
         "eval_tokens": tokens,
-        **loss_metrics(run.loss_fn, "eval", over_ranks(run)),
+        **loss_metrics(run.loss_fn, "eval", host_sum(run.dist)),
     }
     if run.hooks.eval_scores is not None and run.dist.is_main:  # DDP: rank 0 scores while the others wait
         row.update(run.hooks.eval_scores(run.model, run.tokenizer))

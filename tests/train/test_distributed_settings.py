@@ -68,7 +68,7 @@ def test_bad_distributed_settings_are_one_line_exit_2(tmp_path, monkeypatch, cap
 def test_rank_shares_step_through_the_one_process_windows(tiny_llama_dir):
     """2 ranks x accumulation 2 take, window by window, the micro-batches of one process with
     accumulation 4 (rank 0 the first two, rank 1 the next two), across the epoch's short end."""
-    from peftchat.train.loop import setup_data
+    from peftchat.train.build import setup_data
 
     recipe = load_recipe(RECIPE, [f"model.path={tiny_llama_dir}", "training.batch_size=5", "data.eval_split=0"])
     _, _, batches, _ = setup_data(recipe)

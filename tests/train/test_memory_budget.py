@@ -201,7 +201,7 @@ def test_the_run_reports_the_estimate_it_chose_by(tiny_llama_dir, monkeypatch, c
     peak, to stand beside the measured one; the budget is GPU-only, so the test lets it apply here."""
     import torch
 
-    from peftchat.train import loop, memory_budget
+    from peftchat.train import build, memory_budget
     from peftchat.train.run import TrainHooks
 
     monkeypatch.setattr(memory_budget, "budget_applies", lambda recipe, device_type: True)
@@ -213,7 +213,7 @@ def test_the_run_reports_the_estimate_it_chose_by(tiny_llama_dir, monkeypatch, c
         }
     )
     seen: list[str] = []
-    loop.setup_model(recipe, torch.device("cpu"), TrainHooks(speedups_applied=seen.extend))
+    build.setup_model(recipe, torch.device("cpu"), TrainHooks(speedups_applied=seen.extend))
     estimates = [a for a in seen if a.startswith("memory estimate ")]
     said = capsys.readouterr().out
     assert len(estimates) == 1 and f"(estimated peak {float(estimates[0].split()[2]):.1f} GiB" in said
