@@ -173,7 +173,6 @@ def run_peftchat(spec: dict[str, Any]) -> dict[str, Any]:
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     """TRL's `DPOTrainer` on PEFT + bitsandbytes (`trl`), or the same after unsloth's
     `PatchDPOTrainer` on unsloth's own NF4 model (`unsloth`), timed per optimizer step."""
-    import torch
 
     device, variant = spec["device"], spec["variant"]
     if variant == "unsloth":
@@ -186,53 +185,26 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         model = _peft_bnb_model(spec)
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
+
+    from benchmarks.unsloth_variant import TRL_TIMING_ARGS, step_clock
 
     times: list[float] = []
     losses: list[float] = []
-
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            _sync(device)
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-
-        def on_step_begin(self, args, state, control, **kw):
-            _sync(device)
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync(device)
-            times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(round(float(logs["loss"]), 5))
 
     n = spec["warmup"] + spec["steps"]
     config = DPOConfig(
         output_dir=str(Path(spec["work_dir"]) / variant),
         per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1,
         max_steps=n,
-        learning_rate=2e-4,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         bf16=spec["dtype"] == "bf16",
         beta=0.1,
         max_length=None,
         gradient_checkpointing=True,
-        dataloader_num_workers=0,
-        seed=0,
         use_cpu=device != "cuda",
         precompute_ref_log_probs=False,
+        **TRL_TIMING_ARGS,
     )
     if hasattr(config, "shuffle_dataset"):
         config.shuffle_dataset = False
@@ -242,7 +214,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         args=config,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(spec["pairs"] * math.ceil(n * spec["batch"] / len(spec["pairs"]))),
-        callbacks=[StepClock()],
+        callbacks=[step_clock(device, times, losses)],
     )
     trainer.train()
     ours = pair_batches(spec["pairs"], spec["batch"], tokenizer)  # the same pairs: their token counts

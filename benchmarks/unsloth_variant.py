@@ -69,59 +69,82 @@ def build_unsloth(mode: str, model_dir: str, max_seq_length: int, dropout: float
     return model
 
 
+# The trainer settings every TRL-driven peer shares: constant lr, no accumulation, AdamW, a log
+# row per step, nothing saved (the same optimizer work per step as peftchat's rows).
+TRL_TIMING_ARGS: dict[str, Any] = dict(
+    gradient_accumulation_steps=1,
+    learning_rate=2e-4,
+    lr_scheduler_type="constant",
+    warmup_steps=0,
+    optim="adamw_torch",
+    max_grad_norm=1.0,
+    weight_decay=0.0,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    dataloader_num_workers=0,
+    seed=0,
+)
+
+
+def step_clock(device: str, times: list[float], losses: list[float]):
+    """A transformers TrainerCallback appending each optimizer step's seconds (the device
+    synchronised at both ends) to `times` and each logged loss to `losses`; it resets the CUDA
+    memory peaks when training begins."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            sync()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            times.append(time.perf_counter() - self.t0)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(round(float(logs["loss"]), 5))
+
+    return StepClock()
+
+
 def run_unsloth_sft(spec: dict[str, Any], samples: list[dict[str, list[int]]], model) -> dict[str, Any]:
     """`spec["warmup"] + spec["steps"]` optimizer steps of unsloth's SFTTrainer with packing on
     `samples`; the same result fields as the other peers (worker.time_steps + chat_throughput)."""
     import statistics
-    import time
 
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     batches: list[tuple[int, int]] = []  # (real tokens, label tokens) per collated batch, in order
     times: list[float] = []
     losses: list[float] = []
 
-    class StepClock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-        def on_step_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t0)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(round(float(logs["loss"]), 4))
-
     n_steps = spec["warmup"] + spec["steps"]
     config = SFTConfig(
         output_dir=str(spec["work_dir"]) + "/unsloth_sft",
         per_device_train_batch_size=spec["batch"],
-        gradient_accumulation_steps=1,
         max_steps=n_steps,
-        learning_rate=2e-4,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        optim="adamw_torch",
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
         bf16=True,
         packing=True,
         max_length=spec["seq"],
-        dataloader_num_workers=0,
-        seed=0,
         use_cpu=not torch.cuda.is_available(),
+        **TRL_TIMING_ARGS,
     )
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     trainer = SFTTrainer(
@@ -129,7 +152,7 @@ def run_unsloth_sft(spec: dict[str, Any], samples: list[dict[str, list[int]]], m
         args=config,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(samples),
-        callbacks=[StepClock()],
+        callbacks=[step_clock("cuda", times, losses)],
     )
     collate = trainer.data_collator.torch_call
 
