@@ -64,8 +64,8 @@ if kill:
     loop.save = save_then_die
 nan_rank = os.environ.get("PEFTCHAT_TEST_NAN_RANK")
 if nan_rank == rank:  # this rank's first micro-batch loss is NaN
-    from peftchat.train import loop
-    make_loss = loop.make_loss
+    from peftchat.train import build  # where the run's loss is made (setup_model)
+    make_loss = build.make_loss
     def poisoned(*args, **kwargs):
         clean, calls = make_loss(*args, **kwargs), []
         def loss_fn(model, batch, **kw):
@@ -73,7 +73,7 @@ if nan_rank == rank:  # this rank's first micro-batch loss is NaN
             loss = clean(model, batch, **kw)
             return loss * float("nan") if len(calls) == 1 else loss
         return loss_fn
-    loop.make_loss = poisoned
+    build.make_loss = poisoned
 from peftchat.cli import main
 sys.exit(main(sys.argv[1:]))
 """
