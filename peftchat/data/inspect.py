@@ -97,7 +97,7 @@ def inspect_samples(
     train, r = _build(recipe, tokenizer, split)
     if index is not None:
         if not -len(train) <= index < len(train):
-            raise UserError(f"--index {index} is out of range: there are {len(train)} samples")
+            raise UserError(f"--index {index} is out of range: there are {len(train)} {r.unit}")
         chosen = [index % len(train)]
     else:
         chosen = list(range(min(max(count, 0), len(train))))
@@ -114,7 +114,8 @@ def inspect_samples(
         for side, ids, labels in sides:
             with_loss = sum(1 for x in labels if x != IGNORE_INDEX)
             what = "scored" if side else "with loss"
-            stream.write(f"── sample {i}{side}: {len(ids)} tokens, {with_loss} {what} ({marker}) ──\n")
+            row_name = "pair" if side else "sample"
+            stream.write(f"── {row_name} {i}{side}: {len(ids)} tokens, {with_loss} {what} ({marker}) ──\n")
             stream.write(render_sample(tokenizer, ids, labels, color) + "\n\n")
     stream.write(
         f"{r.unit}: {r.samples}  tokens: {r.tokens}  with loss: {r.loss_share:.1%}  "

@@ -149,7 +149,8 @@ class DataReport:
         if len(self.sources) > 1 or any(c.weight != 1 for c in self.sources):
             lines += [c.line(self.unit) for c in self.sources]
         for reason, n in self.dropped.items():
-            lines.append(f"  dropped {n} {self.unit}: {reason}")
+            unit = self.unit[:-1] if n == 1 else self.unit  # "1 pair", "1 sample"
+            lines.append(f"  dropped {n} {unit}: {reason}")
         for reason, n in self.left_out.items():
             lines.append(f"  left out {n}: {reason}")
         for reason, n in sorted(self.skipped_reasons.items()):

@@ -78,3 +78,29 @@ def test_split_eval_dumps_the_held_out_sessions(tmp_path, capsys):
     assert "samples: 2" in capsys.readouterr().out
     assert main(["data", "inspect", *args(tmp_path, "demo.yaml"), "data.eval_split=0", "--split", "eval"]) == 2
     assert "the recipe has no eval data" in capsys.readouterr().err
+
+
+def test_inspect_preference_data_speaks_of_pairs_and_why_they_were_dropped(tmp_path, capsys):
+    from peftchat.data.preference import EMPTY, IDENTICAL, PROMPT_TOO_LONG
+
+    good = {"prompt": "你好", "chosen": "你好！很高兴见到你。", "rejected": "走开。"}
+    records = [
+        good,
+        {**good, "rejected": good["chosen"]},
+        {**good, "chosen": ""},
+        {**good, "prompt": "很长的问题。" * 200},
+        {**good, "prompt": "再说一次"},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    extra = [f"data.train={data}", "data.eval_split=0", "data.max_length=128"]
+    assert main(["data", "inspect", *args(tmp_path, "demo_dpo.yaml"), *extra]) == 0
+    captured = capsys.readouterr()
+    shown = captured.out + captured.err
+    assert "pairs: 2 " in shown and "5 sessions -> 2 pairs," in shown and "3 dropped" in shown
+    for reason in (EMPTY, IDENTICAL, PROMPT_TOO_LONG):
+        assert f"  dropped 1 pair: {reason}" in shown
+    assert "── pair 0 chosen:" in shown and "── pair 1 rejected:" in shown
+    assert "samples" not in shown
+    assert main(["data", "inspect", *args(tmp_path, "demo_dpo.yaml"), *extra, "--index", "9"]) == 2
+    assert "--index 9 is out of range: there are 2 pairs" in capsys.readouterr().err

@@ -218,3 +218,35 @@ def test_the_run_reports_the_estimate_it_chose_by(tiny_llama_dir, monkeypatch, c
     said = capsys.readouterr().out
     assert len(estimates) == 1 and f"(estimated peak {float(estimates[0].split()[2]):.1f} GiB" in said
     assert "max_memory_gib 16 -> checkpointed" in ", ".join(seen)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_pair_doubles_exactly_the_activation_terms(fused):
+    """Weights and LoRA state do not grow with rows; everything else (kept inputs, recompute) is
+    twice SFT's for a micro-batch of pairs, and DPO's reference adds one layer's activations at the
+    forward's end (fused path, where that moment can be the peak)."""
+    fixed = estimate_gib(LLAMA3_8B, "4bit", 16, 0, 0, False, fused=fused)
+    sft = estimate_gib(LLAMA3_8B, "4bit", 16, 4 * 2048, 0, False, fused=fused)
+    pairs = estimate_gib(LLAMA3_8B, "4bit", 16, 2 * 4 * 2048, 0, False, fused=fused)
+    assert pairs - fixed == pytest.approx(2 * (sft - fixed))
+    if fused:
+        tokens = 2 * 4 * 2048
+        layer_acts = tokens * 2 * (7 * LLAMA3_8B.hidden + 3 * LLAMA3_8B.intermediate) / 2**30
+        no_ref = estimate_gib(LLAMA3_8B, "4bit", 16, tokens, 8, False, fused=True)
+        dpo = estimate_gib(LLAMA3_8B, "4bit", 16, tokens, 8, False, fused=True, reference_pass=True)
+        assert dpo - no_ref == pytest.approx(layer_acts)
+
+
+def test_a_budget_that_fits_sft_but_not_dpo_gives_dpo_a_leaner_policy():
+    """The budget is the SFT run's fastest fitting estimate: the DPO run of the same recipe must not
+    be handed the same policy (it would not fit)."""
+    sft = choose_policy(LLAMA3_8B, "4bit", 16, 2, 1024, 24, fused=True)
+    budget = sft.estimated_gib / 0.95 + 0.01
+    sft = choose_policy(LLAMA3_8B, "4bit", 16, 2, 1024, budget, fused=True)
+    dpo = choose_policy(LLAMA3_8B, "4bit", 16, 2, 1024, budget, fused=True, rows_per_sample=2, reference_pass=True)
+    assert sft.fits
+    lean = (dpo.checkpoint_skip_layers, not dpo.checkpoint_offload) < (
+        sft.checkpoint_skip_layers,
+        not sft.checkpoint_offload,
+    )
+    assert lean and dpo.estimated_gib <= 0.95 * budget
