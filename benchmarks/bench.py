@@ -380,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="1b,8b")
     p.add_argument("--modes", default="nf4,int8,bf16")
     p.add_argument("--variants", default="", help="comma list of KIND:NAME applied to every mode")
-    p.add_argument("--scenarios", default="dense", help="comma list of dense, chat, real-moss")
-    p.add_argument("--real-data", default="", help="the out dir of `python -m benchmarks real-data` (real-moss)")
+    p.add_argument("--scenarios", default="dense", help="comma list of dense, chat, real-moss, real-sharegpt")
+    p.add_argument("--real-data", default="", help="the real-data command's --out (real-moss, real-sharegpt)")
     p.add_argument(
         "--plan", default="", help="explicit comma list of [scenario/]shape/mode/variant (overrides the above)"
     )
