@@ -118,7 +118,7 @@ def _set(d: dict, dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: Path):
+def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: Path, cache_dir: Optional[Path] = None):
     from peftchat.config import recipe_from_dict
     from peftchat.demo_assets import demo_tokenizer_dir
 
@@ -143,7 +143,7 @@ def build_recipe(spec: dict[str, Any], setting: str, data_file: Path, out_dir: P
             "max_length": spec["seq"],
             "packing": False,
             "shuffle": False,
-            "cache_dir": str(out_dir.parent / "hf_cache"),
+            "cache_dir": str(cache_dir or out_dir.parent / "hf_cache"),
         },
         "training": {
             "output_dir": str(out_dir),
@@ -244,9 +244,10 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     shutil.rmtree(out_dir, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     cuda = torch.device(spec["device"]).type == "cuda"
-    if spec.get("sessions_file"):  # chat, real-moss: the one sessions file every variant reads
+    if spec.get("sessions_file"):  # chat, real-*: the one sessions file every variant reads
         data_file = Path(spec["sessions_file"])
-        recipe = build_recipe(spec, setting, data_file, out_dir)
+        # tokenized once per run: the peers' cache (chat_sessions.sessions_recipe), not one per job
+        recipe = build_recipe(spec, setting, data_file, out_dir, cache_dir=work.parent / "hf_cache")
     else:
         data_file = work / "chat.jsonl"
         recipe = build_recipe(spec, setting, data_file, out_dir)

@@ -161,3 +161,6 @@ def test_bench_real_moss_scenario_on_the_cpu(tmp_path):
         assert 0 < row["label_tokens_per_s"] < row["tokens_per_s"]
     peer = rows[("real-moss", "peer:tuned")]
     assert peer["scenario"] == "real-moss" and peer["padded_tokens_per_s"] >= peer["tokens_per_s"]
+    # the sessions are tokenized into one cache for the run, which every job reads, not one per job
+    work = tmp_path / "out" / "work"
+    assert (work / "hf_cache").is_dir() and not list(work.glob("*/hf_cache"))
